@@ -1,0 +1,201 @@
+"""The ``mmats`` command line.
+
+Errors reach the user as one line on stderr (exit status 1, or 2 for bad usage); the
+stack trace only with ``--debug`` (or MMATS_DEBUG=1).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import traceback
+from typing import NoReturn
+
+import click
+import psycopg
+
+from db.config import ConfigError, load_settings, redact_url
+from db.connect import connect, database_url, embedded_server
+from db.errors import MmatsError, describe
+from db.migrate import MigrationError
+from db.runtime import ServerError
+
+
+def _debug_requested(argv: list[str]) -> bool:
+    return "--debug" in argv or os.environ.get("MMATS_DEBUG") == "1"
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--debug", is_flag=True, help="Show stack traces on errors.")
+def cli(debug: bool) -> None:
+    """MMATS: multi-market automated trading, with PostgreSQL as the trading core."""
+
+
+# --------------------------------------------------------------------------- db
+@cli.group("db")
+def db_group() -> None:
+    """The database server: start, stop, status, url, psql, upgrade."""
+
+
+@db_group.command("start")
+def db_start() -> None:
+    """Start the embedded server (or report the configured external one)."""
+    settings = load_settings()
+    if settings.database_url:
+        click.echo(f"MMATS_DATABASE_URL is set: using {redact_url(settings.database_url)} "
+                   "(no embedded server to start)")
+        return
+    server = embedded_server(settings)
+    was_running = server.status().running
+    url = server.start()
+    state = "already running" if was_running else "started"
+    click.echo(f"embedded PostgreSQL {state}: {redact_url(url)} (data in {server.pgdata})")
+
+
+@db_group.command("stop")
+def db_stop() -> None:
+    """Stop the embedded server."""
+    settings = load_settings()
+    if settings.database_url:
+        raise MmatsError("MMATS_DATABASE_URL is set: MMATS does not stop an external server")
+    stopped = embedded_server(settings).stop()
+    click.echo("embedded PostgreSQL stopped" if stopped else "embedded PostgreSQL was not running")
+
+
+@db_group.command("status")
+def db_status() -> None:
+    """Show whether the server runs and which schema revision the database is at."""
+    from db.migrate import current_revision, head_revision
+
+    settings = load_settings()
+    if settings.database_url:
+        url = settings.database_url
+        click.echo(f"server: external {redact_url(url)}")
+    else:
+        st = embedded_server(settings).status()
+        if not st.initialized:
+            click.echo(f"server: embedded, not initialised (would live in {st.pgdata})")
+            return
+        click.echo(f"server: embedded, {'running' if st.running else 'stopped'}, "
+                   f"pid {st.pid or '-'}, port {st.port}, data {st.pgdata}")
+        if not st.running:
+            return
+        url = embedded_server(settings).url()
+    with connect(url) as conn:
+        version = conn.execute("SHOW server_version").fetchone()
+        tsdb = conn.execute(
+            "SELECT extversion FROM pg_extension WHERE extname = 'timescaledb'").fetchone()
+    revision = current_revision(url)
+    head = head_revision()
+    click.echo(f"postgresql {version[0] if version else '?'}, timescaledb "
+               f"{tsdb[0] if tsdb else 'not installed (plain PostgreSQL tables and views)'}")
+    if revision == head:
+        click.echo(f"schema: {revision} (up to date)")
+    else:
+        click.echo(f"schema: {revision or 'empty'}; head is {head}: run `mmats db upgrade`")
+
+
+@db_group.command("url")
+@click.option("--show-password", is_flag=True, help="Print the password instead of ***.")
+def db_url_cmd(show_password: bool) -> None:
+    """Print the database URL (the password hidden unless asked)."""
+    url = database_url(start=False) if load_settings().database_url else database_url()
+    click.echo(url if show_password else redact_url(url))
+
+
+@db_group.command("psql", context_settings={"ignore_unknown_options": True})
+@click.argument("args", nargs=-1, type=click.UNPROCESSED)
+def db_psql(args: tuple[str, ...]) -> NoReturn:
+    """Open psql on the database (extra arguments go to psql)."""
+    import shutil
+    from urllib.parse import unquote, urlsplit, urlunsplit
+
+    from db.runtime import pg_bin_dir
+
+    url = database_url()
+    parts = urlsplit(url)
+    env = dict(os.environ)
+    if parts.password:
+        env["PGPASSWORD"] = unquote(parts.password)
+        url = urlunsplit(parts._replace(netloc=parts.netloc.replace(f":{parts.password}@", "@")))
+    psql = str(pg_bin_dir() / "psql")
+    if not os.path.exists(psql):
+        psql = shutil.which("psql") or psql
+    os.execve(psql, [psql, url, *args], env)
+
+
+@db_group.command("upgrade")
+def db_upgrade() -> None:
+    """Apply pending migrations (idempotent: a second run changes nothing)."""
+    from db.migrate import upgrade
+
+    url = database_url()
+    result = upgrade(url)
+    if result.applied:
+        click.echo(f"applied {len(result.applied)} migration(s): {', '.join(result.applied)}; "
+                   f"schema now at {result.after}")
+    else:
+        click.echo(f"schema already at {result.after}: nothing to do")
+
+
+# --------------------------------------------------------------------------- audit
+@cli.group("audit")
+def audit_group() -> None:
+    """The append-only audit chain."""
+
+
+@audit_group.command("verify")
+def audit_verify() -> None:
+    """Walk the hash chain and name the first event that does not match."""
+    with connect(database_url()) as conn:
+        count = conn.execute("SELECT count(*) FROM audit.events").fetchone()
+        bad = conn.execute("SELECT event_id, problem FROM audit.verify_chain()").fetchone()
+    if bad:
+        raise MmatsError(f"audit chain broken at event {bad[0]}: {bad[1]}")
+    click.echo(f"audit chain intact: {count[0] if count else 0} events")
+
+
+def _register_subcommands() -> None:
+    from api import cli_data, demo
+
+    cli.add_command(cli_data.data_group)
+    cli.add_command(demo.demo)
+
+
+def main(argv: list[str] | None = None) -> NoReturn:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = _debug_requested(argv)
+    try:
+        _register_subcommands()
+        cli.main(args=argv, prog_name="mmats", standalone_mode=False)
+        sys.exit(0)
+    except click.exceptions.Exit as exc:
+        sys.exit(exc.exit_code)
+    except click.ClickException as exc:
+        exc.show()
+        sys.exit(exc.exit_code)
+    except click.exceptions.Abort:
+        click.echo("aborted", err=True)
+        sys.exit(130)
+    except (MmatsError, ConfigError, ServerError, MigrationError) as exc:
+        _fail(str(exc), debug)
+    except psycopg.Error as exc:
+        try:
+            url = database_url(start=False)
+        except Exception:
+            url = None
+        _fail(describe(exc, url), debug)
+    except KeyboardInterrupt:
+        click.echo("interrupted", err=True)
+        sys.exit(130)
+
+
+def _fail(message: str, debug: bool) -> NoReturn:
+    if debug:
+        traceback.print_exc()
+    click.echo(f"error: {message}", err=True)
+    sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

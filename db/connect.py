@@ -1,0 +1,25 @@
+"""Which server MMATS talks to, and connections to it."""
+
+from __future__ import annotations
+
+import psycopg
+
+from db.config import Settings, load_settings
+from db.runtime import EmbeddedServer
+
+
+def embedded_server(settings: Settings) -> EmbeddedServer:
+    return EmbeddedServer(settings.home)
+
+
+def database_url(settings: Settings | None = None, *, start: bool = True) -> str:
+    """MMATS_DATABASE_URL if set; otherwise the embedded server's (started if needed)."""
+    settings = settings or load_settings()
+    if settings.database_url:
+        return settings.database_url
+    server = embedded_server(settings)
+    return server.start() if start else server.url()
+
+
+def connect(url: str, **kwargs: object) -> psycopg.Connection:
+    return psycopg.connect(url, application_name="mmats", **kwargs)  # type: ignore[arg-type]

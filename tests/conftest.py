@@ -1,0 +1,119 @@
+"""Every test that touches data runs against a real PostgreSQL server.
+
+By default the suite starts its own embedded server in a temporary folder, tuned for
+speed (fsync, synchronous_commit and full_page_writes off); with MMATS_DATABASE_URL set
+it uses that server instead. Either way one template database is migrated once per
+session with the real migrations, and each test gets its own database cloned from it
+(CREATE DATABASE ... TEMPLATE), because the code under test commits, locks across
+connections and uses NOTIFY.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import psycopg
+import pytest
+from psycopg import sql
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
+
+from db import migrate
+from db.runtime import EmbeddedServer
+
+REPO = Path(__file__).resolve().parent.parent
+TEST_SERVER_SETTINGS = {
+    "fsync": "off",
+    "synchronous_commit": "off",
+    "full_page_writes": "off",
+    "max_connections": "200",
+}
+
+
+def url_for(base_url: str, dbname: str) -> str:
+    return make_conninfo(base_url, dbname=dbname)
+
+
+def as_uri(conninfo: str) -> str:
+    """A postgresql:// URI for a conninfo string (the CLI and alembic take URIs)."""
+    from urllib.parse import quote
+
+    d = conninfo_to_dict(conninfo)
+    auth = quote(str(d.get("user", "postgres")), safe="")
+    if d.get("password"):
+        auth += ":" + quote(str(d["password"]), safe="")
+    host = d.get("host", "127.0.0.1")
+    port = d.get("port", "5432")
+    return f"postgresql://{auth}@{host}:{port}/{d['dbname']}"
+
+
+@pytest.fixture(scope="session")
+def server_url() -> Iterator[str]:
+    """A URL to the maintenance database of the server under test (superuser)."""
+    external = os.environ.get("MMATS_DATABASE_URL")
+    if external:
+        yield url_for(external, "postgres")
+        return
+    home = Path(tempfile.mkdtemp(prefix="mmats-test-"))
+    home.chmod(0o711)
+    server = EmbeddedServer(home, settings=TEST_SERVER_SETTINGS, quiet=True)
+    server.start()
+    try:
+        yield server.url("postgres")
+    finally:
+        server.stop()
+        shutil.rmtree(home, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def template_db(server_url: str) -> Iterator[str]:
+    name = f"mmats_tpl_{uuid.uuid4().hex[:10]}"
+    with psycopg.connect(server_url, autocommit=True) as conn:
+        conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+    migrate.upgrade(as_uri(url_for(server_url, name)))
+    try:
+        yield name
+    finally:
+        _drop(server_url, name)
+
+
+def _drop(server_url: str, name: str) -> None:
+    with psycopg.connect(server_url, autocommit=True) as conn:
+        conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(
+            sql.Identifier(name)))
+
+
+@pytest.fixture
+def db_url(server_url: str, template_db: str) -> Iterator[str]:
+    """A postgresql:// URL (superuser) of a fresh, fully migrated database for this test."""
+    name = f"mmats_t_{uuid.uuid4().hex[:12]}"
+    with psycopg.connect(server_url, autocommit=True) as conn:
+        conn.execute(sql.SQL("CREATE DATABASE {} TEMPLATE {}").format(
+            sql.Identifier(name), sql.Identifier(template_db)))
+    try:
+        yield as_uri(url_for(server_url, name))
+    finally:
+        _drop(server_url, name)
+
+
+@pytest.fixture
+def conn(db_url: str) -> Iterator[psycopg.Connection]:
+    """An autocommit superuser connection to this test's database."""
+    with psycopg.connect(db_url, autocommit=True) as c:
+        yield c
+
+
+@pytest.fixture
+def empty_db_url(server_url: str) -> Iterator[str]:
+    """A URL of a fresh, empty (unmigrated) database."""
+    name = f"mmats_e_{uuid.uuid4().hex[:12]}"
+    with psycopg.connect(server_url, autocommit=True) as c:
+        c.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+    try:
+        yield as_uri(url_for(server_url, name))
+    finally:
+        _drop(server_url, name)
