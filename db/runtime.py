@@ -100,7 +100,7 @@ class EmbeddedServer:
                 self._remove_stale_pidfile()
                 self._ensure_port_free()
                 self._pg_ctl_start()
-        self._ensure_database()
+            self._ensure_database()
         return self.url()
 
     def stop(self) -> bool:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -75,6 +76,11 @@ def template_db(server_url: str) -> Iterator[str]:
     with psycopg.connect(server_url, autocommit=True) as conn:
         conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
     migrate.upgrade(as_uri(url_for(server_url, name)))
+    with psycopg.connect(url_for(server_url, name), autocommit=True) as conn:
+        if conn.execute("SELECT 1 FROM pg_extension WHERE extname = 'timescaledb'").fetchone():
+            # TimescaleDB's background workers connect to every database that has the
+            # extension; a template must have no other sessions to be cloned
+            conn.execute("SELECT timescaledb_pre_restore()")
     try:
         yield name
     finally:
@@ -92,8 +98,15 @@ def db_url(server_url: str, template_db: str) -> Iterator[str]:
     """A postgresql:// URL (superuser) of a fresh, fully migrated database for this test."""
     name = f"mmats_t_{uuid.uuid4().hex[:12]}"
     with psycopg.connect(server_url, autocommit=True) as conn:
-        conn.execute(sql.SQL("CREATE DATABASE {} TEMPLATE {}").format(
-            sql.Identifier(name), sql.Identifier(template_db)))
+        for attempt in range(50):
+            try:
+                conn.execute(sql.SQL("CREATE DATABASE {} TEMPLATE {}").format(
+                    sql.Identifier(name), sql.Identifier(template_db)))
+                break
+            except psycopg.errors.ObjectInUse:  # a background worker was still connected
+                if attempt == 49:
+                    raise
+                time.sleep(0.1)
     try:
         yield as_uri(url_for(server_url, name))
     finally:

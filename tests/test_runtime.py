@@ -1,0 +1,169 @@
+"""The embedded server and the `mmats db` commands, run as a user would run them.
+
+Each test here gets its own MMATS_HOME (its own embedded server), so these tests do
+real initdb / start / stop cycles, including after a crash.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import psycopg
+import pytest
+
+from db.runtime import EmbeddedServer
+
+pytestmark = pytest.mark.slow
+
+
+def mmats(*args: str, env: dict[str, str], timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-c", "from api.cli import main; main()", *args],
+                          env=env, capture_output=True, text=True, timeout=timeout,
+                          stdin=subprocess.DEVNULL)
+
+
+@pytest.fixture
+def home() -> Iterator[Path]:
+    path = Path(tempfile.mkdtemp(prefix="mmats-home-"))
+    path.chmod(0o711)
+    yield path / "home"
+    server = EmbeddedServer(path / "home", quiet=True)
+    if server.status().running:
+        server.stop()
+    subprocess.run(["rm", "-rf", str(path)], check=False)
+
+
+@pytest.fixture
+def env(home: Path) -> dict[str, str]:
+    clean = {k: v for k, v in os.environ.items() if not k.startswith(("MMATS_", "PG"))}
+    return {**clean, "MMATS_HOME": str(home)}
+
+
+def test_start_twice_reuses_the_running_server(home: Path, env: dict[str, str]) -> None:
+    first = mmats("db", "start", env=env)
+    assert first.returncode == 0, first.stderr
+    assert "started" in first.stdout and "***" in first.stdout
+    pid = EmbeddedServer(home).status().pid
+    second = mmats("db", "start", env=env)
+    assert second.returncode == 0 and "already running" in second.stdout
+    assert EmbeddedServer(home).status().pid == pid
+    status = mmats("db", "status", env=env)
+    assert f"pid {pid}" in status.stdout and "run `mmats db upgrade`" in status.stdout
+
+
+def test_upgrade_then_status_then_stop(home: Path, env: dict[str, str]) -> None:
+    up = mmats("db", "upgrade", env=env)
+    assert up.returncode == 0, up.stderr
+    assert up.stdout.startswith("applied 5 migration(s)")
+    again = mmats("db", "upgrade", env=env)
+    assert again.returncode == 0 and "nothing to do" in again.stdout
+    assert "(up to date)" in mmats("db", "status", env=env).stdout
+    url = mmats("db", "url", "--show-password", env=env).stdout.strip()
+    with psycopg.connect(url) as conn:
+        assert conn.execute("SELECT count(*) FROM trading.order_transitions").fetchone() == (21,)
+    psql = subprocess.run(
+        [sys.executable, "-c", "from api.cli import main; main()", "db", "psql", "-X", "-A",
+         "-t", "-c", "SELECT current_database()"], env=env, capture_output=True, text=True)
+    assert psql.returncode == 0 and psql.stdout.strip() == "mmats"
+    assert mmats("db", "stop", env=env).stdout.strip() == "embedded PostgreSQL stopped"
+    assert "was not running" in mmats("db", "stop", env=env).stdout
+    with pytest.raises(psycopg.OperationalError):
+        psycopg.connect(url, connect_timeout=2)
+
+
+def test_restart_after_a_crash(home: Path) -> None:
+    server = EmbeddedServer(home, quiet=True)
+    url = server.start()
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute("CREATE TABLE kept (x int)")
+        conn.execute("INSERT INTO kept VALUES (42)")
+    pid = server.status().pid
+    assert pid is not None
+    os.kill(pid, signal.SIGKILL)
+    deadline = time.monotonic() + 10
+    while server.status().running and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not server.status().running
+    assert (server.pgdata / "postmaster.pid").exists()  # the stale lock the crash left
+    url = server.start()
+    assert server.status().running and server.status().pid != pid
+    with psycopg.connect(url) as conn:
+        assert conn.execute("SELECT x FROM kept").fetchone() == (42,)
+
+
+def test_stale_pid_file_naming_a_live_unrelated_process(home: Path) -> None:
+    # after a reboot the old postmaster's pid may belong to another process
+    server = EmbeddedServer(home, quiet=True)
+    server.start()
+    server.stop()
+    (server.pgdata / "postmaster.pid").write_text(f"{os.getpid()}\n{server.pgdata}\n")
+    assert not server.status().running
+    server.start()
+    assert server.status().running and server.status().pid != os.getpid()
+
+
+def test_concurrent_starts_start_one_server(home: Path) -> None:
+    urls: list[str] = []
+    errors: list[BaseException] = []
+
+    def start() -> None:
+        try:
+            urls.append(EmbeddedServer(home, quiet=True).start())
+        except BaseException as exc:  # noqa: BLE001 - collected for the assertion
+            errors.append(exc)
+
+    threads = [threading.Thread(target=start) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    assert len(set(urls)) == 1
+
+
+def test_port_taken_by_someone_else_moves_the_server(home: Path) -> None:
+    import socket
+
+    server = EmbeddedServer(home, quiet=True)
+    server.start()
+    port = server.status().port
+    server.stop()
+    with socket.socket() as squatter:
+        squatter.bind(("127.0.0.1", port))
+        squatter.listen()
+        url = server.start()
+        assert server.status().port != port
+        with psycopg.connect(url) as conn:
+            assert conn.execute("SELECT 1").fetchone() == (1,)
+
+
+def test_data_folder_that_is_not_a_cluster_is_refused(home: Path, env: dict[str, str]) -> None:
+    (home / "pgdata").mkdir(parents=True)
+    (home / "pgdata" / "precious.txt").write_text("do not delete")
+    result = mmats("db", "start", env=env)
+    assert result.returncode == 1
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "no PG_VERSION" in lines[0]
+    assert (home / "pgdata" / "precious.txt").read_text() == "do not delete"
+
+
+def test_bad_database_url_is_one_line(env: dict[str, str]) -> None:
+    result = mmats("db", "status", env={**env, "MMATS_DATABASE_URL": "mysql://x/y"})
+    assert result.returncode == 1
+    assert result.stderr.strip() == ("error: MMATS_DATABASE_URL must start with postgresql://, "
+                                     "got 'mysql://x/y'")
+    unreachable = mmats("db", "upgrade",
+                        env={**env, "MMATS_DATABASE_URL": "postgresql://u:secret@127.0.0.1:1/x"})
+    assert unreachable.returncode == 1
+    assert "Traceback" not in unreachable.stderr and "secret" not in unreachable.stderr
+    assert len(unreachable.stderr.strip().splitlines()) == 1
+    debug = mmats("--debug", "db", "status", env={**env, "MMATS_DATABASE_URL": "mysql://x/y"})
+    assert "Traceback" in debug.stderr
