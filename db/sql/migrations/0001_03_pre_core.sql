@@ -507,11 +507,13 @@ CREATE FUNCTION audit.event_hash(prev_hash bytea, event_id bigint, ts timestampt
                                  actor text, event_type text, entity text, entity_id text,
                                  payload jsonb) RETURNS bytea
 LANGUAGE sql IMMUTABLE PARALLEL SAFE
+-- the content is serialised as a JSON array: every text field is quoted and escaped, so
+-- no field can bleed into the next, and a NULL entity_id (null) differs from any string
+-- (PostgreSQL text cannot hold chr(0), so that cannot serve as the NULL marker)
 RETURN sha256(COALESCE(prev_hash, '\x'::bytea) || convert_to(
-    event_id::text || chr(31)
-    || to_char(ts AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.US"Z"') || chr(31)
-    || actor || chr(31) || event_type || chr(31) || entity || chr(31)
-    || COALESCE(entity_id, chr(0)) || chr(31) || payload::text, 'UTF8'));
+    jsonb_build_array(event_id::text,
+                      to_char(ts AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.US"Z"'),
+                      actor, event_type, entity, entity_id, payload)::text, 'UTF8'));
 
 CREATE FUNCTION audit.chain_event() RETURNS trigger
 LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
