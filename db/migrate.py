@@ -20,7 +20,8 @@ SQL_DIR = Path(__file__).parent / "sql"
 MIGRATIONS_DIR = SQL_DIR / "migrations"
 SCHEMA_FILE = SQL_DIR / "schema.sql"
 ALEMBIC_DIR = Path(__file__).parent / "alembic"
-MIGRATION_NAME = re.compile(r"^(?P<version>\d{4})_(?P<nn>\d{2})_(?P<phase>pre|post)_[a-z0-9_]+\.sql$")
+MIGRATION_NAME = re.compile(
+    r"^(?P<version>\d{4})_(?P<nn>\d{2})_(?P<phase>pre|post)_[a-z0-9_]+\.sql$")
 PGMQ_DIRECTIVE = "-- mmats:include-pgmq"
 # serialises concurrent `mmats db upgrade` runs against one database
 MIGRATION_LOCK_KEY = 0x4D4D415453  # "MMATS"

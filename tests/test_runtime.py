@@ -24,7 +24,8 @@ from db.runtime import EmbeddedServer
 pytestmark = pytest.mark.slow
 
 
-def mmats(*args: str, env: dict[str, str], timeout: float = 120) -> subprocess.CompletedProcess[str]:
+def mmats(*args: str, env: dict[str, str],
+          timeout: float = 120) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-c", "from api.cli import main; main()", *args],
                           env=env, capture_output=True, text=True, timeout=timeout,
                           stdin=subprocess.DEVNULL)
@@ -117,7 +118,7 @@ def test_concurrent_starts_start_one_server(home: Path) -> None:
     def start() -> None:
         try:
             urls.append(EmbeddedServer(home, quiet=True).start())
-        except BaseException as exc:  # noqa: BLE001 - collected for the assertion
+        except BaseException as exc:
             errors.append(exc)
 
     threads = [threading.Thread(target=start) for _ in range(3)]
