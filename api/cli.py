@@ -156,8 +156,9 @@ def audit_verify() -> None:
 
 
 def _register_subcommands() -> None:
-    from api import cli_data, demo
+    from api import cli_data, cli_roles, demo
 
+    db_group.add_command(cli_roles.set_password_command)
     cli.add_command(cli_data.data_group)
     cli.add_command(demo.demo)
 
