@@ -1,0 +1,354 @@
+"""Read a bar file (CSV, CSV.gz or Parquet) and validate it, vectorised, without floats.
+
+Price and volume cells stay strings from the file to the database: they are checked with
+a regular expression, compared as floats only where a float comparison is certain (float
+conversion is monotonic, so a strict float inequality is a true one), and as Decimals for
+the few rows where it is not. The database receives the original digits.
+"""
+
+from __future__ import annotations
+
+import gzip
+import re
+import zlib
+from dataclasses import dataclass
+from decimal import Decimal, InvalidOperation
+from pathlib import Path
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+import numpy as np
+import pandas as pd
+
+from db.errors import MmatsError
+from workers.ingest.instruments import shown
+
+PRICE_COLUMNS = ("open", "high", "low", "close")
+VALUE_COLUMNS = (*PRICE_COLUMNS, "volume")
+REQUIRED = ("time", *PRICE_COLUMNS)
+_ALIASES = {
+    "time": ("timestamp", "datetime", "date time", "open time", "time", "date", "ts",
+             "timestamp utc", "time utc", "date utc"),
+    "open": ("open", "o", "open price"),
+    "high": ("high", "h", "high price"),
+    "low": ("low", "l", "low price"),
+    "close": ("close", "c", "close price"),
+    "volume": ("volume", "v", "vol"),
+}
+_NUMBER = r"[+-]?(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d{1,4})?"
+_NOT_FINITE = {"nan", "+nan", "-nan", "inf", "+inf", "-inf", "infinity", "+infinity",
+               "-infinity"}
+_AWARE = r"[T ]\d{1,2}:\d{2}(?::\d{2}(?:[.,]\d+)?)?\s*(?:Z|[+-]\d{2}(?::?\d{2})?)"
+_EPOCH = r"\d{9,16}(?:\.\d+)?"
+
+
+class FileError(MmatsError):
+    """A file that cannot be read as bars at all."""
+
+
+@dataclass(frozen=True)
+class BadRow:
+    row_number: int
+    reason: str
+    raw: dict[str, str]
+
+
+@dataclass
+class ParsedBars:
+    """Good rows (parallel arrays, one per bar) and the bad ones."""
+
+    label: str  # "line" (CSV, header = line 1) or "row" (Parquet, first data row = row 1)
+    rows_read: int
+    numbers: np.ndarray  # int64 line/row numbers
+    ts_us: np.ndarray  # int64 microseconds since the epoch, UTC
+    values: dict[str, np.ndarray]  # column -> object array of decimal strings
+    bad: list[BadRow]
+    duplicates: int  # exact repeats of a row already in the file
+
+    def convention(self) -> str:
+        return ("header = line 1" if self.label == "line" else "first data row = row 1")
+
+
+def _key(name: str) -> str:
+    return re.sub(r"[\s_\-]+", " ", str(name).strip().lower())
+
+
+def _zone(tz: str) -> ZoneInfo:
+    try:
+        return ZoneInfo(tz)
+    except (ZoneInfoNotFoundError, ValueError, OSError) as exc:
+        raise MmatsError(f"unknown time zone {shown(tz)}: use an IANA name such as UTC or "
+                         "America/New_York") from exc
+
+
+def _read_csv(path: Path) -> pd.DataFrame:
+    with path.open("rb") as fh:
+        head = fh.read(4096)
+    if b"\x00" in head and not path.name.lower().endswith(".gz"):
+        raise FileError(f"cannot read {shown(str(path))}: not a text CSV file (binary data)")
+    try:
+        return pd.read_csv(path, dtype=str, keep_default_na=False, skip_blank_lines=False,
+                           encoding="utf-8-sig", compression="infer", engine="c")
+    except pd.errors.EmptyDataError as exc:
+        raise FileError(f"cannot import {shown(str(path))}: the file is empty") from exc
+    except (UnicodeDecodeError, pd.errors.ParserError, EOFError, gzip.BadGzipFile,
+            zlib.error, OSError, ValueError) as exc:
+        detail = str(exc).splitlines()[0][:120] if str(exc) else type(exc).__name__
+        raise FileError(f"cannot read {shown(str(path))} as CSV: {detail}") from exc
+
+
+def _read_parquet(path: Path) -> pd.DataFrame:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        table = pq.read_table(path)
+    except (pa.ArrowException, OSError, ValueError) as exc:
+        detail = str(exc).splitlines()[0][:120] if str(exc) else type(exc).__name__
+        raise FileError(f"cannot read {shown(str(path))} as Parquet: {detail}") from exc
+    cols: dict[str, object] = {}
+    for name, col in zip(table.column_names, table.columns, strict=True):
+        t = col.type
+        if pa.types.is_timestamp(t):
+            s = col.to_pandas()
+            if t.tz is None:
+                cols[name] = s  # naive: read in --tz later
+            else:
+                cols[name] = s.dt.tz_convert("UTC")
+        elif pa.types.is_date(t):
+            cols[name] = pd.to_datetime(col.to_pandas())
+        else:
+            # floats: Arrow prints the shortest repr that round-trips; decimals as they are
+            cols[name] = col.cast(pa.string()).to_pandas().fillna("")
+    return pd.DataFrame(cols)
+
+
+def read_frame(path: Path) -> tuple[pd.DataFrame, str]:
+    if not path.exists():
+        raise FileError(f"file not found: {shown(str(path))}")
+    if not path.is_file():
+        raise FileError(f"not a file: {shown(str(path))}")
+    name = path.name.lower()
+    if name.endswith((".parquet", ".pq")):
+        return _read_parquet(path), "row"
+    if name.endswith((".csv", ".csv.gz", ".txt")):
+        return _read_csv(path), "line"
+    raise FileError(f"cannot import {shown(str(path))}: use a .csv, .csv.gz or .parquet file")
+
+
+def map_columns(frame: pd.DataFrame, path: Path) -> dict[str, str]:
+    keys: dict[str, str] = {}
+    for col in frame.columns:
+        keys.setdefault(_key(col), col)
+    found: dict[str, str] = {}
+    for std, aliases in _ALIASES.items():
+        for alias in aliases:
+            if alias in keys:
+                found[std] = keys[alias]
+                break
+    missing = [c for c in REQUIRED if c not in found]
+    if missing:
+        have = ", ".join(repr(str(c))[:40] for c in list(frame.columns)[:12]) or "none"
+        raise FileError(f"cannot import {shown(str(path))}: missing column(s) "
+                        f"{', '.join(missing)} (found: {have})")
+    return found
+
+
+def _localize(naive: pd.Series, zone: ZoneInfo) -> pd.Series:
+    if zone.key == "UTC":
+        return naive.dt.tz_localize("UTC")
+    try:
+        return naive.dt.tz_localize(zone, ambiguous="infer", nonexistent="NaT")
+    except Exception:  # cannot infer (unsorted or unpaired repeats): refuse those rows
+        return naive.dt.tz_localize(zone, ambiguous="NaT", nonexistent="NaT")
+
+
+def parse_times(col: pd.Series, zone: ZoneInfo) -> tuple[pd.Series, pd.Series]:
+    """(UTC times with NaT where unusable, reason per NaT row)."""
+    n = len(col)
+    reasons = pd.Series([None] * n, dtype=object)
+    if isinstance(col.dtype, pd.DatetimeTZDtype):
+        return col.dt.tz_convert("UTC"), reasons
+    if pd.api.types.is_datetime64_dtype(col.dtype):
+        naive = col
+        out = _localize(naive, zone)
+        dst = (out.isna() & naive.notna()).to_numpy()
+        reasons[dst] = f"local time does not exist or is ambiguous in {zone.key} (DST change)"
+        reasons[naive.isna().to_numpy()] = "time is empty"
+        return out, reasons
+    s = col.astype(str).str.strip()
+    empty = (s == "").to_numpy(dtype=bool).copy()
+    out = pd.Series(pd.NaT, index=col.index, dtype="datetime64[us, UTC]")
+    epoch = s.str.fullmatch(_EPOCH).to_numpy(dtype=bool).copy()
+    if epoch.sum() > (~empty).sum() // 2:
+        nums = pd.to_numeric(s[epoch], errors="coerce")
+        scale = 1_000 if float(nums.median()) >= 1e11 else 1_000_000
+        us = np.round(nums.to_numpy(dtype=np.float64) * scale).astype(np.int64)
+        out[epoch] = pd.to_datetime(us, unit="us", utc=True)
+    else:
+        epoch[:] = False
+        aware = s.str.contains(_AWARE + "$", regex=True).to_numpy(dtype=bool) & ~empty
+        naive_mask = ~aware & ~empty
+        if aware.any():
+            out[aware] = pd.to_datetime(s[aware], format="ISO8601", errors="coerce", utc=True)
+        if naive_mask.any():
+            part = s[naive_mask]
+            naive = pd.to_datetime(part, format="ISO8601", errors="coerce")
+            if naive.isna().sum() > len(part) // 2:
+                naive = pd.to_datetime(part, errors="coerce", format="mixed")
+            local = _localize(naive.astype("datetime64[us]"), zone)
+            dst = (local.isna() & naive.notna()).to_numpy()
+            if dst.any():
+                idx = np.flatnonzero(naive_mask)[dst]
+                for i in idx:
+                    reasons.iat[i] = (f"local time {s.iat[i]} does not exist or is ambiguous in "
+                                      f"{zone.key} (DST change)")
+            out[naive_mask] = local.dt.tz_convert("UTC").to_numpy()
+    unparsed = out.isna().to_numpy() & reasons.isna().to_numpy()
+    for i in np.flatnonzero(unparsed):
+        reasons.iat[i] = ("time is empty" if empty[i]
+                          else f"time {shown(s.iat[i])} is not a date/time")
+    return out, reasons
+
+
+def _dec(text: str) -> Decimal:
+    try:
+        return Decimal(text)
+    except InvalidOperation:
+        return Decimal("NaN")
+
+
+def _check_values(vals: dict[str, np.ndarray], reasons: np.ndarray) -> None:
+    """Set a reason for every row whose numbers break a bar rule (first reason wins)."""
+    n = len(reasons)
+    floats: dict[str, np.ndarray] = {}
+    for name, arr in vals.items():
+        ser = pd.Series(arr, dtype=object).astype("str")
+        ok = ser.str.fullmatch(_NUMBER).to_numpy(dtype=bool)
+        for i in np.flatnonzero(~ok):
+            if reasons[i] is None:
+                text = arr[i]
+                if text == "":
+                    reasons[i] = f"{name} is empty"
+                elif text.lower() in _NOT_FINITE:
+                    reasons[i] = f"{name} is {text} (not a finite number)"
+                else:
+                    reasons[i] = f"{name} {shown(text)} is not a number"
+        f = np.full(n, np.nan)
+        if ok.any():
+            f[ok] = ser[ok].astype("float64").to_numpy()
+        floats[name] = f
+    valid = np.array([r is None for r in reasons], dtype=bool)
+    # sign checks: float <= 0 is only certain for a non-zero float
+    for name in VALUE_COLUMNS:
+        f = floats[name]
+        limit_bad = (f <= 0) if name != "volume" else (f < 0) | ((f == 0) & _minus(vals[name]))
+        for i in np.flatnonzero(valid & (limit_bad | ~np.isfinite(f))):
+            d = _dec(vals[name][i])
+            if name == "volume" and d < 0:
+                reasons[i] = f"volume {vals[name][i]} is negative"
+            elif name != "volume" and d <= 0:
+                reasons[i] = f"{name} {vals[name][i]} is not positive"
+        valid &= np.array([r is None for r in reasons], dtype=bool)
+    pairs = (("high", "low", "high {a} is below low {b}"),
+             ("high", "open", "high {a} is below open {b}"),
+             ("high", "close", "high {a} is below close {b}"),
+             ("open", "low", "low {b} is above open {a}"),
+             ("close", "low", "low {b} is above close {a}"))
+    for a, b, text in pairs:
+        fa, fb = floats[a], floats[b]
+        sa, sb = vals[a], vals[b]
+        certain = valid & (fa < fb)
+        unsure = valid & ~certain & ((fa == fb) | ~np.isfinite(fa) | ~np.isfinite(fb))
+        unsure &= sa != sb
+        for i in np.flatnonzero(unsure):
+            if _dec(sa[i]) < _dec(sb[i]):
+                certain[i] = True
+        for i in np.flatnonzero(certain):
+            if reasons[i] is None:
+                reasons[i] = text.format(a=sa[i], b=sb[i])
+        valid &= ~certain
+
+
+def _minus(arr: np.ndarray) -> np.ndarray:
+    return pd.Series(arr, dtype=object).astype("str").str.startswith("-").to_numpy(dtype=bool)
+
+
+def parse_file(path: str | Path, tz: str = "UTC") -> ParsedBars:
+    zone = _zone(tz)
+    p = Path(path)
+    frame, label = read_frame(p)
+    mapping = map_columns(frame, p)
+    offset = 2 if label == "line" else 1
+    numbers_all = np.arange(len(frame), dtype=np.int64) + offset
+    # blank lines keep their line numbers but are not rows
+    if label == "line" and len(frame):
+        blank = np.ones(len(frame), dtype=bool)
+        for col in frame.columns:
+            blank &= (frame[col].astype(str).str.strip() == "").to_numpy(dtype=bool)
+        if blank.any():
+            frame = frame[~blank].reset_index(drop=True)
+            numbers_all = numbers_all[~blank]
+    n = len(frame)
+    if n == 0:
+        raise FileError(f"cannot import {shown(str(p))}: the file has no data rows")
+    times, treasons = parse_times(frame[mapping["time"]].reset_index(drop=True), zone)
+    reasons = treasons.to_numpy(dtype=object).copy()
+    vals: dict[str, np.ndarray] = {}
+    for name in VALUE_COLUMNS:
+        if name in mapping:
+            col = frame[mapping[name]]
+            vals[name] = col.astype(str).str.strip().to_numpy(dtype=object)
+        else:
+            vals[name] = np.full(n, "0", dtype=object)
+    _check_values(vals, reasons)
+    ts_us = _us_with_nat(times)
+    good = np.array([r is None for r in reasons], dtype=bool)
+    duplicates = _check_duplicates(ts_us, vals, good, reasons, numbers_all, times, label)
+    good = np.array([r is None for r in reasons], dtype=bool)
+    good_idx = np.flatnonzero(good & ~duplicates)
+    bad_idx = np.flatnonzero(~good)
+    bad = [BadRow(int(numbers_all[i]), str(reasons[i]), _raw(frame, i)) for i in bad_idx]
+    return ParsedBars(label=label, rows_read=n, numbers=numbers_all[good_idx],
+                      ts_us=ts_us[good_idx], values={k: v[good_idx] for k, v in vals.items()},
+                      bad=bad, duplicates=int(duplicates.sum()))
+
+
+def _us_with_nat(times: pd.Series) -> np.ndarray:
+    arr = times.dt.tz_convert("UTC").dt.tz_localize(None).to_numpy(dtype="datetime64[us]")
+    return arr.astype(np.int64)
+
+
+def _raw(frame: pd.DataFrame, i: int) -> dict[str, str]:
+    # PostgreSQL text and jsonb cannot hold NUL
+    def clean(x: object) -> str:
+        return ("" if pd.isna(x) else str(x)).replace("\x00", "\ufffd")  # type: ignore[call-overload]
+
+    return {clean(k): clean(v) for k, v in frame.iloc[i].items()}
+
+
+def _check_duplicates(ts_us: np.ndarray, vals: dict[str, np.ndarray], good: np.ndarray,
+                      reasons: np.ndarray, numbers: np.ndarray, times: pd.Series,
+                      label: str) -> np.ndarray:
+    """Mark repeats: an exact repeat is dropped (returned mask); a different one is bad."""
+    repeat = np.zeros(len(ts_us), dtype=bool)
+    idx = np.flatnonzero(good)
+    if len(idx) < 2:
+        return repeat
+    dup = pd.Series(ts_us[idx]).duplicated(keep=False).to_numpy()
+    if not dup.any():
+        return repeat
+    first: dict[int, tuple[int, tuple[Decimal, ...]]] = {}
+    for i in idx[dup]:
+        key = (int(ts_us[i]))
+        value = tuple(_dec(vals[c][i]) for c in VALUE_COLUMNS)
+        if key not in first:
+            first[key] = (i, value)
+            continue
+        j, seen = first[key]
+        if value == seen:
+            repeat[i] = True
+        else:
+            when = times.iat[i].strftime("%Y-%m-%d %H:%M:%S")
+            reasons[i] = (f"time {when} UTC appears again with different values "
+                          f"(first at {label} {int(numbers[j])})")
+    return repeat
