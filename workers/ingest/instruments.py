@@ -126,7 +126,8 @@ def spec_for(symbol: str, market: str, venue: str | None = None) -> InstrumentSp
     return InstrumentSpec(sym, ven, market, base, quote, tick, step, minimum, CALENDAR[market])
 
 
-_FIND = "SELECT instrument_id, market::text FROM market.instruments WHERE venue = %s AND symbol = %s"
+_FIND = ("SELECT instrument_id, market::text FROM market.instruments "
+         "WHERE venue = %s AND symbol = %s")
 _CREATE = """
 INSERT INTO market.instruments (symbol, venue, market, base_currency, quote_currency,
                                 price_tick, quantity_step, min_quantity, calendar_id)
