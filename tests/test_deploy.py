@@ -282,3 +282,53 @@ def test_migrate_commands_exist_in_the_cli(compose: dict[str, Any]) -> None:
                                 "(api/cli.py: db_group.add_command(set_password_command))")
                 pytest.fail(f"`{step.strip()}`: no command {word!r}")
             command = sub
+
+
+# --------------------------------------------------------------------------- migrate run
+@pytest.mark.slow
+def test_migrate_command_runs_as_compose_runs_it(empty_db_url: str, compose: dict[str, Any]
+                                                 ) -> None:
+    """The migrate service's script, run by /bin/sh with its environment as compose
+    builds it (password in PGPASSWORD, not in the URL) against an empty database; twice,
+    as every `docker compose up` does. Afterwards mmats_readonly signs in over TCP."""
+    import sys
+
+    import psycopg
+    from psycopg import sql
+    from psycopg.conninfo import conninfo_to_dict, make_conninfo
+
+    migrate = compose["services"]["migrate"]
+    params = conninfo_to_dict(empty_db_url)
+    url = (f"postgresql://{params['user']}@{params['host']}:{params['port']}/"
+           f"{params['dbname']}")
+    readonly_password = "grafana-reads-0123456789"
+    env = {**os.environ, "MMATS_DATABASE_URL": url, "PGPASSWORD": str(params["password"]),
+           "MMATS_READONLY_PASSWORD": readonly_password,
+           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+    env.pop("MMATS_CONFIG", None)
+
+    with psycopg.connect(empty_db_url, autocommit=True) as admin:
+        saved = admin.execute("SELECT rolpassword FROM pg_authid "
+                              "WHERE rolname = 'mmats_readonly'").fetchone()
+    try:
+        outputs = []
+        for _ in range(2):
+            result = subprocess.run([*migrate["entrypoint"], *migrate["command"]], env=env,
+                                    capture_output=True, text=True, timeout=300, check=False)
+            assert result.returncode == 0, result.stderr
+            assert readonly_password not in result.stdout + result.stderr
+            assert str(params["password"]) not in result.stdout + result.stderr
+            outputs.append(result.stdout)
+        assert "applied" in outputs[0]
+        assert "nothing to do" in outputs[1]
+        assert outputs[1].rstrip().endswith("login password of mmats_readonly set")
+        ro = make_conninfo(empty_db_url, user="mmats_readonly", password=readonly_password)
+        with psycopg.connect(ro) as c:
+            assert c.execute("SELECT count(*) FROM market.bar_coverage").fetchone() == (0,)
+    finally:
+        with psycopg.connect(empty_db_url, autocommit=True) as admin:
+            if saved is None or saved[0] is None:
+                admin.execute("ALTER ROLE mmats_readonly PASSWORD NULL")
+            else:
+                admin.execute(sql.SQL("ALTER ROLE mmats_readonly PASSWORD {}").format(
+                    sql.Literal(saved[0])))
