@@ -83,11 +83,11 @@ CREATE TABLE market.instruments (
                          CHECK (quote_currency ~ '^[A-Z0-9]{2,12}$'),
     contract_type    market.contract_type NOT NULL DEFAULT 'spot',
     price_tick       numeric NOT NULL CONSTRAINT instruments_price_tick_positive
-                         CHECK (price_tick > 0),
+                         CHECK (price_tick > 0 AND price_tick < 'Infinity'),
     quantity_step    numeric NOT NULL CONSTRAINT instruments_quantity_step_positive
-                         CHECK (quantity_step > 0),
+                         CHECK (quantity_step > 0 AND quantity_step < 'Infinity'),
     min_quantity     numeric NOT NULL DEFAULT 0 CONSTRAINT instruments_min_quantity_nonnegative
-                         CHECK (min_quantity >= 0),
+                         CHECK (min_quantity >= 0 AND min_quantity < 'Infinity'),
     calendar_id      text NOT NULL REFERENCES market.calendars,
     active           boolean NOT NULL DEFAULT true,
     created_at       timestamptz NOT NULL DEFAULT now(),
@@ -118,16 +118,19 @@ CREATE TABLE market.bars (
     CONSTRAINT bars_low_le_open_close CHECK (low <= LEAST(open, close)),
     CONSTRAINT bars_high_ge_open_close CHECK (high >= GREATEST(open, close)),
     CONSTRAINT bars_volume_nonnegative CHECK (volume >= 0),
-    -- NaN compares greater than every number in PostgreSQL, so the checks above would
-    -- let a NaN high through; refuse it explicitly
-    CONSTRAINT bars_no_nan CHECK (open <> 'NaN' AND high <> 'NaN' AND low <> 'NaN'
-                                  AND close <> 'NaN' AND volume <> 'NaN')
+    -- NaN compares greater than every number in PostgreSQL (and numeric has had
+    -- Infinity since PostgreSQL 14), so the checks above would let a NaN or infinite high
+    -- through; refuse them explicitly. Throughout this schema, "x NOT IN ('NaN',
+    -- 'Infinity', '-Infinity')" or "x < 'Infinity'" (with x > 0) means: x is a finite number.
+    CONSTRAINT bars_no_nan CHECK (open < 'Infinity' AND high < 'Infinity' AND low < 'Infinity'
+                                  AND close < 'Infinity' AND volume < 'Infinity')
 );
 COMMENT ON CONSTRAINT bars_prices_positive ON market.bars IS 'open, high, low and close must be > 0';
 COMMENT ON CONSTRAINT bars_low_le_open_close ON market.bars IS 'low must be <= open and <= close';
 COMMENT ON CONSTRAINT bars_high_ge_open_close ON market.bars IS 'high must be >= open and >= close';
 COMMENT ON CONSTRAINT bars_volume_nonnegative ON market.bars IS 'volume must be >= 0';
-COMMENT ON CONSTRAINT bars_no_nan ON market.bars IS 'prices and volume must be numbers, not NaN';
+COMMENT ON CONSTRAINT bars_no_nan ON market.bars IS
+    'prices and volume must be finite numbers, not NaN or Infinity';
 COMMENT ON CONSTRAINT bars_pkey ON market.bars IS
     'a bar for this instrument, timeframe and time already exists';
 CREATE INDEX bars_ts_idx ON market.bars (ts DESC);
@@ -171,8 +174,9 @@ CREATE TABLE trading.accounts (
     base_currency   text NOT NULL CONSTRAINT accounts_currency_format
                         CHECK (base_currency ~ '^[A-Z0-9]{2,12}$'),
     starting_cash   numeric NOT NULL CONSTRAINT accounts_starting_cash_nonnegative
-                        CHECK (starting_cash >= 0 AND starting_cash <> 'NaN'),
-    cash            numeric NOT NULL CONSTRAINT accounts_cash_is_number CHECK (cash <> 'NaN'),
+                        CHECK (starting_cash >= 0 AND starting_cash < 'Infinity'),
+    cash            numeric NOT NULL CONSTRAINT accounts_cash_is_number
+                        CHECK (cash NOT IN ('NaN', 'Infinity', '-Infinity')),
     position_mode   trading.position_mode NOT NULL DEFAULT 'oneway',
     aggregation     trading.aggregation_mode NOT NULL DEFAULT 'independent',
     allow_short     boolean NOT NULL DEFAULT false,
@@ -208,9 +212,12 @@ CREATE TABLE trading.signals (
     ts             timestamptz NOT NULL,
     action         trading.signal_action NOT NULL,
     size           numeric CONSTRAINT signals_size_fraction CHECK (size >= 0 AND size <= 1),
-    stop_loss      numeric CONSTRAINT signals_stop_loss_positive CHECK (stop_loss > 0 AND stop_loss <> 'NaN'),
-    take_profit    numeric CONSTRAINT signals_take_profit_positive CHECK (take_profit > 0 AND take_profit <> 'NaN'),
-    trailing_stop  numeric CONSTRAINT signals_trailing_stop_positive CHECK (trailing_stop > 0 AND trailing_stop <> 'NaN'),
+    stop_loss      numeric CONSTRAINT signals_stop_loss_positive
+                       CHECK (stop_loss > 0 AND stop_loss < 'Infinity'),
+    take_profit    numeric CONSTRAINT signals_take_profit_positive
+                       CHECK (take_profit > 0 AND take_profit < 'Infinity'),
+    trailing_stop  numeric CONSTRAINT signals_trailing_stop_positive
+                       CHECK (trailing_stop > 0 AND trailing_stop < 'Infinity'),
     confidence     numeric CONSTRAINT signals_confidence_fraction CHECK (confidence >= 0 AND confidence <= 1),
     reasoning      text CONSTRAINT signals_reasoning_length CHECK (length(reasoning) <= 4000),
     metadata       jsonb NOT NULL DEFAULT '{}' CONSTRAINT signals_metadata_object
@@ -239,16 +246,16 @@ CREATE TABLE trading.orders (
     order_type         trading.order_type NOT NULL,
     time_in_force      trading.time_in_force NOT NULL DEFAULT 'GTC',
     quantity           numeric NOT NULL CONSTRAINT orders_quantity_positive
-                           CHECK (quantity > 0 AND quantity <> 'NaN'),
+                           CHECK (quantity > 0 AND quantity < 'Infinity'),
     limit_price        numeric CONSTRAINT orders_limit_price_positive
-                           CHECK (limit_price > 0 AND limit_price <> 'NaN'),
+                           CHECK (limit_price > 0 AND limit_price < 'Infinity'),
     stop_price         numeric CONSTRAINT orders_stop_price_positive
-                           CHECK (stop_price > 0 AND stop_price <> 'NaN'),
+                           CHECK (stop_price > 0 AND stop_price < 'Infinity'),
     expire_at          timestamptz,
     reduce_only        boolean NOT NULL DEFAULT false,
     status             trading.order_status NOT NULL DEFAULT 'created',
     filled_quantity    numeric NOT NULL DEFAULT 0,
-    average_fill_price numeric CHECK (average_fill_price > 0),
+    average_fill_price numeric CHECK (average_fill_price > 0 AND average_fill_price < 'Infinity'),
     reason_code        text CONSTRAINT orders_reason_code_format
                            CHECK (reason_code ~ '^[A-Z][A-Z0-9_]{0,63}$'),
     reason             text,
@@ -340,11 +347,11 @@ CREATE TABLE trading.fills (
                              CHECK (length(broker_fill_id) BETWEEN 1 AND 128),
     side                 trading.order_side NOT NULL,
     quantity             numeric NOT NULL CONSTRAINT fills_quantity_positive
-                             CHECK (quantity > 0 AND quantity <> 'NaN'),
+                             CHECK (quantity > 0 AND quantity < 'Infinity'),
     price                numeric NOT NULL CONSTRAINT fills_price_positive
-                             CHECK (price > 0 AND price <> 'NaN'),
+                             CHECK (price > 0 AND price < 'Infinity'),
     commission           numeric NOT NULL DEFAULT 0 CONSTRAINT fills_commission_nonnegative
-                             CHECK (commission >= 0 AND commission <> 'NaN'),
+                             CHECK (commission >= 0 AND commission < 'Infinity'),
     commission_currency  text CHECK (commission_currency ~ '^[A-Z0-9]{2,12}$'),
     liquidity            text CHECK (liquidity IN ('maker', 'taker')),
     ts                   timestamptz NOT NULL,
@@ -366,14 +373,17 @@ CREATE TABLE trading.positions (
     leg             trading.position_leg NOT NULL DEFAULT 'net',
     -- signed for the net leg (short < 0); >= 0 for long and short legs of hedge mode
     quantity        numeric NOT NULL DEFAULT 0 CONSTRAINT positions_quantity_is_number
-                        CHECK (quantity <> 'NaN'),
-    average_price   numeric CONSTRAINT positions_average_price_positive CHECK (average_price > 0),
-    realized_pnl    numeric NOT NULL DEFAULT 0,
-    commission_paid numeric NOT NULL DEFAULT 0 CHECK (commission_paid >= 0),
-    last_price      numeric CHECK (last_price > 0),
-    stop_loss       numeric CHECK (stop_loss > 0),
-    take_profit     numeric CHECK (take_profit > 0),
-    trailing_stop   numeric CHECK (trailing_stop > 0),
+                        CHECK (quantity NOT IN ('NaN', 'Infinity', '-Infinity')),
+    average_price   numeric CONSTRAINT positions_average_price_positive
+                        CHECK (average_price > 0 AND average_price < 'Infinity'),
+    realized_pnl    numeric NOT NULL DEFAULT 0 CONSTRAINT positions_realized_pnl_is_number
+                        CHECK (realized_pnl NOT IN ('NaN', 'Infinity', '-Infinity')),
+    commission_paid numeric NOT NULL DEFAULT 0
+                        CHECK (commission_paid >= 0 AND commission_paid < 'Infinity'),
+    last_price      numeric CHECK (last_price > 0 AND last_price < 'Infinity'),
+    stop_loss       numeric CHECK (stop_loss > 0 AND stop_loss < 'Infinity'),
+    take_profit     numeric CHECK (take_profit > 0 AND take_profit < 'Infinity'),
+    trailing_stop   numeric CHECK (trailing_stop > 0 AND trailing_stop < 'Infinity'),
     opened_at       timestamptz,
     updated_at      timestamptz NOT NULL DEFAULT now(),
     CONSTRAINT positions_unique UNIQUE NULLS NOT DISTINCT (account_id, instrument_id, strategy_id, leg),
@@ -388,12 +398,17 @@ CREATE TABLE trading.equity_snapshots (
     cash             numeric NOT NULL,
     positions_value  numeric NOT NULL,
     equity           numeric NOT NULL,
-    peak_equity      numeric NOT NULL,
+    peak_equity      numeric NOT NULL CONSTRAINT equity_snapshots_peak_is_number
+                         CHECK (peak_equity NOT IN ('NaN', 'Infinity', '-Infinity')),
     drawdown         numeric NOT NULL CONSTRAINT equity_snapshots_drawdown_fraction
                          CHECK (drawdown >= 0 AND drawdown <= 1),
     CONSTRAINT equity_snapshots_pkey PRIMARY KEY (account_id, ts),
-    CONSTRAINT equity_snapshots_sum CHECK (equity = cash + positions_value)
+    -- NaN = NaN is true for numeric: equity must also be finite, or NaN cash would pass
+    CONSTRAINT equity_snapshots_sum CHECK (equity = cash + positions_value
+                                           AND equity NOT IN ('NaN', 'Infinity', '-Infinity'))
 );
+COMMENT ON CONSTRAINT equity_snapshots_sum ON trading.equity_snapshots IS
+    'equity must equal cash + positions value, all finite numbers';
 
 ------------------------------------------------------------------------------ risk
 CREATE TABLE risk.limits (
@@ -406,7 +421,8 @@ CREATE TABLE risk.limits (
     scope_key    text CONSTRAINT limits_scope_key_length CHECK (length(scope_key) BETWEEN 1 AND 64),
     limit_type   text NOT NULL CONSTRAINT limits_type_format
                      CHECK (limit_type ~ '^[A-Z][A-Z0-9_]{0,63}$'),
-    value        numeric NOT NULL CONSTRAINT limits_value_is_number CHECK (value <> 'NaN'),
+    value        numeric NOT NULL CONSTRAINT limits_value_is_number
+                     CHECK (value NOT IN ('NaN', 'Infinity', '-Infinity')),
     params       jsonb NOT NULL DEFAULT '{}' CHECK (jsonb_typeof(params) = 'object'),
     enabled      boolean NOT NULL DEFAULT true,
     updated_at   timestamptz NOT NULL DEFAULT now(),
