@@ -138,6 +138,8 @@ def test_port_taken_by_someone_else_moves_the_server(home: Path) -> None:
     port = server.status().port
     server.stop()
     with socket.socket() as squatter:
+        # the stopped server's sockets may linger in TIME_WAIT
+        squatter.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         squatter.bind(("127.0.0.1", port))
         squatter.listen()
         url = server.start()
