@@ -156,7 +156,7 @@ plain_text = st.text(st.characters(blacklist_categories=("Cs",), blacklist_chara
                      min_size=1, max_size=30)
 
 
-@settings(max_examples=40, deadline=None,
+@settings(max_examples=30, deadline=None,
           suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(payload=st.dictionaries(st.text(max_size=10).filter(lambda s: "\x00" not in s),
                                json_values, max_size=5),

@@ -290,3 +290,36 @@ def test_order_id_cannot_be_rewritten(mconn: psycopg.Connection, refs: dict[str,
     with pytest.raises(psycopg.errors.GeneratedAlways):
         mconn.execute("UPDATE trading.orders SET order_id = order_id + 100000 "
                       "WHERE order_id = %s", (order_id,))
+
+
+# ------------------------------------------------------------------ quantities
+@pytest.mark.parametrize("state", ["in_flight", "submitted", "partially_filled"])
+def test_filled_quantity_cannot_decrease(mconn: psycopg.Connection, refs: dict[str, int],
+                                         state: str) -> None:
+    order_id = order_in(mconn, refs, state)
+    mconn.execute("UPDATE trading.orders SET filled_quantity = filled_quantity + 2 "
+                  "WHERE order_id = %s", (order_id,))
+    before = status_of(mconn, order_id)
+    with pytest.raises(psycopg.errors.CheckViolation, match="cannot decrease") as exc:
+        mconn.execute("UPDATE trading.orders SET filled_quantity = filled_quantity - 1 "
+                      "WHERE order_id = %s", (order_id,))
+    assert exc.value.diag.constraint_name == "order_filled_quantity_monotonic"
+    assert status_of(mconn, order_id) == before
+
+
+@pytest.mark.parametrize("state", TERMINAL)
+@pytest.mark.parametrize("change", ["filled_quantity = filled_quantity + 1",
+                                    "quantity = quantity + 1"])
+def test_terminal_order_quantities_frozen(mconn: psycopg.Connection, refs: dict[str, int],
+                                          state: str, change: str) -> None:
+    order_id = order_in(mconn, refs, state)
+    before = status_of(mconn, order_id)
+    # the trigger runs before the CHECK constraints: it refuses even filled 11 of 10
+    with pytest.raises(psycopg.errors.CheckViolation) as exc:
+        mconn.execute(f"UPDATE trading.orders SET {change} WHERE order_id = %s", (order_id,))
+    assert exc.value.diag.constraint_name == "order_terminal_immutable"
+    assert f"is {state}" in str(exc.value)
+    assert status_of(mconn, order_id) == before
+    # what is not a quantity may still be annotated
+    mconn.execute("UPDATE trading.orders SET reason = 'reconciled' WHERE order_id = %s",
+                  (order_id,))

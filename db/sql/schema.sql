@@ -396,6 +396,19 @@ BEGIN
                       HINT = 'the legal transitions are the rows of trading.order_transitions';
         END IF;
     END IF;
+    -- fills are append-only, so the filled quantity only grows; a finished order keeps
+    -- the quantities it finished with
+    IF NEW.filled_quantity < OLD.filled_quantity THEN
+        RAISE EXCEPTION 'order %: the filled quantity cannot decrease (% -> %)',
+                        OLD.order_id, OLD.filled_quantity, NEW.filled_quantity
+            USING ERRCODE = 'check_violation', CONSTRAINT = 'order_filled_quantity_monotonic';
+    END IF;
+    IF OLD.status IN ('filled', 'cancelled', 'rejected', 'expired')
+       AND (NEW.filled_quantity <> OLD.filled_quantity OR NEW.quantity <> OLD.quantity) THEN
+        RAISE EXCEPTION 'order % is %: its quantity and filled quantity cannot change',
+                        OLD.order_id, OLD.status
+            USING ERRCODE = 'check_violation', CONSTRAINT = 'order_terminal_immutable';
+    END IF;
     IF NEW.account_id <> OLD.account_id OR NEW.instrument_id <> OLD.instrument_id
        OR NEW.side <> OLD.side OR NEW.client_order_id <> OLD.client_order_id
        OR NEW.strategy_id IS DISTINCT FROM OLD.strategy_id THEN
