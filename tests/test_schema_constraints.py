@@ -5,6 +5,7 @@ nothing written. Boundary values: just inside passes, just outside is refused.""
 from __future__ import annotations
 
 import itertools
+import re
 import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
@@ -13,6 +14,8 @@ from decimal import Decimal as D
 import psycopg
 import pytest
 from conftest import _drop, as_uri, url_for
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from psycopg import sql
 
 from db.errors import describe
@@ -889,3 +892,44 @@ def test_limit_history_not_written_for_refused_update(c: psycopg.Connection) -> 
     with pytest.raises(CHECK):
         c.execute("UPDATE risk.limits SET scope = 'market' WHERE limit_id = %s", (limit_id,))
     assert history(c, limit_id) == before
+
+
+# ================================================================== properties
+_prices = st.decimals(min_value=D("-1"), max_value=D("1000"), places=4, allow_nan=False,
+                      allow_infinity=False) | st.sampled_from([D("NaN"), D("Infinity"), D(0)])
+
+
+@settings(max_examples=150, deadline=None)
+@given(o=_prices, h=_prices, lo=_prices, cl=_prices, v=_prices)
+def test_bar_verdict_matches_the_rules(c: psycopg.Connection, refs: dict[str, int], o: D, h: D,
+                                       lo: D, cl: D, v: D) -> None:
+    values = (o, h, lo, cl, v)
+    finite = all(x.is_finite() for x in values)
+    valid = (finite and min(o, h, lo, cl) > 0 and v >= 0 and lo <= min(o, cl)
+             and h >= max(o, cl))
+    row = bar(refs, open=o, high=h, low=lo, close=cl, volume=v)
+    before = count(c, BARS)
+    try:
+        insert(c, BARS, row)
+        accepted = True
+    except psycopg.errors.CheckViolation as exc:
+        assert (exc.diag.constraint_name or "").startswith("bars_")
+        accepted = False
+    assert accepted == valid, row
+    assert count(c, BARS) == before + (1 if accepted else 0)
+
+
+_SYMBOL = re.compile(r"[A-Z0-9][A-Z0-9._:/-]{0,39}")
+
+
+@settings(max_examples=150, deadline=None)
+@given(symbol=st.text(alphabet=st.sampled_from("AZ09az._:/- '\n;é") | st.characters(
+    blacklist_categories=("Cs",), blacklist_characters="\x00"), max_size=45))
+def test_symbol_verdict_matches_the_pattern(c: psycopg.Connection, symbol: str) -> None:
+    try:
+        insert(c, "market.instruments", instrument_row(symbol=symbol, venue=uniq("p").lower()))
+        accepted = True
+    except psycopg.errors.CheckViolation as exc:
+        assert exc.diag.constraint_name == "instruments_symbol_format"
+        accepted = False
+    assert accepted == bool(_SYMBOL.fullmatch(symbol)), repr(symbol)
