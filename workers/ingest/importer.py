@@ -75,9 +75,13 @@ WHERE (b.open, b.high, b.low, b.close, b.volume)
       IS DISTINCT FROM (s.open, s.high, s.low, s.close, s.volume)
 ORDER BY s.line
 """
+_OVERLAP = """
+SELECT EXISTS (SELECT 1 FROM market.bars WHERE instrument_id = %s
+               AND timeframe = %s::market.timeframe AND ts BETWEEN %s AND %s)
+"""
 _INSERT = """
 INSERT INTO market.bars (instrument_id, timeframe, ts, open, high, low, close, volume)
-SELECT %s, %s::market.timeframe, ts, open, high, low, close, volume FROM {}
+SELECT %s, %s::market.timeframe, ts, open, high, low, close, volume FROM {} ORDER BY ts
 ON CONFLICT DO NOTHING
 """
 _IMPORT_ROW = """
@@ -149,9 +153,14 @@ def import_file(conn: psycopg.Connection, path: str | Path, *, symbol: str, mark
         cur.execute("SET LOCAL timezone = 'UTC'")
         cur.execute(sql.SQL(_STAGING).format(staging))
         _copy_rows(cur, staging, parsed)
-        cur.execute(sql.SQL("ANALYZE {}").format(staging))
-        conflicts = cur.execute(sql.SQL(_CONFLICTS).format(staging),
-                                (instrument_id, timeframe)).fetchall()
+        conflicts = []
+        if len(parsed.ts_us) and cur.execute(_OVERLAP, (
+                instrument_id, timeframe, _utc(int(parsed.ts_us.min())),
+                _utc(int(parsed.ts_us.max())))).fetchone()[0]:  # type: ignore[index]
+            cur.execute("SET LOCAL work_mem = '256MB'")
+            cur.execute(sql.SQL("ANALYZE {}").format(staging))
+            conflicts = cur.execute(sql.SQL(_CONFLICTS).format(staging),
+                                    (instrument_id, timeframe)).fetchall()
         bad = list(parsed.bad)
         if conflicts:
             bad += _conflict_rows(cur, staging, conflicts, parsed)

@@ -8,6 +8,7 @@ the few rows where it is not. The database receives the original digits.
 
 from __future__ import annotations
 
+import csv
 import gzip
 import re
 import zlib
@@ -80,20 +81,48 @@ def _zone(tz: str) -> ZoneInfo:
                          "America/New_York") from exc
 
 
-def _read_csv(path: Path) -> pd.DataFrame:
-    with path.open("rb") as fh:
-        head = fh.read(4096)
-    if b"\x00" in head and not path.name.lower().endswith(".gz"):
-        raise FileError(f"cannot read {shown(str(path))}: not a text CSV file (binary data)")
+def _read_csv(path: Path) -> tuple[pd.DataFrame, np.ndarray | None]:
+    """All columns as strings, and the line numbers of the rows if blank lines were skipped."""
+    import pyarrow as pa
+    import pyarrow.csv as pcsv
+
     try:
-        return pd.read_csv(path, dtype=str, keep_default_na=False, skip_blank_lines=False,
-                           encoding="utf-8-sig", compression="infer", engine="c")
-    except pd.errors.EmptyDataError as exc:
-        raise FileError(f"cannot import {shown(str(path))}: the file is empty") from exc
-    except (UnicodeDecodeError, pd.errors.ParserError, EOFError, gzip.BadGzipFile,
-            zlib.error, OSError, ValueError) as exc:
+        data = path.read_bytes()
+        if path.name.lower().endswith(".gz"):
+            data = gzip.decompress(data)
+    except (EOFError, gzip.BadGzipFile, zlib.error, OSError) as exc:
+        raise FileError(f"cannot read {shown(str(path))}: {exc}") from exc
+    if data.startswith(b"\xef\xbb\xbf"):
+        data = data[3:]
+    if not data.strip():
+        raise FileError(f"cannot import {shown(str(path))}: the file is empty")
+    if b"\x00" in data[:65536]:
+        raise FileError(f"cannot read {shown(str(path))}: not a text CSV file (binary data)")
+    first = data.split(b"\n", 1)[0].rstrip(b"\r")
+    try:
+        names = next(csv.reader([first.decode("utf-8")]))
+    except (UnicodeDecodeError, csv.Error, StopIteration) as exc:
+        raise FileError(f"cannot read {shown(str(path))} as CSV: the header is not text") from exc
+    try:
+        table = pcsv.read_csv(
+            pa.BufferReader(data),
+            read_options=pcsv.ReadOptions(column_names=[f"c{i}" for i in range(len(names))],
+                                          skip_rows=1, block_size=1 << 24),
+            convert_options=pcsv.ConvertOptions(
+                column_types={f"c{i}": pa.string() for i in range(len(names))},
+                strings_can_be_null=False, quoted_strings_can_be_null=False))
+    except (pa.ArrowException, ValueError) as exc:
         detail = str(exc).splitlines()[0][:120] if str(exc) else type(exc).__name__
         raise FileError(f"cannot read {shown(str(path))} as CSV: {detail}") from exc
+    if len(set(names)) != len(names):
+        names = [f"{name}#{i}" for i, name in enumerate(names)]
+    frame = table.rename_columns(names).to_pandas()
+    numbers = None
+    if re.search(rb"\n[ \t\r]*\n", data) or re.match(rb"[^\n]*\n[ \t\r]*\n", data):
+        lines = data.split(b"\n")
+        numbers = np.array([i + 1 for i, ln in enumerate(lines) if ln.strip()][1:],
+                           dtype=np.int64)[: len(frame)]
+    return frame, numbers
 
 
 def _read_parquet(path: Path) -> pd.DataFrame:
@@ -122,16 +151,20 @@ def _read_parquet(path: Path) -> pd.DataFrame:
     return pd.DataFrame(cols)
 
 
-def read_frame(path: Path) -> tuple[pd.DataFrame, str]:
+def read_frame(path: Path) -> tuple[pd.DataFrame, str, np.ndarray]:
     if not path.exists():
         raise FileError(f"file not found: {shown(str(path))}")
     if not path.is_file():
         raise FileError(f"not a file: {shown(str(path))}")
     name = path.name.lower()
     if name.endswith((".parquet", ".pq")):
-        return _read_parquet(path), "row"
+        frame = _read_parquet(path)
+        return frame, "row", np.arange(len(frame), dtype=np.int64) + 1
     if name.endswith((".csv", ".csv.gz", ".txt")):
-        return _read_csv(path), "line"
+        frame, numbers = _read_csv(path)
+        if numbers is None:
+            numbers = np.arange(len(frame), dtype=np.int64) + 2
+        return frame, "line", numbers
     raise FileError(f"cannot import {shown(str(path))}: use a .csv, .csv.gz or .parquet file")
 
 
@@ -175,23 +208,25 @@ def parse_times(col: pd.Series, zone: ZoneInfo) -> tuple[pd.Series, pd.Series]:
         reasons[dst] = f"local time does not exist or is ambiguous in {zone.key} (DST change)"
         reasons[naive.isna().to_numpy()] = "time is empty"
         return out, reasons
-    s = col.astype(str).str.strip()
-    empty = (s == "").to_numpy(dtype=bool).copy()
-    out = pd.Series(pd.NaT, index=col.index, dtype="datetime64[us, UTC]")
-    epoch = s.str.fullmatch(_EPOCH).to_numpy(dtype=bool).copy()
+    s = _strings(col)
+    empty = s == ""
+    us = np.full(n, np.iinfo(np.int64).min, dtype=np.int64)  # NaT
+    epoch = _match(s, _EPOCH)
     if epoch.sum() > (~empty).sum() // 2:
-        nums = pd.to_numeric(s[epoch], errors="coerce")
-        scale = 1_000 if float(nums.median()) >= 1e11 else 1_000_000
-        us = np.round(nums.to_numpy(dtype=np.float64) * scale).astype(np.int64)
-        out[epoch] = pd.to_datetime(us, unit="us", utc=True)
+        nums = pd.to_numeric(pd.Series(s[epoch]), errors="coerce").to_numpy(dtype=np.float64)
+        scale = 1_000 if float(np.nanmedian(nums)) >= 1e11 else 1_000_000
+        ok = np.isfinite(nums)
+        idx = np.flatnonzero(epoch)[ok]
+        us[idx] = np.round(nums[ok] * scale).astype(np.int64)
     else:
-        epoch[:] = False
-        aware = s.str.contains(_AWARE + "$", regex=True).to_numpy(dtype=bool) & ~empty
+        aware = _match(s, ".*" + _AWARE) & ~empty
         naive_mask = ~aware & ~empty
         if aware.any():
-            out[aware] = pd.to_datetime(s[aware], format="ISO8601", errors="coerce", utc=True)
+            parsed = pd.to_datetime(pd.Series(s[aware]), format="ISO8601", errors="coerce",
+                                    utc=True)
+            us[aware] = _as_us(parsed)
         if naive_mask.any():
-            part = s[naive_mask]
+            part = pd.Series(s[naive_mask])
             naive = pd.to_datetime(part, format="ISO8601", errors="coerce")
             if naive.isna().sum() > len(part) // 2:
                 naive = pd.to_datetime(part, errors="coerce", format="mixed")
@@ -200,14 +235,21 @@ def parse_times(col: pd.Series, zone: ZoneInfo) -> tuple[pd.Series, pd.Series]:
             if dst.any():
                 idx = np.flatnonzero(naive_mask)[dst]
                 for i in idx:
-                    reasons.iat[i] = (f"local time {s.iat[i]} does not exist or is ambiguous in "
+                    reasons.iat[i] = (f"local time {s[i]} does not exist or is ambiguous in "
                                       f"{zone.key} (DST change)")
-            out[naive_mask] = local.dt.tz_convert("UTC").to_numpy()
+            us[naive_mask] = _as_us(local)
+    out = pd.Series(pd.to_datetime(us, unit="us", utc=True))
     unparsed = out.isna().to_numpy() & reasons.isna().to_numpy()
     for i in np.flatnonzero(unparsed):
         reasons.iat[i] = ("time is empty" if empty[i]
-                          else f"time {shown(s.iat[i])} is not a date/time")
+                          else f"time {shown(s[i])} is not a date/time")
     return out, reasons
+
+
+def _as_us(times: pd.Series) -> np.ndarray:
+    """UTC microseconds (NaT as int64 min)."""
+    utc = times.dt.tz_convert("UTC").dt.tz_localize(None)
+    return utc.to_numpy(dtype="datetime64[us]").astype(np.int64)
 
 
 def _dec(text: str) -> Decimal:
@@ -219,11 +261,9 @@ def _dec(text: str) -> Decimal:
 
 def _check_values(vals: dict[str, np.ndarray], reasons: np.ndarray) -> None:
     """Set a reason for every row whose numbers break a bar rule (first reason wins)."""
-    n = len(reasons)
     floats: dict[str, np.ndarray] = {}
     for name, arr in vals.items():
-        ser = pd.Series(arr, dtype=object).astype("str")
-        ok = ser.str.fullmatch(_NUMBER).to_numpy(dtype=bool)
+        ok = _match(arr, _NUMBER)
         for i in np.flatnonzero(~ok):
             if reasons[i] is None:
                 text = arr[i]
@@ -233,11 +273,8 @@ def _check_values(vals: dict[str, np.ndarray], reasons: np.ndarray) -> None:
                     reasons[i] = f"{name} is {text} (not a finite number)"
                 else:
                     reasons[i] = f"{name} {shown(text)} is not a number"
-        f = np.full(n, np.nan)
-        if ok.any():
-            f[ok] = ser[ok].astype("float64").to_numpy()
-        floats[name] = f
-    valid = np.array([r is None for r in reasons], dtype=bool)
+        floats[name] = _floats(arr, ok)
+    valid = pd.isna(reasons)
     # sign checks: float <= 0 is only certain for a non-zero float
     for name in VALUE_COLUMNS:
         f = floats[name]
@@ -248,7 +285,7 @@ def _check_values(vals: dict[str, np.ndarray], reasons: np.ndarray) -> None:
                 reasons[i] = f"volume {vals[name][i]} is negative"
             elif name != "volume" and d <= 0:
                 reasons[i] = f"{name} {vals[name][i]} is not positive"
-        valid &= np.array([r is None for r in reasons], dtype=bool)
+        valid &= pd.isna(reasons)
     pairs = (("high", "low", "high {a} is below low {b}"),
              ("high", "open", "high {a} is below open {b}"),
              ("high", "close", "high {a} is below close {b}"),
@@ -270,24 +307,43 @@ def _check_values(vals: dict[str, np.ndarray], reasons: np.ndarray) -> None:
 
 
 def _minus(arr: np.ndarray) -> np.ndarray:
-    return pd.Series(arr, dtype=object).astype("str").str.startswith("-").to_numpy(dtype=bool)
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    return pc.starts_with(pa.array(arr, pa.string()), "-").to_numpy(zero_copy_only=False)
+
+
+def _strings(col: pd.Series) -> np.ndarray:
+    """A column as an object array of stripped strings."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    arr = pa.array(col if col.dtype == "str" else col.astype("str"))
+    return pc.utf8_trim_whitespace(arr).to_numpy(zero_copy_only=False)
+
+
+def _match(arr: np.ndarray, pattern: str) -> np.ndarray:
+    """Full-match a regular expression (RE2, vectorised) over an object array of strings."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    return pc.match_substring_regex(pa.array(arr, pa.string()), f"^(?:{pattern})$").to_numpy(
+        zero_copy_only=False)
+
+
+def _floats(arr: np.ndarray, ok: np.ndarray) -> np.ndarray:
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    a = pa.array(arr, pa.string(), mask=~ok)
+    return pc.cast(a, pa.float64()).to_numpy(zero_copy_only=False).astype(np.float64)
 
 
 def parse_file(path: str | Path, tz: str = "UTC") -> ParsedBars:
     zone = _zone(tz)
     p = Path(path)
-    frame, label = read_frame(p)
+    frame, label, numbers_all = read_frame(p)
     mapping = map_columns(frame, p)
-    offset = 2 if label == "line" else 1
-    numbers_all = np.arange(len(frame), dtype=np.int64) + offset
-    # blank lines keep their line numbers but are not rows
-    if label == "line" and len(frame):
-        blank = np.ones(len(frame), dtype=bool)
-        for col in frame.columns:
-            blank &= (frame[col].astype(str).str.strip() == "").to_numpy(dtype=bool)
-        if blank.any():
-            frame = frame[~blank].reset_index(drop=True)
-            numbers_all = numbers_all[~blank]
     n = len(frame)
     if n == 0:
         raise FileError(f"cannot import {shown(str(p))}: the file has no data rows")
@@ -296,15 +352,14 @@ def parse_file(path: str | Path, tz: str = "UTC") -> ParsedBars:
     vals: dict[str, np.ndarray] = {}
     for name in VALUE_COLUMNS:
         if name in mapping:
-            col = frame[mapping[name]]
-            vals[name] = col.astype(str).str.strip().to_numpy(dtype=object)
+            vals[name] = _strings(frame[mapping[name]])
         else:
             vals[name] = np.full(n, "0", dtype=object)
     _check_values(vals, reasons)
     ts_us = _us_with_nat(times)
-    good = np.array([r is None for r in reasons], dtype=bool)
+    good = pd.isna(reasons)
     duplicates = _check_duplicates(ts_us, vals, good, reasons, numbers_all, times, label)
-    good = np.array([r is None for r in reasons], dtype=bool)
+    good = pd.isna(reasons)
     good_idx = np.flatnonzero(good & ~duplicates)
     bad_idx = np.flatnonzero(~good)
     bad = [BadRow(int(numbers_all[i]), str(reasons[i]), _raw(frame, i)) for i in bad_idx]

@@ -1,0 +1,119 @@
+"""Benchmark: import a 1,000,000-row SYNTHETIC 1m CSV into a fresh database.
+
+    python benchmarks/bench_import.py [--rows N] [--json FILE]
+
+Uses MMATS_DATABASE_URL if set (a fresh database is created on that server and dropped
+afterwards); otherwise starts a temporary embedded server in a temp dir, as the tests do.
+Prints rows/second for parse+validate, COPY+insert and the total, the aggregate refresh
+time, and the peak RSS of this process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import shutil
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import psycopg
+from psycopg import sql
+from psycopg.conninfo import make_conninfo
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from db import migrate  # noqa: E402
+from db.runtime import EmbeddedServer  # noqa: E402
+from workers.ingest.importer import import_file  # noqa: E402
+from workers.ingest.synthetic import generate_file  # noqa: E402
+
+FAST = {"fsync": "off", "synchronous_commit": "off", "full_page_writes": "off"}
+
+
+def _uri(conninfo: str) -> str:
+    from urllib.parse import quote
+
+    from psycopg.conninfo import conninfo_to_dict
+
+    d = conninfo_to_dict(conninfo)
+    auth = quote(str(d.get("user", "postgres")), safe="")
+    if d.get("password"):
+        auth += ":" + quote(str(d["password"]), safe="")
+    return f"postgresql://{auth}@{d.get('host', '127.0.0.1')}:{d.get('port', '5432')}/{d['dbname']}"
+
+
+@contextmanager
+def fresh_database(home: Path) -> Iterator[str]:
+    external = os.environ.get("MMATS_DATABASE_URL")
+    server = None
+    if external:
+        base = make_conninfo(external, dbname="postgres")
+    else:
+        server = EmbeddedServer(home / "pg", settings=FAST, quiet=True)
+        server.start()
+        base = server.url("postgres")
+    name = f"mmats_bench_{uuid.uuid4().hex[:10]}"
+    with psycopg.connect(base, autocommit=True) as c:
+        c.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+    try:
+        url = _uri(make_conninfo(base, dbname=name))
+        migrate.upgrade(url)
+        yield url
+    finally:
+        with psycopg.connect(base, autocommit=True) as c:
+            c.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(
+                sql.Identifier(name)))
+        if server is not None:
+            server.stop()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--rows", type=int, default=1_000_000)
+    ap.add_argument("--json", dest="json_path")
+    args = ap.parse_args()
+    home = Path(tempfile.mkdtemp(prefix="mmats-bench-"))
+    home.chmod(0o711)
+    try:
+        t = time.perf_counter()
+        csv = generate_file(home / "BTC-USDT_1m.csv", "BTC/USDT", "crypto", bars=args.rows)
+        gen_s = time.perf_counter() - t
+        with fresh_database(home) as url, psycopg.connect(url, autocommit=True) as conn:
+            rep = import_file(conn, csv, symbol="BTC/USDT", market="crypto", timeframe="1m")
+            again = import_file(conn, csv, symbol="BTC/USDT", market="crypto", timeframe="1m")
+        s = rep.seconds
+        import_s = s["parse"] + s["write"]
+        figures = {
+            "rows": rep.rows_read, "inserted": rep.inserted,
+            "file_mb": round(csv.stat().st_size / 1e6, 1),
+            "generate_s": round(gen_s, 2),
+            "parse_validate_s": round(s["parse"], 2),
+            "parse_validate_rows_per_s": round(rep.rows_read / s["parse"]),
+            "copy_insert_s": round(s["write"], 2),
+            "copy_insert_rows_per_s": round(rep.rows_read / s["write"]),
+            "total_s": round(import_s, 2),
+            "total_rows_per_s": round(rep.rows_read / import_s),
+            "refresh_aggregates_s": round(s["refresh"], 2),
+            "total_with_refresh_rows_per_s": round(rep.rows_read / s["total"]),
+            "reimport_s": round(again.seconds["total"], 2),
+            "reimport_unchanged": again.unchanged,
+            "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
+        }
+    finally:
+        shutil.rmtree(home, ignore_errors=True)
+    width = max(map(len, figures))
+    for k, v in figures.items():
+        print(f"{k:<{width}}  {v:,}" if isinstance(v, int) else f"{k:<{width}}  {v}")
+    if args.json_path:
+        Path(args.json_path).write_text(json.dumps(figures, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
