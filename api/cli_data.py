@@ -1,8 +1,146 @@
-"""mmats data: import, list, gaps."""
+"""mmats data: import, list, gaps, generate."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
 
 import click
+
+from db.connect import connect, database_url
+
+MAX_BAD_SHOWN = 20
+
+
+def table(headers: Sequence[str], rows: Sequence[Sequence[object]],
+          right: Sequence[int] = ()) -> str:
+    """Rows as text with aligned columns (numbers in `right` aligned right)."""
+    cells = [[str(h) for h in headers]] + [["" if v is None else str(v) for v in r] for r in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
+    lines = []
+    for n, r in enumerate(cells):
+        parts = [c.rjust(w) if i in right else c.ljust(w)
+                 for i, (c, w) in enumerate(zip(r, widths, strict=True))]
+        lines.append("  ".join(parts).rstrip())
+        if n == 0:
+            lines.append("  ".join("-" * w for w in widths))
+    return "\n".join(lines)
 
 
 @click.group("data")
 def data_group() -> None:
-    """Market data: import files, list what is stored, find gaps."""
+    """Market data: import files, list what is stored, find gaps, generate SYNTHETIC bars."""
+
+
+@data_group.command("import")
+@click.argument("file", type=click.Path(dir_okay=False))
+@click.option("--symbol", required=True, help="e.g. AAPL, BTC/USDT, EUR/USD")
+@click.option("--market", required=True, type=click.Choice(["crypto", "forex", "stock"]))
+@click.option("--timeframe", required=True,
+              type=click.Choice(["1m", "5m", "15m", "1h", "4h", "1d", "1w"]))
+@click.option("--venue", default=None, help="default: crypto, fx or us by market")
+@click.option("--tz", default="UTC", show_default=True,
+              help="IANA zone in which times without an offset are read")
+@click.option("--skip-bad", is_flag=True,
+              help="Import the good rows and quarantine the bad ones (default: all or nothing).")
+def data_import(file: str, symbol: str, market: str, timeframe: str, venue: str | None,
+                tz: str, skip_bad: bool) -> None:
+    """Import a CSV, CSV.gz or Parquet file of bars (exact decimals; idempotent)."""
+    from workers.ingest.importer import import_file
+
+    with connect(database_url(), autocommit=True) as conn:
+        rep = import_file(conn, file, symbol=symbol, market=market, timeframe=timeframe,
+                          venue=venue, tz=tz, skip_bad=skip_bad)
+    click.echo(rep.summary())
+    if rep.bad_rows:
+        click.echo(f"bad rows (quarantined, import {rep.import_id}):")
+        for b in rep.bad_rows[:MAX_BAD_SHOWN]:
+            click.echo(f"  {rep.row_label} {b.row_number}: {b.reason}")
+        if len(rep.bad_rows) > MAX_BAD_SHOWN:
+            click.echo(f"  ... {len(rep.bad_rows) - MAX_BAD_SHOWN} more")
+
+
+_LIST = """
+SELECT symbol, venue, market::text, timeframe::text, first_ts, last_ts, bars
+FROM market.bar_coverage ORDER BY symbol, venue, timeframe
+"""
+
+
+@data_group.command("list")
+def data_list() -> None:
+    """What is stored: one line per instrument and timeframe."""
+    with connect(database_url()) as conn:
+        conn.execute("SET timezone = 'UTC'")
+        rows = conn.execute(_LIST).fetchall()
+    if not rows:
+        click.echo("no bars stored (import some with `mmats data import`)")
+        return
+    out = [(s, v, m, tf, f"{a:%Y-%m-%d %H:%M}", f"{b:%Y-%m-%d %H:%M}", f"{n:,}")
+           for s, v, m, tf, a, b, n in rows]
+    click.echo(table(("symbol", "venue", "market", "timeframe", "first (UTC)", "last (UTC)",
+                      "rows"), out, right=(6,)))
+
+
+@data_group.command("gaps")
+@click.option("--symbol", default=None)
+@click.option("--timeframe", default=None,
+              type=click.Choice(["1m", "5m", "15m", "1h", "4h", "1d", "1w"]))
+@click.option("--venue", default=None)
+@click.option("--limit", default=50, show_default=True, help="ranges listed per series")
+def data_gaps(symbol: str | None, timeframe: str | None, venue: str | None,
+              limit: int) -> None:
+    """Missing bars between the first and last stored bar, per the market's calendar."""
+    from workers.ingest.gaps import find_gaps
+
+    with connect(database_url()) as conn:
+        series = find_gaps(conn, symbol=symbol, timeframe=timeframe, venue=venue)
+    if not series:
+        click.echo("no stored bars match")
+        return
+    total = 0
+    for s in series:
+        total += s.missing
+        daily = s.timeframe in ("1d", "1w")
+        fmt = "%Y-%m-%d" if daily else "%Y-%m-%d %H:%M"
+        click.echo(f"{s.symbol} {s.venue} {s.timeframe} ({s.calendar_id}): {s.bars:,} bars "
+                   f"{s.first:{fmt}} .. {s.last:{fmt}} UTC, {s.missing:,} missing in "
+                   f"{len(s.ranges):,} range(s)")
+        if s.ranges:
+            rows = [(f"{r.start:{fmt}}", f"{r.end:{fmt}}", f"{r.count:,}")
+                    for r in s.ranges[:limit]]
+            text = table(("from", "to", "missing"), rows, right=(2,))
+            click.echo("\n".join("  " + line for line in text.splitlines()))
+            if len(s.ranges) > limit:
+                click.echo(f"  ... {len(s.ranges) - limit} more ranges")
+    click.echo(f"total: {total:,} missing bars in {len(series)} series")
+
+
+@data_group.command("generate")
+@click.option("--symbol", required=True)
+@click.option("--market", required=True, type=click.Choice(["crypto", "forex", "stock"]))
+@click.option("--timeframe", default="1m", show_default=True,
+              type=click.Choice(["1m", "5m", "15m", "1h", "4h"]))
+@click.option("--start", default="2024-01-01", show_default=True, help="UTC date or time")
+@click.option("--bars", default=10_000, show_default=True, type=click.IntRange(1, 50_000_000))
+@click.option("--seed", default=42, show_default=True, type=int)
+@click.option("--out", "out", required=True, type=click.Path(dir_okay=False),
+              help=".csv, .csv.gz or .parquet")
+def data_generate(symbol: str, market: str, timeframe: str, start: str, bars: int, seed: int,
+                  out: str) -> None:
+    """Write SYNTHETIC bars (not market data): deterministic for a seed."""
+    from db.errors import MmatsError
+    from workers.ingest.synthetic import generate, write
+
+    try:
+        result = generate(symbol, market, timeframe=timeframe, start=start, bars=bars,
+                          seed=seed)
+    except ValueError as exc:
+        raise MmatsError(str(exc).splitlines()[0]) from exc
+    try:
+        path = write(result, out)
+    except OSError as exc:
+        raise MmatsError(f"cannot write {out!r}: {exc.strerror or exc}") from exc
+    f = result.frame
+    click.echo(f"wrote {len(f):,} SYNTHETIC {timeframe} bars for {symbol} to {path} "
+               f"({f['timestamp'].iloc[0]:%Y-%m-%d %H:%M} .. "
+               f"{f['timestamp'].iloc[-1]:%Y-%m-%d %H:%M} UTC, seed {seed}, "
+               f"{len(result.missing_us):,} bars left out as gaps)")

@@ -68,7 +68,7 @@ def read_times(conn: psycopg.Connection, instrument_id: int, timeframe: str) -> 
     with conn.cursor() as cur, cur.copy(stmt) as copy:
         for block in copy:
             buf += block
-    return np.array(buf.split(), dtype=np.int64)
+    return np.array(bytes(buf).split(), dtype="S24").astype(np.int64)
 
 
 def _dt(us: int) -> datetime:

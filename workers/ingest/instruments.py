@@ -42,8 +42,7 @@ class InstrumentSpec:
     symbol: str
     venue: str
     market: str
-    base_currency: str
-    quote_currency: str
+    venue_given: bool
     price_tick: Decimal
     quantity_step: Decimal
     min_quantity: Decimal
@@ -119,15 +118,17 @@ def spec_for(symbol: str, market: str, venue: str | None = None) -> InstrumentSp
     market = check_market(market)
     sym = normalise_symbol(symbol)
     ven = normalise_venue(venue) if venue is not None else DEFAULT_VENUE[market]
-    base, quote = currencies(sym, market)
     tick, step, minimum = DEFAULT_SIZES[market]
-    if market == "forex" and quote == "JPY":
+    if market == "forex" and sym.replace("/", "").replace("_", "").endswith("JPY"):
         tick = JPY_TICK
-    return InstrumentSpec(sym, ven, market, base, quote, tick, step, minimum, CALENDAR[market])
+    return InstrumentSpec(sym, ven, market, venue is not None, tick, step, minimum,
+                          CALENDAR[market])
 
 
 _FIND = ("SELECT instrument_id, market::text FROM market.instruments "
          "WHERE venue = %s AND symbol = %s")
+_ELSEWHERE = ("SELECT venue, market::text FROM market.instruments "
+              "WHERE symbol = %s AND market <> %s::market.market_type ORDER BY venue LIMIT 1")
 _CREATE = """
 INSERT INTO market.instruments (symbol, venue, market, base_currency, quote_currency,
                                 price_tick, quantity_step, min_quantity, calendar_id)
@@ -140,10 +141,18 @@ def ensure_instrument(conn: psycopg.Connection, spec: InstrumentSpec) -> tuple[i
     """(instrument_id, created). Refuses an existing instrument of another market."""
     row = conn.execute(_FIND, (spec.venue, spec.symbol)).fetchone()
     created = False
+    if row is None and not spec.venue_given:
+        other = conn.execute(_ELSEWHERE, (spec.symbol, spec.market)).fetchone()
+        if other:
+            raise InstrumentError(
+                f"{spec.symbol} is already stored as a {other[1]} instrument (venue "
+                f"{other[0]}), not {spec.market}: use --market {other[1]}, or name a --venue "
+                "to create a separate instrument")
     if row is None:
-        cur = conn.execute(_CREATE, (spec.symbol, spec.venue, spec.market, spec.base_currency,
-                                     spec.quote_currency, spec.price_tick, spec.quantity_step,
-                                     spec.min_quantity, spec.calendar_id))
+        base, quote = currencies(spec.symbol, spec.market)
+        cur = conn.execute(_CREATE, (spec.symbol, spec.venue, spec.market, base, quote,
+                                     spec.price_tick, spec.quantity_step, spec.min_quantity,
+                                     spec.calendar_id))
         created = cur.rowcount == 1
         row = conn.execute(_FIND, (spec.venue, spec.symbol)).fetchone()
     assert row is not None
