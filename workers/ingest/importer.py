@@ -104,7 +104,7 @@ def refusal(file: str, parsed: ParsedBars, bad: list[BadRow]) -> ImportRefused:
     first = min(bad, key=lambda b: b.row_number)
     more = f" ({len(bad) - 1} more bad rows)" if len(bad) > 1 else ""
     return ImportRefused(
-        f"cannot import {shown(file)}: {parsed.label} {first.row_number} "
+        f"cannot import {shown(file, 300)}: {parsed.label} {first.row_number} "
         f"({parsed.convention()}): {first.reason}{more}; nothing was imported "
         "(--skip-bad imports the good rows and quarantines the bad ones)")
 

@@ -91,18 +91,19 @@ def _read_csv(path: Path) -> tuple[pd.DataFrame, np.ndarray | None]:
         if path.name.lower().endswith(".gz"):
             data = gzip.decompress(data)
     except (EOFError, gzip.BadGzipFile, zlib.error, OSError) as exc:
-        raise FileError(f"cannot read {shown(str(path))}: {exc}") from exc
+        raise FileError(f"cannot read {shown(str(path), 300)}: {exc}") from exc
     if data.startswith(b"\xef\xbb\xbf"):
         data = data[3:]
     if not data.strip():
-        raise FileError(f"cannot import {shown(str(path))}: the file is empty")
+        raise FileError(f"cannot import {shown(str(path), 300)}: the file is empty")
     if b"\x00" in data[:65536]:
-        raise FileError(f"cannot read {shown(str(path))}: not a text CSV file (binary data)")
+        raise FileError(f"cannot read {shown(str(path), 300)}: not a text CSV file (binary data)")
     first = data.split(b"\n", 1)[0].rstrip(b"\r")
     try:
         names = next(csv.reader([first.decode("utf-8")]))
     except (UnicodeDecodeError, csv.Error, StopIteration) as exc:
-        raise FileError(f"cannot read {shown(str(path))} as CSV: the header is not text") from exc
+        raise FileError(f"cannot read {shown(str(path), 300)} as CSV: the header is not "
+                        "text") from exc
     try:
         table = pcsv.read_csv(
             pa.BufferReader(data),
@@ -113,7 +114,7 @@ def _read_csv(path: Path) -> tuple[pd.DataFrame, np.ndarray | None]:
                 strings_can_be_null=False, quoted_strings_can_be_null=False))
     except (pa.ArrowException, ValueError) as exc:
         detail = str(exc).splitlines()[0][:120] if str(exc) else type(exc).__name__
-        raise FileError(f"cannot read {shown(str(path))} as CSV: {detail}") from exc
+        raise FileError(f"cannot read {shown(str(path), 300)} as CSV: {detail}") from exc
     if len(set(names)) != len(names):
         names = [f"{name}#{i}" for i, name in enumerate(names)]
     frame = table.rename_columns(names).to_pandas()
@@ -133,7 +134,7 @@ def _read_parquet(path: Path) -> pd.DataFrame:
         table = pq.read_table(path)
     except (pa.ArrowException, OSError, ValueError) as exc:
         detail = str(exc).splitlines()[0][:120] if str(exc) else type(exc).__name__
-        raise FileError(f"cannot read {shown(str(path))} as Parquet: {detail}") from exc
+        raise FileError(f"cannot read {shown(str(path), 300)} as Parquet: {detail}") from exc
     cols: dict[str, object] = {}
     for name, col in zip(table.column_names, table.columns, strict=True):
         t = col.type
@@ -153,9 +154,9 @@ def _read_parquet(path: Path) -> pd.DataFrame:
 
 def read_frame(path: Path) -> tuple[pd.DataFrame, str, np.ndarray]:
     if not path.exists():
-        raise FileError(f"file not found: {shown(str(path))}")
+        raise FileError(f"file not found: {shown(str(path), 300)}")
     if not path.is_file():
-        raise FileError(f"not a file: {shown(str(path))}")
+        raise FileError(f"not a file: {shown(str(path), 300)}")
     name = path.name.lower()
     if name.endswith((".parquet", ".pq")):
         frame = _read_parquet(path)
@@ -165,7 +166,7 @@ def read_frame(path: Path) -> tuple[pd.DataFrame, str, np.ndarray]:
         if numbers is None:
             numbers = np.arange(len(frame), dtype=np.int64) + 2
         return frame, "line", numbers
-    raise FileError(f"cannot import {shown(str(path))}: use a .csv, .csv.gz or .parquet file")
+    raise FileError(f"cannot import {shown(str(path), 300)}: use a .csv, .csv.gz or .parquet file")
 
 
 def map_columns(frame: pd.DataFrame, path: Path) -> dict[str, str]:
@@ -181,7 +182,7 @@ def map_columns(frame: pd.DataFrame, path: Path) -> dict[str, str]:
     missing = [c for c in REQUIRED if c not in found]
     if missing:
         have = ", ".join(repr(str(c))[:40] for c in list(frame.columns)[:12]) or "none"
-        raise FileError(f"cannot import {shown(str(path))}: missing column(s) "
+        raise FileError(f"cannot import {shown(str(path), 300)}: missing column(s) "
                         f"{', '.join(missing)} (found: {have})")
     return found
 
@@ -346,7 +347,7 @@ def parse_file(path: str | Path, tz: str = "UTC") -> ParsedBars:
     mapping = map_columns(frame, p)
     n = len(frame)
     if n == 0:
-        raise FileError(f"cannot import {shown(str(p))}: the file has no data rows")
+        raise FileError(f"cannot import {shown(str(p), 300)}: the file has no data rows")
     times, treasons = parse_times(frame[mapping["time"]].reset_index(drop=True), zone)
     reasons = treasons.to_numpy(dtype=object).copy()
     vals: dict[str, np.ndarray] = {}
