@@ -29,10 +29,10 @@ from psycopg.conninfo import make_conninfo
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from db import migrate  # noqa: E402
-from db.runtime import EmbeddedServer  # noqa: E402
-from workers.ingest.importer import import_file  # noqa: E402
-from workers.ingest.synthetic import generate_file  # noqa: E402
+from db import migrate
+from db.runtime import EmbeddedServer
+from workers.ingest.importer import import_file
+from workers.ingest.synthetic import generate_file
 
 FAST = {"fsync": "off", "synchronous_commit": "off", "full_page_writes": "off"}
 
