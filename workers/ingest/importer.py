@@ -111,7 +111,9 @@ def refusal(file: str, parsed: ParsedBars, bad: list[BadRow]) -> ImportRefused:
 
 def _ts_text(ts_us: np.ndarray) -> list[str]:
     unit = "s" if not (ts_us % 1_000_000).any() else "us"
-    return np.datetime_as_string(ts_us.astype("datetime64[us]"), unit=unit).tolist()
+    stamps: np.ndarray = np.datetime_as_string(  # type: ignore[call-overload]
+        ts_us.astype("datetime64[us]"), unit=unit)
+    return stamps.tolist()
 
 
 def _copy_rows(cur: psycopg.Cursor, staging: sql.Identifier, parsed: ParsedBars) -> None:

@@ -241,7 +241,7 @@ def parse_times(col: pd.Series, zone: ZoneInfo) -> tuple[pd.Series, pd.Series]:
             us[naive_mask] = _as_us(local)
     out = pd.Series(pd.to_datetime(us, unit="us", utc=True))
     unparsed = out.isna().to_numpy() & reasons.isna().to_numpy()
-    for i in np.flatnonzero(unparsed):
+    for i in np.flatnonzero(unparsed).tolist():
         reasons.iat[i] = ("time is empty" if empty[i]
                           else f"time {shown(s[i])} is not a date/time")
     return out, reasons
@@ -363,7 +363,8 @@ def parse_file(path: str | Path, tz: str = "UTC") -> ParsedBars:
     good = pd.isna(reasons)
     good_idx = np.flatnonzero(good & ~duplicates)
     bad_idx = np.flatnonzero(~good)
-    bad = [BadRow(int(numbers_all[i]), str(reasons[i]), _raw(frame, i)) for i in bad_idx]
+    bad = [BadRow(int(numbers_all[i]), str(reasons[i]), _raw(frame, i))
+           for i in bad_idx.tolist()]
     return ParsedBars(label=label, rows_read=n, numbers=numbers_all[good_idx],
                       ts_us=ts_us[good_idx], values={k: v[good_idx] for k, v in vals.items()},
                       bad=bad, duplicates=int(duplicates.sum()))
@@ -404,7 +405,8 @@ def _check_duplicates(ts_us: np.ndarray, vals: dict[str, np.ndarray], good: np.n
         if value == seen:
             repeat[i] = True
         else:
-            when = times.iat[i].strftime("%Y-%m-%d %H:%M:%S")
+            stamp = np.datetime64(int(ts_us[i]), "us")
+            when = str(np.datetime_as_string(stamp, unit="s")).replace("T", " ")
             reasons[i] = (f"time {when} UTC appears again with different values "
                           f"(first at {label} {int(numbers[j])})")
     return repeat
