@@ -9,6 +9,7 @@ audit event are recorded alongside.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import time
 from dataclasses import dataclass, field
@@ -17,6 +18,8 @@ from pathlib import Path
 
 import numpy as np
 import psycopg
+import pyarrow as pa
+import pyarrow.csv as pcsv
 from psycopg import sql
 
 from db.errors import MmatsError
@@ -109,24 +112,20 @@ def refusal(file: str, parsed: ParsedBars, bad: list[BadRow]) -> ImportRefused:
         "(--skip-bad imports the good rows and quarantines the bad ones)")
 
 
-def _ts_text(ts_us: np.ndarray) -> list[str]:
-    unit = "s" if not (ts_us % 1_000_000).any() else "us"
-    stamps: np.ndarray = np.datetime_as_string(  # type: ignore[call-overload]
-        ts_us.astype("datetime64[us]"), unit=unit)
-    return stamps.tolist()
-
-
 def _copy_rows(cur: psycopg.Cursor, staging: sql.Identifier, parsed: ParsedBars) -> None:
+    """COPY text format written by Arrow (the values are validated numbers and times)."""
     stmt = sql.SQL("COPY {} (line, ts, open, high, low, close, volume) FROM STDIN").format(
         staging)
-    n = len(parsed.ts_us)
+    table = pa.table({
+        "line": pa.array(parsed.numbers, pa.int64()),
+        "ts": pa.array(parsed.ts_us, pa.int64()).cast(pa.timestamp("us", tz="UTC")),
+        **{c: parsed.values[c] for c in ("open", "high", "low", "close", "volume")}})
+    options = pcsv.WriteOptions(include_header=False, delimiter="\t", quoting_style="none")
     with cur.copy(stmt) as copy:
-        for lo in range(0, n, COPY_CHUNK):
-            hi = min(n, lo + COPY_CHUNK)
-            cols = [list(map(str, parsed.numbers[lo:hi].tolist())), _ts_text(parsed.ts_us[lo:hi])]
-            cols += [parsed.values[c][lo:hi].tolist()
-                     for c in ("open", "high", "low", "close", "volume")]
-            copy.write("\n".join(map("\t".join, zip(*cols, strict=True))) + "\n")
+        for lo in range(0, table.num_rows, COPY_CHUNK):
+            buf = io.BytesIO()
+            pcsv.write_csv(table.slice(lo, COPY_CHUNK), buf, options)
+            copy.write(buf.getbuffer())
 
 
 def _utc(us: int) -> datetime:
@@ -228,7 +227,7 @@ def _conflict_rows(cur: psycopg.Cursor, staging: sql.Identifier, conflicts: list
     out = []
     for line, ts, o, h, lo, c, v in conflicts:
         i = pos[int(line)]
-        raw = {"time": ts.isoformat(), **{k: str(parsed.values[k][i])
+        raw = {"time": ts.isoformat(), **{k: str(parsed.values[k][i].as_py())
                                           for k in ("open", "high", "low", "close", "volume")}}
         out.append(BadRow(int(line), f"time {ts:%Y-%m-%d %H:%M:%S} UTC is already stored with "
                           f"different values (stored open={o} high={h} low={lo} close={c} "

@@ -19,6 +19,8 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
 
 from db.errors import MmatsError
 from workers.ingest.instruments import shown
@@ -61,7 +63,7 @@ class ParsedBars:
     rows_read: int
     numbers: np.ndarray  # int64 line/row numbers
     ts_us: np.ndarray  # int64 microseconds since the epoch, UTC
-    values: dict[str, np.ndarray]  # column -> object array of decimal strings
+    values: dict[str, pa.Array]  # column -> decimal strings as in the file
     bad: list[BadRow]
     duplicates: int  # exact repeats of a row already in the file
 
@@ -83,7 +85,6 @@ def _zone(tz: str) -> ZoneInfo:
 
 def _read_csv(path: Path) -> tuple[pd.DataFrame, np.ndarray | None]:
     """All columns as strings, and the line numbers of the rows if blank lines were skipped."""
-    import pyarrow as pa
     import pyarrow.csv as pcsv
 
     try:
@@ -127,7 +128,6 @@ def _read_csv(path: Path) -> tuple[pd.DataFrame, np.ndarray | None]:
 
 
 def _read_parquet(path: Path) -> pd.DataFrame:
-    import pyarrow as pa
     import pyarrow.parquet as pq
 
     try:
@@ -260,32 +260,41 @@ def _dec(text: str) -> Decimal:
         return Decimal("NaN")
 
 
-def _check_values(vals: dict[str, np.ndarray], reasons: np.ndarray) -> None:
+def _at(arr: pa.Array, i: int) -> str:
+    return str(arr[i].as_py())
+
+
+def _check_values(vals: dict[str, pa.Array], reasons: np.ndarray) -> None:
     """Set a reason for every row whose numbers break a bar rule (first reason wins)."""
     floats: dict[str, np.ndarray] = {}
     for name, arr in vals.items():
-        ok = _match(arr, _NUMBER)
-        for i in np.flatnonzero(~ok):
+        ok = _np(pc.match_substring_regex(arr, f"^(?:{_NUMBER})$"))
+        for i in np.flatnonzero(~ok).tolist():
             if reasons[i] is None:
-                text = arr[i]
+                text = _at(arr, i)
                 if text == "":
                     reasons[i] = f"{name} is empty"
                 elif text.lower() in _NOT_FINITE:
                     reasons[i] = f"{name} is {text} (not a finite number)"
                 else:
                     reasons[i] = f"{name} {shown(text)} is not a number"
-        floats[name] = _floats(arr, ok)
+        usable = pc.if_else(pa.array(ok), arr, pa.scalar(None, pa.string()))
+        floats[name] = _np(pc.cast(usable, pa.float64())).astype(np.float64)
     valid = pd.isna(reasons)
     # sign checks: float <= 0 is only certain for a non-zero float
     for name in VALUE_COLUMNS:
         f = floats[name]
-        limit_bad = (f <= 0) if name != "volume" else (f < 0) | ((f == 0) & _minus(vals[name]))
-        for i in np.flatnonzero(valid & (limit_bad | ~np.isfinite(f))):
-            d = _dec(vals[name][i])
+        if name == "volume":
+            limit_bad = (f < 0) | ((f == 0) & _np(pc.starts_with(vals[name], "-")))
+        else:
+            limit_bad = f <= 0
+        for i in np.flatnonzero(valid & (limit_bad | ~np.isfinite(f))).tolist():
+            text = _at(vals[name], i)
+            d = _dec(text)
             if name == "volume" and d < 0:
-                reasons[i] = f"volume {vals[name][i]} is negative"
+                reasons[i] = f"volume {text} is negative"
             elif name != "volume" and d <= 0:
-                reasons[i] = f"{name} {vals[name][i]} is not positive"
+                reasons[i] = f"{name} {text} is not positive"
         valid &= pd.isna(reasons)
     pairs = (("high", "low", "high {a} is below low {b}"),
              ("high", "open", "high {a} is below open {b}"),
@@ -297,47 +306,39 @@ def _check_values(vals: dict[str, np.ndarray], reasons: np.ndarray) -> None:
         sa, sb = vals[a], vals[b]
         certain = valid & (fa < fb)
         unsure = valid & ~certain & ((fa == fb) | ~np.isfinite(fa) | ~np.isfinite(fb))
-        unsure &= sa != sb
-        for i in np.flatnonzero(unsure):
-            if _dec(sa[i]) < _dec(sb[i]):
+        if unsure.any():
+            unsure &= _np(pc.not_equal(sa, sb))
+        for i in np.flatnonzero(unsure).tolist():
+            if _dec(_at(sa, i)) < _dec(_at(sb, i)):
                 certain[i] = True
-        for i in np.flatnonzero(certain):
+        for i in np.flatnonzero(certain).tolist():
             if reasons[i] is None:
-                reasons[i] = text.format(a=sa[i], b=sb[i])
+                reasons[i] = text.format(a=_at(sa, i), b=_at(sb, i))
         valid &= ~certain
 
 
-def _minus(arr: np.ndarray) -> np.ndarray:
-    import pyarrow as pa
-    import pyarrow.compute as pc
+def _np(arr: pa.Array | pa.ChunkedArray) -> np.ndarray:
+    return np.asarray(arr.to_numpy(zero_copy_only=False))
 
-    return pc.starts_with(pa.array(arr, pa.string()), "-").to_numpy(zero_copy_only=False)
+
+def _values(col: pd.Series) -> pa.Array:
+    """A value column as an Arrow string array, stripped."""
+    arr = pa.array(col if col.dtype == "str" else col.astype("str"))
+    if isinstance(arr, pa.ChunkedArray):
+        arr = arr.combine_chunks()
+    return pc.utf8_trim_whitespace(arr)
 
 
 def _strings(col: pd.Series) -> np.ndarray:
     """A column as an object array of stripped strings."""
-    import pyarrow as pa
-    import pyarrow.compute as pc
-
     arr = pa.array(col if col.dtype == "str" else col.astype("str"))
     return pc.utf8_trim_whitespace(arr).to_numpy(zero_copy_only=False)
 
 
 def _match(arr: np.ndarray, pattern: str) -> np.ndarray:
     """Full-match a regular expression (RE2, vectorised) over an object array of strings."""
-    import pyarrow as pa
-    import pyarrow.compute as pc
-
     return pc.match_substring_regex(pa.array(arr, pa.string()), f"^(?:{pattern})$").to_numpy(
         zero_copy_only=False)
-
-
-def _floats(arr: np.ndarray, ok: np.ndarray) -> np.ndarray:
-    import pyarrow as pa
-    import pyarrow.compute as pc
-
-    a = pa.array(arr, pa.string(), mask=~ok)
-    return pc.cast(a, pa.float64()).to_numpy(zero_copy_only=False).astype(np.float64)
 
 
 def parse_file(path: str | Path, tz: str = "UTC") -> ParsedBars:
@@ -350,12 +351,12 @@ def parse_file(path: str | Path, tz: str = "UTC") -> ParsedBars:
         raise FileError(f"cannot import {shown(str(p), 300)}: the file has no data rows")
     times, treasons = parse_times(frame[mapping["time"]].reset_index(drop=True), zone)
     reasons = treasons.to_numpy(dtype=object).copy()
-    vals: dict[str, np.ndarray] = {}
+    vals: dict[str, pa.Array] = {}
     for name in VALUE_COLUMNS:
         if name in mapping:
-            vals[name] = _strings(frame[mapping[name]])
+            vals[name] = _values(frame[mapping[name]])
         else:
-            vals[name] = np.full(n, "0", dtype=object)
+            vals[name] = pa.array(["0"] * n, pa.string())
     _check_values(vals, reasons)
     ts_us = _us_with_nat(times)
     good = pd.isna(reasons)
@@ -365,8 +366,9 @@ def parse_file(path: str | Path, tz: str = "UTC") -> ParsedBars:
     bad_idx = np.flatnonzero(~good)
     bad = [BadRow(int(numbers_all[i]), str(reasons[i]), _raw(frame, i))
            for i in bad_idx.tolist()]
+    keep = pa.array(good_idx)
     return ParsedBars(label=label, rows_read=n, numbers=numbers_all[good_idx],
-                      ts_us=ts_us[good_idx], values={k: v[good_idx] for k, v in vals.items()},
+                      ts_us=ts_us[good_idx], values={k: v.take(keep) for k, v in vals.items()},
                       bad=bad, duplicates=int(duplicates.sum()))
 
 
@@ -383,7 +385,7 @@ def _raw(frame: pd.DataFrame, i: int) -> dict[str, str]:
     return {clean(k): clean(v) for k, v in frame.iloc[i].items()}
 
 
-def _check_duplicates(ts_us: np.ndarray, vals: dict[str, np.ndarray], good: np.ndarray,
+def _check_duplicates(ts_us: np.ndarray, vals: dict[str, pa.Array], good: np.ndarray,
                       reasons: np.ndarray, numbers: np.ndarray, times: pd.Series,
                       label: str) -> np.ndarray:
     """Mark repeats: an exact repeat is dropped (returned mask); a different one is bad."""
@@ -397,7 +399,7 @@ def _check_duplicates(ts_us: np.ndarray, vals: dict[str, np.ndarray], good: np.n
     first: dict[int, tuple[int, tuple[Decimal, ...]]] = {}
     for i in idx[dup]:
         key = (int(ts_us[i]))
-        value = tuple(_dec(vals[c][i]) for c in VALUE_COLUMNS)
+        value = tuple(_dec(_at(vals[c], i)) for c in VALUE_COLUMNS)
         if key not in first:
             first[key] = (i, value)
             continue
