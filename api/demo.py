@@ -40,7 +40,7 @@ def demo() -> None:
 
         click.echo("4. what is stored:")
         rows = conn.execute(query("bar_coverage")).fetchall()
-        echo_table(["symbol", "venue", "market", "tf", "first", "last", "bars"], rows)
+        echo_table(["symbol", "venue", "market", "tf", "first", "last", "bars"], rows, indent="   ")
         aggregates = conn.execute(query("aggregate_counts")).fetchall()
         click.echo("   aggregates from 1m bars: "
                    + ", ".join(f"{name} {count}" for name, count in aggregates))

@@ -16,9 +16,8 @@ def _cell(value: object) -> str:
     return str(value)
 
 
-def echo_table(headers: Sequence[str], rows: Iterable[Sequence[object]]) -> None:
+def echo_table(headers: Sequence[str], rows: Iterable[Sequence[object]], indent: str = "") -> None:
     cells = [[_cell(v) for v in row] for row in rows]
     widths = [max([len(h)] + [len(r[i]) for r in cells]) for i, h in enumerate(headers)]
-    click.echo("  ".join(h.ljust(w) for h, w in zip(headers, widths, strict=True)).rstrip())
-    for row in cells:
-        click.echo("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
+    for line in [list(headers), *cells]:
+        click.echo(indent + "  ".join(c.ljust(w) for c, w in zip(line, widths, strict=True)).rstrip())
