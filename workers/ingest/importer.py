@@ -70,6 +70,12 @@ CREATE TEMP TABLE {} (
     volume numeric NOT NULL
 ) ON COMMIT DROP
 """
+_MATCHES = """
+SELECT count(*), count(*) FILTER (WHERE (b.open, b.high, b.low, b.close, b.volume)
+                                  IS DISTINCT FROM (s.open, s.high, s.low, s.close, s.volume))
+FROM {} s JOIN market.bars b
+  ON b.instrument_id = %s AND b.timeframe = %s::market.timeframe AND b.ts = s.ts
+"""
 _CONFLICTS = """
 SELECT s.line, s.ts, b.open, b.high, b.low, b.close, b.volume
 FROM {} s JOIN market.bars b
@@ -158,11 +164,15 @@ def import_file(conn: psycopg.Connection, path: str | Path, *, symbol: str, mark
         overlap = bool(len(parsed.ts_us)) and cur.execute(_OVERLAP, (
             instrument_id, timeframe, _utc(int(parsed.ts_us.min())),
             _utc(int(parsed.ts_us.max())))).fetchone()[0]  # type: ignore[index]
+        stored = 0
         if overlap:
             cur.execute("SET LOCAL work_mem = '256MB'")
             cur.execute(sql.SQL("ANALYZE {}").format(staging))
-            conflicts = cur.execute(sql.SQL(_CONFLICTS).format(staging),
-                                    (instrument_id, timeframe)).fetchall()
+            stored, differing = cur.execute(sql.SQL(_MATCHES).format(staging), (
+                instrument_id, timeframe)).fetchone()  # type: ignore[misc]
+            if differing:
+                conflicts = cur.execute(sql.SQL(_CONFLICTS).format(staging),
+                                        (instrument_id, timeframe)).fetchall()
         bad = list(parsed.bad)
         if conflicts:
             bad += _conflict_rows(cur, staging, conflicts, parsed)
@@ -177,9 +187,11 @@ def import_file(conn: psycopg.Connection, path: str | Path, *, symbol: str, mark
         insert = _INSERT if overlap else _INSERT.replace("ON CONFLICT DO NOTHING", "")
         if len(parsed.ts_us) < 2 or bool(np.all(np.diff(parsed.ts_us) > 0)):
             insert = insert.replace(" ORDER BY ts", "")  # already in index order
-        inserted = cur.execute(sql.SQL(insert).format(staging),
-                               (instrument_id, timeframe)).rowcount
         staged = len(parsed.ts_us) - len(conflicts)
+        inserted = 0
+        if stored - len(conflicts) < staged:  # else every row is stored already, unchanged
+            inserted = cur.execute(sql.SQL(insert).format(staging),
+                                   (instrument_id, timeframe)).rowcount
         first_us = last_us = None
         kept = _kept_ts(parsed, {int(c[0]) for c in conflicts})
         if len(kept):
