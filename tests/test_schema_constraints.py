@@ -52,6 +52,10 @@ def c(mod_url: str) -> Iterator[psycopg.Connection]:
 
 
 def insert(conn: psycopg.Connection, table: str, values: dict[str, object]) -> tuple:
+    if table == "risk.limits" and isinstance(values.get("limit_type"), str):
+        # limit types are a catalogue (risk.limit_types); these tests invent their own
+        conn.execute("INSERT INTO risk.limit_types VALUES (%s, 'fraction', 'test') "
+                     "ON CONFLICT DO NOTHING", (values["limit_type"],))
     cols = list(values)
     q = sql.SQL("INSERT INTO {} ({}) VALUES ({}) RETURNING *").format(
         sql.SQL(table), sql.SQL(", ").join(map(sql.Identifier, cols)),

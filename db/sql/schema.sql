@@ -830,3 +830,2032 @@ GRANT SELECT ON trading.strategies TO mmats_strategy;
 GRANT USAGE ON SCHEMA market, trading TO mmats_router;
 GRANT SELECT ON market.instruments TO mmats_router;
 GRANT SELECT ON trading.orders, trading.accounts TO mmats_router;
+
+-- ======== from 0002_01_pre_trading_tables.sql
+-- 0002_01 (pre): what the trading core keeps besides the 0001 tables: account settings,
+-- strategy assignments with their sizing, closed trades, protection state on
+-- positions and orders, credential records and operator-mode requests.
+SET LOCAL ROLE mmats_owner;
+
+CREATE TYPE trading.sizing_method AS ENUM (
+    'fixed_fractional', 'percent_equity', 'fixed_quantity', 'fixed_notional',
+    'risk_per_trade', 'volatility', 'kelly');
+CREATE TYPE trading.order_trigger AS ENUM (
+    'signal', 'manual', 'close', 'stop_loss', 'take_profit', 'trailing_stop', 'breakeven',
+    'breaker');
+
+ALTER TABLE trading.accounts
+    ADD COLUMN taker_fee numeric NOT NULL DEFAULT 0 CONSTRAINT accounts_taker_fee_range
+        CHECK (taker_fee >= 0 AND taker_fee < 0.1),
+    ADD COLUMN maker_fee numeric NOT NULL DEFAULT 0 CONSTRAINT accounts_maker_fee_range
+        CHECK (maker_fee > -0.01 AND maker_fee < 0.1),
+    -- CONSENSUS: execute when more than this share of the assigned strategies agree
+    ADD COLUMN consensus_share numeric NOT NULL DEFAULT 0.5
+        CONSTRAINT accounts_consensus_share_range CHECK (consensus_share >= 0 AND consensus_share < 1),
+    -- WEIGHTED: execute when |sum(weight * confidence * direction)| / sum(weight) exceeds this
+    ADD COLUMN weighted_threshold numeric NOT NULL DEFAULT 0.5
+        CONSTRAINT accounts_weighted_threshold_range
+        CHECK (weighted_threshold >= 0 AND weighted_threshold <= 1),
+    -- signals of several strategies within this window of each other count together
+    ADD COLUMN aggregation_window interval NOT NULL DEFAULT '0 seconds'
+        CHECK (aggregation_window >= '0 seconds'),
+    ADD COLUMN max_consecutive_rejections integer NOT NULL DEFAULT 5
+        CHECK (max_consecutive_rejections > 0),
+    ADD COLUMN consecutive_rejections integer NOT NULL DEFAULT 0,
+    ADD COLUMN peak_equity numeric,
+    ADD COLUMN trading_day date,
+    ADD COLUMN day_start_equity numeric;
+COMMENT ON CONSTRAINT accounts_taker_fee_range ON trading.accounts IS
+    'taker_fee is a fraction of the notional per side, from 0 to 0.1';
+
+-- Which strategies an account runs, with how much of its capital and how they size.
+CREATE TABLE trading.account_strategies (
+    account_id     bigint NOT NULL REFERENCES trading.accounts,
+    strategy_id    bigint NOT NULL REFERENCES trading.strategies,
+    allocation     numeric NOT NULL DEFAULT 1 CONSTRAINT account_strategies_allocation_range
+                       CHECK (allocation > 0 AND allocation <= 1),
+    sizing_method  trading.sizing_method NOT NULL DEFAULT 'percent_equity',
+    sizing_params  jsonb NOT NULL DEFAULT '{}' CHECK (jsonb_typeof(sizing_params) = 'object'),
+    enabled        boolean NOT NULL DEFAULT true,
+    PRIMARY KEY (account_id, strategy_id)
+);
+
+ALTER TABLE trading.orders
+    ADD COLUMN position_leg trading.position_leg NOT NULL DEFAULT 'net',
+    ADD COLUMN trigger trading.order_trigger NOT NULL DEFAULT 'signal',
+    -- the price at which a protective order was triggered (the simulator fills there,
+    -- or at the open when the bar gapped through it)
+    ADD COLUMN trigger_price numeric CHECK (trigger_price > 0),
+    -- the protection the resulting position takes over
+    ADD COLUMN stop_loss numeric CHECK (stop_loss > 0),
+    ADD COLUMN take_profit numeric CHECK (take_profit > 0),
+    ADD COLUMN trailing_stop numeric CHECK (trailing_stop > 0),
+    ADD COLUMN breakeven numeric CHECK (breakeven > 0),
+    -- the reference price the order was sized at
+    ADD COLUMN reference_price numeric CHECK (reference_price > 0),
+    ADD COLUMN submitted_at timestamptz;
+
+-- A fill may arrive before the broker's acknowledgement.
+INSERT INTO trading.order_transitions (from_status, to_status) VALUES
+    ('created', 'partially_filled'), ('created', 'filled');
+
+ALTER TABLE trading.positions
+    -- the strategy whose order opened the position (attribution of net positions)
+    ADD COLUMN entry_strategy_id bigint REFERENCES trading.strategies,
+    -- entry commission not yet attributed to a closed trade
+    ADD COLUMN open_commission numeric NOT NULL DEFAULT 0 CHECK (open_commission >= 0),
+    -- best price since entry (highest high for a long, lowest low for a short)
+    ADD COLUMN trail_anchor numeric CHECK (trail_anchor > 0),
+    -- when the price reaches this level, the stop moves to the entry price
+    ADD COLUMN breakeven numeric CHECK (breakeven > 0),
+    -- close time of the last bar that marked this position
+    ADD COLUMN marked_at timestamptz;
+CREATE INDEX positions_open_instrument_idx ON trading.positions (instrument_id)
+    WHERE quantity <> 0;
+CREATE INDEX positions_open_account_idx ON trading.positions (account_id) WHERE quantity <> 0;
+
+-- A closed (or partly closed) round trip, written by apply_fill when a fill reduces a
+-- position. pnl is net of the entry commission (pro rata) and the exit commission.
+CREATE TABLE trading.trades (
+    trade_id       bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    account_id     bigint NOT NULL REFERENCES trading.accounts,
+    instrument_id  bigint NOT NULL REFERENCES market.instruments,
+    strategy_id    bigint REFERENCES trading.strategies,
+    side           text NOT NULL CHECK (side IN ('long', 'short')),
+    quantity       numeric NOT NULL CHECK (quantity > 0),
+    entry_time     timestamptz NOT NULL,
+    entry_price    numeric NOT NULL CHECK (entry_price > 0),
+    exit_time      timestamptz NOT NULL,
+    exit_price     numeric NOT NULL CHECK (exit_price > 0),
+    gross_pnl      numeric NOT NULL,
+    commission     numeric NOT NULL CHECK (commission >= 0),
+    pnl            numeric NOT NULL,
+    exit_fill_id   bigint NOT NULL REFERENCES trading.fills,
+    exit_trigger   trading.order_trigger NOT NULL
+);
+CREATE INDEX trades_account_strategy_idx ON trading.trades (account_id, strategy_id);
+
+-- Credential records (the secrets themselves are stored encrypted by the runtime).
+CREATE TABLE trading.credentials (
+    credential_id  bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    account_id     bigint NOT NULL REFERENCES trading.accounts,
+    venue          text NOT NULL CHECK (venue ~ '^[a-z0-9][a-z0-9._-]{0,31}$'),
+    label          text NOT NULL CHECK (label ~ '^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$'),
+    is_live        boolean NOT NULL,
+    created_at     timestamptz NOT NULL DEFAULT now(),
+    UNIQUE (account_id, label)
+);
+
+-- Switching to operator mode is two steps: a request returns a token; the
+-- confirmation must present it before it expires.
+CREATE TABLE trading.mode_requests (
+    account_id    bigint PRIMARY KEY REFERENCES trading.accounts,
+    token_hash    bytea NOT NULL,
+    requested_by  text NOT NULL,
+    requested_at  timestamptz NOT NULL,
+    expires_at    timestamptz NOT NULL
+);
+
+-- ======== from 0002_02_pre_trading_helpers.sql
+-- 0002_02 (pre): lookups, input parsing, prices, currency conversion and equity, used by
+-- the signal, order and fill functions.
+SET LOCAL ROLE mmats_owner;
+
+CREATE INDEX bars_instrument_ts_idx ON market.bars (instrument_id, ts DESC);
+
+-- A number from a JSON object, checked: a clear error names the field and the value.
+CREATE FUNCTION trading._num(obj jsonb, field text, what text, lo numeric DEFAULT NULL,
+                             hi numeric DEFAULT NULL, lo_inclusive boolean DEFAULT true)
+RETURNS numeric
+LANGUAGE plpgsql IMMUTABLE SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    raw jsonb := obj -> field;
+    v numeric;
+BEGIN
+    IF raw IS NULL OR jsonb_typeof(raw) = 'null' THEN
+        RETURN NULL;
+    END IF;
+    IF jsonb_typeof(raw) NOT IN ('number', 'string') THEN
+        RAISE EXCEPTION '%.% must be a number, got %', what, field, raw
+            USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    BEGIN
+        v := (raw #>> '{}')::numeric;
+    EXCEPTION WHEN invalid_text_representation THEN
+        RAISE EXCEPTION '%.% must be a number, got %', what, field, raw
+            USING ERRCODE = 'invalid_parameter_value';
+    END;
+    IF v = 'NaN' OR v IN ('Infinity', '-Infinity') THEN
+        RAISE EXCEPTION '%.% must be a finite number, got %', what, field, raw
+            USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    IF (lo IS NOT NULL AND (v < lo OR (v = lo AND NOT lo_inclusive)))
+       OR (hi IS NOT NULL AND v > hi) THEN
+        RAISE EXCEPTION '%.% must be %, got %', what, field,
+            CASE WHEN hi IS NULL THEN (CASE WHEN lo_inclusive THEN '>= ' ELSE '> ' END) || lo
+                 WHEN lo IS NULL THEN '<= ' || hi
+                 ELSE 'between ' || lo || ' and ' || hi END, v
+            USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    RETURN v;
+END
+$$;
+
+CREATE FUNCTION trading._text(obj jsonb, field text, what text, max_length integer DEFAULT 200)
+RETURNS text
+LANGUAGE plpgsql IMMUTABLE SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    raw jsonb := obj -> field;
+BEGIN
+    IF raw IS NULL OR jsonb_typeof(raw) = 'null' THEN
+        RETURN NULL;
+    END IF;
+    IF jsonb_typeof(raw) NOT IN ('string', 'number') THEN
+        RAISE EXCEPTION '%.% must be a string, got %', what, field, raw
+            USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    IF length(raw #>> '{}') > max_length THEN
+        RAISE EXCEPTION '%.% is longer than % characters', what, field, max_length
+            USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    RETURN raw #>> '{}';
+END
+$$;
+
+CREATE FUNCTION trading._ts(obj jsonb, field text, what text) RETURNS timestamptz
+LANGUAGE plpgsql STABLE SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    raw text := trading._text(obj, field, what, 64);
+BEGIN
+    IF raw IS NULL THEN
+        RETURN NULL;
+    END IF;
+    IF raw !~ '([zZ]|[+-]\d\d(:?\d\d)?)$' THEN
+        RAISE EXCEPTION '%.% must be an ISO 8601 time with a UTC offset (e.g. 2024-01-02T15:04:05Z), got %',
+            what, field, raw USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    RETURN raw::timestamptz;
+EXCEPTION WHEN datetime_field_overflow OR invalid_datetime_format THEN
+    RAISE EXCEPTION '%.% is not a valid time: %', what, field, raw
+        USING ERRCODE = 'invalid_parameter_value';
+END
+$$;
+
+-- The account named (or numbered) by ref, locked for the rest of the transaction when
+-- lock is true: every decision that reads the account's limits, cash or positions holds
+-- this lock, so two sessions cannot both pass the same limit.
+CREATE FUNCTION trading._account(ref text, lock boolean DEFAULT false) RETURNS trading.accounts
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    acc trading.accounts;
+BEGIN
+    IF ref IS NULL THEN
+        RAISE EXCEPTION 'an account is required' USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    IF lock THEN
+        SELECT * INTO acc FROM trading.accounts a
+        WHERE a.name = ref OR (ref ~ '^\d{1,18}$' AND a.account_id = ref::bigint) FOR UPDATE;
+    ELSE
+        SELECT * INTO acc FROM trading.accounts a
+        WHERE a.name = ref OR (ref ~ '^\d{1,18}$' AND a.account_id = ref::bigint);
+    END IF;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'unknown account %', quote_literal(ref)
+            USING ERRCODE = 'foreign_key_violation',
+                  HINT = 'create it with trading.create_account() or `mmats account create`';
+    END IF;
+    RETURN acc;
+END
+$$;
+
+CREATE FUNCTION market._instrument(symbol text, venue text DEFAULT NULL)
+RETURNS market.instruments
+LANGUAGE plpgsql STABLE SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    inst market.instruments;
+    n integer;
+BEGIN
+    IF symbol IS NULL THEN
+        RAISE EXCEPTION 'a symbol is required' USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    SELECT count(*) INTO n FROM market.instruments i
+    WHERE i.symbol = upper(_instrument.symbol) AND (_instrument.venue IS NULL OR i.venue = _instrument.venue);
+    IF n = 0 THEN
+        RAISE EXCEPTION 'unknown symbol %',
+            quote_literal(symbol) || COALESCE(' on venue ' || quote_literal(_instrument.venue), '')
+            USING ERRCODE = 'foreign_key_violation',
+                  HINT = 'import its bars first (mmats data import) so the instrument exists';
+    ELSIF n > 1 THEN
+        RAISE EXCEPTION 'symbol % exists on several venues (%): name the venue', symbol,
+            (SELECT string_agg(i.venue, ', ' ORDER BY i.venue) FROM market.instruments i
+             WHERE i.symbol = upper(_instrument.symbol))
+            USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    SELECT * INTO inst FROM market.instruments i
+    WHERE i.symbol = upper(_instrument.symbol) AND (_instrument.venue IS NULL OR i.venue = _instrument.venue);
+    RETURN inst;
+END
+$$;
+
+-- The strategy by name (and version), registered on first use so that every signal is
+-- attributed to a strategy row.
+CREATE FUNCTION trading._strategy(name text, version text DEFAULT NULL)
+RETURNS trading.strategies
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    s trading.strategies;
+BEGIN
+    IF name IS NULL THEN
+        RAISE EXCEPTION 'a strategy name is required' USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    SELECT * INTO s FROM trading.strategies t
+    WHERE t.name = _strategy.name AND (_strategy.version IS NULL OR t.version = _strategy.version)
+    ORDER BY t.created_at DESC LIMIT 1;
+    IF NOT FOUND THEN
+        INSERT INTO trading.strategies (name, version) VALUES (_strategy.name, COALESCE(_strategy.version, '1'))
+        ON CONFLICT ON CONSTRAINT strategies_name_version_unique DO NOTHING;
+        SELECT * INTO s FROM trading.strategies t
+        WHERE t.name = _strategy.name AND t.version = COALESCE(_strategy.version, '1');
+    END IF;
+    RETURN s;
+END
+$$;
+
+-- The latest close at or before a time (any timeframe).
+CREATE FUNCTION market.latest_close(instrument bigint, at timestamptz DEFAULT NULL)
+RETURNS numeric
+LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp
+RETURN (SELECT b.close FROM market.bars b
+        WHERE b.instrument_id = instrument AND (at IS NULL OR b.ts <= at)
+        ORDER BY b.ts DESC LIMIT 1);
+
+-- How many units of `to_ccy` one unit of `from_ccy` buys, from the latest bar of a pair
+-- that connects them (FROM/TO or TO/FROM). NULL when no such bar exists.
+CREATE FUNCTION trading.fx_rate(from_ccy text, to_ccy text, at timestamptz DEFAULT NULL)
+RETURNS numeric
+LANGUAGE plpgsql STABLE SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    px numeric;
+BEGIN
+    IF from_ccy = to_ccy THEN
+        RETURN 1;
+    END IF;
+    SELECT market.latest_close(i.instrument_id, at) INTO px FROM market.instruments i
+    WHERE i.base_currency = from_ccy AND i.quote_currency = to_ccy
+      AND market.latest_close(i.instrument_id, at) IS NOT NULL
+    ORDER BY i.instrument_id LIMIT 1;
+    IF px IS NOT NULL THEN
+        RETURN px;
+    END IF;
+    SELECT market.latest_close(i.instrument_id, at) INTO px FROM market.instruments i
+    WHERE i.base_currency = to_ccy AND i.quote_currency = from_ccy
+      AND market.latest_close(i.instrument_id, at) IS NOT NULL
+    ORDER BY i.instrument_id LIMIT 1;
+    IF px IS NOT NULL THEN
+        RETURN round(1 / px, 12);
+    END IF;
+    RETURN NULL;
+END
+$$;
+
+CREATE FUNCTION trading._fx_or_fail(from_ccy text, to_ccy text, at timestamptz) RETURNS numeric
+LANGUAGE plpgsql STABLE SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    r numeric := trading.fx_rate(from_ccy, to_ccy, at);
+BEGIN
+    IF r IS NULL THEN
+        RAISE EXCEPTION 'no conversion rate from % to %: no bar for %/% or %/% at or before %',
+            from_ccy, to_ccy, from_ccy, to_ccy, to_ccy, from_ccy, COALESCE(at::text, 'now')
+            USING ERRCODE = 'no_data_found',
+                  HINT = 'import bars of the conversion pair (mmats data import)';
+    END IF;
+    RETURN r;
+END
+$$;
+
+-- Signed quantity of a position row (the short leg of hedge mode counts negative).
+CREATE FUNCTION trading._signed_qty(p trading.positions) RETURNS numeric
+LANGUAGE sql IMMUTABLE
+RETURN CASE WHEN p.leg = 'short' THEN -p.quantity ELSE p.quantity END;
+
+-- Market value of every open position of an account, in the account's currency, and its
+-- equity (cash + that value). Positions are marked at their last price.
+CREATE FUNCTION trading.account_equity(account bigint)
+RETURNS TABLE (cash numeric, positions_value numeric, gross_exposure numeric, equity numeric)
+LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp
+BEGIN ATOMIC
+    WITH v AS (
+        SELECT trading._signed_qty(p) * COALESCE(p.last_price, p.average_price)
+               * COALESCE(trading.fx_rate(i.quote_currency, a.base_currency, NULL), 0) AS value
+        FROM trading.positions p
+        JOIN market.instruments i USING (instrument_id)
+        JOIN trading.accounts a USING (account_id)
+        WHERE p.account_id = account AND p.quantity <> 0)
+    SELECT a.cash, COALESCE((SELECT sum(value) FROM v), 0),
+           COALESCE((SELECT sum(abs(value)) FROM v), 0),
+           a.cash + COALESCE((SELECT sum(value) FROM v), 0)
+    FROM trading.accounts a WHERE a.account_id = account;
+END;
+
+CREATE FUNCTION trading._round_down(qty numeric, step numeric) RETURNS numeric
+LANGUAGE sql IMMUTABLE
+RETURN CASE WHEN qty <= 0 THEN 0 ELSE trunc(qty / step) * step END;
+
+-- Remaining quantity of an account's open orders per instrument and side.
+CREATE FUNCTION trading._open_order_qty(account bigint, instrument bigint, side trading.order_side)
+RETURNS numeric
+LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp
+RETURN COALESCE((SELECT sum(o.quantity - o.filled_quantity) FROM trading.orders o
+                 WHERE o.account_id = account AND o.instrument_id = instrument
+                   AND o.side = _open_order_qty.side
+                   AND o.status IN ('created', 'in_flight', 'submitted', 'partially_filled')), 0);
+
+-- Cash committed to open buy orders (at their reference or limit price, with fees).
+CREATE FUNCTION trading._reserved_cash(acc trading.accounts) RETURNS numeric
+LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp
+RETURN COALESCE((
+    SELECT sum((o.quantity - o.filled_quantity)
+               * COALESCE(o.limit_price, o.reference_price, market.latest_close(o.instrument_id))
+               * COALESCE(trading.fx_rate(i.quote_currency, acc.base_currency, NULL), 1)
+               * (1 + acc.taker_fee))
+    FROM trading.orders o JOIN market.instruments i USING (instrument_id)
+    WHERE o.account_id = acc.account_id AND o.side = 'buy' AND NOT o.reduce_only
+      AND o.status IN ('created', 'in_flight', 'submitted', 'partially_filled')), 0);
+
+-- Average true range over the last `period` bars of a timeframe, at or before a time.
+CREATE FUNCTION market.atr(instrument bigint, tf market.timeframe, period integer,
+                           at timestamptz DEFAULT NULL) RETURNS numeric
+LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp
+RETURN (
+    WITH recent AS (
+        SELECT b.ts, b.high, b.low, b.close FROM market.bars b
+        WHERE b.instrument_id = instrument AND b.timeframe = tf AND (at IS NULL OR b.ts <= at)
+        ORDER BY b.ts DESC LIMIT period + 1),
+    tr AS (
+        SELECT GREATEST(high - low, abs(high - lag(close) OVER w), abs(low - lag(close) OVER w))
+                   AS true_range,
+               lag(close) OVER w AS prev_close
+        FROM recent WINDOW w AS (ORDER BY ts))
+    SELECT CASE WHEN count(*) >= period THEN avg(true_range) END
+    FROM tr WHERE prev_close IS NOT NULL);
+
+-- The timeframe an instrument's bars are most finely stored in (for volatility and
+-- volume checks that name no timeframe).
+CREATE FUNCTION market.finest_timeframe(instrument bigint) RETURNS market.timeframe
+LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp
+RETURN (SELECT b.timeframe FROM market.bars b WHERE b.instrument_id = instrument
+        ORDER BY b.ts DESC, b.timeframe LIMIT 1);
+
+-- ======== from 0002_03_pre_risk_gate.sql
+-- 0002_03 (pre): risk limits (set with functions, kept with their history), the breaker,
+-- and the hierarchical pre-trade check: Global -> Market -> Strategy -> Symbol -> Trade.
+-- A denial is data: a stable UPPER_SNAKE code and key=value context.
+SET LOCAL ROLE mmats_owner;
+
+CREATE TABLE risk.limit_types (
+    limit_type   text PRIMARY KEY,
+    unit         text NOT NULL CHECK (unit IN ('fraction', 'amount', 'count', 'flag', 'ratio')),
+    description  text NOT NULL
+);
+INSERT INTO risk.limit_types VALUES
+    ('MAX_POSITION_SIZE', 'fraction', 'largest position notional as a fraction of equity'),
+    ('MAX_EXPOSURE', 'fraction', 'gross exposure of the scope (all, a market, a strategy, a symbol) as a fraction of equity, e.g. crypto <= 0.4'),
+    ('MAX_LEVERAGE', 'ratio', 'gross exposure of all positions divided by equity'),
+    ('MAX_OPEN_POSITIONS', 'count', 'open positions in the scope (symbol scope: position rows on that symbol)'),
+    ('MAX_DRAWDOWN', 'fraction', 'drawdown from peak equity at which new entries stop (and the breaker trips, params.mode, default HARD)'),
+    ('DAILY_LOSS', 'amount', 'loss since the start of the UTC day at which new entries stop (params.unit = fraction for a share of the day''s starting equity; the breaker trips, params.mode, default HARD)'),
+    ('MAX_CORRELATION', 'fraction', 'refuse added exposure to an instrument whose returns correlate above this with an open position in the same direction (params: lookback, timeframe)'),
+    ('TRADING_HOURS', 'flag', 'entries only on params.days (ISO weekdays) between params.start and params.end in params.tz'),
+    ('MIN_VOLUME', 'amount', 'the latest bar''s volume must be at least this'),
+    ('MAX_VOLATILITY', 'fraction', 'ATR(params.period, default 14) / close must be at most this'),
+    ('REQUIRE_STOP_LOSS', 'flag', 'value 1: every entry must carry a stop-loss'),
+    ('MAX_ORDER_VALUE', 'amount', 'notional of one order, in the account currency');
+
+ALTER TABLE risk.limits ADD CONSTRAINT limits_type_known
+    FOREIGN KEY (limit_type) REFERENCES risk.limit_types;
+COMMENT ON CONSTRAINT limits_type_known ON risk.limits IS
+    'unknown limit type: see SELECT * FROM risk.limit_types';
+
+-- Set (insert or change) a limit. NULL account and environment: every account.
+CREATE FUNCTION risk.set_limit(limit_type text, value numeric, scope text DEFAULT 'global',
+                               scope_key text DEFAULT NULL, account text DEFAULT NULL,
+                               environment text DEFAULT NULL, params jsonb DEFAULT '{}')
+RETURNS bigint
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    acc_id bigint;
+    lt risk.limit_types;
+    id bigint;
+BEGIN
+    SELECT * INTO lt FROM risk.limit_types t WHERE t.limit_type = upper(set_limit.limit_type);
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'unknown limit type %; known: %', quote_literal(set_limit.limit_type),
+            (SELECT string_agg(t.limit_type, ', ' ORDER BY t.limit_type) FROM risk.limit_types t)
+            USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    IF value IS NULL OR value = 'NaN' OR value < 0
+       OR (lt.unit = 'fraction' AND value > 1) THEN
+        RAISE EXCEPTION '% must be %, got %', lt.limit_type,
+            CASE WHEN lt.unit = 'fraction' THEN 'a fraction between 0 and 1' ELSE '>= 0' END,
+            COALESCE(value::text, 'NULL') USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    IF account IS NOT NULL THEN
+        acc_id := (trading._account(account)).account_id;
+    END IF;
+    IF scope NOT IN ('global', 'market', 'strategy', 'symbol') THEN
+        RAISE EXCEPTION 'scope must be global, market, strategy or symbol, got %', quote_literal(scope)
+            USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    IF scope = 'market' AND scope_key NOT IN ('crypto', 'forex', 'stock') THEN
+        RAISE EXCEPTION 'a market limit needs scope_key crypto, forex or stock, got %',
+            COALESCE(quote_literal(scope_key), 'NULL') USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    IF jsonb_typeof(COALESCE(params, '{}')) <> 'object' THEN
+        RAISE EXCEPTION 'limit params must be a JSON object' USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    INSERT INTO risk.limits AS l (account_id, environment, scope, scope_key, limit_type, value,
+                                  params, updated_by)
+    VALUES (acc_id, environment::trading.environment, scope::risk.limit_scope,
+            CASE WHEN scope = 'symbol' THEN upper(scope_key) ELSE scope_key END,
+            lt.limit_type, value, COALESCE(params, '{}'), session_user)
+    ON CONFLICT ON CONSTRAINT limits_unique DO UPDATE
+        SET value = EXCLUDED.value, params = EXCLUDED.params, enabled = true,
+            updated_at = now(), updated_by = session_user
+    RETURNING l.limit_id INTO id;
+    PERFORM audit.record('risk.limit_set', 'risk.limits', id::text,
+        jsonb_build_object('limit_type', lt.limit_type, 'value', value, 'scope', scope,
+                           'scope_key', scope_key, 'account', account,
+                           'environment', environment, 'params', params));
+    RETURN id;
+END
+$$;
+
+CREATE FUNCTION risk.remove_limit(limit_id bigint) RETURNS boolean
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+    DELETE FROM risk.limits l WHERE l.limit_id = remove_limit.limit_id;
+    IF NOT FOUND THEN
+        RETURN false;
+    END IF;
+    PERFORM audit.record('risk.limit_removed', 'risk.limits', limit_id::text, '{}');
+    RETURN true;
+END
+$$;
+
+-- The limits in force for an account: for each (scope, key, type) the most specific row
+-- (the account's own before its environment's before everyone's).
+CREATE FUNCTION risk.effective_limits(account bigint) RETURNS SETOF risk.limits
+LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp
+BEGIN ATOMIC
+    SELECT DISTINCT ON (l.scope, l.scope_key, l.limit_type) l.*
+    FROM risk.limits l, trading.accounts a
+    WHERE a.account_id = effective_limits.account AND l.enabled
+      AND (l.account_id = a.account_id OR l.account_id IS NULL)
+      AND (l.environment = a.environment OR l.environment IS NULL)
+    ORDER BY l.scope, l.scope_key, l.limit_type, (l.account_id IS NULL), (l.environment IS NULL);
+END;
+
+------------------------------------------------------------------------------ breaker
+CREATE FUNCTION risk.breaker_mode(account bigint) RETURNS risk.breaker_mode
+LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp
+RETURN COALESCE((SELECT b.mode FROM risk.breaker_state b WHERE b.account_id = account), 'OK');
+
+------------------------------------------------------------------------------ the check
+-- Returns no row when the order may go; otherwise one row: the first denial.
+-- opening: the quantity that opens or increases exposure (0 for a pure reduction, which
+-- only FREEZE stops). position_strategy: the strategy whose position this is (NULL: net).
+CREATE FUNCTION risk.check_order(acc trading.accounts, strat trading.strategies,
+                                 inst market.instruments, side trading.order_side,
+                                 qty numeric, opening numeric, price numeric,
+                                 stop_loss numeric, at timestamptz)
+RETURNS TABLE (code text, reason text)
+LANGUAGE plpgsql STABLE SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    breaker risk.breaker_mode := risk.breaker_mode(acc.account_id);
+    eq record;
+    fx numeric;
+    px numeric;
+    dir numeric := CASE WHEN side = 'buy' THEN 1 ELSE -1 END;
+    inst_qty numeric;
+    after_qty numeric;
+    l risk.limits;
+    measure numeric;
+    n integer;
+    local_ts timestamp;
+    tz text;
+    other record;
+    corr_value numeric;
+    available numeric;
+    required numeric;
+BEGIN
+    IF breaker = 'FREEZE' THEN
+        code := 'BREAKER_FREEZE';
+        reason := format('BREAKER_FREEZE: account=%s, reason=%s', acc.name,
+                         (SELECT b.reason FROM risk.breaker_state b WHERE b.account_id = acc.account_id));
+        RETURN NEXT; RETURN;
+    END IF;
+    IF opening <= 0 THEN
+        RETURN;  -- closing and reducing orders pass every other check
+    END IF;
+    IF breaker IN ('SOFT', 'HARD') THEN
+        code := 'BREAKER_' || breaker;
+        reason := format('BREAKER_%s: account=%s, entries stopped until risk.reset_breaker()',
+                         breaker, acc.name);
+        RETURN NEXT; RETURN;
+    END IF;
+
+    SELECT * INTO eq FROM trading.account_equity(acc.account_id);
+    fx := trading._fx_or_fail(inst.quote_currency, acc.base_currency, at);
+    px := price * fx;
+    SELECT COALESCE(sum(trading._signed_qty(p)), 0) INTO inst_qty
+    FROM trading.positions p WHERE p.account_id = acc.account_id AND p.instrument_id = inst.instrument_id;
+    after_qty := inst_qty + dir * qty;
+
+    FOR l IN SELECT * FROM risk.effective_limits(acc.account_id) el
+             WHERE el.scope = 'global'
+                OR (el.scope = 'market' AND el.scope_key = inst.market::text)
+                OR (el.scope = 'strategy' AND el.scope_key = strat.name)
+                OR (el.scope = 'symbol' AND el.scope_key = inst.symbol)
+             ORDER BY array_position(ARRAY['global', 'market', 'strategy', 'symbol']::risk.limit_scope[], el.scope),
+                      CASE WHEN el.limit_type IN ('REQUIRE_STOP_LOSS', 'MAX_ORDER_VALUE') THEN 1 ELSE 0 END,
+                      el.limit_type
+    LOOP
+        measure := NULL;
+        CASE l.limit_type
+        WHEN 'MAX_DRAWDOWN' THEN
+            IF acc.peak_equity > 0 THEN
+                measure := GREATEST(0, (acc.peak_equity - eq.equity) / acc.peak_equity);
+                IF measure >= l.value THEN
+                    code := l.limit_type;
+                    reason := format('MAX_DRAWDOWN: limit=%s, drawdown=%s, peak=%s, equity=%s',
+                                     l.value, round(measure, 4), acc.peak_equity, round(eq.equity, 2));
+                END IF;
+            END IF;
+        WHEN 'DAILY_LOSS' THEN
+            IF acc.day_start_equity IS NOT NULL AND acc.trading_day = (at AT TIME ZONE 'UTC')::date THEN
+                measure := acc.day_start_equity - eq.equity;
+                IF l.params ->> 'unit' = 'fraction' AND acc.day_start_equity > 0 THEN
+                    measure := measure / acc.day_start_equity;
+                END IF;
+                IF measure >= l.value THEN
+                    code := l.limit_type;
+                    reason := format('DAILY_LOSS: limit=%s, loss=%s%s', l.value, round(measure, 4),
+                                     CASE WHEN l.params ->> 'unit' = 'fraction' THEN ', unit=fraction' ELSE '' END);
+                END IF;
+            END IF;
+        WHEN 'MAX_POSITION_SIZE' THEN
+            IF eq.equity > 0 THEN
+                measure := abs(after_qty) * px / eq.equity;
+                IF measure > l.value THEN
+                    code := l.limit_type;
+                    reason := format('MAX_POSITION_SIZE: limit=%s, requested=%s, scope=%s',
+                                     l.value, round(measure, 4), l.scope || COALESCE(':' || l.scope_key, ''));
+                END IF;
+            ELSE
+                code := l.limit_type;
+                reason := format('MAX_POSITION_SIZE: limit=%s, equity=%s', l.value, round(eq.equity, 2));
+            END IF;
+        WHEN 'MAX_EXPOSURE', 'MAX_LEVERAGE' THEN
+            -- gross exposure of the scope after this order, as a share of equity
+            SELECT COALESCE(sum(abs(CASE WHEN p.instrument_id = inst.instrument_id THEN 0
+                                    ELSE trading._signed_qty(p) END
+                                * COALESCE(p.last_price, p.average_price)
+                                * COALESCE(trading.fx_rate(i.quote_currency, acc.base_currency, NULL), 0))), 0)
+            INTO measure
+            FROM trading.positions p JOIN market.instruments i USING (instrument_id)
+            WHERE p.account_id = acc.account_id AND p.quantity <> 0
+              AND (l.limit_type = 'MAX_LEVERAGE' OR l.scope = 'global'
+                   OR (l.scope = 'market' AND i.market::text = l.scope_key)
+                   OR (l.scope = 'strategy' AND COALESCE(p.strategy_id, p.entry_strategy_id) = strat.strategy_id)
+                   OR (l.scope = 'symbol' AND i.instrument_id = inst.instrument_id));
+            measure := (measure + abs(after_qty) * px) / NULLIF(eq.equity, 0);
+            IF measure IS NULL OR measure > l.value THEN
+                code := l.limit_type;
+                reason := format('%s: limit=%s, requested=%s, scope=%s', l.limit_type, l.value,
+                                 COALESCE(round(measure, 4)::text, 'equity<=0'),
+                                 l.scope || COALESCE(':' || l.scope_key, ''));
+            END IF;
+        WHEN 'MAX_OPEN_POSITIONS' THEN
+            IF l.scope = 'symbol' THEN
+                SELECT count(*) + CASE WHEN bool_or(p.strategy_id IS NOT DISTINCT FROM strat.strategy_id) THEN 0 ELSE 1 END
+                INTO n FROM trading.positions p
+                WHERE p.account_id = acc.account_id AND p.instrument_id = inst.instrument_id AND p.quantity <> 0;
+                n := COALESCE(n, 1);
+            ELSE
+                SELECT count(DISTINCT p.instrument_id) INTO n
+                FROM trading.positions p JOIN market.instruments i USING (instrument_id)
+                WHERE p.account_id = acc.account_id AND p.quantity <> 0
+                  AND p.instrument_id <> inst.instrument_id
+                  AND (l.scope = 'global' OR (l.scope = 'market' AND i.market::text = l.scope_key)
+                       OR (l.scope = 'strategy' AND COALESCE(p.strategy_id, p.entry_strategy_id) = strat.strategy_id));
+                n := n + CASE WHEN after_qty <> 0 THEN 1 ELSE 0 END;
+            END IF;
+            IF n > l.value THEN
+                code := l.limit_type;
+                reason := format('MAX_OPEN_POSITIONS: limit=%s, requested=%s, scope=%s', l.value, n,
+                                 l.scope || COALESCE(':' || l.scope_key, ''));
+            END IF;
+        WHEN 'MAX_CORRELATION' THEN
+            FOR other IN
+                SELECT i.instrument_id, i.symbol, sign(trading._signed_qty(p)) AS direction
+                FROM trading.positions p JOIN market.instruments i USING (instrument_id)
+                WHERE p.account_id = acc.account_id AND p.quantity <> 0
+                  AND p.instrument_id <> inst.instrument_id
+            LOOP
+                CONTINUE WHEN other.direction <> dir;
+                corr_value := risk.return_correlation(inst.instrument_id, other.instrument_id,
+                    COALESCE(l.params ->> 'timeframe', '1d')::market.timeframe,
+                    COALESCE((l.params ->> 'lookback')::integer, 30), at);
+                IF corr_value > l.value THEN
+                    code := l.limit_type;
+                    reason := format('MAX_CORRELATION: limit=%s, correlation=%s, with=%s', l.value,
+                                     round(corr_value, 4), other.symbol);
+                    EXIT;
+                END IF;
+            END LOOP;
+        WHEN 'TRADING_HOURS' THEN
+            tz := COALESCE(l.params ->> 'tz', 'UTC');
+            local_ts := at AT TIME ZONE tz;
+            IF NOT (l.params -> 'days' IS NULL
+                    OR (l.params -> 'days') @> to_jsonb(extract(isodow FROM local_ts)::integer))
+               OR (l.params ? 'start' AND local_ts::time < (l.params ->> 'start')::time)
+               OR (l.params ? 'end' AND local_ts::time >= (l.params ->> 'end')::time) THEN
+                code := l.limit_type;
+                reason := format('TRADING_HOURS: at=%s %s, allowed=days %s %s-%s', to_char(local_ts, 'Dy HH24:MI'), tz,
+                                 COALESCE(l.params ->> 'days', 'all'), COALESCE(l.params ->> 'start', '00:00'),
+                                 COALESCE(l.params ->> 'end', '24:00'));
+            END IF;
+        WHEN 'MIN_VOLUME' THEN
+            SELECT b.volume INTO measure FROM market.bars b
+            WHERE b.instrument_id = inst.instrument_id
+              AND b.timeframe = COALESCE(l.params ->> 'timeframe', market.finest_timeframe(inst.instrument_id)::text)::market.timeframe
+              AND b.ts <= at ORDER BY b.ts DESC LIMIT 1;
+            IF COALESCE(measure, 0) < l.value THEN
+                code := l.limit_type;
+                reason := format('MIN_VOLUME: limit=%s, volume=%s', l.value, COALESCE(measure::text, 'none'));
+            END IF;
+        WHEN 'MAX_VOLATILITY' THEN
+            measure := market.atr(inst.instrument_id,
+                COALESCE(l.params ->> 'timeframe', market.finest_timeframe(inst.instrument_id)::text)::market.timeframe,
+                COALESCE((l.params ->> 'period')::integer, 14), at) / price;
+            IF measure > l.value THEN
+                code := l.limit_type;
+                reason := format('MAX_VOLATILITY: limit=%s, atr_ratio=%s', l.value, round(measure, 6));
+            END IF;
+        WHEN 'REQUIRE_STOP_LOSS' THEN
+            IF l.value > 0 AND stop_loss IS NULL THEN
+                code := l.limit_type;
+                reason := 'REQUIRE_STOP_LOSS: an entry must carry stop_loss';
+            END IF;
+        WHEN 'MAX_ORDER_VALUE' THEN
+            measure := opening * px;
+            IF measure > l.value THEN
+                code := l.limit_type;
+                reason := format('MAX_ORDER_VALUE: limit=%s, requested=%s', l.value, round(measure, 2));
+            END IF;
+        ELSE
+            NULL;
+        END CASE;
+        IF code IS NOT NULL THEN
+            RETURN NEXT; RETURN;
+        END IF;
+    END LOOP;
+
+    -- Trade level: the position and the cash must exist.
+    IF after_qty < 0 AND NOT acc.allow_short AND (inst_qty >= 0 OR dir < 0) THEN
+        code := 'SHORT_NOT_ALLOWED';
+        reason := format('SHORT_NOT_ALLOWED: position=%s, sell=%s, account=%s', inst_qty, qty, acc.name);
+        RETURN NEXT; RETURN;
+    END IF;
+    IF side = 'buy' THEN
+        available := acc.cash - trading._reserved_cash(acc);
+        required := qty * px * (1 + acc.taker_fee);
+        IF required > available THEN
+            code := 'INSUFFICIENT_CASH';
+            reason := format('INSUFFICIENT_CASH: available=%s, required=%s', round(available, 2), round(required, 2));
+            RETURN NEXT; RETURN;
+        END IF;
+    END IF;
+END
+$$;
+
+-- Correlation of simple returns of two instruments over their last `lookback` common bars.
+CREATE FUNCTION risk.return_correlation(a bigint, b bigint, tf market.timeframe,
+                                        lookback integer, at timestamptz)
+RETURNS numeric
+LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp
+RETURN (
+    WITH pa AS (SELECT ts, close FROM market.bars WHERE instrument_id = a AND timeframe = tf
+                AND (at IS NULL OR ts <= at) ORDER BY ts DESC LIMIT lookback + 1),
+         pb AS (SELECT ts, close FROM market.bars WHERE instrument_id = b AND timeframe = tf
+                AND (at IS NULL OR ts <= at) ORDER BY ts DESC LIMIT lookback + 1),
+         j AS (SELECT pa.ts, pa.close AS ca, pb.close AS cb FROM pa JOIN pb USING (ts)),
+         r AS (SELECT ca / lag(ca) OVER (ORDER BY ts) - 1 AS ra,
+                      cb / lag(cb) OVER (ORDER BY ts) - 1 AS rb FROM j)
+    SELECT CASE WHEN count(*) >= 3 THEN corr(ra::float8, rb::float8)::numeric END
+    FROM r WHERE ra IS NOT NULL AND rb IS NOT NULL);
+
+-- ======== from 0002_04_pre_signals.sql
+-- 0002_04 (pre): accounts, strategy assignment, and the signal path:
+-- submit_signal -> aggregation -> sizing -> risk check -> order + pgmq message,
+-- all in the caller's transaction.
+SET LOCAL ROLE mmats_owner;
+
+CREATE FUNCTION trading.create_account(name text, environment text, mode text DEFAULT 'advisory',
+                                       cash numeric DEFAULT 0, currency text DEFAULT 'USD',
+                                       position_mode text DEFAULT 'oneway',
+                                       aggregation text DEFAULT 'independent',
+                                       allow_short boolean DEFAULT false,
+                                       taker_fee numeric DEFAULT 0, maker_fee numeric DEFAULT 0)
+RETURNS bigint
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    id bigint;
+BEGIN
+    IF environment NOT IN ('backtest', 'paper', 'live') THEN
+        RAISE EXCEPTION 'environment must be backtest, paper or live, got %', quote_literal(environment)
+            USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    IF mode NOT IN ('advisory', 'operator') THEN
+        RAISE EXCEPTION 'mode must be advisory or operator, got %', quote_literal(mode)
+            USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    IF environment = 'live' AND mode = 'operator' THEN
+        RAISE EXCEPTION 'a live account starts in advisory mode; switch it with trading.request_operator_mode() and trading.confirm_operator_mode()'
+            USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    IF cash IS NULL OR cash = 'NaN' OR cash < 0 THEN
+        RAISE EXCEPTION 'cash must be a number >= 0, got %', COALESCE(cash::text, 'NULL')
+            USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    INSERT INTO trading.accounts AS a (name, environment, mode, base_currency, starting_cash, cash,
+                                       position_mode, aggregation, allow_short, taker_fee,
+                                       maker_fee, peak_equity)
+    VALUES (name, environment::trading.environment, mode::trading.account_mode, upper(currency),
+            cash, cash, position_mode::trading.position_mode,
+            lower(aggregation)::trading.aggregation_mode, allow_short, taker_fee, maker_fee, cash)
+    RETURNING a.account_id INTO id;
+    INSERT INTO risk.breaker_state (account_id) VALUES (id);
+    PERFORM audit.record('account.created', 'trading.accounts', id::text,
+        jsonb_build_object('name', name, 'environment', environment, 'mode', mode, 'cash', cash,
+                           'currency', upper(currency), 'position_mode', position_mode,
+                           'aggregation', lower(aggregation)));
+    RETURN id;
+END
+$$;
+
+-- Assign a strategy to an account with its share of the capital and its sizing.
+CREATE FUNCTION trading.assign_strategy(account text, strategy text, allocation numeric DEFAULT 1,
+                                        sizing_method text DEFAULT 'percent_equity',
+                                        sizing_params jsonb DEFAULT '{}',
+                                        priority integer DEFAULT NULL, weight numeric DEFAULT NULL)
+RETURNS void
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    acc trading.accounts := trading._account(account, true);
+    s trading.strategies := trading._strategy(strategy);
+BEGIN
+    INSERT INTO trading.account_strategies AS x (account_id, strategy_id, allocation, sizing_method,
+                                                 sizing_params)
+    VALUES (acc.account_id, s.strategy_id, allocation, sizing_method::trading.sizing_method,
+            COALESCE(sizing_params, '{}'))
+    ON CONFLICT (account_id, strategy_id) DO UPDATE
+        SET allocation = EXCLUDED.allocation, sizing_method = EXCLUDED.sizing_method,
+            sizing_params = EXCLUDED.sizing_params, enabled = true;
+    IF priority IS NOT NULL OR weight IS NOT NULL THEN
+        UPDATE trading.strategies t SET priority = COALESCE(assign_strategy.priority, t.priority),
+                                        weight = COALESCE(assign_strategy.weight, t.weight)
+        WHERE t.strategy_id = s.strategy_id;
+    END IF;
+    PERFORM audit.record('strategy.assigned', 'trading.account_strategies',
+        acc.account_id || ':' || s.strategy_id,
+        jsonb_build_object('account', acc.name, 'strategy', s.name, 'allocation', allocation,
+                           'sizing_method', sizing_method, 'sizing_params', sizing_params));
+END
+$$;
+
+-- Create an order row and queue it for the router, in the caller's transaction.
+CREATE FUNCTION trading._emit_order(acc trading.accounts, inst market.instruments,
+                                    strategy_id bigint, signal_id bigint,
+                                    side trading.order_side, qty numeric,
+                                    trig trading.order_trigger, reference_price numeric,
+                                    reduce_only boolean DEFAULT false,
+                                    leg trading.position_leg DEFAULT 'net',
+                                    order_type trading.order_type DEFAULT 'market',
+                                    limit_price numeric DEFAULT NULL, stop_price numeric DEFAULT NULL,
+                                    tif trading.time_in_force DEFAULT 'GTC',
+                                    expire_at timestamptz DEFAULT NULL,
+                                    stop_loss numeric DEFAULT NULL, take_profit numeric DEFAULT NULL,
+                                    trailing_stop numeric DEFAULT NULL, breakeven numeric DEFAULT NULL,
+                                    trigger_price numeric DEFAULT NULL,
+                                    client_order_id text DEFAULT NULL)
+RETURNS bigint
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    id bigint;
+BEGIN
+    INSERT INTO trading.orders AS o (account_id, instrument_id, strategy_id, signal_id,
+        client_order_id, side, order_type, time_in_force, quantity, limit_price, stop_price,
+        expire_at, reduce_only, position_leg, trigger, trigger_price, stop_loss, take_profit,
+        trailing_stop, breakeven, reference_price)
+    VALUES (acc.account_id, inst.instrument_id, strategy_id, signal_id,
+        COALESCE(client_order_id, 'mm' || acc.account_id || '-' || nextval('trading.client_order_seq')),
+        side, order_type, tif, qty, limit_price, stop_price, expire_at, reduce_only, leg, trig,
+        trigger_price, stop_loss, take_profit, trailing_stop, breakeven, reference_price)
+    RETURNING o.order_id INTO id;
+    PERFORM pgmq.send('orders', jsonb_build_object(
+        'order_id', id, 'account_id', acc.account_id, 'environment', acc.environment,
+        'client_order_id', (SELECT o.client_order_id FROM trading.orders o WHERE o.order_id = id)));
+    PERFORM audit.record('order.created', 'trading.orders', id::text, jsonb_build_object(
+        'account', acc.name, 'symbol', inst.symbol, 'side', side, 'quantity', qty,
+        'type', order_type, 'trigger', trig, 'strategy_id', strategy_id, 'signal_id', signal_id,
+        'reference_price', reference_price, 'reduce_only', reduce_only));
+    RETURN id;
+END
+$$;
+CREATE SEQUENCE trading.client_order_seq;
+
+-- How many units a strategy's entry takes, before rounding (see README: sizing).
+CREATE FUNCTION trading._size(acc trading.accounts, s trading.strategies, inst market.instruments,
+                              size numeric, price numeric, fx numeric, stop_loss numeric,
+                              at timestamptz, OUT qty numeric, OUT clamp_to_cash boolean)
+LANGUAGE plpgsql STABLE SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    a trading.account_strategies;
+    allocation numeric;
+    method trading.sizing_method;
+    params jsonb;
+    capital numeric;
+    eq numeric;
+    risk_amount numeric;
+    atr numeric;
+    stats record;
+    f numeric;
+    unit_cost numeric := price * fx * (1 + acc.taker_fee);
+BEGIN
+    SELECT * INTO a FROM trading.account_strategies x
+    WHERE x.account_id = acc.account_id AND x.strategy_id = s.strategy_id;
+    allocation := COALESCE(a.allocation, 1);
+    method := COALESCE(a.sizing_method, 'percent_equity');
+    params := COALESCE(a.sizing_params, '{}');
+    SELECT e.equity INTO eq FROM trading.account_equity(acc.account_id) e;
+    capital := GREATEST(eq, 0) * allocation;
+    clamp_to_cash := method IN ('percent_equity', 'fixed_fractional', 'kelly');
+    CASE method
+    WHEN 'percent_equity' THEN
+        qty := capital * size / unit_cost;
+    WHEN 'fixed_fractional' THEN
+        qty := acc.starting_cash * allocation * size / unit_cost;
+    WHEN 'fixed_quantity' THEN
+        qty := trading._num(params, 'quantity', 'sizing_params', 0, NULL, false) * size;
+    WHEN 'fixed_notional' THEN
+        qty := trading._num(params, 'amount', 'sizing_params', 0, NULL, false) * size / unit_cost;
+    WHEN 'risk_per_trade' THEN
+        IF stop_loss IS NULL OR stop_loss = price THEN
+            RAISE EXCEPTION 'risk_per_trade sizing needs a stop_loss away from the price'
+                USING ERRCODE = 'invalid_parameter_value';
+        END IF;
+        risk_amount := capital * COALESCE(trading._num(params, 'risk', 'sizing_params', 0, 1), 0.01) * size;
+        qty := risk_amount / (abs(price - stop_loss) * fx);
+    WHEN 'volatility' THEN
+        atr := market.atr(inst.instrument_id,
+            COALESCE(params ->> 'timeframe', market.finest_timeframe(inst.instrument_id)::text)::market.timeframe,
+            COALESCE((params ->> 'period')::integer, 14), at);
+        IF atr IS NULL OR atr = 0 THEN
+            RAISE EXCEPTION 'volatility sizing needs % bars of history for %',
+                COALESCE((params ->> 'period')::integer, 14) + 1, inst.symbol
+                USING ERRCODE = 'no_data_found';
+        END IF;
+        risk_amount := capital * COALESCE(trading._num(params, 'risk', 'sizing_params', 0, 1), 0.01) * size;
+        qty := risk_amount / (COALESCE(trading._num(params, 'multiple', 'sizing_params', 0), 2) * atr * fx);
+    WHEN 'kelly' THEN
+        SELECT count(*) AS n, count(*) FILTER (WHERE t.pnl > 0) AS wins,
+               avg(t.pnl) FILTER (WHERE t.pnl > 0) AS avg_win,
+               avg(-t.pnl) FILTER (WHERE t.pnl <= 0) AS avg_loss
+        INTO stats FROM trading.trades t
+        WHERE t.account_id = acc.account_id AND t.strategy_id = s.strategy_id;
+        IF stats.n < COALESCE((params ->> 'min_trades')::integer, 20) OR stats.avg_loss IS NULL
+           OR stats.avg_loss = 0 OR stats.avg_win IS NULL THEN
+            f := COALESCE(trading._num(params, 'fallback', 'sizing_params', 0, 1), 0.02);
+        ELSE
+            f := stats.wins::numeric / stats.n
+                 - (1 - stats.wins::numeric / stats.n) / (stats.avg_win / stats.avg_loss);
+            f := f * COALESCE(trading._num(params, 'fraction', 'sizing_params', 0, 1), 0.5);
+            f := LEAST(GREATEST(f, 0), COALESCE(trading._num(params, 'cap', 'sizing_params', 0, 1), 0.25));
+        END IF;
+        qty := capital * f * size / unit_cost;
+    END CASE;
+END
+$$;
+
+-- The latest signal of each enabled strategy on an account's symbol within the window.
+CREATE FUNCTION trading._votes(account bigint, instrument bigint, since timestamptz, until timestamptz)
+RETURNS TABLE (strategy_id bigint, name text, action trading.signal_action, confidence numeric,
+               weight numeric, priority integer)
+LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp
+BEGIN ATOMIC
+    SELECT DISTINCT ON (g.strategy_id) g.strategy_id, st.name, g.action,
+           COALESCE(g.confidence, 1), st.weight, st.priority
+    FROM trading.signals g JOIN trading.strategies st ON st.strategy_id = g.strategy_id
+    WHERE g.account_id = _votes.account AND g.instrument_id = _votes.instrument
+      AND g.ts BETWEEN since AND until AND st.enabled AND g.action <> 'hold'
+    ORDER BY g.strategy_id, g.ts DESC, g.signal_id DESC;
+END;
+
+-- Whether an aggregated account executes this strategy's signal (its own row is among
+-- the votes already). Not decided: a reason code and text.
+CREATE FUNCTION trading._aggregate(acc trading.accounts, s trading.strategies,
+                                   inst market.instruments, action trading.signal_action,
+                                   at timestamptz, OUT decided boolean, OUT code text, OUT reason text)
+LANGUAGE plpgsql STABLE SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    voters integer;
+    agree integer;
+    score numeric;
+    top record;
+    since timestamptz := at - acc.aggregation_window;
+BEGIN
+    decided := true;
+    IF acc.aggregation = 'independent' THEN
+        RETURN;
+    END IF;
+    IF acc.aggregation = 'priority' THEN
+        SELECT * INTO top FROM trading._votes(acc.account_id, inst.instrument_id, since, at) v
+        WHERE v.action <> _aggregate.action ORDER BY v.priority DESC LIMIT 1;
+        IF FOUND AND top.priority > s.priority THEN
+            decided := false; code := 'OUTRANKED';
+            reason := format('OUTRANKED: by=%s, priority=%s, their_action=%s, own_priority=%s',
+                             top.name, top.priority, top.action, s.priority);
+        END IF;
+    ELSIF acc.aggregation = 'consensus' THEN
+        SELECT count(*), count(*) FILTER (WHERE v.action = _aggregate.action)
+        INTO voters, agree FROM trading._votes(acc.account_id, inst.instrument_id, since, at) v;
+        voters := GREATEST(voters, (SELECT count(*) FROM trading.account_strategies x
+                                    JOIN trading.strategies st USING (strategy_id)
+                                    WHERE x.account_id = acc.account_id AND x.enabled AND st.enabled));
+        IF agree::numeric / voters <= acc.consensus_share THEN
+            decided := false; code := 'CONSENSUS_NOT_REACHED';
+            reason := format('CONSENSUS_NOT_REACHED: agree=%s, of=%s, required_share>%s',
+                             agree, voters, acc.consensus_share);
+        END IF;
+    ELSIF acc.aggregation = 'weighted' THEN
+        SELECT COALESCE(sum(v.weight * v.confidence
+                            * CASE v.action WHEN 'buy' THEN 1 WHEN 'sell' THEN -1 ELSE 0 END)
+                        / NULLIF(sum(v.weight), 0), 0)
+        INTO score FROM trading._votes(acc.account_id, inst.instrument_id, since, at) v;
+        IF (action = 'buy' AND score <= acc.weighted_threshold)
+           OR (action = 'sell' AND score >= -acc.weighted_threshold)
+           OR (action = 'close' AND abs(score) > acc.weighted_threshold) THEN
+            decided := false; code := 'WEIGHTED_BELOW_THRESHOLD';
+            reason := format('WEIGHTED_BELOW_THRESHOLD: score=%s, threshold=%s, action=%s',
+                             round(score, 4), acc.weighted_threshold, action);
+        END IF;
+    END IF;
+END
+$$;
+
+CREATE FUNCTION trading._finish_signal(signal_id bigint, status trading.signal_status,
+                                       code text, reason text, order_id bigint,
+                                       extra jsonb DEFAULT '{}')
+RETURNS jsonb
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+    UPDATE trading.signals g SET status = _finish_signal.status, reason_code = code,
+                                 reason = _finish_signal.reason
+    WHERE g.signal_id = _finish_signal.signal_id;
+    PERFORM audit.record('signal.' || status::text, 'trading.signals', signal_id::text,
+        jsonb_build_object('reason_code', code, 'reason', reason, 'order_id', order_id) || extra);
+    RETURN jsonb_build_object('signal_id', signal_id, 'status', status, 'reason_code', code,
+                              'reason', reason, 'order_id', order_id) || extra;
+END
+$$;
+
+-- The one way a strategy's intent becomes an order. See the README for the JSON shape.
+CREATE FUNCTION trading.submit_signal(signal jsonb) RETURNS jsonb
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    acc trading.accounts;
+    s trading.strategies;
+    inst market.instruments;
+    act trading.signal_action;
+    size numeric;
+    sl numeric; tp numeric; trail numeric; be numeric; conf numeric;
+    at timestamptz;
+    sig_id bigint;
+    agg record;
+    pos_strategy bigint;
+    cur numeric;
+    sig_leg trading.position_leg;
+    hedge_ids bigint[];
+    held numeric;
+    pending_entry numeric;
+    pending_exit numeric;
+    price numeric;
+    fx numeric;
+    sized record;
+    target numeric;
+    delta numeric;
+    opening numeric;
+    side trading.order_side;
+    denial record;
+    oid bigint;
+    cash_room numeric;
+BEGIN
+    IF signal IS NULL OR jsonb_typeof(signal) <> 'object' THEN
+        RAISE EXCEPTION 'a signal must be a JSON object' USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    acc := trading._account(trading._text(signal, 'account', 'signal', 64), true);
+    s := trading._strategy(trading._text(signal, 'strategy', 'signal', 64),
+                           trading._text(signal, 'version', 'signal', 32));
+    inst := market._instrument(trading._text(signal, 'symbol', 'signal', 40),
+                               trading._text(signal, 'venue', 'signal', 32));
+    BEGIN
+        act := lower(trading._text(signal, 'action', 'signal', 10))::trading.signal_action;
+    EXCEPTION WHEN invalid_text_representation THEN
+        RAISE EXCEPTION 'signal.action must be buy, sell, close or hold, got %', signal -> 'action'
+            USING ERRCODE = 'invalid_parameter_value';
+    END;
+    IF act IS NULL THEN
+        RAISE EXCEPTION 'signal.action is required (buy, sell, close or hold)'
+            USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    size := COALESCE(trading._num(signal, 'size', 'signal', 0, 1), 1);
+    sl := trading._num(signal, 'stop_loss', 'signal', 0, NULL, false);
+    tp := trading._num(signal, 'take_profit', 'signal', 0, NULL, false);
+    trail := trading._num(signal, 'trailing_stop', 'signal', 0, NULL, false);
+    be := trading._num(signal -> 'metadata', 'breakeven', 'signal.metadata', 0, NULL, false);
+    conf := trading._num(signal, 'confidence', 'signal', 0, 1);
+    at := COALESCE(trading._ts(signal, 'ts', 'signal'), now());
+    IF signal ? 'metadata' AND jsonb_typeof(signal -> 'metadata') <> 'object' THEN
+        RAISE EXCEPTION 'signal.metadata must be a JSON object' USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+
+    INSERT INTO trading.signals AS g (account_id, strategy_id, instrument_id, ts, action, size,
+        stop_loss, take_profit, trailing_stop, confidence, reasoning, metadata)
+    VALUES (acc.account_id, s.strategy_id, inst.instrument_id, at, act, size, sl, tp, trail, conf,
+            trading._text(signal, 'reasoning', 'signal', 4000), COALESCE(signal -> 'metadata', '{}'))
+    RETURNING g.signal_id INTO sig_id;
+
+    IF acc.mode = 'advisory' THEN
+        RETURN trading._finish_signal(sig_id, 'advisory', NULL, 'advisory account: recorded, no order', NULL);
+    END IF;
+    IF act = 'hold' THEN
+        RETURN trading._finish_signal(sig_id, 'ignored', 'HOLD', 'hold: nothing to do', NULL);
+    END IF;
+    IF NOT s.enabled THEN
+        RETURN trading._finish_signal(sig_id, 'ignored', 'STRATEGY_DISABLED',
+            format('STRATEGY_DISABLED: strategy=%s', s.name), NULL);
+    END IF;
+
+    agg := trading._aggregate(acc, s, inst, act, at);
+    IF NOT agg.decided THEN
+        RETURN trading._finish_signal(sig_id, 'ignored', agg.code, agg.reason, NULL);
+    END IF;
+
+    -- the position this signal acts on: the strategy's own (independent) or the account's net
+    pos_strategy := CASE WHEN acc.aggregation = 'independent' THEN s.strategy_id END;
+    -- hedge mode: buy works the long leg, sell the short leg, close both
+    sig_leg := CASE WHEN acc.position_mode = 'oneway' THEN 'net'
+                WHEN act = 'buy' THEN 'long' WHEN act = 'sell' THEN 'short' END;
+    IF sig_leg IS NULL THEN
+        SELECT array_agg(x.order_id ORDER BY x.order_id) INTO hedge_ids FROM (
+            SELECT trading._emit_order(acc, inst, s.strategy_id, sig_id,
+                       CASE WHEN p.leg = 'long' THEN 'sell' ELSE 'buy' END::trading.order_side,
+                       p.quantity, 'signal', market.latest_close(inst.instrument_id, at),
+                       reduce_only => true, leg => p.leg) AS order_id
+            FROM trading.positions p
+            WHERE p.account_id = acc.account_id AND p.instrument_id = inst.instrument_id
+              AND p.strategy_id IS NOT DISTINCT FROM pos_strategy AND p.quantity > 0
+              AND risk.breaker_mode(acc.account_id) <> 'FREEZE') x;
+        IF hedge_ids IS NULL THEN
+            RETURN trading._finish_signal(sig_id,
+                CASE WHEN risk.breaker_mode(acc.account_id) = 'FREEZE' THEN 'rejected' ELSE 'ignored' END::trading.signal_status,
+                CASE WHEN risk.breaker_mode(acc.account_id) = 'FREEZE' THEN 'BREAKER_FREEZE' ELSE 'NO_POSITION' END,
+                'nothing closed', NULL);
+        END IF;
+        RETURN trading._finish_signal(sig_id, 'approved', NULL, NULL, hedge_ids[1],
+                                      jsonb_build_object('order_ids', to_jsonb(hedge_ids)));
+    END IF;
+    SELECT COALESCE(sum(trading._signed_qty(p)), 0) INTO held FROM trading.positions p
+    WHERE p.account_id = acc.account_id AND p.instrument_id = inst.instrument_id
+      AND p.strategy_id IS NOT DISTINCT FROM pos_strategy AND p.leg = sig_leg;
+    -- open orders count toward the position the signal moves from (entries not yet
+    -- filled would otherwise be sent twice)
+    SELECT COALESCE(sum(q) FILTER (WHERE NOT o.reduce_only), 0), COALESCE(sum(q) FILTER (WHERE o.reduce_only), 0)
+    INTO pending_entry, pending_exit
+    FROM trading.orders o,
+         LATERAL (SELECT CASE WHEN o.side = 'buy' THEN 1 ELSE -1 END * (o.quantity - o.filled_quantity) AS q) x
+    WHERE o.account_id = acc.account_id AND o.instrument_id = inst.instrument_id
+      AND (pos_strategy IS NULL OR o.strategy_id = pos_strategy) AND o.position_leg = sig_leg
+      AND o.status IN ('created', 'in_flight', 'submitted', 'partially_filled');
+    cur := held + pending_entry + pending_exit;
+
+    price := COALESCE(trading._num(signal, 'price', 'signal', 0, NULL, false),
+                      market.latest_close(inst.instrument_id, at));
+    IF price IS NULL THEN
+        RETURN trading._finish_signal(sig_id, 'rejected', 'NO_PRICE',
+            format('NO_PRICE: no bar for %s at or before %s to size the order', inst.symbol, at), NULL);
+    END IF;
+    fx := trading.fx_rate(inst.quote_currency, acc.base_currency, at);
+    IF fx IS NULL THEN
+        RETURN trading._finish_signal(sig_id, 'rejected', 'NO_CONVERSION_RATE',
+            format('NO_CONVERSION_RATE: from=%s, to=%s', inst.quote_currency, acc.base_currency), NULL);
+    END IF;
+
+    -- target position after the signal
+    IF act = 'close' THEN
+        target := 0;
+    ELSE
+        sized := trading._size(acc, s, inst, size, price, fx, sl, at);
+        IF act = 'sell' AND NOT acc.allow_short THEN
+            target := 0;  -- a long-only account sells what it holds
+        ELSE
+            target := trading._round_down(sized.qty, inst.quantity_step);
+            IF sized.clamp_to_cash AND act = 'buy' THEN
+                -- never size past the cash there is (after buying back a short first)
+                cash_room := acc.cash - trading._reserved_cash(acc)
+                             - GREATEST(-cur, 0) * price * fx * (1 + acc.taker_fee);
+                target := LEAST(target, trading._round_down(cash_room / (price * fx * (1 + acc.taker_fee)),
+                                                            inst.quantity_step));
+            END IF;
+            IF act = 'sell' THEN
+                target := -target;
+            END IF;
+        END IF;
+    END IF;
+
+    IF target = 0 THEN
+        -- closing: what is held, less the exits already on their way
+        cur := held + pending_exit;
+    END IF;
+    IF act = 'close' AND cur = 0 THEN
+        RETURN trading._finish_signal(sig_id, 'ignored', 'NO_POSITION',
+            format('NO_POSITION: nothing to close (held %s, closing orders open for %s)', held, -pending_exit), NULL);
+    END IF;
+    IF act = 'sell' AND NOT acc.allow_short AND cur <= 0 THEN
+        RETURN trading._finish_signal(sig_id, 'rejected', 'SHORT_NOT_ALLOWED',
+            format('SHORT_NOT_ALLOWED: position=%s, account=%s', held, acc.name), NULL);
+    END IF;
+    IF act <> 'close' AND target <> 0 AND abs(target) < inst.min_quantity THEN
+        RETURN trading._finish_signal(sig_id, 'rejected', 'QUANTITY_BELOW_MINIMUM',
+            format('QUANTITY_BELOW_MINIMUM: quantity=%s, minimum=%s, step=%s',
+                   abs(target), inst.min_quantity, inst.quantity_step), NULL);
+    END IF;
+    IF act = 'buy' AND target <= 0 THEN
+        RETURN trading._finish_signal(sig_id, 'rejected', 'QUANTITY_BELOW_MINIMUM',
+            format('QUANTITY_BELOW_MINIMUM: quantity=0, step=%s (not enough capital at price %s)',
+                   inst.quantity_step, price), NULL);
+    END IF;
+    -- a target in the same direction and no larger than the current position: nothing to do
+    IF (act = 'buy' AND cur >= target) OR (act = 'sell' AND target < 0 AND cur <= target) THEN
+        RETURN trading._finish_signal(sig_id, 'ignored', 'ALREADY_AT_TARGET',
+            format('ALREADY_AT_TARGET: position=%s, target=%s', cur, target), NULL);
+    END IF;
+
+    delta := target - cur;
+    side := CASE WHEN delta > 0 THEN 'buy' ELSE 'sell' END::trading.order_side;
+    -- the part that opens or increases exposure (the rest closes)
+    opening := CASE WHEN sign(target) = 0 THEN 0
+                    WHEN sign(cur) = sign(target) THEN GREATEST(abs(target) - abs(cur), 0)
+                    ELSE abs(target) END;
+
+    SELECT * INTO denial FROM risk.check_order(acc, s, inst, side, abs(delta), opening, price, sl, at);
+    IF denial.code IS NOT NULL THEN
+        RETURN trading._finish_signal(sig_id, 'rejected', denial.code, denial.reason, NULL);
+    END IF;
+
+    oid := trading._emit_order(acc, inst, s.strategy_id, sig_id, side, abs(delta), 'signal', price,
+                               reduce_only => opening = 0, leg => sig_leg, stop_loss => sl, take_profit => tp,
+                               trailing_stop => trail, breakeven => be);
+    RETURN trading._finish_signal(sig_id, 'approved', NULL, NULL, oid,
+        jsonb_build_object('side', side, 'quantity', abs(delta), 'reference_price', price));
+END
+$$;
+
+-- ======== from 0002_05_pre_ledger.sql
+-- 0002_05 (pre): the ledger. Fills change positions, cash, realized P&L and orders
+-- atomically and idempotently; rejections, cancellations and closing orders.
+SET LOCAL ROLE mmats_owner;
+
+-- The order named by its id or its client order id; its account locked first, then the
+-- order (always in that order, like submit_signal, so that they cannot deadlock).
+CREATE FUNCTION trading._locked_order(ref text, OUT acc trading.accounts, OUT o trading.orders)
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    account bigint;
+BEGIN
+    IF ref IS NULL THEN
+        RAISE EXCEPTION 'an order id or client order id is required'
+            USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    SELECT x.account_id INTO account FROM trading.orders x
+    WHERE x.client_order_id = ref OR (ref ~ '^\d{1,18}$' AND x.order_id = ref::bigint)
+    ORDER BY (x.client_order_id = ref) DESC LIMIT 1;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'unknown order %', quote_literal(ref) USING ERRCODE = 'foreign_key_violation';
+    END IF;
+    SELECT * INTO acc FROM trading.accounts a WHERE a.account_id = account FOR UPDATE;
+    SELECT * INTO o FROM trading.orders x
+    WHERE x.client_order_id = ref OR (ref ~ '^\d{1,18}$' AND x.order_id = ref::bigint)
+    ORDER BY (x.client_order_id = ref) DESC LIMIT 1 FOR UPDATE;
+END
+$$;
+
+-- Which position row an order moves: the strategy's own (independent aggregation) or the
+-- account's net one; in hedge mode the long or the short leg.
+CREATE FUNCTION trading._position_key(acc trading.accounts, o trading.orders,
+                                      OUT strategy_id bigint, OUT leg trading.position_leg)
+LANGUAGE sql IMMUTABLE
+BEGIN ATOMIC
+    SELECT CASE WHEN acc.aggregation = 'independent' THEN o.strategy_id END,
+           CASE WHEN acc.position_mode = 'oneway' THEN 'net'::trading.position_leg
+                WHEN o.position_leg <> 'net' THEN o.position_leg
+                WHEN (o.side = 'buy') <> o.reduce_only THEN 'long'::trading.position_leg
+                ELSE 'short'::trading.position_leg END;
+END;
+
+CREATE FUNCTION trading.apply_fill(fill jsonb) RETURNS jsonb
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    lk record;
+    acc trading.accounts;
+    o trading.orders;
+    inst market.instruments;
+    prior trading.fills;
+    broker_id text;
+    q numeric; price numeric; commission numeric; comm_ccy text; at timestamptz;
+    fx numeric; comm_acct numeric;
+    fid bigint;
+    key record;
+    p trading.positions;
+    d numeric;          -- signed change of the position
+    s numeric;          -- signed position before
+    closed numeric := 0;
+    remainder numeric;
+    gross numeric := 0;
+    entry_part numeric := 0;
+    exit_part numeric := 0;
+    new_filled numeric;
+BEGIN
+    IF fill IS NULL OR jsonb_typeof(fill) <> 'object' THEN
+        RAISE EXCEPTION 'a fill must be a JSON object' USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    lk := trading._locked_order(
+        COALESCE(trading._text(fill, 'client_order_id', 'fill', 64), trading._text(fill, 'order_id', 'fill', 20)));
+    acc := lk.acc;
+    o := lk.o;
+    broker_id := trading._text(fill, 'broker_fill_id', 'fill', 128);
+    IF broker_id IS NULL OR broker_id = '' THEN
+        RAISE EXCEPTION 'fill.broker_fill_id is required (it makes applying a fill idempotent)'
+            USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    q := trading._num(fill, 'quantity', 'fill', 0, NULL, false);
+    price := trading._num(fill, 'price', 'fill', 0, NULL, false);
+    IF q IS NULL OR price IS NULL THEN
+        RAISE EXCEPTION 'fill.quantity and fill.price are required' USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    commission := COALESCE(trading._num(fill, 'commission', 'fill', 0), 0);
+    comm_ccy := upper(trading._text(fill, 'commission_currency', 'fill', 12));
+    at := COALESCE(trading._ts(fill, 'ts', 'fill'), now());
+
+    -- the same broker fill again: nothing changes
+    SELECT * INTO prior FROM trading.fills f
+    WHERE f.account_id = acc.account_id AND f.broker_fill_id = broker_id;
+    IF FOUND THEN
+        IF prior.order_id <> o.order_id OR prior.quantity <> q OR prior.price <> price THEN
+            RAISE EXCEPTION 'broker fill % was already recorded for order % with quantity % at %; refusing different values',
+                quote_literal(broker_id), prior.order_id, prior.quantity, prior.price
+                USING ERRCODE = 'unique_violation';
+        END IF;
+        RETURN jsonb_build_object('status', 'duplicate', 'fill_id', prior.fill_id,
+                                  'order_id', o.order_id, 'order_status', o.status);
+    END IF;
+
+    IF o.status NOT IN ('created', 'in_flight', 'submitted', 'partially_filled') THEN
+        RAISE EXCEPTION 'order % is %: it takes no fills', o.order_id, o.status
+            USING ERRCODE = 'check_violation';
+    END IF;
+    IF q > o.quantity - o.filled_quantity THEN
+        RAISE EXCEPTION 'fill quantity % exceeds the % remaining on order % (quantity %, filled %)',
+            q, o.quantity - o.filled_quantity, o.order_id, o.quantity, o.filled_quantity
+            USING ERRCODE = 'check_violation';
+    END IF;
+    SELECT * INTO inst FROM market.instruments i WHERE i.instrument_id = o.instrument_id;
+    IF inst.contract_type = 'inverse' THEN
+        RAISE EXCEPTION 'inverse contracts are not supported by the ledger yet (%)', inst.symbol
+            USING ERRCODE = 'feature_not_supported';
+    END IF;
+    fx := trading._fx_or_fail(inst.quote_currency, acc.base_currency, at);
+    comm_acct := CASE WHEN comm_ccy IS NULL OR comm_ccy = acc.base_currency THEN commission
+                      WHEN comm_ccy = inst.quote_currency THEN commission * fx
+                      WHEN comm_ccy = inst.base_currency THEN commission * price * fx
+                      ELSE NULL END;
+    IF comm_acct IS NULL THEN
+        RAISE EXCEPTION 'fill.commission_currency % is neither the account currency % nor a currency of %',
+            comm_ccy, acc.base_currency, inst.symbol USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+
+    INSERT INTO trading.fills AS f (account_id, order_id, instrument_id, strategy_id, broker_fill_id,
+        side, quantity, price, commission, commission_currency, liquidity, ts)
+    VALUES (acc.account_id, o.order_id, o.instrument_id, o.strategy_id, broker_id, o.side, q, price,
+            comm_acct, acc.base_currency, trading._text(fill, 'liquidity', 'fill', 5), at)
+    RETURNING f.fill_id INTO fid;
+
+    new_filled := o.filled_quantity + q;
+    UPDATE trading.orders x
+    SET filled_quantity = new_filled,
+        average_fill_price = (COALESCE(x.average_fill_price, 0) * x.filled_quantity + price * q) / new_filled,
+        status = CASE WHEN new_filled = x.quantity THEN 'filled' ELSE 'partially_filled' END::trading.order_status
+    WHERE x.order_id = o.order_id;
+
+    key := trading._position_key(acc, o);
+    INSERT INTO trading.positions (account_id, instrument_id, strategy_id, leg)
+    VALUES (acc.account_id, o.instrument_id, key.strategy_id, key.leg)
+    ON CONFLICT ON CONSTRAINT positions_unique DO NOTHING;
+    SELECT * INTO p FROM trading.positions x
+    WHERE x.account_id = acc.account_id AND x.instrument_id = o.instrument_id
+      AND x.strategy_id IS NOT DISTINCT FROM key.strategy_id AND x.leg = key.leg FOR UPDATE;
+
+    s := trading._signed_qty(p);
+    d := CASE WHEN o.side = 'buy' THEN q ELSE -q END;
+    IF (key.leg = 'long' AND s + d < 0) OR (key.leg = 'short' AND s + d > 0) THEN
+        RAISE EXCEPTION 'fill of % would take the % leg of % past zero (it holds %)',
+            d, key.leg, inst.symbol, abs(s) USING ERRCODE = 'check_violation';
+    END IF;
+
+    IF o.reduce_only AND (s = 0 OR sign(d) = sign(s) OR abs(d) > abs(s)) THEN
+        RAISE EXCEPTION 'reduce-only order % cannot take a fill of % (position %): it would open or reverse a position',
+            o.order_id, d, s USING ERRCODE = 'check_violation';
+    END IF;
+    IF s <> 0 AND sign(d) <> sign(s) THEN
+        -- reduction (and perhaps a reversal)
+        closed := LEAST(abs(d), abs(s));
+        gross := (price - p.average_price) * closed * sign(s) * fx;
+        entry_part := p.open_commission * closed / abs(s);
+        exit_part := comm_acct * closed / abs(d);
+        INSERT INTO trading.trades (account_id, instrument_id, strategy_id, side, quantity,
+            entry_time, entry_price, exit_time, exit_price, gross_pnl, commission, pnl,
+            exit_fill_id, exit_trigger)
+        VALUES (acc.account_id, inst.instrument_id,
+                COALESCE(p.strategy_id, p.entry_strategy_id, o.strategy_id),
+                CASE WHEN s > 0 THEN 'long' ELSE 'short' END, closed, COALESCE(p.opened_at, at),
+                p.average_price, at, price, gross, entry_part + exit_part,
+                gross - entry_part - exit_part, fid, o.trigger);
+    END IF;
+    remainder := abs(d) - closed;
+
+    UPDATE trading.positions x SET
+        quantity = CASE WHEN key.leg = 'short' THEN -(s + d) ELSE s + d END,
+        average_price = CASE
+            WHEN s + d = 0 THEN NULL
+            WHEN remainder > 0 AND closed > 0 THEN price                              -- reversal
+            WHEN remainder > 0 THEN (abs(s) * COALESCE(x.average_price, 0) + remainder * price) / (abs(s) + remainder)
+            ELSE x.average_price END,
+        realized_pnl = x.realized_pnl + gross - entry_part - exit_part,
+        commission_paid = x.commission_paid + comm_acct,
+        open_commission = CASE WHEN s + d = 0 THEN 0
+                               WHEN closed > 0 AND remainder > 0 THEN comm_acct * remainder / abs(d)
+                               WHEN closed > 0 THEN x.open_commission - entry_part
+                               ELSE x.open_commission + comm_acct END,
+        last_price = price,
+        opened_at = CASE WHEN s + d = 0 THEN NULL
+                         WHEN s = 0 OR (closed > 0 AND remainder > 0) THEN at ELSE x.opened_at END,
+        entry_strategy_id = CASE WHEN s + d = 0 THEN NULL
+                                 WHEN s = 0 OR (closed > 0 AND remainder > 0) THEN o.strategy_id
+                                 ELSE x.entry_strategy_id END,
+        stop_loss = CASE WHEN s + d = 0 THEN NULL WHEN remainder > 0 THEN COALESCE(o.stop_loss, CASE WHEN closed = 0 THEN x.stop_loss END) ELSE x.stop_loss END,
+        take_profit = CASE WHEN s + d = 0 THEN NULL WHEN remainder > 0 THEN COALESCE(o.take_profit, CASE WHEN closed = 0 THEN x.take_profit END) ELSE x.take_profit END,
+        trailing_stop = CASE WHEN s + d = 0 THEN NULL WHEN remainder > 0 THEN COALESCE(o.trailing_stop, CASE WHEN closed = 0 THEN x.trailing_stop END) ELSE x.trailing_stop END,
+        breakeven = CASE WHEN s + d = 0 THEN NULL WHEN remainder > 0 THEN COALESCE(o.breakeven, CASE WHEN closed = 0 THEN x.breakeven END) ELSE x.breakeven END,
+        trail_anchor = CASE WHEN s + d = 0 THEN NULL
+                            WHEN s = 0 OR (closed > 0 AND remainder > 0) THEN price
+                            ELSE x.trail_anchor END,
+        updated_at = now()
+    WHERE x.position_id = p.position_id;
+
+    UPDATE trading.accounts a SET cash = a.cash - d * price * fx - comm_acct,
+                                  consecutive_rejections = 0
+    WHERE a.account_id = acc.account_id;
+
+    PERFORM audit.record('fill.applied', 'trading.fills', fid::text, jsonb_build_object(
+        'order_id', o.order_id, 'broker_fill_id', broker_id, 'side', o.side, 'quantity', q,
+        'price', price, 'commission', comm_acct, 'fx', fx, 'realized_pnl', gross - entry_part - exit_part));
+    RETURN jsonb_build_object('status', 'applied', 'fill_id', fid, 'order_id', o.order_id,
+        'order_status', CASE WHEN new_filled = o.quantity THEN 'filled' ELSE 'partially_filled' END,
+        'position', s + d, 'realized_pnl', gross - entry_part - exit_part);
+END
+$$;
+
+-- The broker refused the order (or the router gave up on it permanently).
+CREATE FUNCTION trading.reject_order(order_ref text, reason_code text, reason text DEFAULT NULL)
+RETURNS jsonb
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    lk record;
+    acc trading.accounts;
+    o trading.orders;
+    code text := upper(COALESCE(reason_code, 'BROKER_REJECTED'));
+    tripped boolean := false;
+BEGIN
+    lk := trading._locked_order(order_ref);
+    acc := lk.acc;
+    o := lk.o;
+    IF o.status = 'rejected' THEN
+        RETURN jsonb_build_object('status', 'already_rejected', 'order_id', o.order_id);
+    END IF;
+    IF code !~ '^[A-Z][A-Z0-9_]{0,63}$' THEN
+        RAISE EXCEPTION 'reason_code must be UPPER_SNAKE (e.g. INSUFFICIENT_FUNDS), got %', quote_literal(reason_code)
+            USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    UPDATE trading.orders x SET status = 'rejected', reason_code = code, reason = reject_order.reason
+    WHERE x.order_id = o.order_id;
+    UPDATE trading.accounts a SET consecutive_rejections = a.consecutive_rejections + 1
+    WHERE a.account_id = acc.account_id RETURNING * INTO acc;
+    PERFORM audit.record('order.rejected', 'trading.orders', o.order_id::text,
+        jsonb_build_object('reason_code', code, 'reason', reason,
+                           'consecutive_rejections', acc.consecutive_rejections));
+    IF acc.consecutive_rejections >= acc.max_consecutive_rejections AND acc.mode = 'operator' THEN
+        PERFORM risk._trip(acc, 'SOFT', format('%s consecutive order rejections (last: %s)',
+                                               acc.consecutive_rejections, code), 'REJECTION_STREAK');
+        UPDATE trading.accounts a SET mode = 'advisory' WHERE a.account_id = acc.account_id;
+        PERFORM audit.record('account.downgraded', 'trading.accounts', acc.account_id::text,
+            jsonb_build_object('to', 'advisory', 'reason', 'consecutive rejections'));
+        tripped := true;
+    END IF;
+    RETURN jsonb_build_object('status', 'rejected', 'order_id', o.order_id,
+                              'consecutive_rejections', acc.consecutive_rejections,
+                              'breaker_tripped', tripped);
+END
+$$;
+
+CREATE FUNCTION trading._set_order_status(order_ref text, new_status trading.order_status,
+                                          reason text, broker_order_id text DEFAULT NULL)
+RETURNS jsonb
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    lk record;
+    acc trading.accounts;
+    o trading.orders;
+BEGIN
+    lk := trading._locked_order(order_ref);
+    acc := lk.acc;
+    o := lk.o;
+    IF o.status = new_status AND new_status <> 'partially_filled' THEN
+        RETURN jsonb_build_object('status', 'unchanged', 'order_id', o.order_id, 'order_status', o.status);
+    END IF;
+    UPDATE trading.orders x SET status = new_status,
+        reason = COALESCE(_set_order_status.reason, x.reason),
+        broker_order_id = COALESCE(_set_order_status.broker_order_id, x.broker_order_id),
+        submitted_at = CASE WHEN new_status IN ('in_flight', 'submitted') THEN COALESCE(x.submitted_at, now())
+                            ELSE x.submitted_at END
+    WHERE x.order_id = o.order_id;
+    PERFORM audit.record('order.' || new_status::text, 'trading.orders', o.order_id::text,
+        jsonb_build_object('from', o.status, 'reason', reason, 'broker_order_id', broker_order_id));
+    RETURN jsonb_build_object('status', new_status, 'order_id', o.order_id, 'previous', o.status);
+END
+$$;
+
+CREATE FUNCTION trading.cancel_order(order_ref text, reason text DEFAULT NULL) RETURNS jsonb
+LANGUAGE sql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+RETURN trading._set_order_status(order_ref, 'cancelled', COALESCE(reason, 'cancelled'));
+
+CREATE FUNCTION trading.expire_order(order_ref text) RETURNS jsonb
+LANGUAGE sql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+RETURN trading._set_order_status(order_ref, 'expired', 'expired');
+
+-- The router is about to send the order (its fate is unknown until the broker answers).
+CREATE FUNCTION trading.mark_in_flight(order_ref text) RETURNS jsonb
+LANGUAGE sql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+RETURN trading._set_order_status(order_ref, 'in_flight', NULL);
+
+-- The broker acknowledged the order.
+CREATE FUNCTION trading.acknowledge_order(order_ref text, broker_order_id text) RETURNS jsonb
+LANGUAGE sql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+RETURN trading._set_order_status(order_ref, 'submitted', NULL, broker_order_id);
+
+-- Closing orders for positions of an account (one instrument, or all when NULL), net of
+-- closing orders already open. Riskiest first: largest unrealized loss, then exposure.
+CREATE FUNCTION trading._close_positions(acc trading.accounts, instrument bigint,
+                                         trig trading.order_trigger)
+RETURNS bigint[]
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    p record;
+    ids bigint[] := '{}';
+    pending numeric;
+    qty numeric;
+BEGIN
+    IF risk.breaker_mode(acc.account_id) = 'FREEZE' THEN
+        RAISE EXCEPTION 'account % is frozen (breaker FREEZE): no orders, closes included, until risk.reset_breaker()', acc.name
+            USING ERRCODE = 'insufficient_privilege';
+    END IF;
+    FOR p IN
+        SELECT x.*, i.instrument_id AS iid, trading._signed_qty(x) AS sq,
+               (COALESCE(x.last_price, x.average_price) - x.average_price) * trading._signed_qty(x) AS upnl,
+               abs(trading._signed_qty(x)) * COALESCE(x.last_price, x.average_price) AS exposure
+        FROM trading.positions x JOIN market.instruments i USING (instrument_id)
+        WHERE x.account_id = acc.account_id AND x.quantity <> 0
+          AND (instrument IS NULL OR x.instrument_id = instrument)
+        ORDER BY upnl ASC, exposure DESC, x.position_id
+    LOOP
+        SELECT COALESCE(sum(o.quantity - o.filled_quantity), 0) INTO pending FROM trading.orders o
+        WHERE o.account_id = acc.account_id AND o.instrument_id = p.iid AND o.reduce_only
+          AND (p.strategy_id IS NULL OR o.strategy_id = p.strategy_id) AND o.position_leg = p.leg
+          AND o.side = CASE WHEN p.sq > 0 THEN 'sell' ELSE 'buy' END::trading.order_side
+          AND o.status IN ('created', 'in_flight', 'submitted', 'partially_filled');
+        qty := abs(p.sq) - pending;
+        CONTINUE WHEN qty <= 0;
+        ids := ids || trading._emit_order(acc, (SELECT i FROM market.instruments i WHERE i.instrument_id = p.iid),
+            p.strategy_id, NULL, CASE WHEN p.sq > 0 THEN 'sell' ELSE 'buy' END::trading.order_side, qty,
+            trig, COALESCE(p.last_price, p.average_price), reduce_only => true, leg => p.leg);
+    END LOOP;
+    RETURN ids;
+END
+$$;
+
+CREATE FUNCTION trading.close_position(account text, symbol text, venue text DEFAULT NULL)
+RETURNS jsonb
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    acc trading.accounts := trading._account(account, true);
+    inst market.instruments := market._instrument(symbol, venue);
+    ids bigint[];
+BEGIN
+    ids := trading._close_positions(acc, inst.instrument_id, 'close');
+    PERFORM audit.record('control.close_position', 'trading.accounts', acc.account_id::text,
+        jsonb_build_object('symbol', inst.symbol, 'orders', to_jsonb(ids)));
+    RETURN jsonb_build_object('account', acc.name, 'symbol', inst.symbol, 'order_ids', to_jsonb(ids));
+END
+$$;
+
+CREATE FUNCTION trading.close_all(account text) RETURNS jsonb
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    acc trading.accounts := trading._account(account, true);
+    ids bigint[];
+BEGIN
+    ids := trading._close_positions(acc, NULL, 'close');
+    PERFORM audit.record('control.close_all', 'trading.accounts', acc.account_id::text,
+                         jsonb_build_object('orders', to_jsonb(ids)));
+    RETURN jsonb_build_object('account', acc.name, 'order_ids', to_jsonb(ids));
+END
+$$;
+
+-- A trader's own order, through the same risk gate (strategy-scoped limits do not apply).
+CREATE FUNCTION trading.place_manual_order(spec jsonb) RETURNS jsonb
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    acc trading.accounts;
+    inst market.instruments;
+    side trading.order_side;
+    otype trading.order_type;
+    tif trading.time_in_force;
+    qty numeric; lp numeric; sp numeric; price numeric;
+    cur numeric;
+    d numeric;
+    opening numeric;
+    denial record;
+    oid bigint;
+BEGIN
+    IF spec IS NULL OR jsonb_typeof(spec) <> 'object' THEN
+        RAISE EXCEPTION 'an order must be a JSON object' USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    acc := trading._account(trading._text(spec, 'account', 'order', 64), true);
+    inst := market._instrument(trading._text(spec, 'symbol', 'order', 40), trading._text(spec, 'venue', 'order', 32));
+    IF acc.mode <> 'operator' THEN
+        RAISE EXCEPTION 'account % is in advisory mode: it places no orders', acc.name
+            USING ERRCODE = 'insufficient_privilege';
+    END IF;
+    BEGIN
+        side := lower(trading._text(spec, 'side', 'order', 4))::trading.order_side;
+        otype := lower(COALESCE(trading._text(spec, 'type', 'order', 12), 'market'))::trading.order_type;
+        tif := upper(COALESCE(trading._text(spec, 'time_in_force', 'order', 3), 'GTC'))::trading.time_in_force;
+    EXCEPTION WHEN invalid_text_representation THEN
+        RAISE EXCEPTION 'order.side must be buy or sell, order.type market, limit, stop or stop_limit, order.time_in_force GTC, IOC, FOK or GTD'
+            USING ERRCODE = 'invalid_parameter_value';
+    END;
+    IF side IS NULL THEN
+        RAISE EXCEPTION 'order.side is required (buy or sell)' USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    qty := trading._num(spec, 'quantity', 'order', 0, NULL, false);
+    IF qty IS NULL THEN
+        RAISE EXCEPTION 'order.quantity is required' USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    IF trading._round_down(qty, inst.quantity_step) <> qty OR qty < inst.min_quantity THEN
+        RAISE EXCEPTION 'order.quantity % must be a multiple of % and at least % for %',
+            qty, inst.quantity_step, inst.min_quantity, inst.symbol USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    lp := trading._num(spec, 'limit_price', 'order', 0, NULL, false);
+    sp := trading._num(spec, 'stop_price', 'order', 0, NULL, false);
+    price := COALESCE(lp, sp, market.latest_close(inst.instrument_id));
+    IF price IS NULL THEN
+        RAISE EXCEPTION 'no price for % (no bars and no limit price)', inst.symbol USING ERRCODE = 'no_data_found';
+    END IF;
+    SELECT COALESCE(sum(trading._signed_qty(p)), 0) INTO cur FROM trading.positions p
+    WHERE p.account_id = acc.account_id AND p.instrument_id = inst.instrument_id;
+    d := CASE WHEN side = 'buy' THEN qty ELSE -qty END;
+    opening := CASE WHEN cur = 0 OR sign(cur) = sign(d) THEN qty ELSE GREATEST(qty - abs(cur), 0) END;
+    IF COALESCE((spec ->> 'reduce_only')::boolean, false) AND opening > 0 THEN
+        RAISE EXCEPTION 'a reduce_only order of % would open % (position %)', qty, opening, cur
+            USING ERRCODE = 'check_violation';
+    END IF;
+    SELECT * INTO denial FROM risk.check_order(acc, NULL, inst, side, qty, opening, price,
+        trading._num(spec, 'stop_loss', 'order', 0, NULL, false), now());
+    IF denial.code IS NOT NULL THEN
+        PERFORM audit.record('order.refused', 'trading.accounts', acc.account_id::text,
+                             jsonb_build_object('reason_code', denial.code, 'reason', denial.reason, 'spec', spec));
+        RETURN jsonb_build_object('status', 'rejected', 'reason_code', denial.code, 'reason', denial.reason,
+                                  'order_id', NULL);
+    END IF;
+    oid := trading._emit_order(acc, inst, NULL, NULL, side, qty, 'manual', price,
+        reduce_only => opening = 0, order_type => otype, limit_price => lp, stop_price => sp, tif => tif,
+        expire_at => trading._ts(spec, 'expire_at', 'order'),
+        stop_loss => trading._num(spec, 'stop_loss', 'order', 0, NULL, false),
+        take_profit => trading._num(spec, 'take_profit', 'order', 0, NULL, false),
+        client_order_id => trading._text(spec, 'client_order_id', 'order', 64));
+    RETURN jsonb_build_object('status', 'approved', 'order_id', oid, 'reason_code', NULL, 'reason', NULL);
+END
+$$;
+
+-- ======== from 0002_06_pre_protection.sql
+-- 0002_06 (pre): bars drive protection (mark to market, stops, targets, trailing stops,
+-- breakeven, equity snapshots, drawdown and daily-loss breakers); the breaker and the
+-- account controls.
+SET LOCAL ROLE mmats_owner;
+
+------------------------------------------------------------------------------ breaker
+-- Trip (or strengthen) the breaker. SOFT stops entries; HARD also sends closing orders
+-- for every position, riskiest first; FREEZE stops everything, closes included.
+CREATE FUNCTION risk._trip(acc trading.accounts, mode risk.breaker_mode, reason text,
+                           event_type text DEFAULT 'BREAKER_TRIPPED')
+RETURNS risk.breaker_mode
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    current risk.breaker_mode := risk.breaker_mode(acc.account_id);
+    ids bigint[] := '{}';
+BEGIN
+    IF mode = 'OK' THEN
+        RAISE EXCEPTION 'tripping needs SOFT, HARD or FREEZE; use risk.reset_breaker() to clear'
+            USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    IF current >= mode THEN
+        RETURN current;  -- already as strong or stronger
+    END IF;
+    INSERT INTO risk.breaker_state AS b (account_id, mode, reason, tripped_at, tripped_by)
+    VALUES (acc.account_id, mode, reason, now(), session_user)
+    ON CONFLICT (account_id) DO UPDATE SET mode = EXCLUDED.mode, reason = EXCLUDED.reason,
+        tripped_at = EXCLUDED.tripped_at, tripped_by = EXCLUDED.tripped_by;
+    IF mode = 'HARD' AND acc.mode = 'operator' THEN
+        ids := trading._close_positions(acc, NULL, 'breaker');
+    END IF;
+    INSERT INTO risk.events (account_id, severity, event_type, message, details)
+    VALUES (acc.account_id, 'critical', upper(event_type),
+            format('breaker %s on %s: %s', mode, acc.name, reason),
+            jsonb_build_object('mode', mode, 'previous', current, 'closing_orders', to_jsonb(ids)));
+    PERFORM audit.record('risk.breaker_tripped', 'trading.accounts', acc.account_id::text,
+        jsonb_build_object('mode', mode, 'previous', current, 'reason', reason,
+                           'closing_orders', to_jsonb(ids)));
+    RETURN mode;
+END
+$$;
+
+CREATE FUNCTION risk.trip_breaker(account text, mode text, reason text) RETURNS jsonb
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    acc trading.accounts := trading._account(account, true);
+    m risk.breaker_mode;
+BEGIN
+    IF upper(mode) NOT IN ('SOFT', 'HARD', 'FREEZE') THEN
+        RAISE EXCEPTION 'breaker mode must be SOFT, HARD or FREEZE, got %', quote_literal(mode)
+            USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    IF reason IS NULL OR btrim(reason) = '' THEN
+        RAISE EXCEPTION 'tripping the breaker needs a reason' USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    m := risk._trip(acc, upper(mode)::risk.breaker_mode, reason, 'BREAKER_MANUAL');
+    RETURN jsonb_build_object('account', acc.name, 'mode', m,
+        'open_orders', (SELECT count(*) FROM trading.orders o WHERE o.account_id = acc.account_id
+                        AND o.status IN ('created', 'in_flight', 'submitted', 'partially_filled')));
+END
+$$;
+
+-- Clearing the breaker needs the explicit confirmation 'RESET <account name>'.
+CREATE FUNCTION risk.reset_breaker(account text, confirmation text) RETURNS jsonb
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    acc trading.accounts := trading._account(account, true);
+    previous risk.breaker_mode := risk.breaker_mode(acc.account_id);
+BEGIN
+    IF confirmation IS DISTINCT FROM 'RESET ' || acc.name THEN
+        RAISE EXCEPTION 'resetting the breaker of % needs the confirmation %', acc.name,
+            quote_literal('RESET ' || acc.name) USING ERRCODE = 'insufficient_privilege';
+    END IF;
+    UPDATE risk.breaker_state b SET mode = 'OK', reason = NULL, tripped_at = NULL, tripped_by = NULL
+    WHERE b.account_id = acc.account_id;
+    UPDATE trading.accounts a SET consecutive_rejections = 0, peak_equity = e.equity
+    FROM trading.account_equity(acc.account_id) e WHERE a.account_id = acc.account_id;
+    INSERT INTO risk.events (account_id, severity, event_type, message, details)
+    VALUES (acc.account_id, 'warning', 'BREAKER_RESET', format('breaker reset on %s', acc.name),
+            jsonb_build_object('previous', previous));
+    PERFORM audit.record('risk.breaker_reset', 'trading.accounts', acc.account_id::text,
+                         jsonb_build_object('previous', previous));
+    RETURN jsonb_build_object('account', acc.name, 'mode', 'OK', 'previous', previous);
+END
+$$;
+
+------------------------------------------------------------------------------ modes
+CREATE FUNCTION trading.request_operator_mode(account text) RETURNS text
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    acc trading.accounts := trading._account(account, true);
+    token text := replace(gen_random_uuid()::text, '-', '') || replace(gen_random_uuid()::text, '-', '');
+BEGIN
+    IF acc.mode = 'operator' THEN
+        RAISE EXCEPTION 'account % is already in operator mode', acc.name USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    IF acc.environment = 'live' AND NOT EXISTS (
+            SELECT 1 FROM trading.credentials c WHERE c.account_id = acc.account_id AND c.is_live) THEN
+        RAISE EXCEPTION 'live account % has no credentials marked live: it cannot go to operator mode', acc.name
+            USING ERRCODE = 'insufficient_privilege', HINT = 'add live credentials first (mmats creds set)';
+    END IF;
+    INSERT INTO trading.mode_requests AS r (account_id, token_hash, requested_by, requested_at, expires_at)
+    VALUES (acc.account_id, sha256(convert_to(token, 'UTF8')), session_user, now(), now() + interval '5 minutes')
+    ON CONFLICT (account_id) DO UPDATE SET token_hash = EXCLUDED.token_hash,
+        requested_by = EXCLUDED.requested_by, requested_at = EXCLUDED.requested_at,
+        expires_at = EXCLUDED.expires_at;
+    PERFORM audit.record('control.operator_requested', 'trading.accounts', acc.account_id::text,
+                         jsonb_build_object('expires_in_seconds', 300));
+    RETURN token;
+END
+$$;
+
+CREATE FUNCTION trading.confirm_operator_mode(account text, token text) RETURNS jsonb
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    acc trading.accounts := trading._account(account, true);
+    r trading.mode_requests;
+BEGIN
+    SELECT * INTO r FROM trading.mode_requests x WHERE x.account_id = acc.account_id;
+    IF NOT FOUND OR r.expires_at < now() OR r.token_hash <> sha256(convert_to(COALESCE(token, ''), 'UTF8')) THEN
+        RAISE EXCEPTION 'operator mode for %: no valid request for this token (request one with trading.request_operator_mode(); it expires after 5 minutes)', acc.name
+            USING ERRCODE = 'insufficient_privilege';
+    END IF;
+    DELETE FROM trading.mode_requests x WHERE x.account_id = acc.account_id;
+    UPDATE trading.accounts a SET mode = 'operator', consecutive_rejections = 0
+    WHERE a.account_id = acc.account_id;
+    PERFORM audit.record('control.operator_confirmed', 'trading.accounts', acc.account_id::text,
+                         jsonb_build_object('requested_by', r.requested_by));
+    RETURN jsonb_build_object('account', acc.name, 'mode', 'operator');
+END
+$$;
+
+CREATE FUNCTION trading.set_advisory(account text, reason text DEFAULT NULL) RETURNS jsonb
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    acc trading.accounts := trading._account(account, true);
+BEGIN
+    UPDATE trading.accounts a SET mode = 'advisory' WHERE a.account_id = acc.account_id;
+    PERFORM audit.record('control.advisory', 'trading.accounts', acc.account_id::text,
+                         jsonb_build_object('reason', reason, 'previous', acc.mode));
+    RETURN jsonb_build_object('account', acc.name, 'mode', 'advisory');
+END
+$$;
+
+------------------------------------------------------------------------------ bars
+-- Snapshot an account's equity at a time, track its peak and its UTC day, and trip the
+-- breaker on a breached drawdown or daily-loss limit. Returns the equity.
+CREATE FUNCTION trading.snapshot_equity(account bigint, at timestamptz) RETURNS numeric
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    acc trading.accounts;
+    e record;
+    peak numeric;
+    day date := (at AT TIME ZONE 'UTC')::date;
+    day_start numeric;
+    l risk.limits;
+    loss numeric;
+BEGIN
+    SELECT * INTO acc FROM trading.accounts a WHERE a.account_id = account FOR UPDATE;
+    SELECT * INTO e FROM trading.account_equity(account);
+    peak := GREATEST(COALESCE(acc.peak_equity, e.equity), e.equity);
+    day_start := CASE WHEN acc.trading_day = day THEN acc.day_start_equity ELSE e.equity END;
+    UPDATE trading.accounts a SET peak_equity = peak, trading_day = day, day_start_equity = day_start
+    WHERE a.account_id = account;
+    INSERT INTO trading.equity_snapshots AS s (account_id, ts, cash, positions_value, equity, peak_equity, drawdown)
+    VALUES (account, at, e.cash, e.positions_value, e.equity, peak,
+            CASE WHEN peak > 0 THEN LEAST(GREATEST((peak - e.equity) / peak, 0), 1) ELSE 0 END)
+    ON CONFLICT (account_id, ts) DO UPDATE SET cash = EXCLUDED.cash,
+        positions_value = EXCLUDED.positions_value, equity = EXCLUDED.equity,
+        peak_equity = EXCLUDED.peak_equity, drawdown = EXCLUDED.drawdown;
+    FOR l IN SELECT * FROM risk.effective_limits(account) x
+             WHERE x.limit_type IN ('MAX_DRAWDOWN', 'DAILY_LOSS') AND x.scope = 'global' LOOP
+        IF l.limit_type = 'MAX_DRAWDOWN' AND peak > 0 AND (peak - e.equity) / peak >= l.value THEN
+            PERFORM risk._trip(acc, COALESCE(upper(l.params ->> 'mode'), 'HARD')::risk.breaker_mode,
+                format('MAX_DRAWDOWN: limit=%s, drawdown=%s', l.value, round((peak - e.equity) / peak, 4)),
+                'MAX_DRAWDOWN');
+        ELSIF l.limit_type = 'DAILY_LOSS' THEN
+            loss := day_start - e.equity;
+            IF l.params ->> 'unit' = 'fraction' AND day_start > 0 THEN
+                loss := loss / day_start;
+            END IF;
+            IF loss >= l.value THEN
+                PERFORM risk._trip(acc, COALESCE(upper(l.params ->> 'mode'), 'HARD')::risk.breaker_mode,
+                    format('DAILY_LOSS: limit=%s, loss=%s', l.value, round(loss, 4)), 'DAILY_LOSS');
+            END IF;
+        END IF;
+    END LOOP;
+    RETURN e.equity;
+END
+$$;
+
+-- One closed bar for an instrument: mark open positions, fire or move their protection.
+-- account NULL: every live and paper account (the bars trigger); the backtest engine
+-- passes its own account. Returns the ids of the closing orders created.
+CREATE FUNCTION trading.on_bar(instrument bigint, tf market.timeframe, bar_ts timestamptz,
+                               o numeric, h numeric, l numeric, c numeric,
+                               account bigint DEFAULT NULL)
+RETURNS bigint[]
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    closes_at timestamptz := bar_ts + market.timeframe_interval(tf);
+    p record;
+    acc trading.accounts;
+    inst market.instruments;
+    long boolean;
+    stop numeric;
+    trig trading.order_trigger;
+    fire_price numeric;
+    exit_qty numeric;
+    ids bigint[] := '{}';
+    touched bigint[] := '{}';
+    a bigint;
+BEGIN
+    FOR p IN
+        SELECT x.* FROM trading.positions x JOIN trading.accounts ac USING (account_id)
+        WHERE x.instrument_id = instrument AND x.quantity <> 0
+          AND (on_bar.account IS NULL AND ac.environment IN ('live', 'paper')
+               OR x.account_id = on_bar.account)
+          AND (x.marked_at IS NULL OR x.marked_at < closes_at)
+        ORDER BY x.account_id, x.position_id
+        FOR UPDATE OF x
+    LOOP
+        long := p.leg = 'long' OR (p.leg = 'net' AND p.quantity > 0);
+        -- the stop in force during this bar: the trailing stop and breakeven move only
+        -- after the bar is judged, since the bar's extremes come in an unknown order
+        stop := p.stop_loss;
+        IF p.trailing_stop IS NOT NULL AND p.trail_anchor IS NOT NULL THEN
+            stop := CASE WHEN long THEN GREATEST(COALESCE(stop, 0), p.trail_anchor - p.trailing_stop)
+                         ELSE LEAST(COALESCE(stop, 'Infinity'), p.trail_anchor + p.trailing_stop) END;
+            IF stop <= 0 OR stop = 'Infinity' THEN stop := p.stop_loss; END IF;
+        END IF;
+        trig := NULL;
+        IF stop IS NOT NULL AND ((long AND l <= stop) OR (NOT long AND h >= stop)) THEN
+            -- stop first when both stop and target are inside the bar; at the open on a gap
+            trig := CASE WHEN stop = p.stop_loss AND p.stop_loss = p.average_price THEN 'breakeven'
+                         WHEN stop = p.stop_loss THEN 'stop_loss'
+                         ELSE 'trailing_stop' END;
+            fire_price := CASE WHEN long THEN LEAST(o, stop) ELSE GREATEST(o, stop) END;
+        ELSIF p.take_profit IS NOT NULL AND ((long AND h >= p.take_profit) OR (NOT long AND l <= p.take_profit)) THEN
+            trig := 'take_profit';
+            fire_price := CASE WHEN long THEN GREATEST(o, p.take_profit) ELSE LEAST(o, p.take_profit) END;
+        END IF;
+
+        IF trig IS NOT NULL THEN
+            SELECT * INTO acc FROM trading.accounts x WHERE x.account_id = p.account_id;
+            -- exits already on their way (a strategy's close, an earlier stop) count first
+            SELECT p.quantity - COALESCE(sum(x.quantity - x.filled_quantity), 0) INTO exit_qty
+            FROM trading.orders x
+            WHERE x.account_id = p.account_id AND x.instrument_id = instrument AND x.reduce_only
+              AND x.side = CASE WHEN long THEN 'sell' ELSE 'buy' END::trading.order_side
+              AND x.position_leg = p.leg
+              AND (p.strategy_id IS NULL OR x.strategy_id = p.strategy_id)
+              AND x.status IN ('created', 'in_flight', 'submitted', 'partially_filled');
+            IF acc.mode = 'operator' AND risk.breaker_mode(acc.account_id) <> 'FREEZE' AND exit_qty > 0 THEN
+                SELECT * INTO inst FROM market.instruments i WHERE i.instrument_id = instrument;
+                ids := ids || trading._emit_order(acc, inst, COALESCE(p.strategy_id, p.entry_strategy_id), NULL,
+                    CASE WHEN long THEN 'sell' ELSE 'buy' END::trading.order_side, exit_qty, trig, c,
+                    reduce_only => true, leg => p.leg, trigger_price => fire_price);
+            ELSIF acc.mode = 'advisory' THEN
+                INSERT INTO risk.events (account_id, severity, event_type, message, details)
+                VALUES (p.account_id, 'warning', upper(trig::text),
+                        format('%s hit on %s at %s (advisory account: no order)', trig,
+                               (SELECT i.symbol FROM market.instruments i WHERE i.instrument_id = instrument), fire_price),
+                        jsonb_build_object('position_id', p.position_id, 'price', fire_price));
+            END IF;
+        END IF;
+
+        UPDATE trading.positions x SET
+            last_price = c, marked_at = closes_at,
+            trail_anchor = CASE WHEN x.trailing_stop IS NULL THEN x.trail_anchor
+                                WHEN long THEN GREATEST(COALESCE(x.trail_anchor, h), h)
+                                ELSE LEAST(COALESCE(x.trail_anchor, l), l) END,
+            stop_loss = CASE WHEN x.breakeven IS NOT NULL
+                              AND ((long AND h >= x.breakeven) OR (NOT long AND l <= x.breakeven))
+                             THEN CASE WHEN long THEN GREATEST(COALESCE(x.stop_loss, 0), x.average_price)
+                                       ELSE LEAST(COALESCE(x.stop_loss, x.average_price), x.average_price) END
+                             ELSE x.stop_loss END,
+            breakeven = CASE WHEN x.breakeven IS NOT NULL
+                              AND ((long AND h >= x.breakeven) OR (NOT long AND l <= x.breakeven))
+                             THEN NULL ELSE x.breakeven END
+        WHERE x.position_id = p.position_id;
+        IF NOT p.account_id = ANY (touched) THEN
+            touched := touched || p.account_id;
+        END IF;
+    END LOOP;
+    FOREACH a IN ARRAY touched LOOP
+        PERFORM trading.snapshot_equity(a, closes_at);
+    END LOOP;
+    RETURN ids;
+END
+$$;
+
+-- Live and paper accounts: every inserted bar drives protection. Cheap when no account
+-- holds the instrument (one index probe).
+CREATE FUNCTION market.bar_inserted() RETURNS trigger
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+    IF EXISTS (SELECT 1 FROM trading.positions p WHERE p.instrument_id = NEW.instrument_id
+               AND p.quantity <> 0) THEN
+        PERFORM trading.on_bar(NEW.instrument_id, NEW.timeframe, NEW.ts, NEW.open, NEW.high,
+                               NEW.low, NEW.close);
+    END IF;
+    RETURN NULL;
+END
+$$;
+CREATE TRIGGER bars_drive_protection AFTER INSERT ON market.bars
+    FOR EACH ROW EXECUTE FUNCTION market.bar_inserted();
+
+-- ======== from 0002_07_pre_trading_grants.sql
+-- 0002_07 (pre): who may call the trading core. Every write goes through these
+-- SECURITY DEFINER functions; no role but mmats_owner writes a table.
+SET LOCAL ROLE mmats_owner;
+
+REVOKE ALL ON ALL FUNCTIONS IN SCHEMA market, trading, risk FROM PUBLIC;
+
+-- strategy: submit signals, read its own decisions
+GRANT EXECUTE ON FUNCTION trading.submit_signal(jsonb) TO mmats_strategy, mmats_api;
+GRANT SELECT ON trading.signals, trading.accounts, trading.positions TO mmats_strategy;
+
+-- router: settle orders with the broker's answers
+GRANT EXECUTE ON FUNCTION trading.apply_fill(jsonb), trading.reject_order(text, text, text),
+    trading.cancel_order(text, text), trading.expire_order(text), trading.mark_in_flight(text),
+    trading.acknowledge_order(text, text) TO mmats_router;
+GRANT SELECT ON trading.fills, trading.positions TO mmats_router;
+
+-- api: the controls
+GRANT EXECUTE ON FUNCTION
+    trading.create_account(text, text, text, numeric, text, text, text, boolean, numeric, numeric),
+    trading.assign_strategy(text, text, numeric, text, jsonb, integer, numeric),
+    trading.cancel_order(text, text), trading.close_position(text, text, text),
+    trading.close_all(text), trading.place_manual_order(jsonb),
+    trading.request_operator_mode(text), trading.confirm_operator_mode(text, text),
+    trading.set_advisory(text, text),
+    risk.set_limit(text, numeric, text, text, text, text, jsonb), risk.remove_limit(bigint),
+    risk.trip_breaker(text, text, text), risk.reset_breaker(text, text)
+    TO mmats_api;
+
+-- read-only helpers for everyone who reads
+GRANT EXECUTE ON FUNCTION trading.account_equity(bigint), trading.fx_rate(text, text, timestamptz),
+    market.latest_close(bigint, timestamptz), risk.effective_limits(bigint),
+    risk.breaker_mode(bigint) TO mmats_readonly, mmats_api, mmats_strategy, mmats_router;
+GRANT SELECT ON ALL TABLES IN SCHEMA market, trading, risk TO mmats_readonly, mmats_api;

@@ -1,0 +1,306 @@
+-- 0002_06 (pre): bars drive protection (mark to market, stops, targets, trailing stops,
+-- breakeven, equity snapshots, drawdown and daily-loss breakers); the breaker and the
+-- account controls.
+SET LOCAL ROLE mmats_owner;
+
+------------------------------------------------------------------------------ breaker
+-- Trip (or strengthen) the breaker. SOFT stops entries; HARD also sends closing orders
+-- for every position, riskiest first; FREEZE stops everything, closes included.
+CREATE FUNCTION risk._trip(acc trading.accounts, mode risk.breaker_mode, reason text,
+                           event_type text DEFAULT 'BREAKER_TRIPPED')
+RETURNS risk.breaker_mode
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    current risk.breaker_mode := risk.breaker_mode(acc.account_id);
+    ids bigint[] := '{}';
+BEGIN
+    IF mode = 'OK' THEN
+        RAISE EXCEPTION 'tripping needs SOFT, HARD or FREEZE; use risk.reset_breaker() to clear'
+            USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    IF current >= mode THEN
+        RETURN current;  -- already as strong or stronger
+    END IF;
+    INSERT INTO risk.breaker_state AS b (account_id, mode, reason, tripped_at, tripped_by)
+    VALUES (acc.account_id, mode, reason, now(), session_user)
+    ON CONFLICT (account_id) DO UPDATE SET mode = EXCLUDED.mode, reason = EXCLUDED.reason,
+        tripped_at = EXCLUDED.tripped_at, tripped_by = EXCLUDED.tripped_by;
+    IF mode = 'HARD' AND acc.mode = 'operator' THEN
+        ids := trading._close_positions(acc, NULL, 'breaker');
+    END IF;
+    INSERT INTO risk.events (account_id, severity, event_type, message, details)
+    VALUES (acc.account_id, 'critical', upper(event_type),
+            format('breaker %s on %s: %s', mode, acc.name, reason),
+            jsonb_build_object('mode', mode, 'previous', current, 'closing_orders', to_jsonb(ids)));
+    PERFORM audit.record('risk.breaker_tripped', 'trading.accounts', acc.account_id::text,
+        jsonb_build_object('mode', mode, 'previous', current, 'reason', reason,
+                           'closing_orders', to_jsonb(ids)));
+    RETURN mode;
+END
+$$;
+
+CREATE FUNCTION risk.trip_breaker(account text, mode text, reason text) RETURNS jsonb
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    acc trading.accounts := trading._account(account, true);
+    m risk.breaker_mode;
+BEGIN
+    IF upper(mode) NOT IN ('SOFT', 'HARD', 'FREEZE') THEN
+        RAISE EXCEPTION 'breaker mode must be SOFT, HARD or FREEZE, got %', quote_literal(mode)
+            USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    IF reason IS NULL OR btrim(reason) = '' THEN
+        RAISE EXCEPTION 'tripping the breaker needs a reason' USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    m := risk._trip(acc, upper(mode)::risk.breaker_mode, reason, 'BREAKER_MANUAL');
+    RETURN jsonb_build_object('account', acc.name, 'mode', m,
+        'open_orders', (SELECT count(*) FROM trading.orders o WHERE o.account_id = acc.account_id
+                        AND o.status IN ('created', 'in_flight', 'submitted', 'partially_filled')));
+END
+$$;
+
+-- Clearing the breaker needs the explicit confirmation 'RESET <account name>'.
+CREATE FUNCTION risk.reset_breaker(account text, confirmation text) RETURNS jsonb
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    acc trading.accounts := trading._account(account, true);
+    previous risk.breaker_mode := risk.breaker_mode(acc.account_id);
+BEGIN
+    IF confirmation IS DISTINCT FROM 'RESET ' || acc.name THEN
+        RAISE EXCEPTION 'resetting the breaker of % needs the confirmation %', acc.name,
+            quote_literal('RESET ' || acc.name) USING ERRCODE = 'insufficient_privilege';
+    END IF;
+    UPDATE risk.breaker_state b SET mode = 'OK', reason = NULL, tripped_at = NULL, tripped_by = NULL
+    WHERE b.account_id = acc.account_id;
+    UPDATE trading.accounts a SET consecutive_rejections = 0, peak_equity = e.equity
+    FROM trading.account_equity(acc.account_id) e WHERE a.account_id = acc.account_id;
+    INSERT INTO risk.events (account_id, severity, event_type, message, details)
+    VALUES (acc.account_id, 'warning', 'BREAKER_RESET', format('breaker reset on %s', acc.name),
+            jsonb_build_object('previous', previous));
+    PERFORM audit.record('risk.breaker_reset', 'trading.accounts', acc.account_id::text,
+                         jsonb_build_object('previous', previous));
+    RETURN jsonb_build_object('account', acc.name, 'mode', 'OK', 'previous', previous);
+END
+$$;
+
+------------------------------------------------------------------------------ modes
+CREATE FUNCTION trading.request_operator_mode(account text) RETURNS text
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    acc trading.accounts := trading._account(account, true);
+    token text := replace(gen_random_uuid()::text, '-', '') || replace(gen_random_uuid()::text, '-', '');
+BEGIN
+    IF acc.mode = 'operator' THEN
+        RAISE EXCEPTION 'account % is already in operator mode', acc.name USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    IF acc.environment = 'live' AND NOT EXISTS (
+            SELECT 1 FROM trading.credentials c WHERE c.account_id = acc.account_id AND c.is_live) THEN
+        RAISE EXCEPTION 'live account % has no credentials marked live: it cannot go to operator mode', acc.name
+            USING ERRCODE = 'insufficient_privilege', HINT = 'add live credentials first (mmats creds set)';
+    END IF;
+    INSERT INTO trading.mode_requests AS r (account_id, token_hash, requested_by, requested_at, expires_at)
+    VALUES (acc.account_id, sha256(convert_to(token, 'UTF8')), session_user, now(), now() + interval '5 minutes')
+    ON CONFLICT (account_id) DO UPDATE SET token_hash = EXCLUDED.token_hash,
+        requested_by = EXCLUDED.requested_by, requested_at = EXCLUDED.requested_at,
+        expires_at = EXCLUDED.expires_at;
+    PERFORM audit.record('control.operator_requested', 'trading.accounts', acc.account_id::text,
+                         jsonb_build_object('expires_in_seconds', 300));
+    RETURN token;
+END
+$$;
+
+CREATE FUNCTION trading.confirm_operator_mode(account text, token text) RETURNS jsonb
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    acc trading.accounts := trading._account(account, true);
+    r trading.mode_requests;
+BEGIN
+    SELECT * INTO r FROM trading.mode_requests x WHERE x.account_id = acc.account_id;
+    IF NOT FOUND OR r.expires_at < now() OR r.token_hash <> sha256(convert_to(COALESCE(token, ''), 'UTF8')) THEN
+        RAISE EXCEPTION 'operator mode for %: no valid request for this token (request one with trading.request_operator_mode(); it expires after 5 minutes)', acc.name
+            USING ERRCODE = 'insufficient_privilege';
+    END IF;
+    DELETE FROM trading.mode_requests x WHERE x.account_id = acc.account_id;
+    UPDATE trading.accounts a SET mode = 'operator', consecutive_rejections = 0
+    WHERE a.account_id = acc.account_id;
+    PERFORM audit.record('control.operator_confirmed', 'trading.accounts', acc.account_id::text,
+                         jsonb_build_object('requested_by', r.requested_by));
+    RETURN jsonb_build_object('account', acc.name, 'mode', 'operator');
+END
+$$;
+
+CREATE FUNCTION trading.set_advisory(account text, reason text DEFAULT NULL) RETURNS jsonb
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    acc trading.accounts := trading._account(account, true);
+BEGIN
+    UPDATE trading.accounts a SET mode = 'advisory' WHERE a.account_id = acc.account_id;
+    PERFORM audit.record('control.advisory', 'trading.accounts', acc.account_id::text,
+                         jsonb_build_object('reason', reason, 'previous', acc.mode));
+    RETURN jsonb_build_object('account', acc.name, 'mode', 'advisory');
+END
+$$;
+
+------------------------------------------------------------------------------ bars
+-- Snapshot an account's equity at a time, track its peak and its UTC day, and trip the
+-- breaker on a breached drawdown or daily-loss limit. Returns the equity.
+CREATE FUNCTION trading.snapshot_equity(account bigint, at timestamptz) RETURNS numeric
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    acc trading.accounts;
+    e record;
+    peak numeric;
+    day date := (at AT TIME ZONE 'UTC')::date;
+    day_start numeric;
+    l risk.limits;
+    loss numeric;
+BEGIN
+    SELECT * INTO acc FROM trading.accounts a WHERE a.account_id = account FOR UPDATE;
+    SELECT * INTO e FROM trading.account_equity(account);
+    peak := GREATEST(COALESCE(acc.peak_equity, e.equity), e.equity);
+    day_start := CASE WHEN acc.trading_day = day THEN acc.day_start_equity ELSE e.equity END;
+    UPDATE trading.accounts a SET peak_equity = peak, trading_day = day, day_start_equity = day_start
+    WHERE a.account_id = account;
+    INSERT INTO trading.equity_snapshots AS s (account_id, ts, cash, positions_value, equity, peak_equity, drawdown)
+    VALUES (account, at, e.cash, e.positions_value, e.equity, peak,
+            CASE WHEN peak > 0 THEN LEAST(GREATEST((peak - e.equity) / peak, 0), 1) ELSE 0 END)
+    ON CONFLICT (account_id, ts) DO UPDATE SET cash = EXCLUDED.cash,
+        positions_value = EXCLUDED.positions_value, equity = EXCLUDED.equity,
+        peak_equity = EXCLUDED.peak_equity, drawdown = EXCLUDED.drawdown;
+    FOR l IN SELECT * FROM risk.effective_limits(account) x
+             WHERE x.limit_type IN ('MAX_DRAWDOWN', 'DAILY_LOSS') AND x.scope = 'global' LOOP
+        IF l.limit_type = 'MAX_DRAWDOWN' AND peak > 0 AND (peak - e.equity) / peak >= l.value THEN
+            PERFORM risk._trip(acc, COALESCE(upper(l.params ->> 'mode'), 'HARD')::risk.breaker_mode,
+                format('MAX_DRAWDOWN: limit=%s, drawdown=%s', l.value, round((peak - e.equity) / peak, 4)),
+                'MAX_DRAWDOWN');
+        ELSIF l.limit_type = 'DAILY_LOSS' THEN
+            loss := day_start - e.equity;
+            IF l.params ->> 'unit' = 'fraction' AND day_start > 0 THEN
+                loss := loss / day_start;
+            END IF;
+            IF loss >= l.value THEN
+                PERFORM risk._trip(acc, COALESCE(upper(l.params ->> 'mode'), 'HARD')::risk.breaker_mode,
+                    format('DAILY_LOSS: limit=%s, loss=%s', l.value, round(loss, 4)), 'DAILY_LOSS');
+            END IF;
+        END IF;
+    END LOOP;
+    RETURN e.equity;
+END
+$$;
+
+-- One closed bar for an instrument: mark open positions, fire or move their protection.
+-- account NULL: every live and paper account (the bars trigger); the backtest engine
+-- passes its own account. Returns the ids of the closing orders created.
+CREATE FUNCTION trading.on_bar(instrument bigint, tf market.timeframe, bar_ts timestamptz,
+                               o numeric, h numeric, l numeric, c numeric,
+                               account bigint DEFAULT NULL)
+RETURNS bigint[]
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    closes_at timestamptz := bar_ts + market.timeframe_interval(tf);
+    p record;
+    acc trading.accounts;
+    inst market.instruments;
+    long boolean;
+    stop numeric;
+    trig trading.order_trigger;
+    fire_price numeric;
+    exit_qty numeric;
+    ids bigint[] := '{}';
+    touched bigint[] := '{}';
+    a bigint;
+BEGIN
+    FOR p IN
+        SELECT x.* FROM trading.positions x JOIN trading.accounts ac USING (account_id)
+        WHERE x.instrument_id = instrument AND x.quantity <> 0
+          AND (on_bar.account IS NULL AND ac.environment IN ('live', 'paper')
+               OR x.account_id = on_bar.account)
+          AND (x.marked_at IS NULL OR x.marked_at < closes_at)
+        ORDER BY x.account_id, x.position_id
+        FOR UPDATE OF x
+    LOOP
+        long := p.leg = 'long' OR (p.leg = 'net' AND p.quantity > 0);
+        -- the stop in force during this bar: the trailing stop and breakeven move only
+        -- after the bar is judged, since the bar's extremes come in an unknown order
+        stop := p.stop_loss;
+        IF p.trailing_stop IS NOT NULL AND p.trail_anchor IS NOT NULL THEN
+            stop := CASE WHEN long THEN GREATEST(COALESCE(stop, 0), p.trail_anchor - p.trailing_stop)
+                         ELSE LEAST(COALESCE(stop, 'Infinity'), p.trail_anchor + p.trailing_stop) END;
+            IF stop <= 0 OR stop = 'Infinity' THEN stop := p.stop_loss; END IF;
+        END IF;
+        trig := NULL;
+        IF stop IS NOT NULL AND ((long AND l <= stop) OR (NOT long AND h >= stop)) THEN
+            -- stop first when both stop and target are inside the bar; at the open on a gap
+            trig := CASE WHEN stop = p.stop_loss AND p.stop_loss = p.average_price THEN 'breakeven'
+                         WHEN stop = p.stop_loss THEN 'stop_loss'
+                         ELSE 'trailing_stop' END;
+            fire_price := CASE WHEN long THEN LEAST(o, stop) ELSE GREATEST(o, stop) END;
+        ELSIF p.take_profit IS NOT NULL AND ((long AND h >= p.take_profit) OR (NOT long AND l <= p.take_profit)) THEN
+            trig := 'take_profit';
+            fire_price := CASE WHEN long THEN GREATEST(o, p.take_profit) ELSE LEAST(o, p.take_profit) END;
+        END IF;
+
+        IF trig IS NOT NULL THEN
+            SELECT * INTO acc FROM trading.accounts x WHERE x.account_id = p.account_id;
+            -- exits already on their way (a strategy's close, an earlier stop) count first
+            SELECT p.quantity - COALESCE(sum(x.quantity - x.filled_quantity), 0) INTO exit_qty
+            FROM trading.orders x
+            WHERE x.account_id = p.account_id AND x.instrument_id = instrument AND x.reduce_only
+              AND x.side = CASE WHEN long THEN 'sell' ELSE 'buy' END::trading.order_side
+              AND x.position_leg = p.leg
+              AND (p.strategy_id IS NULL OR x.strategy_id = p.strategy_id)
+              AND x.status IN ('created', 'in_flight', 'submitted', 'partially_filled');
+            IF acc.mode = 'operator' AND risk.breaker_mode(acc.account_id) <> 'FREEZE' AND exit_qty > 0 THEN
+                SELECT * INTO inst FROM market.instruments i WHERE i.instrument_id = instrument;
+                ids := ids || trading._emit_order(acc, inst, COALESCE(p.strategy_id, p.entry_strategy_id), NULL,
+                    CASE WHEN long THEN 'sell' ELSE 'buy' END::trading.order_side, exit_qty, trig, c,
+                    reduce_only => true, leg => p.leg, trigger_price => fire_price);
+            ELSIF acc.mode = 'advisory' THEN
+                INSERT INTO risk.events (account_id, severity, event_type, message, details)
+                VALUES (p.account_id, 'warning', upper(trig::text),
+                        format('%s hit on %s at %s (advisory account: no order)', trig,
+                               (SELECT i.symbol FROM market.instruments i WHERE i.instrument_id = instrument), fire_price),
+                        jsonb_build_object('position_id', p.position_id, 'price', fire_price));
+            END IF;
+        END IF;
+
+        UPDATE trading.positions x SET
+            last_price = c, marked_at = closes_at,
+            trail_anchor = CASE WHEN x.trailing_stop IS NULL THEN x.trail_anchor
+                                WHEN long THEN GREATEST(COALESCE(x.trail_anchor, h), h)
+                                ELSE LEAST(COALESCE(x.trail_anchor, l), l) END,
+            stop_loss = CASE WHEN x.breakeven IS NOT NULL
+                              AND ((long AND h >= x.breakeven) OR (NOT long AND l <= x.breakeven))
+                             THEN CASE WHEN long THEN GREATEST(COALESCE(x.stop_loss, 0), x.average_price)
+                                       ELSE LEAST(COALESCE(x.stop_loss, x.average_price), x.average_price) END
+                             ELSE x.stop_loss END,
+            breakeven = CASE WHEN x.breakeven IS NOT NULL
+                              AND ((long AND h >= x.breakeven) OR (NOT long AND l <= x.breakeven))
+                             THEN NULL ELSE x.breakeven END
+        WHERE x.position_id = p.position_id;
+        IF NOT p.account_id = ANY (touched) THEN
+            touched := touched || p.account_id;
+        END IF;
+    END LOOP;
+    FOREACH a IN ARRAY touched LOOP
+        PERFORM trading.snapshot_equity(a, closes_at);
+    END LOOP;
+    RETURN ids;
+END
+$$;
+
+-- Live and paper accounts: every inserted bar drives protection. Cheap when no account
+-- holds the instrument (one index probe).
+CREATE FUNCTION market.bar_inserted() RETURNS trigger
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+    IF EXISTS (SELECT 1 FROM trading.positions p WHERE p.instrument_id = NEW.instrument_id
+               AND p.quantity <> 0) THEN
+        PERFORM trading.on_bar(NEW.instrument_id, NEW.timeframe, NEW.ts, NEW.open, NEW.high,
+                               NEW.low, NEW.close);
+    END IF;
+    RETURN NULL;
+END
+$$;
+CREATE TRIGGER bars_drive_protection AFTER INSERT ON market.bars
+    FOR EACH ROW EXECUTE FUNCTION market.bar_inserted();
