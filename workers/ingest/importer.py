@@ -205,6 +205,7 @@ def import_file(conn: psycopg.Connection, path: str | Path, *, symbol: str, mark
         _quarantine(cur, import_id, bad)
         summary = {"import_id": import_id, "file": file, "sha256": digest,
                    "symbol": spec.symbol, "venue": spec.venue, "timeframe": timeframe,
+                   "tz": tz, "skip_bad": skip_bad,
                    "rows_read": parsed.rows_read, "inserted": inserted,
                    "unchanged": unchanged, "quarantined": len(bad),
                    "first_ts": first_ts.isoformat() if first_ts else None,
