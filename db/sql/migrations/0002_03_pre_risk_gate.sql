@@ -158,8 +158,16 @@ BEGIN
     SELECT * INTO eq FROM trading.account_equity(acc.account_id);
     fx := trading._fx_or_fail(inst.quote_currency, acc.base_currency, at);
     px := price * fx;
+    -- the position on the instrument, with the entry orders not yet filled: an approved
+    -- entry counts at once, so that orders decided one after the other (or by sessions
+    -- waiting on the account lock) cannot together pass a limit each passes alone
     SELECT COALESCE(sum(trading._signed_qty(p)), 0) INTO inst_qty
     FROM trading.positions p WHERE p.account_id = acc.account_id AND p.instrument_id = inst.instrument_id;
+    SELECT inst_qty + COALESCE(sum(CASE WHEN o.side = 'buy' THEN 1 ELSE -1 END
+                                   * (o.quantity - o.filled_quantity)), 0) INTO inst_qty
+    FROM trading.orders o
+    WHERE o.account_id = acc.account_id AND o.instrument_id = inst.instrument_id AND NOT o.reduce_only
+      AND o.status IN ('created', 'in_flight', 'submitted', 'partially_filled');
     after_qty := inst_qty + dir * qty;
 
     FOR l IN SELECT * FROM risk.effective_limits(acc.account_id) el
@@ -219,6 +227,18 @@ BEGIN
                    OR (l.scope = 'market' AND i.market::text = l.scope_key)
                    OR (l.scope = 'strategy' AND COALESCE(p.strategy_id, p.entry_strategy_id) = strat.strategy_id)
                    OR (l.scope = 'symbol' AND i.instrument_id = inst.instrument_id));
+            -- entry orders not yet filled on other instruments of the scope count too
+            measure := measure + COALESCE((
+                SELECT sum((o.quantity - o.filled_quantity)
+                           * COALESCE(o.limit_price, o.reference_price, market.latest_close(o.instrument_id))
+                           * COALESCE(trading.fx_rate(i.quote_currency, acc.base_currency, NULL), 0))
+                FROM trading.orders o JOIN market.instruments i USING (instrument_id)
+                WHERE o.account_id = acc.account_id AND o.instrument_id <> inst.instrument_id
+                  AND NOT o.reduce_only
+                  AND o.status IN ('created', 'in_flight', 'submitted', 'partially_filled')
+                  AND (l.limit_type = 'MAX_LEVERAGE' OR l.scope = 'global'
+                       OR (l.scope = 'market' AND i.market::text = l.scope_key)
+                       OR (l.scope = 'strategy' AND o.strategy_id = strat.strategy_id))), 0);
             measure := (measure + abs(after_qty) * px) / NULLIF(eq.equity, 0);
             IF measure IS NULL OR measure > l.value THEN
                 code := l.limit_type;
@@ -227,18 +247,36 @@ BEGIN
                                  l.scope || COALESCE(':' || l.scope_key, ''));
             END IF;
         WHEN 'MAX_OPEN_POSITIONS' THEN
+            -- open positions and entry orders not yet filled (each one a position to be)
             IF l.scope = 'symbol' THEN
-                SELECT count(*) + CASE WHEN bool_or(p.strategy_id IS NOT DISTINCT FROM strat.strategy_id) THEN 0 ELSE 1 END
-                INTO n FROM trading.positions p
-                WHERE p.account_id = acc.account_id AND p.instrument_id = inst.instrument_id AND p.quantity <> 0;
-                n := COALESCE(n, 1);
+                -- position rows (strategy, leg) on the symbol, this order's own included
+                SELECT count(*) INTO n FROM (
+                    SELECT p.strategy_id, p.leg FROM trading.positions p
+                    WHERE p.account_id = acc.account_id AND p.instrument_id = inst.instrument_id
+                      AND p.quantity <> 0
+                    UNION
+                    SELECT CASE WHEN acc.aggregation = 'independent' THEN o.strategy_id END, o.position_leg
+                    FROM trading.orders o
+                    WHERE o.account_id = acc.account_id AND o.instrument_id = inst.instrument_id
+                      AND NOT o.reduce_only
+                      AND o.status IN ('created', 'in_flight', 'submitted', 'partially_filled')
+                    UNION
+                    SELECT CASE WHEN acc.aggregation = 'independent' THEN strat.strategy_id END,
+                           CASE WHEN acc.position_mode = 'oneway' THEN 'net'
+                                WHEN side = 'buy' THEN 'long' ELSE 'short' END::trading.position_leg) k;
             ELSE
-                SELECT count(DISTINCT p.instrument_id) INTO n
-                FROM trading.positions p JOIN market.instruments i USING (instrument_id)
-                WHERE p.account_id = acc.account_id AND p.quantity <> 0
-                  AND p.instrument_id <> inst.instrument_id
+                SELECT count(DISTINCT x.instrument_id) INTO n FROM (
+                    SELECT p.instrument_id, COALESCE(p.strategy_id, p.entry_strategy_id) AS strategy_id
+                    FROM trading.positions p
+                    WHERE p.account_id = acc.account_id AND p.quantity <> 0
+                    UNION ALL
+                    SELECT o.instrument_id, o.strategy_id FROM trading.orders o
+                    WHERE o.account_id = acc.account_id AND NOT o.reduce_only
+                      AND o.status IN ('created', 'in_flight', 'submitted', 'partially_filled')) x
+                JOIN market.instruments i USING (instrument_id)
+                WHERE x.instrument_id <> inst.instrument_id
                   AND (l.scope = 'global' OR (l.scope = 'market' AND i.market::text = l.scope_key)
-                       OR (l.scope = 'strategy' AND COALESCE(p.strategy_id, p.entry_strategy_id) = strat.strategy_id));
+                       OR (l.scope = 'strategy' AND x.strategy_id = strat.strategy_id));
                 n := n + CASE WHEN after_qty <> 0 THEN 1 ELSE 0 END;
             END IF;
             IF n > l.value THEN
