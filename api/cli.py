@@ -185,7 +185,11 @@ def main(argv: list[str] | None = None) -> NoReturn:
             url = database_url(start=False)
         except Exception:
             url = None
-        _fail(describe(exc, url), debug)
+        message = describe(exc, url)
+        if isinstance(exc, psycopg.errors.UndefinedTable | psycopg.errors.InvalidSchemaName
+                      | psycopg.errors.UndefinedFunction):
+            message += " (is the database migrated? run `mmats db upgrade`)"
+        _fail(message, debug)
     except KeyboardInterrupt:
         click.echo("interrupted", err=True)
         sys.exit(130)

@@ -2,28 +2,16 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from datetime import UTC
 
 import click
+import psycopg
 
+from api.table import table
 from db.connect import connect, database_url
+from db.queries import query
 
 MAX_BAD_SHOWN = 20
-
-
-def table(headers: Sequence[str], rows: Sequence[Sequence[object]],
-          right: Sequence[int] = ()) -> str:
-    """Rows as text with aligned columns (numbers in `right` aligned right)."""
-    cells = [[str(h) for h in headers]] + [["" if v is None else str(v) for v in r] for r in rows]
-    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
-    lines = []
-    for n, r in enumerate(cells):
-        parts = [c.rjust(w) if i in right else c.ljust(w)
-                 for i, (c, w) in enumerate(zip(r, widths, strict=True))]
-        lines.append("  ".join(parts).rstrip())
-        if n == 0:
-            lines.append("  ".join("-" * w for w in widths))
-    return "\n".join(lines)
 
 
 @click.group("data")
@@ -59,25 +47,23 @@ def data_import(file: str, symbol: str, market: str, timeframe: str, venue: str 
             click.echo(f"  ... {len(rep.bad_rows) - MAX_BAD_SHOWN} more")
 
 
-_LIST = """
-SELECT symbol, venue, market::text, timeframe::text, first_ts, last_ts, bars
-FROM market.bar_coverage ORDER BY symbol, venue, timeframe
-"""
+def coverage(conn: psycopg.Connection, indent: str = "") -> str:
+    """What is stored, one line per instrument and timeframe (times in UTC)."""
+    rows = conn.execute(query("bar_coverage")).fetchall()
+    if not rows:
+        return indent + "no bars stored (import some with `mmats data import`)"
+    out = [(s, v, m, tf, f"{a.astimezone(UTC):%Y-%m-%d %H:%M}",
+            f"{b.astimezone(UTC):%Y-%m-%d %H:%M}", f"{n:,}")
+           for s, v, m, tf, a, b, n in rows]
+    return table(("symbol", "venue", "market", "timeframe", "first (UTC)", "last (UTC)",
+                  "rows"), out, right=(6,), indent=indent)
 
 
 @data_group.command("list")
 def data_list() -> None:
     """What is stored: one line per instrument and timeframe."""
     with connect(database_url()) as conn:
-        conn.execute("SET timezone = 'UTC'")
-        rows = conn.execute(_LIST).fetchall()
-    if not rows:
-        click.echo("no bars stored (import some with `mmats data import`)")
-        return
-    out = [(s, v, m, tf, f"{a:%Y-%m-%d %H:%M}", f"{b:%Y-%m-%d %H:%M}", f"{n:,}")
-           for s, v, m, tf, a, b, n in rows]
-    click.echo(table(("symbol", "venue", "market", "timeframe", "first (UTC)", "last (UTC)",
-                      "rows"), out, right=(6,)))
+        click.echo(coverage(conn))
 
 
 @data_group.command("gaps")

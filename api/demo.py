@@ -6,7 +6,7 @@ import time
 
 import click
 
-from api.table import echo_table
+from api.cli_data import coverage
 from db.config import load_settings, redact_url
 from db.connect import connect, database_url
 from db.migrate import upgrade
@@ -39,8 +39,7 @@ def demo() -> None:
                        f"{report.unchanged} already stored")
 
         click.echo("4. what is stored:")
-        rows = conn.execute(query("bar_coverage")).fetchall()
-        echo_table(["symbol", "venue", "market", "tf", "first", "last", "bars"], rows, indent="   ")
+        click.echo(coverage(conn, indent="   "))
         aggregates = conn.execute(query("aggregate_counts")).fetchall()
         click.echo("   aggregates from 1m bars: "
                    + ", ".join(f"{name} {count}" for name, count in aggregates))

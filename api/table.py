@@ -1,23 +1,20 @@
-"""Plain aligned tables for the terminal."""
+"""Aligned text tables for the terminal."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
-from datetime import datetime
-
-import click
+from collections.abc import Sequence
 
 
-def _cell(value: object) -> str:
-    if value is None:
-        return "-"
-    if isinstance(value, datetime):
-        return value.strftime("%Y-%m-%d %H:%M")
-    return str(value)
-
-
-def echo_table(headers: Sequence[str], rows: Iterable[Sequence[object]], indent: str = "") -> None:
-    cells = [[_cell(v) for v in row] for row in rows]
-    widths = [max([len(h)] + [len(r[i]) for r in cells]) for i, h in enumerate(headers)]
-    for line in [list(headers), *cells]:
-        click.echo(indent + "  ".join(c.ljust(w) for c, w in zip(line, widths, strict=True)).rstrip())
+def table(headers: Sequence[str], rows: Sequence[Sequence[object]],
+          right: Sequence[int] = (), indent: str = "") -> str:
+    """Rows as text with aligned columns (the columns in `right` aligned right)."""
+    cells = [[str(h) for h in headers]] + [["" if v is None else str(v) for v in r] for r in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
+    lines = []
+    for n, r in enumerate(cells):
+        parts = [c.rjust(w) if i in right else c.ljust(w)
+                 for i, (c, w) in enumerate(zip(r, widths, strict=True))]
+        lines.append(indent + "  ".join(parts).rstrip())
+        if n == 0:
+            lines.append(indent + "  ".join("-" * w for w in widths))
+    return "\n".join(lines)

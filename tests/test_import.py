@@ -198,11 +198,15 @@ def test_reimport_changes_nothing(conn, tmp_path):
     first = import_file(conn, path, symbol="AAPL", market="stock", timeframe="1d")
     assert (first.inserted, first.unchanged) == (3, 1)
     before = bars(conn)
+    audit_before = conn.execute("SELECT count(*) FROM audit.events").fetchone()
     again = import_file(conn, path, symbol="AAPL", market="stock", timeframe="1d")
     assert (again.inserted, again.unchanged, again.quarantined) == (0, 4, 0)
+    assert again.import_id is None
     assert "nothing changed" in again.summary()
     assert bars(conn) == before
-    assert counts(conn)[:2] == (3, 2)
+    # no new row anywhere: not the bars, not an import record, not an audit event
+    assert counts(conn) == (3, 1, 0, 1)
+    assert conn.execute("SELECT count(*) FROM audit.events").fetchone() == audit_before
 
 
 def test_conflicting_reimport_is_refused(conn, tmp_path):
@@ -407,3 +411,11 @@ def test_any_valid_file_round_trips_exactly(conn, tmp_path, rows, parquet):
         "SELECT open, high, low, close, volume FROM market.bars WHERE instrument_id = %s "
         "ORDER BY ts", (rep.instrument_id,)).fetchall()
     assert got == [tuple(r[1:]) for r in rows]
+
+
+def test_one_letter_stock_ticker(conn, tmp_path):
+    # Ford trades as F: the base "currency" of a stock is its ticker
+    rep = import_file(conn, write(tmp_path, GOOD), symbol="F", market="stock", timeframe="1d")
+    assert rep.inserted == 3
+    assert conn.execute("SELECT symbol, base_currency, quote_currency FROM market.instruments"
+                        ).fetchone() == ("F", "F", "USD")

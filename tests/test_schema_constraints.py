@@ -213,11 +213,18 @@ def test_instrument_venue_accepted(c: psycopg.Connection, venue: str) -> None:
 
 
 @pytest.mark.parametrize("column", ["base_currency", "quote_currency"])
-@pytest.mark.parametrize("value", [*HOSTILE, "usd", "U", "A" * 13, "US-D", "US.D", "€UR"])
+@pytest.mark.parametrize("value", [*HOSTILE, "usd", "A" * 13, "US-D", "US.D", "€UR"])
 def test_instrument_currency_refused(c: psycopg.Connection, mod_url: str, column: str,
                                      value: str) -> None:
     refuse(c, mod_url, "market.instruments", instrument_row(**{column: value}),
            f"instruments_{column}_format")
+
+
+def test_one_letter_base_accepted_but_not_quote(c: psycopg.Connection, mod_url: str) -> None:
+    # Ford's ticker is F; no currency is one letter
+    assert insert(c, "market.instruments", instrument_row(base_currency="F"))[4] == "F"
+    refuse(c, mod_url, "market.instruments", instrument_row(quote_currency="U"),
+           "instruments_quote_currency_format")
 
 
 @pytest.mark.parametrize("value", ["US", "A" * 12, "USDT", "1INCH"])

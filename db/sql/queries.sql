@@ -4,7 +4,7 @@
 -- name: bar_coverage
 SELECT symbol, venue, market::text, timeframe::text, first_ts, last_ts, bars
 FROM market.bar_coverage
-ORDER BY market, symbol, venue, timeframe;
+ORDER BY symbol, venue, timeframe;
 
 -- name: aggregate_counts
 SELECT 'bars_5m' AS view, count(*) FROM market.bars_5m

@@ -152,7 +152,7 @@ CREATE TABLE market.instruments (
                          CHECK (venue ~ '^[a-z0-9][a-z0-9._-]{0,31}$'),
     market           market.market_type NOT NULL,
     base_currency    text NOT NULL CONSTRAINT instruments_base_currency_format
-                         CHECK (base_currency ~ '^[A-Z0-9]{2,12}$'),
+                         CHECK (base_currency ~ '^[A-Z0-9]{1,12}$'),
     quote_currency   text NOT NULL CONSTRAINT instruments_quote_currency_format
                          CHECK (quote_currency ~ '^[A-Z0-9]{2,12}$'),
     contract_type    market.contract_type NOT NULL DEFAULT 'spot',
@@ -170,6 +170,10 @@ CREATE TABLE market.instruments (
 );
 COMMENT ON CONSTRAINT instruments_symbol_format ON market.instruments IS
     'a symbol is 1-40 characters: upper-case letters, digits and . _ : / -, starting with a letter or digit';
+COMMENT ON CONSTRAINT instruments_base_currency_format ON market.instruments IS
+    'a base currency or asset is 1-12 upper-case letters or digits (a stock''s ticker, e.g. F)';
+COMMENT ON CONSTRAINT instruments_quote_currency_format ON market.instruments IS
+    'a quote currency is 2-12 upper-case letters or digits';
 COMMENT ON CONSTRAINT instruments_venue_format ON market.instruments IS
     'a venue is 1-32 characters: lower-case letters, digits and . _ -';
 COMMENT ON CONSTRAINT instruments_venue_symbol_unique ON market.instruments IS

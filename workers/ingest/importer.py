@@ -41,7 +41,7 @@ class ImportReport:
     market: str
     timeframe: str
     instrument_id: int
-    import_id: int
+    import_id: int | None  # None: nothing new (a re-import), so nothing was recorded
     rows_read: int
     inserted: int
     unchanged: int
@@ -199,19 +199,22 @@ def import_file(conn: psycopg.Connection, path: str | Path, *, symbol: str, mark
         first_ts = _utc(first_us) if first_us is not None else None
         last_ts = _utc(last_us) if last_us is not None else None
         unchanged = staged - inserted + parsed.duplicates
-        import_id = cur.execute(_IMPORT_ROW, (
-            instrument_id, timeframe, file, digest, parsed.rows_read, inserted, unchanged,
-            len(bad), first_ts, last_ts)).fetchone()[0]  # type: ignore[index]
-        _quarantine(cur, import_id, bad)
-        summary = {"import_id": import_id, "file": file, "sha256": digest,
-                   "symbol": spec.symbol, "venue": spec.venue, "timeframe": timeframe,
-                   "tz": tz, "skip_bad": skip_bad,
-                   "rows_read": parsed.rows_read, "inserted": inserted,
-                   "unchanged": unchanged, "quarantined": len(bad),
-                   "first_ts": first_ts.isoformat() if first_ts else None,
-                   "last_ts": last_ts.isoformat() if last_ts else None}
-        cur.execute("SELECT audit.record('data.import', 'market.bars', %s::text, %s::jsonb)",
-                    (str(instrument_id), json.dumps(summary)))
+        import_id: int | None = None
+        if inserted or bad:
+            # a re-import that adds nothing writes nothing, not even its own record
+            import_id = cur.execute(_IMPORT_ROW, (
+                instrument_id, timeframe, file, digest, parsed.rows_read, inserted, unchanged,
+                len(bad), first_ts, last_ts)).fetchone()[0]  # type: ignore[index]
+            _quarantine(cur, import_id, bad)
+            summary = {"import_id": import_id, "file": file, "sha256": digest,
+                       "symbol": spec.symbol, "venue": spec.venue, "timeframe": timeframe,
+                       "tz": tz, "skip_bad": skip_bad,
+                       "rows_read": parsed.rows_read, "inserted": inserted,
+                       "unchanged": unchanged, "quarantined": len(bad),
+                       "first_ts": first_ts.isoformat() if first_ts else None,
+                       "last_ts": last_ts.isoformat() if last_ts else None}
+            cur.execute("SELECT audit.record('data.import', 'market.bars', %s::text, %s::jsonb)",
+                        (str(instrument_id), json.dumps(summary)))
     t2 = time.perf_counter()
     if timeframe == "1m" and inserted:
         with conn.transaction():
@@ -219,7 +222,7 @@ def import_file(conn: psycopg.Connection, path: str | Path, *, symbol: str, mark
     t3 = time.perf_counter()
     return ImportReport(
         file=file, symbol=spec.symbol, venue=spec.venue, market=spec.market,
-        timeframe=timeframe, instrument_id=instrument_id, import_id=int(import_id),
+        timeframe=timeframe, instrument_id=instrument_id, import_id=import_id,
         rows_read=parsed.rows_read, inserted=inserted, unchanged=unchanged,
         quarantined=len(bad), first_ts=first_ts, last_ts=last_ts,
         bad_rows=tuple(sorted(bad, key=lambda b: b.row_number)), row_label=parsed.label,
@@ -248,7 +251,7 @@ def _conflict_rows(cur: psycopg.Cursor, staging: sql.Identifier, conflicts: list
     return out
 
 
-def _quarantine(cur: psycopg.Cursor, import_id: int, bad: list[BadRow]) -> None:
+def _quarantine(cur: psycopg.Cursor, import_id: int | None, bad: list[BadRow]) -> None:
     if not bad:
         return
     stmt = "COPY market.bar_quarantine (import_id, row_number, raw, reason) FROM STDIN"

@@ -31,6 +31,7 @@ QUOTE_SUFFIXES = ("USDT", "USDC", "USD", "EUR", "BTC", "ETH")
 _SYMBOL_RE = re.compile(r"[A-Z0-9][A-Z0-9._:/-]{0,39}")
 _VENUE_RE = re.compile(r"[a-z0-9][a-z0-9._-]{0,31}")
 _CCY_RE = re.compile(r"[A-Z0-9]{2,12}")
+_BASE_RE = re.compile(r"[A-Z0-9]{1,12}")  # a stock's ticker may be one letter (F, T)
 
 
 class InstrumentError(MmatsError):
@@ -106,10 +107,10 @@ def currencies(symbol: str, market: str) -> tuple[str, str]:
     else:
         raise InstrumentError(
             f"cannot tell base and quote currency of {shown(symbol)}: write it as BASE/QUOTE")
-    for ccy in (base, quote):
-        if not _CCY_RE.fullmatch(ccy):
+    for ccy, pattern, size in ((base, _BASE_RE, "1-12"), (quote, _CCY_RE, "2-12")):
+        if not pattern.fullmatch(ccy):
             raise InstrumentError(
-                f"symbol {shown(symbol)} gives currency {shown(ccy)}, which is not 2-12 "
+                f"symbol {shown(symbol)} gives currency {shown(ccy)}, which is not {size} "
                 "letters or digits")
     return base, quote
 
