@@ -2057,8 +2057,10 @@ BEGIN
                 -- never size past the cash there is (after buying back a short first)
                 cash_room := acc.cash - trading._reserved_cash(acc)
                              - GREATEST(-cur, 0) * price * fx * (1 + acc.taker_fee);
-                target := LEAST(target, trading._round_down(cash_room / (price * fx * (1 + acc.taker_fee)),
-                                                            inst.quantity_step));
+                -- (what is held or already ordered is paid for: the cap is on what this order adds)
+                target := LEAST(target, GREATEST(cur, 0)
+                                        + trading._round_down(cash_room / (price * fx * (1 + acc.taker_fee)),
+                                                              inst.quantity_step));
             END IF;
             IF act = 'sell' THEN
                 target := -target;
@@ -2084,6 +2086,12 @@ BEGIN
                    abs(target), inst.min_quantity, inst.quantity_step), NULL);
     END IF;
     IF act = 'buy' AND target <= 0 THEN
+        RETURN trading._finish_signal(sig_id, 'rejected', 'QUANTITY_BELOW_MINIMUM',
+            format('QUANTITY_BELOW_MINIMUM: quantity=0, step=%s (not enough capital at price %s)',
+                   inst.quantity_step, price), NULL);
+    END IF;
+    IF act = 'sell' AND target = 0 AND cur = 0 THEN
+        -- allow_short: the short sized to nothing, and no long to close
         RETURN trading._finish_signal(sig_id, 'rejected', 'QUANTITY_BELOW_MINIMUM',
             format('QUANTITY_BELOW_MINIMUM: quantity=0, step=%s (not enough capital at price %s)',
                    inst.quantity_step, price), NULL);
