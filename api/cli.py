@@ -156,10 +156,12 @@ def audit_verify() -> None:
 
 
 def _register_subcommands() -> None:
-    from api import cli_data, cli_roles, demo
+    from api import cli_data, cli_roles, cli_trading, demo
 
     db_group.add_command(cli_roles.set_password_command)
     cli.add_command(cli_data.data_group)
+    cli.add_command(cli_trading.account_group)
+    cli.add_command(cli_trading.risk_group)
     cli.add_command(demo.demo)
 
 

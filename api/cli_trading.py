@@ -1,0 +1,225 @@
+"""mmats account … and mmats risk …: thin calls into the database's control functions."""
+
+from __future__ import annotations
+
+import json
+import sys
+from decimal import Decimal, InvalidOperation
+
+import click
+
+from api.table import table
+from db.connect import connect, database_url
+from db.errors import MmatsError
+
+ENVIRONMENTS = ["backtest", "paper", "live"]
+
+
+def _decimal(value: str, what: str) -> Decimal:
+    try:
+        d = Decimal(value)
+    except InvalidOperation:
+        raise MmatsError(f"{what} must be a number, got {value!r}") from None
+    if not d.is_finite():
+        raise MmatsError(f"{what} must be a finite number, got {value!r}")
+    return d
+
+
+def _call(sql: str, params: tuple[object, ...]) -> object:
+    with connect(database_url()) as conn:
+        row = conn.execute(sql, params).fetchone()
+    return row[0] if row else None
+
+
+# --------------------------------------------------------------------------- account
+@click.group("account")
+def account_group() -> None:
+    """Trading accounts: create, list, switch between advisory and operator mode."""
+
+
+@account_group.command("create")
+@click.argument("name")
+@click.option("--environment", required=True, type=click.Choice(ENVIRONMENTS))
+@click.option("--mode", default="advisory", show_default=True,
+              type=click.Choice(["advisory", "operator"]))
+@click.option("--cash", default="0", show_default=True, help="starting cash")
+@click.option("--currency", default="USD", show_default=True)
+@click.option("--position-mode", default="oneway", show_default=True,
+              type=click.Choice(["oneway", "hedge"]))
+@click.option("--aggregation", default="independent", show_default=True,
+              type=click.Choice(["independent", "priority", "consensus", "weighted"]))
+@click.option("--allow-short", is_flag=True, help="allow short positions")
+@click.option("--taker-fee", default="0", show_default=True, help="fraction per side")
+def account_create(name: str, environment: str, mode: str, cash: str, currency: str,
+                   position_mode: str, aggregation: str, allow_short: bool,
+                   taker_fee: str) -> None:
+    """Create an account (a live account starts in advisory mode)."""
+    account_id = _call(
+        "SELECT trading.create_account(%s, %s, %s, %s, %s, %s, %s, %s, %s)",
+        (name, environment, mode, _decimal(cash, "--cash"), currency, position_mode,
+         aggregation, allow_short, _decimal(taker_fee, "--taker-fee")))
+    click.echo(f"account {name} created (id {account_id}): {environment}, {mode}, "
+               f"{cash} {currency.upper()}, {position_mode}, {aggregation}")
+
+
+_ACCOUNTS = """
+SELECT a.name, a.environment::text, a.mode::text, a.base_currency, e.cash, e.equity,
+       (SELECT count(*) FROM trading.positions p
+        WHERE p.account_id = a.account_id AND p.quantity <> 0),
+       risk.breaker_mode(a.account_id)::text
+FROM trading.accounts a, LATERAL trading.account_equity(a.account_id) e
+ORDER BY a.name
+"""
+
+
+@account_group.command("list")
+def account_list() -> None:
+    """Accounts with their cash, equity, open positions and breaker."""
+    with connect(database_url()) as conn:
+        rows = conn.execute(_ACCOUNTS).fetchall()
+    if not rows:
+        click.echo("no accounts (create one with `mmats account create`)")
+        return
+    out = [(n, env, m, ccy, f"{cash:,.2f}", f"{eq:,.2f}", pos, brk)
+           for n, env, m, ccy, cash, eq, pos, brk in rows]
+    click.echo(table(("account", "environment", "mode", "ccy", "cash", "equity", "positions",
+                      "breaker"), out, right=(4, 5, 6)))
+
+
+@account_group.command("operator")
+@click.argument("name")
+@click.option("--confirm", "token", default=None, metavar="TOKEN",
+              help="the token the request printed")
+def account_operator(name: str, token: str | None) -> None:
+    """Switch to operator mode, in two steps: request a token, then confirm with it."""
+    if token is None:
+        issued = _call("SELECT trading.request_operator_mode(%s)", (name,))
+        click.echo(f"operator mode requested for {name}; within 5 minutes confirm with:\n"
+                   f"  mmats account operator {name} --confirm {issued}")
+        return
+    _call("SELECT trading.confirm_operator_mode(%s, %s)", (name, token))
+    click.echo(f"account {name} is in operator mode: approved signals become orders")
+
+
+@account_group.command("advisory")
+@click.argument("name")
+@click.option("--reason", default=None)
+def account_advisory(name: str, reason: str | None) -> None:
+    """Switch to advisory mode at once (signals recorded, no orders)."""
+    _call("SELECT trading.set_advisory(%s, %s)", (name, reason))
+    click.echo(f"account {name} is in advisory mode")
+
+
+# --------------------------------------------------------------------------- risk
+@click.group("risk")
+def risk_group() -> None:
+    """Risk limits and the circuit breaker."""
+
+
+def _params(pairs: tuple[str, ...]) -> dict[str, object]:
+    out: dict[str, object] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise MmatsError(f"--param takes key=value, got {pair!r}")
+        try:
+            out[key] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key] = value
+    return out
+
+
+@risk_group.command("set")
+@click.argument("limit_type")
+@click.argument("value")
+@click.option("--scope", default="global", show_default=True,
+              type=click.Choice(["global", "market", "strategy", "symbol"]))
+@click.option("--key", "scope_key", default=None,
+              help="the market, strategy or symbol the limit is about")
+@click.option("--account", default=None, help="only this account (default: all)")
+@click.option("--environment", default=None, type=click.Choice(ENVIRONMENTS),
+              help="only accounts of this environment")
+@click.option("--param", "params", multiple=True, metavar="KEY=VALUE",
+              help='extra parameters, e.g. --param mode=SOFT --param days=[1,2,3,4,5]')
+def risk_set(limit_type: str, value: str, scope: str, scope_key: str | None,
+             account: str | None, environment: str | None, params: tuple[str, ...]) -> None:
+    """Set a limit (kept with its history). See `mmats risk types`."""
+    limit_id = _call("SELECT risk.set_limit(%s, %s, %s, %s, %s, %s, %s::jsonb)",
+                     (limit_type, _decimal(value, "VALUE"), scope, scope_key, account,
+                      environment, json.dumps(_params(params))))
+    where = f"{scope}" + (f":{scope_key}" if scope_key else "")
+    click.echo(f"limit {limit_type.upper()} = {value} ({where}"
+               f"{', account ' + account if account else ''}"
+               f"{', ' + environment + ' accounts' if environment else ''}) set, id {limit_id}")
+
+
+_LIMITS = """
+SELECT l.limit_id, l.limit_type, l.value, l.scope::text, l.scope_key,
+       COALESCE(a.name, '*'), COALESCE(l.environment::text, '*'), l.params::text,
+       l.updated_by, l.updated_at
+FROM risk.limits l LEFT JOIN trading.accounts a USING (account_id)
+WHERE l.enabled AND (%(account)s::text IS NULL OR l.limit_id IN (
+    SELECT e.limit_id FROM trading.accounts x, LATERAL risk.effective_limits(x.account_id) e
+    WHERE x.name = %(account)s))
+ORDER BY array_position(ARRAY['global', 'market', 'strategy', 'symbol'], l.scope::text),
+         l.limit_type, l.limit_id
+"""
+
+
+@risk_group.command("show")
+@click.option("--account", default=None, help="only the limits in force for this account")
+def risk_show(account: str | None) -> None:
+    """The limits (and the breaker states)."""
+    with connect(database_url()) as conn:
+        if account is not None:
+            conn.execute("SELECT trading._account(%s)", (account,))
+        rows = conn.execute(_LIMITS, {"account": account}).fetchall()
+        breakers = conn.execute(
+            "SELECT a.name, b.mode::text, b.reason, b.tripped_at FROM risk.breaker_state b "
+            "JOIN trading.accounts a USING (account_id) WHERE b.mode <> 'OK' "
+            "AND (%s::text IS NULL OR a.name = %s) ORDER BY a.name", (account, account)
+        ).fetchall()
+    if rows:
+        out = [(i, t, v, s + (f":{k}" if k else ""), acc, env, p if p != "{}" else "", by,
+                f"{at:%Y-%m-%d %H:%M}") for i, t, v, s, k, acc, env, p, by, at in rows]
+        click.echo(table(("id", "limit", "value", "scope", "account", "env", "params",
+                          "set by", "set at (UTC)"), out, right=(0, 2)))
+    else:
+        click.echo("no limits set" + (f" for {account}" if account else ""))
+    for name, mode, reason, at in breakers:
+        click.echo(f"breaker {mode} on {name} since {at:%Y-%m-%d %H:%M} UTC: {reason}")
+
+
+@risk_group.command("types")
+def risk_types() -> None:
+    """The limit types the risk gate knows."""
+    with connect(database_url()) as conn:
+        rows = conn.execute(
+            "SELECT limit_type, unit, description FROM risk.limit_types ORDER BY 1").fetchall()
+    click.echo(table(("limit", "unit", "meaning"), rows))
+
+
+@risk_group.command("trip")
+@click.argument("account")
+@click.option("--mode", required=True, type=click.Choice(["SOFT", "HARD", "FREEZE"]))
+@click.option("--reason", required=True)
+def risk_trip(account: str, mode: str, reason: str) -> None:
+    """Trip the breaker: SOFT stops entries, HARD also closes everything, FREEZE stops all."""
+    result = _call("SELECT risk.trip_breaker(%s, %s, %s)", (account, mode, reason))
+    assert isinstance(result, dict)
+    click.echo(f"breaker {result['mode']} on {account}; {result['open_orders']} open orders")
+
+
+@risk_group.command("reset")
+@click.argument("account")
+@click.option("--confirm", "confirmation", default=None, metavar="'RESET <account>'",
+              help="the confirmation text (asked for when not given)")
+def risk_reset(account: str, confirmation: str | None) -> None:
+    """Clear the breaker; needs the explicit confirmation 'RESET <account>'."""
+    if confirmation is None:
+        if not sys.stdin.isatty():
+            raise MmatsError(f"resetting the breaker needs --confirm 'RESET {account}'")
+        confirmation = click.prompt(f"type RESET {account} to clear the breaker")
+    result = _call("SELECT risk.reset_breaker(%s, %s)", (account, confirmation))
+    assert isinstance(result, dict)
+    click.echo(f"breaker on {account} reset (was {result['previous']})")

@@ -1,0 +1,128 @@
+"""`mmats account …` and `mmats risk …`, run as a user runs them (subprocesses)."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+
+import psycopg
+import pytest
+
+
+@pytest.fixture
+def run(db_url: str):  # type: ignore[no-untyped-def]
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith("MMATS_")},
+           "MMATS_DATABASE_URL": db_url}
+
+    def _run(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-c", "from api.cli import main; main()", *args],
+                              env=env, capture_output=True, text=True, timeout=60,
+                              stdin=subprocess.DEVNULL)
+    return _run
+
+
+def one_error_line(result: subprocess.CompletedProcess[str]) -> str:
+    assert result.returncode == 1, result
+    assert "Traceback" not in result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    return lines[0]
+
+
+def test_account_create_and_list(run, db_url: str) -> None:  # type: ignore[no-untyped-def]
+    made = run("account", "create", "alpha", "--environment", "paper", "--mode", "operator",
+               "--cash", "10000.50", "--currency", "eur", "--taker-fee", "0.001")
+    assert made.returncode == 0, made.stderr
+    assert made.stdout.startswith("account alpha created (id ")
+    with psycopg.connect(db_url) as conn:
+        row = conn.execute(
+            "SELECT environment::text, mode::text, base_currency, starting_cash::text, "
+            "cash::text, taker_fee::text FROM trading.accounts WHERE name = 'alpha'").fetchone()
+    assert row == ("paper", "operator", "EUR", "10000.50", "10000.50", "0.001")
+    listed = run("account", "list")
+    assert re.search(r"alpha\s+paper\s+operator\s+EUR\s+10,000.50\s+10,000.50\s+0\s+OK",
+                     listed.stdout), listed.stdout
+
+
+@pytest.mark.parametrize("args,fragment", [
+    (("account", "create", "x'; DROP TABLE trading.accounts; --", "--environment", "paper"),
+     "an account name is 1-64 characters"),
+    (("account", "create", "beta", "--environment", "live", "--mode", "operator"),
+     "a live account starts in advisory mode"),
+    (("account", "create", "gamma", "--environment", "paper", "--cash", "NaN"),
+     "--cash must be a finite number"),
+    (("account", "create", "delta", "--environment", "paper", "--cash", "-1"),
+     "cash must be a number >= 0"),
+    (("risk", "set", "BOGUS", "1"), "unknown limit type 'BOGUS'; known: DAILY_LOSS"),
+    (("risk", "set", "MAX_DRAWDOWN", "1.5"), "MAX_DRAWDOWN must be a fraction between 0 and 1"),
+    (("risk", "set", "MAX_EXPOSURE", "0.4", "--scope", "market", "--key", "gold"),
+     "a market limit needs scope_key crypto, forex or stock"),
+    (("risk", "trip", "nobody", "--mode", "SOFT", "--reason", "x"), "unknown account 'nobody'"),
+])
+def test_bad_input_is_one_line(run, db_url: str, args, fragment: str) -> None:  # type: ignore[no-untyped-def]
+    line = one_error_line(run(*args))
+    assert fragment in line
+    with psycopg.connect(db_url) as conn:  # nothing was written
+        assert conn.execute("SELECT count(*) FROM trading.accounts").fetchone() == (0,)
+        assert conn.execute("SELECT count(*) FROM risk.limits").fetchone() == (0,)
+
+
+def test_limits_set_show_and_history(run, db_url: str) -> None:  # type: ignore[no-untyped-def]
+    assert run("account", "create", "alpha", "--environment", "paper").returncode == 0
+    assert run("risk", "set", "max_position_size", "0.1").returncode == 0
+    assert run("risk", "set", "MAX_EXPOSURE", "0.4", "--scope", "market", "--key", "crypto",
+               "--environment", "paper").returncode == 0
+    changed = run("risk", "set", "MAX_POSITION_SIZE", "0.05")
+    assert changed.returncode == 0 and "MAX_POSITION_SIZE = 0.05 (global)" in changed.stdout
+    hours = run("risk", "set", "TRADING_HOURS", "1", "--param", "days=[1,2,3,4,5]",
+                "--param", "start=09:30", "--param", "tz=America/New_York", "--account", "alpha")
+    assert hours.returncode == 0, hours.stderr
+    shown = run("risk", "show", "--account", "alpha").stdout
+    assert re.search(r"MAX_POSITION_SIZE\s+0.05\s+global", shown)
+    assert re.search(r"MAX_EXPOSURE\s+0.4\s+market:crypto\s+\*\s+paper", shown)
+    assert '"days": [1, 2, 3, 4, 5]' in shown
+    with psycopg.connect(db_url) as conn:
+        history = conn.execute(
+            "SELECT operation, old_row ->> 'value', new_row ->> 'value' FROM risk.limit_history "
+            "h JOIN risk.limits l USING (limit_id) WHERE l.limit_type = 'MAX_POSITION_SIZE' "
+            "ORDER BY history_id").fetchall()
+    assert history == [("INSERT", None, "0.1"), ("UPDATE", "0.1", "0.05")]
+
+
+def test_breaker_trip_and_reset_need_confirmation(run, db_url: str) -> None:  # type: ignore[no-untyped-def]
+    assert run("account", "create", "alpha", "--environment", "paper").returncode == 0
+    tripped = run("risk", "trip", "alpha", "--mode", "HARD", "--reason", "manual test")
+    assert tripped.returncode == 0 and "breaker HARD on alpha" in tripped.stdout
+    assert "breaker HARD on alpha" in run("risk", "show").stdout
+    assert "needs --confirm 'RESET alpha'" in one_error_line(run("risk", "reset", "alpha"))
+    assert "needs the confirmation 'RESET alpha'" in one_error_line(
+        run("risk", "reset", "alpha", "--confirm", "RESET"))
+    with psycopg.connect(db_url) as conn:
+        assert conn.execute("SELECT risk.breaker_mode(1)::text").fetchone() == ("HARD",)
+    reset = run("risk", "reset", "alpha", "--confirm", "RESET alpha")
+    assert reset.returncode == 0 and "was HARD" in reset.stdout
+    with psycopg.connect(db_url) as conn:
+        assert conn.execute("SELECT risk.breaker_mode(1)::text").fetchone() == ("OK",)
+
+
+def test_operator_mode_in_two_steps(run, db_url: str) -> None:  # type: ignore[no-untyped-def]
+    assert run("account", "create", "alpha", "--environment", "paper").returncode == 0
+    assert "no valid request" in one_error_line(
+        run("account", "operator", "alpha", "--confirm", "guess"))
+    requested = run("account", "operator", "alpha")
+    token = re.search(r"--confirm ([0-9a-f]{64})", requested.stdout)
+    assert token, requested.stdout
+    assert "no valid request" in one_error_line(
+        run("account", "operator", "alpha", "--confirm", "0" * 64))
+    confirmed = run("account", "operator", "alpha", "--confirm", token.group(1))
+    assert confirmed.returncode == 0 and "operator mode" in confirmed.stdout
+    with psycopg.connect(db_url) as conn:
+        assert conn.execute("SELECT mode::text FROM trading.accounts").fetchone() == ("operator",)
+    # a token works once
+    assert "no valid request" in one_error_line(
+        run("account", "operator", "alpha", "--confirm", token.group(1)))
+    assert run("account", "advisory", "alpha").returncode == 0
+    with psycopg.connect(db_url) as conn:
+        assert conn.execute("SELECT mode::text FROM trading.accounts").fetchone() == ("advisory",)
