@@ -158,7 +158,16 @@ BEGIN
     SELECT * INTO acc FROM trading.accounts a WHERE a.account_id = account FOR UPDATE;
     SELECT * INTO e FROM trading.account_equity(account);
     peak := GREATEST(COALESCE(acc.peak_equity, e.equity), e.equity);
-    day_start := CASE WHEN acc.trading_day = day THEN acc.day_start_equity ELSE e.equity END;
+    -- a new day starts from the equity the previous day ended with (the last snapshot
+    -- before this one), so that the first bar of the day counts towards its loss (with
+    -- daily bars every bar is the first of its day)
+    IF acc.trading_day = day THEN
+        day_start := acc.day_start_equity;
+    ELSE
+        SELECT s.equity INTO day_start FROM trading.equity_snapshots s
+        WHERE s.account_id = account AND s.ts < at ORDER BY s.ts DESC LIMIT 1;
+        day_start := COALESCE(day_start, e.equity);
+    END IF;
     UPDATE trading.accounts a SET peak_equity = peak, trading_day = day, day_start_equity = day_start
     WHERE a.account_id = account;
     INSERT INTO trading.equity_snapshots AS s (account_id, ts, cash, positions_value, equity, peak_equity, drawdown)
@@ -243,7 +252,8 @@ BEGIN
         IF trig IS NOT NULL THEN
             SELECT * INTO acc FROM trading.accounts x WHERE x.account_id = p.account_id;
             -- exits already on their way (a strategy's close, an earlier stop) count first
-            SELECT p.quantity - COALESCE(sum(x.quantity - x.filled_quantity), 0) INTO exit_qty
+            -- (the net leg of a short holds a negative quantity: its size is the absolute)
+            SELECT abs(p.quantity) - COALESCE(sum(x.quantity - x.filled_quantity), 0) INTO exit_qty
             FROM trading.orders x
             WHERE x.account_id = p.account_id AND x.instrument_id = instrument AND x.reduce_only
               AND x.side = CASE WHEN long THEN 'sell' ELSE 'buy' END::trading.order_side
