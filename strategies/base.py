@@ -1,0 +1,104 @@
+"""IStrategy: the one interface every strategy implements, in backtest, paper and live."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Mapping, Sequence
+from typing import Any, ClassVar, Literal
+
+from strategies._decimal import Number, to_decimal
+from strategies.events import NewsSentiment, OrderFilled, OrderRejected
+from strategies.market import ParamValue, StrategyContext
+from strategies.params import ParamSpec, param_grid, resolve_params
+from strategies.signal import Action, TradeSignal
+
+Market = Literal["crypto", "forex", "stocks"]
+SignalOutput = TradeSignal | list[TradeSignal] | None
+
+
+class IStrategy(ABC):
+    """Subclass it, set the class metadata and `parameters`, and implement `on_bar`.
+
+    The runner builds the strategy with its parameter overrides (checked against
+    `parameters`), calls `initialize(config)` once, then `on_bar(context)` for every bar.
+    A strategy returns intents (TradeSignal); it never places orders itself.
+    """
+
+    name: ClassVar[str]
+    version: ClassVar[str] = "1.0.0"
+    author: ClassVar[str] = ""
+    description: ClassVar[str] = ""
+    markets: ClassVar[frozenset[Market]] = frozenset({"crypto", "forex", "stocks"})
+    timeframes: ClassVar[tuple[str, ...]] = ("1m", "5m", "15m", "1h", "4h", "1d")
+    parameters: ClassVar[Mapping[str, ParamSpec]] = {}
+
+    def __init__(self, params: Mapping[str, object] | None = None) -> None:
+        self.params: dict[str, ParamValue] = resolve_params(type(self).parameters, params or {})
+
+    @classmethod
+    def search_space(cls) -> dict[str, Sequence[ParamValue]]:
+        """Every parameter's candidate values, for walk-forward optimisation."""
+        return param_grid(cls.parameters)
+
+    @abstractmethod
+    def get_required_indicators(self) -> list[str]:
+        """Indicator names (`SMA_20`, `MACD_12_26_9`, ...) built from `self.params`."""
+
+    def get_risk_parameters(self) -> dict[str, Any]:
+        """What the strategy asks of the risk gate (the database has the last word)."""
+        return {}
+
+    def initialize(self, config: Mapping[str, Any]) -> None:  # noqa: B027 - optional hook
+        """Called once before the first bar with the runner's configuration."""
+
+    @abstractmethod
+    def on_bar(self, context: StrategyContext) -> SignalOutput:
+        """The decision at the close of the current bar."""
+
+    def on_order_filled(self, event: OrderFilled) -> None:  # noqa: B027 - optional hook
+        pass
+
+    def on_order_rejected(self, event: OrderRejected) -> None:  # noqa: B027 - optional hook
+        pass
+
+    def on_timer(self, context: StrategyContext) -> SignalOutput:
+        return None
+
+    def on_news_sentiment(self, event: NewsSentiment) -> None:  # noqa: B027 - optional hook
+        pass
+
+    def signal(
+        self,
+        context: StrategyContext,
+        symbol: str,
+        action: Action,
+        *,
+        size: Number = 1,
+        stop_loss: Number | None = None,
+        take_profit: Number | None = None,
+        trailing_stop: Number | None = None,
+        confidence: Number | None = None,
+        reasoning: str = "",
+        venue: str | None = None,
+        metadata: Mapping[str, Any] | None = None,
+    ) -> TradeSignal:
+        """A TradeSignal from this strategy at `context.now`; floats become Decimals."""
+
+        def opt(value: Number | None, field: str) -> Any:
+            return None if value is None else to_decimal(value, field)
+
+        return TradeSignal(
+            strategy=type(self).name,
+            version=type(self).version,
+            symbol=symbol,
+            venue=venue,
+            action=action,
+            ts=context.now,
+            size=to_decimal(size, "size"),
+            stop_loss=opt(stop_loss, "stop_loss"),
+            take_profit=opt(take_profit, "take_profit"),
+            trailing_stop=opt(trailing_stop, "trailing_stop"),
+            confidence=opt(confidence, "confidence"),
+            reasoning=reasoning,
+            metadata=metadata or {},
+        )

@@ -1,0 +1,154 @@
+"""Indicators by name (`SMA_20`, `MACD_12_26_9`, `BBANDS_20_2`, ...), computed by TA-Lib.
+
+Each indicator is computed once over a whole series (vectorised, in C); a strategy then
+reads the value at the current bar only. Every function here is causal: the value at index
+i depends on inputs at indices <= i, so computing on a prefix gives the same values
+(tests/test_strategies_indicators.py checks this as a property).
+
+Outputs are keyed by the canonical name, and `name.output` for multi-output indicators:
+`MACD_12_26_9.macd|.signal|.hist`, `BBANDS_20_2.upper|.middle|.lower`,
+`DONCHIAN_20.upper|.middle|.lower`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+
+import numpy as np
+import talib
+
+from strategies.market import FloatArray
+
+
+class IndicatorError(ValueError):
+    """An indicator name that cannot be computed; the message is one line."""
+
+
+@dataclass(frozen=True, slots=True)
+class _Param:
+    label: str
+    minimum: float
+    integer: bool = True
+
+
+Compute = Callable[[Mapping[str, FloatArray], tuple[float, ...]], tuple[FloatArray, ...]]
+
+
+@dataclass(frozen=True, slots=True)
+class _Kind:
+    params: tuple[_Param, ...]
+    outputs: tuple[str, ...]
+    compute: Compute
+    example: str
+
+
+def _period(label: str = "period", minimum: int = 2) -> _Param:
+    return _Param(label, minimum)
+
+
+def _donchian(d: Mapping[str, FloatArray], p: tuple[float, ...]) -> tuple[FloatArray, ...]:
+    upper = talib.MAX(d["high"], int(p[0]))
+    lower = talib.MIN(d["low"], int(p[0]))
+    return upper, (upper + lower) / 2.0, lower
+
+
+_KINDS: dict[str, _Kind] = {
+    "SMA": _Kind(
+        (_period(minimum=1),), ("",), lambda d, p: (talib.SMA(d["close"], int(p[0])),), "SMA_20"
+    ),
+    "EMA": _Kind(
+        (_period(minimum=1),), ("",), lambda d, p: (talib.EMA(d["close"], int(p[0])),), "EMA_50"
+    ),
+    "RSI": _Kind((_period(),), ("",), lambda d, p: (talib.RSI(d["close"], int(p[0])),), "RSI_14"),
+    "ROC": _Kind(
+        (_period(minimum=1),), ("",), lambda d, p: (talib.ROC(d["close"], int(p[0])),), "ROC_10"
+    ),
+    "ATR": _Kind(
+        (_period(minimum=1),),
+        ("",),
+        lambda d, p: (talib.ATR(d["high"], d["low"], d["close"], int(p[0])),),
+        "ATR_14",
+    ),
+    "MACD": _Kind(
+        (_period("fast"), _period("slow"), _period("signal", 1)),
+        ("macd", "signal", "hist"),
+        lambda d, p: tuple(talib.MACD(d["close"], int(p[0]), int(p[1]), int(p[2]))),
+        "MACD_12_26_9",
+    ),
+    "BBANDS": _Kind(
+        (_period(), _Param("deviations", 0.0, integer=False)),
+        ("upper", "middle", "lower"),
+        lambda d, p: tuple(talib.BBANDS(d["close"], int(p[0]), p[1], p[1], talib.MA_Type.SMA)),
+        "BBANDS_20_2",
+    ),
+    "DONCHIAN": _Kind((_period(),), ("upper", "middle", "lower"), _donchian, "DONCHIAN_20"),
+}
+KNOWN: tuple[str, ...] = tuple(sorted(_KINDS))
+MAX_PERIOD = 100_000
+_INPUTS = ("high", "low", "close")
+
+
+@dataclass(frozen=True, slots=True)
+class Indicator:
+    kind: str
+    params: tuple[float, ...]
+
+    @property
+    def name(self) -> str:
+        return "_".join([self.kind, *(f"{p:g}" for p in self.params)])
+
+    @property
+    def keys(self) -> tuple[str, ...]:
+        """The keys of this indicator's outputs in MarketData."""
+        outputs = _KINDS[self.kind].outputs
+        return tuple(self.name if not out else f"{self.name}.{out}" for out in outputs)
+
+    def compute(self, ohlcv: Mapping[str, FloatArray]) -> dict[str, FloatArray]:
+        values = _KINDS[self.kind].compute(ohlcv, self.params)
+        return dict(zip(self.keys, values, strict=True))
+
+
+def parse_indicator(name: str) -> Indicator:
+    """`SMA_20` -> Indicator('SMA', (20,)); raises IndicatorError with a one-line reason."""
+    if not isinstance(name, str) or not name.strip():
+        raise IndicatorError(f"indicator name must be a non-empty string, got {name!r}")
+    kind, *raw = name.strip().upper().split("_")
+    spec = _KINDS.get(kind)
+    if spec is None:
+        raise IndicatorError(f"unknown indicator {name!r} (known: {', '.join(KNOWN)})")
+    if len(raw) != len(spec.params):
+        raise IndicatorError(
+            f"{name}: {kind} takes {len(spec.params)} parameter(s) "
+            f"({', '.join(p.label for p in spec.params)}), e.g. {spec.example}"
+        )
+    params = tuple(_parse_param(name, p, text) for p, text in zip(spec.params, raw, strict=True))
+    if kind == "MACD" and params[0] >= params[1]:
+        raise IndicatorError(f"{name}: the fast period must be below the slow period")
+    return Indicator(kind, params)
+
+
+def _parse_param(name: str, param: _Param, text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise IndicatorError(f"{name}: {param.label} must be a number, got {text!r}") from None
+    if param.integer and (not value.is_integer() or "." in text):
+        raise IndicatorError(f"{name}: {param.label} must be a whole number, got {text!r}")
+    if not np.isfinite(value) or value < param.minimum or value > MAX_PERIOD:
+        raise IndicatorError(
+            f"{name}: {param.label} must be between {param.minimum:g} and {MAX_PERIOD}, got {text}"
+        )
+    return value
+
+
+def compute_indicators(
+    names: Iterable[str], ohlcv: Mapping[str, FloatArray]
+) -> dict[str, FloatArray]:
+    """Every output of every named indicator over the whole series (each computed once)."""
+    columns = {k: np.ascontiguousarray(ohlcv[k], dtype=np.float64) for k in _INPUTS}
+    out: dict[str, FloatArray] = {}
+    for indicator in dict.fromkeys(parse_indicator(n) for n in names):
+        if indicator.keys[0] not in out:
+            out.update(indicator.compute(columns))
+    return out
