@@ -57,9 +57,17 @@ BEGIN
         RAISE EXCEPTION 'scope must be global, market, strategy or symbol, got %', quote_literal(scope)
             USING ERRCODE = 'invalid_parameter_value';
     END IF;
-    IF scope = 'market' AND scope_key NOT IN ('crypto', 'forex', 'stock') THEN
+    IF scope = 'market' AND (scope_key IS NULL OR scope_key NOT IN ('crypto', 'forex', 'stock')) THEN
         RAISE EXCEPTION 'a market limit needs scope_key crypto, forex or stock, got %',
             COALESCE(quote_literal(scope_key), 'NULL') USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    IF scope = 'global' AND scope_key IS NOT NULL THEN
+        RAISE EXCEPTION 'a global limit takes no scope_key, got %', quote_literal(scope_key)
+            USING ERRCODE = 'invalid_parameter_value';
+    ELSIF scope <> 'global' AND scope_key IS NULL THEN
+        RAISE EXCEPTION 'a % limit needs a scope_key (the %)', scope,
+            CASE scope WHEN 'symbol' THEN 'symbol' ELSE 'strategy name' END
+            USING ERRCODE = 'invalid_parameter_value';
     END IF;
     IF jsonb_typeof(COALESCE(params, '{}')) <> 'object' THEN
         RAISE EXCEPTION 'limit params must be a JSON object' USING ERRCODE = 'invalid_parameter_value';

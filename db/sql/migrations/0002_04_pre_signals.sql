@@ -176,12 +176,14 @@ BEGIN
                avg(-t.pnl) FILTER (WHERE t.pnl <= 0) AS avg_loss
         INTO stats FROM trading.trades t
         WHERE t.account_id = acc.account_id AND t.strategy_id = s.strategy_id;
-        IF stats.n < COALESCE((params ->> 'min_trades')::integer, 20) OR stats.avg_loss IS NULL
-           OR stats.avg_loss = 0 OR stats.avg_win IS NULL THEN
+        IF stats.n < COALESCE((params ->> 'min_trades')::integer, 20) THEN
             f := COALESCE(trading._num(params, 'fallback', 'sizing_params', 0, 1), 0.02);
         ELSE
-            f := stats.wins::numeric / stats.n
-                 - (1 - stats.wins::numeric / stats.n) / (stats.avg_win / stats.avg_loss);
+            -- no win: W = 0, f <= 0; no loss (or losses of 0): R infinite, f = W
+            f := CASE WHEN stats.wins = 0 THEN 0
+                      WHEN COALESCE(stats.avg_loss, 0) = 0 THEN stats.wins::numeric / stats.n
+                      ELSE stats.wins::numeric / stats.n
+                           - (1 - stats.wins::numeric / stats.n) / (stats.avg_win / stats.avg_loss) END;
             f := f * COALESCE(trading._num(params, 'fraction', 'sizing_params', 0, 1), 0.5);
             f := LEAST(GREATEST(f, 0), COALESCE(trading._num(params, 'cap', 'sizing_params', 0, 1), 0.25));
         END IF;
@@ -408,10 +410,10 @@ BEGIN
     IF act = 'close' THEN
         target := 0;
     ELSE
-        sized := trading._size(acc, s, inst, size, price, fx, sl, at);
         IF act = 'sell' AND NOT acc.allow_short THEN
-            target := 0;  -- a long-only account sells what it holds
+            target := 0;  -- a long-only account sells what it holds (no sizing needed)
         ELSE
+            sized := trading._size(acc, s, inst, size, price, fx, sl, at);
             target := trading._round_down(sized.qty, inst.quantity_step);
             IF sized.clamp_to_cash AND act = 'buy' THEN
                 -- never size past the cash there is (after buying back a short first)
