@@ -35,6 +35,21 @@ class IStrategy(ABC):
     def __init__(self, params: Mapping[str, object] | None = None) -> None:
         self.params: dict[str, ParamValue] = resolve_params(type(self).parameters, params or {})
 
+    def int_param(self, name: str) -> int:
+        value = self.params[name]
+        assert isinstance(value, int) and not isinstance(value, bool), name
+        return value
+
+    def float_param(self, name: str) -> float:
+        value = self.params[name]
+        assert isinstance(value, int | float) and not isinstance(value, bool), name
+        return float(value)
+
+    def bool_param(self, name: str) -> bool:
+        value = self.params[name]
+        assert isinstance(value, bool), name
+        return value
+
     @classmethod
     def search_space(cls) -> dict[str, Sequence[ParamValue]]:
         """Every parameter's candidate values, for walk-forward optimisation."""
