@@ -367,6 +367,27 @@ def test_max_correlation(conn: psycopg.Connection) -> None:
     assert abs(corr) < Decimal("0.3")
 
 
+def test_max_correlation_counts_an_unfilled_entry(conn: psycopg.Connection) -> None:
+    base = [0.01, -0.02, 0.015, 0.005, -0.01, 0.02] * 5
+    _series(conn, "XXX", base, 100)
+    _series(conn, "YYY", base, 50)
+    account(conn, cash=1000000)
+    set_limit(conn, "MAX_CORRELATION", "0.8")
+    approved(conn, signal(conn, "XXX", size="0.001"))  # not filled yet
+    rejected(conn, signal(conn, "YYY", size="0.001"), "MAX_CORRELATION",
+             "MAX_CORRELATION: limit=0.8, correlation=1.0000, with=XXX")
+
+
+def test_max_correlation_needs_history(conn: psycopg.Connection) -> None:
+    """With fewer than three common returns there is no correlation to refuse on."""
+    _series(conn, "XXX", [0.01, -0.02], 100)
+    _series(conn, "YYY", [0.01, -0.02], 50)
+    account(conn, cash=1000000)
+    set_limit(conn, "MAX_CORRELATION", "0.8")
+    hold(conn, "XXX", "0.001")
+    approved(conn, signal(conn, "YYY", size="0.001"))
+
+
 # ------------------------------------------------------------------ market conditions
 
 
@@ -454,7 +475,7 @@ def test_insufficient_cash_counts_the_fee(conn: psycopg.Connection) -> None:
 
 def test_short_not_allowed(conn: psycopg.Connection) -> None:
     stock(conn, "AAA")
-    account(conn)
+    account(conn, aggregation="priority")  # net: manual orders move the same position row
     rejected(conn, manual(conn, "AAA", "sell", "1"), "SHORT_NOT_ALLOWED",
              "SHORT_NOT_ALLOWED: position=0, sell=1, account=acct")
     rejected(conn, signal(conn, "AAA", "sell"), "SHORT_NOT_ALLOWED",

@@ -293,11 +293,20 @@ BEGIN
                                  l.scope || COALESCE(':' || l.scope_key, ''));
             END IF;
         WHEN 'MAX_CORRELATION' THEN
+            -- open positions and entry orders not yet filled, each in its direction
             FOR other IN
-                SELECT i.instrument_id, i.symbol, sign(trading._signed_qty(p)) AS direction
-                FROM trading.positions p JOIN market.instruments i USING (instrument_id)
-                WHERE p.account_id = acc.account_id AND p.quantity <> 0
-                  AND p.instrument_id <> inst.instrument_id
+                SELECT DISTINCT i.instrument_id, i.symbol, sign(x.q) AS direction
+                FROM (SELECT p.instrument_id, trading._signed_qty(p) AS q FROM trading.positions p
+                      WHERE p.account_id = acc.account_id AND p.quantity <> 0
+                      UNION ALL
+                      SELECT o.instrument_id, CASE WHEN o.side = 'buy' THEN 1 ELSE -1 END
+                                              * (o.quantity - o.filled_quantity)
+                      FROM trading.orders o
+                      WHERE o.account_id = acc.account_id AND NOT o.reduce_only
+                        AND o.status IN ('created', 'in_flight', 'submitted', 'partially_filled')) x
+                JOIN market.instruments i USING (instrument_id)
+                WHERE x.instrument_id <> inst.instrument_id
+                ORDER BY i.instrument_id, direction
             LOOP
                 CONTINUE WHEN other.direction <> dir;
                 corr_value := risk.return_correlation(inst.instrument_id, other.instrument_id,
