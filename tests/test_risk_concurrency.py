@@ -31,7 +31,7 @@ def _setup(conn: psycopg.Connection, symbols: list[str], cash: str) -> None:
                  " '{\"quantity\": 1}')")
 
 
-def _race(db_url: str, symbols: list[str]) -> list[dict[str, Any]]:
+def _race(db_url: str, symbols: list[str], size: str = "1") -> list[dict[str, Any]]:
     """Each symbol's buy in its own session, all released at once by a barrier."""
     conns = [psycopg.connect(db_url, autocommit=True) for _ in symbols]
     barrier = threading.Barrier(len(symbols))
@@ -42,7 +42,7 @@ def _race(db_url: str, symbols: list[str]) -> list[dict[str, Any]]:
             barrier.wait(timeout=30)
             results[i] = conns[i].execute("SELECT trading.submit_signal(%s)", (Jsonb({
                 "account": "race", "strategy": "racer", "symbol": symbols[i],
-                "action": "buy", "ts": TS}),)).fetchone()[0]
+                "action": "buy", "size": size, "ts": TS}),)).fetchone()[0]
         except Exception as exc:  # reported below, never swallowed
             results[i] = exc
 
@@ -123,3 +123,16 @@ def test_insufficient_cash_race(db_url: str, conn: psycopg.Connection, round_no:
     assert conn.execute("SELECT count(*) FROM pgmq.q_orders").fetchone()[0] == 2
     assert conn.execute("SELECT cash FROM trading.accounts WHERE name = 'race'"
                         ).fetchone()[0] == 200
+
+
+@pytest.mark.parametrize("round_no", range(ROUNDS))
+def test_max_exposure_race(db_url: str, conn: psycopg.Connection, round_no: int) -> None:
+    """Equity 1 000, exposure limit 0.3, each racer wants 100 (0.1): three fit."""
+    symbols = [f"E{i}" for i in range(8)]
+    _setup(conn, symbols, "1000")
+    conn.execute("SELECT risk.set_limit('MAX_EXPOSURE', 0.3)")
+    results = _race(db_url, symbols)
+    assert sorted(r["status"] for r in results) == ["approved"] * 3 + ["rejected"] * 5
+    assert {r["reason"] for r in results if r["status"] == "rejected"} == {
+        "MAX_EXPOSURE: limit=0.3, requested=0.4000, scope=global"}
+    assert conn.execute("SELECT count(*) FROM trading.orders").fetchone()[0] == 3

@@ -263,6 +263,23 @@ def test_max_open_positions_symbol_scope(conn: psycopg.Connection) -> None:
     approved(conn, signal(conn, "AAA", size="0.002", strategy="s1"), "1.00")  # its own row
 
 
+def test_max_open_positions_strategy_and_market_scope(conn: psycopg.Connection) -> None:
+    for s in ("AAA", "BBB"):
+        stock(conn, s)
+    stock(conn, "BTCUSD", market="crypto", base="BTC")
+    stock(conn, "ETHUSD", market="crypto", base="ETH")
+    account(conn, strategies=("s1", "s2"))
+    set_limit(conn, "MAX_OPEN_POSITIONS", "1", "strategy", "s1")
+    set_limit(conn, "MAX_OPEN_POSITIONS", "1", "market", "crypto")
+    hold(conn, "AAA", "0.001", strategy="s1")
+    rejected(conn, signal(conn, "BBB", size="0.001"), "MAX_OPEN_POSITIONS",
+             "MAX_OPEN_POSITIONS: limit=1, requested=2, scope=strategy:s1")
+    approved(conn, signal(conn, "BBB", size="0.001", strategy="s2"))
+    approved(conn, signal(conn, "BTCUSD", size="0.001", strategy="s2"))  # not filled yet
+    rejected(conn, signal(conn, "ETHUSD", size="0.001", strategy="s2"), "MAX_OPEN_POSITIONS",
+             "MAX_OPEN_POSITIONS: limit=1, requested=2, scope=market:crypto")
+
+
 def test_max_open_positions_symbol_scope_net_account(conn: psycopg.Connection) -> None:
     """A net (aggregated) account has one row per symbol: adding to it is not a second."""
     stock(conn, "AAA")
