@@ -14,23 +14,37 @@ class ParamError(ValueError):
 
 @dataclass(frozen=True, slots=True)
 class ParamSpec:
-    """A parameter's default and its search space: [low, high] by `step`, or `choices`."""
+    """A parameter's default, its search space and its valid domain.
+
+    The search space (what walk-forward optimisation tries) is [low, high] by `step`, or
+    `choices`; the domain (what a value may be at all) is [minimum, maximum] and `choices`.
+    """
 
     default: ParamValue
     low: float | None = None
     high: float | None = None
     step: float | None = None
     choices: tuple[ParamValue, ...] | None = None
+    minimum: float | None = None
+    maximum: float | None = None
     help: str = ""
 
     def __post_init__(self) -> None:
         if self.choices is not None and (self.low is not None or self.high is not None):
             raise ParamError("ParamSpec: give either low/high or choices, not both")
         if self.low is not None and self.high is not None and self.low > self.high:
-            raise ParamError(f"ParamSpec: low {self.low} is above high {self.high}")
+            raise ParamError(f"ParamSpec: low {self.low:g} is above high {self.high:g}")
+        outside = [v for v in (self.low, self.high) if v is not None and not self._inside(v)]
+        if outside:
+            raise ParamError(f"ParamSpec: search bound {outside[0]:g} is outside the domain")
         if self.step is not None and self.step <= 0:
             raise ParamError(f"ParamSpec: step must be positive, got {self.step}")
         self.validate("default", self.default)
+
+    def _inside(self, value: float) -> bool:
+        return (self.minimum is None or value >= self.minimum) and (
+            self.maximum is None or value <= self.maximum
+        )
 
     def validate(self, name: str, value: object) -> ParamValue:
         kind = type(self.default)
@@ -42,10 +56,10 @@ class ParamSpec:
         if self.choices is not None and value not in self.choices:
             raise ParamError(f"parameter {name} must be one of {list(self.choices)}, got {value!r}")
         if isinstance(value, int | float) and not isinstance(value, bool):
-            if self.low is not None and value < self.low:
-                raise ParamError(f"parameter {name} must be >= {self.low}, got {value}")
-            if self.high is not None and value > self.high:
-                raise ParamError(f"parameter {name} must be <= {self.high}, got {value}")
+            if self.minimum is not None and value < self.minimum:
+                raise ParamError(f"parameter {name} must be >= {self.minimum:g}, got {value}")
+            if self.maximum is not None and value > self.maximum:
+                raise ParamError(f"parameter {name} must be <= {self.maximum:g}, got {value}")
         return value
 
     def grid(self) -> list[ParamValue]:

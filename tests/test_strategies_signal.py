@@ -140,7 +140,7 @@ def test_account_position_defaults_to_flat() -> None:
 
 def test_param_spec_validation_and_grid() -> None:
     specs = {
-        "fast": ParamSpec(10, low=2, high=10, step=4),
+        "fast": ParamSpec(10, low=2, high=10, step=4, maximum=10),
         "k": ParamSpec(2.0, low=1.0, high=2.0, step=0.5),
         "short": ParamSpec(False, choices=(False, True)),
     }

@@ -36,13 +36,13 @@ class DonchianBreakout(IStrategy):
     author = "MMATS"
     description = "N-bar channel breakout with ATR stop-loss and trailing stop"
     parameters: ClassVar = {
-        "channel": ParamSpec(20, low=5, high=100, step=5),
-        "exit_channel": ParamSpec(10, low=2, high=50, step=2),
-        "atr_period": ParamSpec(14, low=5, high=50, step=1),
-        "stop_atr": ParamSpec(2.0, low=0.5, high=5.0, step=0.5),
-        "trail_atr": ParamSpec(3.0, low=0.0, high=6.0, step=0.5),
+        "channel": ParamSpec(20, low=5, high=100, step=5, minimum=2),
+        "exit_channel": ParamSpec(10, low=2, high=50, step=2, minimum=2),
+        "atr_period": ParamSpec(14, low=5, high=50, step=1, minimum=1),
+        "stop_atr": ParamSpec(2.0, low=0.5, high=5.0, step=0.5, minimum=0.01),
+        "trail_atr": ParamSpec(3.0, low=0.0, high=6.0, step=0.5, minimum=0.0),
         "allow_short": ParamSpec(False, choices=(False, True)),
-        "size": ParamSpec(1.0, low=0.1, high=1.0, step=0.1),
+        "size": ParamSpec(1.0, low=0.1, high=1.0, step=0.1, minimum=0.01, maximum=1.0),
     }
 
     def get_required_indicators(self) -> list[str]:

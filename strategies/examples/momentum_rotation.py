@@ -35,10 +35,10 @@ class MomentumRotation(IStrategy):
     author = "MMATS"
     description = "Every K bars hold the top-N symbols by lookback return"
     parameters: ClassVar = {
-        "lookback": ParamSpec(20, low=5, high=250, step=5),
-        "top_n": ParamSpec(2, low=1, high=10, step=1),
-        "rebalance_every": ParamSpec(5, low=1, high=60, step=1),
-        "min_return": ParamSpec(0.0, low=-0.5, high=0.5, step=0.05),
+        "lookback": ParamSpec(20, low=5, high=250, step=5, minimum=1),
+        "top_n": ParamSpec(2, low=1, high=10, step=1, minimum=1),
+        "rebalance_every": ParamSpec(5, low=1, high=60, step=1, minimum=1),
+        "min_return": ParamSpec(0.0, low=-0.5, high=0.5, step=0.05, minimum=-1.0),
     }
 
     def __init__(self, params: dict[str, object] | None = None) -> None:

@@ -34,13 +34,13 @@ class RsiMeanReversion(IStrategy):
     author = "MMATS"
     description = "Buy RSI oversold, exit at the middle; optional short side and stop"
     parameters: ClassVar = {
-        "period": ParamSpec(14, low=2, high=50, step=1),
-        "oversold": ParamSpec(30.0, low=5.0, high=45.0, step=5.0),
-        "overbought": ParamSpec(70.0, low=55.0, high=95.0, step=5.0),
-        "exit_level": ParamSpec(50.0, low=30.0, high=70.0, step=5.0),
-        "stop_pct": ParamSpec(0.0, low=0.0, high=0.2, step=0.01),
+        "period": ParamSpec(14, low=2, high=50, step=1, minimum=2),
+        "oversold": ParamSpec(30.0, low=5.0, high=45.0, step=5.0, minimum=0.0, maximum=100.0),
+        "overbought": ParamSpec(70.0, low=55.0, high=95.0, step=5.0, minimum=0.0, maximum=100.0),
+        "exit_level": ParamSpec(50.0, low=30.0, high=70.0, step=5.0, minimum=0.0, maximum=100.0),
+        "stop_pct": ParamSpec(0.0, low=0.0, high=0.2, step=0.01, minimum=0.0, maximum=0.99),
         "allow_short": ParamSpec(False, choices=(False, True)),
-        "size": ParamSpec(1.0, low=0.1, high=1.0, step=0.1),
+        "size": ParamSpec(1.0, low=0.1, high=1.0, step=0.1, minimum=0.01, maximum=1.0),
     }
 
     def __init__(self, params: dict[str, object] | None = None) -> None:

@@ -29,10 +29,12 @@ class SmaCrossover(IStrategy):
     author = "MMATS"
     description = "Long (or long/short) on fast/slow SMA crossovers"
     parameters: ClassVar = {
-        "fast": ParamSpec(10, low=2, high=100, step=2, help="fast SMA period"),
-        "slow": ParamSpec(20, low=5, high=300, step=5, help="slow SMA period"),
+        "fast": ParamSpec(10, low=2, high=100, step=2, minimum=1, help="fast SMA period"),
+        "slow": ParamSpec(20, low=5, high=300, step=5, minimum=2, help="slow SMA period"),
         "allow_short": ParamSpec(False, choices=(False, True), help="sell on a cross down"),
-        "size": ParamSpec(1.0, low=0.1, high=1.0, step=0.1, help="fraction of capital"),
+        "size": ParamSpec(
+            1.0, low=0.1, high=1.0, step=0.1, minimum=0.01, maximum=1.0, help="fraction of capital"
+        ),
     }
 
     def __init__(self, params: dict[str, object] | None = None) -> None:
