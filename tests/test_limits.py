@@ -155,6 +155,52 @@ def test_params_must_be_an_object(conn: psycopg.Connection) -> None:
         conn.execute("SELECT risk.set_limit('MAX_VOLATILITY', 0.1, params => '[1]'::jsonb)")
 
 
+@pytest.mark.parametrize(("limit_type", "params", "detail"), [
+    ("TRADING_HOURS", {"tz": "Mars/Olympus"}, 'time zone "Mars/Olympus" not recognized'),
+    ("TRADING_HOURS", {"start": "9h30"}, "invalid input syntax for type time"),
+    ("TRADING_HOURS", {"end": "25:00"}, "out of range"),
+    ("TRADING_HOURS", {"days": [0, 1]}, "days must be an array of ISO weekdays"),
+    ("TRADING_HOURS", {"days": "weekdays"}, "days must be an array of ISO weekdays"),
+    ("MAX_CORRELATION", {"timeframe": "1 day"}, "invalid input value for enum"),
+    ("MAX_CORRELATION", {"lookback": 2}, "lookback must be a whole number >= 3"),
+    ("MAX_VOLATILITY", {"period": "x"}, "invalid input syntax for type integer"),
+    ("MAX_DRAWDOWN", {"mode": "OK"}, "mode must be SOFT, HARD or FREEZE"),
+    ("DAILY_LOSS", {"mode": "gentle"}, "mode must be SOFT, HARD or FREEZE"),
+    ("DAILY_LOSS", {"unit": "percent"}, "unit must be amount or fraction"),
+])
+def test_params_are_checked_when_set(conn: psycopg.Connection, limit_type: str,
+                                     params: dict[str, Any], detail: str) -> None:
+    """A bad parameter is refused at once, not at the first order or bar that reads it."""
+    with pytest.raises(psycopg.errors.InvalidParameterValue) as e:
+        set_limit(conn, limit_type, "0.1", params=params)
+    assert str(e.value).startswith(f"{limit_type} params ")
+    assert detail in str(e.value)
+    assert conn.execute("SELECT count(*) FROM risk.limits").fetchone()[0] == 0
+
+
+def test_bad_breaker_mode_would_have_broken_bar_inserts(conn: psycopg.Connection,
+                                                        market: None) -> None:
+    """Why the mode is checked up front: with a limit in force, the bars trigger reads it."""
+    set_limit(conn, "MAX_DRAWDOWN", "0.01", params={"mode": "soft"})  # any case is fine
+    make_account(conn, "acct", "paper")
+    r = buy(conn, "acct", "0.01")
+    conn.execute("SELECT trading.apply_fill(%s)", (Jsonb({
+        "order_id": r["order_id"], "broker_fill_id": "f1", "quantity": "10", "price": "100",
+        "ts": TS}),))
+    conn.execute("INSERT INTO market.bars (instrument_id, timeframe, ts, open, high, low, close,"
+                 " volume) SELECT instrument_id, '1d', '2026-03-02', 100, 100, 50, 50, 1000"
+                 " FROM market.instruments")  # equity 10 000 -> 9 500: drawdown 0.05
+    assert conn.execute("SELECT mode::text FROM risk.breaker_state").fetchone()[0] == "SOFT"
+
+
+def test_good_params_accepted(conn: psycopg.Connection) -> None:
+    set_limit(conn, "TRADING_HOURS", "1", params={
+        "days": [1, 2, 3, 4, 5], "start": "09:30", "end": "24:00", "tz": "America/New_York"})
+    set_limit(conn, "MAX_CORRELATION", "0.8", params={"timeframe": "1h", "lookback": 50})
+    set_limit(conn, "DAILY_LOSS", "0.02", params={"unit": "fraction", "mode": "FREEZE"})
+    assert conn.execute("SELECT count(*) FROM risk.limits").fetchone()[0] == 3
+
+
 # ------------------------------------------------------------------ upsert, history, audit
 
 

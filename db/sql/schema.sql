@@ -1325,6 +1325,31 @@ BEGIN
     IF jsonb_typeof(COALESCE(params, '{}')) <> 'object' THEN
         RAISE EXCEPTION 'limit params must be a JSON object' USING ERRCODE = 'invalid_parameter_value';
     END IF;
+    -- the params the checks read must parse now: a bad one found later would raise on every
+    -- order (TRADING_HOURS tz) or on every bar (MAX_DRAWDOWN mode, in the bars trigger)
+    BEGIN
+        IF params ? 'tz' THEN PERFORM now() AT TIME ZONE (params ->> 'tz'); END IF;
+        IF params ? 'start' THEN PERFORM (params ->> 'start')::time; END IF;
+        IF params ? 'end' THEN PERFORM (params ->> 'end')::time; END IF;
+        IF params ? 'days' AND (jsonb_typeof(params -> 'days') <> 'array' OR EXISTS (
+               SELECT 1 FROM jsonb_array_elements(params -> 'days') d WHERE d::text !~ '^[1-7]$')) THEN
+            RAISE EXCEPTION 'days must be an array of ISO weekdays 1 (Monday) to 7';
+        END IF;
+        IF params ? 'timeframe' THEN PERFORM (params ->> 'timeframe')::market.timeframe; END IF;
+        IF (params ? 'lookback' AND (params ->> 'lookback')::integer < 3)
+           OR (params ? 'period' AND (params ->> 'period')::integer < 1) THEN
+            RAISE EXCEPTION 'lookback must be a whole number >= 3 and period >= 1';
+        END IF;
+        IF params ? 'mode' AND upper(params ->> 'mode') NOT IN ('SOFT', 'HARD', 'FREEZE') THEN
+            RAISE EXCEPTION 'mode must be SOFT, HARD or FREEZE';
+        END IF;
+        IF params ? 'unit' AND params ->> 'unit' NOT IN ('amount', 'fraction') THEN
+            RAISE EXCEPTION 'unit must be amount or fraction';
+        END IF;
+    EXCEPTION WHEN OTHERS THEN
+        RAISE EXCEPTION '% params %: %', lt.limit_type, params, SQLERRM
+            USING ERRCODE = 'invalid_parameter_value';
+    END;
     INSERT INTO risk.limits AS l (account_id, environment, scope, scope_key, limit_type, value,
                                   params, updated_by)
     VALUES (acc_id, environment::trading.environment, scope::risk.limit_scope,
