@@ -93,6 +93,7 @@ class IStrategy(ABC):
         take_profit: Number | None = None,
         trailing_stop: Number | None = None,
         confidence: Number | None = None,
+        price: Number | None = None,
         reasoning: str = "",
         venue: str | None = None,
         metadata: Mapping[str, Any] | None = None,
@@ -114,6 +115,7 @@ class IStrategy(ABC):
             take_profit=opt(take_profit, "take_profit"),
             trailing_stop=opt(trailing_stop, "trailing_stop"),
             confidence=opt(confidence, "confidence"),
+            price=opt(price, "price"),
             reasoning=reasoning,
             metadata=metadata or {},
         )

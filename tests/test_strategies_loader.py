@@ -258,3 +258,40 @@ def test_a_success_resets_the_count_and_bad_return_values_are_errors() -> None:
     assert guard.run_isolated(wrong, context(), call=wrong.on_timer).ok
     with pytest.raises(ValueError, match="max_consecutive_errors must be >= 1"):
         StrategyGuard(0)
+
+
+def test_strategies_import_nothing_of_the_project() -> None:
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, strategies, strategies.loader, strategies.series, strategies.isolation\n"
+        "loader = strategies.loader.StrategyLoader()\n"
+        "bad = sorted(m for m in sys.modules if m.split('.')[0] in "
+        "{'db', 'workers', 'api', 'ml', 'psycopg', 'sqlalchemy'})\n"
+        "print(','.join(bad))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == ""
+
+
+def test_user_file_may_import_from_the_package_root(tmp_path: Path) -> None:
+    write(
+        tmp_path,
+        "root.py",
+        """
+        from strategies import IStrategy, StrategyContext
+
+
+        class Root(IStrategy):
+            name = "root"
+
+            def get_required_indicators(self) -> list[str]:
+                return ["EMA_5"]
+
+            def on_bar(self, context: StrategyContext):
+                return self.signal(context, "X", "hold", price=1.5, reasoning="root")
+    """,
+    )
+    loader = StrategyLoader([tmp_path], examples=False)
+    assert loader.names() == ["root"] and says(loader, "root") == "root"
