@@ -59,6 +59,15 @@ class IStrategy(ABC):
     def get_required_indicators(self) -> list[str]:
         """Indicator names (`SMA_20`, `MACD_12_26_9`, ...) built from `self.params`."""
 
+    def warmup_bars(self) -> int:
+        """Bars to feed before the first useful bar: every required indicator is defined
+        on the current bar and on the one before it (crossings need both)."""
+        # imported here so that the interface itself loads without TA-Lib
+        from strategies.indicators import parse_indicator
+
+        lookbacks = [parse_indicator(n).lookback for n in self.get_required_indicators()]
+        return max(lookbacks, default=0) + 2
+
     def get_risk_parameters(self) -> dict[str, Any]:
         """What the strategy asks of the risk gate (the database has the last word)."""
         return {}

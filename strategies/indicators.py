@@ -41,6 +41,7 @@ class _Kind:
     outputs: tuple[str, ...]
     compute: Compute
     example: str
+    lookback: Callable[[tuple[float, ...]], int] = lambda p: int(p[0]) - 1
 
 
 def _period(label: str = "period", minimum: int = 2) -> _Param:
@@ -60,21 +61,33 @@ _KINDS: dict[str, _Kind] = {
     "EMA": _Kind(
         (_period(minimum=1),), ("",), lambda d, p: (talib.EMA(d["close"], int(p[0])),), "EMA_50"
     ),
-    "RSI": _Kind((_period(),), ("",), lambda d, p: (talib.RSI(d["close"], int(p[0])),), "RSI_14"),
+    "RSI": _Kind(
+        (_period(),),
+        ("",),
+        lambda d, p: (talib.RSI(d["close"], int(p[0])),),
+        "RSI_14",
+        lambda p: int(p[0]),
+    ),
     "ROC": _Kind(
-        (_period(minimum=1),), ("",), lambda d, p: (talib.ROC(d["close"], int(p[0])),), "ROC_10"
+        (_period(minimum=1),),
+        ("",),
+        lambda d, p: (talib.ROC(d["close"], int(p[0])),),
+        "ROC_10",
+        lambda p: int(p[0]),
     ),
     "ATR": _Kind(
         (_period(minimum=1),),
         ("",),
         lambda d, p: (talib.ATR(d["high"], d["low"], d["close"], int(p[0])),),
         "ATR_14",
+        lambda p: int(p[0]),
     ),
     "MACD": _Kind(
         (_period("fast"), _period("slow"), _period("signal", 1)),
         ("macd", "signal", "hist"),
         lambda d, p: tuple(talib.MACD(d["close"], int(p[0]), int(p[1]), int(p[2]))),
         "MACD_12_26_9",
+        lambda p: int(p[1]) + int(p[2]) - 2,
     ),
     "BBANDS": _Kind(
         (_period(), _Param("deviations", 0.0, integer=False)),
@@ -103,6 +116,11 @@ class Indicator:
         """The keys of this indicator's outputs in MarketData."""
         outputs = _KINDS[self.kind].outputs
         return tuple(self.name if not out else f"{self.name}.{out}" for out in outputs)
+
+    @property
+    def lookback(self) -> int:
+        """How many bars come before the first defined value (its index)."""
+        return _KINDS[self.kind].lookback(self.params)
 
     def compute(self, ohlcv: Mapping[str, FloatArray]) -> dict[str, FloatArray]:
         values = _KINDS[self.kind].compute(ohlcv, self.params)

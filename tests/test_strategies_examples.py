@@ -99,6 +99,7 @@ def test_sma_crossover_long_short_and_size() -> None:
 def test_sma_crossover_defaults_and_parameter_checks() -> None:
     strategy = SmaCrossover()
     assert strategy.get_required_indicators() == ["SMA_10", "SMA_20"]
+    assert strategy.warmup_bars() == 21  # SMA_20 defined at index 19, and on the bar before
     assert SmaCrossover.search_space()["allow_short"] == [False, True]
     with pytest.raises(ParamError, match=r"fast \(30\) must be below slow \(20\)"):
         SmaCrossover({"fast": 30})

@@ -178,6 +178,15 @@ def test_no_look_ahead_prefix_property(
         np.testing.assert_allclose(prefix[key], series[:k], rtol=1e-12, equal_nan=True, err_msg=key)
 
 
+@pytest.mark.parametrize("name", [*ALL, "MACD_12_26_9", "BBANDS_20_2", "ATR_14"])
+def test_lookback_is_the_index_of_the_first_value(name: str) -> None:
+    rng = np.random.default_rng(3)
+    c = 100 + np.cumsum(rng.normal(0, 1, 200))
+    out = compute_indicators([name], {"close": c, "high": c + 1, "low": c - 1})
+    first = min(int(np.argmax(~np.isnan(v))) for v in out.values())
+    assert parse_indicator(name).lookback == first
+
+
 def _bars(closes: list[float]) -> list[Bar]:
     t0 = datetime(2024, 1, 1, tzinfo=UTC)
     return [
