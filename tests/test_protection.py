@@ -477,3 +477,20 @@ def test_advisory_accounts_get_a_risk_event_instead_of_an_order(conn):
     # still marked and snapshotted
     assert position(conn, acc, inst)["last_price"] == 96
     assert conn.execute("SELECT count(*) FROM trading.equity_snapshots").fetchone()[0] == 1
+
+
+def test_a_bar_that_changes_no_peak_leaves_the_account_row_alone(conn, paper):
+    """Every bar of a held instrument snapshots equity; the account row (peak, trading
+    day, day-start equity) is rewritten only when one of them changes, so that a stream
+    of bars does not pile up row versions of the account (see the benchmark)."""
+    acc, inst = paper
+    open_position(conn, "P", "BTCUSD")          # 10 at 100
+    bar(conn, inst, T0, 100, 103, 99, 102)      # new peak 10,020: the row changes
+    xmin = conn.execute("SELECT xmin::text, peak_equity FROM trading.accounts"
+                        " WHERE account_id = %s", (acc,)).fetchone()
+    assert xmin[1] == 10020
+    bar(conn, inst, T0 + M, 102, 102, 100, 101)  # equity 10,010: below the peak
+    assert conn.execute("SELECT xmin::text, peak_equity FROM trading.accounts"
+                        " WHERE account_id = %s", (acc,)).fetchone() == xmin
+    assert conn.execute("SELECT equity, round(drawdown, 8) FROM trading.equity_snapshots"
+                        " WHERE ts = %s", (T0 + 2 * M,)).fetchone() == (10010, D("0.00099800"))

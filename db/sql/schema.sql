@@ -2782,8 +2782,12 @@ BEGIN
         WHERE s.account_id = account AND s.ts < at ORDER BY s.ts DESC LIMIT 1;
         day_start := COALESCE(day_start, e.equity);
     END IF;
-    UPDATE trading.accounts a SET peak_equity = peak, trading_day = day, day_start_equity = day_start
-    WHERE a.account_id = account;
+    -- (only when something changed: every bar of every held instrument comes here, and
+    -- a new row version per bar makes every later read of the account slower)
+    IF (acc.peak_equity, acc.trading_day, acc.day_start_equity) IS DISTINCT FROM (peak, day, day_start) THEN
+        UPDATE trading.accounts a SET peak_equity = peak, trading_day = day, day_start_equity = day_start
+        WHERE a.account_id = account;
+    END IF;
     INSERT INTO trading.equity_snapshots AS s (account_id, ts, cash, positions_value, equity, peak_equity, drawdown)
     VALUES (account, at, e.cash, e.positions_value, e.equity, peak,
             CASE WHEN peak > 0 THEN LEAST(GREATEST((peak - e.equity) / peak, 0), 1) ELSE 0 END)
