@@ -99,6 +99,9 @@ def db_url(server_url: str, template_db: str) -> Iterator[str]:
     name = f"mmats_t_{uuid.uuid4().hex[:12]}"
     with psycopg.connect(server_url, autocommit=True) as conn:
         for attempt in range(50):
+            # TimescaleDB's scheduler may still hold a session on the template
+            conn.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                         "WHERE datname = %s AND pid <> pg_backend_pid()", (template_db,))
             try:
                 conn.execute(sql.SQL("CREATE DATABASE {} TEMPLATE {}").format(
                     sql.Identifier(name), sql.Identifier(template_db)))

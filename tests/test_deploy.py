@@ -302,7 +302,7 @@ def test_migrate_command_runs_as_compose_runs_it(empty_db_url: str, compose: dic
     url = (f"postgresql://{params['user']}@{params['host']}:{params['port']}/"
            f"{params['dbname']}")
     readonly_password = "grafana-reads-0123456789"
-    env = {**os.environ, "MMATS_DATABASE_URL": url, "PGPASSWORD": str(params["password"]),
+    env = {**os.environ, "MMATS_DATABASE_URL": url, "PGPASSWORD": str(params.get("password", "")),
            "MMATS_READONLY_PASSWORD": readonly_password,
            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
     env.pop("MMATS_CONFIG", None)

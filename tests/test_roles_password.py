@@ -56,8 +56,11 @@ def test_readonly_logs_in_over_tcp_and_only_reads(
             ro.execute("INSERT INTO market.bars (instrument_id, timeframe, ts, open, high, low, "
                        "close) VALUES (1, '1m', now(), 1, 1, 1, 1)")
 
-    with pytest.raises(psycopg.OperationalError, match="password authentication failed"):
-        psycopg.connect(login_url(db_url, "mmats_readonly", PASSWORD + "x")).close()
+    # a wrong password is refused wherever TCP logins authenticate by password, as on
+    # the embedded server; a server named by MMATS_DATABASE_URL may trust local logins
+    if conninfo_to_dict(db_url).get("password"):
+        with pytest.raises(psycopg.OperationalError, match="password authentication failed"):
+            psycopg.connect(login_url(db_url, "mmats_readonly", PASSWORD + "x")).close()
 
 
 def test_each_service_role_can_be_given_a_password(

@@ -711,7 +711,9 @@ $$;
 SET LOCAL ROLE mmats_owner;
 
 -- Aggregates are built from 1-minute bars: market.bars_5m, _15m, _1h, _4h, _1d, each
--- with columns (instrument_id, ts, open, high, low, close, volume, bar_count).
+-- with columns (instrument_id, ts, open, high, low, close, volume, bar_count). On
+-- TimescaleDB they are real-time (materialized_only = false): bars not yet materialized
+-- by the refresh policy are aggregated at query time, so a read never misses new bars.
 DO $$
 DECLARE
     tf record;
@@ -741,7 +743,8 @@ BEGIN
                                     ('1d', '1 day', '3 days')) AS v(name, width, lag) LOOP
         IF has_timescale THEN
             EXECUTE format($f$
-                CREATE MATERIALIZED VIEW market.%I WITH (timescaledb.continuous) AS
+                CREATE MATERIALIZED VIEW market.%I
+                    WITH (timescaledb.continuous, timescaledb.materialized_only = false) AS
                 SELECT instrument_id, time_bucket(%L::interval, ts) AS ts,
                        first(open, ts) AS open, max(high) AS high, min(low) AS low,
                        last(close, ts) AS close, sum(volume) AS volume,
