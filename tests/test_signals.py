@@ -305,6 +305,67 @@ def test_allow_short_sell_sized_to_nothing_is_refused_cleanly(
     assert (o["side"], o["quantity"], o["reduce_only"]) == ("sell", Decimal("10"), True)
 
 
+# ---------------------------------------------------------------------------- hedge mode
+def test_hedge_mode_buy_long_leg_sell_short_leg_close_both(
+        conn: psycopg.Connection, btc: int) -> None:
+    scalar(conn, "SELECT trading.create_account(name => 'acct', environment => 'backtest',"
+                 " mode => 'operator', cash => 10000, position_mode => 'hedge',"
+                 " allow_short => true)")
+    b = submit(conn, action="buy", size=0.2)
+    # 10000 * 0.2 / 100 = 20 on the long leg
+    ob = order(conn, b["order_id"])
+    assert (ob["side"], ob["quantity"], ob["position_leg"]) == ("buy", Decimal("20"), "long")
+    fill(conn, b["order_id"], "20", "100", "f1")
+    s = submit(conn, action="sell", size=0.1)
+    # the short leg is its own: 10000 * 0.1 / 100 = 10, the long stays
+    os_ = order(conn, s["order_id"])
+    assert (os_["side"], os_["quantity"], os_["position_leg"], os_["reduce_only"]) == \
+        ("sell", Decimal("10"), "short", False)
+    fill(conn, s["order_id"], "10", "100", "f2")
+    legs = conn.execute("SELECT leg, quantity FROM trading.positions ORDER BY leg").fetchall()
+    assert legs == [("long", Decimal("20")), ("short", Decimal("10"))]
+    # already at both targets
+    assert submit(conn, action="buy", size=0.2)["reason_code"] == "ALREADY_AT_TARGET"
+    assert submit(conn, action="sell", size=0.1)["reason_code"] == "ALREADY_AT_TARGET"
+    c = submit(conn, action="close")
+    assert c["status"] == "approved" and len(c["order_ids"]) == 2
+    closing = conn.execute("SELECT side, quantity, position_leg, reduce_only FROM trading.orders"
+                           " WHERE signal_id = %s ORDER BY order_id", (c["signal_id"],)).fetchall()
+    assert closing == [("sell", Decimal("20"), "long", True), ("buy", Decimal("10"), "short", True)]
+    # the closing orders are open: a second close has nothing left to close
+    again = submit(conn, action="close")
+    assert (again["status"], again["reason_code"]) == ("ignored", "NO_POSITION"), again
+    assert count(conn, "trading.orders") == 4
+    for i, oid in enumerate(c["order_ids"]):
+        fill(conn, oid, str(closing[i][1]), "100", f"c{i}")
+    assert scalar(conn, "SELECT sum(quantity) FROM trading.positions") == 0
+    assert submit(conn, action="close")["reason_code"] == "NO_POSITION"
+
+
+def test_hedge_close_with_a_partly_closed_leg_closes_the_rest(
+        conn: psycopg.Connection, btc: int) -> None:
+    scalar(conn, "SELECT trading.create_account(name => 'acct', environment => 'backtest',"
+                 " mode => 'operator', cash => 10000, position_mode => 'hedge')")
+    b = submit(conn, action="buy", size=0.3)
+    fill(conn, b["order_id"], "30", "100", "f1")
+    first = submit(conn, action="close")
+    fill(conn, first["order_id"], "12", "100", "f2")  # 12 of 30 closed, 18 still on order
+    assert submit(conn, action="close")["reason_code"] == "NO_POSITION"
+    conn.execute("SELECT trading.cancel_order(%s, 'test')", (str(first["order_id"]),))
+    # the rest of the order cancelled: 18 left to close
+    again = submit(conn, action="close")
+    assert order(conn, again["order_id"])["quantity"] == Decimal("18")
+
+
+def test_no_conversion_rate_is_rejected(conn: psycopg.Connection, operator: int) -> None:
+    iid = add_instrument(conn, symbol="ETHEUR", base="ETH", quote="EUR")
+    add_bar(conn, iid, "100")
+    r = submit(conn, action="buy", symbol="ETHEUR")
+    assert (r["status"], r["reason_code"]) == ("rejected", "NO_CONVERSION_RATE")
+    assert "from=EUR" in r["reason"] and "to=USD" in r["reason"]
+    assert count(conn, "trading.orders") == 0
+
+
 # ---------------------------------------------------------------------------- price, minimum
 def test_no_bar_and_no_price_is_rejected_no_price(
         conn: psycopg.Connection, operator: int) -> None:

@@ -394,3 +394,27 @@ def test_kelly_with_only_winning_trades_is_capped(conn: psycopg.Connection, btc:
     # 4 wins of +20 each: cash 10080. W = 1: f = 1 - 0 = 1; x 0.5 = 0.5; cap 0.25
     # 10080 * 0.25 / 100 = 25.2
     assert ordered(conn, submit(conn, action="buy")) == Decimal("25.2")
+
+
+# ---------------------------------------------------------------------------- bad params
+@pytest.mark.parametrize(("method", "params", "message"), [
+    ("fixed_quantity", {}, "fixed_quantity sizing needs sizing_params.quantity"),
+    ("fixed_notional", {}, "fixed_notional sizing needs sizing_params.amount"),
+    ("fixed_notional", {"amount": "abc"}, 'sizing_params.amount must be a number, got "abc"'),
+    ("fixed_quantity", {"quantity": -2}, "sizing_params.quantity must be > 0"),
+    ("risk_per_trade", {"risk": 2}, "sizing_params.risk must be between 0 and 1"),
+    ("volatility", {"period": "x"}, "sizing_params.period must be a number"),
+    ("volatility", {"period": 0}, "sizing_params.period must be >= 1"),
+    ("kelly", {"min_trades": "x"}, "sizing_params.min_trades must be a number"),
+    ("kelly", {"fallback": "NaN"}, "sizing_params.fallback must be a finite number"),
+])
+def test_bad_sizing_params_give_a_clear_error(
+        conn: psycopg.Connection, btc: int, method: str, params: dict[str, Any],
+        message: str) -> None:
+    make_account(conn)
+    assign(conn, method, params)
+    with pytest.raises(psycopg.Error) as e:
+        submit(conn, action="buy", stop_loss=95)
+    assert message in str(e.value), str(e.value)
+    assert scalar(conn, "SELECT count(*) FROM trading.signals") == 0
+    assert scalar(conn, "SELECT count(*) FROM trading.orders") == 0

@@ -1835,8 +1835,16 @@ BEGIN
         qty := acc.starting_cash * allocation * size / unit_cost;
     WHEN 'fixed_quantity' THEN
         qty := trading._num(params, 'quantity', 'sizing_params', 0, NULL, false) * size;
+        IF qty IS NULL THEN
+            RAISE EXCEPTION 'fixed_quantity sizing needs sizing_params.quantity'
+                USING ERRCODE = 'invalid_parameter_value';
+        END IF;
     WHEN 'fixed_notional' THEN
         qty := trading._num(params, 'amount', 'sizing_params', 0, NULL, false) * size / unit_cost;
+        IF qty IS NULL THEN
+            RAISE EXCEPTION 'fixed_notional sizing needs sizing_params.amount'
+                USING ERRCODE = 'invalid_parameter_value';
+        END IF;
     WHEN 'risk_per_trade' THEN
         IF stop_loss IS NULL OR stop_loss = price THEN
             RAISE EXCEPTION 'risk_per_trade sizing needs a stop_loss away from the price'
@@ -1847,10 +1855,10 @@ BEGIN
     WHEN 'volatility' THEN
         atr := market.atr(inst.instrument_id,
             COALESCE(params ->> 'timeframe', market.finest_timeframe(inst.instrument_id)::text)::market.timeframe,
-            COALESCE((params ->> 'period')::integer, 14), at);
+            COALESCE(trading._num(params, 'period', 'sizing_params', 1)::integer, 14), at);
         IF atr IS NULL OR atr = 0 THEN
             RAISE EXCEPTION 'volatility sizing needs % bars of history for %',
-                COALESCE((params ->> 'period')::integer, 14) + 1, inst.symbol
+                COALESCE(trading._num(params, 'period', 'sizing_params', 1)::integer, 14) + 1, inst.symbol
                 USING ERRCODE = 'no_data_found';
         END IF;
         risk_amount := capital * COALESCE(trading._num(params, 'risk', 'sizing_params', 0, 1), 0.01) * size;
@@ -1861,7 +1869,7 @@ BEGIN
                avg(-t.pnl) FILTER (WHERE t.pnl <= 0) AS avg_loss
         INTO stats FROM trading.trades t
         WHERE t.account_id = acc.account_id AND t.strategy_id = s.strategy_id;
-        IF stats.n < COALESCE((params ->> 'min_trades')::integer, 20) THEN
+        IF stats.n < COALESCE(trading._num(params, 'min_trades', 'sizing_params', 0)::integer, 20) THEN
             f := COALESCE(trading._num(params, 'fallback', 'sizing_params', 0, 1), 0.02);
         ELSE
             -- no win: W = 0, f <= 0; no loss (or losses of 0): R infinite, f = W
@@ -2050,11 +2058,20 @@ BEGIN
         SELECT array_agg(x.order_id ORDER BY x.order_id) INTO hedge_ids FROM (
             SELECT trading._emit_order(acc, inst, s.strategy_id, sig_id,
                        CASE WHEN p.leg = 'long' THEN 'sell' ELSE 'buy' END::trading.order_side,
-                       p.quantity, 'signal', market.latest_close(inst.instrument_id, at),
+                       r.remaining, 'signal', market.latest_close(inst.instrument_id, at),
                        reduce_only => true, leg => p.leg) AS order_id
-            FROM trading.positions p
+            FROM trading.positions p,
+                 -- what is held less the closing orders already open for that leg (a
+                 -- reduce-only sell closes the long leg, a reduce-only buy the short one)
+                 LATERAL (SELECT p.quantity - COALESCE(sum(o.quantity - o.filled_quantity), 0) AS remaining
+                          FROM trading.orders o
+                          WHERE o.account_id = p.account_id AND o.instrument_id = p.instrument_id
+                            AND o.reduce_only
+                            AND o.side = CASE WHEN p.leg = 'long' THEN 'sell' ELSE 'buy' END::trading.order_side
+                            AND (pos_strategy IS NULL OR o.strategy_id = pos_strategy)
+                            AND o.status IN ('created', 'in_flight', 'submitted', 'partially_filled')) r
             WHERE p.account_id = acc.account_id AND p.instrument_id = inst.instrument_id
-              AND p.strategy_id IS NOT DISTINCT FROM pos_strategy AND p.quantity > 0
+              AND p.strategy_id IS NOT DISTINCT FROM pos_strategy AND r.remaining > 0
               AND risk.breaker_mode(acc.account_id) <> 'FREEZE') x;
         IF hedge_ids IS NULL THEN
             RETURN trading._finish_signal(sig_id,
