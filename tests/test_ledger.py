@@ -1,0 +1,667 @@
+"""The ledger (migration 0002_05): trading.apply_fill and the order functions, against the
+real database. Every expected number is worked out by hand in the test."""
+
+from __future__ import annotations
+
+import json
+from decimal import Decimal as D
+from typing import Any
+
+import psycopg
+import pytest
+from psycopg.types.json import Jsonb
+
+T0 = "2026-01-05T10:00:00Z"
+T1 = "2026-01-05T11:00:00Z"
+T2 = "2026-01-05T12:00:00Z"
+T3 = "2026-01-05T13:00:00Z"
+
+
+# ----------------------------------------------------------------------------- helpers
+def instrument(conn: psycopg.Connection, symbol: str, base: str, quote: str,
+               market: str = "crypto", step: str = "0.001", calendar: str = "CRYPTO_24X7",
+               venue: str = "test") -> int:
+    return conn.execute(
+        "INSERT INTO market.instruments (symbol, venue, market, base_currency, quote_currency,"
+        " price_tick, quantity_step, min_quantity, calendar_id)"
+        " VALUES (%s, %s, %s, %s, %s, 0.01, %s, 0, %s) RETURNING instrument_id",
+        (symbol, venue, market, base, quote, step, calendar)).fetchone()[0]
+
+
+def bar(conn: psycopg.Connection, iid: int, ts: str, close: str) -> None:
+    conn.execute(
+        "INSERT INTO market.bars (instrument_id, timeframe, ts, open, high, low, close, volume)"
+        " VALUES (%s, '1m', %s, %s, %s, %s, %s, 1)", (iid, ts, close, close, close, close))
+
+
+def account(conn: psycopg.Connection, name: str, cash: str = "100000", env: str = "backtest",
+            currency: str = "USD", position_mode: str = "oneway", allow_short: bool = False,
+            aggregation: str = "independent") -> int:
+    return conn.execute(
+        "SELECT trading.create_account(%s, %s, 'operator', %s, %s, %s, %s, %s)",
+        (name, env, D(cash), currency, position_mode, aggregation, allow_short)).fetchone()[0]
+
+
+def order(conn: psycopg.Connection, acct: str, symbol: str, side: str, qty: str,
+          **extra: Any) -> int:
+    spec = {"account": acct, "symbol": symbol, "side": side, "quantity": qty, **extra}
+    r = conn.execute("SELECT trading.place_manual_order(%s)", (Jsonb(spec),)).fetchone()[0]
+    assert r["status"] == "approved", r
+    return r["order_id"]
+
+
+def fill(conn: psycopg.Connection, order_id: int, bfid: str | None, qty: str, price: str,
+         **extra: Any) -> dict:
+    spec: dict[str, Any] = {"order_id": order_id, "quantity": qty, "price": price, **extra}
+    if bfid is not None:
+        spec["broker_fill_id"] = bfid
+    return conn.execute("SELECT trading.apply_fill(%s)", (Jsonb(spec),)).fetchone()[0]
+
+
+def one(conn: psycopg.Connection, q: str, *args: Any) -> Any:
+    return conn.execute(q, args).fetchone()[0]
+
+
+def cash(conn: psycopg.Connection, acct_id: int) -> D:
+    return one(conn, "SELECT cash FROM trading.accounts WHERE account_id = %s", acct_id)
+
+
+def position(conn: psycopg.Connection, acct_id: int, iid: int, leg: str = "net") -> dict:
+    cur = conn.execute(
+        "SELECT * FROM trading.positions WHERE account_id = %s AND instrument_id = %s"
+        " AND leg = %s AND strategy_id IS NULL", (acct_id, iid, leg))
+    names = [c.name for c in cur.description]
+    row = cur.fetchone()
+    assert row is not None, "no position row"
+    return dict(zip(names, row, strict=True))
+
+
+def order_row(conn: psycopg.Connection, oid: int) -> dict:
+    cur = conn.execute("SELECT * FROM trading.orders WHERE order_id = %s", (oid,))
+    names = [c.name for c in cur.description]
+    return dict(zip(names, cur.fetchone(), strict=True))
+
+
+def trades(conn: psycopg.Connection, acct_id: int) -> list[dict]:
+    cur = conn.execute("SELECT * FROM trading.trades WHERE account_id = %s ORDER BY trade_id",
+                       (acct_id,))
+    names = [c.name for c in cur.description]
+    return [dict(zip(names, r, strict=True)) for r in cur.fetchall()]
+
+
+SNAPSHOT_TABLES = ["trading.accounts", "trading.positions", "trading.orders", "trading.fills",
+                   "trading.trades", "risk.breaker_state", "risk.events", "trading.signals"]
+
+
+def snapshot(conn: psycopg.Connection) -> dict[str, Any]:
+    snap: dict[str, Any] = {}
+    for t in SNAPSHOT_TABLES:
+        snap[t] = conn.execute(
+            f"SELECT coalesce(jsonb_agg(to_jsonb(x) ORDER BY to_jsonb(x)::text), '[]')"
+            f" FROM {t} x").fetchone()[0]
+    snap["audit"] = one(conn, "SELECT count(*) FROM audit.events")
+    snap["queue"] = one(conn, "SELECT count(*) FROM pgmq.q_orders")
+    return snap
+
+
+def refused(conn: psycopg.Connection, spec: dict, match: str) -> None:
+    """apply_fill(spec) raises an error matching `match`, and no row anywhere changes."""
+    before = snapshot(conn)
+    with pytest.raises(psycopg.Error, match=match):
+        conn.execute("SELECT trading.apply_fill(%s)", (Jsonb(spec),))
+    assert snapshot(conn) == before
+
+
+@pytest.fixture
+def btc(conn: psycopg.Connection) -> int:
+    iid = instrument(conn, "BTCUSD", "BTC", "USD")
+    bar(conn, iid, "2026-01-05T09:00:00Z", "100")
+    return iid
+
+
+# ----------------------------------------------------------------------------- full fills
+def test_full_buy_fill_moves_cash_position_order_and_fills(conn, btc):
+    a = account(conn, "acc1")
+    oid = order(conn, "acc1", "BTCUSD", "buy", "10")
+    r = fill(conn, oid, "f-1", "10", "100", commission="1", ts=T0, liquidity="taker")
+    assert r["status"] == "applied" and r["order_status"] == "filled"
+    assert D(str(r["position"])) == 10
+    # 100000 - 10 x 100 - 1
+    assert cash(conn, a) == D("98999")
+    p = position(conn, a, btc)
+    assert p["quantity"] == 10 and p["average_price"] == 100
+    assert p["open_commission"] == 1 and p["commission_paid"] == 1 and p["realized_pnl"] == 0
+    assert p["last_price"] == 100
+    o = order_row(conn, oid)
+    assert o["status"] == "filled" and o["filled_quantity"] == 10
+    assert o["average_fill_price"] == 100
+    f = conn.execute("SELECT order_id, broker_fill_id, side::text, quantity, price, commission,"
+                     " commission_currency, liquidity, ts = %s::timestamptz"
+                     " FROM trading.fills WHERE account_id = %s", (T0, a)).fetchall()
+    assert f == [(oid, "f-1", "buy", D(10), D(100), D(1), "USD", "taker", True)]
+    assert one(conn, "SELECT count(*) FROM audit.events WHERE event_type = 'fill.applied'"
+                     " AND entity_id = %s", str(r["fill_id"])) == 1
+    assert trades(conn, a) == []
+
+
+def test_fill_by_client_order_id(conn, btc):
+    a = account(conn, "acc1")
+    oid = order(conn, "acc1", "BTCUSD", "buy", "2", client_order_id="my-own-1")
+    r = conn.execute("SELECT trading.apply_fill(%s)", (Jsonb(
+        {"client_order_id": "my-own-1", "broker_fill_id": "x", "quantity": 2,
+         "price": 50}),)).fetchone()[0]
+    assert r["order_id"] == oid and r["order_status"] == "filled"
+    assert cash(conn, a) == D("99900")
+
+
+def test_partial_fills_weighted_average(conn, btc):
+    a = account(conn, "acc1")
+    oid = order(conn, "acc1", "BTCUSD", "buy", "10")
+    r = fill(conn, oid, "p1", "4", "100", commission="0.4")
+    assert r["order_status"] == "partially_filled"
+    o = order_row(conn, oid)
+    assert o["status"] == "partially_filled" and o["filled_quantity"] == 4
+    assert o["average_fill_price"] == 100
+    r = fill(conn, oid, "p2", "6", "105", commission="0.6")
+    assert r["order_status"] == "filled"
+    o = order_row(conn, oid)
+    # (4 x 100 + 6 x 105) / 10 = 1030 / 10 = 103
+    assert o["status"] == "filled" and o["filled_quantity"] == 10
+    assert o["average_fill_price"] == 103
+    p = position(conn, a, btc)
+    assert p["quantity"] == 10 and p["average_price"] == 103 and p["open_commission"] == 1
+    # 100000 - 400 - 0.4 - 630 - 0.6
+    assert cash(conn, a) == D("98969")
+
+
+# ----------------------------------------------------------------------------- idempotency
+def test_same_fill_twice_is_duplicate_and_changes_nothing(conn, btc):
+    a = account(conn, "acc1")
+    oid = order(conn, "acc1", "BTCUSD", "buy", "10")
+    first = fill(conn, oid, "dup-1", "4", "100", commission="0.5", ts=T0)
+    before = snapshot(conn)
+    again = fill(conn, oid, "dup-1", "4", "100", commission="0.5", ts=T0)
+    assert again["status"] == "duplicate" and again["fill_id"] == first["fill_id"]
+    assert again["order_status"] == "partially_filled"
+    assert snapshot(conn) == before
+    assert cash(conn, a) == D("99599.5")
+    # also after the order is finished
+    fill(conn, oid, "dup-2", "6", "100")
+    before = snapshot(conn)
+    assert fill(conn, oid, "dup-1", "4", "100", commission="0.5", ts=T0)["status"] == "duplicate"
+    assert fill(conn, oid, "dup-2", "6", "100")["status"] == "duplicate"
+    assert snapshot(conn) == before
+
+
+@pytest.mark.parametrize("change", [{"quantity": "3"}, {"price": "101"},
+                                    {"other_order": True}])
+def test_same_broker_fill_id_with_other_values_refused(conn, btc, change):
+    account(conn, "acc1")
+    oid = order(conn, "acc1", "BTCUSD", "buy", "10")
+    other = order(conn, "acc1", "BTCUSD", "buy", "10")
+    fill(conn, oid, "same", "4", "100", commission="0.5")
+    spec = {"order_id": oid, "broker_fill_id": "same", "quantity": "4", "price": "100",
+            "commission": "0.5"}
+    if change.pop("other_order", False):
+        spec["order_id"] = other
+    spec.update(change)
+    refused(conn, spec, "already recorded|refusing different values")
+
+
+# ----------------------------------------------------------------------------- refusals
+def test_refusals_change_nothing(conn, btc):
+    a = account(conn, "acc1")
+    oid = order(conn, "acc1", "BTCUSD", "buy", "10")
+    fill(conn, oid, "ok-1", "4", "100")
+    base = {"order_id": oid, "broker_fill_id": "new", "quantity": "1", "price": "100"}
+    refused(conn, {**base, "order_id": 999999}, "unknown order")
+    refused(conn, {**base, "order_id": None, "client_order_id": "nope"}, "unknown order")
+    refused(conn, {**base, "quantity": "6.001"}, "exceeds the 6 remaining")
+    refused(conn, {k: v for k, v in base.items() if k != "broker_fill_id"},
+            "broker_fill_id is required")
+    refused(conn, {**base, "broker_fill_id": ""}, "broker_fill_id is required")
+    for bad in ["NaN", "0", "-1", "Infinity", "abc"]:
+        refused(conn, {**base, "price": bad}, "fill.price must be")
+    for bad in ["NaN", "0", "-2"]:
+        refused(conn, {**base, "quantity": bad}, "fill.quantity must be")
+    refused(conn, {**base, "commission": "-1"}, "fill.commission must be")
+    refused(conn, {**base, "commission_currency": "EUR", "commission": "1"},
+            "commission_currency EUR is neither")
+    # the refused fills left the order open for a correct one
+    assert fill(conn, oid, "new", "6", "100")["order_status"] == "filled"
+    assert cash(conn, a) == D("99000")
+
+
+def test_fill_on_cancelled_rejected_expired_order_refused(conn, btc):
+    account(conn, "acc1")
+    c = order(conn, "acc1", "BTCUSD", "buy", "1")
+    r = order(conn, "acc1", "BTCUSD", "buy", "1")
+    e = order(conn, "acc1", "BTCUSD", "buy", "1")
+    conn.execute("SELECT trading.cancel_order(%s, 'changed my mind')", (str(c),))
+    conn.execute("SELECT trading.reject_order(%s, 'INSUFFICIENT_FUNDS', 'no money')", (str(r),))
+    conn.execute("SELECT trading.acknowledge_order(%s, 'B-e')", (str(e),))
+    conn.execute("SELECT trading.expire_order(%s)", (str(e),))
+    for oid, state in [(c, "cancelled"), (r, "rejected"), (e, "expired")]:
+        refused(conn, {"order_id": oid, "broker_fill_id": f"z{oid}", "quantity": 1,
+                       "price": 100}, f"is {state}: it takes no fills")
+
+
+def test_fill_on_filled_order_refused(conn, btc):
+    account(conn, "acc1")
+    oid = order(conn, "acc1", "BTCUSD", "buy", "1")
+    fill(conn, oid, "a", "1", "100")
+    refused(conn, {"order_id": oid, "broker_fill_id": "b", "quantity": 1, "price": 100},
+            "is filled: it takes no fills")
+
+
+# ----------------------------------------------------------------------------- P&L
+def test_reduction_realizes_pnl_and_writes_trade(conn, btc):
+    a = account(conn, "acc1")
+    buy = order(conn, "acc1", "BTCUSD", "buy", "10")
+    fill(conn, buy, "b1", "10", "100", commission="1", ts=T0)
+    sell = order(conn, "acc1", "BTCUSD", "sell", "10")
+    assert order_row(conn, sell)["reduce_only"] is True
+    r = fill(conn, sell, "s1", "10", "110", commission="1.1", ts=T1)
+    # gross (110 - 100) x 10 = 100; commission 1 + 1.1 = 2.1; pnl 97.9
+    assert D(str(r["realized_pnl"])) == D("97.9") and D(str(r["position"])) == 0
+    (t,) = trades(conn, a)
+    assert t["side"] == "long" and t["quantity"] == 10
+    assert t["entry_price"] == 100 and t["exit_price"] == 110
+    assert t["gross_pnl"] == 100 and t["commission"] == D("2.1") and t["pnl"] == D("97.9")
+    assert t["entry_time"] == one(conn, "SELECT %s::timestamptz", T0)
+    assert t["exit_time"] == one(conn, "SELECT %s::timestamptz", T1)
+    assert t["exit_trigger"] == "manual" and t["strategy_id"] is None
+    assert t["exit_fill_id"] == r["fill_id"]
+    p = position(conn, a, btc)
+    assert p["quantity"] == 0 and p["average_price"] is None and p["open_commission"] == 0
+    assert p["realized_pnl"] == D("97.9") and p["commission_paid"] == D("2.1")
+    # 100000 - 1000 - 1 + 1100 - 1.1
+    assert cash(conn, a) == D("100097.9")
+
+
+def test_partial_reduction_pro_rata_commission(conn, btc):
+    a = account(conn, "acc1")
+    fill(conn, order(conn, "acc1", "BTCUSD", "buy", "10"), "b1", "10", "100", commission="1",
+         ts=T0)
+    fill(conn, order(conn, "acc1", "BTCUSD", "sell", "4"), "s1", "4", "110", commission="0.44",
+         ts=T1)
+    (t,) = trades(conn, a)
+    # gross (110 - 100) x 4 = 40; entry commission 1 x 4/10 = 0.4; exit 0.44; pnl 39.16
+    assert (t["quantity"], t["gross_pnl"], t["commission"], t["pnl"]) == (
+        4, 40, D("0.84"), D("39.16"))
+    p = position(conn, a, btc)
+    assert p["quantity"] == 6 and p["average_price"] == 100 and p["open_commission"] == D("0.6")
+    assert p["opened_at"] == one(conn, "SELECT %s::timestamptz", T0)
+    fill(conn, order(conn, "acc1", "BTCUSD", "sell", "6"), "s2", "6", "90", commission="0.54",
+         ts=T2)
+    t2 = trades(conn, a)[1]
+    # gross (90 - 100) x 6 = -60; commission 0.6 + 0.54 = 1.14; pnl -61.14
+    assert (t2["quantity"], t2["gross_pnl"], t2["commission"], t2["pnl"]) == (
+        6, -60, D("1.14"), D("-61.14"))
+    assert position(conn, a, btc)["realized_pnl"] == D("-21.98")
+    # 100000 - 1000 - 1 + 440 - 0.44 + 540 - 0.54 = 99978.02 = 100000 + (-21.98)
+    assert cash(conn, a) == D("99978.02")
+
+
+def test_reversal_long_to_short(conn, btc):
+    a = account(conn, "acc1", allow_short=True)
+    fill(conn, order(conn, "acc1", "BTCUSD", "buy", "10"), "b1", "10", "100", commission="1",
+         ts=T0)
+    sell = order(conn, "acc1", "BTCUSD", "sell", "15")
+    assert order_row(conn, sell)["reduce_only"] is False
+    r = fill(conn, sell, "s1", "15", "110", commission="1.5", ts=T1)
+    assert D(str(r["position"])) == -5
+    (t,) = trades(conn, a)
+    # closes 10: gross 100; commission 1 (entry) + 1.5 x 10/15 = 1 (exit) -> 2; pnl 98
+    assert (t["side"], t["quantity"], t["gross_pnl"], t["commission"], t["pnl"]) == (
+        "long", 10, 100, 2, 98)
+    p = position(conn, a, btc)
+    # the remaining 5 short open at 110 with 1.5 x 5/15 = 0.5 of entry commission
+    assert p["quantity"] == -5 and p["average_price"] == 110 and p["open_commission"] == D("0.5")
+    assert p["opened_at"] == one(conn, "SELECT %s::timestamptz", T1)
+    # 100000 - 1000 - 1 + 1650 - 1.5
+    assert cash(conn, a) == D("100647.5")
+    # cover the short at 100: gross (110 - 100) x 5 = 50, commission 0.5 + 0.5, pnl 49
+    fill(conn, order(conn, "acc1", "BTCUSD", "buy", "5"), "c1", "5", "100", commission="0.5",
+         ts=T2)
+    t2 = trades(conn, a)[1]
+    assert (t2["side"], t2["quantity"], t2["entry_price"], t2["exit_price"], t2["gross_pnl"],
+            t2["commission"], t2["pnl"]) == ("short", 5, 110, 100, 50, 1, 49)
+    assert t2["entry_time"] == one(conn, "SELECT %s::timestamptz", T1)
+    # 100647.5 - 500 - 0.5 = 100147 = 100000 + 98 + 49
+    assert cash(conn, a) == D("100147")
+    assert position(conn, a, btc)["realized_pnl"] == 147
+
+
+def test_short_position_pnl(conn, btc):
+    a = account(conn, "acc1", allow_short=True)
+    r = fill(conn, order(conn, "acc1", "BTCUSD", "sell", "4"), "s1", "4", "100",
+             commission="0.4", ts=T0)
+    assert D(str(r["position"])) == -4
+    # selling short credits the cash: 100000 + 400 - 0.4
+    assert cash(conn, a) == D("100399.6")
+    eq = conn.execute("SELECT cash, positions_value, equity FROM trading.account_equity(%s)",
+                      (a,)).fetchone()
+    assert eq == (D("100399.6"), D(-400), D("99999.6"))
+    fill(conn, order(conn, "acc1", "BTCUSD", "buy", "4"), "b1", "4", "120", commission="0.48",
+         ts=T1)
+    (t,) = trades(conn, a)
+    # gross (100 - 120) x 4 = -80; commission 0.4 + 0.48; pnl -80.88
+    assert (t["side"], t["gross_pnl"], t["commission"], t["pnl"]) == (
+        "short", -80, D("0.88"), D("-80.88"))
+    assert cash(conn, a) == D("99919.12")
+
+
+def test_short_refused_without_allow_short(conn, btc):
+    account(conn, "acc1")
+    r = conn.execute("SELECT trading.place_manual_order(%s)", (Jsonb(
+        {"account": "acc1", "symbol": "BTCUSD", "side": "sell", "quantity": 1}),)).fetchone()[0]
+    assert r["status"] == "rejected" and r["reason_code"] == "SHORT_NOT_ALLOWED"
+    assert one(conn, "SELECT count(*) FROM trading.orders") == 0
+
+
+# ----------------------------------------------------------------------------- hedge mode
+def test_hedge_mode_keeps_long_and_short_legs(conn, btc):
+    a = account(conn, "hedge1", position_mode="hedge", allow_short=True)
+    conn.execute("SELECT trading.assign_strategy('hedge1', 'hs', 1, 'fixed_quantity',"
+                 " '{\"quantity\": 10}')")
+
+    def signal(action: str) -> dict:
+        return conn.execute("SELECT trading.submit_signal(%s)", (Jsonb(
+            {"account": "hedge1", "strategy": "hs", "symbol": "BTCUSD", "action": action,
+             "price": 100}),)).fetchone()[0]
+
+    b = signal("buy")
+    assert b["status"] == "approved", b
+    fill(conn, b["order_id"], "h1", "10", "100", commission="1", ts=T0)
+    s = signal("sell")
+    assert s["status"] == "approved", s
+    fill(conn, s["order_id"], "h2", "10", "104", commission="1", ts=T1)
+    rows = conn.execute("SELECT leg::text, quantity, average_price FROM trading.positions"
+                        " WHERE account_id = %s ORDER BY leg", (a,)).fetchall()
+    assert rows == [("long", D(10), D(100)), ("short", D(10), D(104))]
+    assert trades(conn, a) == []
+    # 100000 - 1000 - 1 + 1040 - 1
+    assert cash(conn, a) == D("100038")
+    # close both legs: the long at 110 (+100 gross), the short at 110 (-60 gross)
+    c = signal("close")
+    assert c["status"] == "approved", c
+    ids = [x for x in c["order_ids"]]
+    assert len(ids) == 2
+    for i, oid in enumerate(ids):
+        o = order_row(conn, oid)
+        fill(conn, oid, f"hc{i}", str(o["quantity"]), "110", commission="1", ts=T2)
+    got = {t["side"]: (t["gross_pnl"], t["pnl"]) for t in trades(conn, a)}
+    assert got == {"long": (D(100), D(98)), "short": (D(-60), D(-62))}
+    assert conn.execute("SELECT leg::text, quantity FROM trading.positions WHERE account_id = %s"
+                        " ORDER BY leg", (a,)).fetchall() == [("long", 0), ("short", 0)]
+    # 100038 - 1100 - 1 + 1100 - 1 = 100036 = 100000 + 98 - 62
+    assert cash(conn, a) == D("100036")
+
+
+def test_hedge_leg_cannot_go_past_zero(conn, btc):
+    a = account(conn, "hedge1", position_mode="hedge", allow_short=True)
+    fill(conn, order(conn, "hedge1", "BTCUSD", "buy", "2"), "h1", "2", "100")
+    # a closing order of the long leg bigger than it (inserted directly: the functions
+    # would not make one)
+    oid = one(conn, "INSERT INTO trading.orders (account_id, instrument_id, client_order_id,"
+                    " side, order_type, quantity, position_leg, reduce_only)"
+                    " VALUES (%s, %s, 'leg-x', 'sell', 'market', 3, 'long', false)"
+                    " RETURNING order_id", a, btc)
+    refused(conn, {"order_id": oid, "broker_fill_id": "x", "quantity": 3, "price": 100},
+            "past zero")
+
+
+# ----------------------------------------------------------------------------- FX
+@pytest.fixture
+def jpy(conn):
+    """BTCJPY quoted in JPY and the USDJPY pair (125 yen a dollar: 1 JPY = 0.008 USD)."""
+    btcjpy = instrument(conn, "BTCJPY", "BTC", "JPY")
+    usdjpy = instrument(conn, "USDJPY", "USD", "JPY", market="forex", calendar="FX_24X5")
+    bar(conn, btcjpy, "2026-01-05T09:00:00Z", "1000000")
+    bar(conn, usdjpy, "2026-01-05T09:00:00Z", "125")
+    return btcjpy, usdjpy
+
+
+def test_fx_cash_and_pnl_converted(conn, jpy):
+    btcjpy, _ = jpy
+    a = account(conn, "fx1")
+    fill(conn, order(conn, "fx1", "BTCJPY", "buy", "0.1"), "j1", "0.1", "1000000",
+         commission="1000", commission_currency="JPY", ts=T0)
+    # 0.1 x 1,000,000 JPY = 100,000 JPY = 800 USD; commission 1000 JPY = 8 USD
+    assert cash(conn, a) == D("99192")
+    p = position(conn, a, btcjpy)
+    assert p["average_price"] == 1000000 and p["open_commission"] == 8
+    assert one(conn, "SELECT commission FROM trading.fills WHERE broker_fill_id = 'j1'") == 8
+    fill(conn, order(conn, "fx1", "BTCJPY", "sell", "0.1"), "j2", "0.1", "1100000",
+         commission="1100", commission_currency="JPY", ts=T1)
+    # proceeds 110,000 JPY = 880 USD; commission 8.8 USD
+    assert cash(conn, a) == D("100063.2")
+    (t,) = trades(conn, a)
+    # gross 10,000 JPY = 80 USD; pnl 80 - 8 - 8.8 = 63.2
+    assert (t["gross_pnl"], t["commission"], t["pnl"]) == (80, D("16.8"), D("63.2"))
+
+
+def test_fx_commission_in_base_currency(conn, jpy):
+    a = account(conn, "fx1")
+    fill(conn, order(conn, "fx1", "BTCJPY", "buy", "0.1"), "j1", "0.1", "1000000",
+         commission="0.0001", commission_currency="BTC", ts=T0)
+    # 0.0001 BTC x 1,000,000 JPY x 0.008 = 0.8 USD
+    assert one(conn, "SELECT commission FROM trading.fills WHERE broker_fill_id = 'j1'") == D(
+        "0.8")
+    assert cash(conn, a) == D("99199.2")
+
+
+def test_fx_missing_rate_refused(conn):
+    btcjpy = instrument(conn, "BTCJPY", "BTC", "JPY")
+    bar(conn, btcjpy, "2026-01-05T09:00:00Z", "1000000")
+    a = account(conn, "fx1")
+    # the order is made directly (the risk gate would refuse it for the same reason)
+    oid = one(conn, "INSERT INTO trading.orders (account_id, instrument_id, client_order_id,"
+                    " side, order_type, quantity) VALUES (%s, %s, 'fx-o', 'buy', 'market', 1)"
+                    " RETURNING order_id", a, btcjpy)
+    refused(conn, {"order_id": oid, "broker_fill_id": "x", "quantity": 1, "price": 1000000},
+            "no conversion rate from JPY to USD.*JPY/USD or USD/JPY")
+    # a rate that exists only after the fill time does not count
+    usdjpy = instrument(conn, "USDJPY", "USD", "JPY", market="forex", calendar="FX_24X5")
+    bar(conn, usdjpy, "2026-01-05T12:00:00Z", "125")
+    refused(conn, {"order_id": oid, "broker_fill_id": "x", "quantity": 1, "price": 1000000,
+                   "ts": T0}, "no conversion rate from JPY to USD")
+    assert fill(conn, oid, "x", "1", "1000000", ts=T2)["status"] == "applied"
+    assert cash(conn, a) == D("92000")
+
+
+# ----------------------------------------------------------------------------- order functions
+def test_reject_order_and_rejection_streak_trips_soft_breaker(conn, btc):
+    a = account(conn, "acc1")
+    conn.execute("UPDATE trading.accounts SET max_consecutive_rejections = 3"
+                 " WHERE account_id = %s", (a,))
+    ids = [order(conn, "acc1", "BTCUSD", "buy", "1") for _ in range(4)]
+    r = one(conn, "SELECT trading.reject_order(%s, 'insufficient_funds', 'broker says no')",
+            str(ids[0]))
+    assert r["status"] == "rejected" and r["consecutive_rejections"] == 1
+    assert r["breaker_tripped"] is False
+    o = order_row(conn, ids[0])
+    assert (o["status"], o["reason_code"], o["reason"]) == (
+        "rejected", "INSUFFICIENT_FUNDS", "broker says no")
+    # rejecting twice changes nothing
+    before = snapshot(conn)
+    assert one(conn, "SELECT trading.reject_order(%s, 'X')", str(ids[0]))["status"] == (
+        "already_rejected")
+    assert snapshot(conn) == before
+    one(conn, "SELECT trading.reject_order(%s, 'BROKER_DOWN')", str(ids[1]))
+    assert one(conn, "SELECT mode::text FROM risk.breaker_state WHERE account_id = %s", a) == "OK"
+    r = one(conn, "SELECT trading.reject_order(%s, 'BROKER_DOWN')", str(ids[2]))
+    assert r["consecutive_rejections"] == 3 and r["breaker_tripped"] is True
+    assert one(conn, "SELECT mode::text FROM risk.breaker_state WHERE account_id = %s",
+               a) == "SOFT"
+    assert one(conn, "SELECT mode::text FROM trading.accounts WHERE account_id = %s",
+               a) == "advisory"
+    ev = conn.execute("SELECT event_type, message FROM risk.events WHERE account_id = %s",
+                      (a,)).fetchall()
+    assert len(ev) == 1 and ev[0][0] == "REJECTION_STREAK"
+    assert "3 consecutive order rejections (last: BROKER_DOWN)" in ev[0][1]
+    assert one(conn, "SELECT count(*) FROM audit.events WHERE event_type ="
+                     " 'account.downgraded' AND entity_id = %s", str(a)) == 1
+    with pytest.raises(psycopg.Error, match="advisory mode"):
+        order(conn, "acc1", "BTCUSD", "buy", "1")
+
+
+def test_reject_order_bad_reason_code(conn, btc):
+    account(conn, "acc1")
+    oid = order(conn, "acc1", "BTCUSD", "buy", "1")
+    before = snapshot(conn)
+    with pytest.raises(psycopg.Error, match="UPPER_SNAKE"):
+        conn.execute("SELECT trading.reject_order(%s, 'not ok!')", (str(oid),))
+    assert snapshot(conn) == before
+
+
+def test_a_fill_resets_the_rejection_streak(conn, btc):
+    a = account(conn, "acc1")
+    conn.execute("UPDATE trading.accounts SET max_consecutive_rejections = 3"
+                 " WHERE account_id = %s", (a,))
+    ids = [order(conn, "acc1", "BTCUSD", "buy", "1") for _ in range(5)]
+    one(conn, "SELECT trading.reject_order(%s, 'NO')", str(ids[0]))
+    one(conn, "SELECT trading.reject_order(%s, 'NO')", str(ids[1]))
+    fill(conn, ids[2], "f", "1", "100")
+    assert one(conn, "SELECT consecutive_rejections FROM trading.accounts"
+                     " WHERE account_id = %s", a) == 0
+    one(conn, "SELECT trading.reject_order(%s, 'NO')", str(ids[3]))
+    r = one(conn, "SELECT trading.reject_order(%s, 'NO')", str(ids[4]))
+    assert r["consecutive_rejections"] == 2 and r["breaker_tripped"] is False
+    assert one(conn, "SELECT mode::text FROM risk.breaker_state WHERE account_id = %s", a) == "OK"
+    assert one(conn, "SELECT mode::text FROM trading.accounts WHERE account_id = %s",
+               a) == "operator"
+    assert one(conn, "SELECT count(*) FROM risk.events WHERE account_id = %s", a) == 0
+
+
+def test_cancel_twice_is_idempotent(conn, btc):
+    account(conn, "acc1")
+    oid = order(conn, "acc1", "BTCUSD", "buy", "3")
+    fill(conn, oid, "f", "1", "100")
+    r = one(conn, "SELECT trading.cancel_order(%s, 'enough')", str(oid))
+    assert r["status"] == "cancelled" and r["previous"] == "partially_filled"
+    o = order_row(conn, oid)
+    assert (o["status"], o["filled_quantity"], o["reason"]) == ("cancelled", 1, "enough")
+    before = snapshot(conn)
+    r = one(conn, "SELECT trading.cancel_order(%s)", str(oid))
+    assert r["status"] == "unchanged" and r["order_status"] == "cancelled"
+    assert snapshot(conn) == before
+
+
+def test_cancel_filled_order_refused(conn, btc):
+    account(conn, "acc1")
+    oid = order(conn, "acc1", "BTCUSD", "buy", "1")
+    fill(conn, oid, "f", "1", "100")
+    before = snapshot(conn)
+    with pytest.raises(psycopg.Error, match="illegal order transition filled -> cancelled"):
+        conn.execute("SELECT trading.cancel_order(%s)", (str(oid),))
+    assert snapshot(conn) == before
+
+
+def test_mark_in_flight_and_acknowledge(conn, btc):
+    account(conn, "acc1")
+    oid = order(conn, "acc1", "BTCUSD", "buy", "2")
+    coid = order_row(conn, oid)["client_order_id"]
+    r = one(conn, "SELECT trading.mark_in_flight(%s)", coid)
+    assert r["status"] == "in_flight" and r["previous"] == "created"
+    o = order_row(conn, oid)
+    assert o["status"] == "in_flight" and o["submitted_at"] is not None
+    assert one(conn, "SELECT trading.mark_in_flight(%s)", coid)["status"] == "unchanged"
+    r = one(conn, "SELECT trading.acknowledge_order(%s, 'BRK-77')", str(oid))
+    assert r["status"] == "submitted" and r["previous"] == "in_flight"
+    o2 = order_row(conn, oid)
+    assert o2["status"] == "submitted" and o2["broker_order_id"] == "BRK-77"
+    assert o2["submitted_at"] == o["submitted_at"]
+    assert fill(conn, oid, "f1", "2", "100")["order_status"] == "filled"
+    types = [t for (t,) in conn.execute(
+        "SELECT event_type FROM audit.events WHERE entity = 'trading.orders' AND entity_id = %s"
+        " ORDER BY event_id", (str(oid),)).fetchall()]
+    assert types == ["order.created", "order.in_flight", "order.submitted"]
+
+
+def test_reduce_only_fill_beyond_position_refused(conn, btc):
+    a = account(conn, "acc1", allow_short=True)
+    fill(conn, order(conn, "acc1", "BTCUSD", "buy", "5"), "b", "5", "100")
+    s1 = order(conn, "acc1", "BTCUSD", "sell", "3")
+    s2 = order(conn, "acc1", "BTCUSD", "sell", "3")
+    assert order_row(conn, s1)["reduce_only"] and order_row(conn, s2)["reduce_only"]
+    fill(conn, s1, "s1", "3", "100")
+    refused(conn, {"order_id": s2, "broker_fill_id": "s2", "quantity": 3, "price": 100},
+            "reduce-only order .* would open or reverse")
+    assert fill(conn, s2, "s2", "2", "100")["order_status"] == "partially_filled"
+    assert position(conn, a, btc)["quantity"] == 0
+    refused(conn, {"order_id": s2, "broker_fill_id": "s3", "quantity": 1, "price": 100},
+            "reduce-only order")
+
+
+def test_manual_order_on_own_rows_of_independent_account(conn, btc):
+    """The account's own (manual) long is reduced by a manual sell, next to a strategy's."""
+    a = account(conn, "acc1")
+    conn.execute("SELECT trading.assign_strategy('acc1', 'st', 1, 'fixed_quantity',"
+                 " '{\"quantity\": 4}')")
+    s = one(conn, "SELECT trading.submit_signal(%s)", Jsonb(
+        {"account": "acc1", "strategy": "st", "symbol": "BTCUSD", "action": "buy",
+         "price": 100}))
+    fill(conn, s["order_id"], "b", "4", "100", ts=T0)
+    fill(conn, order(conn, "acc1", "BTCUSD", "buy", "2"), "m1", "2", "100", ts=T0)
+    sell = order(conn, "acc1", "BTCUSD", "sell", "2")
+    assert order_row(conn, sell)["reduce_only"] is True
+    fill(conn, sell, "m2", "2", "105", ts=T1)
+    rows = conn.execute("SELECT strategy_id IS NULL, quantity FROM trading.positions"
+                        " WHERE account_id = %s ORDER BY 1", (a,)).fetchall()
+    assert rows == [(False, 4), (True, 0)]
+    assert [t["pnl"] for t in trades(conn, a)] == [10]
+    # 100000 - 400 - 200 + 210
+    assert cash(conn, a) == D("99610")
+
+
+# ----------------------------------------------------------------------------- roles
+def test_router_role_applies_fills_but_writes_no_table(conn, btc):
+    a = account(conn, "acc1")
+    oid = order(conn, "acc1", "BTCUSD", "buy", "2")
+    conn.execute("SET ROLE mmats_router")
+    try:
+        r = fill(conn, oid, "rt-1", "1", "100")
+        assert r["status"] == "applied"
+        for stmt in [
+            "INSERT INTO trading.fills (account_id, order_id, instrument_id, broker_fill_id,"
+            f" side, quantity, price, ts) VALUES ({a}, {oid}, {btc}, 'evil', 'buy', 1, 1, now())",
+            f"INSERT INTO trading.positions (account_id, instrument_id) VALUES ({a}, {btc})",
+            f"UPDATE trading.accounts SET cash = 1e9 WHERE account_id = {a}",
+            f"UPDATE trading.positions SET quantity = 100 WHERE account_id = {a}",
+            f"DELETE FROM trading.fills WHERE account_id = {a}",
+        ]:
+            with pytest.raises(psycopg.errors.InsufficientPrivilege):
+                conn.execute(stmt)
+        with pytest.raises(psycopg.errors.InsufficientPrivilege):
+            conn.execute("SELECT trading.place_manual_order(%s)", (Jsonb(
+                {"account": "acc1", "symbol": "BTCUSD", "side": "buy", "quantity": 1}),))
+    finally:
+        conn.execute("RESET ROLE")
+    assert cash(conn, a) == D("99900")
+    assert one(conn, "SELECT count(*) FROM trading.fills") == 1
+    assert position(conn, a, btc)["quantity"] == 1
+
+
+def test_strategy_role_cannot_apply_fills(conn, btc):
+    account(conn, "acc1")
+    oid = order(conn, "acc1", "BTCUSD", "buy", "2")
+    conn.execute("SET ROLE mmats_strategy")
+    try:
+        with pytest.raises(psycopg.errors.InsufficientPrivilege):
+            fill(conn, oid, "x", "1", "100")
+    finally:
+        conn.execute("RESET ROLE")
+    assert one(conn, "SELECT count(*) FROM trading.fills") == 0
+
+
+def test_returned_json_is_well_formed(conn, btc):
+    account(conn, "acc1")
+    oid = order(conn, "acc1", "BTCUSD", "buy", "2")
+    raw = one(conn, "SELECT trading.apply_fill(%s)::text", Jsonb(
+        {"order_id": str(oid), "broker_fill_id": 7, "quantity": "2", "price": 100}))
+    r = json.loads(raw)
+    assert set(r) == {"status", "fill_id", "order_id", "order_status", "position",
+                      "realized_pnl"}
+    assert r["realized_pnl"] == 0
