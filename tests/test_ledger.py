@@ -194,7 +194,7 @@ def test_same_fill_twice_is_duplicate_and_changes_nothing(conn, btc):
 
 
 @pytest.mark.parametrize("change", [{"quantity": "3"}, {"price": "101"},
-                                    {"other_order": True}])
+                                    {"commission": "0.7"}, {"other_order": True}])
 def test_same_broker_fill_id_with_other_values_refused(conn, btc, change):
     account(conn, "acc1")
     oid = order(conn, "acc1", "BTCUSD", "buy", "10")
@@ -614,6 +614,21 @@ def test_manual_order_on_own_rows_of_independent_account(conn, btc):
     assert [t["pnl"] for t in trades(conn, a)] == [10]
     # 100000 - 400 - 200 + 210
     assert cash(conn, a) == D("99610")
+
+
+def test_duplicate_with_quote_currency_commission(conn, jpy):
+    account(conn, "fx1")
+    oid = order(conn, "fx1", "BTCJPY", "buy", "0.2")
+    spec = {"order_id": oid, "broker_fill_id": "q1", "quantity": "0.1", "price": "1000000",
+            "commission": "1000", "commission_currency": "JPY", "ts": T0}
+    assert one(conn, "SELECT trading.apply_fill(%s)", Jsonb(spec))["status"] == "applied"
+    before = snapshot(conn)
+    assert one(conn, "SELECT trading.apply_fill(%s)", Jsonb(spec))["status"] == "duplicate"
+    assert snapshot(conn) == before
+    # 1000 JPY is 8 USD; the same 8 USD named in dollars is the same fill too
+    same = {**spec, "commission": "8", "commission_currency": "USD"}
+    assert one(conn, "SELECT trading.apply_fill(%s)", Jsonb(same))["status"] == "duplicate"
+    refused(conn, {**spec, "commission": "1001"}, "refusing different values")
 
 
 # ----------------------------------------------------------------------------- roles

@@ -83,34 +83,26 @@ BEGIN
     comm_ccy := upper(trading._text(fill, 'commission_currency', 'fill', 12));
     at := COALESCE(trading._ts(fill, 'ts', 'fill'), now());
 
-    -- the same broker fill again: nothing changes
+    SELECT * INTO inst FROM market.instruments i WHERE i.instrument_id = o.instrument_id;
     SELECT * INTO prior FROM trading.fills f
     WHERE f.account_id = acc.account_id AND f.broker_fill_id = broker_id;
-    IF FOUND THEN
-        IF prior.order_id <> o.order_id OR prior.quantity <> q OR prior.price <> price THEN
-            RAISE EXCEPTION 'broker fill % was already recorded for order % with quantity % at %; refusing different values',
-                quote_literal(broker_id), prior.order_id, prior.quantity, prior.price
-                USING ERRCODE = 'unique_violation';
+    IF prior.fill_id IS NULL THEN
+        IF o.status NOT IN ('created', 'in_flight', 'submitted', 'partially_filled') THEN
+            RAISE EXCEPTION 'order % is %: it takes no fills', o.order_id, o.status
+                USING ERRCODE = 'check_violation';
         END IF;
-        RETURN jsonb_build_object('status', 'duplicate', 'fill_id', prior.fill_id,
-                                  'order_id', o.order_id, 'order_status', o.status);
+        IF q > o.quantity - o.filled_quantity THEN
+            RAISE EXCEPTION 'fill quantity % exceeds the % remaining on order % (quantity %, filled %)',
+                q, o.quantity - o.filled_quantity, o.order_id, o.quantity, o.filled_quantity
+                USING ERRCODE = 'check_violation';
+        END IF;
+        IF inst.contract_type = 'inverse' THEN
+            RAISE EXCEPTION 'inverse contracts are not supported by the ledger yet (%)', inst.symbol
+                USING ERRCODE = 'feature_not_supported';
+        END IF;
     END IF;
-
-    IF o.status NOT IN ('created', 'in_flight', 'submitted', 'partially_filled') THEN
-        RAISE EXCEPTION 'order % is %: it takes no fills', o.order_id, o.status
-            USING ERRCODE = 'check_violation';
-    END IF;
-    IF q > o.quantity - o.filled_quantity THEN
-        RAISE EXCEPTION 'fill quantity % exceeds the % remaining on order % (quantity %, filled %)',
-            q, o.quantity - o.filled_quantity, o.order_id, o.quantity, o.filled_quantity
-            USING ERRCODE = 'check_violation';
-    END IF;
-    SELECT * INTO inst FROM market.instruments i WHERE i.instrument_id = o.instrument_id;
-    IF inst.contract_type = 'inverse' THEN
-        RAISE EXCEPTION 'inverse contracts are not supported by the ledger yet (%)', inst.symbol
-            USING ERRCODE = 'feature_not_supported';
-    END IF;
-    fx := trading._fx_or_fail(inst.quote_currency, acc.base_currency, at);
+    -- a repeated fill is compared in the account currency at the rate of its first arrival
+    fx := trading._fx_or_fail(inst.quote_currency, acc.base_currency, COALESCE(prior.ts, at));
     comm_acct := CASE WHEN comm_ccy IS NULL OR comm_ccy = acc.base_currency THEN commission
                       WHEN comm_ccy = inst.quote_currency THEN commission * fx
                       WHEN comm_ccy = inst.base_currency THEN commission * price * fx
@@ -118,6 +110,19 @@ BEGIN
     IF comm_acct IS NULL THEN
         RAISE EXCEPTION 'fill.commission_currency % is neither the account currency % nor a currency of %',
             comm_ccy, acc.base_currency, inst.symbol USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+
+    -- the same broker fill again: nothing changes
+    IF prior.fill_id IS NOT NULL THEN
+        IF prior.order_id <> o.order_id OR prior.quantity <> q OR prior.price <> price
+           OR prior.commission <> comm_acct THEN
+            RAISE EXCEPTION 'broker fill % was already recorded for order % with quantity % at % (commission % %); refusing different values',
+                quote_literal(broker_id), prior.order_id, prior.quantity, prior.price,
+                prior.commission, prior.commission_currency
+                USING ERRCODE = 'unique_violation';
+        END IF;
+        RETURN jsonb_build_object('status', 'duplicate', 'fill_id', prior.fill_id,
+                                  'order_id', o.order_id, 'order_status', o.status);
     END IF;
 
     INSERT INTO trading.fills AS f (account_id, order_id, instrument_id, strategy_id, broker_fill_id,
