@@ -452,6 +452,20 @@ def test_fx_commission_in_base_currency(conn, jpy):
     assert cash(conn, a) == D("99199.2")
 
 
+def test_fx_pnl_includes_the_currency_move(conn, jpy):
+    """Bought at 125 yen a dollar, sold at 100: the dollar account's realized P&L is what
+    its cash gained (the trade's account-currency result), not the yen gain at today's rate."""
+    _, usdjpy = jpy
+    a = account(conn, "fx1")
+    fill(conn, order(conn, "fx1", "BTCJPY", "buy", "0.1"), "j1", "0.1", "1000000", ts=T0)
+    bar(conn, usdjpy, "2026-01-05T10:30:00Z", "100")
+    fill(conn, order(conn, "fx1", "BTCJPY", "sell", "0.1"), "j2", "0.1", "1100000", ts=T1)
+    # paid 100,000 JPY x 0.008 = 800 USD, received 110,000 JPY x 0.01 = 1100 USD
+    assert cash(conn, a) == D("100300")
+    (t,) = trades(conn, a)
+    assert t["pnl"] == 300 and t["gross_pnl"] == 300
+
+
 def test_fx_missing_rate_refused(conn):
     btcjpy = instrument(conn, "BTCJPY", "BTC", "JPY")
     bar(conn, btcjpy, "2026-01-05T09:00:00Z", "1000000")

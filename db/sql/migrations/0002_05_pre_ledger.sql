@@ -2,6 +2,13 @@
 -- atomically and idempotently; rejections, cancellations and closing orders.
 SET LOCAL ROLE mmats_owner;
 
+-- The average entry price in the account currency, each fill converted at its own rate:
+-- realized P&L in the account currency is measured from it, so that a position quoted in
+-- another currency realizes the currency move too (what the cash gained or lost).
+ALTER TABLE trading.positions
+    ADD COLUMN average_cost numeric CONSTRAINT positions_average_cost_positive
+        CHECK (average_cost > 0 AND average_cost < 'Infinity');
+
 -- The order named by its id or its client order id; its account locked first, then the
 -- order (always in that order, like submit_signal, so that they cannot deadlock).
 CREATE FUNCTION trading._locked_order(ref text, OUT acc trading.accounts, OUT o trading.orders)
@@ -160,7 +167,7 @@ BEGIN
     IF s <> 0 AND sign(d) <> sign(s) THEN
         -- reduction (and perhaps a reversal)
         closed := LEAST(abs(d), abs(s));
-        gross := (price - p.average_price) * closed * sign(s) * fx;
+        gross := (price * fx - COALESCE(p.average_cost, p.average_price * fx)) * closed * sign(s);
         entry_part := p.open_commission * closed / abs(s);
         exit_part := comm_acct * closed / abs(d);
         INSERT INTO trading.trades (account_id, instrument_id, strategy_id, side, quantity,
@@ -181,6 +188,11 @@ BEGIN
             WHEN remainder > 0 AND closed > 0 THEN price                              -- reversal
             WHEN remainder > 0 THEN (abs(s) * COALESCE(x.average_price, 0) + remainder * price) / (abs(s) + remainder)
             ELSE x.average_price END,
+        average_cost = CASE
+            WHEN s + d = 0 THEN NULL
+            WHEN remainder > 0 AND closed > 0 THEN price * fx
+            WHEN remainder > 0 THEN (abs(s) * COALESCE(x.average_cost, 0) + remainder * price * fx) / (abs(s) + remainder)
+            ELSE x.average_cost END,
         realized_pnl = x.realized_pnl + gross - entry_part - exit_part,
         commission_paid = x.commission_paid + comm_acct,
         open_commission = CASE WHEN s + d = 0 THEN 0
