@@ -6,6 +6,7 @@ quantity is worked out by hand in a comment next to the assertion.
 
 from __future__ import annotations
 
+import threading
 from decimal import Decimal
 from typing import Any
 
@@ -305,6 +306,62 @@ def test_allow_short_sell_sized_to_nothing_is_refused_cleanly(
     assert (o["side"], o["quantity"], o["reduce_only"]) == ("sell", Decimal("10"), True)
 
 
+def test_protection_fields_are_carried_to_the_order(
+        conn: psycopg.Connection, operator: int) -> None:
+    r = submit(conn, action="buy", size=0.1, stop_loss=95, take_profit=130, trailing_stop=4,
+               metadata={"breakeven": 110, "note": "x"})
+    o = order(conn, r["order_id"])
+    assert (o["stop_loss"], o["take_profit"], o["trailing_stop"], o["breakeven"]) == \
+        (Decimal("95"), Decimal("130"), Decimal("4"), Decimal("110"))
+    g = signal_row(conn, r["signal_id"])
+    assert (g["stop_loss"], g["take_profit"], g["trailing_stop"]) == \
+        (Decimal("95"), Decimal("130"), Decimal("4"))
+    assert g["metadata"] == {"breakeven": 110, "note": "x"}
+
+
+def test_strategy_is_registered_on_first_use_with_its_version(
+        conn: psycopg.Connection, operator: int) -> None:
+    submit(conn, action="hold", strategy="newbie", version="2.1")
+    submit(conn, action="hold", strategy="newbie", version="2.1")
+    assert conn.execute("SELECT name, version FROM trading.strategies WHERE name = 'newbie'"
+                        ).fetchall() == [("newbie", "2.1")]
+    with pytest.raises(psycopg.Error, match="strategies_name_format"):
+        submit(conn, action="hold", strategy="bad name; --")
+    assert count(conn, "trading.signals") == 2
+
+
+def test_concurrent_buys_send_one_order(db_url: str, conn: psycopg.Connection,
+                                        operator: int) -> None:
+    """The account row lock serialises decisions: 6 racers, one order, 5 at target."""
+    n = 6
+    barrier = threading.Barrier(n)
+    results: list[Any] = []
+    lock = threading.Lock()
+
+    def race() -> None:
+        with psycopg.connect(db_url, autocommit=True) as c:
+            barrier.wait()
+            try:
+                r: Any = submit(c, action="buy", size=0.5)
+            except psycopg.Error as e:  # pragma: no cover - reported by the assertion
+                r = e
+            with lock:
+                results.append(r)
+
+    threads = [threading.Thread(target=race) for _ in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert len(results) == n
+    codes = sorted(r["reason_code"] or r["status"] for r in results)
+    assert codes == ["ALREADY_AT_TARGET"] * (n - 1) + ["approved"]
+    assert count(conn, "trading.orders") == 1 and count(conn, "pgmq.q_orders") == 1
+    assert scalar(conn, "SELECT quantity FROM trading.orders") == 50
+    assert count(conn, "trading.signals") == n
+    assert chain_ok(conn)
+
+
 # ---------------------------------------------------------------------------- hedge mode
 def test_hedge_mode_buy_long_leg_sell_short_leg_close_both(
         conn: psycopg.Connection, btc: int) -> None:
@@ -569,6 +626,8 @@ def test_strategy_role_may_submit_signals_and_nothing_else(
             ("UPDATE trading.accounts SET cash = 1e9", ()),
             ("UPDATE trading.signals SET status = 'approved'", ()),
             ("SELECT risk.set_limit('MAX_POSITION_SIZE', 1)", ()),
+            ("SELECT trading.assign_strategy('acct', 'alpha', 1, 'fixed_quantity')", ()),
+            ("SELECT trading.create_account('x', 'backtest', 'operator', 1e9)", ()),
             ("SELECT trading.apply_fill(%s)", (Jsonb({"order_id": buy["order_id"],
                                                       "broker_fill_id": "r1",
                                                       "quantity": 1, "price": 100}),)),
