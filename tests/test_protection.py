@@ -494,3 +494,34 @@ def test_a_bar_that_changes_no_peak_leaves_the_account_row_alone(conn, paper):
                         " WHERE account_id = %s", (acc,)).fetchone() == xmin
     assert conn.execute("SELECT equity, round(drawdown, 8) FROM trading.equity_snapshots"
                         " WHERE ts = %s", (T0 + 2 * M,)).fetchone() == (10010, D("0.00099800"))
+
+
+def test_hedge_legs_are_protected_each_on_its_own(conn):
+    acc = conn.execute("SELECT trading.create_account('H', 'paper', 'operator', 10000,"
+                       " position_mode => 'hedge', allow_short => true)").fetchone()[0]
+    inst = add_instrument(conn)
+    open_position(conn, "H", "BTCUSD", stop_loss=95)                  # long leg 10
+    open_position(conn, "H", "BTCUSD", action="sell", stop_loss=105)  # short leg 10
+    legs = conn.execute("SELECT leg::text, quantity FROM trading.positions WHERE account_id"
+                        " = %s ORDER BY leg", (acc,)).fetchall()
+    assert legs == [("long", 10), ("short", 10)]
+    bar(conn, inst, T0, 100, 106, 94, 100)
+    assert conn.execute(
+        "SELECT position_leg::text, side::text, quantity, trigger::text, trigger_price"
+        " FROM trading.orders WHERE trigger = 'stop_loss' ORDER BY order_id").fetchall() == [
+        ("long", "sell", 10, "stop_loss", 95), ("short", "buy", 10, "stop_loss", 105)]
+
+
+def test_a_stop_and_the_drawdown_breaker_in_one_bar_close_once(conn, paper):
+    """The bar fires the stop; the same bar's drawdown trips HARD: the breaker's closing
+    pass finds the exit already open and adds nothing."""
+    acc, inst = paper
+    conn.execute("SELECT risk.set_limit('MAX_DRAWDOWN', 0.05, params => %s)",
+                 (Jsonb({"mode": "HARD"}),))
+    open_position(conn, "P", "BTCUSD", stop_loss=95)
+    bar(conn, inst, T0, 96, 96, 40, 45)       # equity 9,450: drawdown 5.5 %
+    assert conn.execute("SELECT mode::text FROM risk.breaker_state WHERE account_id = %s",
+                        (acc,)).fetchone()[0] == "HARD"
+    assert exits(conn) == [("sell", D(10), True, "stop_loss", D(95), "market")]
+    assert conn.execute("SELECT details->'closing_orders' FROM risk.events"
+                        " WHERE event_type = 'MAX_DRAWDOWN'").fetchone()[0] == []
