@@ -609,6 +609,49 @@ def test_reduce_only_fill_beyond_position_refused(conn, btc):
             "reduce-only order")
 
 
+def _strategy_long(conn, acct: str, strategy: str, qty: str, bfid: str) -> int:
+    conn.execute("SELECT trading.assign_strategy(%s, %s, 1, 'fixed_quantity', %s)",
+                 (acct, strategy, Jsonb({"quantity": qty})))
+    s = one(conn, "SELECT trading.submit_signal(%s)", Jsonb(
+        {"account": acct, "strategy": strategy, "symbol": "BTCUSD", "action": "buy",
+         "price": 100}))
+    assert s["status"] == "approved", s
+    fill(conn, s["order_id"], bfid, qty, "100", commission="0.4", ts=T0)
+    return one(conn, "SELECT strategy_id FROM trading.strategies WHERE name = %s", strategy)
+
+
+def test_manual_sell_reduces_strategy_positions(conn, btc):
+    """Independent aggregation (the default): a manual sell of a long held by strategies is
+    a reduce-only order (the order function and the risk gate net every row); its fill
+    reduces the account's own row first, then the strategies' rows, oldest first. (It used
+    to be refused by the ledger: the broker would have sold and the ledger not.)"""
+    a = account(conn, "acc1")
+    st1 = _strategy_long(conn, "acc1", "st1", "4", "b1")
+    st2 = _strategy_long(conn, "acc1", "st2", "2", "b2")
+    sell = order(conn, "acc1", "BTCUSD", "sell", "5")
+    assert order_row(conn, sell)["reduce_only"] is True
+    r = fill(conn, sell, "s", "5", "110", commission="0.5", ts=T1)
+    assert r["status"] == "applied" and D(str(r["position"])) == 1
+    rows = conn.execute("SELECT strategy_id, quantity, open_commission FROM trading.positions"
+                        " WHERE account_id = %s ORDER BY position_id", (a,)).fetchall()
+    # st2 keeps 1 of its 2 and half its 0.4 entry commission
+    assert rows == [(st1, 0, 0), (st2, 1, D("0.2"))]
+    got = [(t["strategy_id"], t["quantity"], t["gross_pnl"], t["commission"], t["pnl"],
+            t["exit_trigger"]) for t in trades(conn, a)]
+    # st1: 4 x 10 = 40 gross; commission 0.4 entry + 0.5 x 4/5 = 0.4 exit; pnl 39.2
+    # st2: 1 x 10 = 10 gross; commission 0.2 entry + 0.1 exit; pnl 9.7
+    assert got == [(st1, 4, 40, D("0.8"), D("39.2"), "manual"),
+                   (st2, 1, 10, D("0.3"), D("9.7"), "manual")]
+    # 100000 - 400.4 - 200.4 + 550 - 0.5
+    assert cash(conn, a) == D("99948.7")
+    # a reduce-only fill beyond what all the rows hold is refused, nothing changes
+    extra = order(conn, "acc1", "BTCUSD", "sell", "1")
+    other = order(conn, "acc1", "BTCUSD", "sell", "1")
+    fill(conn, extra, "s2", "1", "110")
+    refused(conn, {"order_id": other, "broker_fill_id": "s3", "quantity": 1, "price": 110},
+            "reduce-only order .* would open or reverse")
+
+
 def test_manual_order_on_own_rows_of_independent_account(conn, btc):
     """The account's own (manual) long is reduced by a manual sell, next to a strategy's."""
     a = account(conn, "acc1")

@@ -2257,6 +2257,12 @@ DECLARE
     entry_part numeric := 0;
     exit_part numeric := 0;
     new_filled numeric;
+    part_strategy bigint[] := '{}';   -- the position rows (by strategy) the fill moves
+    part_qty numeric[] := '{}';       -- and how much of the fill each takes
+    pd numeric;         -- signed change of one row
+    pc numeric;         -- that row's part of the commission
+    comm_done numeric := 0;
+    realized numeric := 0;
 BEGIN
     IF fill IS NULL OR jsonb_typeof(fill) <> 'object' THEN
         RAISE EXCEPTION 'a fill must be a JSON object' USING ERRCODE = 'invalid_parameter_value';
@@ -2335,74 +2341,109 @@ BEGIN
     WHERE x.order_id = o.order_id;
 
     key := trading._position_key(acc, o);
-    INSERT INTO trading.positions (account_id, instrument_id, strategy_id, leg)
-    VALUES (acc.account_id, o.instrument_id, key.strategy_id, key.leg)
-    ON CONFLICT ON CONSTRAINT positions_unique DO NOTHING;
-    SELECT * INTO p FROM trading.positions x
-    WHERE x.account_id = acc.account_id AND x.instrument_id = o.instrument_id
-      AND x.strategy_id IS NOT DISTINCT FROM key.strategy_id AND x.leg = key.leg FOR UPDATE;
-
-    s := trading._signed_qty(p);
     d := CASE WHEN o.side = 'buy' THEN q ELSE -q END;
-    IF (key.leg = 'long' AND s + d < 0) OR (key.leg = 'short' AND s + d > 0) THEN
-        RAISE EXCEPTION 'fill of % would take the % leg of % past zero (it holds %)',
-            d, key.leg, inst.symbol, abs(s) USING ERRCODE = 'check_violation';
+    -- the rows the fill moves, with their parts of it: one row, except for a manual
+    -- reduce-only order on an independent account, which reduces the account's own row
+    -- first and then the strategies' rows (oldest first): the account's net position is
+    -- what a manual order works on (place_manual_order and the risk gate net every row)
+    IF o.reduce_only AND o.strategy_id IS NULL AND acc.aggregation = 'independent' THEN
+        FOR p IN SELECT * FROM trading.positions x
+                 WHERE x.account_id = acc.account_id AND x.instrument_id = o.instrument_id
+                   AND x.leg = key.leg AND sign(trading._signed_qty(x)) = -sign(d)
+                 ORDER BY x.strategy_id IS NOT NULL, x.position_id FOR UPDATE
+        LOOP
+            EXIT WHEN q - COALESCE((SELECT sum(v) FROM unnest(part_qty) v), 0) <= 0;
+            part_strategy := part_strategy || p.strategy_id;
+            part_qty := part_qty || LEAST(abs(p.quantity),
+                                          q - COALESCE((SELECT sum(v) FROM unnest(part_qty) v), 0));
+        END LOOP;
+        IF COALESCE((SELECT sum(v) FROM unnest(part_qty) v), 0) < q THEN
+            RAISE EXCEPTION 'reduce-only order % cannot take a fill of % (position %): it would open or reverse a position',
+                o.order_id, d, (SELECT COALESCE(sum(trading._signed_qty(x)), 0) FROM trading.positions x
+                                WHERE x.account_id = acc.account_id AND x.instrument_id = o.instrument_id
+                                  AND x.leg = key.leg) USING ERRCODE = 'check_violation';
+        END IF;
+    ELSE
+        part_strategy := ARRAY[key.strategy_id];
+        part_qty := ARRAY[q];
     END IF;
 
-    IF o.reduce_only AND (s = 0 OR sign(d) = sign(s) OR abs(d) > abs(s)) THEN
-        RAISE EXCEPTION 'reduce-only order % cannot take a fill of % (position %): it would open or reverse a position',
-            o.order_id, d, s USING ERRCODE = 'check_violation';
-    END IF;
-    IF s <> 0 AND sign(d) <> sign(s) THEN
-        -- reduction (and perhaps a reversal)
-        closed := LEAST(abs(d), abs(s));
-        gross := (price * fx - COALESCE(p.average_cost, p.average_price * fx)) * closed * sign(s);
-        entry_part := p.open_commission * closed / abs(s);
-        exit_part := comm_acct * closed / abs(d);
-        INSERT INTO trading.trades (account_id, instrument_id, strategy_id, side, quantity,
-            entry_time, entry_price, exit_time, exit_price, gross_pnl, commission, pnl,
-            exit_fill_id, exit_trigger)
-        VALUES (acc.account_id, inst.instrument_id,
-                COALESCE(p.strategy_id, p.entry_strategy_id, o.strategy_id),
-                CASE WHEN s > 0 THEN 'long' ELSE 'short' END, closed, COALESCE(p.opened_at, at),
-                p.average_price, at, price, gross, entry_part + exit_part,
-                gross - entry_part - exit_part, fid, o.trigger);
-    END IF;
-    remainder := abs(d) - closed;
+    FOR i IN 1 .. cardinality(part_qty) LOOP
+        pd := CASE WHEN o.side = 'buy' THEN part_qty[i] ELSE -part_qty[i] END;
+        -- the commission pro rata (the last part takes what is left: the parts sum exactly)
+        pc := CASE WHEN i = cardinality(part_qty) THEN comm_acct - comm_done
+                   ELSE comm_acct * part_qty[i] / q END;
+        comm_done := comm_done + pc;
+        closed := 0; gross := 0; entry_part := 0; exit_part := 0;
+        INSERT INTO trading.positions (account_id, instrument_id, strategy_id, leg)
+        VALUES (acc.account_id, o.instrument_id, part_strategy[i], key.leg)
+        ON CONFLICT ON CONSTRAINT positions_unique DO NOTHING;
+        SELECT * INTO p FROM trading.positions x
+        WHERE x.account_id = acc.account_id AND x.instrument_id = o.instrument_id
+          AND x.strategy_id IS NOT DISTINCT FROM part_strategy[i] AND x.leg = key.leg FOR UPDATE;
 
-    UPDATE trading.positions x SET
-        quantity = CASE WHEN key.leg = 'short' THEN -(s + d) ELSE s + d END,
-        average_price = CASE
-            WHEN s + d = 0 THEN NULL
-            WHEN remainder > 0 AND closed > 0 THEN price                              -- reversal
-            WHEN remainder > 0 THEN (abs(s) * COALESCE(x.average_price, 0) + remainder * price) / (abs(s) + remainder)
-            ELSE x.average_price END,
-        average_cost = CASE
-            WHEN s + d = 0 THEN NULL
-            WHEN remainder > 0 AND closed > 0 THEN price * fx
-            WHEN remainder > 0 THEN (abs(s) * COALESCE(x.average_cost, 0) + remainder * price * fx) / (abs(s) + remainder)
-            ELSE x.average_cost END,
-        realized_pnl = x.realized_pnl + gross - entry_part - exit_part,
-        commission_paid = x.commission_paid + comm_acct,
-        open_commission = CASE WHEN s + d = 0 THEN 0
-                               WHEN closed > 0 AND remainder > 0 THEN comm_acct * remainder / abs(d)
-                               WHEN closed > 0 THEN x.open_commission - entry_part
-                               ELSE x.open_commission + comm_acct END,
-        last_price = price,
-        opened_at = CASE WHEN s + d = 0 THEN NULL
-                         WHEN s = 0 OR (closed > 0 AND remainder > 0) THEN at ELSE x.opened_at END,
-        entry_strategy_id = CASE WHEN s + d = 0 THEN NULL
-                                 WHEN s = 0 OR (closed > 0 AND remainder > 0) THEN o.strategy_id
-                                 ELSE x.entry_strategy_id END,
-        stop_loss = CASE WHEN s + d = 0 THEN NULL WHEN remainder > 0 THEN COALESCE(o.stop_loss, CASE WHEN closed = 0 THEN x.stop_loss END) ELSE x.stop_loss END,
-        take_profit = CASE WHEN s + d = 0 THEN NULL WHEN remainder > 0 THEN COALESCE(o.take_profit, CASE WHEN closed = 0 THEN x.take_profit END) ELSE x.take_profit END,
-        trailing_stop = CASE WHEN s + d = 0 THEN NULL WHEN remainder > 0 THEN COALESCE(o.trailing_stop, CASE WHEN closed = 0 THEN x.trailing_stop END) ELSE x.trailing_stop END,
-        breakeven = CASE WHEN s + d = 0 THEN NULL WHEN remainder > 0 THEN COALESCE(o.breakeven, CASE WHEN closed = 0 THEN x.breakeven END) ELSE x.breakeven END,
-        trail_anchor = CASE WHEN s + d = 0 THEN NULL
-                            WHEN s = 0 OR (closed > 0 AND remainder > 0) THEN price
-                            ELSE x.trail_anchor END,
-        updated_at = now()
-    WHERE x.position_id = p.position_id;
+        s := trading._signed_qty(p);
+        IF (key.leg = 'long' AND s + pd < 0) OR (key.leg = 'short' AND s + pd > 0) THEN
+            RAISE EXCEPTION 'fill of % would take the % leg of % past zero (it holds %)',
+                pd, key.leg, inst.symbol, abs(s) USING ERRCODE = 'check_violation';
+        END IF;
+
+        IF o.reduce_only AND (s = 0 OR sign(pd) = sign(s) OR abs(pd) > abs(s)) THEN
+            RAISE EXCEPTION 'reduce-only order % cannot take a fill of % (position %): it would open or reverse a position',
+                o.order_id, pd, s USING ERRCODE = 'check_violation';
+        END IF;
+        IF s <> 0 AND sign(pd) <> sign(s) THEN
+            -- reduction (and perhaps a reversal)
+            closed := LEAST(abs(pd), abs(s));
+            gross := (price * fx - COALESCE(p.average_cost, p.average_price * fx)) * closed * sign(s);
+            entry_part := p.open_commission * closed / abs(s);
+            exit_part := pc * closed / abs(pd);
+            INSERT INTO trading.trades (account_id, instrument_id, strategy_id, side, quantity,
+                entry_time, entry_price, exit_time, exit_price, gross_pnl, commission, pnl,
+                exit_fill_id, exit_trigger)
+            VALUES (acc.account_id, inst.instrument_id,
+                    COALESCE(p.strategy_id, p.entry_strategy_id, o.strategy_id),
+                    CASE WHEN s > 0 THEN 'long' ELSE 'short' END, closed, COALESCE(p.opened_at, at),
+                    p.average_price, at, price, gross, entry_part + exit_part,
+                    gross - entry_part - exit_part, fid, o.trigger);
+        END IF;
+        remainder := abs(pd) - closed;
+
+        UPDATE trading.positions x SET
+            quantity = CASE WHEN key.leg = 'short' THEN -(s + pd) ELSE s + pd END,
+            average_price = CASE
+                WHEN s + pd = 0 THEN NULL
+                WHEN remainder > 0 AND closed > 0 THEN price                              -- reversal
+                WHEN remainder > 0 THEN (abs(s) * COALESCE(x.average_price, 0) + remainder * price) / (abs(s) + remainder)
+                ELSE x.average_price END,
+            average_cost = CASE
+                WHEN s + pd = 0 THEN NULL
+                WHEN remainder > 0 AND closed > 0 THEN price * fx
+                WHEN remainder > 0 THEN (abs(s) * COALESCE(x.average_cost, 0) + remainder * price * fx) / (abs(s) + remainder)
+                ELSE x.average_cost END,
+            realized_pnl = x.realized_pnl + gross - entry_part - exit_part,
+            commission_paid = x.commission_paid + pc,
+            open_commission = CASE WHEN s + pd = 0 THEN 0
+                                   WHEN closed > 0 AND remainder > 0 THEN pc * remainder / abs(pd)
+                                   WHEN closed > 0 THEN x.open_commission - entry_part
+                                   ELSE x.open_commission + pc END,
+            last_price = price,
+            opened_at = CASE WHEN s + pd = 0 THEN NULL
+                             WHEN s = 0 OR (closed > 0 AND remainder > 0) THEN at ELSE x.opened_at END,
+            entry_strategy_id = CASE WHEN s + pd = 0 THEN NULL
+                                     WHEN s = 0 OR (closed > 0 AND remainder > 0) THEN o.strategy_id
+                                     ELSE x.entry_strategy_id END,
+            stop_loss = CASE WHEN s + pd = 0 THEN NULL WHEN remainder > 0 THEN COALESCE(o.stop_loss, CASE WHEN closed = 0 THEN x.stop_loss END) ELSE x.stop_loss END,
+            take_profit = CASE WHEN s + pd = 0 THEN NULL WHEN remainder > 0 THEN COALESCE(o.take_profit, CASE WHEN closed = 0 THEN x.take_profit END) ELSE x.take_profit END,
+            trailing_stop = CASE WHEN s + pd = 0 THEN NULL WHEN remainder > 0 THEN COALESCE(o.trailing_stop, CASE WHEN closed = 0 THEN x.trailing_stop END) ELSE x.trailing_stop END,
+            breakeven = CASE WHEN s + pd = 0 THEN NULL WHEN remainder > 0 THEN COALESCE(o.breakeven, CASE WHEN closed = 0 THEN x.breakeven END) ELSE x.breakeven END,
+            trail_anchor = CASE WHEN s + pd = 0 THEN NULL
+                                WHEN s = 0 OR (closed > 0 AND remainder > 0) THEN price
+                                ELSE x.trail_anchor END,
+            updated_at = now()
+        WHERE x.position_id = p.position_id;
+        realized := realized + gross - entry_part - exit_part;
+    END LOOP;
 
     UPDATE trading.accounts a SET cash = a.cash - d * price * fx - comm_acct,
                                   consecutive_rejections = 0
@@ -2410,10 +2451,13 @@ BEGIN
 
     PERFORM audit.record('fill.applied', 'trading.fills', fid::text, jsonb_build_object(
         'order_id', o.order_id, 'broker_fill_id', broker_id, 'side', o.side, 'quantity', q,
-        'price', price, 'commission', comm_acct, 'fx', fx, 'realized_pnl', gross - entry_part - exit_part));
+        'price', price, 'commission', comm_acct, 'fx', fx, 'realized_pnl', realized));
     RETURN jsonb_build_object('status', 'applied', 'fill_id', fid, 'order_id', o.order_id,
         'order_status', CASE WHEN new_filled = o.quantity THEN 'filled' ELSE 'partially_filled' END,
-        'position', s + d, 'realized_pnl', gross - entry_part - exit_part);
+        'position', CASE WHEN cardinality(part_qty) = 1 THEN s + pd ELSE
+            (SELECT sum(trading._signed_qty(x)) FROM trading.positions x
+             WHERE x.account_id = acc.account_id AND x.instrument_id = o.instrument_id AND x.leg = key.leg) END,
+        'realized_pnl', realized);
 END
 $$;
 
