@@ -414,6 +414,25 @@ def test_hedge_close_with_a_partly_closed_leg_closes_the_rest(
     assert order(conn, again["order_id"])["quantity"] == Decimal("18")
 
 
+def test_hedge_mode_long_only_sell_closes_the_long_leg(
+        conn: psycopg.Connection, btc: int) -> None:
+    scalar(conn, "SELECT trading.create_account(name => 'acct', environment => 'backtest',"
+                 " mode => 'operator', cash => 10000, position_mode => 'hedge')")
+    flat = submit(conn, action="sell")
+    assert (flat["status"], flat["reason_code"]) == ("rejected", "SHORT_NOT_ALLOWED")
+    b = submit(conn, action="buy", size=0.25)
+    fill(conn, b["order_id"], "25", "100", "f1")
+    s = submit(conn, action="sell")
+    assert s["status"] == "approved", s
+    o = order(conn, s["order_id"])
+    assert (o["side"], o["quantity"], o["position_leg"], o["reduce_only"]) == \
+        ("sell", Decimal("25"), "long", True)
+    assert submit(conn, action="sell")["reason_code"] == "SHORT_NOT_ALLOWED"  # on its way
+    fill(conn, s["order_id"], "25", "100", "f2")
+    assert conn.execute("SELECT leg, quantity FROM trading.positions").fetchall() == \
+        [("long", Decimal("0"))]
+
+
 def test_no_conversion_rate_is_rejected(conn: psycopg.Connection, operator: int) -> None:
     iid = add_instrument(conn, symbol="ETHEUR", base="ETH", quote="EUR")
     add_bar(conn, iid, "100")

@@ -291,6 +291,9 @@ def test_volatility(conn: psycopg.Connection) -> None:
     assign(conn, "volatility", {"period": 3, "multiple": 1, "risk": 0.02})
     # 200 / (1 * 16/3) = 37.5
     assert ordered(conn, submit(conn, action="buy")) == Decimal("37.5")
+    assign(conn, "volatility", {"period": 3, "multiple": 0})  # would divide by zero
+    with pytest.raises(psycopg.Error, match=r"sizing_params\.multiple must be > 0"):
+        submit(conn, action="buy")
 
 
 def test_volatility_without_enough_bars(conn: psycopg.Connection) -> None:

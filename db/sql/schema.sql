@@ -1862,7 +1862,7 @@ BEGIN
                 USING ERRCODE = 'no_data_found';
         END IF;
         risk_amount := capital * COALESCE(trading._num(params, 'risk', 'sizing_params', 0, 1), 0.01) * size;
-        qty := risk_amount / (COALESCE(trading._num(params, 'multiple', 'sizing_params', 0), 2) * atr * fx);
+        qty := risk_amount / (COALESCE(trading._num(params, 'multiple', 'sizing_params', 0, NULL, false), 2) * atr * fx);
     WHEN 'kelly' THEN
         SELECT count(*) AS n, count(*) FILTER (WHERE t.pnl > 0) AS wins,
                avg(t.pnl) FILTER (WHERE t.pnl > 0) AS avg_win,
@@ -2051,9 +2051,12 @@ BEGIN
 
     -- the position this signal acts on: the strategy's own (independent) or the account's net
     pos_strategy := CASE WHEN acc.aggregation = 'independent' THEN s.strategy_id END;
-    -- hedge mode: buy works the long leg, sell the short leg, close both
+    -- hedge mode: buy works the long leg, sell the short leg (on a long-only account, where
+    -- there is no short leg, a sell closes the long one, as in one-way mode), close both
     sig_leg := CASE WHEN acc.position_mode = 'oneway' THEN 'net'
-                WHEN act = 'buy' THEN 'long' WHEN act = 'sell' THEN 'short' END;
+                WHEN act = 'buy' THEN 'long'
+                WHEN act = 'sell' AND NOT acc.allow_short THEN 'long'
+                WHEN act = 'sell' THEN 'short' END;
     IF sig_leg IS NULL THEN
         SELECT array_agg(x.order_id ORDER BY x.order_id) INTO hedge_ids FROM (
             SELECT trading._emit_order(acc, inst, s.strategy_id, sig_id,
