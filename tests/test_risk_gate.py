@@ -503,6 +503,15 @@ def test_short_not_allowed(conn: psycopg.Connection) -> None:
     approved(conn, manual(conn, "AAA", "sell", "5"), "5", side="sell")
 
 
+def test_short_not_allowed_against_an_unfilled_buy(conn: psycopg.Connection) -> None:
+    """A buy not yet filled is no holding to sell: the sell could fill first."""
+    stock(conn, "AAA")
+    account(conn, aggregation="priority")
+    approved(conn, signal(conn, "AAA", size="0.005"), "5.00")
+    rejected(conn, manual(conn, "AAA", "sell", "5"), "SHORT_NOT_ALLOWED",
+             "SHORT_NOT_ALLOWED: position=0, sell=5, account=acct")
+
+
 def test_short_allowed_account_may_sell_short(conn: psycopg.Connection) -> None:
     stock(conn, "AAA")
     account(conn, allow_short=True)

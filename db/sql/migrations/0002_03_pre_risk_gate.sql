@@ -160,6 +160,7 @@ DECLARE
     fx numeric;
     px numeric;
     dir numeric := CASE WHEN side = 'buy' THEN 1 ELSE -1 END;
+    held numeric;
     inst_qty numeric;
     after_qty numeric;
     l risk.limits;
@@ -194,9 +195,9 @@ BEGIN
     -- the position on the instrument, with the entry orders not yet filled: an approved
     -- entry counts at once, so that orders decided one after the other (or by sessions
     -- waiting on the account lock) cannot together pass a limit each passes alone
-    SELECT COALESCE(sum(trading._signed_qty(p)), 0) INTO inst_qty
+    SELECT COALESCE(sum(trading._signed_qty(p)), 0) INTO held
     FROM trading.positions p WHERE p.account_id = acc.account_id AND p.instrument_id = inst.instrument_id;
-    SELECT inst_qty + COALESCE(sum(CASE WHEN o.side = 'buy' THEN 1 ELSE -1 END
+    SELECT held + COALESCE(sum(CASE WHEN o.side = 'buy' THEN 1 ELSE -1 END
                                    * (o.quantity - o.filled_quantity)), 0) INTO inst_qty
     FROM trading.orders o
     WHERE o.account_id = acc.account_id AND o.instrument_id = inst.instrument_id AND NOT o.reduce_only
@@ -393,9 +394,10 @@ BEGIN
     END LOOP;
 
     -- Trade level: the position and the cash must exist.
-    IF after_qty < 0 AND NOT acc.allow_short AND (inst_qty >= 0 OR dir < 0) THEN
+    -- a sell may not go below what is held: buys not yet filled may never fill
+    IF held + dir * qty < 0 AND NOT acc.allow_short AND (held >= 0 OR dir < 0) THEN
         code := 'SHORT_NOT_ALLOWED';
-        reason := format('SHORT_NOT_ALLOWED: position=%s, sell=%s, account=%s', inst_qty, qty, acc.name);
+        reason := format('SHORT_NOT_ALLOWED: position=%s, sell=%s, account=%s', held, qty, acc.name);
         RETURN NEXT; RETURN;
     END IF;
     IF side = 'buy' THEN
