@@ -31,8 +31,10 @@ def _setup(conn: psycopg.Connection, symbols: list[str], cash: str) -> None:
                  " '{\"quantity\": 1}')")
 
 
-def _race(db_url: str, symbols: list[str], size: str = "1") -> list[dict[str, Any]]:
+def _race(db_url: str, symbols: list[str], size: str = "1",
+          strategies: list[str] | None = None) -> list[dict[str, Any]]:
     """Each symbol's buy in its own session, all released at once by a barrier."""
+    strategies = strategies or ["racer"] * len(symbols)
     conns = [psycopg.connect(db_url, autocommit=True) for _ in symbols]
     barrier = threading.Barrier(len(symbols))
     results: list[Any] = [None] * len(symbols)
@@ -41,7 +43,7 @@ def _race(db_url: str, symbols: list[str], size: str = "1") -> list[dict[str, An
         try:
             barrier.wait(timeout=30)
             results[i] = conns[i].execute("SELECT trading.submit_signal(%s)", (Jsonb({
-                "account": "race", "strategy": "racer", "symbol": symbols[i],
+                "account": "race", "strategy": strategies[i], "symbol": symbols[i],
                 "action": "buy", "size": size, "ts": TS}),)).fetchone()[0]
         except Exception as exc:  # reported below, never swallowed
             results[i] = exc
@@ -136,3 +138,21 @@ def test_max_exposure_race(db_url: str, conn: psycopg.Connection, round_no: int)
     assert {r["reason"] for r in results if r["status"] == "rejected"} == {
         "MAX_EXPOSURE: limit=0.3, requested=0.4000, scope=global"}
     assert conn.execute("SELECT count(*) FROM trading.orders").fetchone()[0] == 3
+
+
+def test_max_open_positions_symbol_scope_race(db_url: str, conn: psycopg.Connection) -> None:
+    """Six strategies of an independent account race for one symbol limited to 2 rows."""
+    _setup(conn, ["SYM"], "100000")
+    names = [f"st{i}" for i in range(6)]
+    for n in names:
+        conn.execute("SELECT trading.assign_strategy('race', %s, 1, 'fixed_quantity',"
+                     " '{\"quantity\": 1}')", (n,))
+    conn.execute("SELECT risk.set_limit('MAX_OPEN_POSITIONS', 2, 'symbol', 'SYM')")
+    for _ in range(ROUNDS):
+        results = _race(db_url, ["SYM"] * 6, strategies=names)
+        assert sorted(r["status"] for r in results) == ["approved"] * 2 + ["rejected"] * 4
+        assert {r["reason"] for r in results if r["status"] == "rejected"} == {
+            "MAX_OPEN_POSITIONS: limit=2, requested=3, scope=symbol:SYM"}
+        assert conn.execute("SELECT count(DISTINCT strategy_id) FROM trading.orders"
+                            " WHERE status = 'created'").fetchone()[0] == 2
+        _reset(conn)
