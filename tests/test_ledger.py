@@ -737,3 +737,41 @@ def test_returned_json_is_well_formed(conn, btc):
     assert set(r) == {"status", "fill_id", "order_id", "order_status", "position",
                       "realized_pnl"}
     assert r["realized_pnl"] == 0
+
+
+def test_replay_after_the_order_was_cancelled_is_a_duplicate(conn, btc):
+    account(conn, "acc1")
+    oid = order(conn, "acc1", "BTCUSD", "buy", "3")
+    fill(conn, oid, "f", "1", "100", commission="0.1")
+    one(conn, "SELECT trading.cancel_order(%s)", str(oid))
+    before = snapshot(conn)
+    r = fill(conn, oid, "f", "1", "100", commission="0.1")
+    assert r["status"] == "duplicate" and r["order_status"] == "cancelled"
+    assert snapshot(conn) == before
+
+
+def test_concurrent_same_fill_applied_once(db_url, conn, btc):
+    """Two routers deliver the same broker fill at once: the account lock serialises them;
+    the second sees the first's row and answers 'duplicate'."""
+    import threading
+
+    a = account(conn, "acc1")
+    oid = order(conn, "acc1", "BTCUSD", "buy", "2")
+    spec = Jsonb({"order_id": oid, "broker_fill_id": "race", "quantity": 2, "price": 100})
+    results: list[Any] = []
+    with psycopg.connect(db_url) as c1, psycopg.connect(db_url, autocommit=True) as c2:
+        first = c1.execute("SELECT trading.apply_fill(%s)", (spec,)).fetchone()[0]
+
+        def second() -> None:
+            results.append(c2.execute("SELECT trading.apply_fill(%s)", (spec,)).fetchone()[0])
+
+        t = threading.Thread(target=second)
+        t.start()
+        t.join(0.5)
+        assert t.is_alive()  # blocked on the account lock held by the first transaction
+        c1.commit()
+        t.join(10)
+    assert first["status"] == "applied" and results[0]["status"] == "duplicate"
+    assert one(conn, "SELECT count(*) FROM trading.fills") == 1
+    assert cash(conn, a) == D("99800")
+    assert position(conn, a, btc)["quantity"] == 2
