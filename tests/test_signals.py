@@ -481,6 +481,30 @@ def test_quantity_below_minimum(conn: psycopg.Connection, operator: int) -> None
     assert ok["status"] == "approved" and order(conn, ok["order_id"])["quantity"] == 1
 
 
+def test_top_up_below_minimum_is_refused_but_a_small_close_is_not(
+        conn: psycopg.Connection, operator: int) -> None:
+    iid = add_instrument(conn, symbol="ETHUSD", base="ETH", min_qty="1")
+    add_bar(conn, iid, "100")
+    b = submit(conn, action="buy", symbol="ETHUSD", size=0.1)
+    # 10000 * 0.1 / 100 = 10
+    fill(conn, b["order_id"], "10", "100", "f1")
+    # target 10000 * 0.105 / 100 = 10.5: the order would be 0.5, under the minimum 1
+    r = submit(conn, action="buy", symbol="ETHUSD", size=0.105)
+    assert (r["status"], r["reason_code"]) == ("rejected", "QUANTITY_BELOW_MINIMUM"), r
+    assert "quantity=0.5" in r["reason"]
+    # target 10000 * 0.111 / 100 = 11.1: an order of 1.1 is fine
+    ok = submit(conn, action="buy", symbol="ETHUSD", size=0.111)
+    assert order(conn, ok["order_id"])["quantity"] == Decimal("1.1")
+    fill(conn, ok["order_id"], "1.1", "100", "f2")
+    # a close filled for 11 of 11.1, the rest cancelled, leaves 0.1; closing that 0.1
+    # (below the minimum) is allowed
+    first = submit(conn, action="close", symbol="ETHUSD")
+    fill(conn, first["order_id"], "11", "100", "f3")
+    conn.execute("SELECT trading.cancel_order(%s, 'test')", (str(first["order_id"]),))
+    c = submit(conn, action="close", symbol="ETHUSD")
+    assert order(conn, c["order_id"])["quantity"] == Decimal("0.1")
+
+
 def test_account_by_id_and_symbol_case(conn: psycopg.Connection, operator: int) -> None:
     r = submit(conn, account=str(operator), symbol="btcusd", action="buy", size=0.1)
     assert r["status"] == "approved"

@@ -490,6 +490,13 @@ BEGIN
     opening := CASE WHEN sign(target) = 0 THEN 0
                     WHEN sign(cur) = sign(target) THEN GREATEST(abs(target) - abs(cur), 0)
                     ELSE abs(target) END;
+    -- an order that adds exposure must itself reach the minimum (a top-up of a position
+    -- by less than min_quantity would be refused by the venue); closing orders may be smaller
+    IF opening > 0 AND abs(delta) < inst.min_quantity THEN
+        RETURN trading._finish_signal(sig_id, 'rejected', 'QUANTITY_BELOW_MINIMUM',
+            format('QUANTITY_BELOW_MINIMUM: quantity=%s, minimum=%s, step=%s (position %s, target %s)',
+                   abs(delta), inst.min_quantity, inst.quantity_step, cur, target), NULL);
+    END IF;
 
     SELECT * INTO denial FROM risk.check_order(acc, s, inst, side, abs(delta), opening, price, sl, at);
     IF denial.code IS NOT NULL THEN
