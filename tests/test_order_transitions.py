@@ -22,7 +22,7 @@ LEGAL = {
     ("created", "in_flight"), ("created", "submitted"), ("created", "rejected"),
     ("created", "cancelled"),
     # a fill may arrive before the broker's acknowledgement (migration 0002_01)
-    ("created", "partially_filled"), ("created", "filled"),
+    ("created", "partially_filled"), ("created", "filled"), ("created", "expired"),
     ("in_flight", "submitted"), ("in_flight", "partially_filled"), ("in_flight", "filled"),
     ("in_flight", "rejected"), ("in_flight", "cancelled"), ("in_flight", "expired"),
     ("submitted", "in_flight"), ("submitted", "partially_filled"), ("submitted", "filled"),

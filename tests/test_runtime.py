@@ -71,7 +71,7 @@ def test_upgrade_then_status_then_stop(home: Path, env: dict[str, str]) -> None:
     assert "(up to date)" in mmats("db", "status", env=env).stdout
     url = mmats("db", "url", "--show-password", env=env).stdout.strip()
     with psycopg.connect(url) as conn:
-        assert conn.execute("SELECT count(*) FROM trading.order_transitions").fetchone() == (23,)
+        assert conn.execute("SELECT count(*) FROM trading.order_transitions").fetchone() == (24,)
     psql = subprocess.run(
         [sys.executable, "-c", "from api.cli import main; main()", "db", "psql", "-X", "-A",
          "-t", "-c", "SELECT current_database()"], env=env, capture_output=True, text=True)

@@ -902,9 +902,10 @@ ALTER TABLE trading.orders
     ADD COLUMN reference_price numeric CHECK (reference_price > 0),
     ADD COLUMN submitted_at timestamptz;
 
--- A fill may arrive before the broker's acknowledgement.
+-- A fill may arrive before the broker's acknowledgement; a GTD order may expire before
+-- it was ever sent.
 INSERT INTO trading.order_transitions (from_status, to_status) VALUES
-    ('created', 'partially_filled'), ('created', 'filled');
+    ('created', 'partially_filled'), ('created', 'filled'), ('created', 'expired');
 
 ALTER TABLE trading.positions
     -- the strategy whose order opened the position (attribution of net positions)
@@ -1055,16 +1056,21 @@ CREATE FUNCTION trading._account(ref text, lock boolean DEFAULT false) RETURNS t
 LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
     acc trading.accounts;
+    id bigint;
 BEGIN
     IF ref IS NULL THEN
         RAISE EXCEPTION 'an account is required' USING ERRCODE = 'invalid_parameter_value';
     END IF;
+    -- by name first, then by number; never one OR-ed condition (a generic plan would
+    -- cast every name to bigint)
+    SELECT a.account_id INTO id FROM trading.accounts a WHERE a.name = ref;
+    IF id IS NULL AND ref ~ '^\d{1,18}$' THEN
+        id := ref::bigint;
+    END IF;
     IF lock THEN
-        SELECT * INTO acc FROM trading.accounts a
-        WHERE a.name = ref OR (ref ~ '^\d{1,18}$' AND a.account_id = ref::bigint) FOR UPDATE;
+        SELECT * INTO acc FROM trading.accounts a WHERE a.account_id = id FOR UPDATE;
     ELSE
-        SELECT * INTO acc FROM trading.accounts a
-        WHERE a.name = ref OR (ref ~ '^\d{1,18}$' AND a.account_id = ref::bigint);
+        SELECT * INTO acc FROM trading.accounts a WHERE a.account_id = id;
     END IF;
     IF NOT FOUND THEN
         RAISE EXCEPTION 'unknown account %', quote_literal(ref)
@@ -2185,6 +2191,15 @@ BEGIN
                    abs(delta), inst.min_quantity, inst.quantity_step, cur, target), NULL);
     END IF;
 
+    -- protection on the wrong side of the price would fire on the next bar
+    IF opening > 0 AND ((target > 0 AND (sl >= price OR tp <= price))
+                        OR (target < 0 AND (sl <= price OR tp >= price))) THEN
+        RETURN trading._finish_signal(sig_id, 'rejected', 'INVALID_PROTECTION',
+            format('INVALID_PROTECTION: side=%s, price=%s, stop_loss=%s, take_profit=%s',
+                   CASE WHEN target > 0 THEN 'long' ELSE 'short' END, price,
+                   COALESCE(sl::text, '-'), COALESCE(tp::text, '-')), NULL);
+    END IF;
+
     SELECT * INTO denial FROM risk.check_order(acc, s, inst, side, abs(delta), opening, price, sl, at);
     IF denial.code IS NOT NULL THEN
         RETURN trading._finish_signal(sig_id, 'rejected', denial.code, denial.reason, NULL);
@@ -2216,21 +2231,25 @@ CREATE FUNCTION trading._locked_order(ref text, OUT acc trading.accounts, OUT o 
 LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
     account bigint;
+    id bigint;
 BEGIN
     IF ref IS NULL THEN
         RAISE EXCEPTION 'an order id or client order id is required'
             USING ERRCODE = 'invalid_parameter_value';
     END IF;
-    SELECT x.account_id INTO account FROM trading.orders x
-    WHERE x.client_order_id = ref OR (ref ~ '^\d{1,18}$' AND x.order_id = ref::bigint)
-    ORDER BY (x.client_order_id = ref) DESC LIMIT 1;
-    IF NOT FOUND THEN
+    -- two index lookups (a client order id first), never one OR-ed scan: the plan of an
+    -- OR with a cast would read the whole table, or cast a non-number in a generic plan
+    SELECT x.order_id, x.account_id INTO id, account FROM trading.orders x
+    WHERE x.client_order_id = ref;
+    IF NOT FOUND AND ref ~ '^\d{1,18}$' THEN
+        SELECT x.order_id, x.account_id INTO id, account FROM trading.orders x
+        WHERE x.order_id = ref::bigint;
+    END IF;
+    IF id IS NULL THEN
         RAISE EXCEPTION 'unknown order %', quote_literal(ref) USING ERRCODE = 'foreign_key_violation';
     END IF;
     SELECT * INTO acc FROM trading.accounts a WHERE a.account_id = account FOR UPDATE;
-    SELECT * INTO o FROM trading.orders x
-    WHERE x.client_order_id = ref OR (ref ~ '^\d{1,18}$' AND x.order_id = ref::bigint)
-    ORDER BY (x.client_order_id = ref) DESC LIMIT 1 FOR UPDATE;
+    SELECT * INTO o FROM trading.orders x WHERE x.order_id = id FOR UPDATE;
 END
 $$;
 
@@ -2695,7 +2714,12 @@ BEGIN
                                   'order_id', NULL);
     END IF;
     oid := trading._emit_order(acc, inst, NULL, NULL, side, qty, 'manual', price,
-        reduce_only => opening = 0, order_type => otype, limit_price => lp, stop_price => sp, tif => tif,
+        reduce_only => opening = 0,
+        -- hedge accounts: an entry opens the leg of its side, a reduction closes the other
+        leg => CASE WHEN acc.position_mode = 'oneway' THEN 'net'
+                    WHEN (side = 'buy') <> (opening = 0) THEN 'long'
+                    ELSE 'short' END::trading.position_leg,
+        order_type => otype, limit_price => lp, stop_price => sp, tif => tif,
         expire_at => trading._ts(spec, 'expire_at', 'order'),
         stop_loss => trading._num(spec, 'stop_loss', 'order', 0, NULL, false),
         take_profit => trading._num(spec, 'take_profit', 'order', 0, NULL, false),
@@ -3023,8 +3047,40 @@ BEGIN
     RETURN NULL;
 END
 $$;
+-- A bulk import sets mmats.defer_protection = 'on' for its INSERT (the trigger then costs
+-- one setting lookup per row, not a function call) and afterwards replays the new bars
+-- through trading.protect_imported_bars().
 CREATE TRIGGER bars_drive_protection AFTER INSERT ON market.bars
-    FOR EACH ROW EXECUTE FUNCTION market.bar_inserted();
+    FOR EACH ROW WHEN (current_setting('mmats.defer_protection', true) IS DISTINCT FROM 'on')
+    EXECUTE FUNCTION market.bar_inserted();
+
+-- After a bulk import: the imported bars that close after the oldest mark of an open
+-- live or paper position on the instrument go through on_bar, in time order. Returns how
+-- many bars did.
+CREATE FUNCTION trading.protect_imported_bars(instrument bigint, tf market.timeframe,
+                                              since timestamptz) RETURNS integer
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    oldest_mark timestamptz;
+    b market.bars;
+    n integer := 0;
+BEGIN
+    SELECT min(COALESCE(p.marked_at, '-infinity')) INTO oldest_mark
+    FROM trading.positions p JOIN trading.accounts a USING (account_id)
+    WHERE p.instrument_id = instrument AND p.quantity <> 0 AND a.environment IN ('live', 'paper');
+    IF oldest_mark IS NULL THEN
+        RETURN 0;  -- nobody holds it
+    END IF;
+    FOR b IN SELECT * FROM market.bars x
+             WHERE x.instrument_id = instrument AND x.timeframe = tf AND x.ts >= since
+               AND x.ts + market.timeframe_interval(tf) > oldest_mark
+             ORDER BY x.ts LOOP
+        PERFORM trading.on_bar(b.instrument_id, b.timeframe, b.ts, b.open, b.high, b.low, b.close);
+        n := n + 1;
+    END LOOP;
+    RETURN n;
+END
+$$;
 
 -- ======== from 0002_07_pre_trading_grants.sql
 -- 0002_07 (pre): who may call the trading core. Every write goes through these

@@ -61,9 +61,10 @@ ALTER TABLE trading.orders
     ADD COLUMN reference_price numeric CHECK (reference_price > 0),
     ADD COLUMN submitted_at timestamptz;
 
--- A fill may arrive before the broker's acknowledgement.
+-- A fill may arrive before the broker's acknowledgement; a GTD order may expire before
+-- it was ever sent.
 INSERT INTO trading.order_transitions (from_status, to_status) VALUES
-    ('created', 'partially_filled'), ('created', 'filled');
+    ('created', 'partially_filled'), ('created', 'filled'), ('created', 'expired');
 
 ALTER TABLE trading.positions
     -- the strategy whose order opened the position (attribution of net positions)

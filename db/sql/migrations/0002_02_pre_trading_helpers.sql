@@ -89,16 +89,21 @@ CREATE FUNCTION trading._account(ref text, lock boolean DEFAULT false) RETURNS t
 LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
     acc trading.accounts;
+    id bigint;
 BEGIN
     IF ref IS NULL THEN
         RAISE EXCEPTION 'an account is required' USING ERRCODE = 'invalid_parameter_value';
     END IF;
+    -- by name first, then by number; never one OR-ed condition (a generic plan would
+    -- cast every name to bigint)
+    SELECT a.account_id INTO id FROM trading.accounts a WHERE a.name = ref;
+    IF id IS NULL AND ref ~ '^\d{1,18}$' THEN
+        id := ref::bigint;
+    END IF;
     IF lock THEN
-        SELECT * INTO acc FROM trading.accounts a
-        WHERE a.name = ref OR (ref ~ '^\d{1,18}$' AND a.account_id = ref::bigint) FOR UPDATE;
+        SELECT * INTO acc FROM trading.accounts a WHERE a.account_id = id FOR UPDATE;
     ELSE
-        SELECT * INTO acc FROM trading.accounts a
-        WHERE a.name = ref OR (ref ~ '^\d{1,18}$' AND a.account_id = ref::bigint);
+        SELECT * INTO acc FROM trading.accounts a WHERE a.account_id = id;
     END IF;
     IF NOT FOUND THEN
         RAISE EXCEPTION 'unknown account %', quote_literal(ref)

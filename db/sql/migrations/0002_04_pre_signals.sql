@@ -498,6 +498,15 @@ BEGIN
                    abs(delta), inst.min_quantity, inst.quantity_step, cur, target), NULL);
     END IF;
 
+    -- protection on the wrong side of the price would fire on the next bar
+    IF opening > 0 AND ((target > 0 AND (sl >= price OR tp <= price))
+                        OR (target < 0 AND (sl <= price OR tp >= price))) THEN
+        RETURN trading._finish_signal(sig_id, 'rejected', 'INVALID_PROTECTION',
+            format('INVALID_PROTECTION: side=%s, price=%s, stop_loss=%s, take_profit=%s',
+                   CASE WHEN target > 0 THEN 'long' ELSE 'short' END, price,
+                   COALESCE(sl::text, '-'), COALESCE(tp::text, '-')), NULL);
+    END IF;
+
     SELECT * INTO denial FROM risk.check_order(acc, s, inst, side, abs(delta), opening, price, sl, at);
     IF denial.code IS NOT NULL THEN
         RETURN trading._finish_signal(sig_id, 'rejected', denial.code, denial.reason, NULL);

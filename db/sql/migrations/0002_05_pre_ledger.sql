@@ -15,21 +15,25 @@ CREATE FUNCTION trading._locked_order(ref text, OUT acc trading.accounts, OUT o 
 LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
     account bigint;
+    id bigint;
 BEGIN
     IF ref IS NULL THEN
         RAISE EXCEPTION 'an order id or client order id is required'
             USING ERRCODE = 'invalid_parameter_value';
     END IF;
-    SELECT x.account_id INTO account FROM trading.orders x
-    WHERE x.client_order_id = ref OR (ref ~ '^\d{1,18}$' AND x.order_id = ref::bigint)
-    ORDER BY (x.client_order_id = ref) DESC LIMIT 1;
-    IF NOT FOUND THEN
+    -- two index lookups (a client order id first), never one OR-ed scan: the plan of an
+    -- OR with a cast would read the whole table, or cast a non-number in a generic plan
+    SELECT x.order_id, x.account_id INTO id, account FROM trading.orders x
+    WHERE x.client_order_id = ref;
+    IF NOT FOUND AND ref ~ '^\d{1,18}$' THEN
+        SELECT x.order_id, x.account_id INTO id, account FROM trading.orders x
+        WHERE x.order_id = ref::bigint;
+    END IF;
+    IF id IS NULL THEN
         RAISE EXCEPTION 'unknown order %', quote_literal(ref) USING ERRCODE = 'foreign_key_violation';
     END IF;
     SELECT * INTO acc FROM trading.accounts a WHERE a.account_id = account FOR UPDATE;
-    SELECT * INTO o FROM trading.orders x
-    WHERE x.client_order_id = ref OR (ref ~ '^\d{1,18}$' AND x.order_id = ref::bigint)
-    ORDER BY (x.client_order_id = ref) DESC LIMIT 1 FOR UPDATE;
+    SELECT * INTO o FROM trading.orders x WHERE x.order_id = id FOR UPDATE;
 END
 $$;
 
@@ -494,7 +498,12 @@ BEGIN
                                   'order_id', NULL);
     END IF;
     oid := trading._emit_order(acc, inst, NULL, NULL, side, qty, 'manual', price,
-        reduce_only => opening = 0, order_type => otype, limit_price => lp, stop_price => sp, tif => tif,
+        reduce_only => opening = 0,
+        -- hedge accounts: an entry opens the leg of its side, a reduction closes the other
+        leg => CASE WHEN acc.position_mode = 'oneway' THEN 'net'
+                    WHEN (side = 'buy') <> (opening = 0) THEN 'long'
+                    ELSE 'short' END::trading.position_leg,
+        order_type => otype, limit_price => lp, stop_price => sp, tif => tif,
         expire_at => trading._ts(spec, 'expire_at', 'order'),
         stop_loss => trading._num(spec, 'stop_loss', 'order', 0, NULL, false),
         take_profit => trading._num(spec, 'take_profit', 'order', 0, NULL, false),

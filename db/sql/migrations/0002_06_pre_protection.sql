@@ -316,5 +316,37 @@ BEGIN
     RETURN NULL;
 END
 $$;
+-- A bulk import sets mmats.defer_protection = 'on' for its INSERT (the trigger then costs
+-- one setting lookup per row, not a function call) and afterwards replays the new bars
+-- through trading.protect_imported_bars().
 CREATE TRIGGER bars_drive_protection AFTER INSERT ON market.bars
-    FOR EACH ROW EXECUTE FUNCTION market.bar_inserted();
+    FOR EACH ROW WHEN (current_setting('mmats.defer_protection', true) IS DISTINCT FROM 'on')
+    EXECUTE FUNCTION market.bar_inserted();
+
+-- After a bulk import: the imported bars that close after the oldest mark of an open
+-- live or paper position on the instrument go through on_bar, in time order. Returns how
+-- many bars did.
+CREATE FUNCTION trading.protect_imported_bars(instrument bigint, tf market.timeframe,
+                                              since timestamptz) RETURNS integer
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    oldest_mark timestamptz;
+    b market.bars;
+    n integer := 0;
+BEGIN
+    SELECT min(COALESCE(p.marked_at, '-infinity')) INTO oldest_mark
+    FROM trading.positions p JOIN trading.accounts a USING (account_id)
+    WHERE p.instrument_id = instrument AND p.quantity <> 0 AND a.environment IN ('live', 'paper');
+    IF oldest_mark IS NULL THEN
+        RETURN 0;  -- nobody holds it
+    END IF;
+    FOR b IN SELECT * FROM market.bars x
+             WHERE x.instrument_id = instrument AND x.timeframe = tf AND x.ts >= since
+               AND x.ts + market.timeframe_interval(tf) > oldest_mark
+             ORDER BY x.ts LOOP
+        PERFORM trading.on_bar(b.instrument_id, b.timeframe, b.ts, b.open, b.high, b.low, b.close);
+        n := n + 1;
+    END LOOP;
+    RETURN n;
+END
+$$;
