@@ -1,5 +1,5 @@
-"""Pins for fixes in the trading core found after the first test pass: bulk imports defer
-bar protection and replay it once; lookups by name or number survive generic plans;
+"""Pins for fixes in the trading core found after the first test pass: bulk imports judge
+bar protection once over all their bars; lookups by name or number survive generic plans;
 protection on the wrong side is refused; hedge manual orders name their leg; an unsent
 order can expire."""
 
@@ -47,9 +47,10 @@ def test_bulk_import_with_nobody_holding_replays_nothing(conn, paper, tmp_path: 
     csv.write_text("timestamp,open,high,low,close,volume\n"
                    f"{T0.isoformat()},100,101,99,100,1\n")
     import_file(conn, csv, symbol="BTCUSD", market="crypto", timeframe="1m", venue="test")
-    assert conn.execute("SELECT trading.protect_imported_bars(%s, '1m', %s)",
-                        (inst, T0)).fetchone() == (0,)
+    assert conn.execute("SELECT count(*) FROM market.bars WHERE instrument_id = %s",
+                        (inst,)).fetchone() == (1,)
     assert conn.execute("SELECT count(*) FROM trading.equity_snapshots").fetchone() == (0,)
+    assert conn.execute("SELECT count(*) FROM trading.orders").fetchone() == (0,)
 
 
 def test_lookups_by_name_and_number_under_generic_plans(conn, paper):

@@ -2932,155 +2932,200 @@ BEGIN
 END
 $$;
 
--- One closed bar for an instrument: mark open positions, fire or move their protection.
--- account NULL: every live and paper account (the bars trigger); the backtest engine
--- passes its own account. Returns the ids of the closing orders created.
-CREATE FUNCTION trading.on_bar(instrument bigint, tf market.timeframe, bar_ts timestamptz,
-                               o numeric, h numeric, l numeric, c numeric,
-                               account bigint DEFAULT NULL)
-RETURNS bigint[]
+-- Closed bars for one instrument drive the protection of its open positions. For each
+-- position (every live and paper account's when account is NULL — the bars trigger; the
+-- backtest engine passes its own account), in close-time order over the bars that close
+-- after the position's last mark (one bar per close time, the finest timeframe):
+--   * the stop in force during a bar is the stop-loss (moved to the entry price once an
+--     EARLIER bar reached the breakeven level) and the trailing stop from the best price
+--     of the EARLIER bars: a bar's own extremes come in an unknown order;
+--   * the first bar that touches the stop or the target fires one reduce-only market
+--     order through the order path (the stop first when both are inside one bar; at the
+--     open when the bar gapped through), minus exits already open; an advisory account
+--     gets a risk event instead;
+--   * then the position is marked once: last price, marked_at, trail anchor, breakeven.
+-- The whole batch is judged in one set-based pass per position, so a backfill of many
+-- bars costs about what one bar does. With snapshot, the accounts touched get an equity
+-- snapshot at the last close time (and their drawdown and daily-loss limits checked).
+CREATE FUNCTION trading.protect_bars(instrument bigint, bars market.bars[],
+                                     account bigint DEFAULT NULL, snapshot boolean DEFAULT true,
+                                     OUT order_ids bigint[], OUT touched bigint[],
+                                     OUT marked_until timestamptz)
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
-    closes_at timestamptz := bar_ts + market.timeframe_interval(tf);
     p record;
+    hit record;
+    fin record;
     acc trading.accounts;
     inst market.instruments;
-    long boolean;
-    stop numeric;
     trig trading.order_trigger;
     fire_price numeric;
     exit_qty numeric;
-    ids bigint[] := '{}';
-    touched bigint[] := '{}';
     a bigint;
 BEGIN
+    order_ids := '{}';
+    touched := '{}';
     FOR p IN
-        SELECT x.* FROM trading.positions x JOIN trading.accounts ac USING (account_id)
-        WHERE x.instrument_id = instrument AND x.quantity <> 0
-          AND (on_bar.account IS NULL AND ac.environment IN ('live', 'paper')
-               OR x.account_id = on_bar.account)
-          AND (x.marked_at IS NULL OR x.marked_at < closes_at)
+        SELECT x.*, (x.leg = 'long' OR (x.leg = 'net' AND x.quantity > 0)) AS is_long
+        FROM trading.positions x JOIN trading.accounts ac USING (account_id)
+        WHERE x.instrument_id = protect_bars.instrument AND x.quantity <> 0
+          AND (protect_bars.account IS NULL AND ac.environment IN ('live', 'paper')
+               OR x.account_id = protect_bars.account)
         ORDER BY x.account_id, x.position_id
         FOR UPDATE OF x
     LOOP
-        long := p.leg = 'long' OR (p.leg = 'net' AND p.quantity > 0);
-        -- the stop in force during this bar: the trailing stop and breakeven move only
-        -- after the bar is judged, since the bar's extremes come in an unknown order
-        stop := p.stop_loss;
-        IF p.trailing_stop IS NOT NULL AND p.trail_anchor IS NOT NULL THEN
-            stop := CASE WHEN long THEN GREATEST(COALESCE(stop, 0), p.trail_anchor - p.trailing_stop)
-                         ELSE LEAST(COALESCE(stop, 'Infinity'), p.trail_anchor + p.trailing_stop) END;
-            IF stop <= 0 OR stop = 'Infinity' THEN stop := p.stop_loss; END IF;
-        END IF;
-        trig := NULL;
-        IF stop IS NOT NULL AND ((long AND l <= stop) OR (NOT long AND h >= stop)) THEN
-            -- stop first when both stop and target are inside the bar; at the open on a gap
-            trig := CASE WHEN stop = p.stop_loss AND p.stop_loss = p.average_price THEN 'breakeven'
-                         WHEN stop = p.stop_loss THEN 'stop_loss'
-                         ELSE 'trailing_stop' END;
-            fire_price := CASE WHEN long THEN LEAST(o, stop) ELSE GREATEST(o, stop) END;
-        ELSIF p.take_profit IS NOT NULL AND ((long AND h >= p.take_profit) OR (NOT long AND l <= p.take_profit)) THEN
-            trig := 'take_profit';
-            fire_price := CASE WHEN long THEN GREATEST(o, p.take_profit) ELSE LEAST(o, p.take_profit) END;
-        END IF;
+        -- the first bar whose low/high touches the stop or the target
+        WITH b AS (
+            SELECT DISTINCT ON (u.ts + market.timeframe_interval(u.timeframe))
+                   u.open AS o, u.high AS h, u.low AS l, u.close AS c,
+                   u.ts + market.timeframe_interval(u.timeframe) AS ct
+            FROM unnest(bars) u
+            WHERE u.instrument_id = protect_bars.instrument
+              AND (p.marked_at IS NULL OR u.ts + market.timeframe_interval(u.timeframe) > p.marked_at)
+            ORDER BY u.ts + market.timeframe_interval(u.timeframe), market.timeframe_interval(u.timeframe)),
+        w AS (
+            SELECT b.*,
+                   CASE WHEN p.is_long THEN max(b.h) OVER earlier ELSE min(b.l) OVER earlier END AS best_before,
+                   COALESCE(bool_or(CASE WHEN p.is_long THEN b.h >= p.breakeven ELSE b.l <= p.breakeven END)
+                            OVER earlier, false) AS be_before
+            FROM b WINDOW earlier AS (ORDER BY b.ct ROWS BETWEEN UNBOUNDED PRECEDING AND 1 PRECEDING)),
+        s AS (
+            SELECT w.*,
+                   CASE WHEN w.be_before
+                        THEN CASE WHEN p.is_long THEN GREATEST(COALESCE(p.stop_loss, 0), p.average_price)
+                                  ELSE LEAST(COALESCE(p.stop_loss, p.average_price), p.average_price) END
+                        ELSE p.stop_loss END AS sl,
+                   CASE WHEN p.is_long THEN GREATEST(p.trail_anchor, w.best_before)
+                        ELSE LEAST(p.trail_anchor, w.best_before) END AS anchor
+            FROM w),
+        t AS (
+            SELECT s.*,
+                   CASE WHEN p.trailing_stop IS NULL OR s.anchor IS NULL THEN s.sl
+                        WHEN p.is_long THEN GREATEST(COALESCE(s.sl, 0), s.anchor - p.trailing_stop)
+                        ELSE LEAST(COALESCE(s.sl, 'Infinity'), s.anchor + p.trailing_stop) END AS raw_stop
+            FROM s),
+        v AS (
+            SELECT t.*, CASE WHEN t.raw_stop <= 0 OR t.raw_stop = 'Infinity' THEN t.sl ELSE t.raw_stop END AS stop
+            FROM t)
+        SELECT v.* INTO hit FROM v
+        WHERE (v.stop IS NOT NULL AND ((p.is_long AND v.l <= v.stop) OR (NOT p.is_long AND v.h >= v.stop)))
+           OR (p.take_profit IS NOT NULL
+               AND ((p.is_long AND v.h >= p.take_profit) OR (NOT p.is_long AND v.l <= p.take_profit)))
+        ORDER BY v.ct LIMIT 1;
 
-        IF trig IS NOT NULL THEN
+        IF hit.ct IS NOT NULL THEN
+            IF hit.stop IS NOT NULL AND ((p.is_long AND hit.l <= hit.stop) OR (NOT p.is_long AND hit.h >= hit.stop)) THEN
+                -- at the entry price because breakeven moved it there (in this batch or before)
+                trig := CASE WHEN hit.stop = hit.sl AND hit.sl = p.average_price
+                              AND (hit.be_before OR p.stop_loss = p.average_price) THEN 'breakeven'
+                             WHEN hit.stop = hit.sl THEN 'stop_loss'
+                             ELSE 'trailing_stop' END;
+                fire_price := CASE WHEN p.is_long THEN LEAST(hit.o, hit.stop) ELSE GREATEST(hit.o, hit.stop) END;
+            ELSE
+                trig := 'take_profit';
+                fire_price := CASE WHEN p.is_long THEN GREATEST(hit.o, p.take_profit) ELSE LEAST(hit.o, p.take_profit) END;
+            END IF;
             SELECT * INTO acc FROM trading.accounts x WHERE x.account_id = p.account_id;
             -- exits already on their way (a strategy's close, an earlier stop) count first
-            -- (the net leg of a short holds a negative quantity: its size is the absolute)
             SELECT abs(p.quantity) - COALESCE(sum(x.quantity - x.filled_quantity), 0) INTO exit_qty
             FROM trading.orders x
-            WHERE x.account_id = p.account_id AND x.instrument_id = instrument AND x.reduce_only
-              AND x.side = CASE WHEN long THEN 'sell' ELSE 'buy' END::trading.order_side
+            WHERE x.account_id = p.account_id AND x.instrument_id = protect_bars.instrument AND x.reduce_only
+              AND x.side = CASE WHEN p.is_long THEN 'sell' ELSE 'buy' END::trading.order_side
               AND x.position_leg = p.leg
               AND (p.strategy_id IS NULL OR x.strategy_id = p.strategy_id)
               AND x.status IN ('created', 'in_flight', 'submitted', 'partially_filled');
             IF acc.mode = 'operator' AND risk.breaker_mode(acc.account_id) <> 'FREEZE' AND exit_qty > 0 THEN
-                SELECT * INTO inst FROM market.instruments i WHERE i.instrument_id = instrument;
-                ids := ids || trading._emit_order(acc, inst, COALESCE(p.strategy_id, p.entry_strategy_id), NULL,
-                    CASE WHEN long THEN 'sell' ELSE 'buy' END::trading.order_side, exit_qty, trig, c,
-                    reduce_only => true, leg => p.leg, trigger_price => fire_price);
+                SELECT * INTO inst FROM market.instruments i WHERE i.instrument_id = protect_bars.instrument;
+                order_ids := order_ids || trading._emit_order(acc, inst,
+                    COALESCE(p.strategy_id, p.entry_strategy_id), NULL,
+                    CASE WHEN p.is_long THEN 'sell' ELSE 'buy' END::trading.order_side, exit_qty, trig,
+                    hit.c, reduce_only => true, leg => p.leg, trigger_price => fire_price);
             ELSIF acc.mode = 'advisory' THEN
                 INSERT INTO risk.events (account_id, severity, event_type, message, details)
                 VALUES (p.account_id, 'warning', upper(trig::text),
                         format('%s hit on %s at %s (advisory account: no order)', trig,
-                               (SELECT i.symbol FROM market.instruments i WHERE i.instrument_id = instrument), fire_price),
-                        jsonb_build_object('position_id', p.position_id, 'price', fire_price));
+                               (SELECT i.symbol FROM market.instruments i WHERE i.instrument_id = protect_bars.instrument),
+                               fire_price),
+                        jsonb_build_object('position_id', p.position_id, 'price', fire_price, 'bar_close', hit.ct));
             END IF;
         END IF;
 
+        -- mark once, from all the bars
+        SELECT (array_agg(u.close ORDER BY u.ts + market.timeframe_interval(u.timeframe) DESC,
+                          market.timeframe_interval(u.timeframe)))[1] AS c,
+               max(u.ts + market.timeframe_interval(u.timeframe)) AS ct,
+               max(u.high) AS h, min(u.low) AS l,
+               COALESCE(bool_or(CASE WHEN p.is_long THEN u.high >= p.breakeven ELSE u.low <= p.breakeven END), false) AS be
+        INTO fin FROM unnest(bars) u
+        WHERE u.instrument_id = protect_bars.instrument
+          AND (p.marked_at IS NULL OR u.ts + market.timeframe_interval(u.timeframe) > p.marked_at);
+        CONTINUE WHEN fin.ct IS NULL;  -- no bar newer than the last mark
         UPDATE trading.positions x SET
-            last_price = c, marked_at = closes_at,
+            last_price = fin.c, marked_at = fin.ct,
             trail_anchor = CASE WHEN x.trailing_stop IS NULL THEN x.trail_anchor
-                                WHEN long THEN GREATEST(COALESCE(x.trail_anchor, h), h)
-                                ELSE LEAST(COALESCE(x.trail_anchor, l), l) END,
-            stop_loss = CASE WHEN x.breakeven IS NOT NULL
-                              AND ((long AND h >= x.breakeven) OR (NOT long AND l <= x.breakeven))
-                             THEN CASE WHEN long THEN GREATEST(COALESCE(x.stop_loss, 0), x.average_price)
+                                WHEN p.is_long THEN GREATEST(x.trail_anchor, fin.h)
+                                ELSE LEAST(x.trail_anchor, fin.l) END,
+            stop_loss = CASE WHEN x.breakeven IS NOT NULL AND fin.be
+                             THEN CASE WHEN p.is_long THEN GREATEST(COALESCE(x.stop_loss, 0), x.average_price)
                                        ELSE LEAST(COALESCE(x.stop_loss, x.average_price), x.average_price) END
                              ELSE x.stop_loss END,
-            breakeven = CASE WHEN x.breakeven IS NOT NULL
-                              AND ((long AND h >= x.breakeven) OR (NOT long AND l <= x.breakeven))
-                             THEN NULL ELSE x.breakeven END
+            breakeven = CASE WHEN fin.be THEN NULL ELSE x.breakeven END
         WHERE x.position_id = p.position_id;
         IF NOT p.account_id = ANY (touched) THEN
             touched := touched || p.account_id;
         END IF;
+        marked_until := GREATEST(marked_until, fin.ct);
     END LOOP;
-    FOREACH a IN ARRAY touched LOOP
-        PERFORM trading.snapshot_equity(a, closes_at);
-    END LOOP;
-    RETURN ids;
+    IF snapshot THEN
+        FOREACH a IN ARRAY touched LOOP
+            PERFORM trading.snapshot_equity(a, marked_until);
+        END LOOP;
+    END IF;
 END
 $$;
 
--- Live and paper accounts: every inserted bar drives protection. Cheap when no account
--- holds the instrument (one index probe).
-CREATE FUNCTION market.bar_inserted() RETURNS trigger
+-- One closed bar (the backtest engine's call, and the tests'): protect_bars of one bar.
+CREATE FUNCTION trading.on_bar(instrument bigint, tf market.timeframe, bar_ts timestamptz,
+                               o numeric, h numeric, l numeric, c numeric,
+                               account bigint DEFAULT NULL)
+RETURNS bigint[]
+LANGUAGE sql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+RETURN (trading.protect_bars(instrument,
+            ARRAY[ROW(instrument, tf, bar_ts, o, h, l, c, 0)::market.bars], account)).order_ids;
+
+-- Live and paper accounts: every INSERT (or COPY) of bars drives protection once per
+-- statement, with all its rows: instruments nobody holds cost one index probe each.
+CREATE FUNCTION market.bars_inserted() RETURNS trigger
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    inst bigint;
+    r record;
+    touched bigint[] := '{}';
+    until timestamptz;
+    a bigint;
 BEGIN
-    IF EXISTS (SELECT 1 FROM trading.positions p WHERE p.instrument_id = NEW.instrument_id
-               AND p.quantity <> 0) THEN
-        PERFORM trading.on_bar(NEW.instrument_id, NEW.timeframe, NEW.ts, NEW.open, NEW.high,
-                               NEW.low, NEW.close);
-    END IF;
+    FOR inst IN
+        SELECT i.instrument_id FROM (SELECT DISTINCT nb.instrument_id FROM new_bars nb) i
+        WHERE EXISTS (SELECT 1 FROM trading.positions p JOIN trading.accounts ac USING (account_id)
+                      WHERE p.instrument_id = i.instrument_id AND p.quantity <> 0
+                        AND ac.environment IN ('live', 'paper'))
+        ORDER BY i.instrument_id
+    LOOP
+        r := trading.protect_bars(inst, ARRAY(SELECT nb::market.bars FROM new_bars nb
+                                              WHERE nb.instrument_id = inst),
+                                  NULL, false);
+        touched := touched || r.touched;
+        until := GREATEST(until, r.marked_until);
+    END LOOP;
+    FOR a IN SELECT DISTINCT x FROM unnest(touched) x ORDER BY 1 LOOP
+        PERFORM trading.snapshot_equity(a, until);
+    END LOOP;
     RETURN NULL;
 END
 $$;
--- A bulk import sets mmats.defer_protection = 'on' for its INSERT (the trigger then costs
--- one setting lookup per row, not a function call) and afterwards replays the new bars
--- through trading.protect_imported_bars().
 CREATE TRIGGER bars_drive_protection AFTER INSERT ON market.bars
-    FOR EACH ROW WHEN (current_setting('mmats.defer_protection', true) IS DISTINCT FROM 'on')
-    EXECUTE FUNCTION market.bar_inserted();
-
--- After a bulk import: the imported bars that close after the oldest mark of an open
--- live or paper position on the instrument go through on_bar, in time order. Returns how
--- many bars did.
-CREATE FUNCTION trading.protect_imported_bars(instrument bigint, tf market.timeframe,
-                                              since timestamptz) RETURNS integer
-LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
-DECLARE
-    oldest_mark timestamptz;
-    b market.bars;
-    n integer := 0;
-BEGIN
-    SELECT min(COALESCE(p.marked_at, '-infinity')) INTO oldest_mark
-    FROM trading.positions p JOIN trading.accounts a USING (account_id)
-    WHERE p.instrument_id = instrument AND p.quantity <> 0 AND a.environment IN ('live', 'paper');
-    IF oldest_mark IS NULL THEN
-        RETURN 0;  -- nobody holds it
-    END IF;
-    FOR b IN SELECT * FROM market.bars x
-             WHERE x.instrument_id = instrument AND x.timeframe = tf AND x.ts >= since
-               AND x.ts + market.timeframe_interval(tf) > oldest_mark
-             ORDER BY x.ts LOOP
-        PERFORM trading.on_bar(b.instrument_id, b.timeframe, b.ts, b.open, b.high, b.low, b.close);
-        n := n + 1;
-    END LOOP;
-    RETURN n;
-END
-$$;
+    REFERENCING NEW TABLE AS new_bars
+    FOR EACH STATEMENT EXECUTE FUNCTION market.bars_inserted();
 
 -- ======== from 0002_07_pre_trading_grants.sql
 -- 0002_07 (pre): who may call the trading core. Every write goes through these

@@ -190,15 +190,10 @@ def import_file(conn: psycopg.Connection, path: str | Path, *, symbol: str, mark
         staged = len(parsed.ts_us) - len(conflicts)
         inserted = 0
         if stored - len(conflicts) < staged:  # else every row is stored already, unchanged
-            # bar protection (stops of live and paper positions) runs once over the new
-            # bars below, not once per inserted row
-            cur.execute("SET LOCAL mmats.defer_protection = 'on'")
+            # (the statement-level trigger on market.bars judges live and paper positions'
+            # stops over all the new bars at once)
             inserted = cur.execute(sql.SQL(insert).format(staging),
                                    (instrument_id, timeframe)).rowcount
-            cur.execute("SET LOCAL mmats.defer_protection = 'off'")
-            if inserted and len(parsed.ts_us):
-                cur.execute("SELECT trading.protect_imported_bars(%s, %s, %s)",
-                            (instrument_id, timeframe, _utc(int(parsed.ts_us.min()))))
         first_us = last_us = None
         kept = _kept_ts(parsed, {int(c[0]) for c in conflicts})
         if len(kept):
