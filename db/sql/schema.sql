@@ -987,12 +987,18 @@ BEGIN
         RAISE EXCEPTION '%.% must be a number, got %', what, field, raw
             USING ERRCODE = 'invalid_parameter_value';
     END IF;
-    BEGIN
-        v := (raw #>> '{}')::numeric;
-    EXCEPTION WHEN invalid_text_representation THEN
+    -- checked before the cast: an EXCEPTION block would cost a subtransaction per call,
+    -- and this runs several times for every signal and fill
+    IF jsonb_typeof(raw) = 'string'
+       AND btrim(raw #>> '{}') !~* '^[+-]?(\d+\.?\d*|\.\d+)(e[+-]?\d+)?$' THEN
+        IF lower(btrim(raw #>> '{}')) ~ '^[+-]?(nan|inf|infinity)$' THEN
+            RAISE EXCEPTION '%.% must be a finite number, got %', what, field, raw
+                USING ERRCODE = 'invalid_parameter_value';
+        END IF;
         RAISE EXCEPTION '%.% must be a number, got %', what, field, raw
             USING ERRCODE = 'invalid_parameter_value';
-    END;
+    END IF;
+    v := (raw #>> '{}')::numeric;
     IF v = 'NaN' OR v IN ('Infinity', '-Infinity') THEN
         RAISE EXCEPTION '%.% must be a finite number, got %', what, field, raw
             USING ERRCODE = 'invalid_parameter_value';
@@ -1034,6 +1040,7 @@ CREATE FUNCTION trading._ts(obj jsonb, field text, what text) RETURNS timestampt
 LANGUAGE plpgsql STABLE SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
     raw text := trading._text(obj, field, what, 64);
+    m text[];
 BEGIN
     IF raw IS NULL THEN
         RETURN NULL;
@@ -1042,10 +1049,15 @@ BEGIN
         RAISE EXCEPTION '%.% must be an ISO 8601 time with a UTC offset (e.g. 2024-01-02T15:04:05Z), got %',
             what, field, raw USING ERRCODE = 'invalid_parameter_value';
     END IF;
+    -- every field checked before the cast (no EXCEPTION block: no subtransaction per call)
+    m := regexp_match(raw, '^(\d{4})-(\d{2})-(\d{2})[T ](\d{2}):(\d{2})(?::(\d{2})(?:\.\d+)?)?(?:[zZ]|[+-]\d{2}(?::?\d{2})?)$');
+    IF m IS NULL OR m[1]::int < 1 OR m[2]::int NOT BETWEEN 1 AND 12 OR m[3]::int < 1
+       OR m[3]::int > extract(day FROM make_date(m[1]::int, m[2]::int, 1) + interval '1 month - 1 day')
+       OR m[4]::int > 23 OR m[5]::int > 59 OR COALESCE(m[6], '0')::int > 59 THEN
+        RAISE EXCEPTION '%.% is not a valid time: %', what, field, raw
+            USING ERRCODE = 'invalid_parameter_value';
+    END IF;
     RETURN raw::timestamptz;
-EXCEPTION WHEN datetime_field_overflow OR invalid_datetime_format THEN
-    RAISE EXCEPTION '%.% is not a valid time: %', what, field, raw
-        USING ERRCODE = 'invalid_parameter_value';
 END
 $$;
 
@@ -2014,12 +2026,11 @@ BEGIN
                            trading._text(signal, 'version', 'signal', 32));
     inst := market._instrument(trading._text(signal, 'symbol', 'signal', 40),
                                trading._text(signal, 'venue', 'signal', 32));
-    BEGIN
-        act := lower(trading._text(signal, 'action', 'signal', 10))::trading.signal_action;
-    EXCEPTION WHEN invalid_text_representation THEN
+    IF lower(trading._text(signal, 'action', 'signal', 10)) NOT IN ('buy', 'sell', 'close', 'hold') THEN
         RAISE EXCEPTION 'signal.action must be buy, sell, close or hold, got %', signal -> 'action'
             USING ERRCODE = 'invalid_parameter_value';
-    END;
+    END IF;
+    act := lower(trading._text(signal, 'action', 'signal', 10))::trading.signal_action;
     IF act IS NULL THEN
         RAISE EXCEPTION 'signal.action is required (buy, sell, close or hold)'
             USING ERRCODE = 'invalid_parameter_value';

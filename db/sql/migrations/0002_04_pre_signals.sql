@@ -321,12 +321,11 @@ BEGIN
                            trading._text(signal, 'version', 'signal', 32));
     inst := market._instrument(trading._text(signal, 'symbol', 'signal', 40),
                                trading._text(signal, 'venue', 'signal', 32));
-    BEGIN
-        act := lower(trading._text(signal, 'action', 'signal', 10))::trading.signal_action;
-    EXCEPTION WHEN invalid_text_representation THEN
+    IF lower(trading._text(signal, 'action', 'signal', 10)) NOT IN ('buy', 'sell', 'close', 'hold') THEN
         RAISE EXCEPTION 'signal.action must be buy, sell, close or hold, got %', signal -> 'action'
             USING ERRCODE = 'invalid_parameter_value';
-    END;
+    END IF;
+    act := lower(trading._text(signal, 'action', 'signal', 10))::trading.signal_action;
     IF act IS NULL THEN
         RAISE EXCEPTION 'signal.action is required (buy, sell, close or hold)'
             USING ERRCODE = 'invalid_parameter_value';
