@@ -327,7 +327,7 @@ def main() -> None:
             tracked = track_functions(conn)
             secs, n = run_bars(conn, rng, insts, last, t_bars, args.bars, args.batch)
             if tracked:
-                figures |= server_side(conn, ("market.bar_inserted", "trading.on_bar",
+                figures |= server_side(conn, ("market.bars_inserted", "trading.protect_bars",
                                               "trading.snapshot_equity"))
             figures["bars_with_positions"] = n
             figures["bars_with_positions_s"] = round(secs, 2)

@@ -120,3 +120,25 @@ def test_an_unsent_order_can_expire(conn, paper):
     assert conn.execute("SELECT trading.expire_order(%s)", (str(r["order_id"]),)
                         ).fetchone()[0]["status"] == "expired"
     assert conn.execute("SELECT status::text FROM trading.orders").fetchone() == ("expired",)
+
+
+def test_correlation_cache_follows_new_bars(conn):
+    # two instruments whose returns move together over 4 bars, then one diverges
+    a, b = add_instrument(conn, "AAAUSD"), add_instrument(conn, "BBBUSD")
+    for i, (pa, pb) in enumerate([(100, 50), (101, 51), (103, 52), (102, 51)]):
+        bar(conn, a, T0 + i * M, pa, pa, pa, pa)
+        bar(conn, b, T0 + i * M, pb, pb, pb, pb)
+    corr = "SELECT risk.return_correlation(%s, %s, '1m', 3, NULL)"
+    first = conn.execute(corr, (a, b)).fetchone()[0]
+    assert first > D("0.9")
+    # answered from the cache while no new bar arrives (same value, one cache row)
+    assert conn.execute(corr, (b, a)).fetchone()[0] == first
+    assert conn.execute("SELECT count(*), min(b_ts) FROM risk.correlation_cache"
+                        ).fetchone() == (1, T0 + 3 * M)
+    # a new bar on either side invalidates it
+    bar(conn, a, T0 + 4 * M, 110, 110, 110, 110)
+    bar(conn, b, T0 + 4 * M, 45, 45, 45, 45)
+    second = conn.execute(corr, (a, b)).fetchone()[0]
+    assert second < first
+    assert conn.execute("SELECT a_ts, b_ts, value FROM risk.correlation_cache").fetchone() == (
+        T0 + 4 * M, T0 + 4 * M, second)

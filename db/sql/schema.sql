@@ -1427,7 +1427,7 @@ CREATE FUNCTION risk.check_order(acc trading.accounts, strat trading.strategies,
                                  qty numeric, opening numeric, price numeric,
                                  stop_loss numeric, at timestamptz)
 RETURNS TABLE (code text, reason text)
-LANGUAGE plpgsql STABLE SET search_path = pg_catalog, pg_temp AS $$
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
     breaker risk.breaker_mode := risk.breaker_mode(acc.account_id);
     eq record;
@@ -1686,21 +1686,62 @@ BEGIN
 END
 $$;
 
--- Correlation of simple returns of two instruments over their last `lookback` common bars.
+-- Correlations already computed, per pair of instruments (lower id first), timeframe and
+-- lookback, with the last bar time of each side they were computed at: valid until either
+-- instrument gets a newer bar.
+CREATE TABLE risk.correlation_cache (
+    a          bigint NOT NULL,
+    b          bigint NOT NULL,
+    timeframe  market.timeframe NOT NULL,
+    lookback   integer NOT NULL,
+    a_ts       timestamptz,
+    b_ts       timestamptz,
+    value      numeric,
+    PRIMARY KEY (a, b, timeframe, lookback)
+);
+
+-- Correlation of simple returns of two instruments over their last `lookback` common bars
+-- (float arithmetic: it is a statistic, not money), cached until either gets a new bar.
 CREATE FUNCTION risk.return_correlation(a bigint, b bigint, tf market.timeframe,
                                         lookback integer, at timestamptz)
 RETURNS numeric
-LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp
-RETURN (
-    WITH pa AS (SELECT ts, close FROM market.bars WHERE instrument_id = a AND timeframe = tf
-                AND (at IS NULL OR ts <= at) ORDER BY ts DESC LIMIT lookback + 1),
-         pb AS (SELECT ts, close FROM market.bars WHERE instrument_id = b AND timeframe = tf
-                AND (at IS NULL OR ts <= at) ORDER BY ts DESC LIMIT lookback + 1),
-         j AS (SELECT pa.ts, pa.close AS ca, pb.close AS cb FROM pa JOIN pb USING (ts)),
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    lo bigint := LEAST(a, b);
+    hi bigint := GREATEST(a, b);
+    lo_ts timestamptz;
+    hi_ts timestamptz;
+    cached risk.correlation_cache;
+    v numeric;
+BEGIN
+    SELECT x.ts INTO lo_ts FROM market.bars x
+    WHERE x.instrument_id = lo AND x.timeframe = tf AND (at IS NULL OR x.ts <= at)
+    ORDER BY x.ts DESC LIMIT 1;
+    SELECT x.ts INTO hi_ts FROM market.bars x
+    WHERE x.instrument_id = hi AND x.timeframe = tf AND (at IS NULL OR x.ts <= at)
+    ORDER BY x.ts DESC LIMIT 1;
+    SELECT * INTO cached FROM risk.correlation_cache k
+    WHERE k.a = lo AND k.b = hi AND k.timeframe = tf AND k.lookback = return_correlation.lookback;
+    IF FOUND AND cached.a_ts IS NOT DISTINCT FROM lo_ts AND cached.b_ts IS NOT DISTINCT FROM hi_ts THEN
+        RETURN cached.value;
+    END IF;
+    WITH pa AS (SELECT x.ts, x.close::float8 AS c FROM market.bars x
+                WHERE x.instrument_id = lo AND x.timeframe = tf AND x.ts <= lo_ts
+                ORDER BY x.ts DESC LIMIT lookback + 1),
+         pb AS (SELECT x.ts, x.close::float8 AS c FROM market.bars x
+                WHERE x.instrument_id = hi AND x.timeframe = tf AND x.ts <= hi_ts
+                ORDER BY x.ts DESC LIMIT lookback + 1),
+         j AS (SELECT pa.ts, pa.c AS ca, pb.c AS cb FROM pa JOIN pb USING (ts)),
          r AS (SELECT ca / lag(ca) OVER (ORDER BY ts) - 1 AS ra,
                       cb / lag(cb) OVER (ORDER BY ts) - 1 AS rb FROM j)
-    SELECT CASE WHEN count(*) >= 3 THEN corr(ra::float8, rb::float8)::numeric END
-    FROM r WHERE ra IS NOT NULL AND rb IS NOT NULL);
+    SELECT CASE WHEN count(*) >= 3 THEN corr(ra, rb)::numeric END INTO v
+    FROM r WHERE ra IS NOT NULL AND rb IS NOT NULL;
+    INSERT INTO risk.correlation_cache AS k VALUES (lo, hi, tf, lookback, lo_ts, hi_ts, v)
+    ON CONFLICT ON CONSTRAINT correlation_cache_pkey DO UPDATE
+        SET a_ts = EXCLUDED.a_ts, b_ts = EXCLUDED.b_ts, value = EXCLUDED.value;
+    RETURN v;
+END
+$$;
 
 -- ======== from 0002_04_pre_signals.sql
 -- 0002_04 (pre): accounts, strategy assignment, and the signal path:
