@@ -12,67 +12,23 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import resource
 import shutil
 import subprocess
 import sys
 import tempfile
 import time
-import uuid
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import psycopg
-from psycopg import sql
-from psycopg.conninfo import make_conninfo
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from db import migrate
-from db.runtime import EmbeddedServer
+from scratchdb import fresh_database
+
 from workers.ingest.importer import import_file
 
 ROOT = Path(__file__).resolve().parent.parent
-FAST = {"fsync": "off", "synchronous_commit": "off", "full_page_writes": "off"}
-
-
-def _uri(conninfo: str) -> str:
-    from urllib.parse import quote
-
-    from psycopg.conninfo import conninfo_to_dict
-
-    d = conninfo_to_dict(conninfo)
-    auth = quote(str(d.get("user", "postgres")), safe="")
-    if d.get("password"):
-        auth += ":" + quote(str(d["password"]), safe="")
-    return f"postgresql://{auth}@{d.get('host', '127.0.0.1')}:{d.get('port', '5432')}/{d['dbname']}"
-
-
-@contextmanager
-def fresh_database(home: Path) -> Iterator[str]:
-    external = os.environ.get("MMATS_DATABASE_URL")
-    server = None
-    if external:
-        base = make_conninfo(external, dbname="postgres")
-    else:
-        server = EmbeddedServer(home / "pg", settings=FAST, quiet=True)
-        server.start()
-        base = server.url("postgres")
-    name = f"mmats_bench_{uuid.uuid4().hex[:10]}"
-    with psycopg.connect(base, autocommit=True) as c:
-        c.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
-    try:
-        url = _uri(make_conninfo(base, dbname=name))
-        migrate.upgrade(url)
-        yield url
-    finally:
-        with psycopg.connect(base, autocommit=True) as c:
-            c.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(
-                sql.Identifier(name)))
-        if server is not None:
-            server.stop()
 
 
 def main() -> None:

@@ -23,3 +23,16 @@ def database_url(settings: Settings | None = None, *, start: bool = True) -> str
 
 def connect(url: str, **kwargs: object) -> psycopg.Connection:
     return psycopg.connect(url, application_name="mmats", **kwargs)  # type: ignore[arg-type]
+
+
+def conninfo_to_uri(conninfo: str) -> str:
+    """A postgresql:// URI for a libpq conninfo string (alembic and the CLI take URIs)."""
+    from urllib.parse import quote
+
+    from psycopg.conninfo import conninfo_to_dict
+
+    d = conninfo_to_dict(conninfo)
+    auth = quote(str(d.get("user", "postgres")), safe="")
+    if d.get("password"):
+        auth += ":" + quote(str(d["password"]), safe="")
+    return f"postgresql://{auth}@{d.get('host', '127.0.0.1')}:{d.get('port', '5432')}/{d['dbname']}"

@@ -21,9 +21,10 @@ from pathlib import Path
 import psycopg
 import pytest
 from psycopg import sql
-from psycopg.conninfo import conninfo_to_dict, make_conninfo
+from psycopg.conninfo import make_conninfo
 
 from db import migrate
+from db.connect import conninfo_to_uri
 from db.runtime import EmbeddedServer
 
 REPO = Path(__file__).resolve().parent.parent
@@ -41,15 +42,7 @@ def url_for(base_url: str, dbname: str) -> str:
 
 def as_uri(conninfo: str) -> str:
     """A postgresql:// URI for a conninfo string (the CLI and alembic take URIs)."""
-    from urllib.parse import quote
-
-    d = conninfo_to_dict(conninfo)
-    auth = quote(str(d.get("user", "postgres")), safe="")
-    if d.get("password"):
-        auth += ":" + quote(str(d["password"]), safe="")
-    host = d.get("host", "127.0.0.1")
-    port = d.get("port", "5432")
-    return f"postgresql://{auth}@{host}:{port}/{d['dbname']}"
+    return conninfo_to_uri(conninfo)
 
 
 @pytest.fixture(scope="session")
