@@ -74,10 +74,31 @@ def template_db(server_url: str) -> Iterator[str]:
             # TimescaleDB's background workers connect to every database that has the
             # extension; a template must have no other sessions to be cloned
             conn.execute("SELECT timescaledb_pre_restore()")
+    with psycopg.connect(server_url, autocommit=True) as conn:
+        # nobody may connect to the template any more (not even TimescaleDB's scheduler,
+        # whose session would make CREATE DATABASE ... TEMPLATE fail)
+        conn.execute(sql.SQL("ALTER DATABASE {} WITH ALLOW_CONNECTIONS false").format(
+            sql.Identifier(name)))
     try:
         yield name
     finally:
         _drop(server_url, name)
+
+
+def clone_template(server_url: str, template: str, name: str) -> None:
+    """CREATE DATABASE name TEMPLATE template, ending any session still on the template."""
+    with psycopg.connect(server_url, autocommit=True) as conn:
+        for attempt in range(100):
+            conn.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                         "WHERE datname = %s AND pid <> pg_backend_pid()", (template,))
+            try:
+                conn.execute(sql.SQL("CREATE DATABASE {} TEMPLATE {}").format(
+                    sql.Identifier(name), sql.Identifier(template)))
+                return
+            except psycopg.errors.ObjectInUse:  # a terminated session not yet gone
+                if attempt == 99:
+                    raise
+                time.sleep(0.1)
 
 
 def _drop(server_url: str, name: str) -> None:
@@ -90,19 +111,7 @@ def _drop(server_url: str, name: str) -> None:
 def db_url(server_url: str, template_db: str) -> Iterator[str]:
     """A postgresql:// URL (superuser) of a fresh, fully migrated database for this test."""
     name = f"mmats_t_{uuid.uuid4().hex[:12]}"
-    with psycopg.connect(server_url, autocommit=True) as conn:
-        for attempt in range(50):
-            # TimescaleDB's scheduler may still hold a session on the template
-            conn.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
-                         "WHERE datname = %s AND pid <> pg_backend_pid()", (template_db,))
-            try:
-                conn.execute(sql.SQL("CREATE DATABASE {} TEMPLATE {}").format(
-                    sql.Identifier(name), sql.Identifier(template_db)))
-                break
-            except psycopg.errors.ObjectInUse:  # a background worker was still connected
-                if attempt == 49:
-                    raise
-                time.sleep(0.1)
+    clone_template(server_url, template_db, name)
     try:
         yield as_uri(url_for(server_url, name))
     finally:

@@ -9,7 +9,7 @@ from collections.abc import Iterator
 
 import psycopg
 import pytest
-from conftest import _drop, as_uri, url_for
+from conftest import _drop, as_uri, clone_template, url_for
 from psycopg import sql
 
 from db.errors import describe
@@ -39,9 +39,7 @@ ILLEGAL = sorted((a, b) for a, b in itertools.product(STATES, STATES)
 def mod_url(server_url: str, template_db: str) -> Iterator[str]:
     """One migrated database for this module: every test makes its own fresh orders."""
     name = f"mmats_ot_{uuid.uuid4().hex[:12]}"
-    with psycopg.connect(server_url, autocommit=True) as c:
-        c.execute(sql.SQL("CREATE DATABASE {} TEMPLATE {}").format(
-            sql.Identifier(name), sql.Identifier(template_db)))
+    clone_template(server_url, template_db, name)
     try:
         yield as_uri(url_for(server_url, name))
     finally:

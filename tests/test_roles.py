@@ -8,7 +8,7 @@ from contextlib import contextmanager
 
 import psycopg
 import pytest
-from conftest import _drop, as_uri, url_for
+from conftest import _drop, as_uri, clone_template, url_for
 from psycopg import sql
 
 from db import migrate
@@ -21,9 +21,7 @@ OWNED_SCHEMAS = [*APP_SCHEMAS, "pgmq"]
 @pytest.fixture(scope="module")
 def mod_url(server_url: str, template_db: str) -> Iterator[str]:
     name = f"mmats_ro_{uuid.uuid4().hex[:12]}"
-    with psycopg.connect(server_url, autocommit=True) as c:
-        c.execute(sql.SQL("CREATE DATABASE {} TEMPLATE {}").format(
-            sql.Identifier(name), sql.Identifier(template_db)))
+    clone_template(server_url, template_db, name)
     try:
         yield as_uri(url_for(server_url, name))
     finally:

@@ -13,7 +13,7 @@ from decimal import Decimal as D
 
 import psycopg
 import pytest
-from conftest import _drop, as_uri, url_for
+from conftest import _drop, as_uri, clone_template, url_for
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from psycopg import sql
@@ -36,9 +36,7 @@ def uniq(prefix: str = "X") -> str:
 def mod_url(server_url: str, template_db: str) -> Iterator[str]:
     """One migrated database for the module; every test counts rows before and after."""
     name = f"mmats_sc_{uuid.uuid4().hex[:12]}"
-    with psycopg.connect(server_url, autocommit=True) as c:
-        c.execute(sql.SQL("CREATE DATABASE {} TEMPLATE {}").format(
-            sql.Identifier(name), sql.Identifier(template_db)))
+    clone_template(server_url, template_db, name)
     try:
         yield as_uri(url_for(server_url, name))
     finally:
