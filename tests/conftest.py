@@ -118,6 +118,17 @@ def db_url(server_url: str, template_db: str) -> Iterator[str]:
         _drop(server_url, name)
 
 
+@pytest.fixture(scope="module")
+def mod_url(server_url: str, template_db: str) -> Iterator[str]:
+    """One migrated database shared by a module's tests (each test makes its own rows)."""
+    name = f"mmats_m_{uuid.uuid4().hex[:12]}"
+    clone_template(server_url, template_db, name)
+    try:
+        yield as_uri(url_for(server_url, name))
+    finally:
+        _drop(server_url, name)
+
+
 @pytest.fixture
 def conn(db_url: str) -> Iterator[psycopg.Connection]:
     """An autocommit superuser connection to this test's database."""

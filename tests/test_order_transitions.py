@@ -9,7 +9,6 @@ from collections.abc import Iterator
 
 import psycopg
 import pytest
-from conftest import _drop, as_uri, clone_template, url_for
 from psycopg import sql
 
 from db.errors import describe
@@ -33,17 +32,6 @@ LEGAL = {
 }
 ILLEGAL = sorted((a, b) for a, b in itertools.product(STATES, STATES)
                  if a != b and (a, b) not in LEGAL)
-
-
-@pytest.fixture(scope="module")
-def mod_url(server_url: str, template_db: str) -> Iterator[str]:
-    """One migrated database for this module: every test makes its own fresh orders."""
-    name = f"mmats_ot_{uuid.uuid4().hex[:12]}"
-    clone_template(server_url, template_db, name)
-    try:
-        yield as_uri(url_for(server_url, name))
-    finally:
-        _drop(server_url, name)
 
 
 @pytest.fixture(scope="module")

@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 
 import psycopg
 import pytest
-from conftest import _drop, as_uri, clone_template, url_for
 from psycopg import sql
 
 from db import migrate
@@ -16,16 +14,6 @@ from db import migrate
 ROLES = ["mmats_owner", "mmats_strategy", "mmats_router", "mmats_api", "mmats_readonly"]
 APP_SCHEMAS = ["market", "trading", "risk", "ml", "audit"]
 OWNED_SCHEMAS = [*APP_SCHEMAS, "pgmq"]
-
-
-@pytest.fixture(scope="module")
-def mod_url(server_url: str, template_db: str) -> Iterator[str]:
-    name = f"mmats_ro_{uuid.uuid4().hex[:12]}"
-    clone_template(server_url, template_db, name)
-    try:
-        yield as_uri(url_for(server_url, name))
-    finally:
-        _drop(server_url, name)
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,6 @@ from decimal import Decimal as D
 
 import psycopg
 import pytest
-from conftest import _drop, as_uri, clone_template, url_for
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from psycopg import sql
@@ -30,17 +29,6 @@ T0 = datetime(2025, 1, 1, tzinfo=UTC)
 
 def uniq(prefix: str = "X") -> str:
     return f"{prefix}{next(_seq)}{uuid.uuid4().hex[:6].upper()}"
-
-
-@pytest.fixture(scope="module")
-def mod_url(server_url: str, template_db: str) -> Iterator[str]:
-    """One migrated database for the module; every test counts rows before and after."""
-    name = f"mmats_sc_{uuid.uuid4().hex[:12]}"
-    clone_template(server_url, template_db, name)
-    try:
-        yield as_uri(url_for(server_url, name))
-    finally:
-        _drop(server_url, name)
 
 
 @pytest.fixture(scope="module")
