@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from decimal import Decimal
@@ -49,7 +49,6 @@ class Bar:
             )
 
 
-@dataclass(frozen=True, slots=True)
 class MarketData:
     """One symbol at the current bar.
 
@@ -57,12 +56,52 @@ class MarketData:
     `MACD_12_26_9.signal`, ...). `history` holds read-only numpy views of `open`, `high`,
     `low`, `close`, `volume` and every indicator output, ending AT the current bar:
     `history["close"][-1]` is this bar's close and nothing after it exists here.
+
+    `bar` (exact Decimals) may be given, or built on first use by `bar_factory`: a
+    backtest makes a million of these, and most strategies read only the floats.
+    Immutable once built.
     """
 
+    __slots__ = ("_bar", "_bar_factory", "history", "indicators", "symbol")
+
     symbol: str
-    bar: Bar
     indicators: Mapping[str, float]
     history: Mapping[str, FloatArray]
+    _bar: Bar | None
+    _bar_factory: Callable[[], Bar] | None
+
+    def __init__(
+        self,
+        symbol: str,
+        bar: Bar | None = None,
+        indicators: Mapping[str, float] | None = None,
+        history: Mapping[str, FloatArray] | None = None,
+        *,
+        bar_factory: Callable[[], Bar] | None = None,
+    ) -> None:
+        if bar is None and bar_factory is None:
+            raise ValueError(f"MarketData({symbol!r}) needs a bar or a bar_factory")
+        set_ = object.__setattr__
+        set_(self, "symbol", symbol)
+        set_(self, "_bar", bar)
+        set_(self, "_bar_factory", bar_factory)
+        set_(self, "indicators", indicators if indicators is not None else {})
+        set_(self, "history", history if history is not None else {})
+
+    def __setattr__(self, name: str, value: object) -> None:
+        raise AttributeError(f"MarketData is immutable (tried to set {name})")
+
+    @property
+    def bar(self) -> Bar:
+        bar = self._bar
+        if bar is None:
+            assert self._bar_factory is not None
+            bar = self._bar_factory()
+            object.__setattr__(self, "_bar", bar)
+        return bar
+
+    def __repr__(self) -> str:
+        return f"MarketData({self.symbol!r}, bars={len(self)})"
 
     def __getitem__(self, key: str) -> float:
         """The current value of an indicator output (or of a price column)."""
@@ -120,18 +159,57 @@ class AccountState:
         return self.positions.get(symbol, FLAT)
 
 
-@dataclass(frozen=True, slots=True)
 class StrategyContext:
+    """What `on_bar` sees: the environment, the decision time (the close of the current
+    bar, aware UTC), the market data of the symbols with a bar at this time, the account
+    and the strategy's parameters.
+
+    `account` may be an AccountState or a function returning one: the backtest engine
+    passes a function, so that the ledger is read only when a strategy looks at it.
+    Immutable once built.
+    """
+
+    __slots__ = ("_account", "data", "environment", "logger", "now", "params")
+
     environment: Environment
     now: datetime
     data: Mapping[str, MarketData]
-    account: AccountState
-    params: Mapping[str, ParamValue] = field(default_factory=dict)
-    logger: logging.Logger | logging.LoggerAdapter[Any] = field(
-        default_factory=lambda: logging.getLogger("strategies")
-    )
+    params: Mapping[str, ParamValue]
+    logger: logging.Logger | logging.LoggerAdapter[Any]
+    _account: AccountState | Callable[[], AccountState]
 
-    def __post_init__(self) -> None:
-        require_utc(self.now, "StrategyContext.now")
-        object.__setattr__(self, "data", MappingProxyType(dict(self.data)))
-        object.__setattr__(self, "params", MappingProxyType(dict(self.params)))
+    def __init__(
+        self,
+        environment: Environment,
+        now: datetime,
+        data: Mapping[str, MarketData],
+        account: AccountState | Callable[[], AccountState],
+        params: Mapping[str, ParamValue] | None = None,
+        logger: logging.Logger | logging.LoggerAdapter[Any] | None = None,
+    ) -> None:
+        require_utc(now, "StrategyContext.now")
+        set_ = object.__setattr__
+        set_(self, "environment", environment)
+        set_(self, "now", now)
+        set_(self, "data", MappingProxyType(dict(data)))
+        set_(self, "_account", account)
+        set_(self, "params", MappingProxyType(dict(params or {})))
+        set_(self, "logger", logger if logger is not None else _LOGGER)
+
+    def __setattr__(self, name: str, value: object) -> None:
+        raise AttributeError(f"StrategyContext is immutable (tried to set {name})")
+
+    @property
+    def account(self) -> AccountState:
+        account = self._account
+        if not isinstance(account, AccountState):
+            account = account()
+            object.__setattr__(self, "_account", account)
+        return account
+
+    def __repr__(self) -> str:
+        return (f"StrategyContext({self.environment.value}, {self.now.isoformat()}, "
+                f"symbols={sorted(self.data)})")
+
+
+_LOGGER = logging.getLogger("strategies")

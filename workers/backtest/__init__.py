@@ -1,0 +1,1 @@
+"""Backtest engine: runs strategies over stored bars and reports the results."""

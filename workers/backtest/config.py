@@ -1,0 +1,210 @@
+"""What a backtest run is asked to do, validated before anything is written."""
+
+from __future__ import annotations
+
+import json
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from decimal import Decimal, InvalidOperation
+from pathlib import Path
+from typing import Any
+
+from workers.backtest.simulator import Costs, SimulatorError, Slippage
+
+TIMEFRAMES = ("1m", "5m", "15m", "1h", "4h", "1d", "1w")
+
+
+class BacktestError(ValueError):
+    """A backtest that cannot run as asked; str() is one line saying what and where."""
+
+
+@dataclass(frozen=True, slots=True)
+class LimitSpec:
+    """One risk limit for the run's account (`--limits FILE`), as risk.set_limit takes it."""
+
+    limit_type: str
+    value: Decimal
+    scope: str = "global"
+    key: str | None = None
+    params: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class BacktestConfig:
+    strategy: str
+    symbols: tuple[str, ...]
+    timeframe: str
+    start: datetime
+    end: datetime
+    params: Mapping[str, object] = field(default_factory=dict)
+    cash: Decimal = Decimal(10000)
+    currency: str | None = None  # default: the quote currency of the symbols
+    commission: Decimal = Decimal(0)  # taker fee, a fraction per side
+    maker_fee: Decimal | None = None  # default: the commission
+    slippage: Slippage = field(default_factory=Slippage)
+    spread: Mapping[str, Decimal] = field(default_factory=dict)  # symbol ("*" = any) -> fraction
+    allow_short: bool = False
+    limits: tuple[LimitSpec, ...] = ()
+    strategy_dirs: tuple[Path, ...] = ()
+    seed: int = 0
+    label: str | None = None
+    walk_forward_id: int | None = None
+    warmup: bool = True  # feed the bars before `start` to the indicators
+    equity_points: int = 100_000  # at most this many points of the curve are stored
+
+    def __post_init__(self) -> None:
+        if not self.symbols:
+            raise BacktestError("a backtest needs at least one --symbol")
+        if len(set(s.upper() for s in self.symbols)) != len(self.symbols):
+            raise BacktestError(f"--symbol given twice: {', '.join(self.symbols)}")
+        if self.timeframe not in TIMEFRAMES:
+            raise BacktestError(
+                f"--timeframe {self.timeframe!r}: expected one of {', '.join(TIMEFRAMES)}")
+        for name in ("start", "end"):
+            ts = getattr(self, name)
+            if ts.tzinfo is None or ts.utcoffset() is None:
+                raise BacktestError(f"{name} must be timezone-aware (UTC), got {ts}")
+        if self.end <= self.start:
+            raise BacktestError(
+                f"--to {self.end.isoformat()} must be after --from {self.start.isoformat()}")
+        if not self.cash.is_finite() or self.cash <= 0:
+            raise BacktestError(f"--cash must be a number > 0, got {self.cash}")
+        if self.equity_points < 2:
+            raise BacktestError("equity_points must be at least 2")
+        try:
+            self.costs_for("*")
+        except SimulatorError as exc:
+            raise BacktestError(str(exc)) from None
+
+    def spread_for(self, symbol: str) -> Decimal:
+        return self.spread.get(symbol.upper(), self.spread.get("*", Decimal(0)))
+
+    def costs_for(self, symbol: str) -> Costs:
+        maker = self.commission if self.maker_fee is None else self.maker_fee
+        return Costs(taker_fee=self.commission, maker_fee=maker, slippage=self.slippage,
+                     spread=self.spread_for(symbol))
+
+    def settings(self) -> dict[str, Any]:
+        """Every assumption, as stored with the run."""
+        return {
+            "taker_fee": str(self.commission),
+            "maker_fee": str(self.commission if self.maker_fee is None else self.maker_fee),
+            "slippage": str(self.slippage),
+            "spread": {k: str(v) for k, v in sorted(self.spread.items())},
+            "allow_short": self.allow_short,
+            "seed": self.seed,
+            "warmup": self.warmup,
+            "limits": [
+                {"type": lim.limit_type, "value": str(lim.value), "scope": lim.scope,
+                 "key": lim.key, "params": dict(lim.params)} for lim in self.limits],
+        }
+
+
+def parse_time(text: str, what: str) -> datetime:
+    """A date or ISO-8601 time; without an offset it is UTC."""
+    try:
+        ts = datetime.fromisoformat(text.strip())
+    except ValueError:
+        raise BacktestError(
+            f"{what} {text!r} is not a date or time (use YYYY-MM-DD or ISO-8601)") from None
+    return ts.replace(tzinfo=UTC) if ts.tzinfo is None else ts.astimezone(UTC)
+
+
+def parse_decimal(text: str, what: str) -> Decimal:
+    try:
+        value = Decimal(text.strip())
+    except InvalidOperation:
+        raise BacktestError(f"{what} must be a number, got {text!r}") from None
+    if not value.is_finite():
+        raise BacktestError(f"{what} must be a finite number, got {text!r}")
+    return value
+
+
+def parse_params(text: str | None) -> dict[str, object]:
+    """`fast=10,slow=30,allow_short=true` -> typed values (int, float, bool or str)."""
+    out: dict[str, object] = {}
+    if not text:
+        return out
+    for part in text.split(","):
+        if not part.strip():
+            continue
+        name, sep, raw = part.partition("=")
+        name = name.strip()
+        if not sep or not name:
+            raise BacktestError(f"--params {part.strip()!r}: expected name=value")
+        if name in out:
+            raise BacktestError(f"--params: {name} given twice")
+        out[name] = _scalar(raw.strip())
+    return out
+
+
+def _scalar(raw: str) -> object:
+    lowered = raw.lower()
+    if lowered in ("true", "false"):
+        return lowered == "true"
+    for kind in (int, float):
+        try:
+            return kind(raw)
+        except ValueError:
+            pass
+    return raw
+
+
+def parse_spread(text: str | None) -> dict[str, Decimal]:
+    """`0.0002` (every symbol) or `BTC/USDT=0.0002,EUR/USD=0.00005`."""
+    if not text:
+        return {}
+    if "=" not in text:
+        return {"*": parse_decimal(text, "--spread")}
+    out: dict[str, Decimal] = {}
+    for part in text.split(","):
+        symbol, sep, raw = part.partition("=")
+        if not sep or not symbol.strip():
+            raise BacktestError(f"--spread {part.strip()!r}: expected SYMBOL=fraction")
+        out[symbol.strip().upper()] = parse_decimal(raw, f"--spread for {symbol.strip()}")
+    return out
+
+
+def load_limits(path: str | Path) -> tuple[LimitSpec, ...]:
+    """Risk limits for the run's account from TOML (`[[limit]]` tables) or JSON (a list):
+    each with `type`, `value` and optionally `scope`, `key`, `params`."""
+    p = Path(path)
+    try:
+        text = p.read_text()
+    except OSError as exc:
+        raise BacktestError(f"--limits {p}: {exc.strerror or exc}") from None
+    try:
+        if p.suffix.lower() == ".json":
+            items = json.loads(text)
+        else:
+            items = tomllib.loads(text).get("limit", [])
+    except (ValueError, tomllib.TOMLDecodeError) as exc:
+        raise BacktestError(f"--limits {p}: not valid {p.suffix.lstrip('.') or 'TOML'}: "
+                            f"{str(exc).splitlines()[0]}") from None
+    if not isinstance(items, list):
+        raise BacktestError(f"--limits {p}: expected a list of limits ([[limit]] tables in TOML)")
+    return tuple(_limit(item, p, n) for n, item in enumerate(items, 1))
+
+
+def _limit(item: object, path: Path, n: int) -> LimitSpec:
+    where = f"--limits {path}: limit {n}"
+    if not isinstance(item, dict):
+        raise BacktestError(f"{where}: expected a table with type and value")
+    unknown = set(item) - {"type", "value", "scope", "key", "params"}
+    if unknown:
+        raise BacktestError(f"{where}: unknown field(s) {', '.join(sorted(unknown))}")
+    if not isinstance(item.get("type"), str) or "value" not in item:
+        raise BacktestError(f"{where}: needs a type (e.g. MAX_POSITION_SIZE) and a value")
+    params = item.get("params", {})
+    if not isinstance(params, dict):
+        raise BacktestError(f"{where}: params must be a table")
+    key = item.get("key")
+    return LimitSpec(
+        limit_type=item["type"].upper(),
+        value=parse_decimal(str(item["value"]), f"{where} value"),
+        scope=str(item.get("scope", "global")),
+        key=None if key is None else str(key),
+        params=params,
+    )

@@ -1,0 +1,525 @@
+"""The backtest engine: stored bars, in time order, through the strategy and the trading
+core's own functions.
+
+The database is called when state changes, not on every bar. Per bar the engine
+  1. fills the orders waiting for this bar (the simulator's rules) - a fill that needs
+     no new protection decision is sent with the next step, otherwise at once;
+  2. asks `protect_bars` to judge the bars since the last mark when a position's stop,
+     target, trailing stop or breakeven could have been touched on this bar (a
+     conservative check in Python decides when to ask; the database decides what fires),
+     and fills the protective orders it creates on this bar;
+  3. calls the strategy (its account view reads the ledger only if the strategy looks);
+  4. submits its signals through `trading.submit_signal`, after marking the held
+     positions to this bar so that sizing sees the current equity.
+Each call is `backtest.step(run, ops)`: one transaction, one round trip.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from decimal import Decimal
+from functools import partial
+from typing import Any
+
+import numpy as np
+import psycopg
+from psycopg.types.json import Jsonb, set_json_loads
+
+from db.queries import query
+from strategies.base import IStrategy
+from strategies.events import OrderFilled, OrderRejected
+from strategies.isolation import StrategyError, StrategyGuard
+from strategies.loader import StrategyLoader, StrategyLoadError
+from strategies.market import AccountState, Environment, PositionState, StrategyContext
+from strategies.params import ParamError
+from strategies.signal import TradeSignal
+from workers.backtest.config import BacktestConfig, BacktestError
+from workers.backtest.data import SymbolData, from_us, instrument, load_symbol, to_us
+from workers.backtest.simulator import SimFill, SimOrder, Simulator
+
+log = logging.getLogger("mmats.backtest")
+Progress = Callable[[int, int], None]
+_PROTECTIVE = frozenset({"stop_loss", "take_profit", "trailing_stop", "breakeven"})
+_ONE_US = 1
+
+
+@dataclass(slots=True)
+class _Watch:
+    """A held position as the last step reported it, with what the engine needs to know
+    when protect_bars must look (floats: only a trigger for asking, never a decision)."""
+
+    quantity: Decimal
+    average_price: Decimal
+    stop: float | None  # the highest stop (long) it could have: stop, breakeven, trailing
+    take_profit: float | None
+    trailing: float | None
+    best: float | None  # best price since the last mark (trail anchor)
+
+    @property
+    def is_long(self) -> bool:
+        return self.quantity > 0
+
+    @property
+    def protected(self) -> bool:
+        return self.stop is not None or self.take_profit is not None or self.trailing is not None
+
+
+@dataclass
+class RunCounts:
+    bars: int = 0
+    steps: int = 0
+    signals: int = 0
+    approved: int = 0
+    rejected: int = 0
+    ignored: int = 0
+    fills: int = 0
+    protective_orders: int = 0
+    strategy_errors: list[str] = field(default_factory=list)
+
+
+def _f(value: Any) -> float | None:
+    return None if value is None else float(value)
+
+
+class Engine:
+    def __init__(self, conn: psycopg.Connection, config: BacktestConfig, *,
+                 progress: Progress | None = None) -> None:
+        self.conn = conn
+        self.config = config
+        self.progress = progress
+        set_json_loads(partial(json.loads, parse_float=Decimal), conn)
+        self.strategy = self._load_strategy()
+        self.symbols = [self._load(s) for s in config.symbols]
+        self.by_id = {sd.inst.instrument_id: k for k, sd in enumerate(self.symbols)}
+        self.by_symbol = {sd.symbol: k for k, sd in enumerate(self.symbols)}
+        self.currency = self._currency()
+        self.sims = [Simulator(config.costs_for(sd.symbol)) for sd in self.symbols]
+        self.guard = StrategyGuard()
+        self.counts = RunCounts()
+        self.run_id = 0
+        self.account = ""
+        self.cash = config.cash
+        self.positions: dict[int, _Watch] = {}
+        self.pending: dict[int, list[SimOrder]] = {k: [] for k in range(len(self.symbols))}
+        self.deferred: list[dict[str, Any]] = []  # fills and cancels for the next step
+        self.deferred_symbols: set[int] = set()  # the symbols they move
+        self.current = [-1] * len(self.symbols)  # the latest bar index seen per symbol
+        self.mark_from = [0] * len(self.symbols)  # first bar not yet given to protect_bars
+        self.order_signal: dict[int, int | None] = {}
+        self.protected_orders: set[int] = set()  # orders whose fill brings protection
+        self.fill_seq = 0
+        self._account_cache: tuple[int, AccountState] | None = None
+        self._now_us = 0
+
+    # ------------------------------------------------------------------ set-up
+    def _load_strategy(self) -> IStrategy:
+        loader = StrategyLoader(self.config.strategy_dirs)
+        report = loader.reload_if_changed()
+        try:
+            strategy = loader.create(self.config.strategy, self.config.params)
+        except (StrategyLoadError, ParamError) as exc:
+            errors = "; ".join(str(e) for e in report.errors) if report.errors else ""
+            raise BacktestError(f"{exc}{' (' + errors + ')' if errors else ''}") from None
+        strategy.initialize({"environment": Environment.BACKTEST.value,
+                             "symbols": list(self.config.symbols),
+                             "timeframe": self.config.timeframe})
+        return strategy
+
+    def _load(self, symbol: str) -> SymbolData:
+        inst = instrument(self.conn, symbol)
+        warmup = self.strategy.warmup_bars() if self.config.warmup else 0
+        sd = load_symbol(self.conn, inst, self.config.timeframe, self.config.start,
+                         self.config.end, warmup)
+        sd.build_series(self.strategy.get_required_indicators())
+        return sd
+
+    def _currency(self) -> str:
+        quotes = {sd.inst.quote_currency for sd in self.symbols}
+        currency = (self.config.currency or self.symbols[0].inst.quote_currency).upper()
+        foreign = sorted(f"{sd.symbol} ({sd.inst.quote_currency})" for sd in self.symbols
+                         if sd.inst.quote_currency != currency)
+        if foreign:
+            raise BacktestError(
+                f"every symbol of a run must be quoted in the account currency {currency}; "
+                f"{', '.join(foreign)} {'is' if len(foreign) == 1 else 'are'} not "
+                f"(run them separately, or pass --currency; quotes seen: "
+                f"{', '.join(sorted(quotes))})")
+        return currency
+
+    def _create_run(self) -> None:
+        cls = type(self.strategy)
+        row = self.conn.execute(query("backtest_create_run"), {
+            "strategy": cls.name, "version": cls.version,
+            "params": Jsonb(self.strategy.params), "symbols": [s.symbol for s in self.symbols],
+            "timeframe": self.config.timeframe, "start": self.config.start,
+            "end": self.config.end, "cash": self.config.cash, "currency": self.currency,
+            "settings": Jsonb(self.config.settings()), "label": self.config.label,
+            "walk_forward_id": self.config.walk_forward_id}).fetchone()
+        assert row is not None
+        self.run_id = int(row[0])
+        self.account = f"bt-{self.run_id}"
+        for lim in self.config.limits:
+            self.conn.execute(query("backtest_set_limit"), {
+                "type": lim.limit_type, "value": lim.value, "scope": lim.scope, "key": lim.key,
+                "account": self.account, "params": Jsonb(dict(lim.params))})
+
+    # ------------------------------------------------------------------ the run
+    def run(self) -> int:
+        """Replay the period; returns the run id (the run is finished by the caller)."""
+        self._create_run()
+        started = time.perf_counter()
+        groups = list(self._timeline())
+        total = len(groups)
+        every = max(total // 100, 1)
+        for n, (t_us, members) in enumerate(groups, 1):
+            self._bar_group(t_us, members)
+            if self.progress is not None and (n % every == 0 or n == total):
+                self.progress(n, total)
+        self._finish_period()
+        self.counts.bars = sum(len(sd) - sd.first for sd in self.symbols)
+        log.debug("run %s replayed in %.2f s", self.run_id, time.perf_counter() - started)
+        return self.run_id
+
+    def _timeline(self) -> Iterator[tuple[int, list[tuple[int, int]]]]:
+        """(close time, [(symbol index, bar index), ...]) in time order."""
+        if len(self.symbols) == 1:
+            sd = self.symbols[0]
+            close = sd.close_us
+            for i in range(sd.first, len(sd)):
+                yield int(close[i]), [(0, i)]
+            return
+        times = np.concatenate([sd.close_us[sd.first:] for sd in self.symbols])
+        keys = np.concatenate([np.full(len(sd) - sd.first, k)
+                               for k, sd in enumerate(self.symbols)])
+        index = np.concatenate([np.arange(sd.first, len(sd)) for sd in self.symbols])
+        order = np.lexsort((keys, times))
+        times, keys, index = times[order], keys[order], index[order]
+        bounds = np.flatnonzero(np.diff(times)) + 1
+        for chunk in np.split(np.arange(len(times)), bounds):
+            yield int(times[chunk[0]]), [(int(keys[j]), int(index[j])) for j in chunk]
+
+    def _bar_group(self, t_us: int, members: list[tuple[int, int]]) -> None:
+        self._now_us = t_us
+        for k, i in members:
+            self.current[k] = i
+            if self.pending[k]:
+                self._fill_pending(k, i)
+            watch = self.positions.get(k)
+            if watch is not None and watch.protected:
+                self._watch(k, i, watch)
+        signals = self._call_strategy(t_us, members)
+        if signals:
+            self._submit(signals)
+
+    # ------------------------------------------------------------------ fills
+    def _fill_pending(self, k: int, i: int) -> None:
+        sd = self.symbols[k]
+        bar = sd.sim_bar(i)
+        waiting: list[SimOrder] = []
+        sync = False
+        for order in self.pending[k]:
+            fill = self.sims[k].match(order, bar, sd.inst.rules, cash=self._cash_estimate())
+            if fill is None:
+                waiting.append(order)
+                continue
+            self._queue_fill(k, order, fill)
+            # the watch needs the ledger's answer before it can judge this bar
+            watch = self.positions.get(k)
+            sync = sync or (watch is not None and watch.protected)
+            sync = sync or order.order_id in self.protected_orders
+            self.protected_orders.discard(order.order_id)
+        self.pending[k] = waiting
+        if sync:
+            self._flush()
+
+    def _queue_fill(self, k: int, order: SimOrder, fill: SimFill) -> None:
+        sd = self.symbols[k]
+        if fill.quantity > 0:
+            self.fill_seq += 1
+            self.deferred.append({
+                "op": "fill", "order_id": order.order_id,
+                "broker_fill_id": f"sim-{self.run_id}-{order.order_id}-{self.fill_seq}",
+                "quantity": str(fill.quantity), "price": str(fill.price),
+                "commission": str(fill.commission), "liquidity": fill.liquidity,
+                "ts": from_us(fill.ts_us).isoformat()})
+            self.deferred_symbols.add(k)
+            signed = fill.quantity if order.side == "buy" else -fill.quantity
+            self.cash -= signed * fill.price + fill.commission
+            self.counts.fills += 1
+            self._account_cache = None
+            self._event(self.strategy.on_order_filled, OrderFilled(
+                order_id=order.order_id, symbol=sd.symbol, side=order.side,
+                quantity=fill.quantity, price=fill.price, commission=fill.commission,
+                ts=from_us(fill.ts_us), signal_id=self.order_signal.get(order.order_id)))
+        if fill.unfilled > 0:
+            self.deferred.append({"op": "cancel", "order_id": order.order_id,
+                                  "reason": fill.reason or "cancelled by the simulator"})
+            self._event(self.strategy.on_order_rejected, OrderRejected(
+                symbol=sd.symbol, reason_code="INSUFFICIENT_CASH", reason=fill.reason,
+                ts=from_us(fill.ts_us), signal_id=self.order_signal.get(order.order_id),
+                order_id=order.order_id))
+
+    def _cash_estimate(self) -> Decimal:
+        """Cash after the fills not yet sent (the ledger's figure after each step)."""
+        return self.cash
+
+    # ------------------------------------------------------------------ protection
+    def _watch(self, k: int, i: int, w: _Watch) -> None:
+        sd = self.symbols[k]
+        high, low = float(sd.high[i]), float(sd.low[i])
+        eps = float(sd.inst.rules.price_tick) / 2
+        stop = w.stop
+        if w.trailing is not None and w.best is not None:
+            trail = w.best - w.trailing if w.is_long else w.best + w.trailing
+            stop = trail if stop is None else (max(stop, trail) if w.is_long else min(stop, trail))
+        if w.is_long:
+            touched = (stop is not None and low <= stop + eps) or (
+                w.take_profit is not None and high >= w.take_profit - eps)
+        else:
+            touched = (stop is not None and high >= stop - eps) or (
+                w.take_profit is not None and low <= w.take_profit + eps)
+        if touched:
+            self._protect(k, i)
+        elif w.best is not None:
+            w.best = max(w.best, high) if w.is_long else min(w.best, low)
+
+    def _protect_op(self, k: int, i: int) -> dict[str, Any] | None:
+        sd = self.symbols[k]
+        start = self.mark_from[k]
+        if i < start:
+            return None
+        self.mark_from[k] = i + 1
+        return {"op": "protect", "instrument_id": sd.inst.instrument_id,
+                "timeframe": sd.timeframe, "from": from_us(int(sd.ts_us[start])).isoformat(),
+                "to": from_us(int(sd.ts_us[i])).isoformat(), "_range": (start, i)}
+
+    def _protect(self, k: int, i: int) -> None:
+        op = self._protect_op(k, i)
+        if op is None:
+            return
+        answer = self._step([op])
+        self._settle_protective(answer, {k: op["_range"]})
+
+    def _settle_protective(self, answer: dict[str, Any],
+                           ranges: dict[int, tuple[int, int]]) -> None:
+        """Fill the protective orders a step created, on the bar that touched them."""
+        fired = False
+        for o in answer["orders"]:
+            if o["trigger"] not in _PROTECTIVE:
+                continue
+            k = self.by_id[o["instrument_id"]]
+            start, end = ranges[k]
+            i = self._touch_bar(k, Decimal(o["trigger_price"]), start, end)
+            order = SimOrder(int(o["order_id"]), o["side"], "market", Decimal(o["quantity"]),
+                             reduce_only=True, trigger_price=Decimal(o["trigger_price"]))
+            fill = self.sims[k].match(order, self.symbols[k].sim_bar(i),
+                                      self.symbols[k].inst.rules, cash=self.cash)
+            assert fill is not None
+            self.counts.protective_orders += 1
+            self._queue_fill(k, order, fill)
+            fired = True
+        if fired:
+            self._flush()
+
+    def _touch_bar(self, k: int, price: Decimal, start: int, end: int) -> int:
+        """The first bar of [start, end] whose range holds the price (the fired bar is
+        the last one when the engine asked at the right time; this is the fallback)."""
+        sd = self.symbols[k]
+        p = float(price)
+        lows, highs = sd.low[start:end + 1], sd.high[start:end + 1]
+        hits = np.flatnonzero((lows <= p + 1e-12 * abs(p)) & (highs >= p - 1e-12 * abs(p)))
+        return start + int(hits[0]) if len(hits) else end
+
+    # ------------------------------------------------------------------ strategy
+    def _call_strategy(self, t_us: int, members: list[tuple[int, int]]) -> list[TradeSignal]:
+        data = {}
+        for k, i in members:
+            series = self.symbols[k].series
+            assert series is not None
+            data[self.symbols[k].symbol] = series.market_data(i)
+        context = StrategyContext(Environment.BACKTEST, from_us(t_us), data, self._account_state,
+                                  self.strategy.params, log)
+        result = self.guard.run_isolated(self.strategy, context)
+        if result.error is not None:
+            self._strategy_error(result.error)
+        return result.signals
+
+    def _strategy_error(self, error: StrategyError) -> None:
+        if len(self.counts.strategy_errors) < 100:
+            self.counts.strategy_errors.append(str(error))
+
+    def _event(self, hook: Callable[[Any], None], event: object) -> None:
+        try:
+            hook(event)
+        except Exception as exc:  # a strategy's callback must not stop the run
+            self._strategy_error_text(f"{type(exc).__name__} in {hook.__name__}: {exc}")
+
+    def _strategy_error_text(self, text: str) -> None:
+        if len(self.counts.strategy_errors) < 100:
+            self.counts.strategy_errors.append(text.splitlines()[0] if text else "error")
+
+    def _account_state(self) -> AccountState:
+        """The ledger as of now (sending the fills it has not seen yet first)."""
+        if self.deferred:
+            self._flush()
+        cached = self._account_cache
+        if cached is not None and cached[0] == self._now_us:
+            return cached[1]
+        positions = {}
+        value = Decimal(0)
+        for k, w in self.positions.items():
+            sd = self.symbols[k]
+            close = sd.price(3, self.current[k]) if self.current[k] >= 0 else w.average_price
+            value += w.quantity * close
+            positions[sd.symbol] = PositionState(w.quantity, w.average_price,
+                                                 w.quantity * (close - w.average_price))
+        state = AccountState(cash=self.cash, equity=self.cash + value, currency=self.currency,
+                             positions=positions)
+        self._account_cache = (self._now_us, state)
+        return state
+
+    # ------------------------------------------------------------------ signals
+    def _submit(self, signals: list[TradeSignal]) -> None:
+        ranges: dict[int, tuple[int, int]] = {}
+        held = sorted(set(self.positions) | self.deferred_symbols)
+        ops = self._take_deferred()
+        for k in held:
+            op = self._protect_op(k, self.current[k])
+            if op is not None:
+                ranges[k] = op["_range"]
+                ops.append(op)
+        first_signal = len(ops)
+        for sig in signals:
+            ops.append(self._signal_op(sig))
+        self.counts.signals += len(signals)
+        answer = self._step(ops)
+        created = {int(o["order_id"]): o for o in answer["orders"]}
+        for sig, res in zip(signals, answer["results"][first_signal:], strict=True):
+            self._signal_result(sig, res, created)
+        if ranges:
+            self._settle_protective(answer, ranges)
+
+    def _signal_op(self, sig: TradeSignal) -> dict[str, Any]:
+        k = self.by_symbol.get(sig.symbol.upper())
+        if k is None:
+            raise BacktestError(
+                f"strategy {sig.strategy} signalled {sig.symbol!r}, which is not a symbol of "
+                f"this run ({', '.join(self.by_symbol)})")
+        sd = self.symbols[k]
+        payload = sig.to_dict()
+        payload["op"] = "signal"
+        payload["venue"] = sd.inst.venue
+        if "price" not in payload:
+            payload["price"] = str(sd.price(3, self.current[k]))
+        # one microsecond before the close: every "at or before" lookup in the database
+        # then sees the bar just closed and never the next one, which is already stored
+        payload["ts"] = from_us(self._now_us - _ONE_US).isoformat()
+        return payload
+
+    def _signal_result(self, sig: TradeSignal, res: dict[str, Any],
+                       created: dict[int, dict[str, Any]]) -> None:
+        status = res.get("status")
+        if status == "approved":
+            self.counts.approved += 1
+            ids = res.get("order_ids") or [res["order_id"]]
+            for oid in ids:
+                o = created[int(oid)]
+                k = self.by_id[o["instrument_id"]]
+                self.order_signal[int(oid)] = res.get("signal_id")
+                self.pending[k].append(SimOrder(
+                    int(oid), o["side"], o["order_type"], Decimal(o["quantity"]),
+                    reduce_only=bool(o["reduce_only"]),
+                    limit_price=None if o["limit_price"] is None else Decimal(o["limit_price"]),
+                    stop_price=None if o["stop_price"] is None else Decimal(o["stop_price"])))
+                if any(o.get(x) is not None for x in
+                       ("stop_loss", "take_profit", "trailing_stop", "breakeven")):
+                    self.protected_orders.add(int(oid))
+        elif status == "rejected":
+            self.counts.rejected += 1
+            self._event(self.strategy.on_order_rejected, OrderRejected(
+                symbol=sig.symbol, reason_code=str(res.get("reason_code") or "REJECTED"),
+                reason=str(res.get("reason") or ""), ts=from_us(self._now_us),
+                signal_id=res.get("signal_id")))
+        else:
+            self.counts.ignored += 1
+
+    # ------------------------------------------------------------------ steps
+    def _take_deferred(self) -> list[dict[str, Any]]:
+        ops, self.deferred = self.deferred, []
+        self.deferred_symbols = set()
+        return ops
+
+    def _flush(self) -> None:
+        if self.deferred:
+            self._step(self._take_deferred())
+
+    def _step(self, ops: list[dict[str, Any]]) -> dict[str, Any]:
+        sent = [{k: v for k, v in op.items() if not k.startswith("_")} for op in ops]
+        row = self.conn.execute(query("backtest_step"),
+                                {"run": self.run_id, "ops": Jsonb(sent)}).fetchone()
+        assert row is not None
+        answer: dict[str, Any] = row[0]
+        self.counts.steps += 1
+        self._apply_state(answer["account"])
+        return answer
+
+    def _apply_state(self, state: dict[str, Any]) -> None:
+        self.cash = Decimal(state["cash"])
+        self._account_cache = None
+        held: dict[int, _Watch] = {}
+        for p in state["positions"]:
+            k = self.by_id[p["instrument_id"]]
+            qty = Decimal(p["quantity"])
+            old = self.positions.get(k)
+            avg = Decimal(p["average_price"])
+            stop = _f(p["stop_loss"])
+            if p["breakeven"] is not None:
+                # breakeven may move the stop to the entry price: watch the higher level
+                entry = float(avg)
+                stop = entry if stop is None else (
+                    max(stop, entry) if qty > 0 else min(stop, entry))
+            anchor = _f(p["trail_anchor"])
+            same_side = old is not None and (old.quantity > 0) == (qty > 0)
+            if old is not None and same_side and old.best is not None and anchor is not None:
+                anchor = max(anchor, old.best) if qty > 0 else min(anchor, old.best)
+            held[k] = _Watch(qty, avg, stop, _f(p["take_profit"]), _f(p["trailing_stop"]),
+                             anchor)
+            if old is None:
+                # a new position: protect_bars judges it from the bar it was filled on
+                self.mark_from[k] = max(self.current[k], 0)
+        self.positions = held
+
+    # ------------------------------------------------------------------ the end
+    def _finish_period(self) -> None:
+        """Send what is left, mark every position to its last close and cancel the
+        orders that never got a bar to fill on."""
+        held = sorted(set(self.positions) | self.deferred_symbols)
+        ops = self._take_deferred()
+        for k in held:
+            op = self._protect_op(k, self.current[k])
+            if op is not None:
+                ops.append(op)
+        if ops:
+            answer = self._step(ops)
+            ranges = {self.by_id[op["instrument_id"]]: op["_range"] for op in ops
+                      if op["op"] == "protect"}
+            if ranges:
+                self._settle_protective(answer, ranges)
+        open_orders = [r[0] for r in self.conn.execute(query("backtest_open_orders"),
+                                                       {"run": self.run_id})]
+        if open_orders:
+            self._step([{"op": "cancel", "order_id": oid,
+                         "reason": "the backtest ended before the order could fill"}
+                        for oid in open_orders])
+
+
+def period_bounds(sd: SymbolData) -> tuple[int, int]:
+    """First and last bar time (open, epoch us) of a symbol within the run's period."""
+    return int(sd.ts_us[sd.first]), int(sd.ts_us[-1])
+
+
+__all__ = ["Engine", "RunCounts", "period_bounds", "to_us"]
