@@ -128,8 +128,10 @@ COMMENT ON CONSTRAINT walk_forward_windows_order ON backtest.walk_forward_window
 -- The closed trades of every run, with names instead of ids.
 CREATE VIEW backtest.trades AS
 SELECT r.run_id, t.trade_id, i.symbol, i.market::text AS market, s.name AS strategy, t.side,
-       t.quantity, t.entry_time, t.entry_price, t.exit_time, t.exit_price, t.gross_pnl,
-       t.commission, t.pnl, t.exit_trigger::text AS exit_trigger
+       trim_scale(t.quantity) AS quantity, t.entry_time, trim_scale(t.entry_price) AS entry_price,
+       t.exit_time, trim_scale(t.exit_price) AS exit_price, trim_scale(t.gross_pnl) AS gross_pnl,
+       trim_scale(t.commission) AS commission, trim_scale(t.pnl) AS pnl,
+       t.exit_trigger::text AS exit_trigger
 FROM backtest.runs r
 JOIN trading.trades t ON t.account_id = r.account_id
 JOIN market.instruments i ON i.instrument_id = t.instrument_id
@@ -139,8 +141,9 @@ LEFT JOIN trading.strategies s ON s.strategy_id = t.strategy_id;
 CREATE VIEW backtest.open_positions AS
 SELECT r.run_id, i.symbol, i.market::text AS market, s.name AS strategy,
        CASE WHEN trading._signed_qty(p) > 0 THEN 'long' ELSE 'short' END AS side,
-       abs(p.quantity) AS quantity, p.average_price, p.last_price,
-       trading._signed_qty(p) * (p.last_price - p.average_price) AS unrealized_pnl,
+       trim_scale(abs(p.quantity)) AS quantity, trim_scale(p.average_price) AS average_price,
+       trim_scale(p.last_price) AS last_price,
+       trim_scale(trading._signed_qty(p) * (p.last_price - p.average_price)) AS unrealized_pnl,
        p.opened_at
 FROM backtest.runs r
 JOIN trading.positions p ON p.account_id = r.account_id AND p.quantity <> 0
@@ -445,7 +448,7 @@ DECLARE
 BEGIN
     INSERT INTO backtest.montecarlo AS m (run_id, method, paths, seed, ruin_level, result)
     VALUES (r.run_id, method, paths, seed, ruin_level, result)
-    ON CONFLICT (run_id, method, paths, seed, ruin_level) DO UPDATE SET result = EXCLUDED.result,
+    ON CONFLICT ON CONSTRAINT montecarlo_pkey DO UPDATE SET result = EXCLUDED.result,
         created_at = now();
 END
 $$;
