@@ -54,8 +54,9 @@ def print_summary(report: Mapping[str, Any], indent: str = "") -> None:
     rows = [(label, _fmt(m.get(key), kind)) for key, label, kind in METRIC_LINES]
     click.echo(table(["metric", "value"], rows, right=[1], indent=indent + "  "))
     counts = run.get("counts", {})
-    click.echo(f"{indent}  signals {counts.get('signals', 0)} (approved {counts.get('approved', 0)},"
-               f" rejected {counts.get('rejected', 0)}, ignored {counts.get('ignored', 0)}), "
+    click.echo(f"{indent}  signals {counts.get('signals', 0)} "
+               f"(approved {counts.get('approved', 0)}, rejected {counts.get('rejected', 0)}, "
+               f"ignored {counts.get('ignored', 0)}), "
                f"fills {counts.get('fills', 0)}, fingerprint {str(run['fingerprint'])[:16]}…")
     for warning in report.get("sanity", []):
         click.echo(f"{indent}  SANITY: {warning}")
@@ -105,7 +106,7 @@ def build_config(*, strategy: str, symbol: tuple[str, ...], timeframe: str, date
         parse_spread,
         parse_time,
     )
-    from workers.backtest.simulator import Slippage, SimulatorError
+    from workers.backtest.simulator import SimulatorError, Slippage
 
     try:
         return BacktestConfig(

@@ -3,14 +3,70 @@
 from __future__ import annotations
 
 import time
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
 
 import click
+import psycopg
 
 from api.cli_data import coverage
 from db.config import load_settings, redact_url
 from db.connect import connect, database_url
 from db.migrate import upgrade
 from db.queries import query
+
+# (label, strategy, symbols, timeframe, from, to, params, commission, allow_short)
+DEMO_BACKTESTS = (
+    ("demo-sma", "sma_crossover", ("BTC/USDT",), "1m", "2024-01-01", "2024-01-08",
+     {"fast": 10, "slow": 20}, "0.001", False),
+    ("demo-rsi", "rsi_mean_reversion", ("EUR/USD",), "1m", "2024-01-01", "2024-01-13",
+     {}, "0.00002", True),
+    ("demo-donchian", "donchian_breakout", ("AAPL",), "1d", "2001-01-01", "2013-03-02",
+     {}, "0.0005", False),
+    ("demo-momentum", "momentum_rotation", ("AAPL", "GOOG", "IBM", "MSFT"), "1d",
+     "2005-01-01", "2013-03-02", {"lookback": 60, "top_n": 2, "rebalance_every": 21},
+     "0.0005", False),
+)
+
+
+def _demo_backtest(conn: psycopg.Connection, spec: tuple[Any, ...], reports: Path) -> None:
+    from workers.backtest.config import BacktestConfig, parse_time
+    from workers.backtest.report import write_html
+    from workers.backtest.results import load_report
+    from workers.backtest.run import run_backtest
+
+    label, strategy, symbols, tf, start, end, params, commission, short = spec
+    previous = conn.execute(query("backtest_last_fingerprint"), {"label": label}).fetchone()
+    config = BacktestConfig(strategy=strategy, symbols=symbols, timeframe=tf,
+                            start=parse_time(start, "from"), end=parse_time(end, "to"),
+                            params=params, commission=Decimal(commission), allow_short=short,
+                            label=label)
+    run_id = run_backtest(conn, config)
+    report = load_report(conn, run_id)
+    m, run = report["metrics"], report["run"]
+    path = write_html(report, reports / f"run-{run_id}-{strategy}.html")
+    same = ""
+    if previous is not None:
+        same = (f", identical to run {previous[0]}" if previous[1] == run["fingerprint"]
+                else f", DIFFERS from run {previous[0]}")
+    click.echo(f"   run {run_id:<4} {strategy:<19} {','.join(symbols):<19} {tf:<3} "
+               f"{run['bars']:>6} bars: return {_pct(m.get('total_return'))}, "
+               f"Sharpe {_num(m.get('sharpe'))}, max DD {_pct(m.get('max_drawdown'), sign=False)}, "
+               f"{m.get('trades', 0)} trades (buy & hold {_pct(m.get('buy_and_hold_return'))})"
+               f" in {run['elapsed_seconds']:.1f} s{same}")
+    click.echo(f"        report {path}")
+
+
+def _pct(value: object, sign: bool = True) -> str:
+    if value is None:
+        return "-"
+    pct = float(value) * 100  # type: ignore[arg-type]
+    return f"{pct:+.1f} %" if sign else f"{pct:.1f} %"
+
+
+def _num(value: object) -> str:
+    return "-" if value is None else f"{float(value):.2f}"  # type: ignore[arg-type]
 
 
 @click.command("demo")
@@ -48,6 +104,13 @@ def demo() -> None:
     assert info is not None
     click.echo(f"5. audit chain: {events} events, "
                + ("intact" if bad is None else f"BROKEN at event {bad}"))
+    click.echo("6. backtests of the example strategies on the sample data "
+               "(through the trading core's functions):")
+    reports = settings.home / "reports"
+    reports.mkdir(parents=True, exist_ok=True)
+    with connect(url, autocommit=True) as conn:
+        for spec in DEMO_BACKTESTS:
+            _demo_backtest(conn, spec, reports)
     click.echo(f"done in {time.monotonic() - started:.1f}s — PostgreSQL {info[0]}, "
                f"TimescaleDB {info[1] or 'not installed (plain tables and views)'}. "
-               "Explore with `mmats db psql` or `mmats data list`.")
+               "Explore with `mmats db psql`, `mmats runs` or `mmats report RUN --html FILE`.")

@@ -148,3 +148,8 @@ SELECT result FROM backtest.montecarlo WHERE run_id = %(run)s ORDER BY created_a
 SELECT run_id, strategy, array_to_string(symbols, ','), timeframe, start_ts, end_ts, status::text,
        total_return, sharpe, max_drawdown, trades, fingerprint
 FROM backtest.summary ORDER BY run_id DESC LIMIT %(limit)s;
+
+-- name: backtest_last_fingerprint
+SELECT run_id, fingerprint FROM backtest.runs
+WHERE label = %(label)s AND status = 'finished'
+ORDER BY run_id DESC LIMIT 1;
