@@ -17,7 +17,7 @@ from db.migrate import upgrade
 from db.queries import query
 
 # (label, strategy, symbols, timeframe, from, to, params, commission, allow_short)
-DEMO_BACKTESTS = (
+DEMO_BACKTESTS: tuple[tuple[Any, ...], ...] = (
     ("demo-sma", "sma_crossover", ("BTC/USDT",), "1m", "2024-01-01", "2024-01-08",
      {"fast": 10, "slow": 20}, "0.001", False),
     ("demo-rsi", "rsi_mean_reversion", ("EUR/USD",), "1m", "2024-01-01", "2024-01-13",
