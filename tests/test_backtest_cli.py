@@ -1,0 +1,189 @@
+"""`mmats backtest`, `runs`, `report`, `montecarlo`, run as a user runs them (subprocesses),
+and the README's example queries against a real run."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pytest
+
+from workers.ingest.importer import import_file
+from workers.ingest.samples import sample_datasets
+
+REPO = Path(__file__).resolve().parent.parent
+BTC = ("--symbol", "BTC/USDT", "--timeframe", "1m", "--from", "2024-01-01",
+       "--to", "2024-01-02")
+TRADE_KEYS = {"symbol", "side", "quantity", "entry_time", "entry_price", "exit_time",
+              "exit_price", "pnl", "commission", "strategy"}
+
+
+@pytest.fixture(scope="module")
+def btc_url(mod_url: str) -> str:
+    with psycopg.connect(mod_url, autocommit=True) as conn:
+        for ds in sample_datasets():
+            if ds.symbol == "BTC/USDT":
+                import_file(conn, ds.path, symbol=ds.symbol, market=ds.market,
+                            timeframe=ds.timeframe, venue=ds.venue)
+    return mod_url
+
+
+@pytest.fixture
+def run(btc_url: str):  # type: ignore[no-untyped-def]
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith("MMATS_")},
+           "MMATS_DATABASE_URL": btc_url}
+
+    def _run(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-c", "from api.cli import main; main()", *args],
+                              env=env, capture_output=True, text=True, timeout=120,
+                              stdin=subprocess.DEVNULL, cwd=REPO)
+    return _run
+
+
+def one_error_line(result: subprocess.CompletedProcess[str]) -> str:
+    assert result.returncode == 1, result
+    assert "Traceback" not in result.stderr
+    lines = [ln for ln in result.stderr.strip().splitlines() if ln.startswith("error: ")]
+    assert len(lines) == 1, result.stderr
+    return lines[0]
+
+
+def runs(url: str) -> int:
+    with psycopg.connect(url) as conn:
+        row = conn.execute("SELECT count(*) FROM backtest.runs").fetchone()
+    assert row is not None
+    return int(row[0])
+
+
+def test_backtest_prints_the_run_and_writes_json_html(run, btc_url: str,  # type: ignore[no-untyped-def]
+                                                      tmp_path: Path) -> None:
+    out = tmp_path / "run.json"
+    html = tmp_path / "run.html"
+    result = run("backtest", "--strategy", "sma_crossover", *BTC, "--commission", "0.001",
+                 "--params", "fast=10,slow=20", "--json", str(out), "--html", str(html))
+    assert result.returncode == 0, result.stderr
+    match = re.search(r"^run (\d+) \(bt-\1\): sma_crossover 1\.0\.0 on BTC/USDT 1m", result.stdout,
+                      re.MULTILINE)
+    assert match, result.stdout
+    run_id = int(match.group(1))
+    assert "total return" in result.stdout and "replay: 100 %" in result.stderr
+    data = json.loads(out.read_text())
+    assert data["run_id"] == run_id
+    for key in ("final_equity", "total_return", "sharpe", "max_drawdown", "trades"):
+        assert key in data["metrics"], key
+    assert data["metrics"]["trades"] == len(data["trades"]) > 0
+    assert all(set(t) >= TRADE_KEYS for t in data["trades"])
+    assert isinstance(data["open_positions"], list)
+    assert data["sanity"] == []
+    with psycopg.connect(btc_url) as conn:
+        row = conn.execute("SELECT e.equity FROM backtest.runs r, "
+                           "trading.account_equity(r.account_id) e WHERE r.run_id = %s",
+                           (run_id,)).fetchone()
+    assert row is not None
+    assert abs(float(row[0]) - data["metrics"]["final_equity"]) < 1e-6
+    text = html.read_text()
+    assert "<svg" in text and "sma_crossover" in text
+
+
+def test_the_same_backtest_twice_has_the_same_fingerprint(run, btc_url: str) -> None:  # type: ignore[no-untyped-def]
+    for _ in range(2):
+        assert run("backtest", "--quiet", "--strategy", "sma_crossover", *BTC,
+                   "--label", "twice").returncode == 0
+    with psycopg.connect(btc_url) as conn:
+        prints = conn.execute("SELECT fingerprint FROM backtest.runs WHERE label = 'twice'"
+                              ).fetchall()
+    assert len(prints) == 2 and prints[0] == prints[1] and prints[0][0]
+
+
+def test_readme_backtest_queries_run(run, btc_url: str) -> None:  # type: ignore[no-untyped-def]
+    result = run("backtest", "--quiet", "--strategy", "sma_crossover", *BTC)
+    assert result.returncode == 0, result.stderr
+    run_id = re.search(r"^run (\d+)", result.stdout, re.MULTILINE).group(1)  # type: ignore[union-attr]
+    readme = (REPO / "README.md").read_text()
+    block = readme.split("<!-- backtest-queries -->", 1)[1].split("```sql", 1)[1]
+    block = block.split("```", 1)[0]
+    statements = [s.strip() for s in block.replace("run_id = 1", f"run_id = {run_id}")
+                  .split(";") if s.strip()]
+    assert len(statements) >= 5
+    with psycopg.connect(btc_url) as conn:
+        conn.execute("SET ROLE mmats_readonly")
+        for statement in statements:
+            rows = conn.execute(statement).fetchall()  # type: ignore[call-overload]
+            assert rows, statement
+
+
+def test_report_pdf_montecarlo_and_runs(run, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    result = run("backtest", "--quiet", "--strategy", "sma_crossover", *BTC)
+    run_id = re.search(r"^run (\d+)", result.stdout, re.MULTILINE).group(1)  # type: ignore[union-attr]
+    mc = run("montecarlo", run_id, "--paths", "200", "--seed", "7")
+    assert mc.returncode == 0, mc.stderr
+    assert re.search(r"shuffle\s+200\s", mc.stdout) and re.search(r"bootstrap\s+200\s", mc.stdout)
+    pdf, out = tmp_path / "r.pdf", tmp_path / "r.json"
+    rep = run("report", run_id, "--pdf", str(pdf), "--json", str(out))
+    assert rep.returncode == 0, rep.stderr
+    assert pdf.read_bytes().startswith(b"%PDF")
+    data: dict[str, Any] = json.loads(out.read_text())
+    assert sorted(m["method"] for m in data["montecarlo"]) == ["bootstrap", "shuffle"]
+    listed = run("runs")
+    assert re.search(rf"^\s*{run_id}\s+sma_crossover\s+BTC/USDT\s+1m", listed.stdout, re.MULTILINE)
+
+
+@pytest.mark.parametrize("args,fragment", [
+    (("--symbol", "NOPE/USD", "--timeframe", "1m", "--from", "2024-01-01", "--to", "2024-01-02"),
+     "unknown symbol 'NOPE/USD'"),
+    (("--symbol", "BTC/USDT", "--timeframe", "1m", "--from", "2020-01-01", "--to", "2020-01-02"),
+     "no 1m bars for BTC/USDT"),
+    (("--symbol", "BTC/USDT", "--timeframe", "7m", "--from", "2024-01-01", "--to", "2024-01-02"),
+     "--timeframe '7m'"),
+    ((*BTC, "--cash", "NaN"), "--cash must be a finite number"),
+    ((*BTC, "--cash", "-5"), "--cash must be a number > 0"),
+    ((*BTC, "--from", "yesterday"), "--from 'yesterday' is not a date"),
+    ((*BTC, "--params", "fast=30,slow=20"), "fast (30) must be below slow (20)"),
+    ((*BTC, "--params", "speed=3"), "speed"),
+    ((*BTC, "--slippage", "lots"), "slippage 'lots'"),
+    ((*BTC, "--commission", "0.5"), "taker_fee must be a fraction below 0.1"),
+])
+def test_bad_input_is_one_line_and_writes_nothing(run, btc_url: str, args: tuple[str, ...],  # type: ignore[no-untyped-def]
+                                                  fragment: str) -> None:
+    before = runs(btc_url)
+    line = one_error_line(run("backtest", "--quiet", "--strategy", "sma_crossover", *args))
+    assert fragment in line, line
+    assert runs(btc_url) == before
+
+
+def test_hostile_text_is_refused_or_stored_as_text(run, btc_url: str) -> None:  # type: ignore[no-untyped-def]
+    hostile = "x'); DROP TABLE backtest.runs; --<script>"
+    line = one_error_line(run("backtest", "--strategy", hostile, *BTC))
+    assert "strategy" in line.lower()
+    ok = run("backtest", "--quiet", "--strategy", "sma_crossover", *BTC, "--label", hostile)
+    assert ok.returncode == 0, ok.stderr
+    with psycopg.connect(btc_url) as conn:
+        assert conn.execute("SELECT count(*) FROM backtest.runs WHERE label = %s",
+                            (hostile,)).fetchone() == (1,)
+
+
+def test_limits_file_applies_to_the_run_account(run, btc_url: str, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    limits = tmp_path / "limits.toml"
+    limits.write_text('[[limit]]\ntype = "MAX_POSITION_SIZE"\nvalue = 0.1\n')
+    result = run("backtest", "--quiet", "--strategy", "sma_crossover", *BTC,
+                 "--limits", str(limits))
+    assert result.returncode == 0, result.stderr
+    run_id = int(re.search(r"^run (\d+)", result.stdout, re.MULTILINE).group(1))  # type: ignore[union-attr]
+    with psycopg.connect(btc_url) as conn:
+        codes = conn.execute(
+            "SELECT g.reason_code, count(*) FROM trading.signals g JOIN backtest.runs r "
+            "USING (account_id) WHERE r.run_id = %s AND g.status = 'rejected' GROUP BY 1",
+            (run_id,)).fetchall()
+    # every buy asks for the whole capital: the 10 % limit refuses each one
+    assert [c for c, _ in codes] == ["MAX_POSITION_SIZE"]
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[[limit]]\nvalue = 1\n")
+    line = one_error_line(run("backtest", "--strategy", "sma_crossover", *BTC,
+                              "--limits", str(bad)))
+    assert "limit 1: needs a type" in line
