@@ -159,7 +159,7 @@ def to_sql(sql: str, values: dict[str, str], timescaledb: bool) -> str:
 # --------------------------------------------------------------------------- structure
 def test_there_are_dashboards() -> None:
     titles = {load_dashboard(p)["title"] for p in DASHBOARDS}
-    assert {"MMATS — Market data", "MMATS — Trading & risk"} <= titles
+    assert {"MMATS — Market data", "MMATS — Trading & risk", "MMATS — Backtests"} <= titles
 
 
 @pytest.mark.parametrize("path", DASHBOARDS, ids=lambda p: p.name)
@@ -284,6 +284,43 @@ def seed(conn: psycopg.Connection) -> None:
                  "(%s, 'warning', 'BREAKER_SOFT', 'daily loss over the soft limit')",
                  (account_id,))
     conn.execute("SELECT audit.record('order.created', 'order', 'c-1', '{}')")
+    seed_backtest(conn, instrument_id)
+
+
+def seed_backtest(conn: psycopg.Connection, instrument_id: int) -> None:
+    """One finished backtest run with a closed trade, its curve, metrics and Monte Carlo,
+    made through the backtest functions as the engine makes them."""
+    (run,) = conn.execute(
+        "SELECT backtest.create_run('sma_cross', '1.0.0', '{}', ARRAY['BTC/USDT'], '1m', "
+        "'2025-01-01', '2025-01-01 00:10', 10000, 'USDT')").fetchone()
+    opened = conn.execute("SELECT backtest.step(%s, %s)", (run, json.dumps([
+        {"op": "signal", "strategy": "sma_cross", "version": "1.0.0", "symbol": "BTC/USDT",
+         "action": "buy", "size": "0.5", "price": "101", "ts": "2025-01-01T00:00:59Z"}]))
+    ).fetchone()[0]
+    (order,) = opened["orders"]
+    conn.execute("SELECT backtest.step(%s, %s)", (run, json.dumps([
+        {"op": "fill", "order_id": order["order_id"], "broker_fill_id": "f1",
+         "quantity": str(order["quantity"]), "price": "101", "ts": "2025-01-01T00:01:00Z"},
+        {"op": "signal", "strategy": "sma_cross", "version": "1.0.0", "symbol": "BTC/USDT",
+         "action": "close", "price": "105", "ts": "2025-01-01T00:04:59Z"}])))
+    (closing,) = conn.execute(
+        "SELECT order_id FROM trading.orders WHERE reduce_only AND status = 'created'"
+    ).fetchone()
+    conn.execute("SELECT backtest.step(%s, %s)", (run, json.dumps([
+        {"op": "fill", "order_id": closing, "broker_fill_id": "f2",
+         "quantity": str(order["quantity"]), "price": "105", "ts": "2025-01-01T00:05:00Z"}])))
+    conn.execute("SELECT backtest.record_equity(%s, ARRAY['2025-01-01 00:01', '2025-01-01 00:02']"
+                 "::timestamptz[], '{10000, 10100}', '{10000, 10050}', '{0, 0}', '{t, f}')",
+                 (run,))
+    conn.execute("SELECT backtest.record_metrics(%s, %s)", (run, json.dumps({
+        "run": {"total_return": 0.01, "sharpe": 1.5, "max_drawdown": 0.02, "trades": 1,
+                "buy_and_hold_return": 0.005},
+        "strategy": {"sma_cross": {"trades": 1, "win_rate": 1.0, "total_pnl": 100}}})))
+    result = {"final_return": {"p5": 0.01, "p50": 0.01, "p95": 0.01},
+              "max_drawdown": {"p95": 0.0}, "probability_of_ruin": 0}
+    conn.execute("SELECT backtest.record_montecarlo(%s, 'shuffle', 100, 0, 0.5, %s)",
+                 (run, json.dumps(result)))
+    conn.execute("SELECT backtest.finish_run(%s, 'finished', repeat('a', 64), 10, 0.1)", (run,))
 
 
 def has_timescaledb(conn: psycopg.Connection) -> bool:
