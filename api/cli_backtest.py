@@ -218,15 +218,30 @@ def _write_report(report: Mapping[str, Any], html: str | None, pdf: str | None) 
 
 
 @click.command("report")
-@click.argument("run_id", type=int)
+@click.argument("run_id", type=int, required=False)
+@click.option("--walk-forward", "walk_forward", type=int, default=None,
+              help="report a walk-forward (its stitched out-of-sample run) instead of a run")
 @click.option("--html", "html_file", default=None, help="write a self-contained HTML report")
 @click.option("--pdf", "pdf_file", default=None, help="write a PDF report")
 @click.option("--json", "json_file", default=None, help="write the report data as JSON")
-def report_command(run_id: int, html_file: str | None, pdf_file: str | None,
-                   json_file: str | None) -> None:
+def report_command(run_id: int | None, walk_forward: int | None, html_file: str | None,
+                   pdf_file: str | None, json_file: str | None) -> None:
     """A run's report: metrics, charts, trades, assumptions (HTML, PDF or JSON)."""
+    from workers.backtest.results import walk_forward_report
+
+    if (run_id is None) == (walk_forward is None):
+        raise MmatsError("name a run (mmats report RUN) or a walk-forward (--walk-forward ID)")
     with connect(database_url()) as conn:
-        report = _load(conn, run_id)
+        if walk_forward is not None:
+            try:
+                report = walk_forward_report(conn, walk_forward)
+            except LookupError as exc:
+                raise MmatsError(str(exc)) from None
+            if not (html_file or pdf_file or json_file):
+                raise MmatsError("a walk-forward report needs --html, --pdf or --json")
+        else:
+            assert run_id is not None
+            report = _load(conn, run_id)
     if not (html_file or pdf_file or json_file):
         print_summary(report)
         return

@@ -259,7 +259,49 @@ def load_report(conn: psycopg.Connection, run_id: int) -> dict[str, Any]:
         "open_positions": opened,
         "sanity": notes.get("sanity", []),
         "strategy_errors": notes.get("strategy_errors", []),
-        "walk_forward": None,
+        "walk_forward": _walk_forward(conn, wf) if wf is not None else None,
         "montecarlo": mc or None,
     }
     return _jsonable(report)  # type: ignore[no-any-return]
+
+
+def _walk_forward(conn: psycopg.Connection, wf_id: int) -> dict[str, Any]:
+    from workers.backtest.walkforward import load_walk_forward
+
+    return load_walk_forward(conn, wf_id)
+
+
+def walk_forward_report(conn: psycopg.Connection, wf_id: int) -> dict[str, Any]:
+    """A report of a walk-forward: its stitched out-of-sample curve and metrics as the
+    run, the windows, chosen parameters and their stability in the walk-forward section."""
+    wf = _walk_forward(conn, wf_id)
+    stitched = wf.get("stitched") or {}
+    settings = wf.get("settings") or {}
+    costs = settings.get("backtest") or {}
+    trades: list[Any] = []
+    for w in wf["windows"]:  # the out-of-sample trades, window by window
+        if w.get("test_run_id") is not None:
+            trades += [dict(zip(("symbol", "market", "strategy", "side", "quantity",
+                                 "entry_time", "entry_price", "exit_time", "exit_price", "pnl",
+                                 "commission", "exit_trigger"), r, strict=True))
+                       for r in conn.execute(query("backtest_trades"), {"run": w["test_run_id"]})]
+    equity = {"ts": stitched.get("ts", []), "equity": stitched.get("equity", []),
+              "benchmark": None, "drawdown": None}
+    run = {"run_id": f"wf{wf_id}", "name": f"walk-forward {wf_id}",
+           "strategy": wf["strategy"], "version": settings.get("version", ""),
+           "params": {"objective": wf.get("objective"), "windows": len(wf["windows"])},
+           "symbols": wf["symbols"], "timeframe": wf["timeframe"], "start": wf["start"],
+           "end": wf["end"], "cash": settings.get("cash"), "currency": settings.get("currency"),
+           "commission": costs.get("taker_fee"), "maker_fee": costs.get("maker_fee"),
+           "slippage": costs.get("slippage"), "spread": costs.get("spread") or "0",
+           "allow_short": costs.get("allow_short"), "fingerprint": "", "bars": None,
+           "status": wf.get("status"), "created_at": wf.get("created_at"),
+           "elapsed_seconds": None}
+    return _jsonable({
+        "run_id": None, "run": run,
+        "assumptions": [*ASSUMPTIONS, "Out of sample: each test window is traded with the "
+                        "parameters that scored best on the training span before it, starting "
+                        "with the equity the previous test window ended with."],
+        "metrics": stitched.get("metrics", {}), "equity": equity, "walk_forward": wf,
+        "sanity": [], "trades": trades, "open_positions": [], "montecarlo": None})  # type: ignore[no-any-return]
+
