@@ -88,8 +88,11 @@ def test_windows_never_train_on_test_data(start: datetime, days: float, share: f
             assert w.test_end == plan[k + 1].test_start
         if anchored:
             assert w.train_start == start
-        else:  # train / (train + test) = share, within a day (here: within a second)
+        elif w.train_start > start:  # train / (train + test) = share (within a second)
             assert abs(w.train.total_seconds() - ratio * w.test.total_seconds()) <= 1
+        else:  # a span that would reach before the data starts at the data (shorter)
+            assert w.train.total_seconds() <= ratio * w.test.total_seconds() + 1
+            assert k > 0  # never the first window: that one is chosen to fit
     assert plan[-1].test_end == end  # the test windows tile the rest of the period
     # test windows are disjoint and ordered (with exact ratios a 31-day month after a
     # 28-day one may train from a little earlier than the window before: no leak either)

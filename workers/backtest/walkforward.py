@@ -140,11 +140,18 @@ def windows(start: datetime, end: datetime, *, train_share: float = 0.7,
             f"would be {_fmt_time(test_start)} to {_fmt_time(first_end)} after "
             f"{train.total_seconds() / 86_400:.1f} days of training, so --to must be at "
             f"least {_fmt_time(first_end)} ({(first_end - start).days} days after --from)")
+    return _tile(start, end, test_start, months, ratio, anchored)
+
+
+def _tile(start: datetime, end: datetime, test_start: datetime, months: int, ratio: float,
+          anchored: bool) -> list[Window]:
     out: list[Window] = []
     while test_start < end:
         test_end = min(_add_months(test_start, months), end)
-        train_start = start if anchored else (
-            test_start - _train_length(test_end - test_start, ratio))
+        # months differ in length: with a high train share a 31-day month after a
+        # 28-day one would train from before `start`; such a span starts at `start`
+        train_start = start if anchored else max(
+            start, test_start - _train_length(test_end - test_start, ratio))
         out.append(Window(len(out) + 1, train_start, test_start, test_start, test_end))
         test_start = test_end
     return out
