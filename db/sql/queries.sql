@@ -153,3 +153,7 @@ FROM backtest.summary ORDER BY run_id DESC LIMIT %(limit)s;
 SELECT run_id, fingerprint FROM backtest.runs
 WHERE label = %(label)s AND status = 'finished'
 ORDER BY run_id DESC LIMIT 1;
+
+-- name: backtest_equity_limits
+SELECT EXISTS (SELECT 1 FROM backtest.runs r, risk.effective_limits(r.account_id) l
+               WHERE r.run_id = %(run)s AND l.limit_type IN ('MAX_DRAWDOWN', 'DAILY_LOSS'));

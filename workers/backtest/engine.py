@@ -20,7 +20,7 @@ import json
 import logging
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from decimal import Decimal
 from functools import partial
 from typing import Any
@@ -107,11 +107,13 @@ class Engine:
         self.pending: dict[int, list[SimOrder]] = {k: [] for k in range(len(self.symbols))}
         self.deferred: list[dict[str, Any]] = []  # fills and cancels for the next step
         self.deferred_symbols: set[int] = set()  # the symbols they move
+        self.deferred_qty: dict[int, Decimal] = {}  # and by how much
         self.current = [-1] * len(self.symbols)  # the latest bar index seen per symbol
         self.mark_from = [0] * len(self.symbols)  # first bar not yet given to protect_bars
         self.order_signal: dict[int, int | None] = {}
         self.protected_orders: set[int] = set()  # orders whose fill brings protection
         self.fill_seq = 0
+        self.mark_every_bar = False
         self._account_cache: tuple[int, AccountState] | None = None
         self._now_us = 0
 
@@ -166,6 +168,11 @@ class Engine:
             self.conn.execute(query("backtest_set_limit"), {
                 "type": lim.limit_type, "value": lim.value, "scope": lim.scope, "key": lim.key,
                 "account": self.account, "params": Jsonb(dict(lim.params))})
+        # drawdown and daily-loss limits are judged on equity snapshots: with one in force
+        # (the run's own, or one set for every account or every backtest) every bar on
+        # which a position is held is marked, as the bars trigger does for paper and live
+        row = self.conn.execute(query("backtest_equity_limits"), {"run": self.run_id}).fetchone()
+        self.mark_every_bar = bool(row and row[0])
 
     # ------------------------------------------------------------------ the run
     def run(self) -> int:
@@ -211,6 +218,8 @@ class Engine:
             watch = self.positions.get(k)
             if watch is not None and watch.protected:
                 self._watch(k, i, watch)
+            if self.mark_every_bar and (k in self.positions or k in self.deferred_symbols):
+                self._mark(k, i)
         signals = self._call_strategy(t_us, members)
         if signals:
             self._submit(signals)
@@ -222,6 +231,10 @@ class Engine:
         waiting: list[SimOrder] = []
         sync = False
         for order in self.pending[k]:
+            held = self._held(k)
+            if order.side == "buy" and held < 0 and not order.reduce_only:
+                # the part that buys back the short always fills; cash limits the rest
+                order = replace(order, closing=min(order.quantity, -held))
             fill = self.sims[k].match(order, bar, sd.inst.rules, cash=self._cash_estimate())
             if fill is None:
                 waiting.append(order)
@@ -248,6 +261,7 @@ class Engine:
                 "ts": from_us(fill.ts_us).isoformat()})
             self.deferred_symbols.add(k)
             signed = fill.quantity if order.side == "buy" else -fill.quantity
+            self.deferred_qty[k] = self.deferred_qty.get(k, Decimal(0)) + signed
             self.cash -= signed * fill.price + fill.commission
             self.counts.fills += 1
             self._account_cache = None
@@ -262,6 +276,11 @@ class Engine:
                 symbol=sd.symbol, reason_code="INSUFFICIENT_CASH", reason=fill.reason,
                 ts=from_us(fill.ts_us), signal_id=self.order_signal.get(order.order_id),
                 order_id=order.order_id))
+
+    def _held(self, k: int) -> Decimal:
+        """The signed position, fills not yet sent included."""
+        watch = self.positions.get(k)
+        return (watch.quantity if watch is not None else Decimal(0)) + self.deferred_qty.get(k, 0)
 
     def _cash_estimate(self) -> Decimal:
         """Cash after the fills not yet sent (the ledger's figure after each step)."""
@@ -297,6 +316,17 @@ class Engine:
                 "timeframe": sd.timeframe, "from": from_us(int(sd.ts_us[start])).isoformat(),
                 "to": from_us(int(sd.ts_us[i])).isoformat(), "_range": (start, i)}
 
+    def _mark(self, k: int, i: int) -> None:
+        """Mark (and snapshot) symbol k's positions to bar i, with the fills before it."""
+        ops = self._take_deferred()
+        op = self._protect_op(k, i)
+        if op is not None:
+            ops.append(op)
+        if ops:
+            answer = self._step(ops)
+            if op is not None:
+                self._settle_protective(answer, {k: op["_range"]})
+
     def _protect(self, k: int, i: int) -> None:
         op = self._protect_op(k, i)
         if op is None:
@@ -330,6 +360,9 @@ class Engine:
         the last one when the engine asked at the right time; this is the fallback)."""
         sd = self.symbols[k]
         p = float(price)
+        tol = 1e-12 * abs(p)
+        if sd.low[end] <= p + tol and sd.high[end] >= p - tol:
+            return end  # the bar the watch asked about: where the level was touched
         lows, highs = sd.low[start:end + 1], sd.high[start:end + 1]
         hits = np.flatnonzero((lows <= p + 1e-12 * abs(p)) & (highs >= p - 1e-12 * abs(p)))
         return start + int(hits[0]) if len(hits) else end
@@ -413,12 +446,22 @@ class Engine:
         payload = sig.to_dict()
         payload["op"] = "signal"
         payload["venue"] = sd.inst.venue
-        if "price" not in payload:
-            payload["price"] = str(sd.price(3, self.current[k]))
+        last = self._last_closed(k)
+        if "price" not in payload and last is not None:
+            payload["price"] = str(sd.price(3, last))
         # one microsecond before the close: every "at or before" lookup in the database
         # then sees the bar just closed and never the next one, which is already stored
         payload["ts"] = from_us(self._now_us - _ONE_US).isoformat()
         return payload
+
+    def _last_closed(self, k: int) -> int | None:
+        """The latest bar of symbol k closed by now (a warm-up bar before its first bar in
+        the period), or None: then the database finds no price either (NO_PRICE)."""
+        if self.current[k] >= 0:
+            return self.current[k]
+        sd = self.symbols[k]
+        before = int(np.searchsorted(sd.close_us, self._now_us, side="right")) - 1
+        return before if before >= 0 else None
 
     def _signal_result(self, sig: TradeSignal, res: dict[str, Any],
                        created: dict[int, dict[str, Any]]) -> None:
@@ -451,6 +494,7 @@ class Engine:
     def _take_deferred(self) -> list[dict[str, Any]]:
         ops, self.deferred = self.deferred, []
         self.deferred_symbols = set()
+        self.deferred_qty = {}
         return ops
 
     def _flush(self) -> None:
@@ -465,6 +509,14 @@ class Engine:
         answer: dict[str, Any] = row[0]
         self.counts.steps += 1
         self._apply_state(answer["account"])
+        for o in answer["orders"]:
+            if o["trigger"] not in _PROTECTIVE and o["trigger"] != "signal":
+                # the breaker's closing orders (and any other the ledger made on its own)
+                # go out as market orders at the next bar's open
+                k = self.by_id[o["instrument_id"]]
+                self.pending[k].append(SimOrder(int(o["order_id"]), o["side"], "market",
+                                                Decimal(o["quantity"]),
+                                                reduce_only=bool(o["reduce_only"])))
         return answer
 
     def _apply_state(self, state: dict[str, Any]) -> None:

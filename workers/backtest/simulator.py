@@ -17,7 +17,9 @@ Rules (the README's "Simulated broker" section quotes them):
   maker for limit fills, taker for everything else.
 - Cash: a buy that opens or adds exposure never needs more cash than exists; if the fill
   price left too little, the affordable part (rounded down to the quantity step) fills
-  and the rest is cancelled. Orders that close or reduce a position always fill in full.
+  and the rest is cancelled. Orders that close or reduce a position always fill in full,
+  and so does the closing part of a reversal (`SimOrder.closing`): only what opens the
+  other side is limited by the cash left after it.
 
 Everything is exact (Decimal); floats enter only as the ATR (a model of volatility).
 """
@@ -62,6 +64,9 @@ class SimOrder:
     limit_price: Decimal | None = None
     stop_price: Decimal | None = None
     trigger_price: Decimal | None = None  # a protective order fired inside a bar
+    # the part that closes a position (a buy reversing a short first buys it back): it
+    # always fills; only the rest, which opens exposure, needs the cash
+    closing: Decimal = _ZERO
 
 
 @dataclass(frozen=True, slots=True)
@@ -221,11 +226,13 @@ class Simulator:
         unfilled = _ZERO
         reason = ""
         if order.side == "buy" and not order.reduce_only:
-            affordable = round_down(max(cash, _ZERO) / (price * fx * (1 + max(fee, _ZERO))),
-                                    rules.quantity_step)
-            if affordable < quantity:
-                enough = affordable >= max(rules.min_quantity, rules.quantity_step)
-                quantity = affordable if enough else _ZERO
+            unit = price * fx * (1 + max(fee, _ZERO))
+            closing = min(max(order.closing, _ZERO), quantity)
+            # what the cash left after buying back the closing part affords
+            opening = round_down(max(cash - closing * unit, _ZERO) / unit, rules.quantity_step)
+            if closing + opening < quantity:
+                enough = opening >= max(rules.min_quantity, rules.quantity_step)
+                quantity = closing + (opening if enough else _ZERO)
                 unfilled = order.quantity - quantity
                 reason = (f"INSUFFICIENT_CASH: cash={cash}, price={price}, "
                           f"ordered={order.quantity}, affordable={quantity}")

@@ -284,9 +284,12 @@ DECLARE
     kind text;
     res jsonb;
     results jsonb := '[]';
-    created bigint[] := '{}';
     pb record;
     n integer := 0;
+    -- every order the step creates is returned, the breaker's closing orders included
+    -- (protect_bars' equity snapshot may trip it): they are the orders numbered above this
+    before bigint := (SELECT CASE WHEN s.is_called THEN s.last_value ELSE 0 END
+                      FROM trading.orders_order_id_seq s);
 BEGIN
     IF r.status <> 'running' THEN
         RAISE EXCEPTION 'backtest run % is %: it takes no more steps', run, r.status
@@ -320,15 +323,9 @@ BEGIN
                         AND b.ts BETWEEN trading._ts(op, 'from', 'step') AND trading._ts(op, 'to', 'step')
                       ORDER BY b.ts),
                 acc.account_id, true);
-            created := created || pb.order_ids;
             res := jsonb_build_object('order_ids', to_jsonb(pb.order_ids), 'marked_until', pb.marked_until);
         WHEN 'signal' THEN
             res := trading.submit_signal(jsonb_set(op - 'op', '{account}', to_jsonb(acc.name)));
-            IF res ? 'order_ids' THEN
-                created := created || ARRAY(SELECT jsonb_array_elements_text(res -> 'order_ids')::bigint);
-            ELSIF res ->> 'order_id' IS NOT NULL THEN
-                created := created || (res ->> 'order_id')::bigint;
-            END IF;
         ELSE
             RAISE EXCEPTION 'backtest.step operation %: unknown op %, expected fill, cancel, protect or signal',
                 n, COALESCE(quote_literal(op ->> 'op'), 'NULL') USING ERRCODE = 'invalid_parameter_value';
@@ -345,7 +342,7 @@ BEGIN
                 'strategy_id', o.strategy_id, 'stop_loss', o.stop_loss,
                 'take_profit', o.take_profit, 'trailing_stop', o.trailing_stop,
                 'breakeven', o.breakeven) ORDER BY o.order_id)
-            FROM trading.orders o WHERE o.order_id = ANY (created)), '[]'),
+            FROM trading.orders o WHERE o.order_id > before AND o.account_id = acc.account_id), '[]'),
         'account', backtest._state(acc.account_id));
 END
 $$;
