@@ -58,17 +58,23 @@ class MarketData:
     `history["close"][-1]` is this bar's close and nothing after it exists here.
 
     `bar` (exact Decimals) may be given, or built on first use by `bar_factory`: a
-    backtest makes a million of these, and most strategies read only the floats.
+    backtest makes a million of these, and most strategies read only the floats. For the
+    same reason `MarketData.at(...)` reads the whole series' columns at one index, and
+    builds `history` and `indicators` only when a strategy asks for them.
     Immutable once built.
     """
 
-    __slots__ = ("_bar", "_bar_factory", "history", "indicators", "symbol")
+    __slots__ = ("_bar", "_bar_factory", "_columns", "_history", "_i", "_indicators",
+                 "_keys", "symbol")
 
     symbol: str
-    indicators: Mapping[str, float]
-    history: Mapping[str, FloatArray]
     _bar: Bar | None
     _bar_factory: Callable[[], Bar] | None
+    _indicators: Mapping[str, float] | None
+    _history: Mapping[str, FloatArray] | None
+    _columns: Mapping[str, FloatArray] | None
+    _keys: tuple[str, ...]
+    _i: int
 
     def __init__(
         self,
@@ -85,8 +91,28 @@ class MarketData:
         set_(self, "symbol", symbol)
         set_(self, "_bar", bar)
         set_(self, "_bar_factory", bar_factory)
-        set_(self, "indicators", indicators if indicators is not None else {})
-        set_(self, "history", history if history is not None else {})
+        set_(self, "_indicators", indicators if indicators is not None else {})
+        set_(self, "_history", history if history is not None else {})
+        set_(self, "_columns", None)
+        set_(self, "_keys", ())
+        set_(self, "_i", -1)
+
+    @classmethod
+    def at(cls, symbol: str, columns: Mapping[str, FloatArray], i: int,
+           indicator_keys: tuple[str, ...], bar_factory: Callable[[], Bar]) -> MarketData:
+        """The symbol at index i of full-series columns (read-only arrays): nothing after
+        index i is reachable through it."""
+        md = cls.__new__(cls)
+        set_ = object.__setattr__
+        set_(md, "symbol", symbol)
+        set_(md, "_bar", None)
+        set_(md, "_bar_factory", bar_factory)
+        set_(md, "_indicators", None)
+        set_(md, "_history", None)
+        set_(md, "_columns", columns)
+        set_(md, "_keys", indicator_keys)
+        set_(md, "_i", i)
+        return md
 
     def __setattr__(self, name: str, value: object) -> None:
         raise AttributeError(f"MarketData is immutable (tried to set {name})")
@@ -100,20 +126,54 @@ class MarketData:
             object.__setattr__(self, "_bar", bar)
         return bar
 
+    @property
+    def indicators(self) -> Mapping[str, float]:
+        found = self._indicators
+        if found is None:
+            assert self._columns is not None
+            found = MappingProxyType({k: float(self._columns[k][self._i]) for k in self._keys})
+            object.__setattr__(self, "_indicators", found)
+        return found
+
+    @property
+    def history(self) -> Mapping[str, FloatArray]:
+        found = self._history
+        if found is None:
+            assert self._columns is not None
+            end = self._i + 1
+            found = MappingProxyType({k: v[:end] for k, v in self._columns.items()})
+            object.__setattr__(self, "_history", found)
+        return found
+
     def __repr__(self) -> str:
         return f"MarketData({self.symbol!r}, bars={len(self)})"
 
     def __getitem__(self, key: str) -> float:
         """The current value of an indicator output (or of a price column)."""
-        if key in self.indicators:
-            return self.indicators[key]
-        if key in self.history:
-            return float(self.history[key][-1])
+        columns = self._columns
+        if columns is not None:
+            column = columns.get(key)
+            if column is not None:
+                return float(column[self._i])
+        else:
+            assert self._indicators is not None and self._history is not None
+            if key in self._indicators:
+                return self._indicators[key]
+            if key in self._history:
+                return float(self._history[key][-1])
         known = ", ".join(sorted(self.indicators)) or "none"
         raise KeyError(f"{self.symbol}: no indicator {key!r} (available: {known})")
 
     def previous(self, key: str, bars_ago: int = 1) -> float:
-        """The value `bars_ago` bars before the current one (NaN if there is none)."""
+        """The value `bars_ago` (>= 0) bars before the current one (NaN if there is none)."""
+        if bars_ago < 0:
+            raise ValueError(f"{self.symbol}: bars_ago must be >= 0, got {bars_ago}")
+        columns = self._columns
+        if columns is not None:
+            if key not in columns:
+                raise KeyError(f"{self.symbol}: no series {key!r}")
+            j = self._i - bars_ago
+            return float(columns[key][j]) if j >= 0 else float("nan")
         series = self.history[key]
         return float(series[-1 - bars_ago]) if bars_ago < len(series) else float("nan")
 
@@ -122,6 +182,8 @@ class MarketData:
         return self.history["close"]
 
     def __len__(self) -> int:
+        if self._columns is not None:
+            return self._i + 1
         return len(self.history["close"])
 
 
@@ -193,7 +255,8 @@ class StrategyContext:
         set_(self, "now", now)
         set_(self, "data", MappingProxyType(dict(data)))
         set_(self, "_account", account)
-        set_(self, "params", MappingProxyType(dict(params or {})))
+        set_(self, "params", params if isinstance(params, MappingProxyType)
+             else MappingProxyType(dict(params or {})))
         set_(self, "logger", logger if logger is not None else _LOGGER)
 
     def __setattr__(self, name: str, value: object) -> None:

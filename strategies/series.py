@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from types import MappingProxyType
 
 import numpy as np
 
@@ -75,14 +74,6 @@ class BarSeries:
         """The symbol as seen at the close of bar i (0 <= i < len)."""
         if not 0 <= i < self._n:
             raise IndexError(f"{self.symbol}: bar {i} is outside 0..{self._n - 1}")
-        end = i + 1
-        history = {k: v[:end] for k, v in self.columns.items()}
-        current = {k: float(self.columns[k][i]) for k in self.indicator_keys}
         bar_at = self._bar_at
-        return MarketData(
-            self.symbol,
-            None,
-            MappingProxyType(current),
-            MappingProxyType(history),
-            bar_factory=lambda: bar_at(i),
-        )
+        return MarketData.at(self.symbol, self.columns, i, self.indicator_keys,
+                             lambda: bar_at(i))

@@ -23,6 +23,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 from decimal import Decimal
 from functools import partial
+from types import MappingProxyType
 from typing import Any
 
 import numpy as np
@@ -99,6 +100,7 @@ class Engine:
         self.currency = self._currency()
         self.sims = [Simulator(config.costs_for(sd.symbol)) for sd in self.symbols]
         self.guard = StrategyGuard()
+        self._params = MappingProxyType(dict(self.strategy.params))
         self.counts = RunCounts()
         self.run_id = 0
         self.account = ""
@@ -375,7 +377,7 @@ class Engine:
             assert series is not None
             data[self.symbols[k].symbol] = series.market_data(i)
         context = StrategyContext(Environment.BACKTEST, from_us(t_us), data, self._account_state,
-                                  self.strategy.params, log)
+                                  self._params, log)
         result = self.guard.run_isolated(self.strategy, context)
         if result.error is not None:
             self._strategy_error(result.error)
