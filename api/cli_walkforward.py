@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import click
 
+from api.cli_backtest import write_json
 from api.table import table
 from db.connect import connect, database_url
 from db.errors import MmatsError
@@ -43,15 +43,6 @@ def _params(params: Mapping[str, Any], varying: Sequence[str]) -> str:
 
 def _varying(grid: Mapping[str, Sequence[Any]]) -> list[str]:
     return [name for name, values in grid.items() if len(values) > 1]
-
-
-def _write_json(data: Mapping[str, Any], path: str) -> None:
-    target = Path(path)
-    if not target.parent.exists():
-        raise MmatsError(f"--json {path}: folder {target.parent} does not exist")
-    tmp = target.with_name(f".{target.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=1, allow_nan=False))
-    tmp.replace(target)
 
 
 class _Printer:
@@ -199,7 +190,7 @@ def walk_forward_command(strategy: str, symbols: tuple[str, ...], timeframe: str
         raise MmatsError(str(exc)) from None
     print_result(result)
     if json_file:
-        _write_json(result, json_file)
+        write_json(result, json_file)
         click.echo(f"  JSON written to {json_file}")
     click.echo(f"  query it: SELECT * FROM backtest.walk_forward_windows "
                f"WHERE walk_forward_id = {wf_id};")

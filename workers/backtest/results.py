@@ -90,7 +90,8 @@ def equity_curve(engine: Engine, fills: Sequence[tuple[Any, ...]]) -> EquityCurv
     return EquityCurve(times=times, equity=cash + value, exposure=exposed, benchmark=bench)
 
 
-def _trades(conn: psycopg.Connection, run: int) -> list[TradeRecord]:
+def trade_records(conn: psycopg.Connection, run: int) -> list[TradeRecord]:
+    """A run's closed trades, for the metrics."""
     return [TradeRecord(symbol=r[0], market=r[1], strategy=r[2] or "", side=r[3], quantity=r[4],
                         entry_time=r[5], entry_price=r[6], exit_time=r[7], exit_price=r[8],
                         pnl=r[9], commission=r[10])
@@ -112,14 +113,16 @@ def fingerprint(trades: Sequence[TradeRecord], open_positions: Sequence[Sequence
     return h.hexdigest()
 
 
-def _sample(n: int, limit: int, keep: Sequence[int]) -> np.ndarray:
+def sample_indices(n: int, limit: int, keep: Sequence[int]) -> np.ndarray:
+    """At most `limit` evenly spread indices of n points, always with those in `keep`."""
     if n <= limit:
         return np.arange(n)
     picked = np.linspace(0, n - 1, limit - len(keep)).astype(np.int64)
     return np.unique(np.concatenate([picked, np.asarray(keep, dtype=np.int64)]))
 
 
-def _clean(metrics: Mapping[str, Any]) -> dict[str, Any]:
+def clean_metrics(metrics: Mapping[str, Any]) -> dict[str, Any]:
+    """Non-finite floats as None (JSON and numeric columns take no NaN)."""
     return {k: (None if isinstance(v, float) and not np.isfinite(v) else v)
             for k, v in metrics.items()}
 
@@ -129,13 +132,13 @@ def record_results(engine: Engine, elapsed: float) -> None:
     conn, run, cfg = engine.conn, engine.run_id, engine.config
     fills = conn.execute(query("backtest_fills"), {"run": run}).fetchall()
     curve = equity_curve(engine, fills)
-    trades = _trades(conn, run)
+    trades = trade_records(conn, run)
     opened = conn.execute(query("backtest_open_positions"), {"run": run}).fetchall()
     state = conn.execute(query("backtest_final_state"), {"run": run}).fetchone()
     assert state is not None
     cash, final, _ = state
     markets = {sd.inst.market for sd in engine.symbols}
-    metrics = _clean(compute_metrics(curve, trades, starting_cash=float(cfg.cash),
+    metrics = clean_metrics(compute_metrics(curve, trades, starting_cash=float(cfg.cash),
                                      periods_per_year=periods_per_year(markets)))
     metrics["final_equity"] = float(final)
     metrics["final_cash"] = float(cash)
@@ -151,7 +154,7 @@ def record_results(engine: Engine, elapsed: float) -> None:
                         f"{final}: the curve and the ledger disagree")
     drawdown = drawdown_series(curve.equity, starting_cash=float(cfg.cash))
     keep = [int(np.argmax(drawdown)), int(np.argmin(curve.equity)), int(np.argmax(curve.equity))]
-    pick = _sample(len(curve.times), cfg.equity_points, keep)
+    pick = sample_indices(len(curve.times), cfg.equity_points, keep)
     assert curve.benchmark is not None
     conn.execute(query("backtest_record_equity"), {
         "run": run, "ts": [from_us(int(t)) for t in curve.times[pick]],
@@ -159,7 +162,7 @@ def record_results(engine: Engine, elapsed: float) -> None:
         "benchmark": np.round(curve.benchmark[pick], 8).tolist(),
         "drawdown": np.minimum(drawdown[pick], 1e6).tolist(),
         "exposed": curve.exposure[pick].tolist()})
-    grouped = {by: {k: _clean(v) for k, v in grouped_trade_metrics(trades, by).items()}
+    grouped = {by: {k: clean_metrics(v) for k, v in grouped_trade_metrics(trades, by).items()}
                for by in ("strategy", "market", "symbol")}
     conn.execute(query("backtest_record_metrics"), {"run": run, "metrics": Jsonb(
         {"run": {k: v for k, v in metrics.items() if not isinstance(v, str)}, **grouped})})
@@ -174,15 +177,18 @@ def record_results(engine: Engine, elapsed: float) -> None:
 
 
 # --------------------------------------------------------------------------- report
-def _jsonable(value: Any) -> Any:
+def jsonable(value: Any) -> Any:
+    """Decimals as strings, times as ISO-8601, non-finite floats as None."""
     if isinstance(value, Decimal):
         return str(value)
     if isinstance(value, datetime):
         return value.isoformat()
     if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
+        return {str(k): jsonable(v) for k, v in value.items()}
     if isinstance(value, list | tuple):
-        return [_jsonable(v) for v in value]
+        return [jsonable(v) for v in value]
+    if isinstance(value, float) and not np.isfinite(value):
+        return None
     return value
 
 
@@ -262,7 +268,7 @@ def load_report(conn: psycopg.Connection, run_id: int) -> dict[str, Any]:
         "walk_forward": _walk_forward(conn, wf) if wf is not None else None,
         "montecarlo": mc or None,
     }
-    return _jsonable(report)  # type: ignore[no-any-return]
+    return jsonable(report)  # type: ignore[no-any-return]
 
 
 def _walk_forward(conn: psycopg.Connection, wf_id: int) -> dict[str, Any]:
@@ -297,7 +303,7 @@ def walk_forward_report(conn: psycopg.Connection, wf_id: int) -> dict[str, Any]:
            "allow_short": costs.get("allow_short"), "fingerprint": "", "bars": None,
            "status": wf.get("status"), "created_at": wf.get("created_at"),
            "elapsed_seconds": None}
-    return _jsonable({
+    return jsonable({
         "run_id": None, "run": run,
         "assumptions": [*ASSUMPTIONS, "Out of sample: each test window is traded with the "
                         "parameters that scored best on the training span before it, starting "

@@ -56,6 +56,7 @@ from workers.backtest.metrics import (
     drawdown_series,
     periods_per_year,
 )
+from workers.backtest.results import clean_metrics, jsonable, sample_indices, trade_records
 from workers.backtest.run import run_backtest
 
 STEPS: dict[str, int] = {"monthly": 1, "quarterly": 3}  # months per test window
@@ -494,25 +495,6 @@ def _final_equity(conn: psycopg.Connection, run: int) -> Decimal:
     return Decimal(row[1])
 
 
-def _trades(conn: psycopg.Connection, run: int) -> list[TradeRecord]:
-    return [TradeRecord(symbol=r[0], market=r[1], strategy=r[2] or "", side=r[3], quantity=r[4],
-                        entry_time=r[5], entry_price=r[6], exit_time=r[7], exit_price=r[8],
-                        pnl=r[9], commission=r[10])
-            for r in conn.execute(query("backtest_trades"), {"run": run})]
-
-
-def _clean(metrics: Mapping[str, Any]) -> dict[str, Any]:
-    return {k: (None if isinstance(v, float) and not math.isfinite(v) else v)
-            for k, v in metrics.items()}
-
-
-def _sample(n: int, limit: int, keep: Sequence[int]) -> np.ndarray:
-    if n <= limit:
-        return np.arange(n)
-    picked = np.linspace(0, n - 1, limit - len(keep)).astype(np.int64)
-    return np.unique(np.concatenate([picked, np.asarray(keep, dtype=np.int64)]))
-
-
 def stitch(conn: psycopg.Connection, results: Sequence[WindowResult], cash: Decimal,
            markets: Sequence[str]) -> dict[str, Any]:
     """The test runs' equity curves chained into one out-of-sample curve (it starts at
@@ -537,18 +519,18 @@ def stitch(conn: psycopg.Connection, results: Sequence[WindowResult], cash: Deci
             exposed.append(bool(ex))
             if bench is not None:
                 bench.append(float(bm) * scale)
-        trades.extend(_trades(conn, r.test_run_id))
+        trades.extend(trade_records(conn, r.test_run_id))
     curve = EquityCurve(times=np.array(times, dtype=np.int64), equity=np.array(equity),
                         exposure=np.array(exposed, dtype=bool),
                         benchmark=None if bench is None else np.array(bench))
-    metrics = _clean(compute_metrics(curve, trades, starting_cash=float(cash),
+    metrics = clean_metrics(compute_metrics(curve, trades, starting_cash=float(cash),
                                      periods_per_year=periods_per_year(markets)))
     metrics["final_equity"] = float(results[-1].test_final_equity)
     metrics["windows"] = len(results)
     drawdown = drawdown_series(curve.equity, starting_cash=float(cash))
     keep = [0, len(times) - 1, int(np.argmax(drawdown)), int(np.argmin(curve.equity)),
             int(np.argmax(curve.equity))]
-    pick = _sample(len(times), STITCHED_POINTS, keep)
+    pick = sample_indices(len(times), STITCHED_POINTS, keep)
     iso = [datetime.fromtimestamp(0, UTC) + timedelta(microseconds=int(t))
            for t in curve.times[pick]]
     return {"ts": [t.isoformat() for t in iso],
@@ -622,20 +604,6 @@ def _check_bars(conn: psycopg.Connection, config: BacktestConfig,
     return plan[:last], notes, markets
 
 
-def _jsonable(value: Any) -> Any:
-    if isinstance(value, Decimal):
-        return str(value)
-    if isinstance(value, datetime):
-        return value.isoformat()
-    if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    return value
-
-
 def run_walk_forward(conn: psycopg.Connection, base_config: BacktestConfig, *,
                      train_share: float = 0.7, step: str = "monthly", anchored: bool = False,
                      objective: str = "sharpe", method: str = "grid",
@@ -670,7 +638,7 @@ def run_walk_forward(conn: psycopg.Connection, base_config: BacktestConfig, *,
                          f"{len(plan) * (k + 1)} backtest runs", total=len(plan)))
     for note in notes:
         report(Event("note", note))
-    settings = _jsonable({
+    settings = jsonable({
         "train_share": train_share, "step": step, "anchored": anchored, "method": method,
         "samples": samples, "seed": seed, "max_candidates": max_candidates,
         "param_ranges": dict(param_ranges or {}), "parameters": list(grid), "grid": grid,
@@ -704,7 +672,7 @@ def run_walk_forward(conn: psycopg.Connection, base_config: BacktestConfig, *,
                     f"window {w.number}: the out-of-sample equity fell to {cash}; the "
                     "walk-forward cannot go on")
         params = [r.params for r in done]
-        result_json = _jsonable({
+        result_json = jsonable({
             **head, "windows": [r.to_dict() for r in done],
             "stitched": stitch(conn, done, base_config.cash, markets),
             "stability": stability(params)})
@@ -712,7 +680,7 @@ def run_walk_forward(conn: psycopg.Connection, base_config: BacktestConfig, *,
                      (wf_id, Jsonb(result_json)))
     except BaseException as exc:
         message = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        partial = _jsonable({**head, "error": f"{type(exc).__name__}: {message}",
+        partial = jsonable({**head, "error": f"{type(exc).__name__}: {message}",
                              "windows": [r.to_dict() for r in done], "stitched": None,
                              "stability": stability([r.params for r in done])})
         with contextlib.suppress(psycopg.Error):  # the original error is the one to report
