@@ -83,8 +83,12 @@ SELECT backtest.finish_run(%(run)s, %(status)s, %(fingerprint)s, %(bars)s, %(ela
                            %(notes)s);
 
 -- name: backtest_record_equity
-SELECT backtest.record_equity(%(run)s, %(ts)s, %(equity)s::numeric[], %(benchmark)s::numeric[],
-                              %(drawdown)s, %(exposed)s);
+-- (arrays as text literals: one parameter each, however long the curve)
+SELECT backtest.record_equity(%(run)s,
+    ARRAY(SELECT timestamptz 'epoch' + u * interval '1 microsecond'
+          FROM unnest(%(ts)s::bigint[]) WITH ORDINALITY AS x(u, n) ORDER BY n),
+    %(equity)s::numeric[], %(benchmark)s::numeric[], %(drawdown)s::float8[],
+    %(exposed)s::boolean[]);
 
 -- name: backtest_record_metrics
 SELECT backtest.record_metrics(%(run)s, %(metrics)s);

@@ -3341,6 +3341,10 @@ CREATE TABLE backtest.walk_forward_windows (
 COMMENT ON CONSTRAINT walk_forward_windows_order ON backtest.walk_forward_windows IS
     'a window trains before it tests: train_start < train_end <= test_start < test_end';
 
+-- the orders of one account by number: backtest.step returns the orders it created
+-- (those numbered above the sequence's value before it) with one range probe
+CREATE INDEX orders_account_order_idx ON trading.orders (account_id, order_id);
+
 ------------------------------------------------------------------------------ views
 -- The closed trades of every run, with names instead of ids.
 CREATE VIEW backtest.trades AS
@@ -3559,7 +3563,7 @@ BEGIN
                 'strategy_id', o.strategy_id, 'stop_loss', o.stop_loss,
                 'take_profit', o.take_profit, 'trailing_stop', o.trailing_stop,
                 'breakeven', o.breakeven) ORDER BY o.order_id)
-            FROM trading.orders o WHERE o.order_id > before AND o.account_id = acc.account_id), '[]'),
+            FROM trading.orders o WHERE o.account_id = acc.account_id AND o.order_id > before), '[]'),
         'account', backtest._state(acc.account_id));
 END
 $$;

@@ -16,6 +16,7 @@ Each call is `backtest.step(run, ops)`: one transaction, one round trip.
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import time
@@ -80,6 +81,7 @@ class RunCounts:
     fills: int = 0
     protective_orders: int = 0
     strategy_errors: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)  # the engine's own consistency checks
 
 
 def _f(value: Any) -> float | None:
@@ -181,10 +183,9 @@ class Engine:
         """Replay the period; returns the run id (the run is finished by the caller)."""
         self._create_run()
         started = time.perf_counter()
-        groups = list(self._timeline())
-        total = len(groups)
+        total = self._timeline_length()
         every = max(total // 100, 1)
-        for n, (t_us, members) in enumerate(groups, 1):
+        for n, (t_us, members) in enumerate(self._timeline(), 1):
             self._bar_group(t_us, members)
             if self.progress is not None and (n % every == 0 or n == total):
                 self.progress(n, total)
@@ -192,6 +193,12 @@ class Engine:
         self.counts.bars = sum(len(sd) - sd.first for sd in self.symbols)
         log.debug("run %s replayed in %.2f s", self.run_id, time.perf_counter() - started)
         return self.run_id
+
+    def _timeline_length(self) -> int:
+        if len(self.symbols) == 1:
+            sd = self.symbols[0]
+            return len(sd) - sd.first
+        return len(np.unique(np.concatenate([sd.close_us[sd.first:] for sd in self.symbols])))
 
     def _timeline(self) -> Iterator[tuple[int, list[tuple[int, int]]]]:
         """(close time, [(symbol index, bar index), ...]) in time order."""
@@ -207,9 +214,9 @@ class Engine:
         index = np.concatenate([np.arange(sd.first, len(sd)) for sd in self.symbols])
         order = np.lexsort((keys, times))
         times, keys, index = times[order], keys[order], index[order]
-        bounds = np.flatnonzero(np.diff(times)) + 1
-        for chunk in np.split(np.arange(len(times)), bounds):
-            yield int(times[chunk[0]]), [(int(keys[j]), int(index[j])) for j in chunk]
+        bounds = [0, *(np.flatnonzero(np.diff(times)) + 1).tolist(), len(times)]
+        for a, b in itertools.pairwise(bounds):
+            yield int(times[a]), [(int(keys[j]), int(index[j])) for j in range(a, b)]
 
     def _bar_group(self, t_us: int, members: list[tuple[int, int]]) -> None:
         self._now_us = t_us
@@ -419,6 +426,12 @@ class Engine:
 
     # ------------------------------------------------------------------ signals
     def _submit(self, signals: list[TradeSignal]) -> None:
+        self.counts.signals += len(signals)
+        if all(self._no_op(sig) for sig in signals):
+            # a close with nothing held or ordered, or a hold: the ledger's answer is known
+            # (ignored), so the signal is recorded with the next step, not a step of its own
+            self.deferred += [{**self._signal_op(sig), "_deferred": True} for sig in signals]
+            return
         ranges: dict[int, tuple[int, int]] = {}
         held = sorted(set(self.positions) | self.deferred_symbols)
         ops = self._take_deferred()
@@ -427,16 +440,17 @@ class Engine:
             if op is not None:
                 ranges[k] = op["_range"]
                 ops.append(op)
-        first_signal = len(ops)
-        for sig in signals:
-            ops.append(self._signal_op(sig))
-        self.counts.signals += len(signals)
+        ops += [self._signal_op(sig) for sig in signals]
         answer = self._step(ops)
-        created = {int(o["order_id"]): o for o in answer["orders"]}
-        for sig, res in zip(signals, answer["results"][first_signal:], strict=True):
-            self._signal_result(sig, res, created)
         if ranges:
             self._settle_protective(answer, ranges)
+
+    def _no_op(self, sig: TradeSignal) -> bool:
+        if sig.action == "hold":
+            return True
+        k = self.by_symbol.get(sig.symbol.upper())
+        return (sig.action == "close" and k is not None and self._held(k) == 0
+                and not self.pending[k])
 
     def _signal_op(self, sig: TradeSignal) -> dict[str, Any]:
         k = self.by_symbol.get(sig.symbol.upper())
@@ -447,6 +461,7 @@ class Engine:
         sd = self.symbols[k]
         payload = sig.to_dict()
         payload["op"] = "signal"
+        payload["_signal"] = sig
         payload["venue"] = sd.inst.venue
         last = self._last_closed(k)
         if "price" not in payload and last is not None:
@@ -466,8 +481,13 @@ class Engine:
         return before if before >= 0 else None
 
     def _signal_result(self, sig: TradeSignal, res: dict[str, Any],
-                       created: dict[int, dict[str, Any]]) -> None:
+                       created: dict[int, dict[str, Any]], deferred: bool = False) -> None:
         status = res.get("status")
+        if deferred and status != "ignored" and len(self.counts.warnings) < 100:
+            # the engine held it back as a no-op: its view of the position was wrong
+            self.counts.warnings.append(
+                f"a {sig.action} signal for {sig.symbol} at {sig.ts.isoformat()} held back as "
+                f"a no-op was {status} by the ledger ({res.get('reason_code')})")
         if status == "approved":
             self.counts.approved += 1
             ids = res.get("order_ids") or [res["order_id"]]
@@ -511,6 +531,10 @@ class Engine:
         answer: dict[str, Any] = row[0]
         self.counts.steps += 1
         self._apply_state(answer["account"])
+        created = {int(o["order_id"]): o for o in answer["orders"]}
+        for op, res in zip(ops, answer["results"], strict=True):
+            if "_signal" in op:
+                self._signal_result(op["_signal"], res, created, bool(op.get("_deferred")))
         for o in answer["orders"]:
             if o["trigger"] not in _PROTECTIVE and o["trigger"] != "signal":
                 # the breaker's closing orders (and any other the ledger made on its own)

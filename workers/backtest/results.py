@@ -21,7 +21,7 @@ import psycopg
 from psycopg.types.json import Jsonb
 
 from db.queries import query
-from workers.backtest.data import from_us, instrument
+from workers.backtest.data import instrument
 from workers.backtest.engine import Engine
 from workers.backtest.metrics import (
     EquityCurve,
@@ -127,6 +127,11 @@ def clean_metrics(metrics: Mapping[str, Any]) -> dict[str, Any]:
             for k, v in metrics.items()}
 
 
+def _array(values: Sequence[object]) -> str:
+    """A PostgreSQL array literal of numbers or t/f (no quoting needed for either)."""
+    return "{" + ",".join(map(str, values)) + "}"
+
+
 def record_results(engine: Engine, elapsed: float) -> None:
     """Compute and store the curve, metrics, sanity check and fingerprint; finish the run."""
     conn, run, cfg = engine.conn, engine.run_id, engine.config
@@ -152,16 +157,17 @@ def record_results(engine: Engine, elapsed: float) -> None:
     if gap > 1e-6 * max(1.0, abs(float(final))):
         warnings.append(f"the equity curve ends at {curve.equity[-1]:.6f} but the ledger says "
                         f"{final}: the curve and the ledger disagree")
+    warnings += engine.counts.warnings
     drawdown = drawdown_series(curve.equity, starting_cash=float(cfg.cash))
     keep = [int(np.argmax(drawdown)), int(np.argmin(curve.equity)), int(np.argmax(curve.equity))]
     pick = sample_indices(len(curve.times), cfg.equity_points, keep)
     assert curve.benchmark is not None
     conn.execute(query("backtest_record_equity"), {
-        "run": run, "ts": [from_us(int(t)) for t in curve.times[pick]],
-        "equity": np.round(curve.equity[pick], 8).tolist(),
-        "benchmark": np.round(curve.benchmark[pick], 8).tolist(),
-        "drawdown": np.minimum(drawdown[pick], 1e6).tolist(),
-        "exposed": curve.exposure[pick].tolist()})
+        "run": run, "ts": _array(curve.times[pick].tolist()),
+        "equity": _array(np.round(curve.equity[pick], 8).tolist()),
+        "benchmark": _array(np.round(curve.benchmark[pick], 8).tolist()),
+        "drawdown": _array(np.minimum(drawdown[pick], 1e6).tolist()),
+        "exposed": _array(["t" if x else "f" for x in curve.exposure[pick].tolist()])})
     grouped = {by: {k: clean_metrics(v) for k, v in grouped_trade_metrics(trades, by).items()}
                for by in ("strategy", "market", "symbol")}
     conn.execute(query("backtest_record_metrics"), {"run": run, "metrics": Jsonb(
