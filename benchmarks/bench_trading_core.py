@@ -275,7 +275,7 @@ def main() -> None:
             figures |= run_signals(conn, last, args.signals, 0)
             if tracked:
                 figures |= server_side(conn, ("trading.submit_signal", "trading.apply_fill",
-                                              "risk.check_order"))
+                                              "risk._check_order"))
             figures["orders_after_a"] = conn.execute(
                 "SELECT count(*) FROM trading.orders").fetchone()[0]
 
