@@ -161,3 +161,6 @@ ORDER BY run_id DESC LIMIT 1;
 -- name: backtest_equity_limits
 SELECT EXISTS (SELECT 1 FROM backtest.runs r, risk.effective_limits(r.account_id) l
                WHERE r.run_id = %(run)s AND l.limit_type IN ('MAX_DRAWDOWN', 'DAILY_LOSS'));
+
+-- name: backtest_refresh_statistics
+SELECT backtest.refresh_statistics();

@@ -47,6 +47,8 @@ log = logging.getLogger("mmats.backtest")
 Progress = Callable[[int, int], None]
 _PROTECTIVE = frozenset({"stop_loss", "take_profit", "trailing_stop", "breakeven"})
 _ONE_US = 1
+# steps after which the ledger's statistics are refreshed (see backtest.refresh_statistics)
+_ANALYZE_AT = frozenset({200, 2_000, 20_000})
 
 
 @dataclass(slots=True)
@@ -530,6 +532,8 @@ class Engine:
         assert row is not None
         answer: dict[str, Any] = row[0]
         self.counts.steps += 1
+        if self.counts.steps in _ANALYZE_AT:
+            self.conn.execute(query("backtest_refresh_statistics"))
         self._apply_state(answer["account"])
         created = {int(o["order_id"]): o for o in answer["orders"]}
         for op, res in zip(ops, answer["results"], strict=True):

@@ -504,6 +504,18 @@ BEGIN
 END
 $$;
 
+-- Fresh statistics for the ledger's tables. A backtest writes thousands of rows into
+-- tables that may have been empty when its session planned the trading functions; the
+-- plans cached then (e.g. the duplicate-fill lookup taking the account/time index and
+-- filtering every fill of the account) stay until the statistics change. The engine
+-- calls this a few times as a run grows; it re-plans its session's functions.
+CREATE FUNCTION backtest.refresh_statistics() RETURNS void
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+    ANALYZE trading.fills, trading.orders, trading.signals, trading.positions, trading.trades;
+END
+$$;
+
 ------------------------------------------------------------------------------ grants
 REVOKE ALL ON ALL FUNCTIONS IN SCHEMA backtest FROM PUBLIC;
 REVOKE ALL ON ALL TABLES IN SCHEMA backtest FROM PUBLIC;
@@ -518,5 +530,6 @@ GRANT EXECUTE ON FUNCTION
     backtest.record_montecarlo(bigint, text, integer, bigint, numeric, jsonb),
     backtest.create_walk_forward(text, text[], text, timestamptz, timestamptz, text, jsonb),
     backtest.record_window(bigint, integer, timestamptz, timestamptz, timestamptz, timestamptz, jsonb, double precision, integer, bigint),
-    backtest.finish_walk_forward(bigint, text, jsonb)
+    backtest.finish_walk_forward(bigint, text, jsonb),
+    backtest.refresh_statistics()
     TO mmats_api;
