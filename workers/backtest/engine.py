@@ -435,7 +435,10 @@ class Engine:
             self.deferred += [{**self._signal_op(sig), "_deferred": True} for sig in signals]
             return
         ranges: dict[int, tuple[int, int]] = {}
-        held = sorted(set(self.positions) | self.deferred_symbols)
+        # marks make the ledger's equity current for sizing: only entries are sized (a
+        # close is the held quantity; protection never waits for a signal: see _watch)
+        sizing = any(sig.action in ("buy", "sell") for sig in signals)
+        held = sorted(set(self.positions) | self.deferred_symbols) if sizing else []
         ops = self._take_deferred()
         for k in held:
             op = self._protect_op(k, self.current[k])
