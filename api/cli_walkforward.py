@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import click
 
-from api.cli_backtest import write_json
+from api.cli_backtest import backtest_options, build_config, write_json
 from api.table import table
 from db.connect import connect, database_url
 from db.errors import MmatsError
@@ -103,12 +102,7 @@ def print_result(result: Mapping[str, Any]) -> None:
 
 
 @click.command("walk-forward")
-@click.option("--strategy", required=True, help="strategy name (mmats strategies)")
-@click.option("--symbol", "symbols", multiple=True, required=True,
-              help="symbol (repeat for several; SYMBOL@venue when ambiguous)")
-@click.option("--timeframe", required=True, help="1m, 5m, 15m, 1h, 4h, 1d or 1w")
-@click.option("--from", "date_from", required=True, help="start date/time (UTC)")
-@click.option("--to", "date_to", required=True, help="end date/time (UTC, exclusive)")
+@backtest_options
 @click.option("--train-share", default=0.7, show_default=True, type=float,
               help="training share of each window: train / (train + test)")
 @click.option("--step", default="monthly", show_default=True,
@@ -117,47 +111,25 @@ def print_result(result: Mapping[str, Any]) -> None:
 @click.option("--objective", default="sharpe", show_default=True,
               help="run metric to maximise on the training windows")
 @click.option("--method", default="grid", show_default=True,
-              type=click.Choice(["grid", "random"]))
+              type=click.Choice(["grid", "random"]), help="parameter search")
 @click.option("--samples", default=None, type=int, help="candidates for --method random")
 @click.option("--seed", default=0, show_default=True, type=int, help="seed of the sampling")
 @click.option("--param", "params", multiple=True, metavar="NAME=LO:HI:STEP|NAME=V1,V2,...",
               help="candidates of a parameter (repeat; the others keep their defaults; "
                    "NAME=* takes the strategy's own search space)")
 @click.option("--max-candidates", default=50, show_default=True, type=int,
-              help="at most this many candidates per window (a random sample beyond)")
-@click.option("--cash", default="10000", show_default=True)
-@click.option("--currency", default=None, help="account currency (default: the quote)")
-@click.option("--commission", default="0", show_default=True,
-              help="fraction of the notional per side (taker)")
-@click.option("--slippage", default=None, help="none | bps:N | atr:F | volume:K")
-@click.option("--spread", default=None, help="fraction, or SYMBOL=fraction,...")
-@click.option("--allow-short", is_flag=True, help="sell signals may open shorts")
-@click.option("--limits", default=None, type=click.Path(dir_okay=False),
-              help="risk limits for every run's account (TOML or JSON)")
-@click.option("--strategy-dir", multiple=True, type=click.Path(file_okay=False),
-              help="a folder of user strategies")
+              help="at most this many parameter sets per window (sampled, seeded)")
 @click.option("--json", "json_file", default=None, help="write the whole result here")
 @click.option("--quiet", is_flag=True, help="no training progress on stderr")
-def walk_forward_command(strategy: str, symbols: tuple[str, ...], timeframe: str,
-                         date_from: str, date_to: str, train_share: float, step: str,
-                         anchored: bool, objective: str, method: str, samples: int | None,
-                         seed: int, params: tuple[str, ...], max_candidates: int, cash: str,
-                         currency: str | None, commission: str, slippage: str | None,
-                         spread: str | None, allow_short: bool, limits: str | None,
-                         strategy_dir: tuple[str, ...], json_file: str | None,
-                         quiet: bool) -> None:
+def walk_forward_command(train_share: float, step: str, anchored: bool, objective: str,
+                         method: str, samples: int | None, seed: int, params: tuple[str, ...],
+                         max_candidates: int, json_file: str | None, quiet: bool,
+                         **options: Any) -> None:
     """Walk-forward optimisation: search parameters on each training window, trade the
     best on the window after it, and report the stitched out-of-sample result."""
     from strategies.loader import StrategyLoader, StrategyLoadError
-    from workers.backtest.config import (
-        BacktestConfig,
-        BacktestError,
-        load_limits,
-        parse_decimal,
-        parse_spread,
-        parse_time,
-    )
-    from workers.backtest.simulator import SimulatorError, Slippage
+    from workers.backtest.config import BacktestError
+    from workers.backtest.simulator import SimulatorError
     from workers.backtest.walkforward import (
         load_walk_forward,
         parse_param_ranges,
@@ -165,15 +137,9 @@ def walk_forward_command(strategy: str, symbols: tuple[str, ...], timeframe: str
         search_grid,
     )
 
+    config = build_config(params=None, **options)
+    strategy = config.strategy
     try:
-        config = BacktestConfig(
-            strategy=strategy, symbols=tuple(s.upper() for s in symbols), timeframe=timeframe,
-            start=parse_time(date_from, "--from"), end=parse_time(date_to, "--to"),
-            cash=parse_decimal(cash, "--cash"), currency=currency,
-            commission=parse_decimal(commission, "--commission"),
-            slippage=Slippage.parse(slippage), spread=parse_spread(spread),
-            allow_short=allow_short, limits=load_limits(limits) if limits else (),
-            strategy_dirs=tuple(Path(d) for d in strategy_dir))
         ranges = parse_param_ranges(params)
         try:
             cls = StrategyLoader(config.strategy_dirs).get(strategy)

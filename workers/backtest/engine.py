@@ -20,7 +20,7 @@ import itertools
 import json
 import logging
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field, replace
 from decimal import Decimal
 from functools import partial
@@ -34,13 +34,13 @@ from psycopg.types.json import Jsonb, set_json_loads
 from db.queries import query
 from strategies.base import IStrategy
 from strategies.events import OrderFilled, OrderRejected
-from strategies.isolation import StrategyError, StrategyGuard
+from strategies.isolation import StrategyGuard
 from strategies.loader import StrategyLoader, StrategyLoadError
 from strategies.market import AccountState, Environment, PositionState, StrategyContext
 from strategies.params import ParamError
 from strategies.signal import TradeSignal
 from workers.backtest.config import BacktestConfig, BacktestError
-from workers.backtest.data import SymbolData, from_us, instrument, load_symbol, to_us
+from workers.backtest.data import SymbolData, from_us, instrument, load_symbol
 from workers.backtest.simulator import SimFill, SimOrder, Simulator
 
 log = logging.getLogger("mmats.backtest")
@@ -230,7 +230,7 @@ class Engine:
             if watch is not None and watch.protected:
                 self._watch(k, i, watch)
             if self.mark_every_bar and (k in self.positions or k in self.deferred_symbols):
-                self._mark(k, i)
+                self._send([k])
         signals = self._call_strategy(t_us, members)
         if signals:
             self._submit(signals)
@@ -246,7 +246,7 @@ class Engine:
             if order.side == "buy" and held < 0 and not order.reduce_only:
                 # the part that buys back the short always fills; cash limits the rest
                 order = replace(order, closing=min(order.quantity, -held))
-            fill = self.sims[k].match(order, bar, sd.inst.rules, cash=self._cash_estimate())
+            fill = self.sims[k].match(order, bar, sd.inst.rules, cash=self.cash)
             if fill is None:
                 waiting.append(order)
                 continue
@@ -293,10 +293,6 @@ class Engine:
         watch = self.positions.get(k)
         return (watch.quantity if watch is not None else Decimal(0)) + self.deferred_qty.get(k, 0)
 
-    def _cash_estimate(self) -> Decimal:
-        """Cash after the fills not yet sent (the ledger's figure after each step)."""
-        return self.cash
-
     # ------------------------------------------------------------------ protection
     def _watch(self, k: int, i: int, w: _Watch) -> None:
         sd = self.symbols[k]
@@ -313,7 +309,7 @@ class Engine:
             touched = (stop is not None and high >= stop - eps) or (
                 w.take_profit is not None and low <= w.take_profit + eps)
         if touched:
-            self._protect(k, i)
+            self._send([k])
         elif w.best is not None:
             w.best = max(w.best, high) if w.is_long else min(w.best, low)
 
@@ -327,23 +323,22 @@ class Engine:
                 "timeframe": sd.timeframe, "from": from_us(int(sd.ts_us[start])).isoformat(),
                 "to": from_us(int(sd.ts_us[i])).isoformat(), "_range": (start, i)}
 
-    def _mark(self, k: int, i: int) -> None:
-        """Mark (and snapshot) symbol k's positions to bar i, with the fills before it."""
-        ops = self._take_deferred()
-        op = self._protect_op(k, i)
-        if op is not None:
-            ops.append(op)
-        if ops:
-            answer = self._step(ops)
+    def _send(self, marks: Iterable[int], ops: Iterable[dict[str, Any]] = ()) -> None:
+        """One step: the fills and signals that wait, protect_bars of the symbols in
+        `marks` up to their current bar (marks, equity snapshot, protection), then `ops`;
+        the protective orders it creates fill on the bar that touched them."""
+        todo = self._take_deferred()
+        ranges: dict[int, tuple[int, int]] = {}
+        for k in marks:
+            op = self._protect_op(k, self.current[k])
             if op is not None:
-                self._settle_protective(answer, {k: op["_range"]})
-
-    def _protect(self, k: int, i: int) -> None:
-        op = self._protect_op(k, i)
-        if op is None:
-            return
-        answer = self._step([op])
-        self._settle_protective(answer, {k: op["_range"]})
+                ranges[k] = op["_range"]
+                todo.append(op)
+        todo += ops
+        if todo:
+            answer = self._step(todo)
+            if ranges:
+                self._settle_protective(answer, ranges)
 
     def _settle_protective(self, answer: dict[str, Any],
                            ranges: dict[int, tuple[int, int]]) -> None:
@@ -389,22 +384,18 @@ class Engine:
                                   self._params, log)
         result = self.guard.run_isolated(self.strategy, context)
         if result.error is not None:
-            self._strategy_error(result.error)
+            self._strategy_error(str(result.error))
         return result.signals
 
-    def _strategy_error(self, error: StrategyError) -> None:
+    def _strategy_error(self, text: str) -> None:
         if len(self.counts.strategy_errors) < 100:
-            self.counts.strategy_errors.append(str(error))
+            self.counts.strategy_errors.append(text.splitlines()[0] if text else "error")
 
     def _event(self, hook: Callable[[Any], None], event: object) -> None:
         try:
             hook(event)
         except Exception as exc:  # a strategy's callback must not stop the run
-            self._strategy_error_text(f"{type(exc).__name__} in {hook.__name__}: {exc}")
-
-    def _strategy_error_text(self, text: str) -> None:
-        if len(self.counts.strategy_errors) < 100:
-            self.counts.strategy_errors.append(text.splitlines()[0] if text else "error")
+            self._strategy_error(f"{type(exc).__name__} in {hook.__name__}: {exc}")
 
     def _account_state(self) -> AccountState:
         """The ledger as of now (sending the fills it has not seen yet first)."""
@@ -434,21 +425,14 @@ class Engine:
             # (ignored), so the signal is recorded with the next step, not a step of its own
             self.deferred += [{**self._signal_op(sig), "_deferred": True} for sig in signals]
             return
-        ranges: dict[int, tuple[int, int]] = {}
         # marks make the ledger's equity current for sizing: only entries are sized (a
         # close is the held quantity; protection never waits for a signal: see _watch)
         sizing = any(sig.action in ("buy", "sell") for sig in signals)
-        held = sorted(set(self.positions) | self.deferred_symbols) if sizing else []
-        ops = self._take_deferred()
-        for k in held:
-            op = self._protect_op(k, self.current[k])
-            if op is not None:
-                ranges[k] = op["_range"]
-                ops.append(op)
-        ops += [self._signal_op(sig) for sig in signals]
-        answer = self._step(ops)
-        if ranges:
-            self._settle_protective(answer, ranges)
+        self._send(self._held_symbols() if sizing else [],
+                   [self._signal_op(sig) for sig in signals])
+
+    def _held_symbols(self) -> list[int]:
+        return sorted(set(self.positions) | self.deferred_symbols)
 
     def _no_op(self, sig: TradeSignal) -> bool:
         if sig.action == "hold":
@@ -582,18 +566,7 @@ class Engine:
     def _finish_period(self) -> None:
         """Send what is left, mark every position to its last close and cancel the
         orders that never got a bar to fill on."""
-        held = sorted(set(self.positions) | self.deferred_symbols)
-        ops = self._take_deferred()
-        for k in held:
-            op = self._protect_op(k, self.current[k])
-            if op is not None:
-                ops.append(op)
-        if ops:
-            answer = self._step(ops)
-            ranges = {self.by_id[op["instrument_id"]]: op["_range"] for op in ops
-                      if op["op"] == "protect"}
-            if ranges:
-                self._settle_protective(answer, ranges)
+        self._send(self._held_symbols())
         open_orders = [r[0] for r in self.conn.execute(query("backtest_open_orders"),
                                                        {"run": self.run_id})]
         if open_orders:
@@ -602,9 +575,4 @@ class Engine:
                         for oid in open_orders])
 
 
-def period_bounds(sd: SymbolData) -> tuple[int, int]:
-    """First and last bar time (open, epoch us) of a symbol within the run's period."""
-    return int(sd.ts_us[sd.first]), int(sd.ts_us[-1])
-
-
-__all__ = ["Engine", "RunCounts", "period_bounds", "to_us"]
+__all__ = ["Engine", "RunCounts"]
