@@ -1,0 +1,1 @@
+"""Broker adapters behind one contract (`base.Broker`): paper, ccxt, Alpaca, OANDA."""

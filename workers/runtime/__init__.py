@@ -1,0 +1,1 @@
+"""The live and paper runtime: supervision, heartbeats, structured logs, the workers."""
