@@ -156,7 +156,15 @@ def audit_verify() -> None:
 
 
 def _register_subcommands() -> None:
-    from api import cli_backtest, cli_data, cli_roles, cli_trading, cli_walkforward, demo
+    from api import (
+        cli_backtest,
+        cli_data,
+        cli_roles,
+        cli_runtime,
+        cli_trading,
+        cli_walkforward,
+        demo,
+    )
 
     db_group.add_command(cli_roles.set_password_command)
     cli.add_command(cli_data.data_group)
@@ -165,7 +173,9 @@ def _register_subcommands() -> None:
     cli.add_command(demo.demo)
     for command in (cli_backtest.backtest_command, cli_backtest.runs_command,
                     cli_backtest.report_command, cli_backtest.montecarlo_command,
-                    cli_backtest.strategies_command, cli_walkforward.walk_forward_command):
+                    cli_backtest.strategies_command, cli_walkforward.walk_forward_command,
+                    cli_runtime.run_command, cli_runtime.worker_command,
+                    cli_runtime.paper_command):
         cli.add_command(command)
 
 

@@ -25,7 +25,9 @@ SELECT current_setting('server_version') AS version,
 SELECT instrument_id, symbol, venue, market::text, quote_currency, price_tick, quantity_step,
        min_quantity
 FROM market.instruments
-WHERE symbol = %(symbol)s AND (%(venue)s::text IS NULL OR venue = %(venue)s)
+WHERE symbol = %(symbol)s
+  -- a replay session's copy (venue replay<N>) only when its venue is named
+  AND (venue = %(venue)s OR (%(venue)s::text IS NULL AND venue !~ '^replay[0-9]+$'))
 ORDER BY venue;
 
 -- name: backtest_bar_range

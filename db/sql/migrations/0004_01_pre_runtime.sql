@@ -156,6 +156,48 @@ BEGIN
 END
 $$;
 
+------------------------------------------------------------------------------ replay venues
+-- A replay session (`mmats paper --feed replay`) copies its symbols onto a venue of its
+-- own, `replay<N>`. Such an instrument is found only when its venue is named: a symbol
+-- given without a venue still means the real instrument, however many sessions ran.
+CREATE OR REPLACE FUNCTION market._instrument(symbol text, venue text DEFAULT NULL)
+RETURNS market.instruments
+LANGUAGE plpgsql STABLE SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    inst market.instruments;
+    n integer := 0;
+BEGIN
+    IF symbol IS NULL THEN
+        RAISE EXCEPTION 'a symbol is required' USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    IF _instrument.venue IS NULL THEN
+        FOR inst IN SELECT * FROM market.instruments i
+                    WHERE i.symbol = upper(_instrument.symbol) AND i.venue !~ '^replay[0-9]+$' LOOP
+            n := n + 1;
+            EXIT WHEN n > 1;
+        END LOOP;
+    ELSE
+        SELECT * INTO inst FROM market.instruments i
+        WHERE i.venue = _instrument.venue AND i.symbol = upper(_instrument.symbol);
+        IF FOUND THEN
+            n := 1;
+        END IF;
+    END IF;
+    IF n = 0 THEN
+        RAISE EXCEPTION 'unknown symbol %',
+            quote_literal(symbol) || COALESCE(' on venue ' || quote_literal(_instrument.venue), '')
+            USING ERRCODE = 'foreign_key_violation',
+                  HINT = 'import its bars first (mmats data import) so the instrument exists';
+    ELSIF n > 1 THEN
+        RAISE EXCEPTION 'symbol % exists on several venues (%): name the venue', symbol,
+            (SELECT string_agg(i.venue, ', ' ORDER BY i.venue) FROM market.instruments i
+             WHERE i.symbol = upper(_instrument.symbol) AND i.venue !~ '^replay[0-9]+$')
+            USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    RETURN inst;
+END
+$$;
+
 ------------------------------------------------------------------------------ the order queue
 -- The router drains pgmq's `orders` queue through these three functions, never the
 -- queue's tables: it cannot lose or forge a message. Backtest orders never reach a
@@ -381,6 +423,10 @@ GRANT EXECUTE ON FUNCTION runtime.heartbeat(text, text, text, integer, text, jso
     runtime.report_error(text, text, text, text, jsonb),
     runtime.advance_cursor(text, bigint, timestamptz)
     TO mmats_strategy, mmats_router, mmats_api;
+
+-- the strategy worker waits for a paper account's fills at a bar's open before the bar
+-- reaches its strategies: it looks at the account's open orders
+GRANT SELECT ON trading.orders TO mmats_strategy;
 
 -- the router: the queue, the broker's secrets, what a paper fill needs, reconciliation
 GRANT USAGE ON SCHEMA pgmq TO mmats_router;

@@ -1,0 +1,298 @@
+"""`mmats run`, `mmats worker KIND` and `mmats paper --feed replay`."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from datetime import datetime, timedelta
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+import click
+import psycopg
+
+from db.config import load_settings
+from db.connect import connect, database_url
+from db.errors import MmatsError
+from workers.runtime import config as runtime_config
+from workers.runtime import log
+
+
+def _config_path(value: str | None) -> Path:
+    if value:
+        return Path(value)
+    env = os.environ.get("MMATS_CONFIG")
+    return Path(env) if env else Path("mmats.toml")
+
+
+@click.command("run")
+@click.option("--config", "config_file", help="the runtime configuration (default mmats.toml)")
+def run_command(config_file: str | None) -> None:
+    """Create the configured accounts, then run and supervise every worker they need."""
+    from workers.runtime.supervisor import Supervisor, apply_config, kinds_for
+
+    path = _config_path(config_file)
+    cfg = runtime_config.load(path)
+    url = database_url()
+    with connect(url, autocommit=True) as conn:
+        for line in apply_config(conn, cfg):
+            click.echo(line)
+    kinds = kinds_for(cfg)
+    if not kinds:
+        raise MmatsError(f"{path}: nothing to run (no [[feeds]], [[strategies]] or brokers)")
+    for acc in cfg.accounts:
+        click.echo(f"account {acc.name}: {acc.environment.upper()} environment, {acc.mode} mode, "
+                   f"broker {acc.broker}" + (f" ({acc.endpoint} endpoint)"
+                                             if acc.broker != "paper" else ""))
+    click.echo(f"workers: {', '.join(kinds)} (logs: JSON lines on stderr of each; stop with "
+               "Ctrl-C or SIGTERM)")
+    sup = Supervisor(path.resolve(), kinds, log_dir=load_settings().home / "logs")
+    signal.signal(signal.SIGTERM, lambda *_: sup.stop_event.set())
+    try:
+        sup.run()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        sup.stop()
+
+
+@click.command("worker")
+@click.argument("kind", type=click.Choice(["ingest", "strategies", "router", "reconciler",
+                                           "notifier"]))
+@click.option("--config", "config_file", help="the runtime configuration (default mmats.toml)")
+@click.option("--name", help="the worker's name in runtime.workers (default: its kind)")
+def worker_command(kind: str, config_file: str | None, name: str | None) -> None:
+    """Run one worker in the foreground (JSON logs on stderr)."""
+    from workers.runtime.supervisor import build_worker
+
+    cfg = runtime_config.load(_config_path(config_file))
+    log.setup(name or kind, file=cfg.log_file)
+    worker = build_worker(kind, cfg, database_url(), name=name)
+    worker.install_signal_handlers()
+    worker.run()
+
+
+@click.command("paper")
+@click.option("--feed", type=click.Choice(["replay"]), required=True,
+              help="where the bars come from (replay: stored bars, played as if live)")
+@click.option("--strategy", required=True, help="a strategy name (mmats strategies)")
+@click.option("--symbol", "symbols", multiple=True, required=True, help="repeatable")
+@click.option("--timeframe", default="1m", show_default=True)
+@click.option("--from", "start", required=True, help="YYYY-MM-DD or ISO-8601 (UTC)")
+@click.option("--to", "end", required=True, help="YYYY-MM-DD or ISO-8601 (UTC), exclusive")
+@click.option("--speed", default="max", show_default=True,
+              help="N times real time, or max (as fast as the pipeline settles)")
+@click.option("--params", help="strategy parameters, k=v,...")
+@click.option("--cash", default="10000", show_default=True)
+@click.option("--commission", default="0.001", show_default=True,
+              help="paper broker fee, a fraction per side")
+@click.option("--slippage", default="none", show_default=True, help="none | bps:N | atr:F | volume:K")
+@click.option("--spread", default="0", show_default=True)
+@click.option("--allow-short", is_flag=True)
+@click.option("--quiet", is_flag=True, help="no line per signal, order and fill")
+def paper_command(feed: str, strategy: str, symbols: tuple[str, ...], timeframe: str, start: str,
+                  end: str, speed: str, params: str | None, cash: str, commission: str,
+                  slippage: str, spread: str, allow_short: bool, quiet: bool) -> None:
+    """Paper-trade a strategy on a replayed feed: the whole live pipeline (ingest -> bars
+    trigger -> strategy worker -> order queue -> router -> paper broker), each worker in
+    its own process. Prints the signals, orders and fills as they happen."""
+    from workers.backtest.config import parse_decimal, parse_params, parse_time
+
+    result = run_replay_session(
+        strategy=strategy, symbols=list(symbols), timeframe=timeframe,
+        start=parse_time(start, "--from"), end=parse_time(end, "--to"), speed=speed,
+        params=parse_params(params), cash=parse_decimal(cash, "--cash"),
+        commission=parse_decimal(commission, "--commission"), slippage=slippage,
+        spread=parse_decimal(spread, "--spread"), allow_short=allow_short,
+        echo=None if quiet else click.echo)
+    s = result["summary"]
+    click.echo(f"session {result['session']} ({result['account']}, PAPER environment): "
+               f"{s['signals']} signals, {s['orders']} orders, {s['fills']} fills, "
+               f"{s['trades']} closed trades; equity {s['equity']:.2f} "
+               f"(cash {s['cash']:.2f}) in {result['seconds']:.1f} s")
+
+
+def _speed(text: str) -> float | None:
+    if text.strip().lower() == "max":
+        return None
+    try:
+        value = float(text)
+    except ValueError:
+        raise MmatsError(f"--speed must be a number > 0 or max, got {text!r}") from None
+    if not value > 0:
+        raise MmatsError(f"--speed must be a number > 0 or max, got {text!r}")
+    return value
+
+
+def prepare_replay(conn: psycopg.Connection, *, strategy: str, symbols: list[str],
+                   timeframe: str, start: datetime, end: datetime, speed: str,
+                   params: dict[str, object], cash: Decimal, commission: Decimal, slippage: str,
+                   spread: Decimal, allow_short: bool, home: Path) -> Path:
+    """The session's instruments, warm-up bars, account and configuration file."""
+    from strategies.loader import StrategyLoader
+    from workers.backtest.simulator import Slippage
+    from workers.runtime.replay import ReplaySession, copy_instruments, copy_warmup, next_session
+    from workers.runtime.supervisor import apply_config
+
+    if timeframe not in runtime_config.TIMEFRAMES:
+        raise MmatsError(f"--timeframe {timeframe!r} is not one of "
+                         f"{', '.join(runtime_config.TIMEFRAMES)}")
+    if end <= start:
+        raise MmatsError(f"--to {end.isoformat()} must be after --from {start.isoformat()}")
+    Slippage.parse(slippage)
+    loader = StrategyLoader()
+    loader.reload_if_changed()
+    instance = loader.create(strategy, params)  # a bad name or parameter fails here
+    n = next_session(conn)
+    venue = f"replay{n}"
+    account = f"paper-replay-{n}"
+    with conn.transaction():
+        pairs = copy_instruments(conn, symbols, venue)
+        stored = conn.execute(
+            "SELECT count(*) FROM market.bars WHERE instrument_id = ANY(%s) AND timeframe = %s "
+            "AND ts >= %s AND ts < %s", ([p[0] for p in pairs], timeframe, start, end)).fetchone()
+        if not stored or not stored[0]:
+            raise MmatsError(f"no {timeframe} bars stored for {', '.join(symbols)} from "
+                             f"{start:%Y-%m-%d %H:%M} to {end:%Y-%m-%d %H:%M} UTC")
+        currency = conn.execute("SELECT quote_currency FROM market.instruments "
+                                "WHERE instrument_id = %s", (pairs[0][0],)).fetchone()
+        assert currency is not None
+        last_warmup = copy_warmup(conn, pairs, timeframe, start, instance.warmup_bars())
+    session = ReplaySession(n, venue, account, timeframe, start, end, _speed(speed),
+                            tuple(p[0] for p in pairs), tuple(p[1] for p in pairs),
+                            tuple(p[2] for p in pairs))
+    text = "\n".join([
+        f"# replay session {n}, written by `mmats paper` (safe to delete)",
+        "[runtime]", "heartbeat_seconds = 1", "",
+        "[router]", "visibility_seconds = 5", "poll_ms = 20", "",
+        "[[accounts]]", f'name = "{account}"', 'environment = "paper"', 'mode = "operator"',
+        f"cash = \"{cash}\"", f'currency = "{currency[0]}"', 'broker = "paper"',
+        f"allow_short = {'true' if allow_short else 'false'}",
+        "[accounts.paper]", f'commission = "{commission}"', f'slippage = "{slippage}"',
+        f'spread = "{spread}"', "",
+        "[[strategies]]", f'account = "{account}"', f'name = "{strategy}"',
+        "symbols = [" + ", ".join(f'"{p[2]}@{venue}"' for p in pairs) + "]",
+        f'timeframe = "{timeframe}"',
+        "[strategies.params]", *[f"{k} = {_toml_value(v)}" for k, v in params.items()], "",
+        session.to_toml()])
+    folder = home / "sessions"
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"replay-{n}.toml"
+    path.write_text(text, encoding="utf-8")
+    apply_config(conn, runtime_config.load(path))
+    # the strategy's resume point exists before any worker runs: the replay waits for it
+    # from the first bar, and the strategy worker starts right after the warm-up
+    cls = type(instance)
+    conn.execute("SELECT runtime.advance_cursor(%s, NULL, %s)",
+                 (f"strategy:{account}:{cls.name}:{timeframe}",
+                  last_warmup if last_warmup is not None else start - timedelta(microseconds=1)))
+    return path
+
+
+def _toml_value(v: object) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, int | float):
+        return repr(v)
+    return '"' + str(v).replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+class EventTail:
+    """Prints an account's new signals, orders and fills, oldest first."""
+
+    def __init__(self, conn: psycopg.Connection, account: str, echo: Any) -> None:
+        self.conn = conn
+        self.echo = echo
+        row = conn.execute("SELECT account_id FROM trading.accounts WHERE name = %s",
+                           (account,)).fetchone()
+        assert row is not None
+        self.account_id = int(row[0])
+        self.last = {"signal": 0, "order": 0, "fill": 0}
+
+    def poll(self) -> int:
+        rows = self.conn.execute(
+            "SELECT 'signal', s.signal_id, s.ts, i.symbol, s.action::text, s.status::text, "
+            "       COALESCE(s.reason_code, ''), NULL::numeric, NULL::numeric "
+            "FROM trading.signals s JOIN market.instruments i USING (instrument_id) "
+            "WHERE s.account_id = %(a)s AND s.signal_id > %(s)s "
+            "UNION ALL SELECT 'order', o.order_id, o.created_at, i.symbol, o.side::text, "
+            "       o.trigger::text, o.order_type::text, o.quantity, NULL "
+            "FROM trading.orders o JOIN market.instruments i USING (instrument_id) "
+            "WHERE o.account_id = %(a)s AND o.order_id > %(o)s "
+            "UNION ALL SELECT 'fill', f.fill_id, f.ts, i.symbol, f.side::text, '', '', "
+            "       f.quantity, f.price "
+            "FROM trading.fills f JOIN market.instruments i USING (instrument_id) "
+            "WHERE f.account_id = %(a)s AND f.fill_id > %(f)s ORDER BY 1 DESC, 2",
+            {"a": self.account_id, "s": self.last["signal"], "o": self.last["order"],
+             "f": self.last["fill"]}).fetchall()
+        for kind, id_, ts, symbol, side, status, extra, qty, price in rows:
+            self.last[kind] = max(self.last[kind], int(id_))
+            if self.echo is None:
+                continue
+            if kind == "signal":
+                if side == "hold":
+                    continue
+                self.echo(f"  signal #{id_} {ts:%Y-%m-%d %H:%M} {symbol} {side} -> {status}"
+                          + (f" ({extra})" if extra else ""))
+            elif kind == "order":
+                self.echo(f"  order  #{id_} {symbol} {side} {qty} {extra} ({status})")
+            else:
+                self.echo(f"  fill   #{id_} {ts:%Y-%m-%d %H:%M} {symbol} {side} {qty} @ {price}")
+        return len(rows)
+
+
+def run_replay_session(*, strategy: str, symbols: list[str], timeframe: str, start: datetime,
+                       end: datetime, speed: str, params: dict[str, object], cash: Decimal,
+                       commission: Decimal, slippage: str = "none", spread: Decimal = Decimal(0),
+                       allow_short: bool = False, echo: Any = None,
+                       timeout: float = 3600.0) -> dict[str, Any]:
+    """Prepare a replay session and run its workers (ingest, strategies, router) as
+    supervised processes until the replay has played every bar and the pipeline settled."""
+    from workers.runtime.replay import load_session, summary
+    from workers.runtime.supervisor import Supervisor
+
+    settings = load_settings()
+    url = database_url()
+    started = time.monotonic()
+    with connect(url, autocommit=True) as conn:
+        path = prepare_replay(conn, strategy=strategy, symbols=symbols, timeframe=timeframe,
+                              start=start, end=end, speed=speed, params=params, cash=cash,
+                              commission=commission, slippage=slippage, spread=spread,
+                              allow_short=allow_short, home=settings.home)
+        session = load_session(path)
+        assert session is not None
+        if echo is not None:
+            echo(f"replay session {session.session}: {', '.join(session.symbols)} "
+                 f"{timeframe} from {start:%Y-%m-%d %H:%M} to {end:%Y-%m-%d %H:%M} UTC, "
+                 f"speed {speed}, account {session.account} (PAPER environment, operator)")
+        tail = EventTail(conn, session.account, echo)
+        sup = Supervisor(path, ["ingest", "strategies", "router"],
+                         log_dir=settings.home / "logs" / f"replay-{session.session}",
+                         finished=lambda kind, code: kind == "ingest" and code == 0)
+        previous = signal.signal(signal.SIGTERM, lambda *_: sup.stop_event.set())
+        sup.start()
+        try:
+            while not sup.stop_event.wait(0.2):
+                tail.poll()
+                sup.poll()
+                ingest = sup.children["ingest"]
+                if ingest.process is None and ingest.exit_codes and ingest.exit_codes[-1] == 0:
+                    break
+                if time.monotonic() - started > timeout:
+                    raise MmatsError(f"replay session {session.session} did not finish in "
+                                     f"{timeout:.0f} s")
+                for child in sup.children.values():
+                    if child.restarts > 5:
+                        raise MmatsError(
+                            f"the {child.kind} worker of replay session {session.session} "
+                            f"keeps dying (exit codes {child.exit_codes[-3:]}); its log: "
+                            f"{settings.home / 'logs' / f'replay-{session.session}' / (child.kind + '.log')}")
+        finally:
+            sup.stop()
+            signal.signal(signal.SIGTERM, previous)
+        tail.poll()
+        return {"session": session.session, "account": session.account, "config": str(path),
+                "summary": summary(conn, session.account),
+                "seconds": time.monotonic() - started}

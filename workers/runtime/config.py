@@ -1,0 +1,338 @@
+"""The runtime's configuration: the `[runtime]`, `[[accounts]]`, `[[strategies]]`,
+`[[feeds]]`, `[router]` and `[notifications]` tables of mmats.toml.
+
+Everything is validated before a worker starts, and every error is one line naming the
+table, the entry and the key (`[[strategies]] #2 (sma on paper-1): timeframe '2m' is not
+one of 1m, 5m, ...`). Secrets never belong here: a broker's keys are stored with
+`mmats creds set` and named by their label.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from decimal import Decimal, InvalidOperation
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from db.errors import MmatsError
+
+if TYPE_CHECKING:
+    from workers.runtime.replay import ReplaySession
+
+TIMEFRAMES = ("1m", "5m", "15m", "1h", "4h", "1d", "1w")
+ENVIRONMENTS = ("paper", "live")
+BROKERS = ("paper", "ccxt", "alpaca", "oanda")
+ENDPOINTS = ("paper", "testnet", "live")
+
+
+class RuntimeConfigError(MmatsError):
+    """mmats.toml asks for something the runtime cannot do."""
+
+
+@dataclass(frozen=True)
+class PaperCosts:
+    """The paper broker's fill rules (the backtest simulator's)."""
+
+    commission: Decimal = Decimal("0.001")
+    maker_fee: Decimal | None = None
+    slippage: str = "none"  # none | bps:N | atr:F | volume:F
+    spread: Decimal = Decimal(0)
+    latency_ms: int = 0
+
+
+@dataclass(frozen=True)
+class AccountConfig:
+    name: str
+    environment: str  # paper | live
+    mode: str = "advisory"
+    cash: Decimal = Decimal(10000)
+    currency: str = "USD"
+    broker: str = "paper"  # paper | ccxt | alpaca | oanda
+    exchange: str | None = None  # ccxt's exchange id
+    endpoint: str = "paper"  # paper | testnet | live: where the broker's orders go
+    credential: str | None = None  # a label of `mmats creds`
+    allow_short: bool = False
+    freeze_on_mismatch: bool = False
+    costs: PaperCosts = field(default_factory=PaperCosts)
+
+
+@dataclass(frozen=True)
+class StrategyConfig:
+    account: str
+    name: str
+    symbols: tuple[str, ...]
+    timeframe: str
+    params: Mapping[str, Any] = field(default_factory=dict)
+    allocation: Decimal = Decimal(1)
+    sizing_method: str = "percent_equity"
+    sizing_params: Mapping[str, Any] = field(default_factory=dict)
+
+    @property
+    def key(self) -> str:
+        return f"{self.account}:{self.name}:{self.timeframe}:{','.join(self.symbols)}"
+
+
+@dataclass(frozen=True)
+class FeedConfig:
+    market: str  # crypto | stock | forex
+    venue: str  # ccxt:binance | alpaca | oanda | replay
+    symbols: tuple[str, ...]
+    timeframes: tuple[str, ...]
+    endpoint: str = "live"
+    credential_account: str | None = None
+    credential: str | None = None
+
+
+@dataclass(frozen=True)
+class RouterConfig:
+    visibility_seconds: int = 30
+    poll_ms: int = 50
+    batch: int = 50
+    status_poll_seconds: float = 2.0
+    max_retries: int = 8
+
+
+@dataclass(frozen=True)
+class RuntimeConfig:
+    accounts: tuple[AccountConfig, ...] = ()
+    strategies: tuple[StrategyConfig, ...] = ()
+    feeds: tuple[FeedConfig, ...] = ()
+    router: RouterConfig = field(default_factory=RouterConfig)
+    notifications: Mapping[str, Any] = field(default_factory=dict)
+    strategy_dirs: tuple[Path, ...] = ()
+    heartbeat_seconds: float = 5.0
+    log_file: str | None = None
+    source: Path | None = None
+    replay: ReplaySession | None = None  # a replay session's feed (`mmats paper`)
+
+    def account(self, name: str) -> AccountConfig:
+        for acc in self.accounts:
+            if acc.name == name:
+                return acc
+        raise RuntimeConfigError(f"no [[accounts]] entry named {name!r}")
+
+
+def _dec(value: object, where: str, lo: Decimal | None = None,
+         hi: Decimal | None = None) -> Decimal:
+    if isinstance(value, bool) or not isinstance(value, int | float | str):
+        raise RuntimeConfigError(f"{where} must be a number, got {value!r}")
+    try:
+        number = Decimal(str(value))
+    except InvalidOperation:
+        raise RuntimeConfigError(f"{where} must be a number, got {value!r}") from None
+    if not number.is_finite():
+        raise RuntimeConfigError(f"{where} must be a finite number, got {value!r}")
+    if lo is not None and number < lo:
+        raise RuntimeConfigError(f"{where} must be >= {lo}, got {value!r}")
+    if hi is not None and number > hi:
+        raise RuntimeConfigError(f"{where} must be <= {hi}, got {value!r}")
+    return number
+
+
+def _str(table: Mapping[str, Any], key: str, where: str, default: str | None = None,
+         choices: tuple[str, ...] | None = None) -> str:
+    value = table.get(key, default)
+    if not isinstance(value, str) or not value:
+        raise RuntimeConfigError(f"{where}: {key} must be a non-empty string, got {value!r}")
+    if choices is not None and value not in choices:
+        raise RuntimeConfigError(f"{where}: {key} {value!r} is not one of {', '.join(choices)}")
+    return value
+
+
+def _strings(table: Mapping[str, Any], key: str, where: str) -> tuple[str, ...]:
+    value = table.get(key)
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, list) or not value or not all(
+            isinstance(v, str) and v for v in value):
+        raise RuntimeConfigError(f"{where}: {key} must be a non-empty list of strings")
+    return tuple(value)
+
+
+def _only(table: Mapping[str, Any], keys: set[str], where: str) -> None:
+    unknown = sorted(set(table) - keys)
+    if unknown:
+        raise RuntimeConfigError(f"{where}: unknown key {unknown[0]!r} "
+                                 f"(known: {', '.join(sorted(keys))})")
+
+
+def _costs(table: Mapping[str, Any], where: str) -> PaperCosts:
+    _only(table, {"commission", "maker_fee", "slippage", "spread", "latency_ms"}, where)
+    slippage = table.get("slippage", "none")
+    if not isinstance(slippage, str):
+        raise RuntimeConfigError(f"{where}: slippage must be a string like 'bps:5'")
+    latency = table.get("latency_ms", 0)
+    if isinstance(latency, bool) or not isinstance(latency, int) or not 0 <= latency <= 60_000:
+        raise RuntimeConfigError(f"{where}: latency_ms must be an integer 0..60000")
+    maker = table.get("maker_fee")
+    return PaperCosts(
+        commission=_dec(table.get("commission", "0.001"), f"{where}: commission", Decimal(0),
+                        Decimal("0.1")),
+        maker_fee=None if maker is None else _dec(maker, f"{where}: maker_fee", Decimal("-0.01"),
+                                                  Decimal("0.1")),
+        slippage=slippage, spread=_dec(table.get("spread", 0), f"{where}: spread", Decimal(0),
+                                       Decimal("0.1")),
+        latency_ms=latency)
+
+
+def _account(table: Mapping[str, Any], n: int) -> AccountConfig:
+    where = f"[[accounts]] #{n}"
+    _only(table, {"name", "environment", "mode", "cash", "currency", "broker", "exchange",
+                  "endpoint", "credential", "allow_short", "freeze_on_mismatch", "paper"}, where)
+    name = _str(table, "name", where)
+    where = f"[[accounts]] #{n} ({name})"
+    environment = _str(table, "environment", where, "paper", ENVIRONMENTS)
+    broker = _str(table, "broker", where, "paper", BROKERS)
+    default_endpoint = "live" if environment == "live" else (
+        "paper" if broker == "paper" else "testnet")
+    endpoint = _str(table, "endpoint", where, default_endpoint, ENDPOINTS)
+    if environment == "live" and endpoint != "live":
+        raise RuntimeConfigError(f"{where}: a live account sends orders to a live endpoint, "
+                                 f"not {endpoint!r}")
+    if environment != "live" and endpoint == "live":
+        raise RuntimeConfigError(
+            f"{where}: a {environment} account must not send orders to a live endpoint "
+            "(use endpoint = 'testnet' or 'paper', or make it a live account)")
+    if broker == "paper" and environment == "live":
+        raise RuntimeConfigError(f"{where}: a live account needs a real broker, not 'paper'")
+    exchange = table.get("exchange")
+    if broker == "ccxt" and not (isinstance(exchange, str) and exchange):
+        raise RuntimeConfigError(f"{where}: broker 'ccxt' needs exchange = '<ccxt id>'")
+    credential = table.get("credential")
+    if broker != "paper" and not (isinstance(credential, str) and credential):
+        raise RuntimeConfigError(f"{where}: broker {broker!r} needs credential = '<label>' "
+                                 "(stored with `mmats creds set`)")
+    paper = table.get("paper", {})
+    if not isinstance(paper, dict):
+        raise RuntimeConfigError(f"{where}: paper must be a table")
+    return AccountConfig(
+        name=name, environment=environment,
+        mode=_str(table, "mode", where, "advisory", ("advisory", "operator")),
+        cash=_dec(table.get("cash", 10000), f"{where}: cash", Decimal(0)),
+        currency=_str(table, "currency", where, "USD").upper(),
+        broker=broker, exchange=exchange if isinstance(exchange, str) else None,
+        endpoint=endpoint, credential=credential if isinstance(credential, str) else None,
+        allow_short=bool(table.get("allow_short", False)),
+        freeze_on_mismatch=bool(table.get("freeze_on_mismatch", False)),
+        costs=_costs(paper, f"{where} paper"))
+
+
+def _strategy(table: Mapping[str, Any], n: int, accounts: set[str]) -> StrategyConfig:
+    where = f"[[strategies]] #{n}"
+    _only(table, {"account", "name", "symbols", "timeframe", "params", "allocation",
+                  "sizing_method", "sizing_params"}, where)
+    name = _str(table, "name", where)
+    account = _str(table, "account", where)
+    where = f"[[strategies]] #{n} ({name} on {account})"
+    if account not in accounts:
+        raise RuntimeConfigError(f"{where}: account {account!r} has no [[accounts]] entry")
+    params = table.get("params", {})
+    sizing_params = table.get("sizing_params", {})
+    if not isinstance(params, dict) or not isinstance(sizing_params, dict):
+        raise RuntimeConfigError(f"{where}: params and sizing_params must be tables")
+    return StrategyConfig(
+        account=account, name=name,
+        symbols=tuple(s.upper() if "@" not in s else s.split("@")[0].upper() + "@" +
+                      s.split("@")[1] for s in _strings(table, "symbols", where)),
+        timeframe=_str(table, "timeframe", where, "1m", TIMEFRAMES), params=params,
+        allocation=_dec(table.get("allocation", 1), f"{where}: allocation", Decimal(0),
+                        Decimal(1)),
+        sizing_method=_str(table, "sizing_method", where, "percent_equity"),
+        sizing_params=sizing_params)
+
+
+def _feed(table: Mapping[str, Any], n: int) -> FeedConfig:
+    where = f"[[feeds]] #{n}"
+    _only(table, {"market", "venue", "symbols", "timeframes", "endpoint", "credential",
+                  "credential_account"}, where)
+    timeframes = _strings(table, "timeframes", where)
+    bad = [t for t in timeframes if t not in TIMEFRAMES]
+    if bad:
+        raise RuntimeConfigError(f"{where}: timeframe {bad[0]!r} is not one of "
+                                 f"{', '.join(TIMEFRAMES)}")
+    credential = table.get("credential")
+    cred_account = table.get("credential_account")
+    return FeedConfig(market=_str(table, "market", where, None, ("crypto", "stock", "forex")),
+                      venue=_str(table, "venue", where), symbols=_strings(table, "symbols", where),
+                      timeframes=timeframes,
+                      endpoint=_str(table, "endpoint", where, "live", ENDPOINTS),
+                      credential=credential if isinstance(credential, str) else None,
+                      credential_account=cred_account if isinstance(cred_account, str) else None)
+
+
+def _router(table: Mapping[str, Any]) -> RouterConfig:
+    where = "[router]"
+    _only(table, {"visibility_seconds", "poll_ms", "batch", "status_poll_seconds",
+                  "max_retries"}, where)
+    vt = int(_dec(table.get("visibility_seconds", 30), f"{where} visibility_seconds", Decimal(1),
+                  Decimal(86400)))
+    return RouterConfig(
+        visibility_seconds=vt,
+        poll_ms=int(_dec(table.get("poll_ms", 50), f"{where} poll_ms", Decimal(1),
+                         Decimal(60000))),
+        batch=int(_dec(table.get("batch", 50), f"{where} batch", Decimal(1), Decimal(1000))),
+        status_poll_seconds=float(_dec(table.get("status_poll_seconds", 2),
+                                       f"{where} status_poll_seconds", Decimal("0.01"))),
+        max_retries=int(_dec(table.get("max_retries", 8), f"{where} max_retries", Decimal(1),
+                             Decimal(100))))
+
+
+def parse(raw: Mapping[str, Any], source: Path | None = None) -> RuntimeConfig:
+    """The runtime configuration from a parsed TOML document."""
+    accounts_raw = raw.get("accounts", [])
+    strategies_raw = raw.get("strategies", [])
+    feeds_raw = raw.get("feeds", [])
+    for key, value in (("accounts", accounts_raw), ("strategies", strategies_raw),
+                       ("feeds", feeds_raw)):
+        if not isinstance(value, list) or not all(isinstance(v, dict) for v in value):
+            raise RuntimeConfigError(f"[[{key}]] must be an array of tables")
+    accounts = tuple(_account(t, n) for n, t in enumerate(accounts_raw, 1))
+    names = [a.name for a in accounts]
+    duplicate = next((n for n in names if names.count(n) > 1), None)
+    if duplicate:
+        raise RuntimeConfigError(f"[[accounts]]: the name {duplicate!r} appears twice")
+    strategies = tuple(_strategy(t, n, set(names)) for n, t in enumerate(strategies_raw, 1))
+    feeds = tuple(_feed(t, n) for n, t in enumerate(feeds_raw, 1))
+    section = raw.get("runtime", {})
+    router = raw.get("router", {})
+    notifications = raw.get("notifications", {})
+    if not all(isinstance(t, dict) for t in (section, router, notifications)):
+        raise RuntimeConfigError("[runtime], [router] and [notifications] must be tables")
+    _only(section, {"strategy_dirs", "heartbeat_seconds", "log_file"}, "[runtime]")
+    dirs = section.get("strategy_dirs", [])
+    if not isinstance(dirs, list) or not all(isinstance(d, str) for d in dirs):
+        raise RuntimeConfigError("[runtime] strategy_dirs must be a list of folder paths")
+    base = source.parent if source is not None else Path.cwd()
+    log_file = section.get("log_file")
+    replay = None
+    if "replay" in raw:
+        from workers.runtime.replay import ReplaySession
+
+        if not isinstance(raw["replay"], dict):
+            raise RuntimeConfigError("[replay] must be a table")
+        replay = ReplaySession.from_table(raw["replay"])
+    return RuntimeConfig(
+        accounts=accounts, strategies=strategies, feeds=feeds, router=_router(router),
+        notifications=notifications,
+        strategy_dirs=tuple((base / d).resolve() for d in dirs),
+        heartbeat_seconds=float(_dec(section.get("heartbeat_seconds", 5),
+                                     "[runtime] heartbeat_seconds", Decimal("0.1"))),
+        log_file=str((base / log_file).resolve()) if isinstance(log_file, str) else None,
+        source=source, replay=replay)
+
+
+def load(path: str | Path) -> RuntimeConfig:
+    p = Path(path)
+    if not p.is_file():
+        raise RuntimeConfigError(f"{p}: no such configuration file")
+    try:
+        with p.open("rb") as fh:
+            raw = tomllib.load(fh)
+    except tomllib.TOMLDecodeError as exc:
+        raise RuntimeConfigError(f"{p}: invalid TOML: {exc}") from None
+    try:
+        return parse(raw, p.resolve())
+    except RuntimeConfigError as exc:
+        raise RuntimeConfigError(f"{p}: {exc}") from None

@@ -1,0 +1,228 @@
+"""The paper broker: the backtest simulator's fill rules applied to live bars.
+
+Its order book is the ledger itself (a paper account's orders in status `submitted` or
+`partially_filled`), so it survives any restart. It fills exactly as a backtest does:
+
+- an order from a signal on bar t fills on the first bar that opens after the signal
+  (bar t+1's open for a market order; limit and stop orders when touched, at their price
+  or at the open when the bar gaps through), plus the configured latency;
+- a protective order (stop-loss, take-profit, trailing stop, breakeven) fills on the bar
+  that triggered it, at the level or at the open when the bar gapped through it;
+- any other order (a manual or breaker close) fills at the next bar's open;
+- buying cash limits the opening part of an order (the rest is cancelled with the reason);
+- commission, spread and slippage are the account's `paper` settings.
+
+Fill ids are deterministic (`paper-<order>-<bar time>`), so settling a bar twice (after a
+crash) applies nothing twice.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
+from typing import Any
+
+import numpy as np
+import psycopg
+import talib
+
+from workers.backtest.data import from_us, to_us
+from workers.backtest.simulator import (
+    Costs,
+    InstrumentRules,
+    SimBar,
+    SimFill,
+    SimOrder,
+    Simulator,
+    Slippage,
+)
+from workers.runtime.config import PaperCosts
+
+PROTECTIVE = frozenset({"stop_loss", "take_profit", "trailing_stop", "breakeven"})
+
+_OPEN_ORDERS = """
+SELECT o.order_id, o.client_order_id, o.side::text, o.order_type::text, o.quantity,
+       o.filled_quantity, o.limit_price, o.stop_price, o.reduce_only, o.trigger::text,
+       o.trigger_price, s.ts AS signal_ts, o.created_at, o.position_leg::text
+FROM trading.orders o LEFT JOIN trading.signals s ON s.signal_id = o.signal_id
+WHERE o.account_id = %(account)s AND o.instrument_id = %(instrument)s
+  AND o.status IN ('submitted', 'partially_filled')
+ORDER BY o.order_id
+"""
+
+_BARS_AFTER = """
+SELECT ts, open, high, low, close, volume FROM market.bars
+WHERE instrument_id = %(instrument)s AND timeframe = %(tf)s AND ts > %(after)s
+  AND ts <= %(until)s
+ORDER BY ts
+"""
+
+_LATEST_BAR = """
+SELECT ts, open, high, low, close, volume FROM market.bars
+WHERE instrument_id = %(instrument)s AND timeframe = %(tf)s AND ts <= %(at)s
+ORDER BY ts DESC LIMIT 1
+"""
+
+_HELD = """
+SELECT COALESCE(sum(CASE WHEN leg = 'short' THEN -quantity ELSE quantity END), 0)
+FROM trading.positions WHERE account_id = %(account)s AND instrument_id = %(instrument)s
+"""
+
+
+@dataclass(frozen=True)
+class PaperInstrument:
+    instrument_id: int
+    symbol: str
+    timeframe: str  # the bars the paper broker fills on
+    rules: InstrumentRules
+    tf_us: int
+
+
+def costs_of(paper: PaperCosts) -> Costs:
+    maker = paper.commission if paper.maker_fee is None else paper.maker_fee
+    return Costs(taker_fee=paper.commission, maker_fee=maker,
+                 slippage=Slippage.parse(paper.slippage), spread=paper.spread)
+
+
+def sim_bar(row: tuple[Any, ...], atr: float | None = None) -> SimBar:
+    ts, o, h, low, c, v = row
+    return SimBar(to_us(ts), Decimal(o), Decimal(h), Decimal(low), Decimal(c), Decimal(v), atr)
+
+
+@dataclass
+class PaperFill:
+    """What one order does on one bar: a fill (None when nothing could be bought), and
+    the reason the rest is cancelled (None when nothing is)."""
+
+    order_id: int
+    client_order_id: str
+    fill: SimFill | None
+    opens: bool  # the fill opened or added to a position (protection is judged on its bar)
+    cancel: str | None = None
+
+    def payload(self) -> dict[str, Any]:
+        f = self.fill
+        assert f is not None
+        return {"client_order_id": self.client_order_id,
+                "broker_fill_id": f"paper-{self.order_id}-{f.ts_us}",
+                "quantity": str(f.quantity), "price": str(f.price),
+                "commission": str(f.commission), "liquidity": f.liquidity,
+                "ts": from_us(f.ts_us).isoformat()}
+
+
+class PaperBroker:
+    """Fills one paper account's orders on the bars of its instruments."""
+
+    venue = "paper"
+    endpoint = "paper"
+
+    def __init__(self, account_id: int, account: str, costs: PaperCosts) -> None:
+        self.account_id = account_id
+        self.account = account
+        self.settings = costs
+        self.sim = Simulator(costs_of(costs))
+        self.latency = timedelta(milliseconds=costs.latency_ms)
+        # orders seen without a signal: the latest bar when they arrived (fill after it)
+        self._seen_at: dict[int, datetime] = {}
+
+    # ------------------------------------------------------------------ the book
+    def open_orders(self, conn: psycopg.Connection, inst: PaperInstrument) -> list[tuple]:
+        return conn.execute(_OPEN_ORDERS, {"account": self.account_id,
+                                           "instrument": inst.instrument_id}).fetchall()
+
+    def _ready_after(self, conn: psycopg.Connection, inst: PaperInstrument,
+                     row: tuple[Any, ...]) -> datetime | None:
+        """The time after which a bar may fill this order (None: the triggering bar)."""
+        order_id, trigger, signal_ts = row[0], row[9], row[11]
+        if trigger in PROTECTIVE:
+            return None
+        if signal_ts is not None:
+            return signal_ts + self.latency
+        seen = self._seen_at.get(order_id)
+        if seen is None:
+            latest = conn.execute(_LATEST_BAR, {"instrument": inst.instrument_id,
+                                                "tf": inst.timeframe,
+                                                "at": FAR_FUTURE}).fetchone()
+            seen = latest[0] if latest else row[12]
+            self._seen_at[order_id] = seen
+        return seen + self.latency
+
+    # ------------------------------------------------------------------ settling bars
+    def settle(self, conn: psycopg.Connection, inst: PaperInstrument,
+               bar_rows: list[tuple[Any, ...]]) -> list[PaperFill]:
+        """What this account's open orders on `inst` do on the bars `bar_rows` (oldest
+        first), in the order the caller must apply them through the ledger."""
+        out: list[PaperFill] = []
+        orders = self.open_orders(conn, inst)
+        if not orders or not bar_rows:
+            return out
+        atr = self._atr(conn, inst, bar_rows[-1][0]) if self.sim.costs.slippage.kind == "atr" \
+            else None
+        bars = [sim_bar(r, atr) for r in bar_rows]
+        cash = Decimal(conn.execute("SELECT cash FROM trading.accounts WHERE account_id = %s",
+                                    (self.account_id,)).fetchone()[0])  # type: ignore[index]
+        held = Decimal(conn.execute(_HELD, {"account": self.account_id,
+                                            "instrument": inst.instrument_id}).fetchone()[0])  # type: ignore[index]
+        for row in orders:
+            after = self._ready_after(conn, inst, row)
+            candidates = bars if after is not None else bars[-1:]
+            for bar in candidates:
+                if after is not None and bar.ts_us <= to_us(after):
+                    continue
+                order = self._sim_order(row, held)
+                fill = self.sim.match(order, bar, inst.rules, cash=cash)
+                if fill is None:
+                    continue
+                cancel = (fill.reason or "not enough cash") if fill.unfilled > 0 else None
+                if fill.quantity > 0:
+                    signed = fill.quantity if order.side == "buy" else -fill.quantity
+                    cash -= signed * fill.price + fill.commission
+                    opens = (held == 0 or (held > 0) == (signed > 0)) and not order.reduce_only
+                    held += signed
+                    out.append(PaperFill(row[0], row[1], fill, opens, cancel))
+                else:
+                    out.append(PaperFill(row[0], row[1], None, False, cancel))
+                self._seen_at.pop(row[0], None)
+                break
+        return out
+
+    def _sim_order(self, row: tuple[Any, ...], held: Decimal) -> SimOrder:
+        (order_id, _coid, side, otype, qty, filled, limit, stop, reduce_only, trigger,
+         trigger_price, *_rest) = row
+        remaining = Decimal(qty) - Decimal(filled)
+        protective = trigger in PROTECTIVE and trigger_price is not None
+        closing = Decimal(0)
+        if side == "buy" and held < 0 and not reduce_only:
+            closing = min(remaining, -held)
+        return SimOrder(int(order_id), side, "market" if protective else otype, remaining,
+                        reduce_only=bool(reduce_only),
+                        limit_price=None if limit is None else Decimal(limit),
+                        stop_price=None if stop is None else Decimal(stop),
+                        trigger_price=Decimal(trigger_price) if protective else None,
+                        closing=closing)
+
+    def _atr(self, conn: psycopg.Connection, inst: PaperInstrument, at: datetime) -> float | None:
+        rows = conn.execute(
+            "SELECT high, low, close FROM (SELECT ts, high, low, close FROM market.bars "
+            "WHERE instrument_id = %s AND timeframe = %s AND ts < %s ORDER BY ts DESC LIMIT 60)"
+            " x ORDER BY ts", (inst.instrument_id, inst.timeframe, at)).fetchall()
+        if len(rows) < 15:
+            return None
+        h, low, c = (np.array([float(r[k]) for r in rows]) for k in range(3))
+        value = float(talib.ATR(h, low, c, 14)[-1])
+        return value if np.isfinite(value) else None
+
+
+FAR_FUTURE = datetime(9999, 1, 1, tzinfo=UTC)
+
+
+def bars_after(conn: psycopg.Connection, inst: PaperInstrument, after: datetime | None,
+               until: datetime = FAR_FUTURE) -> list[tuple[Any, ...]]:
+    """The bars after `after` up to `until`; with no `after`, the latest bar only."""
+    if after is None:
+        row = conn.execute(_LATEST_BAR, {"instrument": inst.instrument_id, "tf": inst.timeframe,
+                                         "at": until}).fetchone()
+        return [row] if row else []
+    return conn.execute(_BARS_AFTER, {"instrument": inst.instrument_id, "tf": inst.timeframe,
+                                      "after": after, "until": until}).fetchall()

@@ -1,0 +1,456 @@
+"""The order router: drains pgmq's `orders` queue to each account's broker and settles
+every order through the trading core's functions.
+
+One message is one order. The router
+1. reads it with a visibility timeout (`trading.read_orders`): if the router dies, the
+   message comes back after the timeout and the next router carries on;
+2. marks the order in flight, then places it with MMATS's client order id — a message
+   delivered twice finds the first order at the broker instead of placing another;
+3. records the broker's answer (`acknowledge_order`, `apply_fill`, `reject_order`,
+   `cancel_order`) and archives the message only after the database holds the outcome.
+
+A network error never marks an order failed: it stays in flight, the message is retried
+with backoff, and the broker's own report (looked up by client order id) settles it.
+A refusal rejects the order with the broker's reason; the ledger counts consecutive
+rejections and downgrades the account to advisory past its limit.
+
+Paper accounts are filled by `workers.runtime.paper.PaperBroker` on new bars (LISTEN
+mmats_bars); after settling a bar the router advances `paper:<instrument>:<timeframe>`,
+which the strategy worker waits for, so fills at a bar's open reach the ledger before any
+strategy sees that bar — the order a backtest keeps.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from decimal import Decimal
+from typing import Any
+
+import psycopg
+from psycopg.types.json import Jsonb
+
+from workers.brokers import errors
+from workers.brokers.base import Broker, BrokerFill, BrokerOrder, OrderRequest
+from workers.runtime import log
+from workers.runtime.config import AccountConfig, RouterConfig
+from workers.runtime.paper import PaperBroker, PaperFill, PaperInstrument, bars_after
+from workers.runtime.worker import Worker, connect
+
+_ORDER = """
+SELECT o.order_id, o.account_id, o.client_order_id, o.broker_order_id, o.side::text,
+       o.order_type::text, o.time_in_force::text, o.quantity, o.limit_price, o.stop_price,
+       o.reduce_only, o.status::text, o.filled_quantity, o.trigger::text, i.instrument_id,
+       i.symbol, i.venue, a.name, a.environment::text, o.created_at
+FROM trading.orders o JOIN market.instruments i USING (instrument_id)
+JOIN trading.accounts a ON a.account_id = o.account_id
+WHERE o.order_id = %s
+"""
+_TERMINAL = frozenset({"filled", "cancelled", "rejected", "expired"})
+
+
+@dataclass
+class Order:
+    order_id: int
+    account_id: int
+    client_order_id: str
+    broker_order_id: str | None
+    side: str
+    order_type: str
+    time_in_force: str
+    quantity: Decimal
+    limit_price: Decimal | None
+    stop_price: Decimal | None
+    reduce_only: bool
+    status: str
+    filled_quantity: Decimal
+    trigger: str
+    instrument_id: int
+    symbol: str
+    venue: str
+    account: str
+    environment: str
+    created_at: datetime
+
+    def request(self) -> OrderRequest:
+        return OrderRequest(self.client_order_id, self.symbol, self.side,  # type: ignore[arg-type]
+                            self.quantity - self.filled_quantity,
+                            self.order_type,  # type: ignore[arg-type]
+                            self.limit_price, self.stop_price, self.time_in_force,
+                            self.reduce_only)
+
+
+@dataclass
+class RoutedAccount:
+    account_id: int
+    config: AccountConfig
+    broker: Broker | PaperBroker
+    credential_endpoint: str | None = None  # where the stored keys belong
+
+
+def check_environment(account: RoutedAccount, environment: str) -> None:
+    """Refuse, and say which, an order that would reach a live endpoint from a non-live
+    account or with testnet keys (or a live account's order sent anywhere but live)."""
+    endpoint = getattr(account.broker, "endpoint", "paper")
+    name = account.config.name
+    if endpoint == "live" and environment != "live":
+        raise errors.EnvironmentMismatch(
+            f"account {name} is a {environment} account: its orders may not go to the live "
+            f"endpoint of {getattr(account.broker, 'venue', '?')}")
+    if endpoint == "live" and account.credential_endpoint not in (None, "live"):
+        raise errors.EnvironmentMismatch(
+            f"account {name}: {account.credential_endpoint} keys may not trade on a live "
+            "endpoint")
+    if environment == "live" and endpoint != "live":
+        raise errors.EnvironmentMismatch(
+            f"account {name} is live but its broker points at the {endpoint} endpoint")
+
+
+def backoff_seconds(attempt: int, *, base: float = 0.5, cap: float = 60.0,
+                    minimum: float | None = None, rng: random.Random | None = None) -> float:
+    """Exponential backoff with full jitter; `minimum` is the venue's Retry-After."""
+    r = rng or random
+    delay = r.uniform(0, min(cap, base * (2 ** max(attempt - 1, 0))))
+    return max(delay, minimum or 0.0)
+
+
+class Router(Worker):
+    kind = "router"
+
+    def __init__(self, url: str, accounts: Mapping[int, RoutedAccount], *,
+                 config: RouterConfig | None = None, name: str = "router",
+                 heartbeat_seconds: float = 5.0,
+                 on_event: Callable[[str, dict[str, Any]], None] | None = None) -> None:
+        super().__init__(url, name, heartbeat_seconds=heartbeat_seconds)
+        self.accounts = dict(accounts)
+        self.config = config or RouterConfig()
+        self.on_event = on_event
+        self.conn: psycopg.Connection | None = None
+        self.listen: psycopg.Connection | None = None
+        self._instruments: dict[int, PaperInstrument | None] = {}
+        self._pending_bars: dict[tuple[int, str], datetime] = {}
+        self.counts = {"orders": 0, "fills": 0, "rejected": 0, "retries": 0}
+
+    # ------------------------------------------------------------------ life
+    def start(self) -> None:
+        self.conn = connect(self.url, "mmats_router")
+        self.listen = connect(self.url, "mmats_router")
+        self.listen.execute("LISTEN mmats_bars")
+        self.detail = {"accounts": sorted(a.config.name for a in self.accounts.values())}
+        self._catch_up()
+
+    def close(self) -> None:
+        for c in (self.conn, self.listen):
+            if c is not None and not c.closed:
+                c.close()
+
+    @property
+    def _paper(self) -> list[RoutedAccount]:
+        return [a for a in self.accounts.values() if isinstance(a.broker, PaperBroker)]
+
+    def step(self) -> None:
+        self._wait_for_bars(self.config.poll_ms / 1000)
+        self.drain()
+        if self._pending_bars:
+            bars, self._pending_bars = self._pending_bars, {}
+            for (instrument, tf), last in sorted(bars.items()):
+                self.settle_bars(instrument, tf, last)
+        self.detail["counts"] = dict(self.counts)
+
+    def _wait_for_bars(self, timeout: float) -> None:
+        assert self.listen is not None
+        for note in self.listen.notifies(timeout=timeout, stop_after=1):
+            self._note(note.payload)
+        # anything else already delivered
+        for note in self.listen.notifies(timeout=0.0, stop_after=1000):
+            self._note(note.payload)
+
+    def _note(self, payload: str) -> None:
+        if not self._paper:
+            return
+        try:
+            data = json.loads(payload)
+            key = (int(data["instrument_id"]), str(data["timeframe"]))
+            last = datetime.fromisoformat(data["last"])
+        except (ValueError, KeyError, TypeError):
+            log.event(self.log, "ignored a malformed bar notification", 30, payload=payload[:200])
+            return
+        if key not in self._pending_bars or last > self._pending_bars[key]:
+            self._pending_bars[key] = last
+
+    # ------------------------------------------------------------------ the queue
+    def drain(self) -> int:
+        """Handle every visible message of this router's accounts; returns how many."""
+        assert self.conn is not None
+        handled = 0
+        ids = sorted(self.accounts)
+        while not self.stop_event.is_set():
+            rows = self.conn.execute(
+                "SELECT msg_id, read_ct, message FROM trading.read_orders(%s, %s, %s)",
+                (self.config.visibility_seconds, self.config.batch, ids)).fetchall()
+            if not rows:
+                break
+            for msg_id, read_ct, message in rows:
+                self.handle(int(msg_id), int(read_ct), message)
+                handled += 1
+        return handled
+
+    def _archive(self, msg_id: int) -> None:
+        assert self.conn is not None
+        self.conn.execute("SELECT trading.archive_order_message(%s)", (msg_id,))
+
+    def _delay(self, msg_id: int, seconds: float) -> None:
+        assert self.conn is not None
+        self.conn.execute("SELECT trading.delay_order_message(%s, %s)",
+                          (msg_id, Decimal(str(round(seconds, 3)))))
+
+    def _order(self, order_id: int) -> Order | None:
+        assert self.conn is not None
+        row = self.conn.execute(_ORDER, (order_id,)).fetchone()
+        return None if row is None else Order(*row)
+
+    def handle(self, msg_id: int, read_ct: int, message: dict[str, Any]) -> None:
+        order_id = int(message.get("order_id", 0))
+        order = self._order(order_id)
+        if order is None:
+            self.report("ORDER_UNKNOWN", f"queue message {msg_id} names unknown order {order_id}")
+            self._archive(msg_id)
+            return
+        routed = self.accounts.get(order.account_id)
+        if routed is None:  # not ours (read_orders filters; a config change mid-flight)
+            self._delay(msg_id, 5)
+            return
+        if order.status in _TERMINAL:
+            self._archive(msg_id)
+            return
+        try:
+            if order.status == "created":
+                check_environment(routed, order.environment)
+                self._call("mark_in_flight", order.client_order_id)
+                order.status = "in_flight"
+                self._emit("order.sent", order)
+            if order.status == "in_flight":
+                answer = self._find_or_place(routed, order)
+            else:
+                answer = self._status(routed, order)
+        except errors.Retry as exc:
+            self.counts["retries"] += 1
+            delay = backoff_seconds(read_ct, minimum=exc.retry_after)
+            if read_ct >= self.config.max_retries and read_ct % self.config.max_retries == 0:
+                self.report("BROKER_RETRYING",
+                            f"order {order.client_order_id} ({order.symbol}): {read_ct} attempts "
+                            f"so far, still in flight: {exc}", account=order.account)
+            log.event(self.log, "broker unavailable, will retry", 30, order=order.order_id,
+                      account=order.account, attempt=read_ct, delay=round(delay, 3),
+                      error=str(exc))
+            self._delay(msg_id, delay)
+            return
+        except (errors.Reject, errors.Stop) as exc:
+            self._reject(order, exc)
+            self._archive(msg_id)
+            return
+        except errors.OrderNotFound as exc:  # a status query for an order the venue lost
+            self._reject(order, errors.Reject(str(exc), code="ORDER_NOT_FOUND"))
+            self._archive(msg_id)
+            return
+        self._settle(routed, order, answer, msg_id)
+
+    def _find_or_place(self, routed: RoutedAccount, order: Order) -> BrokerOrder:
+        """The order at the broker: found by its client id (a message delivered again
+        after a crash or a timeout), or placed now."""
+        broker = routed.broker
+        if isinstance(broker, PaperBroker):
+            return BrokerOrder(f"paper-{order.client_order_id}", order.client_order_id,
+                               order.symbol, order.side, order.quantity,  # type: ignore[arg-type]
+                               order.filled_quantity, None, "submitted")
+        try:
+            return broker.order_status(client_order_id=order.client_order_id,
+                                       symbol=order.symbol)
+        except errors.OrderNotFound:
+            pass
+        return broker.place_order(order.request())
+
+    def _status(self, routed: RoutedAccount, order: Order) -> BrokerOrder:
+        broker = routed.broker
+        if isinstance(broker, PaperBroker):  # the book is the ledger
+            return BrokerOrder(order.broker_order_id or f"paper-{order.client_order_id}",
+                               order.client_order_id, order.symbol, order.side,  # type: ignore[arg-type]
+                               order.quantity, order.filled_quantity, None, "submitted")
+        return broker.order_status(broker_order_id=order.broker_order_id,
+                                   client_order_id=order.client_order_id, symbol=order.symbol)
+
+    def _settle(self, routed: RoutedAccount, order: Order, answer: BrokerOrder,
+                msg_id: int) -> None:
+        if order.status == "in_flight":
+            self._call("acknowledge_order", order.client_order_id, answer.broker_order_id)
+            order.status = "submitted"
+            self._emit("order.acknowledged", order, broker_order_id=answer.broker_order_id)
+        fills = list(answer.fills)
+        broker = routed.broker
+        if not fills and answer.filled_quantity > order.filled_quantity and not isinstance(
+                broker, PaperBroker):
+            # venues that report cumulative quantities on the order (Alpaca): the
+            # executions themselves come from the venue's fill history
+            since = order.created_at - timedelta(minutes=5)
+            fills = [f for f in broker.fills_since(since, order.symbol)
+                     if f.broker_order_id == answer.broker_order_id]
+        for fill in fills:
+            self._apply_broker_fill(order, fill)
+        if isinstance(routed.broker, PaperBroker):
+            self._archive(msg_id)  # the paper book is the ledger: bars fill it from here
+            inst = self._instrument(order.instrument_id)
+            if inst is not None:
+                self._settle_paper(routed, inst, bars_after(self._c, inst, None))
+            return
+        if answer.status == "cancelled":
+            self._call("cancel_order", order.client_order_id,
+                       answer.reason or "cancelled by the broker")
+        elif answer.status == "expired":
+            self._call("expire_order", order.client_order_id)
+        elif answer.status == "rejected":
+            self._reject(order, errors.Reject(answer.reason or "rejected by the broker"))
+        if answer.status in _TERMINAL:
+            self._archive(msg_id)
+        else:
+            self._delay(msg_id, self.config.status_poll_seconds)
+
+    def _reject(self, order: Order, exc: errors.BrokerError) -> None:
+        self.counts["rejected"] += 1
+        result = self._call("reject_order", order.client_order_id, exc.code, str(exc)[:500])
+        self._emit("order.rejected", order, code=exc.code, reason=str(exc)[:500])
+        if isinstance(exc, errors.Stop):
+            self.report(exc.code, f"order {order.client_order_id} ({order.symbol}) refused: "
+                        f"{exc}", account=order.account)
+        if isinstance(result, dict) and result.get("breaker_tripped"):
+            self.report("ACCOUNT_DOWNGRADED", f"account {order.account}: repeated rejections "
+                        "tripped the breaker; the account is advisory now", account=order.account)
+
+    # ------------------------------------------------------------------ ledger calls
+    @property
+    def _c(self) -> psycopg.Connection:
+        assert self.conn is not None
+        return self.conn
+
+    def _call(self, function: str, *args: Any) -> Any:
+        placeholders = ", ".join(["%s"] * len(args))
+        row = self._c.execute(f"SELECT trading.{function}({placeholders})", args).fetchone()
+        return None if row is None else row[0]
+
+    def _apply(self, payload: dict[str, Any]) -> dict[str, Any]:
+        row = self._c.execute("SELECT trading.apply_fill(%s)", (Jsonb(payload),)).fetchone()
+        assert row is not None
+        result: dict[str, Any] = row[0]
+        if result.get("status") == "applied":
+            self.counts["fills"] += 1
+        return result
+
+    def _apply_broker_fill(self, order: Order, fill: BrokerFill) -> None:
+        result = self._apply({
+            "client_order_id": order.client_order_id, "broker_fill_id": fill.fill_id,
+            "quantity": str(fill.quantity), "price": str(fill.price),
+            "commission": str(fill.commission), "commission_currency": fill.commission_currency,
+            "liquidity": fill.liquidity, "ts": fill.ts.isoformat()})
+        if result.get("status") == "applied":
+            self._emit("fill.applied", order, quantity=str(fill.quantity), price=str(fill.price))
+
+    def _emit(self, what: str, order: Order, **extra: Any) -> None:
+        fields = {"order_id": order.order_id, "account": order.account,
+                  "environment": order.environment, "symbol": order.symbol,
+                  "side": order.side, "quantity": str(order.quantity), **extra}
+        log.event(self.log, what, **fields)
+        if self.on_event is not None:
+            self.on_event(what, fields)
+
+    # ------------------------------------------------------------------ paper fills
+    def _instrument(self, instrument_id: int) -> PaperInstrument | None:
+        if instrument_id not in self._instruments:
+            row = self._c.execute(
+                "SELECT i.symbol, i.price_tick, i.quantity_step, i.min_quantity, "
+                "(SELECT min(b.timeframe) FROM market.bars b "
+                " WHERE b.instrument_id = i.instrument_id)::text "
+                "FROM market.instruments i WHERE i.instrument_id = %s",
+                (instrument_id,)).fetchone()
+            if row is None or row[4] is None:
+                return None
+            from workers.backtest.data import TIMEFRAME_US, _plain
+            from workers.backtest.simulator import InstrumentRules
+
+            self._instruments[instrument_id] = PaperInstrument(
+                instrument_id, row[0], row[4],
+                InstrumentRules(_plain(row[1]), _plain(row[2]), _plain(row[3])),
+                TIMEFRAME_US[row[4]])
+        return self._instruments[instrument_id]
+
+    def settle_bars(self, instrument_id: int, timeframe: str, last: datetime) -> None:
+        """Fill the paper orders the new bars of an instrument reach, then say so."""
+        inst = self._instrument(instrument_id)
+        if inst is None or inst.timeframe != timeframe:
+            return
+        cursor = f"paper:{instrument_id}:{timeframe}"
+        row = self._c.execute("SELECT at FROM runtime.cursors WHERE name = %s",
+                              (cursor,)).fetchone()
+        after = row[0] if row and row[0] is not None else None
+        rows = bars_after(self._c, inst, after, last) if after is not None else \
+            bars_after(self._c, inst, None, last)
+        for routed in self._paper:
+            self._settle_paper(routed, inst, rows)
+        self.drain()  # protective orders the bars (or the fills) triggered fill on them
+        self._c.execute("SELECT runtime.advance_cursor(%s, NULL, %s)", (cursor, last))
+
+    def _settle_paper(self, routed: RoutedAccount, inst: PaperInstrument,
+                      rows: list[tuple[Any, ...]]) -> None:
+        """Settle an account's paper orders bar by bar: fills, cancels of what cash could
+        not buy, and protection judged on the bar a position was opened on."""
+        broker = routed.broker
+        assert isinstance(broker, PaperBroker)
+        for bar_row in rows:
+            opened = False
+            for outcome in broker.settle(self._c, inst, [bar_row]):
+                if outcome.fill is not None:
+                    self._apply_paper_fill(routed, outcome)
+                    opened = opened or outcome.opens
+                if outcome.cancel is not None:
+                    self._call("cancel_order", outcome.client_order_id, outcome.cancel[:500])
+            if opened:
+                ts, o, h, low, c, _v = bar_row
+                self._c.execute("SELECT trading.on_bar(%s, %s, %s, %s, %s, %s, %s, %s)",
+                                (inst.instrument_id, inst.timeframe, ts, o, h, low, c,
+                                 routed.account_id))
+
+    def _apply_paper_fill(self, routed: RoutedAccount, fill: PaperFill) -> None:
+        result = self._apply(fill.payload())
+        if result.get("status") == "applied" and fill.fill is not None:
+            log.event(self.log, "fill.applied", account=routed.config.name,
+                      environment="paper", order_id=fill.order_id,
+                      quantity=str(fill.fill.quantity), price=str(fill.fill.price))
+            if self.on_event is not None:
+                self.on_event("fill.applied", {"account": routed.config.name,
+                                               "order_id": fill.order_id,
+                                               "quantity": str(fill.fill.quantity),
+                                               "price": str(fill.fill.price)})
+
+    def _catch_up(self) -> None:
+        """After a restart: settle the bars that arrived while no router ran."""
+        if not self._paper:
+            return
+        ids = [a.account_id for a in self._paper]
+        rows = self._c.execute(
+            "SELECT DISTINCT instrument_id FROM trading.orders WHERE account_id = ANY(%s) "
+            "AND status IN ('submitted', 'partially_filled')", (ids,)).fetchall()
+        for (instrument_id,) in rows:
+            inst = self._instrument(int(instrument_id))
+            if inst is None:
+                continue
+            last = self._c.execute(
+                "SELECT max(ts) FROM market.bars WHERE instrument_id = %s AND timeframe = %s",
+                (inst.instrument_id, inst.timeframe)).fetchone()
+            if last and last[0] is not None:
+                self._pending_bars[(inst.instrument_id, inst.timeframe)] = last[0]
+
+
+def time_ms() -> float:
+    return time.perf_counter() * 1000

@@ -1,0 +1,443 @@
+"""The strategy worker: wakes on new bars, runs each assigned strategy isolated, and
+submits its signals as the strategy role.
+
+Each `[[strategies]]` entry (a strategy, its account, its symbols and timeframe) keeps a
+resume point in `runtime.cursors` (`strategy:<account>:<name>:<timeframe>`): the time of
+the last bar it has seen. The signals of a bar and the cursor's move are one transaction,
+so a worker killed at any moment repeats no signal and skips no bar when it restarts.
+
+Strategies see exactly what a backtest shows them: the bars from the first bar loaded
+(warm-up included) up to the bar just closed, indicators computed over that series, the
+decision time at the bar's close. A signal is stamped one microsecond before the close,
+with the close as its reference price — as the backtest engine stamps it — so the same
+bars give the same orders. For a paper account the worker first waits until the paper
+broker has settled the bar (the fills at its open), as a backtest fills before it calls
+the strategy.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from decimal import Decimal
+from functools import partial
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+import psycopg
+from psycopg.types.json import Jsonb, set_json_loads
+
+from strategies.base import IStrategy
+from strategies.isolation import StrategyGuard
+from strategies.loader import StrategyLoader
+from strategies.market import AccountState, Bar, Environment, PositionState, StrategyContext
+from strategies.series import BarSeries
+from strategies.signal import TradeSignal
+from workers.backtest.data import TIMEFRAME_US, from_us, to_us
+from workers.runtime import log
+from workers.runtime.config import StrategyConfig
+from workers.runtime.worker import Worker, connect
+
+_ONE_US = timedelta(microseconds=1)
+_BARS = """
+SELECT ts, open, high, low, close, volume FROM market.bars
+WHERE instrument_id = %(instrument)s AND timeframe = %(tf)s AND ts > %(after)s
+ORDER BY ts
+"""
+_HISTORY = """
+SELECT ts, open, high, low, close, volume FROM (
+    SELECT ts, open, high, low, close, volume FROM market.bars
+    WHERE instrument_id = %(instrument)s AND timeframe = %(tf)s AND ts <= %(until)s
+    ORDER BY ts DESC LIMIT %(n)s) x
+ORDER BY ts
+"""
+_EPOCH = datetime(1970, 1, 1).astimezone()
+
+
+class SeriesCache:
+    """One instrument's bars of one timeframe, as exact Bars and float columns, grown as
+    bars arrive (at most `limit` kept: the oldest are dropped in chunks)."""
+
+    def __init__(self, instrument_id: int, symbol: str, timeframe: str, limit: int) -> None:
+        self.instrument_id = instrument_id
+        self.symbol = symbol
+        self.timeframe = timeframe
+        self.limit = limit
+        self.bars: list[Bar] = []
+        self._ts = np.empty(1024, dtype=np.int64)
+        self._cols = np.empty((5, 1024), dtype=np.float64)
+        self._n = 0
+        self._series: BarSeries | None = None
+        self._series_key: tuple[int, int, tuple[str, ...]] | None = None
+
+    @property
+    def ts_us(self) -> npt.NDArray[np.int64]:
+        return self._ts[:self._n]
+
+    @property
+    def last(self) -> datetime | None:
+        return self.bars[-1].ts if self.bars else None
+
+    def load(self, conn: psycopg.Connection, until: datetime, n: int) -> None:
+        rows = conn.execute(_HISTORY, {"instrument": self.instrument_id, "tf": self.timeframe,
+                                       "until": until, "n": n}).fetchall()
+        self._extend(rows)
+
+    def refresh(self, conn: psycopg.Connection) -> int:
+        after = self.last or _EPOCH
+        rows = conn.execute(_BARS, {"instrument": self.instrument_id, "tf": self.timeframe,
+                                    "after": after}).fetchall()
+        self._extend(rows)
+        return len(rows)
+
+    def _extend(self, rows: list[tuple[Any, ...]]) -> None:
+        if not rows:
+            return
+        need = self._n + len(rows)
+        if need > self._ts.shape[0]:
+            cap = max(need, 2 * self._ts.shape[0])
+            ts = np.empty(cap, dtype=np.int64)
+            ts[:self._n] = self._ts[:self._n]
+            cols = np.empty((5, cap), dtype=np.float64)
+            cols[:, :self._n] = self._cols[:, :self._n]
+            self._ts, self._cols = ts, cols
+        for k, (ts_, o, h, low, c, v) in enumerate(rows, self._n):
+            self.bars.append(Bar(ts=ts_, open=o, high=h, low=low, close=c, volume=v))
+            self._ts[k] = to_us(ts_)
+            self._cols[:, k] = (float(o), float(h), float(low), float(c), float(v))
+        self._n = need
+        if self._n > self.limit + max(self.limit // 4, 1):
+            drop = self._n - self.limit
+            del self.bars[:drop]
+            self._ts[:self.limit] = self._ts[drop:self._n].copy()
+            self._cols[:, :self.limit] = self._cols[:, drop:self._n].copy()
+            self._n = self.limit
+        self._series = None
+
+    def index(self, ts: datetime) -> int | None:
+        us = to_us(ts)
+        i = int(np.searchsorted(self.ts_us, us))
+        return i if i < self._n and self._ts[i] == us else None
+
+    def series(self, indicators: tuple[str, ...]) -> BarSeries:
+        """Indicators over every bar held (never past the last one)."""
+        key = (self._n, int(self._ts[self._n - 1]) if self._n else 0, indicators)
+        if self._series is None or self._series_key != key:
+            n = self._n
+            columns = {name: self._cols[k, :n] for k, name in
+                       enumerate(("open", "high", "low", "close", "volume"))}
+            self._series = BarSeries.from_columns(self.symbol, columns, self.bars.__getitem__,
+                                                  indicators)
+            self._series_key = key
+        return self._series
+
+
+@dataclass
+class Assignment:
+    """One strategy on one account, its symbols and timeframe, resolved."""
+
+    config: StrategyConfig
+    account_id: int
+    account: str
+    environment: str
+    aggregation: str
+    currency: str
+    strategy: IStrategy
+    strategy_id: int
+    instruments: list[tuple[int, str, str]]  # (instrument id, symbol, venue)
+    cursor: str
+    last: datetime | None = None
+    indicators: tuple[str, ...] = ()
+    errors: int = 0
+    paper_tf: dict[int, str] = field(default_factory=dict)  # the paper broker's bars
+
+    @property
+    def tf_us(self) -> int:
+        return TIMEFRAME_US[self.config.timeframe]
+
+
+class StrategyWorker(Worker):
+    kind = "strategies"
+
+    def __init__(self, url: str, strategies: Iterable[StrategyConfig], *,
+                 strategy_dirs: Iterable[Any] = (), name: str = "strategies",
+                 heartbeat_seconds: float = 5.0, history_bars: int = 2000,
+                 paper_wait_seconds: float = 5.0, poll_ms: int = 100,
+                 reload_seconds: float = 2.0) -> None:
+        super().__init__(url, name, heartbeat_seconds=heartbeat_seconds)
+        self.configs = list(strategies)
+        self.loader = StrategyLoader(list(strategy_dirs))
+        self.guard = StrategyGuard()
+        self.history_bars = history_bars
+        self.paper_wait_seconds = paper_wait_seconds
+        self.poll_ms = poll_ms
+        self.reload_seconds = reload_seconds
+        self.assignments: list[Assignment] = []
+        self.caches: dict[tuple[int, str], SeriesCache] = {}
+        self.conn: psycopg.Connection | None = None
+        self.listen: psycopg.Connection | None = None
+        self._dirty: set[tuple[int, str]] = set()
+        self._last_reload = 0.0
+        self.counts = {"bars": 0, "signals": 0, "errors": 0}
+
+    # ------------------------------------------------------------------ life
+    def start(self) -> None:
+        self.conn = connect(self.url, "mmats_strategy", autocommit=False)
+        set_json_loads(partial(json.loads, parse_float=Decimal), self.conn)
+        self.listen = connect(self.url, "mmats_strategy")
+        self.listen.execute("LISTEN mmats_bars")
+        report = self.loader.reload_if_changed()
+        for error in report.errors:
+            self.report("STRATEGY_LOAD_FAILED", str(error))
+        for cfg in self.configs:
+            try:
+                self.assignments.append(self._resolve(cfg))
+            except Exception as exc:  # one bad entry must not stop the others
+                self.report("STRATEGY_SETUP_FAILED",
+                            f"{cfg.name} on {cfg.account}: {str(exc).splitlines()[0]}",
+                            account=cfg.account)
+        self.conn.commit()
+        self._dirty = set(self.caches)  # catch up on bars stored while no worker ran
+        self.detail = {"assignments": [a.cursor for a in self.assignments]}
+
+    def close(self) -> None:
+        for c in (self.conn, self.listen):
+            if c is not None and not c.closed:
+                c.close()
+
+    def _resolve(self, cfg: StrategyConfig) -> Assignment:
+        c = self._c
+        row = c.execute("SELECT account_id, name, environment::text, aggregation::text, "
+                        "base_currency FROM trading.accounts WHERE name = %s",
+                        (cfg.account,)).fetchone()
+        if row is None:
+            raise ValueError(f"account {cfg.account!r} does not exist (`mmats run` creates "
+                             "the configured accounts)")
+        account_id, account, environment, aggregation, currency = row
+        if environment == "backtest":
+            raise ValueError(f"account {account} is a backtest account")
+        strategy = self.loader.create(cfg.name, dict(cfg.params))
+        strategy.initialize({"environment": environment, "symbols": list(cfg.symbols),
+                             "timeframe": cfg.timeframe})
+        cls = type(strategy)
+        srow = c.execute("SELECT strategy_id FROM trading.strategies WHERE name = %s "
+                         "AND version = %s", (cls.name, cls.version)).fetchone()
+        if srow is None:
+            raise ValueError(f"strategy {cls.name} {cls.version} is not assigned to {account}")
+        instruments = []
+        for symbol in cfg.symbols:
+            name, _, venue = symbol.partition("@")
+            rows = c.execute("SELECT instrument_id, symbol, venue FROM market.instruments "
+                             "WHERE symbol = %s AND (%s::text IS NULL OR venue = %s)",
+                             (name, venue or None, venue or None)).fetchall()
+            if len(rows) != 1:
+                raise ValueError(f"symbol {symbol!r}: {'unknown' if not rows else 'on several venues; name one as SYMBOL@VENUE'}")
+            instruments.append(rows[0])
+        cursor = f"strategy:{account}:{cls.name}:{cfg.timeframe}"
+        crow = c.execute("SELECT at FROM runtime.cursors WHERE name = %s", (cursor,)).fetchone()
+        a = Assignment(cfg, account_id, account, environment, aggregation, currency, strategy,
+                       int(srow[0]), instruments, cursor,
+                       crow[0] if crow else None, tuple(strategy.get_required_indicators()))
+        warmup = max(strategy.warmup_bars(), 1)
+        for iid, symbol, _venue in instruments:
+            key = (iid, cfg.timeframe)
+            if key not in self.caches:
+                cache = SeriesCache(iid, symbol, cfg.timeframe, max(self.history_bars, warmup * 3))
+                until = a.last if a.last is not None else datetime.now().astimezone()
+                cache.load(c, until, max(self.history_bars, warmup * 3))
+                self.caches[key] = cache
+            if environment == "paper":
+                tf = c.execute("SELECT min(timeframe)::text FROM market.bars "
+                               "WHERE instrument_id = %s", (iid,)).fetchone()
+                if tf and tf[0]:
+                    a.paper_tf[iid] = tf[0]
+        if a.last is None:  # a new assignment starts with the next bar
+            last = max((self.caches[(iid, cfg.timeframe)].last for iid, _s, _v in instruments
+                        if self.caches[(iid, cfg.timeframe)].last is not None), default=None)
+            a.last = last
+            if last is not None:
+                c.execute("SELECT runtime.advance_cursor(%s, NULL, %s)", (cursor, last))
+        return a
+
+    @property
+    def _c(self) -> psycopg.Connection:
+        assert self.conn is not None
+        return self.conn
+
+    # ------------------------------------------------------------------ the loop
+    def step(self) -> None:
+        assert self.listen is not None
+        for note in self.listen.notifies(timeout=self.poll_ms / 1000, stop_after=1):
+            self._note(note.payload)
+        for note in self.listen.notifies(timeout=0.0, stop_after=1000):
+            self._note(note.payload)
+        if self._dirty:
+            dirty, self._dirty = self._dirty, set()
+            self.process(dirty)
+        if time.monotonic() - self._last_reload > self.reload_seconds:
+            self._last_reload = time.monotonic()
+            self._reload()
+        self.detail["counts"] = dict(self.counts)
+
+    def _note(self, payload: str) -> None:
+        try:
+            data = json.loads(payload)
+            key = (int(data["instrument_id"]), str(data["timeframe"]))
+        except (ValueError, KeyError, TypeError):
+            return
+        if key in self.caches:
+            self._dirty.add(key)
+
+    def _reload(self) -> None:
+        report = self.loader.reload_if_changed()
+        for error in report.errors:
+            self.report("STRATEGY_LOAD_FAILED", str(error))
+        changed = set(getattr(report, "loaded", []) or [])
+        if not report.changed:
+            return
+        for a in self.assignments:
+            name = a.config.name
+            if changed and name not in changed:
+                continue
+            try:
+                fresh = self.loader.create(name, dict(a.config.params))
+                fresh.initialize({"environment": a.environment, "symbols": list(a.config.symbols),
+                                  "timeframe": a.config.timeframe})
+            except Exception as exc:
+                self.report("STRATEGY_LOAD_FAILED", f"{name}: {str(exc).splitlines()[0]}")
+                continue
+            if type(fresh).version == type(a.strategy).version:
+                a.strategy = fresh
+                self.guard.enable(fresh)
+                log.event(self.log, "strategy reloaded", strategy=name, account=a.account)
+
+    def process(self, dirty: set[tuple[int, str]]) -> None:
+        """Run the strategies over every bar that arrived, in time order."""
+        for key in sorted(dirty):
+            self.counts["bars"] += self.caches[key].refresh(self._c)
+        self._c.commit()
+        for a in self.assignments:
+            if not any((iid, a.config.timeframe) in dirty for iid, _s, _v in a.instruments):
+                continue
+            for t_us in self._times(a):
+                if self.stop_event.is_set():
+                    return
+                self._run_bar(a, t_us)
+
+    def _times(self, a: Assignment) -> list[int]:
+        after = to_us(a.last) if a.last is not None else -1
+        times: set[int] = set()
+        for iid, _s, _v in a.instruments:
+            cache = self.caches[(iid, a.config.timeframe)]
+            ts = cache.ts_us
+            times.update(int(t) for t in ts[np.searchsorted(ts, after, side="right"):])
+        return sorted(times)
+
+    def _run_bar(self, a: Assignment, t_us: int) -> None:
+        bar_ts = from_us(t_us)
+        close = from_us(t_us + a.tf_us)
+        members = []
+        for iid, symbol, venue in a.instruments:
+            cache = self.caches[(iid, a.config.timeframe)]
+            i = cache.index(bar_ts)
+            if i is not None:
+                members.append((iid, symbol, venue, cache, i))
+        if a.environment == "paper":
+            self._wait_for_paper(a, [m[0] for m in members], bar_ts)
+        data = {symbol: cache.series(a.indicators).market_data(i)
+                for _iid, symbol, _venue, cache, i in members}
+        context = StrategyContext(Environment(a.environment), close, data,
+                                  partial(self._account_state, a), dict(a.strategy.params),
+                                  self.log)
+        result = self.guard.run_isolated(a.strategy, context)
+        if result.error is not None:
+            self.counts["errors"] += 1
+            a.errors += 1
+            if a.errors <= 3 or result.error.disabled:
+                self.report("STRATEGY_ERROR", str(result.error), account=a.account)
+        by_symbol = {m[1]: m for m in members}
+        try:
+            for sig in result.signals:
+                self._submit(a, sig, by_symbol, close)
+            self._c.execute("SELECT runtime.advance_cursor(%s, NULL, %s)", (a.cursor, bar_ts))
+            self._c.commit()
+        except psycopg.Error as exc:
+            self._c.rollback()
+            self.report("SIGNAL_FAILED", f"{a.config.name} on {a.account} at {close.isoformat()}: "
+                        f"{str(exc).splitlines()[0]}", account=a.account)
+            self._c.execute("SELECT runtime.advance_cursor(%s, NULL, %s)", (a.cursor, bar_ts))
+            self._c.commit()
+        a.last = bar_ts
+
+    def _submit(self, a: Assignment, sig: TradeSignal, members: dict[str, Any],
+                close: datetime) -> None:
+        payload = sig.to_dict()
+        payload["account"] = a.account
+        member = members.get(sig.symbol.upper())
+        if member is None:  # a symbol of the assignment without a bar now, or another one
+            known = {s: (iid, s, v) for iid, s, v in a.instruments}
+            if sig.symbol.upper() not in known:
+                raise psycopg.errors.InvalidParameterValue(
+                    f"strategy {sig.strategy} signalled {sig.symbol!r}, which is not one of its "
+                    f"symbols ({', '.join(known)})")
+            payload["venue"] = known[sig.symbol.upper()][2]
+        else:
+            iid, _symbol, venue, cache, i = member
+            payload["venue"] = venue
+            payload.setdefault("price", str(cache.bars[i].close))
+        payload["ts"] = (close - _ONE_US).isoformat()
+        row = self._c.execute("SELECT trading.submit_signal(%s)", (Jsonb(payload),)).fetchone()
+        self.counts["signals"] += 1
+        answer = row[0] if row else {}
+        log.event(self.log, "signal", account=a.account, environment=a.environment,
+                  strategy=sig.strategy, symbol=sig.symbol, action=sig.action,
+                  status=answer.get("status"), reason_code=answer.get("reason_code"),
+                  order_id=answer.get("order_id"), bar=close.isoformat())
+
+    def _wait_for_paper(self, a: Assignment, instruments: list[int], bar_ts: datetime) -> None:
+        """Until the paper broker has settled this bar for the instruments on which the
+        account has orders open (their fills at its open come first)."""
+        deadline = time.monotonic() + self.paper_wait_seconds
+        for iid in instruments:
+            tf = a.paper_tf.get(iid)
+            if tf != a.config.timeframe:
+                continue
+            name = f"paper:{iid}:{tf}"
+            while True:
+                row = self._c.execute(
+                    "SELECT EXISTS (SELECT 1 FROM trading.orders WHERE account_id = %s AND "
+                    "instrument_id = %s AND status IN ('created', 'in_flight', 'submitted', "
+                    "'partially_filled')), (SELECT at FROM runtime.cursors WHERE name = %s)",
+                    (a.account_id, iid, name)).fetchone()
+                self._c.commit()
+                assert row is not None
+                if not row[0] or (row[1] is not None and row[1] >= bar_ts):
+                    break
+                if time.monotonic() > deadline:
+                    self.report("PAPER_BROKER_LATE",
+                                f"{a.account}: the paper broker has not settled the bar of "
+                                f"{bar_ts.isoformat()} after {self.paper_wait_seconds} s "
+                                "(is the router running?)", account=a.account)
+                    return
+                time.sleep(0.002)
+
+    def _account_state(self, a: Assignment) -> AccountState:
+        c = self._c
+        eq = c.execute("SELECT cash, equity FROM trading.account_equity(%s)",
+                       (a.account_id,)).fetchone()
+        rows = c.execute(
+            "SELECT i.symbol, CASE WHEN p.leg = 'short' THEN -p.quantity ELSE p.quantity END, "
+            "p.average_price, p.last_price FROM trading.positions p "
+            "JOIN market.instruments i USING (instrument_id) WHERE p.account_id = %s "
+            "AND p.quantity <> 0 AND (p.strategy_id IS NULL OR p.strategy_id = %s)",
+            (a.account_id, a.strategy_id)).fetchall()
+        positions = {}
+        for symbol, qty, avg, last in rows:
+            mark = last if last is not None else avg
+            positions[symbol] = PositionState(qty, avg, qty * (mark - avg))
+        cash, equity = (eq if eq is not None else (Decimal(0), Decimal(0)))
+        return AccountState(cash=cash, equity=equity, currency=a.currency, positions=positions)
