@@ -1,0 +1,747 @@
+"""CcxtBroker against the venues' HTTP APIs, mocked at the `requests` level (`responses`).
+
+Responses have the shapes of the exchanges' documented JSON (Binance spot REST
+`/api/v3/...`, OKX v5); nothing of the adapter or of ccxt is patched, and no test
+touches the network: a request nobody registered fails as a ConnectionError.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import re
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qs, urlsplit
+
+import ccxt
+import pytest
+import requests
+import responses
+
+from workers.brokers import errors
+from workers.brokers.base import Broker, BrokerPosition, OrderRequest
+from workers.brokers.ccxt_broker import (
+    ERROR_MAP,
+    CcxtBroker,
+    datetime_to_ms,
+    map_ccxt_error,
+    ms_to_datetime,
+    precision_step,
+    venue_client_id,
+)
+from workers.runtime.log import redact
+
+FIXTURES = Path(__file__).parent / "fixtures" / "ccxt"
+BINANCE = "https://api.binance.com/api/v3"
+BINANCE_TEST = "https://testnet.binance.vision/api/v3"
+OKX = "https://www.okx.com/api/v5"
+CREDS = {"api_key": "test-binance-key-4f1c9a", "secret": "test-binance-secret-77d0e2"}
+OKX_CREDS = {"api_key": "test-okx-key-1b2c", "secret": "test-okx-secret-3d4e",
+             "password": "test-okx-pass-5f6a"}
+T_ORDER = 1718000000123  # 2024-06-10T06:13:20.123Z
+
+
+def fixture(name: str) -> Any:
+    return json.loads((FIXTURES / name).read_text())
+
+
+def sent(call: Any) -> dict[str, str]:
+    """The parameters a venue received: the query string and a form-encoded body merged."""
+    params = {k: v[0] for k, v in parse_qs(urlsplit(call.request.url).query).items()}
+    body = call.request.body
+    if body:
+        text = body.decode() if isinstance(body, bytes) else body
+        if not text.lstrip().startswith(("[", "{")):
+            params.update({k: v[0] for k, v in parse_qs(text).items()})
+    return params
+
+
+def json_body(call: Any) -> Any:
+    body = call.request.body
+    return json.loads(body.decode() if isinstance(body, bytes) else body)
+
+
+def calls_to(http: responses.RequestsMock, path: str) -> list[Any]:
+    return [c for c in http.calls if str(urlsplit(c.request.url).path).endswith(path)]
+
+
+@pytest.fixture
+def http() -> Iterator[responses.RequestsMock]:
+    with responses.RequestsMock(assert_all_requests_are_fired=False) as rsps:
+        yield rsps
+
+
+@pytest.fixture
+def binance(http: responses.RequestsMock) -> CcxtBroker:
+    """A live Binance broker whose markets come from a mocked GET /api/v3/exchangeInfo."""
+    http.get(f"{BINANCE}/exchangeInfo", json=fixture("binance_exchange_info.json"))
+    return CcxtBroker("binance", dict(CREDS), "live",
+                      exchange=ccxt.binance({"enableRateLimit": False}))
+
+
+@pytest.fixture
+def okx(http: responses.RequestsMock) -> CcxtBroker:
+    http.get(f"{OKX}/public/instruments", json=fixture("okx_instruments_spot.json"))
+    http.get(f"{OKX}/asset/currencies", json=fixture("okx_asset_currencies.json"))
+    return CcxtBroker("okx", dict(OKX_CREDS), "live", exchange=ccxt.okx({"enableRateLimit": False}))
+
+
+def binance_order(**overrides: Any) -> dict[str, Any]:
+    """A Binance spot order as GET /api/v3/order documents it."""
+    order = {"symbol": "BTCUSDT", "orderId": 28457, "orderListId": -1,
+             "clientOrderId": "mm7-42", "price": "64000.13000000", "origQty": "0.00123000",
+             "executedQty": "0.00000000", "cummulativeQuoteQty": "0.00000000",
+             "status": "NEW", "timeInForce": "GTC", "type": "LIMIT", "side": "SELL",
+             "stopPrice": "0.00000000", "icebergQty": "0.00000000", "time": T_ORDER,
+             "updateTime": T_ORDER, "isWorking": True, "workingTime": T_ORDER,
+             "origQuoteOrderQty": "0.00000000", "selfTradePreventionMode": "EXPIRE_MAKER"}
+    order.update(overrides)
+    return order
+
+
+def binance_error(code: int, msg: str) -> dict[str, Any]:
+    return {"code": code, "msg": msg}
+
+
+MARKET_BUY = OrderRequest(client_order_id="mm7-42", symbol="BTC/USDT", side="buy",
+                          quantity=Decimal("0.0012399"))
+
+
+# --- placing orders ---------------------------------------------------------------------
+
+
+def test_market_order_sends_venue_symbol_truncated_quantity_and_client_id(
+        http: responses.RequestsMock, binance: CcxtBroker) -> None:
+    full = {"symbol": "BTCUSDT", "orderId": 28457, "orderListId": -1, "clientOrderId": "mm7-42",
+            "transactTime": T_ORDER, "price": "0.00000000", "origQty": "0.00123000",
+            "executedQty": "0.00123000", "origQuoteOrderQty": "0.00000000",
+            "cummulativeQuoteQty": "82.14170000", "status": "FILLED", "timeInForce": "GTC",
+            "type": "MARKET", "side": "BUY", "workingTime": T_ORDER,
+            "selfTradePreventionMode": "EXPIRE_MAKER",
+            "fills": [{"price": "66780.00000000", "qty": "0.00100000",
+                       "commission": "0.00000100", "commissionAsset": "BTC", "tradeId": 3001},
+                      {"price": "66790.00000000", "qty": "0.00023000",
+                       "commission": "0.00000023", "commissionAsset": "BTC", "tradeId": 3002}]}
+    http.post(f"{BINANCE}/order", json=full)
+
+    placed = binance.place_order(MARKET_BUY)
+
+    (call,) = calls_to(http, "/api/v3/order")
+    body = sent(call)
+    assert call.request.method == "POST"
+    assert body["symbol"] == "BTCUSDT"
+    assert body["side"] == "BUY"
+    assert body["type"] == "MARKET"
+    assert body["quantity"] == "0.00123"  # 0.0012399 cut down to the 0.00001 step
+    assert body["newClientOrderId"] == "mm7-42"
+    assert "price" not in body and "timeInForce" not in body
+    assert placed.broker_order_id == "28457"
+    assert placed.client_order_id == "mm7-42"
+    assert placed.status == "filled"
+    assert placed.filled_quantity == Decimal("0.00123")
+    assert placed.average_price is not None
+    assert abs(placed.average_price - Decimal("82.1417") / Decimal("0.00123")) < Decimal("0.01")
+    assert [f.fill_id for f in placed.fills] == ["BTCUSDT:3001", "BTCUSDT:3002"]
+    assert [f.quantity for f in placed.fills] == [Decimal("0.001"), Decimal("0.00023")]
+    assert [f.commission for f in placed.fills] == [Decimal("0.000001"), Decimal("2.3E-7")]
+    assert {f.commission_currency for f in placed.fills} == {"BTC"}
+    assert all(f.client_order_id == "mm7-42" and f.ts.tzinfo is not None for f in placed.fills)
+
+
+@pytest.mark.parametrize(("time_in_force", "expected"), [("GTC", "GTC"), ("IOC", "IOC")])
+def test_limit_order_rounds_price_to_tick_and_sends_time_in_force(
+        http: responses.RequestsMock, binance: CcxtBroker, time_in_force: str,
+        expected: str) -> None:
+    http.post(f"{BINANCE}/order", json=binance_order(transactTime=T_ORDER, fills=[],
+                                                     timeInForce=expected))
+    order = OrderRequest(client_order_id="mm7-42", symbol="BTC/USDT", side="sell",
+                         quantity=Decimal("0.0012345"), order_type="limit",
+                         limit_price=Decimal("64000.129"), time_in_force=time_in_force)
+
+    placed = binance.place_order(order)
+
+    body = sent(calls_to(http, "/api/v3/order")[0])
+    assert (body["type"], body["side"]) == ("LIMIT", "SELL")
+    assert body["quantity"] == "0.00123"
+    assert body["price"] == "64000.13"
+    assert body["timeInForce"] == expected
+    assert placed.status == "submitted"
+    assert placed.filled_quantity == Decimal(0)
+    assert placed.quantity == Decimal("0.00123")
+
+
+def test_stop_limit_order_sends_trigger_and_limit_prices(http: responses.RequestsMock,
+                                                         binance: CcxtBroker) -> None:
+    http.post(f"{BINANCE}/order", json=binance_order(
+        orderId=28460, clientOrderId="mm7-44", type="STOP_LOSS_LIMIT", price="59000.00000000",
+        stopPrice="59100.01000000", origQty="0.00100000", transactTime=T_ORDER, fills=[]))
+    order = OrderRequest("mm7-44", "BTC/USDT", "sell", Decimal("0.001"), "stop_limit",
+                         limit_price=Decimal("59000.001"), stop_price=Decimal("59100.009"))
+
+    placed = binance.place_order(order)
+
+    body = sent(calls_to(http, "/api/v3/order")[0])
+    assert body["type"] == "STOP_LOSS_LIMIT"
+    assert (body["price"], body["stopPrice"]) == ("59000", "59100.01")
+    assert body["quantity"] == "0.001"
+    assert (placed.broker_order_id, placed.status) == ("28460", "submitted")
+
+
+def test_duplicate_client_order_id_returns_the_existing_order(
+        http: responses.RequestsMock, binance: CcxtBroker) -> None:
+    http.post(f"{BINANCE}/order", status=400, json=binance_error(-2010, "Duplicate order sent."))
+    http.get(f"{BINANCE}/order", json=binance_order(status="PARTIALLY_FILLED",
+                                                    executedQty="0.00050000",
+                                                    cummulativeQuoteQty="32000.06500000"))
+
+    found = binance.place_order(MARKET_BUY)
+
+    assert len([c for c in calls_to(http, "/api/v3/order") if c.request.method == "POST"]) == 1
+    (lookup,) = [c for c in calls_to(http, "/api/v3/order") if c.request.method == "GET"]
+    assert sent(lookup)["origClientOrderId"] == "mm7-42"
+    assert sent(lookup)["symbol"] == "BTCUSDT"
+    assert found.broker_order_id == "28457"
+    assert found.client_order_id == "mm7-42"
+    assert found.status == "partially_filled"
+    assert found.filled_quantity == Decimal("0.0005")
+
+
+# --- errors -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("code", "msg", "expected"), [
+    (-2010, "Account has insufficient balance for requested action.", "INSUFFICIENT_FUNDS"),
+    (-1121, "Invalid symbol.", "UNKNOWN_SYMBOL"),
+    (-1013, "Filter failure: LOT_SIZE", "INVALID_ORDER"),
+    (-2010, "Order would immediately match and take.", "INVALID_ORDER"),
+])
+def test_venue_rejections_are_rejects_with_the_venue_message(
+        http: responses.RequestsMock, binance: CcxtBroker, code: int, msg: str,
+        expected: str) -> None:
+    http.post(f"{BINANCE}/order", status=400, json=binance_error(code, msg))
+
+    with pytest.raises(errors.Reject) as caught:
+        binance.place_order(MARKET_BUY)
+
+    text = str(caught.value)
+    assert caught.value.code == expected
+    assert caught.value.venue == "ccxt:binance"
+    assert text.startswith("ccxt:binance: place_order BTC/USDT: ")
+    assert msg in text
+    assert "\n" not in text
+
+
+@pytest.mark.parametrize(("status", "headers", "retry_after"), [
+    (429, {"Retry-After": "7"}, 7.0),
+    (418, {"Retry-After": "120"}, 120.0),
+    (429, {}, None),
+])
+def test_rate_limits_back_off_with_the_retry_after_header(
+        http: responses.RequestsMock, binance: CcxtBroker, status: int,
+        headers: dict[str, str], retry_after: float | None) -> None:
+    http.post(f"{BINANCE}/order", status=status, headers=headers, json=binance_error(
+        -1003, "Too much request weight used; current limit is 6000 request weight per 1 "
+               "MINUTE. Please use WebSocket Streams for live updates to avoid polling the API."))
+
+    with pytest.raises(errors.BackOff) as caught:
+        binance.place_order(MARKET_BUY)
+
+    assert caught.value.retry_after == retry_after
+    assert "Too much request weight used" in str(caught.value)
+
+
+@pytest.mark.parametrize(("response", "code"), [
+    ({"status": 503, "json": binance_error(-1008, "Server is currently overloaded with other "
+                                                  "requests. Please try again in a few minutes.")},
+     "OPERATION_FAILED"),
+    # a code ccxt does not classify is a plain ExchangeError: the 5xx status makes it a Retry
+    ({"status": 503, "json": binance_error(-1034, "Too many concurrent connections; current "
+                                                  "limit is '10'.")}, "VENUE_UNAVAILABLE"),
+    ({"status": 500, "json": binance_error(-1001, "Internal error; unable to process your "
+                                                  "request. Please try again.")},
+     "OPERATION_FAILED"),
+    ({"status": 502, "body": "<html><body><h1>502 Bad Gateway</h1></body></html>",
+      "content_type": "text/html"}, "VENUE_UNAVAILABLE"),
+    ({"body": requests.exceptions.ReadTimeout("Read timed out. (read timeout=10)")}, "TIMEOUT"),
+    ({"body": requests.exceptions.ConnectionError("Connection reset by peer")},
+     "NETWORK_ERROR"),
+])
+def test_server_faults_and_network_errors_are_retries(
+        http: responses.RequestsMock, binance: CcxtBroker, response: dict[str, Any],
+        code: str) -> None:
+    http.post(f"{BINANCE}/order", **response)
+
+    with pytest.raises(errors.Retry) as caught:
+        binance.place_order(MARKET_BUY)
+
+    assert not isinstance(caught.value, errors.BackOff)
+    assert caught.value.code == code
+    assert "place_order BTC/USDT" in str(caught.value)
+
+
+@pytest.mark.parametrize(("status", "code", "msg"), [
+    (401, -2015, "Invalid API-key, IP, or permissions for action."),
+    (401, -2014, "API-key format invalid."),
+    (400, -1022, "Signature for this request is not valid."),
+])
+def test_bad_credentials_stop_the_account(http: responses.RequestsMock, binance: CcxtBroker,
+                                          status: int, code: int, msg: str) -> None:
+    http.get(f"{BINANCE}/account", status=status, json=binance_error(code, msg))
+
+    with pytest.raises(errors.Stop) as caught:
+        binance.balances()
+
+    assert caught.value.code == "AUTHENTICATION_FAILED"
+    assert msg in str(caught.value)
+    assert CREDS["secret"] not in str(caught.value)
+
+
+def test_error_map_lists_every_subclass_before_its_parents() -> None:
+    for i, (earlier, _, _) in enumerate(ERROR_MAP):
+        for later, _, _ in ERROR_MAP[i + 1:]:
+            assert not issubclass(later, earlier), f"{later.__name__} is shadowed by " \
+                                                   f"{earlier.__name__}"
+
+
+@pytest.mark.parametrize(("exc", "cls", "code"), [
+    (ccxt.RateLimitExceeded, errors.BackOff, "RATE_LIMITED"),  # a NetworkError subclass
+    (ccxt.DDoSProtection, errors.BackOff, "DDOS_PROTECTION"),
+    (ccxt.RequestTimeout, errors.Retry, "TIMEOUT"),
+    (ccxt.OnMaintenance, errors.Retry, "VENUE_MAINTENANCE"),  # an ExchangeNotAvailable
+    (ccxt.ExchangeNotAvailable, errors.Retry, "VENUE_UNAVAILABLE"),
+    (ccxt.NetworkError, errors.Retry, "NETWORK_ERROR"),
+    (ccxt.OrderNotFound, errors.OrderNotFound, "ORDER_NOT_FOUND"),  # an InvalidOrder
+    (ccxt.InvalidOrder, errors.Reject, "INVALID_ORDER"),
+    (ccxt.InsufficientFunds, errors.Reject, "INSUFFICIENT_FUNDS"),
+    (ccxt.BadSymbol, errors.Reject, "UNKNOWN_SYMBOL"),  # a BadRequest
+    (ccxt.BadRequest, errors.Reject, "BAD_REQUEST"),
+    (ccxt.AccountSuspended, errors.Stop, "ACCOUNT_SUSPENDED"),  # an AuthenticationError
+    (ccxt.PermissionDenied, errors.Stop, "PERMISSION_DENIED"),
+    (ccxt.AuthenticationError, errors.Stop, "AUTHENTICATION_FAILED"),
+])
+def test_each_ccxt_error_maps_to_its_most_specific_class(
+        exc: type[Exception], cls: type[errors.BrokerError], code: str) -> None:
+    mapped = map_ccxt_error(exc("binance something happened"), venue="ccxt:binance",
+                            exchange=ccxt.binance(), action="place_order", symbol="BTC/USDT")
+
+    assert type(mapped) is cls
+    assert mapped.code == code
+    assert str(mapped) == (f"ccxt:binance: place_order BTC/USDT: "
+                           f"{code.lower().replace('_', ' ')}: something happened")
+
+
+# --- sizes ------------------------------------------------------------------------------
+
+
+def test_instrument_rules_come_from_the_market_filters(binance: CcxtBroker) -> None:
+    rules = binance.instrument_rules("BTC/USDT")
+
+    assert rules.quantity_step == Decimal("0.00001")
+    assert rules.min_quantity == Decimal("0.00001")
+    assert rules.price_tick == Decimal("0.01")
+    assert rules.min_notional == Decimal("5")
+
+
+@pytest.mark.parametrize(("precision", "mode", "step"), [
+    (0.00001, ccxt.TICK_SIZE, Decimal("0.00001")),
+    ("0.5", ccxt.TICK_SIZE, Decimal("0.5")),
+    (5, ccxt.DECIMAL_PLACES, Decimal("0.00001")),
+    (0, ccxt.DECIMAL_PLACES, Decimal("1")),
+    (5, ccxt.SIGNIFICANT_DIGITS, Decimal(0)),
+    (None, ccxt.TICK_SIZE, Decimal(0)),
+])
+def test_precision_becomes_a_step_in_every_precision_mode(precision: Any, mode: int,
+                                                          step: Decimal) -> None:
+    assert precision_step(precision, mode) == step
+
+
+@pytest.mark.parametrize(("order", "code"), [
+    (OrderRequest("mm7-50", "BTC/USDT", "buy", Decimal("0.000004")), "BELOW_MIN_QUANTITY"),
+    (OrderRequest("mm7-51", "ETH/USDT", "sell", Decimal("0.00005")), "BELOW_MIN_QUANTITY"),
+    (OrderRequest("mm7-52", "BTC/USDT", "buy", Decimal("0.0001"), "limit",
+                  limit_price=Decimal("40000")), "BELOW_MIN_NOTIONAL"),
+    (OrderRequest("mm7-53", "BTC/USDT", "buy", Decimal("0.001"), "limit"), "INVALID_ORDER"),
+])
+def test_orders_under_the_venue_minimum_are_refused_before_sending(
+        http: responses.RequestsMock, binance: CcxtBroker, order: OrderRequest,
+        code: str) -> None:
+    with pytest.raises(errors.Reject) as caught:
+        binance.place_order(order)
+
+    assert caught.value.code == code
+    assert order.symbol in str(caught.value)
+    # at most the market list was read: no order request left
+    assert {urlsplit(c.request.url).path for c in http.calls} <= {"/api/v3/exchangeInfo"}
+    assert calls_to(http, "/api/v3/order") == []
+
+
+def test_coinbase_market_buys_are_refused_rather_than_sized_in_quote_currency(
+        http: responses.RequestsMock) -> None:
+    broker = CcxtBroker("coinbase", {"api_key": "organizations/x/apiKeys/y",
+                                     "secret": "coinbase-test-secret"}, "live",
+                        exchange=ccxt.coinbase({"enableRateLimit": False}))
+
+    with pytest.raises(errors.Reject) as caught:
+        broker.place_order(MARKET_BUY)
+
+    assert caught.value.code == "UNSUPPORTED_ORDER"
+    assert len(http.calls) == 0
+
+
+# --- order queries ----------------------------------------------------------------------
+
+
+def test_order_status_by_broker_id(http: responses.RequestsMock, binance: CcxtBroker) -> None:
+    http.get(f"{BINANCE}/order", json=binance_order(status="FILLED", executedQty="0.00123000",
+                                                    cummulativeQuoteQty="78.72015990"))
+
+    order = binance.order_status(broker_order_id="28457", symbol="BTC/USDT")
+
+    assert sent(calls_to(http, "/api/v3/order")[0])["orderId"] == "28457"
+    assert order.status == "filled"
+    assert order.average_price == Decimal("78.7201599") / Decimal("0.00123")
+
+
+def test_unknown_order_is_order_not_found(http: responses.RequestsMock,
+                                          binance: CcxtBroker) -> None:
+    http.get(f"{BINANCE}/order", status=400, json=binance_error(-2013, "Order does not exist."))
+
+    with pytest.raises(errors.OrderNotFound) as caught:
+        binance.order_status(client_order_id="mm7-99", symbol="BTC/USDT")
+
+    assert "Order does not exist." in str(caught.value)
+    assert sent(calls_to(http, "/api/v3/order")[0])["origClientOrderId"] == "mm7-99"
+
+
+def test_cancel_order(http: responses.RequestsMock, binance: CcxtBroker) -> None:
+    http.delete(f"{BINANCE}/order", json={
+        "symbol": "BTCUSDT", "origClientOrderId": "mm7-42", "orderId": 28457, "orderListId": -1,
+        "clientOrderId": "cancelMyOrder1", "transactTime": T_ORDER, "price": "64000.13000000",
+        "origQty": "0.00123000", "executedQty": "0.00000000",
+        "cummulativeQuoteQty": "0.00000000", "status": "CANCELED", "timeInForce": "GTC",
+        "type": "LIMIT", "side": "SELL", "selfTradePreventionMode": "EXPIRE_MAKER"})
+
+    cancelled = binance.cancel_order("28457", "BTC/USDT")
+
+    (call,) = calls_to(http, "/api/v3/order")
+    assert call.request.method == "DELETE"
+    assert sent(call)["orderId"] == "28457" and sent(call)["symbol"] == "BTCUSDT"
+    assert cancelled.status == "cancelled"
+
+
+def test_cancelling_a_gone_order_is_order_not_found(http: responses.RequestsMock,
+                                                    binance: CcxtBroker) -> None:
+    http.delete(f"{BINANCE}/order", status=400, json=binance_error(-2011, "Unknown order sent."))
+
+    with pytest.raises(errors.OrderNotFound, match="Unknown order sent"):
+        binance.cancel_order("28457", "BTC/USDT")
+
+
+def test_open_orders(http: responses.RequestsMock, binance: CcxtBroker) -> None:
+    http.get(f"{BINANCE}/openOrders", json=[binance_order()])
+
+    (order,) = binance.open_orders("BTC/USDT")
+
+    assert sent(calls_to(http, "/api/v3/openOrders")[0])["symbol"] == "BTCUSDT"
+    assert (order.broker_order_id, order.symbol, order.side) == ("28457", "BTC/USDT", "sell")
+    assert (order.quantity, order.status) == (Decimal("0.00123"), "submitted")
+
+
+# --- fills ------------------------------------------------------------------------------
+
+
+def binance_trade(trade_id: int, time_ms: int, **overrides: Any) -> dict[str, Any]:
+    """One entry of GET /api/v3/myTrades."""
+    trade = {"symbol": "BTCUSDT", "id": trade_id, "orderId": 28457, "orderListId": -1,
+             "price": "66780.00000000", "qty": "0.00100000", "quoteQty": "66.78000000",
+             "commission": "0.00000100", "commissionAsset": "BTC", "time": time_ms,
+             "isBuyer": True, "isMaker": False, "isBestMatch": True}
+    trade.update(overrides)
+    return trade
+
+
+def test_fills_carry_their_own_quantity_fee_and_id(http: responses.RequestsMock,
+                                                   binance: CcxtBroker) -> None:
+    http.get(f"{BINANCE}/myTrades", json=[
+        binance_trade(3001, T_ORDER),
+        binance_trade(3002, T_ORDER + 5, qty="0.00023000", price="66790.00000000",
+                      commission="0.00361234", commissionAsset="BNB", isBuyer=False,
+                      isMaker=True)])
+    since = datetime(2024, 6, 10, tzinfo=UTC)
+
+    first, second = binance.fills_since(since, "BTC/USDT")
+
+    query = sent(calls_to(http, "/api/v3/myTrades")[0])
+    assert query["symbol"] == "BTCUSDT"
+    assert query["startTime"] == str(int(since.timestamp() * 1000))
+    assert (first.fill_id, second.fill_id) == ("BTCUSDT:3001", "BTCUSDT:3002")
+    assert (first.side, second.side) == ("buy", "sell")
+    assert second.quantity == Decimal("0.00023")
+    assert second.price == Decimal("66790")
+    assert second.commission == Decimal("0.00361234")
+    assert second.commission_currency == "BNB"
+    assert (first.liquidity, second.liquidity) == ("taker", "maker")
+    assert first.broker_order_id == "28457"
+    assert first.ts == datetime(2024, 6, 10, 6, 13, 20, 123000, tzinfo=UTC)
+
+
+def test_fills_page_forward_without_duplicates(http: responses.RequestsMock,
+                                               binance: CcxtBroker) -> None:
+    since = datetime(2024, 6, 10, tzinfo=UTC)
+    start = int(since.timestamp() * 1000)
+    page1 = [binance_trade(i, start + i * 1000) for i in range(1, 1001)]  # a full page (1000)
+    page2 = [page1[-1], binance_trade(1001, start + 1_001_000),
+             binance_trade(1002, start + 1_002_000)]
+    http.get(f"{BINANCE}/myTrades", json=page1)
+    http.get(f"{BINANCE}/myTrades", json=page2)
+
+    fills = binance.fills_since(since, "BTC/USDT")
+
+    asked = [sent(c) for c in calls_to(http, "/api/v3/myTrades")]
+    assert [q["startTime"] for q in asked] == [str(start), str(start + 1_000_000)]
+    assert {q["limit"] for q in asked} == {"1000"}
+    assert len(fills) == 1002
+    assert len({f.fill_id for f in fills}) == 1002
+    assert fills[0].fill_id == "BTCUSDT:1" and fills[-1].fill_id == "BTCUSDT:1002"
+    assert all(a.ts <= b.ts for a, b in itertools.pairwise(fills))
+
+
+def test_fills_without_symbol_are_refused_where_the_venue_lists_trades_per_market(
+        http: responses.RequestsMock, binance: CcxtBroker) -> None:
+    with pytest.raises(errors.Reject) as caught:
+        binance.fills_since(datetime(2024, 6, 10, tzinfo=UTC))
+
+    assert caught.value.code == "SYMBOL_REQUIRED"
+    assert len(http.calls) == 0
+
+
+def test_naive_since_is_refused(binance: CcxtBroker) -> None:
+    with pytest.raises(ValueError, match="naive"):
+        binance.fills_since(datetime(2024, 6, 10), "BTC/USDT")
+
+
+# --- account ----------------------------------------------------------------------------
+
+
+ACCOUNT = {
+    "makerCommission": 10, "takerCommission": 10, "buyerCommission": 0, "sellerCommission": 0,
+    "commissionRates": {"maker": "0.00100000", "taker": "0.00100000", "buyer": "0.00000000",
+                        "seller": "0.00000000"},
+    "canTrade": True, "canWithdraw": True, "canDeposit": True, "brokered": False,
+    "requireSelfTradePrevention": False, "preventSor": False, "updateTime": T_ORDER,
+    "accountType": "SPOT",
+    "balances": [{"asset": "BTC", "free": "0.50000000", "locked": "0.10000000"},
+                 {"asset": "ETH", "free": "2.00000000", "locked": "0.00000000"},
+                 {"asset": "LTC", "free": "0.00000000", "locked": "0.00000000"},
+                 {"asset": "USDT", "free": "1000.50000000", "locked": "250.00000000"}],
+    "permissions": ["SPOT"], "uid": 354937868}
+
+
+def test_balances_are_decimal_totals_and_free_amounts(http: responses.RequestsMock,
+                                                      binance: CcxtBroker) -> None:
+    http.get(f"{BINANCE}/account", json=ACCOUNT)
+
+    balances = {b.currency: b for b in binance.balances()}
+
+    assert set(balances) == {"BTC", "ETH", "USDT"}  # LTC is empty
+    assert balances["BTC"].total == Decimal("0.6")
+    assert balances["BTC"].free == Decimal("0.5")
+    assert balances["USDT"].total == Decimal("1250.5")
+    assert balances["USDT"].free == Decimal("1000.5")
+
+
+def test_spot_positions_are_non_cash_balances(http: responses.RequestsMock,
+                                              binance: CcxtBroker) -> None:
+    http.get(f"{BINANCE}/account", json=ACCOUNT)
+
+    positions = binance.positions()
+
+    assert positions == [BrokerPosition("BTC/USDT", Decimal("0.6"), None),
+                         BrokerPosition("ETH/USDT", Decimal("2"), None)]
+
+
+# --- environment and credentials --------------------------------------------------------
+
+
+def test_testnet_trades_against_the_sandbox_url(http: responses.RequestsMock) -> None:
+    http.get(f"{BINANCE_TEST}/exchangeInfo", json=fixture("binance_exchange_info.json"))
+    http.post(f"{BINANCE_TEST}/order", json=binance_order(type="MARKET", side="BUY",
+                                                          transactTime=T_ORDER, fills=[]))
+    broker = CcxtBroker("binance", dict(CREDS), "testnet")
+    broker.exchange.enableRateLimit = False  # no waiting between the two mocked calls
+
+    broker.place_order(MARKET_BUY)
+
+    assert broker.endpoint_url == BINANCE_TEST
+    assert broker.is_sandbox
+    assert {urlsplit(c.request.url).netloc for c in http.calls} == {"testnet.binance.vision"}
+    assert calls_to(http, "/api/v3/order")[0].request.url.startswith(f"{BINANCE_TEST}/order")
+
+
+def test_live_targets_the_live_url(binance: CcxtBroker) -> None:
+    assert binance.endpoint_url == BINANCE
+    assert not binance.is_sandbox
+    assert isinstance(binance, Broker)
+
+
+@pytest.mark.parametrize(("exchange_id", "endpoint", "url", "sandbox"), [
+    ("bybit", "live", "https://api.bybit.com", False),
+    ("bybit", "testnet", "https://api-testnet.bybit.com", True),
+    ("okx", "testnet", "https://www.okx.com", True),  # demo trading: same host, a header
+    ("kraken", "live", "https://api.kraken.com", False),
+    ("coinbase", "live", "https://api.coinbase.com", False),
+])
+def test_endpoint_url_names_the_targeted_api(http: responses.RequestsMock, exchange_id: str,
+                                             endpoint: Any, url: str, sandbox: bool) -> None:
+    broker = CcxtBroker(exchange_id, None, endpoint)
+
+    assert broker.endpoint_url == url
+    assert broker.is_sandbox is sandbox
+    assert broker.venue == f"ccxt:{exchange_id}"
+    if exchange_id == "okx" and sandbox:
+        assert broker.exchange.headers["x-simulated-trading"] == "1"
+    assert len(http.calls) == 0
+
+
+@pytest.mark.parametrize("exchange_id", ["kraken", "coinbase"])
+def test_testnet_is_refused_where_ccxt_has_no_sandbox(http: responses.RequestsMock,
+                                                      exchange_id: str) -> None:
+    with pytest.raises(errors.EnvironmentMismatch, match=exchange_id):
+        CcxtBroker(exchange_id, None, "testnet")
+
+    assert len(http.calls) == 0
+
+
+def test_live_refuses_an_exchange_in_sandbox_mode() -> None:
+    exchange = ccxt.binance()
+    exchange.set_sandbox_mode(True)
+
+    with pytest.raises(errors.EnvironmentMismatch, match="sandbox"):
+        CcxtBroker("binance", dict(CREDS), "live", exchange=exchange)
+
+
+def test_credentials_reach_ccxt_and_are_redacted_from_logs() -> None:
+    creds = {"api_key": "redact-me-key-93ab", "secret": "redact-me-secret-1f2e"}
+
+    broker = CcxtBroker("binance", creds, "live")
+
+    assert broker.exchange.apiKey == creds["api_key"]
+    assert broker.exchange.secret == creds["secret"]
+    assert redact(f"signing with {creds['secret']} for {creds['api_key']}") == \
+        "signing with *** for ***"
+
+
+def test_an_unknown_credential_field_stops_without_echoing_its_value() -> None:
+    with pytest.raises(errors.Stop) as caught:
+        CcxtBroker("binance", {"api_kee": "typo-value-1234"}, "live")
+
+    assert caught.value.code == "BAD_CREDENTIALS"
+    assert "api_kee" in str(caught.value)
+    assert "typo-value-1234" not in str(caught.value)
+
+
+def test_an_unknown_exchange_stops() -> None:
+    with pytest.raises(errors.Stop, match="no exchange 'notanexchange'"):
+        CcxtBroker("notanexchange", None, "live")
+
+
+# --- the unified path on a second exchange: OKX -----------------------------------------
+
+
+def okx_ack(cid: str, code: str = "0", msg: str = "Order placed") -> dict[str, Any]:
+    """POST /api/v5/trade/batch-orders (ccxt sends single orders through the batch path)."""
+    return {"code": "0" if code == "0" else "1", "msg": "" if code == "0" else
+            "All operations failed", "data": [{"clOrdId": cid, "ordId":
+                                               "312269865356374016" if code == "0" else "",
+                                               "tag": "", "ts": "1718000000123",
+                                               "sCode": code, "sMsg": msg}],
+            "inTime": "1718000000121000", "outTime": "1718000000124000"}
+
+
+def test_okx_orders_go_through_the_same_unified_path(http: responses.RequestsMock,
+                                                     okx: CcxtBroker) -> None:
+    cid_buy, cid_sell = venue_client_id("okx", "mm7-42"), venue_client_id("okx", "mm7-43")
+    http.post(f"{OKX}/trade/batch-orders", json=okx_ack(cid_buy))
+    http.post(f"{OKX}/trade/batch-orders", json=okx_ack(cid_sell))
+
+    bought = okx.place_order(MARKET_BUY)
+    sold = okx.place_order(OrderRequest("mm7-43", "BTC/USDT", "sell", Decimal("0.0012399"),
+                                        "limit", limit_price=Decimal("64000.06")))
+
+    (buy,), (sell,) = (json_body(c) for c in calls_to(http, "/trade/batch-orders"))
+    assert buy == {"instId": "BTC-USDT", "side": "buy", "ordType": "market", "sz": "0.0012399",
+                   "tdMode": "cash", "tgtCcy": "base_ccy", "clOrdId": cid_buy}
+    assert sell["ordType"] == "limit" and sell["side"] == "sell"
+    assert sell["px"] == "64000.1"  # the 0.1 tick
+    assert sell["clOrdId"] == cid_sell
+    assert re.fullmatch(r"[0-9a-f]{32}", cid_buy) and cid_buy != cid_sell
+    assert (bought.broker_order_id, bought.client_order_id) == ("312269865356374016", "mm7-42")
+    assert (bought.status, bought.quantity) == ("submitted", Decimal("0.0012399"))
+    assert sold.client_order_id == "mm7-43"
+
+
+def test_okx_duplicate_clordid_returns_the_existing_order(http: responses.RequestsMock,
+                                                          okx: CcxtBroker) -> None:
+    cid = venue_client_id("okx", "mm7-42")
+    http.post(f"{OKX}/trade/batch-orders", json=okx_ack(cid, "51016", "Duplicated clOrdId"))
+    http.get(f"{OKX}/trade/order", json={"code": "0", "msg": "", "data": [{
+        "accFillSz": "0.0012399", "algoClOrdId": "", "algoId": "", "attachAlgoClOrdId": "",
+        "attachAlgoOrds": [], "avgPx": "66780.1", "cTime": "1718000000123",
+        "cancelSource": "", "cancelSourceReason": "", "category": "normal", "ccy": "",
+        "clOrdId": cid, "fee": "-0.0000012399", "feeCcy": "BTC", "fillPx": "66780.1",
+        "fillSz": "0.0012399", "fillTime": "1718000000200", "instId": "BTC-USDT",
+        "instType": "SPOT", "isTpLimit": "false", "lever": "", "linkedAlgoOrd": {"algoId": ""},
+        "ordId": "312269865356374016", "ordType": "market", "pnl": "0", "posSide": "net",
+        "px": "", "pxType": "", "pxUsd": "", "pxVol": "", "quickMgnType": "", "rebate": "0",
+        "rebateCcy": "USDT", "reduceOnly": "false", "side": "buy", "slOrdPx": "",
+        "slTriggerPx": "", "slTriggerPxType": "", "source": "", "state": "filled", "stpId": "",
+        "stpMode": "cancel_maker", "sz": "0.0012399", "tag": "", "tdMode": "cash",
+        "tgtCcy": "base_ccy", "tpOrdPx": "", "tpTriggerPx": "", "tpTriggerPxType": "",
+        "tradeId": "123456", "uTime": "1718000000200"}]})
+
+    found = okx.place_order(MARKET_BUY)
+
+    lookup = sent(calls_to(http, "/trade/order")[0])
+    assert lookup == {"instId": "BTC-USDT", "clOrdId": cid}
+    assert found.client_order_id == "mm7-42"
+    assert found.status == "filled"
+    assert found.filled_quantity == Decimal("0.0012399")
+    assert found.average_price == Decimal("66780.1")
+
+
+def test_okx_rejection_carries_the_order_message(http: responses.RequestsMock,
+                                                 okx: CcxtBroker) -> None:
+    http.post(f"{OKX}/trade/batch-orders", json=okx_ack(
+        venue_client_id("okx", "mm7-42"), "51008",
+        "Order failed. Insufficient USDT balance in account."))
+
+    with pytest.raises(errors.Reject) as caught:
+        okx.place_order(MARKET_BUY)
+
+    assert caught.value.code == "INSUFFICIENT_FUNDS"
+    assert str(caught.value).endswith("Order failed. Insufficient USDT balance in account.")
+
+
+# --- client ids -------------------------------------------------------------------------
+
+
+def test_client_ids_are_kept_where_valid_and_digested_where_not() -> None:
+    assert venue_client_id("binance", "mm7-42") == "mm7-42"
+    assert venue_client_id("bybit", "mm7-42") == "mm7-42"
+    assert venue_client_id("okx", "mm742") == "mm742"
+    digest = venue_client_id("okx", "mm7-42")
+    assert re.fullmatch(r"[0-9a-f]{32}", digest)
+    assert digest == venue_client_id("okx", "mm7-42")  # stable across processes
+    assert venue_client_id("kraken", "mm7-42") == "mm7-42"
+    assert len(venue_client_id("kraken", "mm123456-7890123456")) == 32
+    assert venue_client_id("binance", "m" * 40) != "m" * 40
+
+
+def test_times_are_aware_utc() -> None:
+    ts = ms_to_datetime(T_ORDER)
+    assert ts.utcoffset() == timedelta(0)
+    assert datetime_to_ms(ts) == T_ORDER

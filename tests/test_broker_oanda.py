@@ -1,0 +1,508 @@
+"""OandaBroker against OANDA v20 at the HTTP level (`responses`), no network, no database.
+
+Bodies follow the shapes oandapyV20 ships as example responses
+(`oandapyV20/endpoints/responses/*.py`) and OANDA's v20 error bodies (`errorCode`,
+`errorMessage`, `orderRejectTransaction`).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qsl, urlsplit
+
+import oandapyV20
+import pytest
+import requests
+import responses
+
+from workers.brokers.base import Broker, OrderRequest
+from workers.brokers.errors import (
+    BackOff,
+    EnvironmentMismatch,
+    OrderNotFound,
+    Reject,
+    Retry,
+    Stop,
+)
+from workers.brokers.oanda_broker import OandaBroker, to_instrument, to_symbol
+from workers.runtime.log import redact
+
+FIXTURES = Path(__file__).parent / "fixtures" / "oanda"
+ACCOUNT = "101-004-1435156-001"
+TOKEN = "oanda-test-token-7f3a9c"
+PRACTICE = f"https://api-fxpractice.oanda.com/v3/accounts/{ACCOUNT}"
+LIVE = f"https://api-fxtrade.oanda.com/v3/accounts/{ACCOUNT}"
+CREDENTIALS = {"account_id": ACCOUNT, "access_token": TOKEN}
+
+
+def load(name: str) -> Any:
+    return json.loads((FIXTURES / f"{name}.json").read_text())
+
+
+@pytest.fixture
+def http() -> Iterator[responses.RequestsMock]:
+    # an unregistered URL raises ConnectionError: nothing can reach the network
+    with responses.RequestsMock(assert_all_requests_are_fired=False) as mock:
+        yield mock
+
+
+@pytest.fixture
+def broker() -> OandaBroker:
+    return OandaBroker(CREDENTIALS, "practice")
+
+
+def summary(http: responses.RequestsMock, base: str = PRACTICE) -> None:
+    http.get(f"{base}/summary", json=load("account_summary"))
+
+
+def not_found(http: responses.RequestsMock, spec: str) -> None:
+    http.get(f"{PRACTICE}/orders/{spec}", json=load("order_not_found"), status=404)
+
+
+def posted(http: responses.RequestsMock) -> list[dict[str, Any]]:
+    """The JSON bodies of the POST requests sent, in order."""
+    bodies = [c.request.body for c in http.calls if c.request.method == "POST"]
+    return [json.loads(b) for b in bodies if isinstance(b, bytes | str)]
+
+
+def url_of(http: responses.RequestsMock, index: int) -> str:
+    return str(http.calls[index].request.url)
+
+
+def params_of(http: responses.RequestsMock, index: int) -> dict[str, str]:
+    return dict(parse_qsl(urlsplit(url_of(http, index)).query))
+
+
+def calls_to(http: responses.RequestsMock, path: str) -> list[int]:
+    return [i for i in range(len(http.calls)) if path in urlsplit(url_of(http, i)).path]
+
+
+def market_sell(cid: str = "cid-market-1", quantity: str = "1500") -> OrderRequest:
+    return OrderRequest(client_order_id=cid, symbol="EUR/USD", side="sell",
+                        quantity=Decimal(quantity))
+
+
+# ---------------------------------------------------------------- construction
+
+def test_the_adapter_satisfies_the_broker_contract(broker: OandaBroker) -> None:
+    assert isinstance(broker, Broker)
+    assert (broker.venue, broker.endpoint, broker.environment) == ("oanda", "paper", "practice")
+    assert broker.endpoint_url == "https://api-fxpractice.oanda.com"
+
+
+def test_the_access_token_is_redacted_from_logs() -> None:
+    token = "redaction-probe-5d1e8b"  # used by no other test, so only this adapter registers it
+    assert redact(f"Bearer {token}") == f"Bearer {token}"
+    OandaBroker({"account_id": ACCOUNT, "access_token": token}, "practice")
+    assert redact(f"Authorization: Bearer {token}") == "Authorization: Bearer ***"
+
+
+@pytest.mark.parametrize("credentials", [{"account_id": ACCOUNT}, {"access_token": TOKEN}])
+def test_missing_credentials_stop(credentials: dict[str, str]) -> None:
+    with pytest.raises(Stop, match="oanda: credentials lack"):
+        OandaBroker(credentials, "practice")
+
+
+def test_a_client_for_another_environment_is_refused() -> None:
+    live_api = oandapyV20.API(access_token=TOKEN, environment="live")
+    with pytest.raises(EnvironmentMismatch, match="api client is for live"):
+        OandaBroker(CREDENTIALS, "practice", api=live_api)
+
+
+def test_an_unknown_environment_stops() -> None:
+    with pytest.raises(Stop, match="unknown environment 'sandbox'"):
+        OandaBroker(CREDENTIALS, "sandbox")  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(("environment", "host", "endpoint"), [
+    ("practice", "https://api-fxpractice.oanda.com", "paper"),
+    ("live", "https://api-fxtrade.oanda.com", "live"),
+])
+def test_each_environment_reaches_its_own_host(http: responses.RequestsMock, environment: str,
+                                               host: str, endpoint: str) -> None:
+    http.get(f"{host}/v3/accounts/{ACCOUNT}/openPositions", json=load("open_positions"))
+    chosen = OandaBroker(CREDENTIALS, environment)  # type: ignore[arg-type]
+    assert len(chosen.positions()) == 2
+    assert chosen.endpoint == endpoint and chosen.endpoint_url == host
+    assert url_of(http, 0).startswith(f"{host}/v3/accounts/{ACCOUNT}/")
+    assert http.calls[0].request.headers["Authorization"] == f"Bearer {TOKEN}"
+
+
+def test_symbols_convert_both_ways() -> None:
+    assert to_instrument("EUR/USD") == "EUR_USD"
+    assert to_symbol("DE30_EUR") == "DE30/EUR"
+    with pytest.raises(Reject) as info:
+        to_instrument("EURUSD")
+    assert info.value.code == "INVALID_SYMBOL"
+
+
+# ---------------------------------------------------------------- placing orders
+
+def test_a_market_order_sends_signed_units_and_its_client_id(
+        http: responses.RequestsMock, broker: OandaBroker) -> None:
+    not_found(http, "@cid-market-1")
+    summary(http)
+    http.post(f"{PRACTICE}/orders", json=load("order_create_market_filled"), status=201)
+    broker.place_order(market_sell())
+    assert posted(http) == [{"order": {
+        "type": "MARKET", "instrument": "EUR_USD", "units": "-1500", "timeInForce": "FOK",
+        "positionFill": "DEFAULT", "clientExtensions": {"id": "cid-market-1"}}}]
+
+
+def test_a_market_order_filled_at_once_yields_its_fill(
+        http: responses.RequestsMock, broker: OandaBroker) -> None:
+    not_found(http, "@cid-market-1")
+    summary(http)
+    http.post(f"{PRACTICE}/orders", json=load("order_create_market_filled"), status=201)
+    order = broker.place_order(market_sell())
+    assert (order.broker_order_id, order.status, order.side) == ("6372", "filled", "sell")
+    assert order.filled_quantity == Decimal("1500") and order.average_price == Decimal("1.08463")
+    (fill,) = order.fills
+    assert fill.price == Decimal("1.08463") and isinstance(fill.price, Decimal)
+    assert (fill.fill_id, fill.broker_order_id, fill.client_order_id) == ("6373", "6372",
+                                                                          "cid-market-1")
+    assert (fill.symbol, fill.side, fill.quantity) == ("EUR/USD", "sell", Decimal("1500"))
+    assert (fill.commission, fill.commission_currency) == (Decimal("0.1500"), "EUR")
+    assert fill.ts == datetime(2024, 3, 13, 14, 2, 11, 254417, tzinfo=UTC)
+
+
+@pytest.mark.parametrize(("request_", "expected"), [
+    (OrderRequest("cid-limit-1", "EUR/USD", "buy", Decimal("2500"), "limit",
+                  limit_price=Decimal("1.08450")),
+     {"type": "LIMIT", "units": "2500", "price": "1.0845", "timeInForce": "GTC",
+      "positionFill": "DEFAULT"}),
+    (OrderRequest("cid-limit-1", "EUR/USD", "sell", Decimal("2500"), "stop",
+                  stop_price=Decimal("1.07000"), time_in_force="DAY", reduce_only=True),
+     {"type": "STOP", "units": "-2500", "price": "1.07", "timeInForce": "GFD",
+      "positionFill": "REDUCE_ONLY"}),
+    (OrderRequest("cid-limit-1", "EUR/USD", "buy", Decimal("2.5E+3"), time_in_force="IOC"),
+     {"type": "MARKET", "units": "2500", "timeInForce": "IOC", "positionFill": "DEFAULT"}),
+])
+def test_order_types_map_onto_oanda_bodies(http: responses.RequestsMock, broker: OandaBroker,
+                                           request_: OrderRequest,
+                                           expected: dict[str, str]) -> None:
+    not_found(http, "@cid-limit-1")
+    summary(http)
+    http.post(f"{PRACTICE}/orders", json=load("order_create_limit_pending"), status=201)
+    order = broker.place_order(request_)
+    (body,) = posted(http)
+    assert body["order"] == {**expected, "instrument": "EUR_USD",
+                             "clientExtensions": {"id": "cid-limit-1"}}
+    assert (order.status, order.filled_quantity, order.fills) == ("submitted", Decimal(0), ())
+
+
+def test_a_stop_limit_order_is_refused_before_any_request(
+        http: responses.RequestsMock, broker: OandaBroker) -> None:
+    order = OrderRequest("cid-sl", "EUR/USD", "buy", Decimal("1000"), "stop_limit",
+                         limit_price=Decimal("1.1"), stop_price=Decimal("1.09"))
+    with pytest.raises(Reject) as info:
+        broker.place_order(order)
+    assert info.value.code == "ORDER_TYPE_UNSUPPORTED"
+    assert len(http.calls) == 0
+
+
+def test_a_limit_order_without_price_is_refused(broker: OandaBroker) -> None:
+    with pytest.raises(Reject, match="oanda: place_order EUR/USD: limit order without a price"):
+        broker.place_order(OrderRequest("cid-x", "EUR/USD", "buy", Decimal("1"), "limit"))
+
+
+def test_cancel_on_create_is_a_rejection_with_oandas_reason(
+        http: responses.RequestsMock, broker: OandaBroker) -> None:
+    not_found(http, "@cid-huge-1")
+    summary(http)
+    http.post(f"{PRACTICE}/orders", json=load("order_create_cancelled_margin"), status=201)
+    with pytest.raises(Reject) as info:
+        broker.place_order(OrderRequest("cid-huge-1", "EUR/USD", "buy", Decimal("50000000")))
+    assert info.value.code == "INSUFFICIENT_MARGIN"
+    assert str(info.value) == ("oanda: place_order EUR/USD: order 6380 cancelled on create: "
+                               "INSUFFICIENT_MARGIN")
+
+
+def test_an_error_code_of_a_400_answer_is_the_rejection_code(
+        http: responses.RequestsMock, broker: OandaBroker) -> None:
+    not_found(http, "@cid-market-1")
+    summary(http)
+    http.post(f"{PRACTICE}/orders", json=load("order_reject_units_precision"), status=400)
+    with pytest.raises(Reject) as info:
+        broker.place_order(market_sell(quantity="100.5"))
+    assert info.value.code == "UNITS_PRECISION_EXCEEDED"
+    assert "place_order EUR/USD: HTTP 400 UNITS_PRECISION_EXCEEDED" in str(info.value)
+    assert "\n" not in str(info.value)
+
+
+def test_a_reject_transaction_alone_names_the_code(
+        http: responses.RequestsMock, broker: OandaBroker) -> None:
+    body = load("order_reject_units_precision")
+    del body["errorCode"]
+    not_found(http, "@cid-market-1")
+    summary(http)
+    http.post(f"{PRACTICE}/orders", json=body, status=400)
+    with pytest.raises(Reject) as info:
+        broker.place_order(market_sell())
+    assert info.value.code == "UNITS_PRECISION_EXCEEDED"
+
+
+def test_a_404_create_with_a_reject_transaction_is_a_rejection_without_one_a_stop(
+        http: responses.RequestsMock, broker: OandaBroker) -> None:
+    not_found(http, "@cid-market-1")
+    summary(http)
+    refused = {"orderRejectTransaction": {"type": "MARKET_ORDER_REJECT",
+                                          "rejectReason": "ACCOUNT_NOT_ACTIVE"},
+               "lastTransactionID": "6400", "errorMessage": "Account is not active"}
+    http.post(f"{PRACTICE}/orders", json=refused, status=404)
+    http.post(f"{PRACTICE}/orders", json={"errorMessage": "Account does not exist"}, status=404)
+    with pytest.raises(Reject) as info:
+        broker.place_order(market_sell())
+    assert info.value.code == "ACCOUNT_NOT_ACTIVE"
+    with pytest.raises(Stop, match="place_order EUR/USD: HTTP 404 Account does not exist"):
+        broker.place_order(market_sell())
+
+
+# ---------------------------------------------------------------- idempotence
+
+def test_a_resent_client_id_returns_the_existing_order_without_placing(
+        http: responses.RequestsMock, broker: OandaBroker) -> None:
+    http.get(f"{PRACTICE}/orders/@cid-market-1", json=load("order_details_filled"))
+    http.get(f"{PRACTICE}/transactions/6373", json=load("transaction_fill"))
+    summary(http)
+    order = broker.place_order(market_sell())
+    assert (order.broker_order_id, order.status, order.client_order_id) == (
+        "6372", "filled", "cid-market-1")
+    assert [f.fill_id for f in order.fills] == ["6373"]
+    assert posted(http) == []
+
+
+def test_a_duplicate_client_id_rejection_looks_the_order_up(
+        http: responses.RequestsMock, broker: OandaBroker) -> None:
+    # the first lookup misses (another sender is placing it), the create is refused as a
+    # duplicate, the second lookup finds the order the other sender placed
+    not_found(http, "@cid-limit-1")
+    http.get(f"{PRACTICE}/orders/@cid-limit-1", json=load("order_details_pending"))
+    summary(http)
+    http.post(f"{PRACTICE}/orders", json=load("order_reject_duplicate_client_id"), status=400)
+    order = broker.place_order(OrderRequest("cid-limit-1", "EUR/USD", "buy", Decimal("2500"),
+                                            "limit", limit_price=Decimal("1.0845")))
+    assert (order.broker_order_id, order.status, order.quantity) == ("6390", "submitted",
+                                                                     Decimal("2500"))
+    assert len(posted(http)) == 1
+
+
+# ---------------------------------------------------------------- error mapping
+
+@pytest.mark.parametrize(("status", "error"), [
+    (429, BackOff), (500, Retry), (502, Retry), (503, Retry), (401, Stop), (403, Stop),
+    (404, OrderNotFound),
+])
+def test_http_statuses_map_onto_error_classes(http: responses.RequestsMock,
+                                              broker: OandaBroker, status: int,
+                                              error: type[Exception]) -> None:
+    http.get(f"{PRACTICE}/orders/6372",
+             json={"errorMessage": "simulated", "errorCode": None}, status=status)
+    with pytest.raises(error) as info:
+        broker.order_status(broker_order_id="6372", symbol="EUR/USD")
+    assert type(info.value) is error
+    assert str(info.value).startswith(f"oanda: order_status EUR/USD 6372: HTTP {status}")
+
+
+def test_a_rate_limit_says_how_long_to_wait(http: responses.RequestsMock,
+                                            broker: OandaBroker) -> None:
+    http.get(f"{PRACTICE}/openPositions", json={"errorMessage": "Too many requests"}, status=429)
+    with pytest.raises(BackOff) as info:
+        broker.positions()
+    assert info.value.retry_after is not None and info.value.retry_after > 0
+
+
+def test_a_401_names_oandas_message(http: responses.RequestsMock, broker: OandaBroker) -> None:
+    http.get(f"{PRACTICE}/summary", status=401,
+             json={"errorMessage": "Insufficient authorization to perform request."})
+    with pytest.raises(Stop, match=r"^oanda: account summary: HTTP 401 Insufficient auth"):
+        broker.balances()
+
+
+@pytest.mark.parametrize("failure", [requests.ConnectionError("connection reset"),
+                                     requests.ReadTimeout("read timed out")])
+def test_transport_failures_retry(http: responses.RequestsMock, broker: OandaBroker,
+                                  failure: Exception) -> None:
+    http.get(f"{PRACTICE}/openPositions", body=failure)
+    with pytest.raises(Retry) as info:
+        broker.positions()
+    assert type(info.value) is Retry and str(info.value).startswith("oanda: positions: ")
+
+
+def test_a_non_json_answer_retries(http: responses.RequestsMock, broker: OandaBroker) -> None:
+    http.get(f"{PRACTICE}/openPositions", body="<html>gateway</html>", status=200)
+    with pytest.raises(Retry) as info:
+        broker.positions()
+    assert info.value.code == "BAD_RESPONSE"
+
+
+def test_a_404_on_an_account_call_stops(http: responses.RequestsMock,
+                                        broker: OandaBroker) -> None:
+    http.get(f"{PRACTICE}/openPositions", json={"errorMessage": "Account not found"},
+             status=404)
+    with pytest.raises(Stop):
+        broker.positions()
+
+
+# ---------------------------------------------------------------- order queries
+
+def test_order_status_by_client_id_uses_the_at_specifier(
+        http: responses.RequestsMock, broker: OandaBroker) -> None:
+    http.get(f"{PRACTICE}/orders/@cid-market-1", json=load("order_details_filled"))
+    http.get(f"{PRACTICE}/transactions/6373", json=load("transaction_fill"))
+    summary(http)
+    order = broker.order_status(client_order_id="cid-market-1")
+    assert url_of(http, 0) == f"{PRACTICE}/orders/@cid-market-1"
+    assert (order.status, order.filled_quantity, order.average_price) == (
+        "filled", Decimal("1500"), Decimal("1.08463"))
+
+
+def test_an_unknown_order_is_not_found(http: responses.RequestsMock,
+                                       broker: OandaBroker) -> None:
+    not_found(http, "@nobody")
+    with pytest.raises(OrderNotFound, match="order_status - @nobody: HTTP 404"):
+        broker.order_status(client_order_id="nobody")
+
+
+def test_cancel_returns_the_cancelled_order(http: responses.RequestsMock,
+                                            broker: OandaBroker) -> None:
+    http.put(f"{PRACTICE}/orders/6390/cancel", json=load("order_cancel"))
+    http.get(f"{PRACTICE}/orders/6390", json=load("order_details_cancelled"))
+    http.get(f"{PRACTICE}/transactions/6420", json=load("transaction_cancel"))
+    order = broker.cancel_order("6390", "EUR/USD")
+    assert (order.status, order.reason, order.filled_quantity) == ("cancelled",
+                                                                   "CLIENT_REQUEST", Decimal(0))
+    assert http.calls[0].request.method == "PUT"
+
+
+def test_cancelling_a_filled_order_reports_it_filled(http: responses.RequestsMock,
+                                                     broker: OandaBroker) -> None:
+    http.put(f"{PRACTICE}/orders/6372/cancel", status=404, json={
+        "orderCancelRejectTransaction": {"type": "ORDER_CANCEL_REJECT", "orderID": "6372",
+                                         "rejectReason": "ORDER_DOESNT_EXIST"},
+        "errorCode": "ORDER_DOESNT_EXIST", "errorMessage": "The order does not exist"})
+    http.get(f"{PRACTICE}/orders/6372", json=load("order_details_filled"))
+    http.get(f"{PRACTICE}/transactions/6373", json=load("transaction_fill"))
+    summary(http)
+    assert broker.cancel_order("6372", "EUR/USD").status == "filled"
+
+
+def test_cancelling_an_unknown_order_is_not_found(http: responses.RequestsMock,
+                                                  broker: OandaBroker) -> None:
+    http.put(f"{PRACTICE}/orders/999/cancel", json=load("order_not_found"), status=404)
+    not_found(http, "999")
+    with pytest.raises(OrderNotFound):
+        broker.cancel_order("999", "EUR/USD")
+
+
+def test_open_orders_leave_out_orders_attached_to_trades(http: responses.RequestsMock,
+                                                         broker: OandaBroker) -> None:
+    http.get(f"{PRACTICE}/pendingOrders", json=load("orders_pending"))
+    everything = broker.open_orders()
+    assert [(o.broker_order_id, o.symbol, o.side) for o in everything] == [
+        ("6390", "EUR/USD", "buy"), ("6392", "USD/JPY", "sell")]
+    assert [o.broker_order_id for o in broker.open_orders("USD/JPY")] == ["6392"]
+
+
+# ---------------------------------------------------------------- fills
+
+def test_fills_since_pages_through_transaction_id_ranges(http: responses.RequestsMock,
+                                                         broker: OandaBroker) -> None:
+    http.get(f"{PRACTICE}/transactions", json=load("transactions_list"))
+    http.get(f"{PRACTICE}/transactions/idrange", json=load("transactions_idrange_1"))
+    http.get(f"{PRACTICE}/transactions/idrange", json=load("transactions_idrange_2"))
+    summary(http)
+    since = datetime(2024, 3, 13, tzinfo=UTC)
+    fills = broker.fills_since(since)
+    assert params_of(http, 0) == {"from": "2024-03-13T00:00:00.000000Z", "type": "ORDER_FILL",
+                              "pageSize": "1000"}
+    ranges = [params_of(http, i) for i in calls_to(http, "/idrange")]
+    assert ranges == [{"from": "6300", "to": "6373", "type": "ORDER_FILL"},
+                      {"from": "6374", "to": "6420", "type": "ORDER_FILL"}]
+    # the fill stamped before `since` is left out; fullVWAP stands in for a missing price
+    assert [(f.fill_id, f.symbol, f.side, f.quantity, f.price) for f in fills] == [
+        ("6373", "EUR/USD", "sell", Decimal("1500"), Decimal("1.08463")),
+        ("6402", "USD/JPY", "buy", Decimal("1000"), Decimal("150.012"))]
+
+
+def test_fills_since_filters_by_symbol(http: responses.RequestsMock,
+                                       broker: OandaBroker) -> None:
+    http.get(f"{PRACTICE}/transactions", json=load("transactions_list"))
+    http.get(f"{PRACTICE}/transactions/idrange", json=load("transactions_idrange_1"))
+    http.get(f"{PRACTICE}/transactions/idrange", json=load("transactions_idrange_2"))
+    summary(http)
+    fills = broker.fills_since(datetime(2024, 3, 12, tzinfo=UTC), "USD/JPY")
+    assert [f.fill_id for f in fills] == ["6301", "6402"]
+
+
+def test_fills_after_follows_the_transaction_cursor(http: responses.RequestsMock,
+                                                    broker: OandaBroker) -> None:
+    first = load("transactions_idrange_1")
+    first["lastTransactionID"] = "6402"
+    first["transactions"].append({"type": "CLIENT_CONFIGURE", "id": "6390",
+                                  "time": "2024-03-13T15:00:00.000000000Z"})
+    second = load("transactions_idrange_2")
+    second["lastTransactionID"] = "6402"
+    http.get(f"{PRACTICE}/transactions/sinceid", json=first)
+    http.get(f"{PRACTICE}/transactions/sinceid", json=second)
+    summary(http)
+    fills, cursor = broker.fills_after("6299")
+    ids = [params_of(http, i)["id"] for i in calls_to(http, "/sinceid")]
+    assert ids == ["6299", "6390"]
+    assert [f.fill_id for f in fills] == ["6301", "6373", "6402"] and cursor == "6402"
+
+
+def test_fills_need_an_aware_since(broker: OandaBroker) -> None:
+    with pytest.raises(Reject) as info:
+        broker.fills_since(datetime(2024, 3, 13))
+    assert info.value.code == "NAIVE_DATETIME"
+
+
+# ---------------------------------------------------------------- account
+
+def test_positions_are_signed_short_negative(http: responses.RequestsMock,
+                                             broker: OandaBroker) -> None:
+    http.get(f"{PRACTICE}/openPositions", json=load("open_positions"))
+    held = {p.symbol: p for p in broker.positions()}
+    assert held["EUR/USD"].quantity == Decimal("-1500")
+    assert held["EUR/USD"].average_price == Decimal("1.08463")
+    assert held["USD/JPY"].quantity == Decimal("2500")
+    assert held["USD/JPY"].average_price == Decimal("149.875")
+
+
+def test_balances_come_from_the_account_summary(http: responses.RequestsMock,
+                                                broker: OandaBroker) -> None:
+    summary(http)
+    (balance,) = broker.balances()
+    assert (balance.currency, balance.total, balance.free) == (
+        "EUR", Decimal("35454.4740"), Decimal("24872.9740"))
+
+
+def test_instrument_rules_come_from_the_instruments_endpoint(http: responses.RequestsMock,
+                                                             broker: OandaBroker) -> None:
+    http.get(f"{PRACTICE}/instruments", json=load("account_instruments"))
+    eur = broker.instrument_rules("EUR/USD")
+    jpy = broker.instrument_rules("USD/JPY")
+    dax = broker.instrument_rules("DE30/EUR")
+    assert (eur.quantity_step, eur.min_quantity, eur.price_tick) == (
+        Decimal("1"), Decimal("1"), Decimal("0.00001"))
+    assert jpy.price_tick == Decimal("0.001")
+    assert (dax.quantity_step, dax.min_quantity, dax.price_tick) == (
+        Decimal("0.1"), Decimal("0.1"), Decimal("0.1"))
+    assert params_of(http, 0) == {"instruments": "EUR_USD"}
+    broker.instrument_rules("EUR/USD")
+    assert len(http.calls) == 3  # cached: the second EUR/USD query asked nobody
+
+
+def test_an_instrument_the_account_cannot_trade_is_refused(http: responses.RequestsMock,
+                                                           broker: OandaBroker) -> None:
+    http.get(f"{PRACTICE}/instruments", json={"instruments": [], "lastTransactionID": "1"})
+    with pytest.raises(Reject) as info:
+        broker.instrument_rules("XAU/USD")
+    assert info.value.code == "UNKNOWN_SYMBOL"
+    assert str(info.value) == "oanda: instrument_rules XAU/USD: not tradeable on this account"
