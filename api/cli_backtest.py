@@ -105,12 +105,14 @@ def build_config(*, strategy: str, symbol: tuple[str, ...], timeframe: str, date
         parse_params,
         parse_spread,
         parse_time,
+        symbol_ref,
     )
     from workers.backtest.simulator import SimulatorError, Slippage
 
     try:
         return BacktestConfig(
-            strategy=strategy, symbols=tuple(s.upper() for s in symbol), timeframe=timeframe,
+            strategy=strategy, symbols=tuple(symbol_ref(s) for s in symbol),
+            timeframe=timeframe,
             start=parse_time(date_from, "--from"), end=parse_time(date_to, "--to"),
             params=parse_params(params), cash=parse_decimal(cash, "--cash"),
             currency=currency, commission=parse_decimal(commission, "--commission"),

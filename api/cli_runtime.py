@@ -129,7 +129,8 @@ def _speed(text: str) -> float | None:
 def prepare_replay(conn: psycopg.Connection, *, strategy: str, symbols: list[str],
                    timeframe: str, start: datetime, end: datetime, speed: str,
                    params: dict[str, object], cash: Decimal, commission: Decimal, slippage: str,
-                   spread: Decimal, allow_short: bool, home: Path) -> Path:
+                   spread: Decimal, allow_short: bool, home: Path,
+                   visibility_seconds: int = 5) -> Path:
     """The session's instruments, warm-up bars, account and configuration file."""
     from strategies.loader import StrategyLoader
     from workers.backtest.simulator import Slippage
@@ -166,7 +167,7 @@ def prepare_replay(conn: psycopg.Connection, *, strategy: str, symbols: list[str
     text = "\n".join([
         f"# replay session {n}, written by `mmats paper` (safe to delete)",
         "[runtime]", "heartbeat_seconds = 1", "",
-        "[router]", "visibility_seconds = 5", "poll_ms = 20", "",
+        "[router]", f"visibility_seconds = {visibility_seconds}", "poll_ms = 20", "",
         "[[accounts]]", f'name = "{account}"', 'environment = "paper"', 'mode = "operator"',
         f"cash = \"{cash}\"", f'currency = "{currency[0]}"', 'broker = "paper"',
         f"allow_short = {'true' if allow_short else 'false'}",
@@ -185,9 +186,12 @@ def prepare_replay(conn: psycopg.Connection, *, strategy: str, symbols: list[str
     # the strategy's resume point exists before any worker runs: the replay waits for it
     # from the first bar, and the strategy worker starts right after the warm-up
     cls = type(instance)
+    begin = last_warmup if last_warmup is not None else start - timedelta(microseconds=1)
     conn.execute("SELECT runtime.advance_cursor(%s, NULL, %s)",
-                 (f"strategy:{account}:{cls.name}:{timeframe}",
-                  last_warmup if last_warmup is not None else start - timedelta(microseconds=1)))
+                 (f"strategy:{account}:{cls.name}:{timeframe}", begin))
+    for target in session.targets:  # the paper broker has settled the warm-up
+        conn.execute("SELECT runtime.advance_cursor(%s, NULL, %s)",
+                     (f"paper:{target}:{timeframe}", begin))
     return path
 
 
@@ -247,7 +251,8 @@ def run_replay_session(*, strategy: str, symbols: list[str], timeframe: str, sta
                        end: datetime, speed: str, params: dict[str, object], cash: Decimal,
                        commission: Decimal, slippage: str = "none", spread: Decimal = Decimal(0),
                        allow_short: bool = False, echo: Any = None,
-                       timeout: float = 3600.0) -> dict[str, Any]:
+                       timeout: float = 3600.0, visibility_seconds: int = 5,
+                       on_tick: Any = None, restart_base: float = 0.5) -> dict[str, Any]:
     """Prepare a replay session and run its workers (ingest, strategies, router) as
     supervised processes until the replay has played every bar and the pipeline settled."""
     from workers.runtime.replay import load_session, summary
@@ -256,11 +261,13 @@ def run_replay_session(*, strategy: str, symbols: list[str], timeframe: str, sta
     settings = load_settings()
     url = database_url()
     started = time.monotonic()
+    max_restarts = 5 if on_tick is None else 1000
     with connect(url, autocommit=True) as conn:
         path = prepare_replay(conn, strategy=strategy, symbols=symbols, timeframe=timeframe,
                               start=start, end=end, speed=speed, params=params, cash=cash,
                               commission=commission, slippage=slippage, spread=spread,
-                              allow_short=allow_short, home=settings.home)
+                              allow_short=allow_short, home=settings.home,
+                              visibility_seconds=visibility_seconds)
         session = load_session(path)
         assert session is not None
         if echo is not None:
@@ -270,13 +277,16 @@ def run_replay_session(*, strategy: str, symbols: list[str], timeframe: str, sta
         tail = EventTail(conn, session.account, echo)
         sup = Supervisor(path, ["ingest", "strategies", "router"],
                          log_dir=settings.home / "logs" / f"replay-{session.session}",
-                         finished=lambda kind, code: kind == "ingest" and code == 0)
+                         finished=lambda kind, code: kind == "ingest" and code == 0,
+                         restart_base=restart_base)
         previous = signal.signal(signal.SIGTERM, lambda *_: sup.stop_event.set())
         sup.start()
         try:
             while not sup.stop_event.wait(0.2):
                 tail.poll()
                 sup.poll()
+                if on_tick is not None:
+                    on_tick(sup)
                 ingest = sup.children["ingest"]
                 if ingest.process is None and ingest.exit_codes and ingest.exit_codes[-1] == 0:
                     break
@@ -284,7 +294,7 @@ def run_replay_session(*, strategy: str, symbols: list[str], timeframe: str, sta
                     raise MmatsError(f"replay session {session.session} did not finish in "
                                      f"{timeout:.0f} s")
                 for child in sup.children.values():
-                    if child.restarts > 5:
+                    if child.restarts > max_restarts:
                         raise MmatsError(
                             f"the {child.kind} worker of replay session {session.session} "
                             f"keeps dying (exit codes {child.exit_codes[-3:]}); its log: "
@@ -294,5 +304,6 @@ def run_replay_session(*, strategy: str, symbols: list[str], timeframe: str, sta
             signal.signal(signal.SIGTERM, previous)
         tail.poll()
         return {"session": session.session, "account": session.account, "config": str(path),
+                "restarts": {k: c.restarts for k, c in sup.children.items()},
                 "summary": summary(conn, session.account),
                 "seconds": time.monotonic() - started}

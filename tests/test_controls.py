@@ -287,13 +287,13 @@ def test_a_live_account_needs_live_credentials(conn):
     acc = add_account(conn, "L", environment="live", mode="advisory")
     with pytest.raises(psycopg.errors.InsufficientPrivilege, match="no credentials marked live"):
         conn.execute("SELECT trading.request_operator_mode('L')")
-    conn.execute("INSERT INTO trading.credentials (account_id, venue, label, is_live)"
-                 " VALUES (%s, 'binance', 'testnet', false)", (acc,))
+    conn.execute("INSERT INTO trading.credentials (account_id, venue, label, is_live, endpoint)"
+                 " VALUES (%s, 'binance', 'testnet', false, 'testnet')", (acc,))
     with pytest.raises(psycopg.errors.InsufficientPrivilege, match="no credentials marked live"):
         conn.execute("SELECT trading.request_operator_mode('L')")
     assert conn.execute("SELECT count(*) FROM trading.mode_requests").fetchone()[0] == 0
-    conn.execute("INSERT INTO trading.credentials (account_id, venue, label, is_live)"
-                 " VALUES (%s, 'binance', 'main', true)", (acc,))
+    conn.execute("INSERT INTO trading.credentials (account_id, venue, label, is_live, endpoint)"
+                 " VALUES (%s, 'binance', 'main', true, 'live')", (acc,))
     token = conn.execute("SELECT trading.request_operator_mode('L')").fetchone()[0]
     conn.execute("SELECT trading.confirm_operator_mode('L', %s)", (token,))
     assert conn.execute("SELECT mode::text FROM trading.accounts").fetchone()[0] == "operator"

@@ -5468,12 +5468,14 @@ GRANT EXECUTE ON FUNCTION runtime.heartbeat(text, text, text, integer, text, jso
     runtime.advance_cursor(text, bigint, timestamptz)
     TO mmats_strategy, mmats_router, mmats_api;
 
--- the strategy worker waits for a paper account's fills at a bar's open before the bar
--- reaches its strategies: it looks at the account's open orders
-GRANT SELECT ON trading.orders TO mmats_strategy;
+-- trading.account_equity (granted to every reader in 0002_07) is inlined into its caller's
+-- query, which then needs this pure helper too
+GRANT EXECUTE ON FUNCTION trading._signed_qty(trading.positions)
+    TO mmats_strategy, mmats_router, mmats_api, mmats_readonly;
 
 -- the router: the queue, the broker's secrets, what a paper fill needs, reconciliation
-GRANT USAGE ON SCHEMA pgmq TO mmats_router;
+-- (risk: report_mismatch and breaker_mode, granted in 0002_07, live in that schema)
+GRANT USAGE ON SCHEMA pgmq, risk TO mmats_router;
 GRANT EXECUTE ON FUNCTION trading.read_orders(integer, integer, bigint[]),
     trading.archive_order_message(bigint), trading.delay_order_message(bigint, numeric),
     risk.report_mismatch(text, text, text, jsonb, boolean),
@@ -5482,7 +5484,9 @@ GRANT EXECUTE ON FUNCTION trading.read_orders(integer, integer, bigint[]),
 GRANT SELECT ON runtime.credential_secrets, trading.credentials, market.bars, trading.signals
     TO mmats_router;
 
--- the api: credentials are managed here (it never reads a secret back)
+-- the api: credentials are managed here (it never reads a secret back: which key
+-- encrypted a record, yes)
+GRANT SELECT (credential_id, key_id, updated_at) ON runtime.credential_secrets TO mmats_api;
 GRANT EXECUTE ON FUNCTION
     trading.set_credential(text, text, text, text, text[], text, bytea, bytea),
     trading.remove_credential(text, text) TO mmats_api;

@@ -102,6 +102,12 @@ class BacktestConfig:
         }
 
 
+def symbol_ref(text: str) -> str:
+    """`btc/usdt@crypto` -> `BTC/USDT@crypto`: symbols are upper case, venues lower case."""
+    name, sep, venue = text.strip().partition("@")
+    return name.upper() + (sep + venue.lower() if sep else "")
+
+
 def parse_time(text: str, what: str) -> datetime:
     """A date or ISO-8601 time; without an offset it is UTC."""
     try:

@@ -294,6 +294,14 @@ def parse(raw: Mapping[str, Any], source: Path | None = None) -> RuntimeConfig:
     if duplicate:
         raise RuntimeConfigError(f"[[accounts]]: the name {duplicate!r} appears twice")
     strategies = tuple(_strategy(t, n, set(names)) for n, t in enumerate(strategies_raw, 1))
+    seen: dict[tuple[str, str, str], int] = {}
+    for n, st in enumerate(strategies, 1):
+        key = (st.account, st.name, st.timeframe)
+        if key in seen:
+            raise RuntimeConfigError(
+                f"[[strategies]] #{n} ({st.name} on {st.account}): entry #{seen[key]} already "
+                f"runs {st.name} {st.timeframe} on {st.account}; give one entry all its symbols")
+        seen[key] = n
     feeds = tuple(_feed(t, n) for n, t in enumerate(feeds_raw, 1))
     section = raw.get("runtime", {})
     router = raw.get("router", {})

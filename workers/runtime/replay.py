@@ -20,7 +20,7 @@ from __future__ import annotations
 import time
 import tomllib
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -64,6 +64,11 @@ class ReplaySession:
     sources: tuple[int, ...]  # instrument ids of the stored bars
     targets: tuple[int, ...]  # their copies on the replay venue
     symbols: tuple[str, ...]
+    accounts: tuple[str, ...] = ()  # every account whose strategies the replay waits for
+
+    @property
+    def waits_for(self) -> tuple[str, ...]:
+        return self.accounts or (self.account,)
 
     def to_toml(self) -> str:
         speed = "\"max\"" if self.speed is None else repr(self.speed)
@@ -79,6 +84,7 @@ class ReplaySession:
             f"sources = {list(self.sources)}",
             f"targets = {list(self.targets)}",
             f"symbols = {_toml_list(self.symbols)}",
+            f"accounts = {_toml_list(self.waits_for)}",
             ""])
 
     @classmethod
@@ -90,7 +96,8 @@ class ReplaySession:
                        datetime.fromisoformat(t["end"]),
                        None if speed == "max" else float(speed),
                        tuple(int(x) for x in t["sources"]), tuple(int(x) for x in t["targets"]),
-                       tuple(str(x) for x in t["symbols"]))
+                       tuple(str(x) for x in t["symbols"]),
+                       tuple(str(x) for x in t.get("accounts", ())))
         except (KeyError, TypeError, ValueError) as exc:
             raise ReplayError(f"[replay] table is incomplete or malformed: {exc}") from None
 
@@ -177,6 +184,7 @@ class ReplayIngest(Worker):
         self._times: list[datetime] = []
         self._k = 0
         self._next_at = 0.0
+        self.expected_cursors = 0
 
     def start(self) -> None:
         self.conn = psycopg.connect(self.url, autocommit=True, application_name="mmats-replay")
@@ -189,6 +197,13 @@ class ReplayIngest(Worker):
              last if last is not None else datetime.min.replace(tzinfo=s.start.tzinfo))
         ).fetchall()
         self._times = [r[0] for r in rows]
+        row = self.conn.execute(
+            "SELECT count(*) FROM runtime.cursors WHERE split_part(name, ':', 1) = 'strategy' "
+            "AND split_part(name, ':', 2) = ANY(%s)", (list(s.waits_for),)).fetchone()
+        self.expected_cursors = int(row[0]) if row else 0
+        if self.expected_cursors == 0:
+            raise ReplayError(f"replay session {s.session}: no strategy resume point for "
+                              f"{', '.join(s.waits_for)} (prepare the session first)")
         self.detail = {"session": s.session, "account": s.account, "left": len(self._times)}
         log.event(self.log, "replay started", session=s.session, account=s.account,
                   bars_left=len(self._times), speed=s.speed or "max")
@@ -221,24 +236,43 @@ class ReplayIngest(Worker):
             self._next_at = time.monotonic() + TIMEFRAME_US[s.timeframe] / 1e6 / s.speed
         t = self._times[self._k]
         previous = self._times[self._k - 1] if self._k else t - _ONE_US
-        self.conn.execute(_COPY_BARS, {"sources": list(s.sources), "targets": list(s.targets),
-                                       "tf": s.timeframe, "after": previous, "until": t})
+        args = {"sources": list(s.sources), "targets": list(s.targets), "tf": s.timeframe,
+                "after": previous, "until": t}
+        for attempt in range(1, 6):  # the bars trigger may meet the router on a lock
+            try:
+                self.conn.execute(_COPY_BARS, args)
+                break
+            except psycopg.errors.DeadlockDetected:
+                if attempt == 5:
+                    raise
+                time.sleep(0.01 * attempt)
         self._k += 1
         self.steps += 1
+        log.event(self.log, "bars inserted", bar=t.isoformat(),
+                  inserted_at=datetime.now(UTC).isoformat())
         self.detail["left"] = len(self._times) - self._k
         self.detail["at"] = t.isoformat()
         self._wait_settled(t)
 
     def settled(self, t: datetime) -> bool:
+        """The paper broker has settled bar `t` of every replayed instrument, every
+        strategy of the session's accounts has seen it, and none of their orders waits
+        in the queue."""
         assert self.conn is not None
+        accounts = list(self.session.waits_for)
+        paper = [f"paper:{i}:{self.session.timeframe}" for i in self.session.targets]
         row = self.conn.execute(
-            "SELECT (SELECT COALESCE(bool_and(at >= %(t)s), false) FROM runtime.cursors "
-            "        WHERE name LIKE %(prefix)s), "
+            "SELECT (SELECT count(*) = %(n)s AND bool_and(c.at >= %(t)s) FROM runtime.cursors c "
+            "        WHERE split_part(c.name, ':', 1) = 'strategy' "
+            "          AND split_part(c.name, ':', 2) = ANY(%(acc)s)) "
+            "   AND (SELECT count(*) = %(np)s AND bool_and(c.at >= %(t)s) FROM runtime.cursors c "
+            "        WHERE c.name = ANY(%(paper)s)), "
             "       NOT EXISTS (SELECT 1 FROM pgmq.q_orders q "
-            "                   WHERE (q.message ->> 'account_id')::bigint = "
-            "                         (SELECT account_id FROM trading.accounts WHERE name = %(acc)s))",
-            {"t": t, "prefix": f"strategy:{self.session.account}:%", "acc": self.session.account}
-        ).fetchone()
+            "                   WHERE (q.message ->> 'account_id')::bigint IN "
+            "                         (SELECT account_id FROM trading.accounts "
+            "                          WHERE name = ANY(%(acc)s)))",
+            {"t": t, "acc": accounts, "n": self.expected_cursors, "paper": paper,
+             "np": len(paper)}).fetchone()
         return bool(row and row[0] and row[1])
 
     def _wait_settled(self, t: datetime) -> None:

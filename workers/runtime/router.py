@@ -114,7 +114,7 @@ def backoff_seconds(attempt: int, *, base: float = 0.5, cap: float = 60.0,
                     minimum: float | None = None, rng: random.Random | None = None) -> float:
     """Exponential backoff with full jitter; `minimum` is the venue's Retry-After."""
     r = rng or random
-    delay = r.uniform(0, min(cap, base * (2 ** max(attempt - 1, 0))))
+    delay = r.uniform(0, min(cap, base * (2 ** min(max(attempt - 1, 0), 64))))
     return max(delay, minimum or 0.0)
 
 
@@ -134,6 +134,7 @@ class Router(Worker):
         self._instruments: dict[int, PaperInstrument | None] = {}
         self._pending_bars: dict[tuple[int, str], datetime] = {}
         self.counts = {"orders": 0, "fills": 0, "rejected": 0, "retries": 0}
+        self._last_catch_up = time.monotonic()
 
     # ------------------------------------------------------------------ life
     def start(self) -> None:
@@ -144,7 +145,7 @@ class Router(Worker):
         self._catch_up()
 
     def close(self) -> None:
-        for c in (self.conn, self.listen):
+        for c in (self.conn, self.listen, self._hb_conn):
             if c is not None and not c.closed:
                 c.close()
 
@@ -154,6 +155,9 @@ class Router(Worker):
 
     def step(self) -> None:
         self._wait_for_bars(self.config.poll_ms / 1000)
+        if time.monotonic() - self._last_catch_up > 2.0:  # a notification may be lost
+            self._last_catch_up = time.monotonic()
+            self._catch_up()
         self.drain()
         if self._pending_bars:
             bars, self._pending_bars = self._pending_bars, {}
@@ -189,7 +193,7 @@ class Router(Worker):
         handled = 0
         ids = sorted(self.accounts)
         while not self.stop_event.is_set():
-            rows = self.conn.execute(
+            rows = self._exec(
                 "SELECT msg_id, read_ct, message FROM trading.read_orders(%s, %s, %s)",
                 (self.config.visibility_seconds, self.config.batch, ids)).fetchall()
             if not rows:
@@ -201,12 +205,13 @@ class Router(Worker):
 
     def _archive(self, msg_id: int) -> None:
         assert self.conn is not None
-        self.conn.execute("SELECT trading.archive_order_message(%s)", (msg_id,))
+        self._exec("SELECT trading.archive_order_message(%s)", (msg_id,))
 
     def _delay(self, msg_id: int, seconds: float) -> None:
         assert self.conn is not None
-        self.conn.execute("SELECT trading.delay_order_message(%s, %s)",
-                          (msg_id, Decimal(str(round(seconds, 3)))))
+        # a venue's Retry-After beyond a day is taken as a day: the message comes back
+        self._exec("SELECT trading.delay_order_message(%s, %s)",
+                   (msg_id, Decimal(str(round(min(max(seconds, 0.0), 86400.0), 3)))))
 
     def _order(self, order_id: int) -> Order | None:
         assert self.conn is not None
@@ -227,6 +232,9 @@ class Router(Worker):
         if order.status in _TERMINAL:
             self._archive(msg_id)
             return
+        # a message seen before (or an order already in flight) may have reached the
+        # venue: look it up by client order id before placing it
+        lookup = order.status == "in_flight" or read_ct > 1
         try:
             if order.status == "created":
                 check_environment(routed, order.environment)
@@ -234,7 +242,7 @@ class Router(Worker):
                 order.status = "in_flight"
                 self._emit("order.sent", order)
             if order.status == "in_flight":
-                answer = self._find_or_place(routed, order)
+                answer = self._find_or_place(routed, order, lookup=lookup)
             else:
                 answer = self._status(routed, order)
         except errors.Retry as exc:
@@ -249,7 +257,18 @@ class Router(Worker):
                       error=str(exc))
             self._delay(msg_id, delay)
             return
-        except (errors.Reject, errors.Stop) as exc:
+        except errors.Stop as exc:
+            if order.status == "in_flight" and lookup:
+                # it may have reached the venue before the keys or the account went bad:
+                # rejecting it would make the ledger refuse its fills. Alarm and wait
+                self.report(exc.code, f"order {order.client_order_id} ({order.symbol}) is in "
+                            f"flight and its broker refuses us: {exc}", account=order.account)
+                self._delay(msg_id, backoff_seconds(read_ct, base=5.0, cap=300.0))
+                return
+            self._reject(order, exc)
+            self._archive(msg_id)
+            return
+        except errors.Reject as exc:
             self._reject(order, exc)
             self._archive(msg_id)
             return
@@ -259,7 +278,8 @@ class Router(Worker):
             return
         self._settle(routed, order, answer, msg_id)
 
-    def _find_or_place(self, routed: RoutedAccount, order: Order) -> BrokerOrder:
+    def _find_or_place(self, routed: RoutedAccount, order: Order, *,
+                       lookup: bool = True) -> BrokerOrder:
         """The order at the broker: found by its client id (a message delivered again
         after a crash or a timeout), or placed now."""
         broker = routed.broker
@@ -267,11 +287,12 @@ class Router(Worker):
             return BrokerOrder(f"paper-{order.client_order_id}", order.client_order_id,
                                order.symbol, order.side, order.quantity,  # type: ignore[arg-type]
                                order.filled_quantity, None, "submitted")
-        try:
-            return broker.order_status(client_order_id=order.client_order_id,
-                                       symbol=order.symbol)
-        except errors.OrderNotFound:
-            pass
+        if lookup:
+            try:
+                return broker.order_status(client_order_id=order.client_order_id,
+                                           symbol=order.symbol)
+            except errors.OrderNotFound:
+                pass
         return broker.place_order(order.request())
 
     def _status(self, routed: RoutedAccount, order: Order) -> BrokerOrder:
@@ -301,21 +322,28 @@ class Router(Worker):
         for fill in fills:
             self._apply_broker_fill(order, fill)
         if isinstance(routed.broker, PaperBroker):
-            self._archive(msg_id)  # the paper book is the ledger: bars fill it from here
+            # a protective order fills on the bar that fired it, now; any other waits in
+            # the paper book (the ledger) for its bar. Archived only then: the outcome is
+            # recorded before the message goes
             inst = self._instrument(order.instrument_id)
             if inst is not None:
                 self._settle_paper(routed, inst, bars_after(self._c, inst, None))
+            self._archive(msg_id)
             return
-        if answer.status == "cancelled":
+        recorded = self._order(order.order_id)
+        missing = recorded is None or answer.filled_quantity > recorded.filled_quantity
+        if answer.status == "cancelled" and not missing:
             self._call("cancel_order", order.client_order_id,
                        answer.reason or "cancelled by the broker")
-        elif answer.status == "expired":
+        elif answer.status == "expired" and not missing:
             self._call("expire_order", order.client_order_id)
         elif answer.status == "rejected":
             self._reject(order, errors.Reject(answer.reason or "rejected by the broker"))
-        if answer.status in _TERMINAL:
+        if answer.status in _TERMINAL and not missing:
             self._archive(msg_id)
         else:
+            # still working, or the venue has not listed every execution it reported:
+            # look again later (a cancelled order's late fills are still applied)
             self._delay(msg_id, self.config.status_poll_seconds)
 
     def _reject(self, order: Order, exc: errors.BrokerError) -> None:
@@ -335,13 +363,28 @@ class Router(Worker):
         assert self.conn is not None
         return self.conn
 
+    def _exec(self, query: str, args: Any = None) -> psycopg.Cursor[Any]:
+        """One statement (one transaction: the session autocommits), tried again when the
+        server broke a deadlock or a serialization conflict by cancelling it: every
+        ledger call the router makes is safe to repeat."""
+        for attempt in range(1, 6):
+            try:
+                return self._c.execute(query, args)  # type: ignore[arg-type]
+            except (psycopg.errors.DeadlockDetected, psycopg.errors.SerializationFailure) as exc:
+                if attempt == 5:
+                    raise
+                log.event(self.log, "ledger call retried", 30, attempt=attempt,
+                          error=str(exc).splitlines()[0])
+                time.sleep(0.005 * attempt * random.random())
+        raise AssertionError("unreachable")
+
     def _call(self, function: str, *args: Any) -> Any:
         placeholders = ", ".join(["%s"] * len(args))
-        row = self._c.execute(f"SELECT trading.{function}({placeholders})", args).fetchone()
+        row = self._exec(f"SELECT trading.{function}({placeholders})", args).fetchone()
         return None if row is None else row[0]
 
     def _apply(self, payload: dict[str, Any]) -> dict[str, Any]:
-        row = self._c.execute("SELECT trading.apply_fill(%s)", (Jsonb(payload),)).fetchone()
+        row = self._exec("SELECT trading.apply_fill(%s)", (Jsonb(payload),)).fetchone()
         assert row is not None
         result: dict[str, Any] = row[0]
         if result.get("status") == "applied":
@@ -393,13 +436,12 @@ class Router(Worker):
         cursor = f"paper:{instrument_id}:{timeframe}"
         row = self._c.execute("SELECT at FROM runtime.cursors WHERE name = %s",
                               (cursor,)).fetchone()
-        after = row[0] if row and row[0] is not None else None
-        rows = bars_after(self._c, inst, after, last) if after is not None else \
-            bars_after(self._c, inst, None, last)
+        after = row[0] if row and row[0] is not None else self._first_needed(inst)
+        rows = bars_after(self._c, inst, after, last)
         for routed in self._paper:
             self._settle_paper(routed, inst, rows)
         self.drain()  # protective orders the bars (or the fills) triggered fill on them
-        self._c.execute("SELECT runtime.advance_cursor(%s, NULL, %s)", (cursor, last))
+        self._exec("SELECT runtime.advance_cursor(%s, NULL, %s)", (cursor, last))
 
     def _settle_paper(self, routed: RoutedAccount, inst: PaperInstrument,
                       rows: list[tuple[Any, ...]]) -> None:
@@ -417,7 +459,7 @@ class Router(Worker):
                     self._call("cancel_order", outcome.client_order_id, outcome.cancel[:500])
             if opened:
                 ts, o, h, low, c, _v = bar_row
-                self._c.execute("SELECT trading.on_bar(%s, %s, %s, %s, %s, %s, %s, %s)",
+                self._exec("SELECT trading.on_bar(%s, %s, %s, %s, %s, %s, %s, %s)",
                                 (inst.instrument_id, inst.timeframe, ts, o, h, low, c,
                                  routed.account_id))
 
@@ -433,15 +475,36 @@ class Router(Worker):
                                                "quantity": str(fill.fill.quantity),
                                                "price": str(fill.fill.price)})
 
+    def _first_needed(self, inst: PaperInstrument) -> datetime | None:
+        """With no resume point yet: just before the oldest open paper order's time (the
+        bars after it may fill it), or None (the latest bar only)."""
+        ids = [a.account_id for a in self._paper]
+        row = self._c.execute(
+            "SELECT min(COALESCE(s.ts, o.created_at)) FROM trading.orders o "
+            "LEFT JOIN trading.signals s ON s.signal_id = o.signal_id "
+            "WHERE o.account_id = ANY(%s) AND o.instrument_id = %s "
+            "AND o.status IN ('submitted', 'partially_filled')",
+            (ids, inst.instrument_id)).fetchone()
+        if row is None or row[0] is None:
+            return None
+        return row[0] - timedelta(microseconds=1)
+
     def _catch_up(self) -> None:
-        """After a restart: settle the bars that arrived while no router ran."""
+        """Settle the bars no notification told us about: those stored while no router
+        ran (or before this one listened), behind a paper resume point or an open order."""
         if not self._paper:
             return
         ids = [a.account_id for a in self._paper]
         rows = self._c.execute(
-            "SELECT DISTINCT instrument_id FROM trading.orders WHERE account_id = ANY(%s) "
-            "AND status IN ('submitted', 'partially_filled')", (ids,)).fetchall()
-        for (instrument_id,) in rows:
+            "SELECT split_part(c.name, ':', 2)::bigint, split_part(c.name, ':', 3) "
+            "FROM runtime.cursors c WHERE c.name ~ '^paper:[0-9]+:[0-9a-z]+$' "
+            "AND c.at < (SELECT max(b.ts) FROM market.bars b "
+            "            WHERE b.instrument_id = split_part(c.name, ':', 2)::bigint "
+            "              AND b.timeframe::text = split_part(c.name, ':', 3)) "
+            "UNION SELECT DISTINCT o.instrument_id, NULL FROM trading.orders o "
+            "WHERE o.account_id = ANY(%s) AND o.status IN ('submitted', 'partially_filled')",
+            (ids,)).fetchall()
+        for instrument_id, _tf in rows:
             inst = self._instrument(int(instrument_id))
             if inst is None:
                 continue
@@ -449,7 +512,9 @@ class Router(Worker):
                 "SELECT max(ts) FROM market.bars WHERE instrument_id = %s AND timeframe = %s",
                 (inst.instrument_id, inst.timeframe)).fetchone()
             if last and last[0] is not None:
-                self._pending_bars[(inst.instrument_id, inst.timeframe)] = last[0]
+                key = (inst.instrument_id, inst.timeframe)
+                if key not in self._pending_bars or last[0] > self._pending_bars[key]:
+                    self._pending_bars[key] = last[0]
 
 
 def time_ms() -> float:

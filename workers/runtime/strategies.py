@@ -62,8 +62,14 @@ class SeriesCache:
     """One instrument's bars of one timeframe, as exact Bars and float columns, grown as
     bars arrive (at most `limit` kept: the oldest are dropped in chunks)."""
 
-    def __init__(self, instrument_id: int, symbol: str, timeframe: str, limit: int) -> None:
+    def __init__(self, instrument_id: int, symbol: str, timeframe: str, limit: int,
+                 tick: Decimal | None = None) -> None:
         self.instrument_id = instrument_id
+        # prices on the tick become floats as tick counts x tick, exactly as the backtest
+        # engine makes them (workers/backtest/data.py): the same bars give the same
+        # indicator values to the last bit, so the same signals
+        self.tick = tick if tick is not None and tick > 0 else None
+        self._tick_f = float(tick) if self.tick is not None else 0.0
         self.symbol = symbol
         self.timeframe = timeframe
         self.limit = limit
@@ -108,7 +114,8 @@ class SeriesCache:
         for k, (ts_, o, h, low, c, v) in enumerate(rows, self._n):
             self.bars.append(Bar(ts=ts_, open=o, high=h, low=low, close=c, volume=v))
             self._ts[k] = to_us(ts_)
-            self._cols[:, k] = (float(o), float(h), float(low), float(c), float(v))
+            self._cols[:, k] = (self._float(o), self._float(h), self._float(low),
+                                self._float(c), float(v))
         self._n = need
         if self._n > self.limit + max(self.limit // 4, 1):
             drop = self._n - self.limit
@@ -117,6 +124,13 @@ class SeriesCache:
             self._cols[:, :self.limit] = self._cols[:, drop:self._n].copy()
             self._n = self.limit
         self._series = None
+
+    def _float(self, price: Decimal) -> float:
+        if self.tick is not None:
+            ticks = price / self.tick
+            if ticks == ticks.to_integral_value():
+                return float(int(ticks)) * self._tick_f
+        return float(price)
 
     def index(self, ts: datetime) -> int | None:
         us = to_us(ts)
@@ -166,7 +180,7 @@ class StrategyWorker(Worker):
     def __init__(self, url: str, strategies: Iterable[StrategyConfig], *,
                  strategy_dirs: Iterable[Any] = (), name: str = "strategies",
                  heartbeat_seconds: float = 5.0, history_bars: int = 2000,
-                 paper_wait_seconds: float = 5.0, poll_ms: int = 100,
+                 paper_wait_seconds: float = 15.0, poll_ms: int = 100,
                  reload_seconds: float = 2.0) -> None:
         super().__init__(url, name, heartbeat_seconds=heartbeat_seconds)
         self.configs = list(strategies)
@@ -193,19 +207,28 @@ class StrategyWorker(Worker):
         report = self.loader.reload_if_changed()
         for error in report.errors:
             self.report("STRATEGY_LOAD_FAILED", str(error))
+        seen: set[tuple[str, str, str]] = set()
         for cfg in self.configs:
             try:
+                key = (cfg.account, cfg.name, cfg.timeframe)
+                if key in seen:  # one resume point per strategy, account and timeframe
+                    raise ValueError(f"a second entry for {cfg.name} {cfg.timeframe} on "
+                                     f"{cfg.account}: give one entry all its symbols")
                 self.assignments.append(self._resolve(cfg))
+                seen.add(key)
             except Exception as exc:  # one bad entry must not stop the others
+                self.conn.rollback()
+                known = self.conn.execute("SELECT 1 FROM trading.accounts WHERE name = %s",
+                                          (cfg.account,)).fetchone() is not None
                 self.report("STRATEGY_SETUP_FAILED",
                             f"{cfg.name} on {cfg.account}: {str(exc).splitlines()[0]}",
-                            account=cfg.account)
+                            account=cfg.account if known else None)
         self.conn.commit()
         self._dirty = set(self.caches)  # catch up on bars stored while no worker ran
         self.detail = {"assignments": [a.cursor for a in self.assignments]}
 
     def close(self) -> None:
-        for c in (self.conn, self.listen):
+        for c in (self.conn, self.listen, self._hb_conn):
             if c is not None and not c.closed:
                 c.close()
 
@@ -229,14 +252,19 @@ class StrategyWorker(Worker):
         if srow is None:
             raise ValueError(f"strategy {cls.name} {cls.version} is not assigned to {account}")
         instruments = []
+        ticks: dict[int, Decimal] = {}
         for symbol in cfg.symbols:
             name, _, venue = symbol.partition("@")
-            rows = c.execute("SELECT instrument_id, symbol, venue FROM market.instruments "
+            rows = c.execute("SELECT instrument_id, symbol, venue, price_tick "
+                             "FROM market.instruments "
                              "WHERE symbol = %s AND (%s::text IS NULL OR venue = %s)",
                              (name, venue or None, venue or None)).fetchall()
             if len(rows) != 1:
-                raise ValueError(f"symbol {symbol!r}: {'unknown' if not rows else 'on several venues; name one as SYMBOL@VENUE'}")
-            instruments.append(rows[0])
+                problem = ("unknown" if not rows
+                           else "on several venues; name one as SYMBOL@VENUE")
+                raise ValueError(f"symbol {symbol!r}: {problem}")
+            instruments.append(rows[0][:3])
+            ticks[int(rows[0][0])] = rows[0][3]
         cursor = f"strategy:{account}:{cls.name}:{cfg.timeframe}"
         crow = c.execute("SELECT at FROM runtime.cursors WHERE name = %s", (cursor,)).fetchone()
         a = Assignment(cfg, account_id, account, environment, aggregation, currency, strategy,
@@ -246,7 +274,8 @@ class StrategyWorker(Worker):
         for iid, symbol, _venue in instruments:
             key = (iid, cfg.timeframe)
             if key not in self.caches:
-                cache = SeriesCache(iid, symbol, cfg.timeframe, max(self.history_bars, warmup * 3))
+                cache = SeriesCache(iid, symbol, cfg.timeframe, max(self.history_bars, warmup * 3),
+                                    ticks.get(iid))
                 until = a.last if a.last is not None else datetime.now().astimezone()
                 cache.load(c, until, max(self.history_bars, warmup * 3))
                 self.caches[key] = cache
@@ -255,9 +284,11 @@ class StrategyWorker(Worker):
                                "WHERE instrument_id = %s", (iid,)).fetchone()
                 if tf and tf[0]:
                     a.paper_tf[iid] = tf[0]
-        if a.last is None:  # a new assignment starts with the next bar
-            last = max((self.caches[(iid, cfg.timeframe)].last for iid, _s, _v in instruments
-                        if self.caches[(iid, cfg.timeframe)].last is not None), default=None)
+        if a.last is None:  # a new assignment starts with the next bar stored from now on
+            row = c.execute("SELECT max(ts) FROM market.bars WHERE instrument_id = ANY(%s) "
+                            "AND timeframe = %s", ([i[0] for i in instruments],
+                                                   cfg.timeframe)).fetchone()
+            last = row[0] if row else None
             a.last = last
             if last is not None:
                 c.execute("SELECT runtime.advance_cursor(%s, NULL, %s)", (cursor, last))
@@ -312,6 +343,12 @@ class StrategyWorker(Worker):
                 continue
             if type(fresh).version == type(a.strategy).version:
                 a.strategy = fresh
+                a.indicators = tuple(fresh.get_required_indicators())
+                a.errors = 0
+                warmup = max(fresh.warmup_bars(), 1) * 3
+                for iid, _s, _v in a.instruments:
+                    cache = self.caches[(iid, a.config.timeframe)]
+                    cache.limit = max(cache.limit, warmup)
                 self.guard.enable(fresh)
                 log.event(self.log, "strategy reloaded", strategy=name, account=a.account)
 
@@ -361,10 +398,22 @@ class StrategyWorker(Worker):
                 self.report("STRATEGY_ERROR", str(result.error), account=a.account)
         by_symbol = {m[1]: m for m in members}
         try:
-            for sig in result.signals:
-                self._submit(a, sig, by_symbol, close)
-            self._c.execute("SELECT runtime.advance_cursor(%s, NULL, %s)", (a.cursor, bar_ts))
-            self._c.commit()
+            for attempt in range(1, 6):
+                try:
+                    for sig in result.signals:
+                        self._submit(a, sig, by_symbol, close)
+                    self._c.execute("SELECT runtime.advance_cursor(%s, NULL, %s)",
+                                    (a.cursor, bar_ts))
+                    self._c.commit()
+                    break
+                except (psycopg.errors.DeadlockDetected,
+                        psycopg.errors.SerializationFailure):
+                    # the server cancelled the bar's transaction to break a lock cycle
+                    # with the router: nothing of it was kept, so send it again
+                    self._c.rollback()
+                    if attempt == 5:
+                        raise
+                    time.sleep(0.005 * attempt)
         except psycopg.Error as exc:
             self._c.rollback()
             self.report("SIGNAL_FAILED", f"{a.config.name} on {a.account} at {close.isoformat()}: "
@@ -386,7 +435,7 @@ class StrategyWorker(Worker):
                     f"symbols ({', '.join(known)})")
             payload["venue"] = known[sig.symbol.upper()][2]
         else:
-            iid, _symbol, venue, cache, i = member
+            _iid, _symbol, venue, cache, i = member
             payload["venue"] = venue
             payload.setdefault("price", str(cache.bars[i].close))
         payload["ts"] = (close - _ONE_US).isoformat()
@@ -399,23 +448,29 @@ class StrategyWorker(Worker):
                   order_id=answer.get("order_id"), bar=close.isoformat())
 
     def _wait_for_paper(self, a: Assignment, instruments: list[int], bar_ts: datetime) -> None:
-        """Until the paper broker has settled this bar for the instruments on which the
-        account has orders open (their fills at its open come first)."""
+        """Until the paper broker (the router) has settled this bar of the instruments:
+        the fills at its open and the protective orders it fired reach the ledger before
+        the strategy sees the bar, as in a backtest. An advisory account has no orders:
+        no wait."""
         deadline = time.monotonic() + self.paper_wait_seconds
         for iid in instruments:
+            if iid not in a.paper_tf:  # its first bars came after the start
+                row = self._c.execute("SELECT min(timeframe)::text FROM market.bars "
+                                      "WHERE instrument_id = %s", (iid,)).fetchone()
+                if row and row[0]:
+                    a.paper_tf[iid] = row[0]
             tf = a.paper_tf.get(iid)
             if tf != a.config.timeframe:
                 continue
             name = f"paper:{iid}:{tf}"
             while True:
                 row = self._c.execute(
-                    "SELECT EXISTS (SELECT 1 FROM trading.orders WHERE account_id = %s AND "
-                    "instrument_id = %s AND status IN ('created', 'in_flight', 'submitted', "
-                    "'partially_filled')), (SELECT at FROM runtime.cursors WHERE name = %s)",
-                    (a.account_id, iid, name)).fetchone()
+                    "SELECT (SELECT mode::text FROM trading.accounts WHERE account_id = %s), "
+                    "(SELECT at FROM runtime.cursors WHERE name = %s)",
+                    (a.account_id, name)).fetchone()
                 self._c.commit()
                 assert row is not None
-                if not row[0] or (row[1] is not None and row[1] >= bar_ts):
+                if row[0] != "operator" or (row[1] is not None and row[1] >= bar_ts):
                     break
                 if time.monotonic() > deadline:
                     self.report("PAPER_BROKER_LATE",
@@ -423,10 +478,16 @@ class StrategyWorker(Worker):
                                 f"{bar_ts.isoformat()} after {self.paper_wait_seconds} s "
                                 "(is the router running?)", account=a.account)
                     return
-                time.sleep(0.002)
+                time.sleep(0.001)
 
     def _account_state(self, a: Assignment) -> AccountState:
+        """The ledger's view of the account now (in a savepoint: a failure here is the
+        strategy's error and leaves the bar's transaction usable)."""
         c = self._c
+        with c.transaction():
+            return self._read_account(c, a)
+
+    def _read_account(self, c: psycopg.Connection, a: Assignment) -> AccountState:
         eq = c.execute("SELECT cash, equity FROM trading.account_equity(%s)",
                        (a.account_id,)).fetchone()
         rows = c.execute(

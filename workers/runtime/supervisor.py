@@ -159,13 +159,14 @@ class Supervisor:
     def __init__(self, config_file: Path, kinds: Sequence[str], *,
                  env: dict[str, str] | None = None, log_dir: Path | None = None,
                  restart: bool = True, finished: Callable[[str, int], bool] | None = None,
-                 ) -> None:
+                 restart_base: float = 0.5) -> None:
         self.config_file = config_file
         self.children = {k: Child(k) for k in kinds}
         self.env = dict(os.environ if env is None else env)
         self.log_dir = log_dir
         self.restart = restart
         self.finished = finished  # (kind, exit code) -> True: it is done, do not restart
+        self.restart_base = restart_base
         self.stop_event = threading.Event()
         self.log = log.get("supervisor")
         self._logs: list[Any] = []
@@ -209,7 +210,7 @@ class Supervisor:
                     child.next_start = float("inf")
                     continue
                 child.restarts += 1
-                delay = min(30.0, 0.5 * 2 ** min(child.restarts - 1, 6))
+                delay = min(30.0, self.restart_base * 2 ** min(child.restarts - 1, 6))
                 child.next_start = now + delay
                 log.event(self.log, "worker died, restarting", 40, worker_kind=child.kind,
                           code=code, delay=delay)

@@ -1,0 +1,792 @@
+"""The order router (workers/runtime/router.py) against the real trading core.
+
+Every test drives a `Router` in-process on a fresh migrated database: real orders come
+from `trading.submit_signal` / `trading.place_manual_order` through pgmq's `orders`
+queue, and the router settles them with the real broker adapters. Alpaca and OANDA are
+answered at the HTTP level by `responses` with the vendors' documented JSON (an
+unregistered URL fails the request, so every test also proves which calls were made);
+nothing of the router, the adapters or the database is mocked. Assertions are on rows:
+orders, fills, positions, cash, risk events, runtime errors and the queue tables.
+
+A "crash" between recording an outcome and archiving its message is produced by the
+database itself: EXECUTE on the archive (or delay) function is revoked from the router's
+role, so the router's call fails after the ledger holds the outcome, exactly as if the
+process had died there.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from collections.abc import Callable, Iterator
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import psycopg
+import pytest
+import requests
+import responses
+from hypothesis import given
+from hypothesis import strategies as st
+from psycopg.types.json import Jsonb
+
+from workers.backtest.data import to_us
+from workers.brokers import errors
+from workers.brokers.alpaca_broker import AlpacaBroker
+from workers.brokers.oanda_broker import OandaBroker
+from workers.ingest.instruments import ensure_instrument, spec_for
+from workers.runtime.config import AccountConfig, PaperCosts, RouterConfig
+from workers.runtime.paper import PaperBroker
+from workers.runtime.router import RoutedAccount, Router, backoff_seconds, check_environment
+
+T0 = datetime(2024, 1, 2, tzinfo=UTC)  # the bar every scenario starts from
+T1 = T0 + timedelta(minutes=1)
+T2 = T0 + timedelta(minutes=2)
+SIGNAL_TS = T1 - timedelta(microseconds=1)  # a signal on bar T0, as the strategy worker dates it
+
+ALPACA = "https://paper-api.alpaca.markets/v2"
+BY_CLIENT_ID = f"{ALPACA}/orders:by_client_order_id"
+ACTIVITIES = f"{ALPACA}/account/activities/FILL"
+PAPER_KEY, LIVE_KEY, SECRET = "PKTEST4MMATS0001", "AKTEST4MMATS0001", "secret-for-tests-0001"
+OID = "61e69015-8549-4bfd-b9c3-01e75843f47d"
+OTHER_OID = "904837e3-3b76-47ec-b432-046db621571b"
+NOT_FOUND = {"code": 40410000, "message": "order not found"}
+
+OANDA_FIXTURES = Path(__file__).parent / "fixtures" / "oanda"
+OANDA_ACCOUNT = "101-004-1435156-001"
+OANDA = f"https://api-fxpractice.oanda.com/v3/accounts/{OANDA_ACCOUNT}"
+OANDA_CREDENTIALS = {"account_id": OANDA_ACCOUNT, "access_token": "oanda-router-token-1b2c"}
+
+
+# ---------------------------------------------------------------------------- database
+def one(conn: psycopg.Connection, query: str, *args: Any) -> Any:
+    row = conn.execute(query, args).fetchone()
+    assert row is not None
+    return row[0]
+
+
+def dicts(conn: psycopg.Connection, query: str, *args: Any) -> list[dict[str, Any]]:
+    cur = conn.execute(query, args)
+    assert cur.description is not None
+    names = [c.name for c in cur.description]
+    return [dict(zip(names, row, strict=True)) for row in cur.fetchall()]
+
+
+def order_row(conn: psycopg.Connection, order_id: int) -> dict[str, Any]:
+    (row,) = dicts(conn, "SELECT *, status::text AS state FROM trading.orders"
+                         " WHERE order_id = %s", order_id)
+    return row
+
+
+def fills(conn: psycopg.Connection, account_id: int) -> list[dict[str, Any]]:
+    return dicts(conn, "SELECT order_id, broker_fill_id, quantity, price, commission,"
+                       " commission_currency, liquidity, ts FROM trading.fills"
+                       " WHERE account_id = %s ORDER BY fill_id", account_id)
+
+
+def positions(conn: psycopg.Connection, account_id: int) -> list[tuple[Any, ...]]:
+    return conn.execute("SELECT instrument_id, quantity, average_price FROM trading.positions"
+                        " WHERE account_id = %s AND quantity <> 0 ORDER BY position_id",
+                        (account_id,)).fetchall()
+
+
+def cash(conn: psycopg.Connection, account_id: int) -> Decimal:
+    return Decimal(one(conn, "SELECT cash FROM trading.accounts WHERE account_id = %s",
+                       account_id))
+
+
+def queued(conn: psycopg.Connection) -> list[dict[str, Any]]:
+    """The orders queue: `wait` is how many seconds until a message is visible again."""
+    return dicts(conn, "SELECT msg_id, read_ct, message,"
+                       " extract(epoch FROM vt - clock_timestamp())::float8 AS wait"
+                       " FROM pgmq.q_orders ORDER BY msg_id")
+
+
+def archived(conn: psycopg.Connection) -> list[dict[str, Any]]:
+    return dicts(conn, "SELECT msg_id, read_ct, message FROM pgmq.a_orders ORDER BY msg_id")
+
+
+def reveal(conn: psycopg.Connection) -> None:
+    """Every queued message visible now (what a visibility timeout ends in)."""
+    conn.execute("SELECT trading.delay_order_message(msg_id, 0) FROM pgmq.q_orders")
+
+
+def errors_of(conn: psycopg.Connection, kind: str) -> list[str]:
+    return [r[0] for r in conn.execute("SELECT message FROM runtime.errors WHERE kind = %s"
+                                       " ORDER BY error_id", (kind,)).fetchall()]
+
+
+def ledger(conn: psycopg.Connection) -> dict[str, Any]:
+    """Everything a settlement could change, to compare before and after."""
+    out: dict[str, Any] = {}
+    for table in ("trading.accounts", "trading.orders", "trading.fills", "trading.positions",
+                  "trading.trades", "risk.events", "pgmq.q_orders", "pgmq.a_orders"):
+        out[table] = one(conn, f"SELECT coalesce(jsonb_agg(to_jsonb(x) ORDER BY"
+                               f" to_jsonb(x)::text), '[]') FROM {table} x")
+    out["audit"] = one(conn, "SELECT count(*) FROM audit.events")
+    return out
+
+
+def instrument(conn: psycopg.Connection, symbol: str, market: str, close: str) -> int:
+    iid, created = ensure_instrument(conn, spec_for(symbol, market))
+    assert created
+    add_bar(conn, iid, T0, close, close, close, close)
+    return iid
+
+
+def add_bar(conn: psycopg.Connection, iid: int, ts: datetime, o: str, h: str, low: str,
+            c: str) -> None:
+    conn.execute("INSERT INTO market.bars (instrument_id, timeframe, ts, open, high, low, close,"
+                 " volume) VALUES (%s, '1m', %s, %s, %s, %s, %s, 1000)",
+                 (iid, ts, o, h, low, c))
+
+
+def paper_account(conn: psycopg.Connection, name: str, environment: str = "paper",
+                  cash_: int = 10000) -> int:
+    return int(one(conn, "SELECT trading.create_account(%s, %s, 'operator', %s)",
+                   name, environment, cash_))
+
+
+def live_account(conn: psycopg.Connection, name: str) -> int:
+    """A live account in operator mode, the two-step way (it needs live credentials)."""
+    acc = int(one(conn, "SELECT trading.create_account(%s, 'live', 'advisory', 10000)", name))
+    conn.execute("INSERT INTO trading.credentials (account_id, venue, label, is_live, endpoint)"
+                 " VALUES (%s, 'alpaca', 'main', true, 'live')", (acc,))
+    token = one(conn, "SELECT trading.request_operator_mode(%s)", name)
+    conn.execute("SELECT trading.confirm_operator_mode(%s, %s)", (name, token))
+    return acc
+
+
+def manual(conn: psycopg.Connection, account: str, symbol: str, quantity: str,
+           side: str = "buy") -> tuple[int, str]:
+    """A manual market order: (order id, client order id)."""
+    r = one(conn, "SELECT trading.place_manual_order(%s)", Jsonb(
+        {"account": account, "symbol": symbol, "side": side, "quantity": quantity}))
+    assert r["status"] == "approved", r
+    return int(r["order_id"]), order_row(conn, r["order_id"])["client_order_id"]
+
+
+# ---------------------------------------------------------------------------- venues
+def now_text(offset_seconds: float = 0) -> str:
+    return (datetime.now(UTC) + timedelta(seconds=offset_seconds)).isoformat().replace(
+        "+00:00", "Z")
+
+
+def alpaca_order(client_order_id: str, **changes: Any) -> dict[str, Any]:
+    """An Alpaca order object as GET/POST /v2/orders return it."""
+    order: dict[str, Any] = {
+        "id": OID, "client_order_id": client_order_id, "created_at": now_text(),
+        "updated_at": now_text(), "submitted_at": now_text(), "filled_at": None,
+        "expired_at": None, "canceled_at": None, "failed_at": None, "replaced_at": None,
+        "replaced_by": None, "replaces": None,
+        "asset_id": "b0b6dd9d-8b9b-48a9-ba46-b9d54906e415", "symbol": "AAPL",
+        "asset_class": "us_equity", "notional": None, "qty": "10", "filled_qty": "0",
+        "filled_avg_price": None, "order_class": "simple", "order_type": "market",
+        "type": "market", "side": "buy", "position_intent": "buy_to_open",
+        "time_in_force": "gtc", "limit_price": None, "stop_price": None,
+        "status": "accepted", "extended_hours": False, "legs": None, "trail_percent": None,
+        "trail_price": None, "hwm": None,
+    }
+    order.update(changes)
+    return order
+
+
+def activity(n: int, qty: str, cum_qty: str, price: str, *, order_id: str = OID,
+             symbol: str = "AAPL", leaves_qty: str = "0") -> dict[str, Any]:
+    """A FILL account activity as GET /v2/account/activities/FILL returns it."""
+    return {"id": f"20240301150001{n:03d}::8efc7b9a-8b2b-4000-9955-{n:012d}",
+            "activity_type": "FILL", "transaction_time": now_text(),
+            "type": "fill" if leaves_qty == "0" else "partial_fill", "price": price,
+            "qty": qty, "side": "buy", "symbol": symbol, "leaves_qty": leaves_qty,
+            "order_id": order_id, "cum_qty": cum_qty,
+            "order_status": "filled" if leaves_qty == "0" else "partially_filled"}
+
+
+def alpaca_routed(account_id: int, name: str, *, environment: str = "paper",
+                  endpoint: str = "paper", credential_endpoint: str | None = None
+                  ) -> RoutedAccount:
+    key = LIVE_KEY if endpoint == "live" else PAPER_KEY
+    broker = AlpacaBroker({"api_key": key, "secret_key": SECRET}, endpoint)  # type: ignore[arg-type]
+    config = AccountConfig(name=name, environment=environment, mode="operator",
+                           broker="alpaca", endpoint=endpoint, credential="main")
+    return RoutedAccount(account_id, config, broker, credential_endpoint or endpoint)
+
+
+def paper_routed(account_id: int, name: str, costs: PaperCosts) -> RoutedAccount:
+    config = AccountConfig(name=name, environment="paper", mode="operator", costs=costs)
+    return RoutedAccount(account_id, config, PaperBroker(account_id, name, costs), "paper")
+
+
+def calls(http: responses.RequestsMock, method: str, path_end: str = "") -> list[Any]:
+    return [c for c in http.calls if c.request.method == method
+            and urlsplit(c.request.url).path.endswith(path_end)]
+
+
+def sent(call: Any) -> dict[str, Any]:
+    return dict(json.loads(call.request.body))
+
+
+@pytest.fixture
+def http() -> Iterator[responses.RequestsMock]:
+    # an unregistered URL raises ConnectionError: nothing reaches the network
+    with responses.RequestsMock(assert_all_requests_are_fired=False) as mock:
+        yield mock
+
+
+@pytest.fixture
+def make_router(db_url: str) -> Iterator[Callable[..., Router]]:
+    """Routers started on this test's database (a second one is a restarted router)."""
+    made: list[Router] = []
+
+    def make(*accounts: RoutedAccount, **config: Any) -> Router:
+        settings = {"visibility_seconds": 1, "poll_ms": 20, "status_poll_seconds": 30.0,
+                    **config}
+        router = Router(db_url, {a.account_id: a for a in accounts},
+                        config=RouterConfig(**settings))
+        router.start()
+        made.append(router)
+        return router
+
+    yield make
+    for router in made:
+        router.close()
+        router.beat("stopped", force=True)  # also closes the error-reporting session
+
+
+class Crash:
+    """Makes the router fail when it calls `trading.<signature>`, as if it died there:
+    EXECUTE is revoked from its role until `restore()` (or the end of the test)."""
+
+    def __init__(self, conn: psycopg.Connection) -> None:
+        self.conn = conn
+        self.revoked: list[str] = []
+
+    def at(self, signature: str) -> None:
+        self.conn.execute(f"REVOKE EXECUTE ON FUNCTION trading.{signature} FROM mmats_router")
+        self.revoked.append(signature)
+
+    def restore(self) -> None:
+        while self.revoked:
+            self.conn.execute(f"GRANT EXECUTE ON FUNCTION trading.{self.revoked.pop()}"
+                              " TO mmats_router")
+
+
+@pytest.fixture
+def crash(conn: psycopg.Connection) -> Iterator[Crash]:
+    c = Crash(conn)
+    yield c
+    c.restore()
+
+
+# ---------------------------------------------------------------------------- 1. paper
+COSTS = PaperCosts(commission=Decimal("0.002"))
+
+
+def paper_signal(conn: psycopg.Connection) -> tuple[int, int, int, str]:
+    """BTC/USD with a bar at T0, an operator paper account and its approved buy signal on
+    that bar: (instrument, account, order id, client order id)."""
+    iid = instrument(conn, "BTC/USD", "crypto", "100")
+    acc = paper_account(conn, "paper1")
+    r = one(conn, "SELECT trading.submit_signal(%s)", Jsonb({
+        "account": "paper1", "strategy": "alpha", "symbol": "BTC/USD", "action": "buy",
+        "size": 0.5, "ts": SIGNAL_TS.isoformat()}))
+    assert r["status"] == "approved", r
+    # percent_equity: 10000 * 0.5 = 5000 at 100 -> 50
+    assert Decimal(str(r["quantity"])) == 50
+    return iid, acc, int(r["order_id"]), order_row(conn, r["order_id"])["client_order_id"]
+
+
+def test_paper_order_is_acknowledged_archived_and_filled_at_the_next_bars_open(
+        conn: psycopg.Connection, make_router: Callable[..., Router]) -> None:
+    iid, acc, oid, coid = paper_signal(conn)
+    (msg,) = queued(conn)
+    assert msg["message"]["environment"] == "paper" and msg["message"]["order_id"] == oid
+    router = make_router(paper_routed(acc, "paper1", COSTS))
+
+    assert router.drain() == 1
+    o = order_row(conn, oid)
+    assert (o["state"], o["broker_order_id"]) == ("submitted", f"paper-{coid}")
+    assert queued(conn) == []
+    assert [(m["msg_id"], m["message"]["order_id"]) for m in archived(conn)] == [
+        (msg["msg_id"], oid)]
+    assert fills(conn, acc) == []  # the bar of the signal itself fills nothing
+
+    add_bar(conn, iid, T1, "101", "103", "99", "102")
+    router.settle_bars(iid, "1m", T1)
+
+    # 50 at T1's open (101, no spread or slippage); commission 50 * 101 * 0.002 = 10.1
+    (f,) = fills(conn, acc)
+    assert f["broker_fill_id"] == f"paper-{oid}-{to_us(T1)}"
+    assert (f["order_id"], f["quantity"], f["price"]) == (oid, Decimal(50), Decimal(101))
+    assert (f["commission"], f["liquidity"], f["ts"]) == (Decimal("10.1"), "taker", T1)
+    o = order_row(conn, oid)
+    assert (o["state"], o["filled_quantity"], o["average_fill_price"]) == (
+        "filled", Decimal(50), Decimal(101))
+    assert positions(conn, acc) == [(iid, Decimal(50), Decimal(101))]
+    assert cash(conn, acc) == Decimal("4939.9")  # 10000 - 5050 - 10.1
+    assert one(conn, "SELECT at FROM runtime.cursors WHERE name = %s",
+               f"paper:{iid}:1m") == T1
+
+    # the same bar again, by this router and by a restarted one: nothing changes
+    before = ledger(conn)
+    router.settle_bars(iid, "1m", T1)
+    make_router(paper_routed(acc, "paper1", COSTS)).settle_bars(iid, "1m", T1)
+    assert ledger(conn) == before
+    # and the fill itself, sent again under its deterministic id, is a duplicate
+    again = one(conn, "SELECT trading.apply_fill(%s)", Jsonb({
+        "client_order_id": coid, "broker_fill_id": f"paper-{oid}-{to_us(T1)}",
+        "quantity": "50", "price": "101", "commission": "10.1", "ts": T1.isoformat()}))
+    assert again["status"] == "duplicate"
+    assert ledger(conn) == before
+
+
+def test_paper_fill_follows_the_bar_notification_through_step(
+        conn: psycopg.Connection, db_url: str, make_router: Callable[..., Router]) -> None:
+    iid, acc, oid, _coid = paper_signal(conn)
+    router = make_router(paper_routed(acc, "paper1", COSTS), poll_ms=200)
+    router.step()  # routes the order; no new bar yet
+    assert order_row(conn, oid)["state"] == "submitted"
+    with psycopg.connect(db_url, autocommit=True) as owner:
+        owner.execute("SET ROLE mmats_owner")
+        add_bar(owner, iid, T1, "99.5", "100", "98", "99")
+    router.step()  # the NOTIFY of the new bar wakes it
+    (f,) = fills(conn, acc)
+    assert (f["quantity"], f["price"], f["ts"]) == (Decimal(50), Decimal("99.5"), T1)
+    assert order_row(conn, oid)["state"] == "filled"
+    assert router.counts["fills"] == 1
+
+
+def test_paper_bars_arriving_together_fill_on_the_first_one(
+        conn: psycopg.Connection, make_router: Callable[..., Router]) -> None:
+    iid, acc, oid, _coid = paper_signal(conn)
+    router = make_router(paper_routed(acc, "paper1", COSTS), poll_ms=200)
+    router.step()
+    conn.execute("INSERT INTO market.bars (instrument_id, timeframe, ts, open, high, low, close,"
+                 " volume) VALUES (%s, '1m', %s, 101, 101, 101, 101, 1),"
+                 " (%s, '1m', %s, 105, 105, 105, 105, 1)", (iid, T1, iid, T2))
+    router.step()
+    (f,) = fills(conn, acc)
+    assert (f["price"], f["ts"]) == (Decimal(101), T1), "a backtest fills at T1's open"
+    assert order_row(conn, oid)["state"] == "filled"
+
+
+# ---------------------------------------------------------------------------- Alpaca
+@pytest.fixture
+def aapl(conn: psycopg.Connection) -> int:
+    return instrument(conn, "AAPL", "stock", "187")
+
+
+def test_alpaca_order_is_placed_then_filled_on_a_later_status_poll(
+        conn: psycopg.Connection, http: responses.RequestsMock, aapl: int,
+        make_router: Callable[..., Router]) -> None:
+    acc = paper_account(conn, "alp")
+    oid, coid = manual(conn, "alp", "AAPL", "10")
+    http.get(BY_CLIENT_ID, status=404, json=NOT_FOUND)
+    http.post(f"{ALPACA}/orders", json=alpaca_order(coid, status="accepted"))
+    router = make_router(alpaca_routed(acc, "alp"))
+
+    assert router.drain() == 1
+    (post,) = calls(http, "POST")
+    assert sent(post) == {"symbol": "AAPL", "qty": "10", "side": "buy", "type": "market",
+                          "time_in_force": "gtc", "client_order_id": coid}
+    o = order_row(conn, oid)
+    assert (o["state"], o["broker_order_id"], o["filled_quantity"]) == (
+        "submitted", OID, Decimal(0))
+    (msg,) = queued(conn)  # not archived: the order is still working at the venue
+    assert msg["read_ct"] == 1 and 25 < msg["wait"] <= 30  # the next status poll
+    assert archived(conn) == [] and fills(conn, acc) == []
+
+    http.get(f"{ALPACA}/orders/{OID}", json=alpaca_order(
+        coid, status="filled", filled_qty="10", filled_avg_price="187.15",
+        filled_at=now_text()))
+    http.get(ACTIVITIES, json=[
+        activity(1, "3", "3", "187.10", order_id=OTHER_OID),  # another order's execution
+        activity(2, "10", "10", "187.15")])
+    reveal(conn)
+    assert router.drain() == 1
+
+    assert len(calls(http, "POST")) == 1
+    (f,) = fills(conn, acc)
+    assert (f["order_id"], f["broker_fill_id"]) == (oid, activity(2, "10", "10", "1")["id"])
+    assert (f["quantity"], f["price"], f["commission"]) == (Decimal(10), Decimal("187.15"),
+                                                            Decimal(0))
+    o = order_row(conn, oid)
+    assert (o["state"], o["filled_quantity"], o["average_fill_price"]) == (
+        "filled", Decimal(10), Decimal("187.15"))
+    assert positions(conn, acc) == [(aapl, Decimal(10), Decimal("187.15"))]
+    assert cash(conn, acc) == Decimal("8128.50")  # 10000 - 10 * 187.15
+    assert queued(conn) == [] and [m["msg_id"] for m in archived(conn)] == [msg["msg_id"]]
+
+
+def test_a_network_error_on_place_keeps_the_order_in_flight_and_is_never_placed_twice(
+        conn: psycopg.Connection, http: responses.RequestsMock, aapl: int,
+        make_router: Callable[..., Router]) -> None:
+    acc = paper_account(conn, "alp")
+    oid, coid = manual(conn, "alp", "AAPL", "10")
+    http.get(BY_CLIENT_ID, status=404, json=NOT_FOUND)
+    # the order reached Alpaca, but the answer was lost
+    http.post(f"{ALPACA}/orders", body=requests.ConnectionError("connection reset by peer"))
+    router = make_router(alpaca_routed(acc, "alp"))
+
+    router.drain()
+    posts = len(calls(http, "POST"))
+    (msg,) = queued(conn)
+    assert msg["read_ct"] == posts >= 1  # every attempt is one read of the message
+    assert msg["wait"] > 0  # delayed, with backoff
+    o = order_row(conn, oid)
+    assert (o["state"], o["reason_code"], o["broker_order_id"]) == ("in_flight", None, None)
+    assert one(conn, "SELECT consecutive_rejections FROM trading.accounts"
+                     " WHERE account_id = %s", acc) == 0
+    assert archived(conn) == [] and router.counts["retries"] == posts
+
+    # redelivered: the lookup by client id finds the order, which has filled meanwhile
+    http.replace(responses.GET, BY_CLIENT_ID, json=alpaca_order(
+        coid, status="filled", filled_qty="10", filled_avg_price="187.2",
+        filled_at=now_text()))
+    http.get(ACTIVITIES, json=[activity(1, "10", "10", "187.2")])
+    reveal(conn)
+    assert router.drain() == 1
+
+    assert len(calls(http, "POST")) == posts, "the order was sent again"
+    lookups = calls(http, "GET", "/orders:by_client_order_id")
+    assert len(lookups) >= 1
+    assert all(c.request.params == {"client_order_id": coid} for c in lookups)
+    (f,) = fills(conn, acc)
+    assert (f["quantity"], f["price"]) == (Decimal(10), Decimal("187.2"))
+    o = order_row(conn, oid)
+    assert (o["state"], o["broker_order_id"]) == ("filled", OID)
+    assert positions(conn, acc) == [(aapl, Decimal(10), Decimal("187.2"))]
+    assert queued(conn) == [] and len(archived(conn)) == 1
+
+
+def test_an_auth_failure_on_the_lookup_of_an_order_in_flight_does_not_reject_it(
+        conn: psycopg.Connection, http: responses.RequestsMock, aapl: int,
+        make_router: Callable[..., Router]) -> None:
+    acc = paper_account(conn, "alp")
+    oid, _coid = manual(conn, "alp", "AAPL", "10")
+    http.post(f"{ALPACA}/orders", body=requests.ConnectionError("connection reset by peer"))
+    router = make_router(alpaca_routed(acc, "alp"))
+    router.drain()
+    assert order_row(conn, oid)["state"] == "in_flight"
+    # the key was rotated meanwhile: the venue answers the lookup with 401
+    http.get(BY_CLIENT_ID, status=401,
+             json={"code": 40110000, "message": "request is not authorized"})
+    reveal(conn)
+    router.drain()
+    assert len(errors_of(conn, "BROKER_AUTH")) >= 1  # the alarm is raised either way
+    assert order_row(conn, oid)["state"] == "in_flight", "its fate at the venue is unknown"
+
+
+def test_redelivery_after_a_crash_before_archiving_changes_nothing(
+        conn: psycopg.Connection, http: responses.RequestsMock, aapl: int,
+        make_router: Callable[..., Router], crash: Crash) -> None:
+    acc = paper_account(conn, "alp")
+    oid, coid = manual(conn, "alp", "AAPL", "10")
+    http.get(BY_CLIENT_ID, status=404, json=NOT_FOUND)
+    http.post(f"{ALPACA}/orders", json=alpaca_order(
+        coid, status="filled", filled_qty="10", filled_avg_price="187.3",
+        filled_at=now_text()))
+    http.get(ACTIVITIES, json=[activity(1, "10", "10", "187.3")])
+    crash.at("archive_order_message(bigint)")
+    first = make_router(alpaca_routed(acc, "alp"))
+    with pytest.raises(psycopg.errors.InsufficientPrivilege):
+        first.drain()  # dies after acknowledge and the fill, before the archive
+    first.close()
+    assert order_row(conn, oid)["state"] == "filled" and len(fills(conn, acc)) == 1
+    (msg,) = queued(conn)
+    assert msg["read_ct"] == 1
+    crash.restore()
+    before_calls = len(http.calls)
+    before = {k: v for k, v in ledger(conn).items() if not k.startswith("pgmq")}
+
+    reveal(conn)  # the visibility timeout ran out
+    restarted = make_router(alpaca_routed(acc, "alp"))
+    assert restarted.drain() == 1
+
+    assert len(http.calls) == before_calls  # a filled order needs no broker call
+    after = ledger(conn)
+    assert {k: v for k, v in after.items() if k not in ("pgmq.q_orders", "pgmq.a_orders",
+                                                        "audit")} == {
+        k: v for k, v in before.items() if k != "audit"}
+    assert len(fills(conn, acc)) == 1
+    assert positions(conn, acc) == [(aapl, Decimal(10), Decimal("187.3"))]
+    assert cash(conn, acc) == Decimal("8127")  # 10000 - 1873
+    assert queued(conn) == [] and [m["read_ct"] for m in archived(conn)] == [2]
+
+
+def test_redelivery_after_a_crash_on_a_partial_fill_applies_only_the_new_fill(
+        conn: psycopg.Connection, http: responses.RequestsMock, aapl: int,
+        make_router: Callable[..., Router], crash: Crash) -> None:
+    acc = paper_account(conn, "alp")
+    oid, coid = manual(conn, "alp", "AAPL", "10")
+    http.get(BY_CLIENT_ID, status=404, json=NOT_FOUND)
+    http.post(f"{ALPACA}/orders", json=alpaca_order(
+        coid, status="partially_filled", filled_qty="4", filled_avg_price="187"))
+    http.get(ACTIVITIES, json=[activity(1, "4", "4", "187", leaves_qty="6")])
+    crash.at("delay_order_message(bigint, numeric)")
+    first = make_router(alpaca_routed(acc, "alp"))
+    with pytest.raises(psycopg.errors.InsufficientPrivilege):
+        first.drain()  # dies after acknowledge and the first fill, before the delay
+    first.close()
+    o = order_row(conn, oid)
+    assert (o["state"], o["filled_quantity"], o["broker_order_id"]) == (
+        "partially_filled", Decimal(4), OID)
+    crash.restore()
+
+    http.get(f"{ALPACA}/orders/{OID}", json=alpaca_order(
+        coid, status="filled", filled_qty="10", filled_avg_price="187.6",
+        filled_at=now_text()))
+    http.replace(responses.GET, ACTIVITIES, json=[
+        activity(1, "4", "4", "187", leaves_qty="6"), activity(2, "6", "10", "188")])
+    reveal(conn)
+    assert make_router(alpaca_routed(acc, "alp")).drain() == 1
+
+    assert len(calls(http, "POST")) == 1
+    assert [(f["quantity"], f["price"]) for f in fills(conn, acc)] == [
+        (Decimal(4), Decimal(187)), (Decimal(6), Decimal(188))]
+    o = order_row(conn, oid)
+    assert (o["state"], o["filled_quantity"], o["average_fill_price"]) == (
+        "filled", Decimal(10), Decimal("187.6"))
+    assert positions(conn, acc) == [(aapl, Decimal(10), Decimal("187.6"))]
+    assert cash(conn, acc) == Decimal("8124")  # 10000 - 4 * 187 - 6 * 188
+    assert queued(conn) == [] and len(archived(conn)) == 1
+
+
+def test_a_rate_limit_delays_the_message_at_least_retry_after(
+        conn: psycopg.Connection, http: responses.RequestsMock, aapl: int,
+        make_router: Callable[..., Router]) -> None:
+    acc = paper_account(conn, "alp")
+    oid, _coid = manual(conn, "alp", "AAPL", "10")
+    http.get(BY_CLIENT_ID, status=404, json=NOT_FOUND)
+    http.post(f"{ALPACA}/orders", status=429, headers={"Retry-After": "7"},
+              json={"code": 42910000, "message": "rate limit exceeded"})
+    router = make_router(alpaca_routed(acc, "alp"))
+
+    assert router.drain() == 1
+    (msg,) = queued(conn)
+    # backoff for a first attempt is at most 0.5 s: Retry-After's 7 s win
+    assert msg["read_ct"] == 1 and 6.5 < msg["wait"] <= 7.0
+    assert len(calls(http, "POST")) == 1
+    o = order_row(conn, oid)
+    assert (o["state"], o["reason_code"]) == ("in_flight", None)
+    assert archived(conn) == [] and router.counts == {"orders": 0, "fills": 0, "rejected": 0,
+                                                      "retries": 1}
+
+
+def test_a_retry_after_beyond_a_day_does_not_kill_the_router(
+        conn: psycopg.Connection, http: responses.RequestsMock, aapl: int,
+        make_router: Callable[..., Router]) -> None:
+    acc = paper_account(conn, "alp")
+    oid, _coid = manual(conn, "alp", "AAPL", "10")
+    http.get(BY_CLIENT_ID, status=404, json=NOT_FOUND)
+    http.post(f"{ALPACA}/orders", status=429, headers={"Retry-After": "172800"},
+              json={"code": 42910000, "message": "rate limit exceeded"})
+    router = make_router(alpaca_routed(acc, "alp"))
+    assert router.drain() == 1  # trading.delay_order_message takes at most 86400 s
+    (msg,) = queued(conn)
+    assert 86000 < msg["wait"] <= 86400
+    assert order_row(conn, oid)["state"] == "in_flight"
+
+
+def test_a_permanent_refusal_rejects_and_a_streak_downgrades_the_account(
+        conn: psycopg.Connection, http: responses.RequestsMock, aapl: int,
+        make_router: Callable[..., Router]) -> None:
+    acc = paper_account(conn, "alp")
+    conn.execute("UPDATE trading.accounts SET max_consecutive_rejections = 3"
+                 " WHERE account_id = %s", (acc,))
+    http.get(BY_CLIENT_ID, status=404, json=NOT_FOUND)
+    http.post(f"{ALPACA}/orders", status=403,
+              json={"code": 40310000, "message": "insufficient buying power"})
+    router = make_router(alpaca_routed(acc, "alp"))
+    first = [manual(conn, "alp", "AAPL", "10") for _ in range(2)]
+
+    assert router.drain() == 2
+    for oid, coid in first:
+        o = order_row(conn, oid)
+        assert (o["state"], o["reason_code"]) == ("rejected", "INSUFFICIENT_FUNDS")
+        assert o["reason"] == (f"alpaca: market order {coid} buy 10 AAPL: insufficient buying"
+                               " power (HTTP 403, code 40310000)")
+    assert one(conn, "SELECT mode::text FROM trading.accounts WHERE account_id = %s",
+               acc) == "operator"
+    assert one(conn, "SELECT count(*) FROM risk.events WHERE account_id = %s", acc) == 0
+
+    third, _ = manual(conn, "alp", "AAPL", "10")
+    assert router.drain() == 1
+    assert order_row(conn, third)["state"] == "rejected"
+    assert len(calls(http, "POST")) == 3  # each refusal was final: no order sent twice
+    assert dicts(conn, "SELECT mode::text, consecutive_rejections FROM trading.accounts"
+                       " WHERE account_id = %s", acc) == [
+        {"mode": "advisory", "consecutive_rejections": 3}]
+    assert one(conn, "SELECT mode::text FROM risk.breaker_state WHERE account_id = %s",
+               acc) == "SOFT"
+    (event,) = dicts(conn, "SELECT severity::text, event_type, message FROM risk.events"
+                           " WHERE account_id = %s", acc)
+    assert event["event_type"] == "REJECTION_STREAK" and "INSUFFICIENT_FUNDS" in event["message"]
+    assert len(errors_of(conn, "ACCOUNT_DOWNGRADED")) == 1
+    assert router.counts["rejected"] == 3
+    assert queued(conn) == [] and len(archived(conn)) == 3
+    with pytest.raises(psycopg.errors.InsufficientPrivilege, match="advisory mode"):
+        manual(conn, "alp", "AAPL", "1")
+
+
+@pytest.mark.parametrize(("environment", "endpoint", "keys", "says"), [
+    ("paper", "live", "live",
+     "account acct is a paper account: its orders may not go to the live endpoint of alpaca"),
+    ("live", "live", "testnet", "account acct: testnet keys may not trade on a live endpoint"),
+    ("live", "paper", "paper",
+     "account acct is live but its broker points at the paper endpoint"),
+])
+def test_an_order_for_the_wrong_environment_is_rejected_before_any_request(
+        conn: psycopg.Connection, http: responses.RequestsMock, aapl: int,
+        make_router: Callable[..., Router], environment: str, endpoint: str, keys: str,
+        says: str) -> None:
+    acc = live_account(conn, "acct") if environment == "live" else paper_account(conn, "acct")
+    oid, _coid = manual(conn, "acct", "AAPL", "10")
+    router = make_router(alpaca_routed(acc, "acct", environment=environment, endpoint=endpoint,
+                                       credential_endpoint=keys))
+
+    assert router.drain() == 1
+    assert len(http.calls) == 0
+    o = order_row(conn, oid)
+    assert (o["state"], o["reason_code"], o["reason"]) == ("rejected", "ENVIRONMENT_MISMATCH",
+                                                           says)
+    assert o["submitted_at"] is None  # never marked in flight
+    assert one(conn, "SELECT count(*) FROM audit.events WHERE entity_id = %s"
+                     " AND event_type = 'order.in_flight'", str(oid)) == 0
+    (reported,) = errors_of(conn, "ENVIRONMENT_MISMATCH")
+    assert says in reported
+    assert queued(conn) == [] and len(archived(conn)) == 1
+
+
+# ---------------------------------------------------------------------------- OANDA
+def test_oanda_market_order_filled_in_the_create_response(
+        conn: psycopg.Connection, http: responses.RequestsMock,
+        make_router: Callable[..., Router]) -> None:
+    iid = instrument(conn, "EUR/USD", "forex", "1.0846")
+    acc = paper_account(conn, "fx")
+    oid, coid = manual(conn, "fx", "EUR/USD", "1500")
+    created = json.loads((OANDA_FIXTURES / "order_create_market_filled.json").read_text())
+    created["orderCreateTransaction"].update(units="1500", clientExtensions={"id": coid})
+    created["orderFillTransaction"].update(units="1500", clientOrderID=coid,
+                                           tradeOpened={"tradeID": "6373", "units": "1500"})
+    http.get(f"{OANDA}/orders/@{coid}", status=404, json=json.loads(
+        (OANDA_FIXTURES / "order_not_found.json").read_text()))
+    http.get(f"{OANDA}/summary", json=json.loads(
+        (OANDA_FIXTURES / "account_summary.json").read_text()))  # home currency EUR
+    http.post(f"{OANDA}/orders", status=201, json=created)
+    config = AccountConfig(name="fx", environment="paper", mode="operator", broker="oanda",
+                           endpoint="paper", credential="main")
+    router = make_router(RoutedAccount(acc, config, OandaBroker(OANDA_CREDENTIALS, "practice"),
+                                       "paper"))
+
+    assert router.drain() == 1
+    (post,) = calls(http, "POST")
+    assert sent(post) == {"order": {
+        "type": "MARKET", "instrument": "EUR_USD", "units": "1500", "timeInForce": "FOK",
+        "positionFill": "DEFAULT", "clientExtensions": {"id": coid}}}
+    (f,) = fills(conn, acc)
+    assert (f["broker_fill_id"], f["quantity"]) == ("6373", Decimal(1500))
+    assert f["price"] == Decimal("1.08463")
+    assert str(f["price"]) == "1.08463"  # exactly the venue's text, no float on the way
+    # 0.1500 EUR of commission is 0.1500 * 1.08463 USD in this USD account
+    assert (f["commission"], f["commission_currency"]) == (Decimal("0.1626945"), "USD")
+    assert f["ts"] == datetime(2024, 3, 13, 14, 2, 11, 254417, tzinfo=UTC)
+    o = order_row(conn, oid)
+    assert (o["state"], o["broker_order_id"], o["average_fill_price"]) == (
+        "filled", "6372", Decimal("1.08463"))
+    assert positions(conn, acc) == [(iid, Decimal(1500), Decimal("1.08463"))]
+    assert cash(conn, acc) == Decimal("8372.8923055")  # 10000 - 1626.945 - 0.1626945
+    assert queued(conn) == [] and len(archived(conn)) == 1
+
+
+# ---------------------------------------------------------------------------- backtests
+def test_backtest_orders_in_the_queue_are_never_read(
+        conn: psycopg.Connection, make_router: Callable[..., Router]) -> None:
+    instrument(conn, "BTC/USD", "crypto", "100")
+    bt = paper_account(conn, "bt", environment="backtest")
+    paper = paper_account(conn, "pp")
+    bt_order, _ = manual(conn, "bt", "BTC/USD", "1")
+    paper_order, _ = manual(conn, "pp", "BTC/USD", "1")
+    router = make_router(paper_routed(bt, "bt", COSTS), paper_routed(paper, "pp", COSTS))
+
+    assert router.drain() == 1
+    (left,) = queued(conn)
+    assert left["message"]["order_id"] == bt_order and left["message"]["environment"] == (
+        "backtest")
+    assert left["read_ct"] == 0
+    assert order_row(conn, bt_order)["state"] == "created"
+    assert [m["message"]["order_id"] for m in archived(conn)] == [paper_order]
+    # not for any account, whoever asks
+    assert one(conn, "SELECT count(*) FROM trading.read_orders(1, 1000, NULL)") == 0
+    assert one(conn, "SELECT count(*) FROM trading.read_orders(1, 1000, %s)", [bt]) == 0
+    assert queued(conn)[0]["read_ct"] == 0
+
+
+# ---------------------------------------------------------------------------- broker reports
+def test_a_fill_not_yet_in_the_activity_history_keeps_the_message(
+        conn: psycopg.Connection, http: responses.RequestsMock, aapl: int,
+        make_router: Callable[..., Router]) -> None:
+    acc = paper_account(conn, "alp")
+    oid, coid = manual(conn, "alp", "AAPL", "10")
+    http.get(BY_CLIENT_ID, status=404, json=NOT_FOUND)
+    http.post(f"{ALPACA}/orders", json=alpaca_order(
+        coid, status="filled", filled_qty="10", filled_avg_price="187.3",
+        filled_at=now_text()))
+    http.get(ACTIVITIES, json=[])  # Alpaca's activities lag its order status
+    router = make_router(alpaca_routed(acc, "alp"))
+    router.drain()
+    assert order_row(conn, oid)["state"] == "submitted" and fills(conn, acc) == []
+    assert len(queued(conn)) == 1, "the only message that could settle the order is gone"
+
+
+# ---------------------------------------------------------------------------- pure parts
+def test_check_environment_accepts_matching_environments() -> None:
+    paper = alpaca_routed(1, "p")
+    check_environment(paper, "paper")
+    live = alpaca_routed(2, "l", environment="live", endpoint="live")
+    check_environment(live, "live")
+    costs = PaperCosts()
+    check_environment(paper_routed(3, "pp", costs), "paper")
+    with pytest.raises(errors.EnvironmentMismatch, match="is live but its broker points at "
+                                                         "the paper endpoint"):
+        check_environment(paper_routed(3, "pp", costs), "live")
+
+
+# attempts up to 1000 (over 16 hours of retries at the 60 s cap); beyond that, see the
+# overflow test below
+@given(attempt=st.integers(min_value=0, max_value=1000), seed=st.integers(0, 2**32),
+       minimum=st.none() | st.floats(min_value=0, max_value=3600))
+def test_backoff_stays_within_its_bounds(attempt: int, seed: int,
+                                         minimum: float | None) -> None:
+    delay = backoff_seconds(attempt, base=0.5, cap=60.0, minimum=minimum,
+                            rng=random.Random(seed))
+    floor = minimum or 0.0
+    assert floor <= delay <= max(60.0, floor)
+    if minimum is None or minimum == 0:
+        assert delay <= min(60.0, 0.5 * 2 ** min(max(attempt - 1, 0), 16))
+
+
+@given(attempt=st.integers(min_value=1, max_value=1000), seed=st.integers(0, 2**32))
+def test_backoff_grows_with_the_attempt(attempt: int, seed: int) -> None:
+    # the same draw of jitter scales a window that doubles up to the cap
+    now = backoff_seconds(attempt, rng=random.Random(seed))
+    later = backoff_seconds(attempt + 1, rng=random.Random(seed))
+    assert now <= later
+    first = random.Random(seed).random()
+    assert later == pytest.approx(first * min(60.0, 0.5 * 2 ** min(attempt, 16)))
+
+
+def test_backoff_honours_the_venues_minimum() -> None:
+    assert backoff_seconds(1, minimum=7.0, rng=random.Random(1)) == 7.0
+    assert backoff_seconds(30, minimum=0.001, rng=random.Random(1)) > 0.001  # jitter wins
+    windows = [max(backoff_seconds(n, rng=random.Random(s)) for s in range(200))
+               for n in (1, 2, 3, 4, 8)]
+    assert windows == sorted(windows) and 0.4 < windows[0] <= 0.5 and 50 < windows[-1] <= 60
+
+
+def test_backoff_after_many_attempts_is_the_cap_not_an_overflow() -> None:
+    delays = [backoff_seconds(n, rng=random.Random(n)) for n in (1025, 5000, 10**6)]
+    assert all(0 <= d <= 60 for d in delays)
