@@ -88,7 +88,8 @@ def worker_command(kind: str, config_file: str | None, name: str | None) -> None
 @click.option("--cash", default="10000", show_default=True)
 @click.option("--commission", default="0.001", show_default=True,
               help="paper broker fee, a fraction per side")
-@click.option("--slippage", default="none", show_default=True, help="none | bps:N | atr:F | volume:K")
+@click.option("--slippage", default="none", show_default=True,
+              help="none | bps:N | atr:F | volume:K")
 @click.option("--spread", default="0", show_default=True)
 @click.option("--allow-short", is_flag=True)
 @click.option("--quiet", is_flag=True, help="no line per signal, order and fill")
@@ -216,22 +217,29 @@ class EventTail:
         self.last = {"signal": 0, "order": 0, "fill": 0}
 
     def poll(self) -> int:
+        # in the order they happened on the bars' clock (a replay's wall clock is not it)
         rows = self.conn.execute(
-            "SELECT 'signal', s.signal_id, s.ts, i.symbol, s.action::text, s.status::text, "
-            "       COALESCE(s.reason_code, ''), NULL::numeric, NULL::numeric "
+            "SELECT * FROM ("
+            "SELECT 'signal' AS kind, s.signal_id, s.ts, i.symbol, s.action::text, "
+            "       s.status::text, COALESCE(s.reason_code, ''), NULL::numeric, NULL::numeric, "
+            "       s.ts AS at, 0 AS rank "
             "FROM trading.signals s JOIN market.instruments i USING (instrument_id) "
             "WHERE s.account_id = %(a)s AND s.signal_id > %(s)s "
             "UNION ALL SELECT 'order', o.order_id, o.created_at, i.symbol, o.side::text, "
-            "       o.trigger::text, o.order_type::text, o.quantity, NULL "
+            "       o.trigger::text, o.order_type::text, o.quantity, NULL, "
+            "       COALESCE(g.ts, (SELECT min(f.ts) FROM trading.fills f "
+            "                       WHERE f.order_id = o.order_id) - interval '1 microsecond', "
+            "                o.created_at), 1 "
             "FROM trading.orders o JOIN market.instruments i USING (instrument_id) "
+            "LEFT JOIN trading.signals g ON g.signal_id = o.signal_id "
             "WHERE o.account_id = %(a)s AND o.order_id > %(o)s "
             "UNION ALL SELECT 'fill', f.fill_id, f.ts, i.symbol, f.side::text, '', '', "
-            "       f.quantity, f.price "
+            "       f.quantity, f.price, f.ts, 2 "
             "FROM trading.fills f JOIN market.instruments i USING (instrument_id) "
-            "WHERE f.account_id = %(a)s AND f.fill_id > %(f)s ORDER BY 1 DESC, 2",
+            "WHERE f.account_id = %(a)s AND f.fill_id > %(f)s) x ORDER BY at, rank, 2",
             {"a": self.account_id, "s": self.last["signal"], "o": self.last["order"],
              "f": self.last["fill"]}).fetchall()
-        for kind, id_, ts, symbol, side, status, extra, qty, price in rows:
+        for kind, id_, ts, symbol, side, status, extra, qty, price, _at, _rank in rows:
             self.last[kind] = max(self.last[kind], int(id_))
             if self.echo is None:
                 continue
@@ -295,10 +303,11 @@ def run_replay_session(*, strategy: str, symbols: list[str], timeframe: str, sta
                                      f"{timeout:.0f} s")
                 for child in sup.children.values():
                     if child.restarts > max_restarts:
+                        logs = settings.home / "logs" / f"replay-{session.session}"
                         raise MmatsError(
                             f"the {child.kind} worker of replay session {session.session} "
                             f"keeps dying (exit codes {child.exit_codes[-3:]}); its log: "
-                            f"{settings.home / 'logs' / f'replay-{session.session}' / (child.kind + '.log')}")
+                            f"{logs / (child.kind + '.log')}")
         finally:
             sup.stop()
             signal.signal(signal.SIGTERM, previous)

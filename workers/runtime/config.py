@@ -296,12 +296,13 @@ def parse(raw: Mapping[str, Any], source: Path | None = None) -> RuntimeConfig:
     strategies = tuple(_strategy(t, n, set(names)) for n, t in enumerate(strategies_raw, 1))
     seen: dict[tuple[str, str, str], int] = {}
     for n, st in enumerate(strategies, 1):
-        key = (st.account, st.name, st.timeframe)
-        if key in seen:
+        entry = (st.account, st.name, st.timeframe)
+        if entry in seen:
             raise RuntimeConfigError(
-                f"[[strategies]] #{n} ({st.name} on {st.account}): entry #{seen[key]} already "
-                f"runs {st.name} {st.timeframe} on {st.account}; give one entry all its symbols")
-        seen[key] = n
+                f"[[strategies]] #{n} ({st.name} on {st.account}): entry #{seen[entry]} "
+                f"already runs {st.name} {st.timeframe} on {st.account}; give one entry all "
+                "its symbols")
+        seen[entry] = n
     feeds = tuple(_feed(t, n) for n, t in enumerate(feeds_raw, 1))
     section = raw.get("runtime", {})
     router = raw.get("router", {})

@@ -69,7 +69,7 @@ class SeriesCache:
         # engine makes them (workers/backtest/data.py): the same bars give the same
         # indicator values to the last bit, so the same signals
         self.tick = tick if tick is not None and tick > 0 else None
-        self._tick_f = float(tick) if self.tick is not None else 0.0
+        self._tick_f = float(self.tick) if self.tick is not None else 0.0
         self.symbol = symbol
         self.timeframe = timeframe
         self.limit = limit
