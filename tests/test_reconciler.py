@@ -1,0 +1,734 @@
+"""The reconciler against a real PostgreSQL ledger and the real broker adapters, whose
+HTTP is answered by `responses` with bodies shaped like Alpaca's and OANDA's documented
+JSON. Nothing of the adapters or of the reconciler is mocked: an unregistered URL fails
+the request (responses raises ConnectionError), so each test also proves what was asked.
+
+The ledger state is made the way the runtime makes it: orders from
+`trading.place_manual_order` on an operator paper account, then `mark_in_flight` and
+`acknowledge_order` as the router calls them.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
+from typing import Any
+
+import psycopg
+import pytest
+import requests
+import responses
+from psycopg.types.json import Jsonb
+
+from workers.brokers.alpaca_broker import AlpacaBroker
+from workers.brokers.oanda_broker import OandaBroker
+from workers.runtime.config import AccountConfig, PaperCosts
+from workers.runtime.paper import PaperBroker
+from workers.runtime.reconciler import Reconciler
+from workers.runtime.router import RoutedAccount
+
+ALPACA = "https://paper-api.alpaca.markets/v2"
+ALPACA_CREDS = {"api_key": "PKTEST4MMATS0001", "secret_key": "paper-secret-for-tests-0001"}
+OID = "61e69015-8549-4bfd-b9c3-01e75843f47d"
+OTHER_OID = "904837e3-3b76-47ec-b432-046db621571b"
+OANDA_ACCOUNT = "101-004-1435156-001"
+OANDA = f"https://api-fxpractice.oanda.com/v3/accounts/{OANDA_ACCOUNT}"
+OANDA_CREDS = {"account_id": OANDA_ACCOUNT, "access_token": "oanda-test-token-7f3a9c"}
+
+
+# ---------------------------------------------------------------------- vendor JSON
+def rfc3339(ts: datetime) -> str:
+    return ts.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def recent(minutes: float = 1) -> str:
+    """A time inside the reconciler's first 24-hour look-back."""
+    return rfc3339(datetime.now(UTC) - timedelta(minutes=minutes))
+
+
+def alpaca_order(**changes: Any) -> dict[str, Any]:
+    """An Alpaca order object as GET /v2/orders returns it."""
+    order: dict[str, Any] = {
+        "id": OID, "client_order_id": "mmats-1", "created_at": recent(5),
+        "updated_at": recent(4), "submitted_at": recent(5), "filled_at": None,
+        "expired_at": None, "canceled_at": None, "failed_at": None, "replaced_at": None,
+        "replaced_by": None, "replaces": None,
+        "asset_id": "b0b6dd9d-8b9b-48a9-ba46-b9d54906e415", "symbol": "AAPL",
+        "asset_class": "us_equity", "notional": None, "qty": "5", "filled_qty": "0",
+        "filled_avg_price": None, "order_class": "simple", "order_type": "limit",
+        "type": "limit", "side": "buy", "position_intent": "buy_to_open",
+        "time_in_force": "gtc", "limit_price": "100", "stop_price": None,
+        "status": "new", "extended_hours": False, "legs": None, "trail_percent": None,
+        "trail_price": None, "hwm": None,
+    }
+    order.update(changes)
+    return order
+
+
+def alpaca_fill(n: int, *, qty: str, price: str = "100", order_id: str = OID,
+                symbol: str = "AAPL", side: str = "buy", cum_qty: str | None = None,
+                leaves_qty: str = "0") -> dict[str, Any]:
+    """A FILL account activity as GET /v2/account/activities/FILL returns it."""
+    return {"id": f"20240301150001{n:03d}::8efc7b9a-8b2b-4000-9955-{n:012d}",
+            "activity_type": "FILL", "transaction_time": recent(2), "type": "fill"
+            if leaves_qty == "0" else "partial_fill", "price": price, "qty": qty,
+            "side": side, "symbol": symbol, "leaves_qty": leaves_qty, "order_id": order_id,
+            "cum_qty": cum_qty or qty,
+            "order_status": "filled" if leaves_qty == "0" else "partially_filled"}
+
+
+def alpaca_position(symbol: str, qty: str, avg: str = "100") -> dict[str, Any]:
+    side = "short" if qty.startswith("-") else "long"
+    return {"asset_id": "b0b6dd9d-8b9b-48a9-ba46-b9d54906e415", "symbol": symbol,
+            "exchange": "NASDAQ", "asset_class": "us_equity", "asset_marginable": True,
+            "qty": qty, "qty_available": qty, "avg_entry_price": avg, "side": side,
+            "market_value": "500", "cost_basis": "500", "unrealized_pl": "0",
+            "unrealized_plpc": "0", "unrealized_intraday_pl": "0",
+            "unrealized_intraday_plpc": "0", "current_price": avg, "lastday_price": avg,
+            "change_today": "0"}
+
+
+def alpaca_account(cash: str) -> dict[str, Any]:
+    return {"id": "1d9eed04-be39-4e01-9b84-a48ac5bbafcf", "account_number": "PA123",
+            "status": "ACTIVE", "crypto_status": "ACTIVE", "currency": "USD",
+            "buying_power": cash, "regt_buying_power": cash, "daytrading_buying_power": "0",
+            "non_marginable_buying_power": cash, "cash": cash, "accrued_fees": "0",
+            "portfolio_value": cash, "pattern_day_trader": False, "trading_blocked": False,
+            "transfers_blocked": False, "account_blocked": False,
+            "created_at": "2023-01-01T18:20:20.272275Z", "multiplier": "1",
+            "shorting_enabled": False, "equity": cash, "last_equity": cash}
+
+
+def alpaca_answers(http: responses.RequestsMock, *, fills: list[dict[str, Any]] | None = None,
+                   open_orders: list[dict[str, Any]] | None = None,
+                   positions: list[dict[str, Any]] | None = None,
+                   cash: str = "10000") -> None:
+    """What one reconciliation of an Alpaca account asks: positions, the account, the
+    open orders and the fill activities."""
+    http.get(f"{ALPACA}/positions", json=positions or [])
+    http.get(f"{ALPACA}/account", json=alpaca_account(cash))
+    http.get(f"{ALPACA}/orders", json=open_orders or [])
+    http.get(f"{ALPACA}/account/activities/FILL", json=fills or [])
+
+
+def oanda_answers(http: responses.RequestsMock, *, balance: str = "100000.0000",
+                  positions: list[dict[str, Any]] | None = None) -> None:
+    """What one reconciliation of an OANDA account asks: open positions, the account
+    summary, pending orders and the ORDER_FILL transactions (here: none)."""
+    http.get(f"{OANDA}/openPositions", json={"positions": positions or [],
+                                             "lastTransactionID": "6420"})
+    http.get(f"{OANDA}/summary", json={"account": {
+        "id": OANDA_ACCOUNT, "currency": "USD", "balance": balance, "NAV": balance,
+        "marginAvailable": balance, "marginUsed": "0.0000", "unrealizedPL": "0.0000",
+        "openTradeCount": 0, "openPositionCount": len(positions or []),
+        "pendingOrderCount": 0, "lastTransactionID": "6420"}, "lastTransactionID": "6420"})
+    http.get(f"{OANDA}/pendingOrders", json={"orders": [], "lastTransactionID": "6420"})
+    http.get(f"{OANDA}/transactions", json={
+        "count": 0, "from": recent(24 * 60), "to": recent(0), "pageSize": 1000,
+        "type": ["ORDER_FILL"], "pages": [], "lastTransactionID": "6420"})
+
+
+def oanda_long(units: str, price: str) -> dict[str, Any]:
+    return {"instrument": "EUR_USD", "pl": "0.0000", "resettablePL": "0.0000",
+            "unrealizedPL": "0.0000",
+            "long": {"units": units, "averagePrice": price, "pl": "0.0000",
+                     "resettablePL": "0.0000", "unrealizedPL": "0.0000",
+                     "tradeIDs": ["6373"]},
+            "short": {"units": "0", "pl": "0.0000", "resettablePL": "0.0000",
+                      "unrealizedPL": "0.0000"}}
+
+
+# ---------------------------------------------------------------------- the ledger
+@dataclass
+class Desk:
+    """The test's ledger, written through the trading core's functions."""
+
+    conn: psycopg.Connection
+    url: str
+
+    def account(self, name: str, cash: str = "10000") -> int:
+        row = self.conn.execute(
+            "SELECT trading.create_account(name => %s, environment => 'paper', "
+            "mode => 'operator', cash => %s, currency => 'USD')", (name, cash)).fetchone()
+        assert row is not None
+        return int(row[0])
+
+    def order(self, account: str, *, symbol: str = "AAPL", side: str = "buy",
+              quantity: str = "5", price: str = "100", status: str = "submitted",
+              broker_order_id: str | None = OID) -> str:
+        """A manual limit order, taken as far as the router would have: its client id."""
+        row = self.conn.execute("SELECT trading.place_manual_order(%s)", (Jsonb({
+            "account": account, "symbol": symbol, "side": side, "quantity": quantity,
+            "type": "limit", "limit_price": price}),)).fetchone()
+        assert row is not None and row[0]["status"] == "approved", row
+        client = self.one("SELECT client_order_id FROM trading.orders WHERE order_id = %s",
+                          row[0]["order_id"])
+        if status in ("in_flight", "submitted"):
+            self.conn.execute("SELECT trading.mark_in_flight(%s)", (client,))
+        if status == "submitted":
+            self.conn.execute("SELECT trading.acknowledge_order(%s, %s)",
+                              (client, broker_order_id))
+        return str(client)
+
+    def one(self, query: str, *args: Any) -> Any:
+        row = self.conn.execute(query, args).fetchone()
+        assert row is not None
+        return row[0]
+
+    def events(self, kind: str | None = None) -> list[tuple[str, str, dict[str, Any]]]:
+        return [(r[0], r[1], r[2]) for r in self.conn.execute(
+            "SELECT event_type, message, details FROM risk.events WHERE severity = 'critical' "
+            "AND (%s::text IS NULL OR event_type = %s) ORDER BY event_id",
+            (kind, kind)).fetchall()]
+
+    def errors(self) -> list[tuple[str, str]]:
+        return [(r[0], r[1]) for r in self.conn.execute(
+            "SELECT kind, message FROM runtime.errors ORDER BY error_id").fetchall()]
+
+    def order_row(self, client: str) -> tuple[str, Decimal, str | None, str | None]:
+        row = self.conn.execute("SELECT status::text, filled_quantity, reason_code, reason "
+                                "FROM trading.orders WHERE client_order_id = %s",
+                                (client,)).fetchone()
+        assert row is not None
+        return row[0], row[1], row[2], row[3]
+
+    def position(self, account_id: int, symbol: str = "AAPL") -> Decimal:
+        return Decimal(self.one(
+            "SELECT COALESCE(sum(quantity), 0) FROM trading.positions p "
+            "JOIN market.instruments i USING (instrument_id) "
+            "WHERE p.account_id = %s AND i.symbol = %s", account_id, symbol))
+
+    def breaker(self, account_id: int) -> str:
+        return str(self.one("SELECT risk.breaker_mode(%s)::text", account_id))
+
+
+@pytest.fixture
+def desk(conn: psycopg.Connection, db_url: str) -> Desk:
+    """AAPL (Alpaca) and EUR/USD (OANDA) instruments. The router's role is given USAGE on
+    the risk schema when it lacks it: a stand-in for the migration the reconciler needs
+    (risk.report_mismatch is granted to mmats_router, its schema is not)."""
+    conn.execute("""
+        INSERT INTO market.instruments (symbol, venue, market, base_currency, quote_currency,
+                                        price_tick, quantity_step, min_quantity, calendar_id)
+        VALUES ('AAPL', 'alpaca', 'stock', 'AAPL', 'USD', 0.01, 1, 1, 'XNYS'),
+               ('EUR/USD', 'oanda', 'forex', 'EUR', 'USD', 0.00001, 1, 1, 'FX_24X5')""")
+    granted = conn.execute(
+        "SELECT has_schema_privilege('mmats_router', 'risk', 'USAGE')").fetchone()
+    if granted is not None and not granted[0]:
+        conn.execute("GRANT USAGE ON SCHEMA risk TO mmats_router")
+    return Desk(conn, db_url)
+
+
+def routed(account_id: int, name: str, broker: Any, *, freeze: bool = False) -> RoutedAccount:
+    kind = "oanda" if isinstance(broker, OandaBroker) else "alpaca"
+    return RoutedAccount(account_id, AccountConfig(
+        name=name, environment="paper", mode="operator", broker=kind, endpoint="paper",
+        credential=f"{kind}-paper", freeze_on_mismatch=freeze), broker)
+
+
+@pytest.fixture
+def http() -> Iterator[responses.RequestsMock]:
+    # every registered answer must be asked for: each test proves what the reconciler read
+    with responses.RequestsMock(assert_all_requests_are_fired=True) as mock:
+        yield mock
+
+
+@pytest.fixture
+def alpaca(desk: Desk) -> tuple[int, RoutedAccount]:
+    account_id = desk.account("alp-1")
+    return account_id, routed(account_id, "alp-1", AlpacaBroker(ALPACA_CREDS, "paper"))
+
+
+@pytest.fixture
+def logs(caplog: pytest.LogCaptureFixture) -> Iterator[pytest.LogCaptureFixture]:
+    """The reconciler's log records (mmats loggers stop propagating once log.setup ran)."""
+    logger = logging.getLogger("mmats")
+    caplog.set_level(logging.INFO, logger="mmats")
+    attach = not logger.propagate
+    if attach:
+        logger.addHandler(caplog.handler)
+    try:
+        yield caplog
+    finally:
+        if attach:
+            logger.removeHandler(caplog.handler)
+
+
+def reconciler(desk: Desk, *accounts: RoutedAccount, **options: Any) -> Reconciler:
+    worker = Reconciler(desk.url, {a.account_id: a for a in accounts},
+                        heartbeat_seconds=0.0, **options)
+    worker.start()
+    return worker
+
+
+# ---------------------------------------------------------------------- (a) adoption
+def test_a_fill_the_router_missed_is_adopted_once(desk: Desk, http: responses.RequestsMock,
+                                                  alpaca: tuple[int, RoutedAccount]) -> None:
+    """The router crashed between the fill and apply_fill: the order is still open at
+    Alpaca (2 of 5 filled) and the fill activity names it by broker order id."""
+    account_id, acc = alpaca
+    client = desk.order("alp-1")
+    alpaca_answers(http, fills=[alpaca_fill(1, qty="2", cum_qty="2", leaves_qty="3")],
+                   open_orders=[alpaca_order(client_order_id=client, status="partially_filled",
+                                             filled_qty="2", filled_avg_price="100")],
+                   positions=[alpaca_position("AAPL", "2")], cash="9800")
+    worker = reconciler(desk, acc)
+    try:
+        first = worker.reconcile_all()
+        second = worker.reconcile_all()
+    finally:
+        worker.close()
+    assert [(r.adopted, r.mismatches, r.skipped) for r in first] == [(1, [], None)]
+    assert [(r.adopted, r.mismatches) for r in second] == [(0, [])]
+    assert first[0].summary() == "reconciled alp-1: 1 fill adopted, 0 orders settled, " \
+        "0 mismatches"
+    assert desk.one("SELECT count(*) FROM trading.fills WHERE account_id = %s", account_id) == 1
+    assert desk.one("SELECT broker_fill_id FROM trading.fills") == \
+        alpaca_fill(1, qty="2")["id"]
+    assert desk.order_row(client)[:2] == ("partially_filled", Decimal(2))
+    assert desk.position(account_id) == 2
+    assert desk.one("SELECT cash FROM trading.accounts WHERE account_id = %s", account_id) \
+        == Decimal(9800)
+    assert desk.events() == []
+    assert desk.one("SELECT at FROM runtime.cursors WHERE name = 'reconcile:alp-1'") \
+        == second[0].started_at
+
+
+def test_an_order_filled_while_the_router_was_down_is_settled(
+        desk: Desk, http: responses.RequestsMock, alpaca: tuple[int, RoutedAccount]) -> None:
+    """In flight when the router died, never acknowledged: Alpaca knows it by client id,
+    filled. The reconciler acknowledges it (recording Alpaca's id) and applies the fill."""
+    account_id, acc = alpaca
+    client = desk.order("alp-1", status="in_flight")
+    alpaca_answers(http, fills=[alpaca_fill(1, qty="5", price="99.5")],
+                   positions=[alpaca_position("AAPL", "5")], cash="9502.5")
+    http.get(f"{ALPACA}/orders:by_client_order_id",
+             json=alpaca_order(client_order_id=client, status="filled", filled_qty="5",
+                               filled_avg_price="99.5", filled_at=recent(2)))
+    worker = reconciler(desk, acc)
+    try:
+        [run] = worker.reconcile_all()
+    finally:
+        worker.close()
+    assert (run.adopted, run.settled, run.mismatches) == (1, 1, [])
+    assert desk.order_row(client)[:2] == ("filled", Decimal(5))
+    assert desk.one("SELECT broker_order_id FROM trading.orders WHERE client_order_id = %s",
+                    client) == OID
+    assert desk.position(account_id) == 5
+    assert desk.events() == []
+
+
+# ---------------------------------------------------------------------- (b) positions
+@pytest.mark.parametrize("freeze", [False, True])
+def test_an_extra_position_at_the_broker_is_a_mismatch(
+        desk: Desk, http: responses.RequestsMock, alpaca: tuple[int, RoutedAccount],
+        freeze: bool) -> None:
+    account_id, _ = alpaca
+    acc = routed(account_id, "alp-1", AlpacaBroker(ALPACA_CREDS, "paper"), freeze=freeze)
+    alpaca_answers(http, positions=[alpaca_position("AAPL", "10")])
+    worker = reconciler(desk, acc)
+    try:
+        [run] = worker.reconcile_all()
+    finally:
+        worker.close()
+    (kind, message, details), *tripped = desk.events()
+    assert kind == "POSITION_MISMATCH"
+    assert message == "AAPL: the broker holds 10, the ledger 0 (difference 10, quantity step 1)"
+    assert (details["broker"], details["ledger"], details["symbol"]) == ("10", "0", "AAPL")
+    assert [m.kind for m in run.reported] == ["POSITION_MISMATCH"]
+    assert desk.breaker(account_id) == ("FREEZE" if freeze else "OK")
+    # the FREEZE is a risk event of its own, under the mismatch's code
+    assert [(k, d["mode"], m.split(":")[0]) for k, m, d in tripped] == (
+        [("POSITION_MISMATCH", "FREEZE", "breaker FREEZE on alp-1")] if freeze else [])
+
+
+def test_less_than_a_quantity_step_is_rounding_not_a_mismatch(
+        desk: Desk, http: responses.RequestsMock, alpaca: tuple[int, RoutedAccount]) -> None:
+    _, acc = alpaca
+    alpaca_answers(http, positions=[alpaca_position("AAPL", "0.4")])
+    worker = reconciler(desk, acc)
+    try:
+        [run] = worker.reconcile_all()
+    finally:
+        worker.close()
+    assert run.mismatches == [] and desk.events() == []
+
+
+def test_a_short_at_the_broker_against_a_long_in_the_ledger(
+        desk: Desk, http: responses.RequestsMock, alpaca: tuple[int, RoutedAccount]) -> None:
+    """The ledger's quantity comes from its own fills (2 bought); Alpaca says short 3."""
+    account_id, acc = alpaca
+    client = desk.order("alp-1", quantity="2")
+    desk.conn.execute("SELECT trading.apply_fill(%s)", (Jsonb({
+        "client_order_id": client, "broker_fill_id": "earlier-1", "quantity": "2",
+        "price": "100"}),))
+    alpaca_answers(http, positions=[alpaca_position("AAPL", "-3")], cash="9800")
+    worker = reconciler(desk, acc)
+    try:
+        worker.reconcile_all()
+    finally:
+        worker.close()
+    [(_, _, details)] = desk.events("POSITION_MISMATCH")
+    assert (details["broker"], details["ledger"], details["difference"]) == ("-3", "2", "-5")
+    assert desk.position(account_id) == 2  # reported, never "corrected"
+
+
+# ---------------------------------------------------------------------- (c) cash
+@pytest.mark.parametrize(("cash", "event"), [
+    ("9989.99", True), ("10010.01", True), ("9990", False), ("10005", False),
+    ("10000.004", False)])
+def test_cash_beyond_the_tolerance_is_a_mismatch(
+        desk: Desk, http: responses.RequestsMock, alpaca: tuple[int, RoutedAccount],
+        cash: str, event: bool) -> None:
+    """Default tolerance: the larger of 0.01 and 0.1 % of the ledger's cash (10 here)."""
+    _, acc = alpaca
+    alpaca_answers(http, cash=cash)
+    worker = reconciler(desk, acc)
+    try:
+        worker.reconcile_all()
+    finally:
+        worker.close()
+    found = desk.events("BALANCE_MISMATCH")
+    if not event:
+        assert found == []
+        return
+    [(_, message, details)] = found
+    assert (details["broker"], details["ledger"], details["currency"]) == (cash, "10000", "USD")
+    assert message.startswith(f"USD: the broker holds {cash}, the ledger 10000 (difference ")
+
+
+def test_the_cash_tolerance_is_configurable(desk: Desk, http: responses.RequestsMock,
+                                            alpaca: tuple[int, RoutedAccount]) -> None:
+    _, acc = alpaca
+    alpaca_answers(http, cash="10000.02")
+    worker = reconciler(desk, acc, balance_tolerance=Decimal("0.01"),
+                        balance_relative_tolerance=Decimal(0))
+    try:
+        worker.reconcile_all()
+    finally:
+        worker.close()
+    [(_, _, details)] = desk.events("BALANCE_MISMATCH")
+    assert (details["difference"], details["tolerance"]) == ("0.02", "0.01")
+
+
+# ---------------------------------------------------------------------- (d) unknown orders
+def test_an_order_open_at_the_broker_that_the_ledger_does_not_know(
+        desk: Desk, http: responses.RequestsMock, alpaca: tuple[int, RoutedAccount]) -> None:
+    _, acc = alpaca
+    alpaca_answers(http, open_orders=[alpaca_order(id=OTHER_OID, client_order_id="by-hand-7",
+                                                   side="sell", qty="3")])
+    worker = reconciler(desk, acc)
+    try:
+        [run] = worker.reconcile_all()
+    finally:
+        worker.close()
+    [(kind, message, details)] = desk.events()
+    assert kind == "UNKNOWN_BROKER_ORDER"
+    assert message == (f"sell 3 AAPL order {OTHER_OID} (client id by-hand-7) is open at "
+                       "alpaca but is not in the ledger")
+    assert (details["client_order_id"], details["ledger_status"]) == ("by-hand-7", None)
+    assert run.summary() == "reconciled alp-1: 0 fills adopted, 0 orders settled, " \
+        "1 mismatch (1 new)"
+
+
+def test_an_order_the_ledger_holds_cancelled_but_the_broker_open(
+        desk: Desk, http: responses.RequestsMock, alpaca: tuple[int, RoutedAccount]) -> None:
+    _, acc = alpaca
+    client = desk.order("alp-1")
+    desk.conn.execute("SELECT trading.cancel_order(%s, 'operator cancel')", (client,))
+    alpaca_answers(http, open_orders=[alpaca_order(client_order_id=client)])
+    worker = reconciler(desk, acc)
+    try:
+        worker.reconcile_all()
+    finally:
+        worker.close()
+    [(_, message, details)] = desk.events("UNKNOWN_BROKER_ORDER")
+    assert details["ledger_status"] == "cancelled"
+    assert message.endswith("is open at alpaca but is cancelled in the ledger")
+
+
+def test_a_fill_of_an_order_placed_outside_mmats(
+        desk: Desk, http: responses.RequestsMock, alpaca: tuple[int, RoutedAccount]) -> None:
+    account_id, acc = alpaca
+    alpaca_answers(http, fills=[alpaca_fill(7, qty="3", order_id=OTHER_OID)],
+                   positions=[alpaca_position("AAPL", "3")], cash="9700")
+    worker = reconciler(desk, acc)
+    try:
+        worker.reconcile_all()
+        worker.reconcile_all()
+    finally:
+        worker.close()
+    kinds = [e[0] for e in desk.events()]
+    assert sorted(kinds) == ["BALANCE_MISMATCH", "POSITION_MISMATCH", "UNKNOWN_BROKER_FILL"]
+    [(_, message, details)] = desk.events("UNKNOWN_BROKER_FILL")
+    assert details["broker_order_id"] == OTHER_OID and details["quantity"] == "3"
+    assert "is not an order of the ledger" in message
+    assert desk.one("SELECT count(*) FROM trading.fills WHERE account_id = %s", account_id) == 0
+
+
+# ---------------------------------------------------------------------- (e) cancelled
+def test_an_order_cancelled_at_alpaca_is_cancelled_in_the_ledger(
+        desk: Desk, http: responses.RequestsMock, alpaca: tuple[int, RoutedAccount]) -> None:
+    """Partly filled (2 of 5), then cancelled at Alpaca: the fill first, then the cancel."""
+    account_id, acc = alpaca
+    client = desk.order("alp-1")
+    alpaca_answers(http, fills=[alpaca_fill(1, qty="2", cum_qty="2", leaves_qty="3")],
+                   positions=[alpaca_position("AAPL", "2")], cash="9800")
+    http.get(f"{ALPACA}/orders/{OID}", json=alpaca_order(
+        client_order_id=client, status="canceled", filled_qty="2", filled_avg_price="100",
+        canceled_at=recent(1)))
+    worker = reconciler(desk, acc)
+    try:
+        [run] = worker.reconcile_all()
+    finally:
+        worker.close()
+    assert (run.adopted, run.settled, run.mismatches) == (1, 1, [])
+    status, filled, _, reason = desk.order_row(client)
+    assert (status, filled) == ("cancelled", Decimal(2))
+    assert reason == "cancelled at alpaca (found by reconciliation)"
+    assert desk.position(account_id) == 2
+
+
+def test_an_order_cancelled_at_oanda_keeps_oandas_reason(
+        desk: Desk, http: responses.RequestsMock) -> None:
+    account_id = desk.account("oan-1", cash="100000")
+    acc = routed(account_id, "oan-1", OandaBroker(OANDA_CREDS, "practice"))
+    client = desk.order("oan-1", symbol="EUR/USD", quantity="2500", price="1.0845",
+                        broker_order_id="6390")
+    oanda_answers(http)
+    http.get(f"{OANDA}/orders/6390", json={"order": {
+        "id": "6390", "createTime": recent(10), "type": "LIMIT", "instrument": "EUR_USD",
+        "units": "2500", "price": "1.08450", "timeInForce": "GTC",
+        "positionFill": "DEFAULT", "triggerCondition": "DEFAULT",
+        "partialFill": "DEFAULT_FILL", "state": "CANCELLED",
+        "cancellingTransactionID": "6420", "cancelledTime": recent(1),
+        "clientExtensions": {"id": client}}, "lastTransactionID": "6420"})
+    http.get(f"{OANDA}/transactions/6420", json={"transaction": {
+        "id": "6420", "type": "ORDER_CANCEL", "orderID": "6390", "clientOrderID": client,
+        "reason": "CLIENT_REQUEST", "time": recent(1), "accountID": OANDA_ACCOUNT,
+        "userID": 1435156, "batchID": "6420"}, "lastTransactionID": "6420"})
+    worker = reconciler(desk, acc)
+    try:
+        [run] = worker.reconcile_all()
+    finally:
+        worker.close()
+    assert (run.settled, run.mismatches, run.skipped) == (1, [], None)
+    assert desk.order_row(client)[::3] == ("cancelled", "CLIENT_REQUEST")
+
+
+@pytest.mark.parametrize(("balance", "event"), [("100000.0000", False), ("99950.0000", True)])
+def test_a_margin_venues_balance_is_compared_with_cash_plus_positions_at_cost(
+        desk: Desk, http: responses.RequestsMock, balance: str, event: bool) -> None:
+    """Buying 2500 EUR/USD at 1.0845 takes 2711.25 from the ledger's cash; OANDA's balance
+    does not move (it is margin): cash + the position at cost is what must agree."""
+    account_id = desk.account("oan-1", cash="100000")
+    acc = routed(account_id, "oan-1", OandaBroker(OANDA_CREDS, "practice"))
+    client = desk.order("oan-1", symbol="EUR/USD", quantity="2500", price="1.0845",
+                        broker_order_id="6372")
+    desk.conn.execute("SELECT trading.apply_fill(%s)", (Jsonb({
+        "client_order_id": client, "broker_fill_id": "6373", "quantity": "2500",
+        "price": "1.0845"}),))
+    assert desk.one("SELECT cash FROM trading.accounts WHERE account_id = %s",
+                    account_id) == Decimal("97288.7500")
+    oanda_answers(http, balance=balance, positions=[oanda_long("2500", "1.08450")])
+    worker = reconciler(desk, acc, balance_relative_tolerance=Decimal(0))
+    try:
+        [run] = worker.reconcile_all()
+    finally:
+        worker.close()
+    assert run.skipped is None
+    found = desk.events()
+    if not event:
+        assert found == []
+        return
+    [(kind, message, details)] = found
+    assert kind == "BALANCE_MISMATCH"
+    assert (details["broker"], details["ledger"], details["basis"]) == (
+        "99950", "100000", "cash + open positions at cost")
+    assert message.endswith("; ledger cash + open positions at cost)")
+
+
+# ---------------------------------------------------------------------- orders gone missing
+def test_an_acknowledged_order_unknown_at_the_broker_is_reported_not_rejected(
+        desk: Desk, http: responses.RequestsMock, alpaca: tuple[int, RoutedAccount]) -> None:
+    _, acc = alpaca
+    client = desk.order("alp-1")
+    alpaca_answers(http)
+    http.get(f"{ALPACA}/orders/{OID}", status=404,
+             json={"code": 40410000, "message": "order not found"})
+    worker = reconciler(desk, acc, in_flight_timeout=timedelta(0))
+    try:
+        worker.reconcile_all()
+    finally:
+        worker.close()
+    [(kind, message, details)] = desk.events()
+    assert kind == "ORDER_MISSING_AT_BROKER"
+    assert message.startswith(f"order {client} (AAPL) is submitted in the ledger but unknown "
+                              "at alpaca")
+    assert details["broker_order_id"] == OID
+    assert desk.order_row(client)[0] == "submitted"
+
+
+@pytest.mark.parametrize(("timeout", "status"), [(timedelta(0), "rejected"),
+                                                 (timedelta(hours=1), "in_flight")])
+def test_an_order_that_never_reached_the_broker(
+        desk: Desk, http: responses.RequestsMock, alpaca: tuple[int, RoutedAccount],
+        timeout: timedelta, status: str) -> None:
+    """In flight past the timeout and unknown at Alpaca: rejected ORDER_NOT_FOUND; younger
+    than the timeout it is the router's (it may be placing it right now)."""
+    _, acc = alpaca
+    client = desk.order("alp-1", status="in_flight")
+    alpaca_answers(http)
+    http.get(f"{ALPACA}/orders:by_client_order_id", status=404,
+             json={"code": 40410000, "message": "order not found"})
+    worker = reconciler(desk, acc, in_flight_timeout=timeout)
+    try:
+        [run] = worker.reconcile_all()
+    finally:
+        worker.close()
+    row = desk.order_row(client)
+    assert row[0] == status
+    if status == "rejected":
+        assert row[2] == "ORDER_NOT_FOUND" and row[3] is not None
+        assert row[3].startswith("never reached alpaca: unknown there after")
+        assert run.settled == 1
+    assert desk.events() == []
+
+
+# ---------------------------------------------------------------------- (f) broker errors
+@pytest.mark.parametrize("failure", [
+    {"status": 503, "body": "upstream unavailable"},
+    {"body": requests.ConnectionError("connection refused")},
+    {"status": 429, "body": "Too Many Requests", "headers": {"Retry-After": "3"}},
+])
+def test_an_unavailable_broker_skips_the_account_and_changes_nothing(
+        desk: Desk, http: responses.RequestsMock, alpaca: tuple[int, RoutedAccount],
+        logs: pytest.LogCaptureFixture, failure: dict[str, Any]) -> None:
+    account_id, acc = alpaca
+    client = desk.order("alp-1")
+    http.get(f"{ALPACA}/positions", **failure)
+    worker = reconciler(desk, acc)
+    try:
+        [run] = worker.reconcile_all()
+    finally:
+        worker.close()
+    assert run.skipped is not None and run.skipped.startswith("broker unavailable: alpaca: ")
+    assert [r.getMessage() for r in logs.records if r.levelno == logging.WARNING] == [
+        "broker unavailable, account skipped this round"]
+    assert desk.events() == [] and desk.errors() == []
+    assert desk.order_row(client)[:2] == ("submitted", Decimal(0))
+    assert desk.one("SELECT count(*) FROM trading.fills WHERE account_id = %s", account_id) == 0
+    assert desk.one("SELECT count(*) FROM runtime.cursors WHERE name LIKE 'reconcile:%%'") == 0
+    assert worker.state == "degraded"
+    assert worker.detail["accounts"]["alp-1"]["status"] == "skipped"
+
+
+def test_refused_credentials_are_reported_once_and_the_account_skipped(
+        desk: Desk, http: responses.RequestsMock, alpaca: tuple[int, RoutedAccount]) -> None:
+    _, acc = alpaca
+    http.get(f"{ALPACA}/positions", status=401,
+             json={"code": 40110000, "message": "request is not authorized"})
+    worker = reconciler(desk, acc)
+    try:
+        worker.reconcile_all()
+        [run] = worker.reconcile_all()
+    finally:
+        worker.close()
+    assert run.skipped is not None and "request is not authorized" in run.skipped
+    [(kind, message)] = desk.errors()
+    assert kind == "BROKER_AUTH"
+    assert message.startswith("reconciliation of alp-1 skipped: alpaca: positions: request "
+                              "is not authorized (HTTP 401")
+    assert desk.events() == []
+
+
+# ---------------------------------------------------------------------- (g) episodes
+def test_the_same_mismatch_twice_is_one_event_until_it_comes_back(
+        desk: Desk, http: responses.RequestsMock, alpaca: tuple[int, RoutedAccount]) -> None:
+    _, acc = alpaca
+    extra = alpaca_position("AAPL", "10")
+    http.get(f"{ALPACA}/positions", json=[extra])
+    http.get(f"{ALPACA}/positions", json=[extra])
+    http.get(f"{ALPACA}/positions", json=[])  # resolved
+    http.get(f"{ALPACA}/positions", json=[extra])  # and back: a new episode
+    http.get(f"{ALPACA}/account", json=alpaca_account("10000"))
+    http.get(f"{ALPACA}/orders", json=[])
+    http.get(f"{ALPACA}/account/activities/FILL", json=[])
+    worker = reconciler(desk, acc)
+    try:
+        runs = [worker.reconcile_all()[0] for _ in range(4)]
+    finally:
+        worker.close()
+    assert [len(r.mismatches) for r in runs] == [1, 1, 0, 1]
+    assert [len(r.reported) for r in runs] == [1, 0, 0, 1]
+    assert len(desk.events("POSITION_MISMATCH")) == 2
+
+
+def test_a_restarted_reconciler_does_not_report_the_same_mismatch_again(
+        desk: Desk, http: responses.RequestsMock, alpaca: tuple[int, RoutedAccount]) -> None:
+    """The whole worker life (run, start, step, heartbeat, close), twice: the second life
+    reads the episode the first one reported back from its heartbeat."""
+    _, acc = alpaca
+    alpaca_answers(http, positions=[alpaca_position("AAPL", "10")])
+    for _ in range(2):
+        worker = Reconciler(desk.url, {acc.account_id: acc}, heartbeat_seconds=0.0)
+        worker.run(until=lambda: True)
+    assert len(desk.events("POSITION_MISMATCH")) == 1
+    state, detail = desk.conn.execute(
+        "SELECT state, detail FROM runtime.workers WHERE name = 'reconciler'").fetchone() \
+        or (None, None)
+    assert state == "stopped"
+    entry = detail["accounts"]["alp-1"]
+    assert entry["open"] == ["POSITION_MISMATCH:AAPL:10"]
+    assert (entry["status"], entry["mismatches"], entry["reported"]) == ("ok", 1, 0)
+
+
+def test_confirm_runs_waits_for_a_difference_to_persist(
+        desk: Desk, http: responses.RequestsMock, alpaca: tuple[int, RoutedAccount]) -> None:
+    _, acc = alpaca
+    alpaca_answers(http, positions=[alpaca_position("AAPL", "10")])
+    worker = reconciler(desk, acc, confirm_runs=2)
+    try:
+        worker.reconcile_all()
+        assert desk.events() == []
+        worker.reconcile_all()
+    finally:
+        worker.close()
+    assert len(desk.events("POSITION_MISMATCH")) == 1
+
+
+# ---------------------------------------------------------------------- scope and grants
+def test_paper_accounts_are_not_reconciled(desk: Desk, http: responses.RequestsMock) -> None:
+    account_id = desk.account("paper-1")
+    acc = RoutedAccount(account_id, AccountConfig(name="paper-1", environment="paper"),
+                        PaperBroker(account_id, "paper-1", PaperCosts()))
+    worker = reconciler(desk, acc)
+    try:
+        assert worker.reconcile_all() == []
+    finally:
+        worker.close()
+    assert len(http.calls) == 0
+
+
+def test_without_the_risk_grant_a_mismatch_is_still_recorded_as_an_error(
+        desk: Desk, http: responses.RequestsMock, alpaca: tuple[int, RoutedAccount]) -> None:
+    """mmats_router may execute risk.report_mismatch, but without USAGE on the risk schema
+    it cannot reach it: the mismatch then lands in runtime.errors, saying what is lost."""
+    account_id, _ = alpaca
+    acc = routed(account_id, "alp-1", AlpacaBroker(ALPACA_CREDS, "paper"), freeze=True)
+    desk.conn.execute("REVOKE USAGE ON SCHEMA risk FROM mmats_router")
+    alpaca_answers(http, positions=[alpaca_position("AAPL", "10")])
+    worker = reconciler(desk, acc)
+    try:
+        worker.reconcile_all()
+    finally:
+        worker.close()
+    assert desk.events() == []
+    [(kind, message)] = desk.errors()
+    assert kind == "POSITION_MISMATCH"
+    assert "NOT recorded as a risk event, account NOT frozen: permission denied for schema " \
+        "risk" in message
+    assert desk.breaker(account_id) == "OK"
