@@ -48,7 +48,10 @@ def run_command(config_file: str | None) -> None:
                                              if acc.broker != "paper" else ""))
     click.echo(f"workers: {', '.join(kinds)} (logs: JSON lines on stderr of each; stop with "
                "Ctrl-C or SIGTERM)")
-    sup = Supervisor(path.resolve(), kinds, log_dir=load_settings().home / "logs")
+    # a replay's ingest worker ends (exit 0) when it has played every bar: not restarted
+    sup = Supervisor(path.resolve(), kinds, log_dir=load_settings().home / "logs",
+                     finished=lambda kind, code: (kind == "ingest" and code == 0
+                                                  and cfg.replay is not None))
     signal.signal(signal.SIGTERM, lambda *_: sup.stop_event.set())
     try:
         sup.run()
