@@ -179,10 +179,10 @@ def _costs(table: Mapping[str, Any], where: str) -> PaperCosts:
 
 def _account(table: Mapping[str, Any], n: int) -> AccountConfig:
     where = f"[[accounts]] #{n}"
-    _only(table, {"name", "environment", "mode", "cash", "currency", "broker", "exchange",
-                  "endpoint", "credential", "allow_short", "freeze_on_mismatch", "paper"}, where)
     name = _str(table, "name", where)
     where = f"[[accounts]] #{n} ({name})"
+    _only(table, {"name", "environment", "mode", "cash", "currency", "broker", "exchange",
+                  "endpoint", "credential", "allow_short", "freeze_on_mismatch", "paper"}, where)
     environment = _str(table, "environment", where, "paper", ENVIRONMENTS)
     broker = _str(table, "broker", where, "paper", BROKERS)
     default_endpoint = "live" if environment == "live" else (
