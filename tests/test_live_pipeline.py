@@ -87,6 +87,19 @@ def test_a_replayed_paper_session_gives_the_backtest_s_trades(env, strategy, par
     assert env_row == ("paper",)
     assert len(expected) >= 5, "the period must produce trades for the comparison to mean much"
     assert got == expected
+    _readme_runtime_queries(env)
+
+
+def _readme_runtime_queries(url: str) -> None:
+    """The README's runtime queries run as the read-only role, and show the workers."""
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    block = readme.split("<!-- runtime-queries -->", 1)[1].split("```sql", 1)[1]
+    statements = [s.strip() for s in block.split("```", 1)[0].split(";") if s.strip()]
+    assert len(statements) == 3
+    with psycopg.connect(url) as conn:
+        conn.execute("SET ROLE mmats_readonly")
+        results = [conn.execute(st).fetchall() for st in statements]  # type: ignore[call-overload]
+    assert {r[1] for r in results[0]} == {"ingest", "strategies", "router"}
 
 
 def _invariants(conn: psycopg.Connection, account: str) -> None:
