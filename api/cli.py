@@ -158,6 +158,7 @@ def audit_verify() -> None:
 def _register_subcommands() -> None:
     from api import (
         cli_backtest,
+        cli_creds,
         cli_data,
         cli_roles,
         cli_runtime,
@@ -175,7 +176,8 @@ def _register_subcommands() -> None:
                     cli_backtest.report_command, cli_backtest.montecarlo_command,
                     cli_backtest.strategies_command, cli_walkforward.walk_forward_command,
                     cli_runtime.run_command, cli_runtime.worker_command,
-                    cli_runtime.paper_command):
+                    cli_runtime.workers_command, cli_runtime.paper_command,
+                    cli_creds.creds_group):
         cli.add_command(command)
 
 

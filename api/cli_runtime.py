@@ -61,6 +61,35 @@ def run_command(config_file: str | None) -> None:
         sup.stop()
 
 
+@click.command("workers")
+@click.option("--check", "stale_after", type=float, default=None,
+              help="exit 1 if a running worker's heartbeat is older than this many seconds")
+def workers_command(stale_after: float | None) -> None:
+    """The workers' heartbeats (runtime.workers) and their latest errors."""
+    from api.table import table
+
+    with connect(database_url(), autocommit=True) as conn:
+        rows = conn.execute(
+            "SELECT name, kind, state, pid, host, started_at, beat_at, "
+            "extract(epoch FROM now() - beat_at)::float FROM runtime.workers ORDER BY name"
+        ).fetchall()
+        errors = conn.execute("SELECT ts, worker, kind, message FROM runtime.errors "
+                              "ORDER BY error_id DESC LIMIT 5").fetchall()
+    if not rows:
+        click.echo("no worker has reported yet (start them with `mmats run`)")
+    else:
+        click.echo(table(["worker", "kind", "state", "pid", "host", "started", "last beat"],
+                         [[r[0], r[1], r[2], r[3], r[4], f"{r[5]:%Y-%m-%d %H:%M:%S}",
+                           f"{r[7]:.0f} s ago"] for r in rows]))
+    for ts, worker, kind, message in errors:
+        click.echo(f"  {ts:%Y-%m-%d %H:%M:%S} {worker} {kind}: {message[:200]}")
+    if stale_after is not None:
+        stale = [r[0] for r in rows if r[2] in ("starting", "running", "degraded")
+                 and r[7] > stale_after]
+        if stale or not rows:
+            raise MmatsError(f"stale heartbeat: {', '.join(stale) or 'no worker reported'}")
+
+
 @click.command("worker")
 @click.argument("kind", type=click.Choice(["ingest", "strategies", "router", "reconciler",
                                            "notifier"]))
