@@ -37,11 +37,18 @@ def test_demo_imports_backtests_reports_and_repeats_identically(db_url: str,
     assert len(reports) == 4 and all(Path(tmp_path / "reports" / r).stat().st_size > 10_000
                                      for r in reports)
     assert "identical to run" not in first
+    # the replayed paper session: its signals, orders and fills as they happen, and the
+    # same trades as a backtest of the same bars
+    assert re.search(r"^\s+signal #\d+ 2024-01-02 \d\d:\d\d BTC/USDT buy -> approved$", first,
+                     re.MULTILINE)
+    assert re.search(r"^\s+fill\s+#\d+ 2024-01-02 ", first, re.MULTILINE)
+    assert re.search(r"\(PAPER\): \d+ signals.*: the same trades$", first, re.MULTILINE)
     second = demo()
     assert "0 new" in second and second.count("identical to run") == 4
     with psycopg.connect(db_url) as conn:
         rows = conn.execute("SELECT label, count(DISTINCT fingerprint), count(*) "
                             "FROM backtest.runs WHERE status = 'finished' GROUP BY 1 ORDER BY 1"
                             ).fetchall()
-    assert rows == [("demo-donchian", 1, 2), ("demo-momentum", 1, 2), ("demo-rsi", 1, 2),
-                    ("demo-sma", 1, 2)]
+    assert rows == [("demo-donchian", 1, 2), ("demo-momentum", 1, 2),
+                    ("demo-paper-parity", 1, 2), ("demo-rsi", 1, 2), ("demo-sma", 1, 2)]
+    assert second.count(": the same trades") == 1
