@@ -5144,18 +5144,22 @@ CREATE TABLE runtime.cursors (
     updated_at  timestamptz NOT NULL DEFAULT now()
 );
 
--- Moves forward only: an older position than the stored one changes nothing.
+-- Moves forward only: an older position than the stored one changes nothing. Whoever
+-- waits for a resume point (the replay for the strategies, a strategy for the paper
+-- broker) LISTENs on mmats_cursor: the move is announced at commit.
 CREATE FUNCTION runtime.advance_cursor(name text, seq bigint DEFAULT NULL,
                                        at timestamptz DEFAULT NULL)
 RETURNS void
-LANGUAGE sql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
-BEGIN ATOMIC
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
     INSERT INTO runtime.cursors AS c (name, seq, at) VALUES (advance_cursor.name,
         advance_cursor.seq, advance_cursor.at)
-    ON CONFLICT (name) DO UPDATE SET
+    ON CONFLICT ON CONSTRAINT cursors_pkey DO UPDATE SET
         seq = GREATEST(c.seq, EXCLUDED.seq), at = GREATEST(c.at, EXCLUDED.at),
         updated_at = now();
-END;
+    PERFORM pg_notify('mmats_cursor', left(advance_cursor.name, 200));
+END
+$$;
 
 ------------------------------------------------------------------------------ new bars wake workers
 -- The bars trigger of 0002_06 also says, once per statement and per instrument and
@@ -5249,6 +5253,19 @@ $$;
 CREATE INDEX q_orders_routable_idx ON pgmq.q_orders (vt, msg_id)
     WHERE (message ->> 'environment') IN ('paper', 'live');
 
+-- A routable order wakes the router at commit (mmats_orders, the account id); backtest
+-- orders only cost the WHEN test.
+CREATE FUNCTION trading.order_queued() RETURNS trigger
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+    PERFORM pg_notify('mmats_orders', COALESCE(NEW.message ->> 'account_id', ''));
+    RETURN NULL;
+END
+$$;
+CREATE TRIGGER q_orders_wake_router AFTER INSERT ON pgmq.q_orders
+    FOR EACH ROW WHEN ((NEW.message ->> 'environment') IN ('paper', 'live'))
+    EXECUTE FUNCTION trading.order_queued();
+
 CREATE FUNCTION trading.read_orders(vt_seconds integer, qty integer,
                                     accounts bigint[] DEFAULT NULL)
 RETURNS SETOF pgmq.message_record
@@ -5291,6 +5308,7 @@ BEGIN
     INSERT INTO pgmq.a_orders (msg_id, read_ct, enqueued_at, last_read_at, vt, message, headers)
     SELECT g.msg_id, g.read_ct, g.enqueued_at, g.last_read_at, g.vt, g.message, g.headers FROM gone g;
     GET DIAGNOSTICS found_ = ROW_COUNT;
+    PERFORM pg_notify('mmats_cursor', 'queue');  -- the replay waits for an empty queue
     RETURN found_;
 END
 $$;

@@ -179,6 +179,7 @@ class ReplayIngest(Worker):
         self.session = session
         self.settle_timeout = settle_timeout
         self.conn: psycopg.Connection | None = None
+        self.listen: psycopg.Connection | None = None
         self.done = False
         self.steps = 0
         self._times: list[datetime] = []
@@ -188,6 +189,8 @@ class ReplayIngest(Worker):
 
     def start(self) -> None:
         self.conn = psycopg.connect(self.url, autocommit=True, application_name="mmats-replay")
+        self.listen = psycopg.connect(self.url, autocommit=True, application_name="mmats-replay")
+        self.listen.execute("LISTEN mmats_cursor")
         s = self.session
         last = self._last_copied()
         rows = self.conn.execute(
@@ -211,8 +214,9 @@ class ReplayIngest(Worker):
             self._wait_settled(last)
 
     def close(self) -> None:
-        if self.conn is not None and not self.conn.closed:
-            self.conn.close()
+        for c in (self.conn, self.listen):
+            if c is not None and not c.closed:
+                c.close()
 
     def _last_copied(self) -> datetime | None:
         assert self.conn is not None
@@ -287,7 +291,10 @@ class ReplayIngest(Worker):
                 log.event(self.log, "waiting for the pipeline to settle", 30, bar=t.isoformat(),
                           waited=round(now - started, 1))
                 self.beat("degraded", force=True, waiting_for=t.isoformat())
-            self.stop_event.wait(0.001)
+            # resume points and the queue announce their moves (mmats_cursor)
+            assert self.listen is not None
+            for _note in self.listen.notifies(timeout=0.02, stop_after=1):
+                pass
 
 
 def summary(conn: psycopg.Connection, account: str) -> dict[str, Any]:

@@ -51,6 +51,7 @@ JOIN trading.accounts a ON a.account_id = o.account_id
 WHERE o.order_id = %s
 """
 _TERMINAL = frozenset({"filled", "cancelled", "rejected", "expired"})
+IDLE = psycopg.pq.TransactionStatus.IDLE
 
 
 @dataclass
@@ -141,6 +142,7 @@ class Router(Worker):
         self.conn = connect(self.url, "mmats_router")
         self.listen = connect(self.url, "mmats_router")
         self.listen.execute("LISTEN mmats_bars")
+        self.listen.execute("LISTEN mmats_orders")  # a routable order was queued
         self.detail = {"accounts": sorted(a.config.name for a in self.accounts.values())}
         self._catch_up()
 
@@ -161,20 +163,20 @@ class Router(Worker):
         self.drain()
         if self._pending_bars:
             bars, self._pending_bars = self._pending_bars, {}
-            for (instrument, tf), last in sorted(bars.items()):
-                self.settle_bars(instrument, tf, last)
+            self.settle_many(bars)
         self.detail["counts"] = dict(self.counts)
 
     def _wait_for_bars(self, timeout: float) -> None:
         assert self.listen is not None
         for note in self.listen.notifies(timeout=timeout, stop_after=1):
-            self._note(note.payload)
+            self._note(note.channel, note.payload)
         # anything else already delivered
         for note in self.listen.notifies(timeout=0.0, stop_after=1000):
-            self._note(note.payload)
+            self._note(note.channel, note.payload)
 
-    def _note(self, payload: str) -> None:
-        if not self._paper:
+    def _note(self, channel: str, payload: str) -> None:
+        """A bar notification (mmats_orders only wakes the loop: it drains the queue)."""
+        if channel != "mmats_bars" or not self._paper:
             return
         try:
             data = json.loads(payload)
@@ -232,6 +234,9 @@ class Router(Worker):
         if order.status in _TERMINAL:
             self._archive(msg_id)
             return
+        if isinstance(routed.broker, PaperBroker) and order.status in ("created", "in_flight"):
+            self._accept_paper(routed, order, msg_id)
+            return
         # a message seen before (or an order already in flight) may have reached the
         # venue: look it up by client order id before placing it
         lookup = order.status == "in_flight" or read_ct > 1
@@ -277,6 +282,35 @@ class Router(Worker):
             self._archive(msg_id)
             return
         self._settle(routed, order, answer, msg_id)
+
+    def _accept_paper(self, routed: RoutedAccount, order: Order, msg_id: int) -> None:
+        """A paper order enters the paper book (the ledger) in one transaction: in flight,
+        acknowledged, filled at once if it is a protective order (on the bar that fired
+        it), its message archived. No broker call lies between, so nothing is gained by
+        committing each step, and a crash leaves the message to be read again."""
+        try:
+            check_environment(routed, order.environment)
+        except errors.EnvironmentMismatch as exc:
+            self._reject(order, exc)
+            self._archive(msg_id)
+            return
+        for attempt in range(1, 6):
+            try:
+                with self._c.transaction():
+                    if order.status == "created":
+                        self._call("mark_in_flight", order.client_order_id)
+                    self._call("acknowledge_order", order.client_order_id,
+                               f"paper-{order.client_order_id}")
+                    inst = self._instrument(order.instrument_id)
+                    if inst is not None:
+                        self._settle_paper(routed, inst, bars_after(self._c, inst, None))
+                    self._call("archive_order_message", msg_id)
+                break
+            except (psycopg.errors.DeadlockDetected, psycopg.errors.SerializationFailure):
+                if attempt == 5:
+                    raise
+                time.sleep(0.005 * attempt * random.random())
+        self._emit("order.acknowledged", order, broker_order_id=f"paper-{order.client_order_id}")
 
     def _find_or_place(self, routed: RoutedAccount, order: Order, *,
                        lookup: bool = True) -> BrokerOrder:
@@ -371,8 +405,8 @@ class Router(Worker):
             try:
                 return self._c.execute(query, args)  # type: ignore[arg-type]
             except (psycopg.errors.DeadlockDetected, psycopg.errors.SerializationFailure) as exc:
-                if attempt == 5:
-                    raise
+                if attempt == 5 or self._c.info.transaction_status != IDLE:
+                    raise  # inside a transaction block: its owner repeats the whole of it
                 log.event(self.log, "ledger call retried", 30, attempt=attempt,
                           error=str(exc).splitlines()[0])
                 time.sleep(0.005 * attempt * random.random())
@@ -430,18 +464,44 @@ class Router(Worker):
 
     def settle_bars(self, instrument_id: int, timeframe: str, last: datetime) -> None:
         """Fill the paper orders the new bars of an instrument reach, then say so."""
-        inst = self._instrument(instrument_id)
-        if inst is None or inst.timeframe != timeframe:
+        self.settle_many({(instrument_id, timeframe): last})
+
+    def settle_many(self, bars: dict[tuple[int, str], datetime]) -> None:
+        """Settle the new bars of several instruments: fill the paper orders they reach
+        (only the accounts with orders open on an instrument are looked at), fill the
+        protective orders they fired, then advance every instrument's resume point in
+        one statement (which tells the waiting strategy workers)."""
+        todo = {}
+        for (instrument_id, timeframe), last in sorted(bars.items()):
+            inst = self._instrument(instrument_id)
+            if inst is not None and inst.timeframe == timeframe:
+                todo[f"paper:{instrument_id}:{timeframe}"] = (inst, last)
+        if not todo:
             return
-        cursor = f"paper:{instrument_id}:{timeframe}"
-        row = self._c.execute("SELECT at FROM runtime.cursors WHERE name = %s",
-                              (cursor,)).fetchone()
-        after = row[0] if row and row[0] is not None else self._first_needed(inst)
-        rows = bars_after(self._c, inst, after, last)
-        for routed in self._paper:
-            self._settle_paper(routed, inst, rows)
-        self.drain()  # protective orders the bars (or the fills) triggered fill on them
-        self._exec("SELECT runtime.advance_cursor(%s, NULL, %s)", (cursor, last))
+        cursors: dict[str, datetime] = dict(self._c.execute(
+            "SELECT name, at FROM runtime.cursors WHERE name = ANY(%s)",
+            (list(todo),)).fetchall())
+        by_id = {a.account_id: a for a in self._paper}
+        open_pairs = self._c.execute(
+            "SELECT DISTINCT instrument_id, account_id FROM trading.orders "
+            "WHERE account_id = ANY(%s) AND instrument_id = ANY(%s) "
+            "AND status IN ('submitted', 'partially_filled') ORDER BY 1, 2",
+            (list(by_id), [inst.instrument_id for inst, _ in todo.values()])).fetchall()
+        accounts: dict[int, list[RoutedAccount]] = {}
+        for instrument_id, account_id in open_pairs:
+            accounts.setdefault(int(instrument_id), []).append(by_id[int(account_id)])
+        for name, (inst, last) in todo.items():
+            holders = accounts.get(inst.instrument_id)
+            if not holders:
+                continue
+            after = cursors.get(name) or self._first_needed(inst)
+            rows = bars_after(self._c, inst, after, last)
+            for routed in holders:
+                self._settle_paper(routed, inst, rows)
+        self.drain()  # protective orders the bars (or the fills) fired fill on them
+        self._exec("SELECT runtime.advance_cursor(n, NULL, t) "
+                   "FROM unnest(%s::text[], %s::timestamptz[]) AS x(n, t)",
+                   (list(todo), [last for _inst, last in todo.values()]))
 
     def _settle_paper(self, routed: RoutedAccount, inst: PaperInstrument,
                       rows: list[tuple[Any, ...]]) -> None:

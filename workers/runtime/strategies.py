@@ -100,6 +100,10 @@ class SeriesCache:
         self._extend(rows)
         return len(rows)
 
+    def extend(self, rows: list[tuple[Any, ...]]) -> None:
+        """Append bars newer than the last one held, oldest first."""
+        self._extend(rows)
+
     def _extend(self, rows: list[tuple[Any, ...]]) -> None:
         if not rows:
             return
@@ -204,6 +208,7 @@ class StrategyWorker(Worker):
         set_json_loads(partial(json.loads, parse_float=Decimal), self.conn)
         self.listen = connect(self.url, "mmats_strategy")
         self.listen.execute("LISTEN mmats_bars")
+        self.listen.execute("LISTEN mmats_cursor")  # the paper broker settled a bar
         report = self.loader.reload_if_changed()
         for error in report.errors:
             self.report("STRATEGY_LOAD_FAILED", str(error))
@@ -303,9 +308,9 @@ class StrategyWorker(Worker):
     def step(self) -> None:
         assert self.listen is not None
         for note in self.listen.notifies(timeout=self.poll_ms / 1000, stop_after=1):
-            self._note(note.payload)
+            self._note(note.channel, note.payload)
         for note in self.listen.notifies(timeout=0.0, stop_after=1000):
-            self._note(note.payload)
+            self._note(note.channel, note.payload)
         if self._dirty:
             dirty, self._dirty = self._dirty, set()
             self.process(dirty)
@@ -314,7 +319,9 @@ class StrategyWorker(Worker):
             self._reload()
         self.detail["counts"] = dict(self.counts)
 
-    def _note(self, payload: str) -> None:
+    def _note(self, channel: str, payload: str) -> None:
+        if channel != "mmats_bars":
+            return
         try:
             data = json.loads(payload)
             key = (int(data["instrument_id"]), str(data["timeframe"]))
@@ -354,8 +361,7 @@ class StrategyWorker(Worker):
 
     def process(self, dirty: set[tuple[int, str]]) -> None:
         """Run the strategies over every bar that arrived, in time order."""
-        for key in sorted(dirty):
-            self.counts["bars"] += self.caches[key].refresh(self._c)
+        self.counts["bars"] += self._refresh(sorted(dirty))
         self._c.commit()
         for a in self.assignments:
             if not any((iid, a.config.timeframe) in dirty for iid, _s, _v in a.instruments):
@@ -364,6 +370,30 @@ class StrategyWorker(Worker):
                 if self.stop_event.is_set():
                     return
                 self._run_bar(a, t_us)
+
+    def _refresh(self, keys: list[tuple[int, str]]) -> int:
+        """The new bars of every cache in `keys`, in one query."""
+        caches = [self.caches[k] for k in keys]
+        if not caches:
+            return 0
+        after = min((c.last or _EPOCH) for c in caches)
+        rows = self._c.execute(
+            "SELECT b.instrument_id, b.timeframe::text, b.ts, b.open, b.high, b.low, b.close, "
+            "b.volume FROM market.bars b "
+            "JOIN unnest(%s::bigint[], %s::market.timeframe[]) AS k(i, tf) "
+            "  ON b.instrument_id = k.i AND b.timeframe = k.tf "
+            "WHERE b.ts > %s ORDER BY b.instrument_id, b.timeframe, b.ts",
+            ([k[0] for k in keys], [k[1] for k in keys], after)).fetchall()
+        grouped: dict[tuple[int, str], list[tuple[Any, ...]]] = {}
+        for row in rows:
+            grouped.setdefault((int(row[0]), str(row[1])), []).append(row[2:])
+        added = 0
+        for key, cache in zip(keys, caches, strict=True):
+            last = cache.last
+            new = [r for r in grouped.get(key, ()) if last is None or r[0] > last]
+            cache.extend(new)
+            added += len(new)
+        return added
 
     def _times(self, a: Assignment) -> list[int]:
         after = to_us(a.last) if a.last is not None else -1
@@ -451,34 +481,40 @@ class StrategyWorker(Worker):
         """Until the paper broker (the router) has settled this bar of the instruments:
         the fills at its open and the protective orders it fired reach the ledger before
         the strategy sees the bar, as in a backtest. An advisory account has no orders:
-        no wait."""
-        deadline = time.monotonic() + self.paper_wait_seconds
+        no wait. The router announces each move of its resume points (mmats_cursor)."""
+        names = []
         for iid in instruments:
             if iid not in a.paper_tf:  # its first bars came after the start
                 row = self._c.execute("SELECT min(timeframe)::text FROM market.bars "
                                       "WHERE instrument_id = %s", (iid,)).fetchone()
                 if row and row[0]:
                     a.paper_tf[iid] = row[0]
-            tf = a.paper_tf.get(iid)
-            if tf != a.config.timeframe:
-                continue
-            name = f"paper:{iid}:{tf}"
-            while True:
-                row = self._c.execute(
-                    "SELECT (SELECT mode::text FROM trading.accounts WHERE account_id = %s), "
-                    "(SELECT at FROM runtime.cursors WHERE name = %s)",
-                    (a.account_id, name)).fetchone()
-                self._c.commit()
-                assert row is not None
-                if row[0] != "operator" or (row[1] is not None and row[1] >= bar_ts):
-                    break
-                if time.monotonic() > deadline:
-                    self.report("PAPER_BROKER_LATE",
-                                f"{a.account}: the paper broker has not settled the bar of "
-                                f"{bar_ts.isoformat()} after {self.paper_wait_seconds} s "
-                                "(is the router running?)", account=a.account)
-                    return
-                time.sleep(0.001)
+            if a.paper_tf.get(iid) == a.config.timeframe:
+                names.append(f"paper:{iid}:{a.config.timeframe}")
+        if not names:
+            return
+        deadline = time.monotonic() + self.paper_wait_seconds
+        while True:
+            row = self._c.execute(
+                "SELECT (SELECT mode::text FROM trading.accounts WHERE account_id = %s), "
+                "(SELECT count(*) FROM runtime.cursors WHERE name = ANY(%s) AND at >= %s)",
+                (a.account_id, names, bar_ts)).fetchone()
+            assert row is not None
+            if row[0] != "operator" or row[1] == len(names):
+                return
+            if time.monotonic() > deadline:
+                self.report("PAPER_BROKER_LATE",
+                            f"{a.account}: the paper broker has not settled the bar of "
+                            f"{bar_ts.isoformat()} after {self.paper_wait_seconds} s "
+                            "(is the router running?)", account=a.account)
+                return
+            self._listen_once(0.01)
+
+    def _listen_once(self, timeout: float) -> None:
+        """Wait for any notification (keeping the bar ones for later)."""
+        assert self.listen is not None
+        for note in self.listen.notifies(timeout=timeout, stop_after=1):
+            self._note(note.channel, note.payload)
 
     def _account_state(self, a: Assignment) -> AccountState:
         """The ledger's view of the account now (in a savepoint: a failure here is the
