@@ -131,15 +131,25 @@ def paper_command(feed: str, strategy: str, symbols: tuple[str, ...], timeframe:
     """Paper-trade a strategy on a replayed feed: the whole live pipeline (ingest -> bars
     trigger -> strategy worker -> order queue -> router -> paper broker), each worker in
     its own process. Prints the signals, orders and fills as they happen."""
-    from workers.backtest.config import parse_decimal, parse_params, parse_time
+    from workers.backtest.config import (
+        BacktestError,
+        parse_decimal,
+        parse_params,
+        parse_time,
+        symbol_ref,
+    )
 
+    try:
+        start_ts, end_ts = parse_time(start, "--from"), parse_time(end, "--to")
+        values = {"params": parse_params(params), "cash": parse_decimal(cash, "--cash"),
+                  "commission": parse_decimal(commission, "--commission"),
+                  "spread": parse_decimal(spread, "--spread")}
+    except BacktestError as exc:
+        raise MmatsError(str(exc)) from None
     result = run_replay_session(
-        strategy=strategy, symbols=list(symbols), timeframe=timeframe,
-        start=parse_time(start, "--from"), end=parse_time(end, "--to"), speed=speed,
-        params=parse_params(params), cash=parse_decimal(cash, "--cash"),
-        commission=parse_decimal(commission, "--commission"), slippage=slippage,
-        spread=parse_decimal(spread, "--spread"), allow_short=allow_short,
-        echo=None if quiet else click.echo)
+        strategy=strategy, symbols=[symbol_ref(s) for s in symbols], timeframe=timeframe,
+        start=start_ts, end=end_ts, speed=speed, slippage=slippage, allow_short=allow_short,
+        echo=None if quiet else click.echo, **values)  # type: ignore[arg-type]
     s = result["summary"]
     click.echo(f"session {result['session']} ({result['account']}, PAPER environment): "
                f"{s['signals']} signals, {s['orders']} orders, {s['fills']} fills, "
@@ -164,9 +174,11 @@ def prepare_replay(conn: psycopg.Connection, *, strategy: str, symbols: list[str
                    params: dict[str, object], cash: Decimal, commission: Decimal, slippage: str,
                    spread: Decimal, allow_short: bool, home: Path,
                    visibility_seconds: int = 5) -> Path:
-    """The session's instruments, warm-up bars, account and configuration file."""
-    from strategies.loader import StrategyLoader
-    from workers.backtest.simulator import Slippage
+    """The session's instruments, warm-up bars, account, resume points and configuration
+    file — all of them or, on any error, none (one transaction; the file is removed)."""
+    from strategies.loader import StrategyLoader, StrategyLoadError
+    from strategies.params import ParamError
+    from workers.backtest.simulator import SimulatorError, Slippage
     from workers.runtime.replay import ReplaySession, copy_instruments, copy_warmup, next_session
     from workers.runtime.supervisor import apply_config
 
@@ -175,56 +187,69 @@ def prepare_replay(conn: psycopg.Connection, *, strategy: str, symbols: list[str
                          f"{', '.join(runtime_config.TIMEFRAMES)}")
     if end <= start:
         raise MmatsError(f"--to {end.isoformat()} must be after --from {start.isoformat()}")
-    Slippage.parse(slippage)
-    loader = StrategyLoader()
-    loader.reload_if_changed()
-    instance = loader.create(strategy, params)  # a bad name or parameter fails here
-    n = next_session(conn)
-    venue = f"replay{n}"
-    account = f"paper-replay-{n}"
-    with conn.transaction():
-        pairs = copy_instruments(conn, symbols, venue)
-        stored = conn.execute(
-            "SELECT count(*) FROM market.bars WHERE instrument_id = ANY(%s) AND timeframe = %s "
-            "AND ts >= %s AND ts < %s", ([p[0] for p in pairs], timeframe, start, end)).fetchone()
-        if not stored or not stored[0]:
-            raise MmatsError(f"no {timeframe} bars stored for {', '.join(symbols)} from "
-                             f"{start:%Y-%m-%d %H:%M} to {end:%Y-%m-%d %H:%M} UTC")
-        currency = conn.execute("SELECT quote_currency FROM market.instruments "
-                                "WHERE instrument_id = %s", (pairs[0][0],)).fetchone()
-        assert currency is not None
-        last_warmup = copy_warmup(conn, pairs, timeframe, start, instance.warmup_bars())
-    session = ReplaySession(n, venue, account, timeframe, start, end, _speed(speed),
-                            tuple(p[0] for p in pairs), tuple(p[1] for p in pairs),
-                            tuple(p[2] for p in pairs))
-    text = "\n".join([
-        f"# replay session {n}, written by `mmats paper` (safe to delete)",
-        "[runtime]", "heartbeat_seconds = 1", "",
-        "[router]", f"visibility_seconds = {visibility_seconds}", "poll_ms = 20", "",
-        "[[accounts]]", f'name = "{account}"', 'environment = "paper"', 'mode = "operator"',
-        f"cash = \"{cash}\"", f'currency = "{currency[0]}"', 'broker = "paper"',
-        f"allow_short = {'true' if allow_short else 'false'}",
-        "[accounts.paper]", f'commission = "{commission}"', f'slippage = "{slippage}"',
-        f'spread = "{spread}"', "",
-        "[[strategies]]", f'account = "{account}"', f'name = "{strategy}"',
-        "symbols = [" + ", ".join(f'"{p[2]}@{venue}"' for p in pairs) + "]",
-        f'timeframe = "{timeframe}"',
-        "[strategies.params]", *[f"{k} = {_toml_value(v)}" for k, v in params.items()], "",
-        session.to_toml()])
-    folder = home / "sessions"
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / f"replay-{n}.toml"
-    path.write_text(text, encoding="utf-8")
-    apply_config(conn, runtime_config.load(path))
-    # the strategy's resume point exists before any worker runs: the replay waits for it
-    # from the first bar, and the strategy worker starts right after the warm-up
-    cls = type(instance)
-    begin = last_warmup if last_warmup is not None else start - timedelta(microseconds=1)
-    conn.execute("SELECT runtime.advance_cursor(%s, NULL, %s)",
-                 (f"strategy:{account}:{cls.name}:{timeframe}", begin))
-    for target in session.targets:  # the paper broker has settled the warm-up
-        conn.execute("SELECT runtime.advance_cursor(%s, NULL, %s)",
-                     (f"paper:{target}:{timeframe}", begin))
+    if not (cash.is_finite() and cash > 0):
+        raise MmatsError(f"--cash must be a number > 0, got {cash}")
+    pace = _speed(speed)
+    try:
+        Slippage.parse(slippage)
+        loader = StrategyLoader()
+        loader.reload_if_changed()
+        instance = loader.create(strategy, params)  # a bad name or parameter fails here
+    except (StrategyLoadError, ParamError, SimulatorError) as exc:
+        raise MmatsError(str(exc)) from None
+    path: Path | None = None
+    try:
+        with conn.transaction():
+            n = next_session(conn)
+            venue = f"replay{n}"
+            account = f"paper-replay-{n}"
+            pairs = copy_instruments(conn, symbols, venue)
+            stored = conn.execute(
+                "SELECT count(*) FROM market.bars WHERE instrument_id = ANY(%s) "
+                "AND timeframe = %s AND ts >= %s AND ts < %s",
+                ([p[0] for p in pairs], timeframe, start, end)).fetchone()
+            if not stored or not stored[0]:
+                raise MmatsError(f"no {timeframe} bars stored for {', '.join(symbols)} from "
+                                 f"{start:%Y-%m-%d %H:%M} to {end:%Y-%m-%d %H:%M} UTC")
+            currency = conn.execute("SELECT quote_currency FROM market.instruments "
+                                    "WHERE instrument_id = %s", (pairs[0][0],)).fetchone()
+            assert currency is not None
+            last_warmup = copy_warmup(conn, pairs, timeframe, start, instance.warmup_bars())
+            session = ReplaySession(n, venue, account, timeframe, start, end, pace,
+                                    tuple(p[0] for p in pairs), tuple(p[1] for p in pairs),
+                                    tuple(p[2] for p in pairs))
+            text = "\n".join([
+                f"# replay session {n}, written by `mmats paper` (safe to delete)",
+                "[runtime]", "heartbeat_seconds = 1", "",
+                "[router]", f"visibility_seconds = {visibility_seconds}", "poll_ms = 20", "",
+                "[[accounts]]", f'name = "{account}"', 'environment = "paper"',
+                'mode = "operator"', f"cash = \"{cash}\"", f'currency = "{currency[0]}"',
+                'broker = "paper"', f"allow_short = {'true' if allow_short else 'false'}",
+                "[accounts.paper]", f'commission = "{commission}"', f'slippage = "{slippage}"',
+                f'spread = "{spread}"', "",
+                "[[strategies]]", f'account = "{account}"', f'name = "{strategy}"',
+                "symbols = [" + ", ".join(f'"{p[2]}@{venue}"' for p in pairs) + "]",
+                f'timeframe = "{timeframe}"',
+                "[strategies.params]", *[f"{k} = {_toml_value(v)}" for k, v in params.items()],
+                "", session.to_toml()])
+            folder = home / "sessions"
+            folder.mkdir(parents=True, exist_ok=True)
+            path = folder / f"replay-{n}.toml"
+            path.write_text(text, encoding="utf-8")
+            apply_config(conn, runtime_config.load(path))
+            # the strategy's resume point exists before any worker runs: the replay waits
+            # for it from the first bar, and the strategy worker starts after the warm-up
+            cls = type(instance)
+            begin = last_warmup if last_warmup is not None else start - timedelta(microseconds=1)
+            conn.execute("SELECT runtime.advance_cursor(%s, NULL, %s)",
+                         (f"strategy:{account}:{cls.name}:{timeframe}", begin))
+            for target in session.targets:  # the paper broker has settled the warm-up
+                conn.execute("SELECT runtime.advance_cursor(%s, NULL, %s)",
+                             (f"paper:{target}:{timeframe}", begin))
+    except BaseException:
+        if path is not None:
+            path.unlink(missing_ok=True)
+        raise
     return path
 
 

@@ -166,3 +166,29 @@ def test_sigkilled_workers_lose_nothing_and_repeat_nothing(env):
         got = _trades(conn, result["account"])
     # lockstep and exactly-once resume points: the crashes change nothing at all
     assert got == expected, note
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--strategy", "nope"], "no strategy named 'nope'"),
+    (["--strategy", "sma_crossover", "--speed", "-1"], "--speed must be a number > 0 or max"),
+    (["--strategy", "sma_crossover", "--params", "fast=abc"], "parameter fast must be int"),
+    (["--strategy", "sma_crossover", "--cash", "NaN"], "--cash must be a finite number"),
+    (["--strategy", "sma_crossover", "--symbol", "NOPE'; DROP TABLE x;--"],
+     "unknown symbol \"NOPE'; DROP TABLE X;--\""),
+])
+def test_mmats_paper_refuses_bad_input_in_one_line_and_writes_nothing(env, args, message):
+    import subprocess
+    import sys
+
+    base = ["--symbol", "BTC/USDT", "--from", START, "--to", END, "--quiet"]
+    done = subprocess.run([sys.executable, "-c", "from api.cli import main; main()", "paper",
+                           "--feed", "replay", *base, *args], capture_output=True, text=True,
+                          env=os.environ.copy(), stdin=subprocess.DEVNULL, timeout=120)
+    assert done.returncode == 1
+    assert done.stderr.strip().splitlines() == [f"error: {done.stderr.strip()[7:]}"]
+    assert message in done.stderr
+    with psycopg.connect(env, autocommit=True) as conn:
+        assert conn.execute("SELECT count(*) FROM market.instruments "
+                            "WHERE venue ~ '^replay'").fetchone() == (0,)
+        assert conn.execute("SELECT count(*) FROM trading.accounts").fetchone() == (0,)
+    assert not list((Path(os.environ["MMATS_HOME"]) / "sessions").glob("*.toml"))
