@@ -124,10 +124,13 @@ def worker_command(kind: str, config_file: str | None, name: str | None) -> None
               help="none | bps:N | atr:F | volume:K")
 @click.option("--spread", default="0", show_default=True)
 @click.option("--allow-short", is_flag=True)
+@click.option("--strategy-dir", "strategy_dirs", multiple=True,
+              help="a folder of your own strategies (repeatable)")
 @click.option("--quiet", is_flag=True, help="no line per signal, order and fill")
 def paper_command(feed: str, strategy: str, symbols: tuple[str, ...], timeframe: str, start: str,
                   end: str, speed: str, params: str | None, cash: str, commission: str,
-                  slippage: str, spread: str, allow_short: bool, quiet: bool) -> None:
+                  slippage: str, spread: str, allow_short: bool, strategy_dirs: tuple[str, ...],
+                  quiet: bool) -> None:
     """Paper-trade a strategy on a replayed feed: the whole live pipeline (ingest -> bars
     trigger -> strategy worker -> order queue -> router -> paper broker), each worker in
     its own process. Prints the signals, orders and fills as they happen."""
@@ -149,7 +152,8 @@ def paper_command(feed: str, strategy: str, symbols: tuple[str, ...], timeframe:
     result = run_replay_session(
         strategy=strategy, symbols=[symbol_ref(s) for s in symbols], timeframe=timeframe,
         start=start_ts, end=end_ts, speed=speed, slippage=slippage, allow_short=allow_short,
-        echo=None if quiet else click.echo, **values)  # type: ignore[arg-type]
+        echo=None if quiet else click.echo,
+        strategy_dirs=tuple(Path(d) for d in strategy_dirs), **values)  # type: ignore[arg-type]
     s = result["summary"]
     click.echo(f"session {result['session']} ({result['account']}, PAPER environment): "
                f"{s['signals']} signals, {s['orders']} orders, {s['fills']} fills, "
@@ -173,7 +177,8 @@ def prepare_replay(conn: psycopg.Connection, *, strategy: str, symbols: list[str
                    timeframe: str, start: datetime, end: datetime, speed: str,
                    params: dict[str, object], cash: Decimal, commission: Decimal, slippage: str,
                    spread: Decimal, allow_short: bool, home: Path,
-                   visibility_seconds: int = 5) -> Path:
+                   visibility_seconds: int = 5,
+                   strategy_dirs: tuple[Path, ...] = ()) -> Path:
     """The session's instruments, warm-up bars, account, resume points and configuration
     file — all of them or, on any error, none (one transaction; the file is removed)."""
     from strategies.loader import StrategyLoader, StrategyLoadError
@@ -192,8 +197,10 @@ def prepare_replay(conn: psycopg.Connection, *, strategy: str, symbols: list[str
     pace = _speed(speed)
     try:
         Slippage.parse(slippage)
-        loader = StrategyLoader()
-        loader.reload_if_changed()
+        loader = StrategyLoader([Path(d).resolve() for d in strategy_dirs])
+        report = loader.reload_if_changed()
+        if report.errors and strategy not in loader.names():
+            raise StrategyLoadError("; ".join(str(e) for e in report.errors))
         instance = loader.create(strategy, params)  # a bad name or parameter fails here
     except (StrategyLoadError, ParamError, SimulatorError) as exc:
         raise MmatsError(str(exc)) from None
@@ -220,7 +227,10 @@ def prepare_replay(conn: psycopg.Connection, *, strategy: str, symbols: list[str
                                     tuple(p[2] for p in pairs))
             text = "\n".join([
                 f"# replay session {n}, written by `mmats paper` (safe to delete)",
-                "[runtime]", "heartbeat_seconds = 1", "",
+                "[runtime]", "heartbeat_seconds = 1",
+                "strategy_dirs = [" + ", ".join(
+                    '"' + str(Path(d).resolve()).replace("\\", "\\\\").replace('"', '\\"')
+                    + '"' for d in strategy_dirs) + "]", "",
                 "[router]", f"visibility_seconds = {visibility_seconds}", "poll_ms = 20", "",
                 "[[accounts]]", f'name = "{account}"', 'environment = "paper"',
                 'mode = "operator"', f"cash = \"{cash}\"", f'currency = "{currency[0]}"',
@@ -317,7 +327,8 @@ def run_replay_session(*, strategy: str, symbols: list[str], timeframe: str, sta
                        commission: Decimal, slippage: str = "none", spread: Decimal = Decimal(0),
                        allow_short: bool = False, echo: Any = None,
                        timeout: float = 3600.0, visibility_seconds: int = 5,
-                       on_tick: Any = None, restart_base: float = 0.5) -> dict[str, Any]:
+                       on_tick: Any = None, restart_base: float = 0.5,
+                       strategy_dirs: tuple[Path, ...] = ()) -> dict[str, Any]:
     """Prepare a replay session and run its workers (ingest, strategies, router) as
     supervised processes until the replay has played every bar and the pipeline settled."""
     from workers.runtime.replay import load_session, summary
@@ -332,7 +343,8 @@ def run_replay_session(*, strategy: str, symbols: list[str], timeframe: str, sta
                               start=start, end=end, speed=speed, params=params, cash=cash,
                               commission=commission, slippage=slippage, spread=spread,
                               allow_short=allow_short, home=settings.home,
-                              visibility_seconds=visibility_seconds)
+                              visibility_seconds=visibility_seconds,
+                              strategy_dirs=strategy_dirs)
         session = load_session(path)
         assert session is not None
         if echo is not None:

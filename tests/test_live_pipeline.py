@@ -192,3 +192,66 @@ def test_mmats_paper_refuses_bad_input_in_one_line_and_writes_nothing(env, args,
                             "WHERE venue ~ '^replay'").fetchone() == (0,)
         assert conn.execute("SELECT count(*) FROM trading.accounts").fetchone() == (0,)
     assert not list((Path(os.environ["MMATS_HOME"]) / "sessions").glob("*.toml"))
+
+
+HOOKED = '''
+from decimal import Decimal
+from strategies.base import IStrategy
+from strategies.signal import TradeSignal
+
+
+class FillWatcher(IStrategy):
+    """Trades on what on_order_filled told it: out when the price falls 0.1 % below its
+    own entry fill, or after 8 bars; back in 3 bars after its exit fill."""
+
+    name = "fill_watcher"
+    version = "1"
+
+    def __init__(self, params=None):
+        super().__init__(params)
+        self.entry = None
+        self.bars = 0
+        self.fills = 0
+
+    def get_required_indicators(self):
+        return []
+
+    def on_order_filled(self, event):
+        self.fills += 1
+        self.entry = event.price if event.side == "buy" else None
+        self.bars = 0
+
+    def on_bar(self, context):
+        self.bars += 1
+        md = context.data["BTC/USDT"]
+        close = md.bar.close
+        def sig(action):
+            return TradeSignal(strategy=self.name, version=self.version, symbol="BTC/USDT",
+                               action=action, ts=context.now, size=Decimal("0.5"),
+                               reasoning=f"fills so far {self.fills}")
+        if self.entry is None and self.bars >= 3:
+            self.bars = -1000  # one entry order at a time: wait for its fill
+            return sig("buy")
+        if self.entry is not None and (close < self.entry * Decimal("0.999") or self.bars >= 8):
+            self.bars = -1000
+            return sig("close")
+        return None
+'''
+
+
+def test_a_strategy_driven_by_its_fill_events_trades_the_same_in_paper_and_backtest(
+        env, tmp_path):
+    folder = tmp_path / "mine"
+    folder.mkdir()
+    (folder / "fill_watcher.py").write_text(HOOKED, encoding="utf-8")
+    with psycopg.connect(env, autocommit=True) as conn:
+        cfg = BacktestConfig(strategy="fill_watcher", symbols=("BTC/USDT",), timeframe="1m",
+                             start=parse_time(START, "from"), end=parse_time(END, "to"),
+                             cash=Decimal(10000), commission=Decimal("0.001"),
+                             strategy_dirs=(folder,))
+        expected = _trades(conn, f"bt-{run_backtest(conn, cfg)}")
+    result = _replay("fill_watcher", {}, "0.001", strategy_dirs=(folder,))
+    with psycopg.connect(env, autocommit=True) as conn:
+        got = _trades(conn, result["account"])
+    assert len(expected) >= 10
+    assert got == expected

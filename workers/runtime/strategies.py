@@ -32,6 +32,7 @@ import psycopg
 from psycopg.types.json import Jsonb, set_json_loads
 
 from strategies.base import IStrategy
+from strategies.events import OrderFilled, OrderRejected
 from strategies.isolation import StrategyGuard
 from strategies.loader import StrategyLoader
 from strategies.market import AccountState, Bar, Environment, PositionState, StrategyContext
@@ -172,6 +173,8 @@ class Assignment:
     indicators: tuple[str, ...] = ()
     errors: int = 0
     paper_tf: dict[int, str] = field(default_factory=dict)  # the paper broker's bars
+    last_fill: int = 0  # the strategy's events told so far (on_order_filled / _rejected)
+    last_change: datetime | None = None
 
     @property
     def tf_us(self) -> int:
@@ -275,6 +278,12 @@ class StrategyWorker(Worker):
         a = Assignment(cfg, account_id, account, environment, aggregation, currency, strategy,
                        int(srow[0]), instruments, cursor,
                        crow[0] if crow else None, tuple(strategy.get_required_indicators()))
+        # events from now on (what happened while no worker ran is in the ledger)
+        erow = c.execute("SELECT (SELECT COALESCE(max(id), 0) FROM trading.strategy_events("
+                         "%s, %s, 0, 'infinity') WHERE kind = 'fill'), now()",
+                         (account_id, a.strategy_id)).fetchone()
+        assert erow is not None
+        a.last_fill, a.last_change = int(erow[0]), erow[1]
         warmup = max(strategy.warmup_bars(), 1)
         for iid, symbol, _venue in instruments:
             key = (iid, cfg.timeframe)
@@ -415,6 +424,7 @@ class StrategyWorker(Worker):
                 members.append((iid, symbol, venue, cache, i))
         if a.environment == "paper":
             self._wait_for_paper(a, [m[0] for m in members], bar_ts)
+        self._deliver_events(a)
         data = {symbol: cache.series(a.indicators).market_data(i)
                 for _iid, symbol, _venue, cache, i in members}
         context = StrategyContext(Environment(a.environment), close, data,
@@ -427,11 +437,19 @@ class StrategyWorker(Worker):
             if a.errors <= 3 or result.error.disabled:
                 self.report("STRATEGY_ERROR", str(result.error), account=a.account)
         by_symbol = {m[1]: m for m in members}
+        refused: list[OrderRejected] = []
         try:
             for attempt in range(1, 6):
+                refused = []
                 try:
                     for sig in result.signals:
-                        self._submit(a, sig, by_symbol, close)
+                        answer = self._submit(a, sig, by_symbol, close)
+                        if answer.get("status") == "rejected":
+                            refused.append(OrderRejected(
+                                symbol=sig.symbol, reason_code=str(answer.get("reason_code")
+                                                                   or "REJECTED"),
+                                reason=str(answer.get("reason") or ""), ts=close,
+                                signal_id=answer.get("signal_id")))
                     self._c.execute("SELECT runtime.advance_cursor(%s, NULL, %s)",
                                     (a.cursor, bar_ts))
                     self._c.commit()
@@ -446,14 +464,49 @@ class StrategyWorker(Worker):
                     time.sleep(0.005 * attempt)
         except psycopg.Error as exc:
             self._c.rollback()
+            refused = []  # rolled back with the bar: nothing was refused
             self.report("SIGNAL_FAILED", f"{a.config.name} on {a.account} at {close.isoformat()}: "
                         f"{str(exc).splitlines()[0]}", account=a.account)
             self._c.execute("SELECT runtime.advance_cursor(%s, NULL, %s)", (a.cursor, bar_ts))
             self._c.commit()
         a.last = bar_ts
+        for event in refused:  # after the commit: a retried transaction tells it once
+            self._hook(a, a.strategy.on_order_rejected, event)
+
+    def _deliver_events(self, a: Assignment) -> None:
+        """The strategy's fills and refused or cancelled orders since it was last told,
+        before it sees the bar (as a backtest calls on_order_filled when it fills)."""
+        rows = self._c.execute(
+            "SELECT kind, id, order_id, symbol, side, quantity, price, commission, ts, "
+            "signal_id, reason_code, reason FROM trading.strategy_events(%s, %s, %s, %s)",
+            (a.account_id, a.strategy_id, a.last_fill, a.last_change)).fetchall()
+        for (kind, id_, order_id, symbol, side, qty, price, commission, ts, signal_id, code,
+             reason) in rows:
+            if kind == "fill":
+                a.last_fill = max(a.last_fill, int(id_))
+                self._hook(a, a.strategy.on_order_filled, OrderFilled(
+                    order_id=int(order_id), symbol=symbol, side=side, quantity=qty,
+                    price=price, commission=commission, ts=ts, signal_id=signal_id))
+            else:
+                a.last_change = ts if a.last_change is None else max(a.last_change, ts)
+                self._hook(a, a.strategy.on_order_rejected, OrderRejected(
+                    symbol=symbol, reason_code=str(code), reason=str(reason or ""), ts=ts,
+                    signal_id=signal_id, order_id=int(order_id)))
+
+    def _hook(self, a: Assignment, hook: Any, event: object) -> None:
+        try:
+            hook(event)
+        except Exception as exc:  # a strategy's callback must not stop the others
+            self.counts["errors"] += 1
+            a.errors += 1
+            if a.errors <= 3:
+                self.report("STRATEGY_ERROR", f"{type(a.strategy).name}: {type(exc).__name__} "
+                            f"in {getattr(hook, '__name__', 'hook')}: "
+                            f"{str(exc).splitlines()[0] if str(exc) else ''}",
+                            account=a.account)
 
     def _submit(self, a: Assignment, sig: TradeSignal, members: dict[str, Any],
-                close: datetime) -> None:
+                close: datetime) -> dict[str, Any]:
         payload = sig.to_dict()
         payload["account"] = a.account
         member = members.get(sig.symbol.upper())
@@ -476,6 +529,7 @@ class StrategyWorker(Worker):
                   strategy=sig.strategy, symbol=sig.symbol, action=sig.action,
                   status=answer.get("status"), reason_code=answer.get("reason_code"),
                   order_id=answer.get("order_id"), bar=close.isoformat())
+        return answer
 
     def _wait_for_paper(self, a: Assignment, instruments: list[int], bar_ts: datetime) -> None:
         """Until the paper broker (the router) has settled this bar of the instruments:

@@ -287,6 +287,38 @@ BEGIN
 END
 $$;
 
+------------------------------------------------------------------------------ a strategy's own events
+-- What the strategy worker tells a strategy (on_order_filled, on_order_rejected): the
+-- fills of its own orders after a fill id, and its orders refused or cancelled after a
+-- time. The strategy role cannot read the order book or the fills; this is its own part.
+CREATE FUNCTION trading.strategy_events(account bigint, strategy bigint, after_fill bigint,
+                                        after_change timestamptz)
+RETURNS TABLE (kind text, id bigint, order_id bigint, symbol text, side text,
+               quantity numeric, price numeric, commission numeric, ts timestamptz,
+               signal_id bigint, reason_code text, reason text)
+LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+BEGIN ATOMIC
+    SELECT 'fill', f.fill_id, f.order_id, i.symbol, f.side::text, f.quantity, f.price,
+           f.commission, f.ts, o.signal_id, NULL::text, NULL::text
+    FROM trading.fills f
+    JOIN trading.orders o ON o.order_id = f.order_id
+    JOIN market.instruments i ON i.instrument_id = f.instrument_id
+    WHERE f.account_id = strategy_events.account AND o.strategy_id = strategy_events.strategy
+      AND f.fill_id > strategy_events.after_fill
+    UNION ALL
+    SELECT o.status::text, o.order_id, o.order_id, i.symbol, o.side::text,
+           o.quantity - o.filled_quantity, NULL, NULL, o.updated_at, o.signal_id,
+           COALESCE(o.reason_code, CASE WHEN o.reason ~ '^[A-Z][A-Z0-9_]{0,63}:'
+                                        THEN split_part(o.reason, ':', 1) END,
+                    upper(o.status::text)),
+           o.reason
+    FROM trading.orders o JOIN market.instruments i ON i.instrument_id = o.instrument_id
+    WHERE o.account_id = strategy_events.account AND o.strategy_id = strategy_events.strategy
+      AND o.status IN ('rejected', 'cancelled', 'expired')
+      AND o.updated_at > strategy_events.after_change
+    ORDER BY 9, 1, 2;
+END;
+
 ------------------------------------------------------------------------------ reconciliation
 -- The reconciler found the broker and the ledger disagreeing: a critical risk event,
 -- audited, and (if the account is configured so) a FREEZE.
@@ -428,7 +460,8 @@ $$;
 
 ------------------------------------------------------------------------------ grants
 REVOKE ALL ON ALL FUNCTIONS IN SCHEMA runtime FROM PUBLIC;
-REVOKE ALL ON FUNCTION trading.read_orders(integer, integer, bigint[]),
+REVOKE ALL ON FUNCTION trading.strategy_events(bigint, bigint, bigint, timestamptz),
+    trading.read_orders(integer, integer, bigint[]),
     trading.archive_order_message(bigint), trading.delay_order_message(bigint, numeric),
     risk.report_mismatch(text, text, text, jsonb, boolean),
     trading.set_credential(text, text, text, text, text[], text, bytea, bytea),
@@ -437,6 +470,8 @@ REVOKE ALL ON FUNCTION trading.read_orders(integer, integer, bigint[]),
 GRANT USAGE ON SCHEMA runtime TO mmats_strategy, mmats_router, mmats_api, mmats_readonly;
 GRANT SELECT ON runtime.workers, runtime.errors, runtime.cursors
     TO mmats_readonly, mmats_api, mmats_strategy, mmats_router;
+GRANT EXECUTE ON FUNCTION trading.strategy_events(bigint, bigint, bigint, timestamptz)
+    TO mmats_strategy;
 GRANT EXECUTE ON FUNCTION runtime.heartbeat(text, text, text, integer, text, jsonb),
     runtime.report_error(text, text, text, text, jsonb),
     runtime.advance_cursor(text, bigint, timestamptz)
