@@ -159,7 +159,8 @@ def to_sql(sql: str, values: dict[str, str], timescaledb: bool) -> str:
 # --------------------------------------------------------------------------- structure
 def test_there_are_dashboards() -> None:
     titles = {load_dashboard(p)["title"] for p in DASHBOARDS}
-    assert {"MMATS — Market data", "MMATS — Trading & risk", "MMATS — Backtests"} <= titles
+    assert {"MMATS — Market data", "MMATS — Trading & risk", "MMATS — Backtests",
+            "MMATS — Runtime"} <= titles
 
 
 @pytest.mark.parametrize("path", DASHBOARDS, ids=lambda p: p.name)
@@ -284,6 +285,10 @@ def seed(conn: psycopg.Connection) -> None:
                  "(%s, 'warning', 'BREAKER_SOFT', 'daily loss over the soft limit')",
                  (account_id,))
     conn.execute("SELECT audit.record('order.created', 'order', 'c-1', '{}')")
+    conn.execute("SELECT runtime.heartbeat('router', 'router', 'running', 42, 'host-1', "
+                 "'{\"counts\": {\"fills\": 3}}')")
+    conn.execute("SELECT runtime.report_error('router', 'BROKER_RETRYING', 'still trying', "
+                 "'paper-1')")
     seed_backtest(conn, instrument_id)
 
 
