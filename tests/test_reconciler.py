@@ -207,18 +207,15 @@ class Desk:
 
 @pytest.fixture
 def desk(conn: psycopg.Connection, db_url: str) -> Desk:
-    """AAPL (Alpaca) and EUR/USD (OANDA) instruments. The router's role is given USAGE on
-    the risk schema when it lacks it: a stand-in for the migration the reconciler needs
-    (risk.report_mismatch is granted to mmats_router, its schema is not)."""
+    """AAPL (Alpaca) and EUR/USD (OANDA) instruments. The router's role may use the risk
+    schema (migration 0004_01), where risk.report_mismatch lives."""
     conn.execute("""
         INSERT INTO market.instruments (symbol, venue, market, base_currency, quote_currency,
                                         price_tick, quantity_step, min_quantity, calendar_id)
         VALUES ('AAPL', 'alpaca', 'stock', 'AAPL', 'USD', 0.01, 1, 1, 'XNYS'),
                ('EUR/USD', 'oanda', 'forex', 'EUR', 'USD', 0.00001, 1, 1, 'FX_24X5')""")
-    granted = conn.execute(
-        "SELECT has_schema_privilege('mmats_router', 'risk', 'USAGE')").fetchone()
-    if granted is not None and not granted[0]:
-        conn.execute("GRANT USAGE ON SCHEMA risk TO mmats_router")
+    assert conn.execute(
+        "SELECT has_schema_privilege('mmats_router', 'risk', 'USAGE')").fetchone() == (True,)
     return Desk(conn, db_url)
 
 
