@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import signal
 import time
+from collections.abc import Mapping
 from datetime import datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
@@ -175,7 +176,7 @@ def _speed(text: str) -> float | None:
 
 def prepare_replay(conn: psycopg.Connection, *, strategy: str, symbols: list[str],
                    timeframe: str, start: datetime, end: datetime, speed: str,
-                   params: dict[str, object], cash: Decimal, commission: Decimal, slippage: str,
+                   params: Mapping[str, object], cash: Decimal, commission: Decimal, slippage: str,
                    spread: Decimal, allow_short: bool, home: Path,
                    visibility_seconds: int = 5,
                    strategy_dirs: tuple[Path, ...] = ()) -> Path:
@@ -323,7 +324,7 @@ class EventTail:
 
 
 def run_replay_session(*, strategy: str, symbols: list[str], timeframe: str, start: datetime,
-                       end: datetime, speed: str, params: dict[str, object], cash: Decimal,
+                       end: datetime, speed: str, params: Mapping[str, object], cash: Decimal,
                        commission: Decimal, slippage: str = "none", spread: Decimal = Decimal(0),
                        allow_short: bool = False, echo: Any = None,
                        timeout: float = 3600.0, visibility_seconds: int = 5,

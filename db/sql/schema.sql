@@ -5525,6 +5525,9 @@ GRANT EXECUTE ON FUNCTION runtime.heartbeat(text, text, text, integer, text, jso
 -- query, which then needs this pure helper too
 GRANT EXECUTE ON FUNCTION trading._signed_qty(trading.positions)
     TO mmats_strategy, mmats_router, mmats_api, mmats_readonly;
+-- the bars the trading core prices an instrument with: the paper broker fills on them,
+-- and a strategy waits for the paper broker to have settled them
+GRANT EXECUTE ON FUNCTION market.finest_timeframe(bigint) TO mmats_strategy, mmats_router;
 
 -- the router: the queue, the broker's secrets, what a paper fill needs, reconciliation
 -- (risk: report_mismatch and breaker_mode, granted in 0002_07, live in that schema)

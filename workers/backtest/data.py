@@ -121,10 +121,10 @@ def instrument(conn: psycopg.Connection, symbol: str) -> Instrument:
                             f"name one as {name}@VENUE")
     iid, sym, ven, market, quote, tick, step, minimum = rows[0]
     return Instrument(iid, sym, ven, market, quote,
-                      InstrumentRules(_plain(tick), _plain(step), _plain(minimum)))
+                      InstrumentRules(plain(tick), plain(step), plain(minimum)))
 
 
-def _plain(value: Decimal) -> Decimal:
+def plain(value: Decimal) -> Decimal:
     """0.010000 -> 0.01 (the prices built from it print without trailing zeros)."""
     normal = value.normalize()
     exponent = normal.as_tuple().exponent

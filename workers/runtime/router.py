@@ -34,8 +34,11 @@ from typing import Any
 import psycopg
 from psycopg.types.json import Jsonb
 
+from workers.backtest.data import TIMEFRAME_US, plain
+from workers.backtest.simulator import InstrumentRules
 from workers.brokers import errors
 from workers.brokers.base import Broker, BrokerFill, BrokerOrder, OrderRequest
+from workers.ingest.backoff import BackoffPolicy
 from workers.runtime import log
 from workers.runtime.config import AccountConfig, RouterConfig
 from workers.runtime.paper import PaperBroker, PaperFill, PaperInstrument, bars_after
@@ -113,10 +116,17 @@ def check_environment(account: RoutedAccount, environment: str) -> None:
 
 def backoff_seconds(attempt: int, *, base: float = 0.5, cap: float = 60.0,
                     minimum: float | None = None, rng: random.Random | None = None) -> float:
-    """Exponential backoff with full jitter; `minimum` is the venue's Retry-After."""
-    r = rng or random
-    delay = r.uniform(0, min(cap, base * (2 ** min(max(attempt - 1, 0), 64))))
+    """The ingest worker's backoff policy (full jitter) for a message's `attempt`th read;
+    `minimum` is the venue's Retry-After."""
+    lo, hi = BackoffPolicy(base=base, cap=cap).bounds(max(attempt - 1, 0))
+    delay = lo + (hi - lo) * (rng or random).random()
     return max(delay, minimum or 0.0)
+
+
+def _venue(routed: RoutedAccount) -> Broker:
+    """A real venue's adapter (paper orders never reach a broker call)."""
+    assert not isinstance(routed.broker, PaperBroker)
+    return routed.broker
 
 
 class Router(Worker):
@@ -234,8 +244,11 @@ class Router(Worker):
         if order.status in _TERMINAL:
             self._archive(msg_id)
             return
-        if isinstance(routed.broker, PaperBroker) and order.status in ("created", "in_flight"):
-            self._accept_paper(routed, order, msg_id)
+        if isinstance(routed.broker, PaperBroker):
+            if order.status in ("created", "in_flight"):
+                self._accept_paper(routed, order, msg_id)
+            else:  # already in the paper book (the ledger): the bars fill it from there
+                self._archive(msg_id)
             return
         # a message seen before (or an order already in flight) may have reached the
         # venue: look it up by client order id before placing it
@@ -316,11 +329,7 @@ class Router(Worker):
                        lookup: bool = True) -> BrokerOrder:
         """The order at the broker: found by its client id (a message delivered again
         after a crash or a timeout), or placed now."""
-        broker = routed.broker
-        if isinstance(broker, PaperBroker):
-            return BrokerOrder(f"paper-{order.client_order_id}", order.client_order_id,
-                               order.symbol, order.side, order.quantity,  # type: ignore[arg-type]
-                               order.filled_quantity, None, "submitted")
+        broker = _venue(routed)
         if lookup:
             try:
                 return broker.order_status(client_order_id=order.client_order_id,
@@ -330,12 +339,7 @@ class Router(Worker):
         return broker.place_order(order.request())
 
     def _status(self, routed: RoutedAccount, order: Order) -> BrokerOrder:
-        broker = routed.broker
-        if isinstance(broker, PaperBroker):  # the book is the ledger
-            return BrokerOrder(order.broker_order_id or f"paper-{order.client_order_id}",
-                               order.client_order_id, order.symbol, order.side,  # type: ignore[arg-type]
-                               order.quantity, order.filled_quantity, None, "submitted")
-        return broker.order_status(broker_order_id=order.broker_order_id,
+        return _venue(routed).order_status(broker_order_id=order.broker_order_id,
                                    client_order_id=order.client_order_id, symbol=order.symbol)
 
     def _settle(self, routed: RoutedAccount, order: Order, answer: BrokerOrder,
@@ -345,25 +349,14 @@ class Router(Worker):
             order.status = "submitted"
             self._emit("order.acknowledged", order, broker_order_id=answer.broker_order_id)
         fills = list(answer.fills)
-        broker = routed.broker
-        if not fills and answer.filled_quantity > order.filled_quantity and not isinstance(
-                broker, PaperBroker):
+        if not fills and answer.filled_quantity > order.filled_quantity:
             # venues that report cumulative quantities on the order (Alpaca): the
             # executions themselves come from the venue's fill history
             since = order.created_at - timedelta(minutes=5)
-            fills = [f for f in broker.fills_since(since, order.symbol)
+            fills = [f for f in _venue(routed).fills_since(since, order.symbol)
                      if f.broker_order_id == answer.broker_order_id]
         for fill in fills:
             self._apply_broker_fill(order, fill)
-        if isinstance(routed.broker, PaperBroker):
-            # a protective order fills on the bar that fired it, now; any other waits in
-            # the paper book (the ledger) for its bar. Archived only then: the outcome is
-            # recorded before the message goes
-            inst = self._instrument(order.instrument_id)
-            if inst is not None:
-                self._settle_paper(routed, inst, bars_after(self._c, inst, None))
-            self._archive(msg_id)
-            return
         recorded = self._order(order.order_id)
         missing = recorded is None or answer.filled_quantity > recorded.filled_quantity
         if answer.status == "cancelled" and not missing:
@@ -445,20 +438,17 @@ class Router(Worker):
     # ------------------------------------------------------------------ paper fills
     def _instrument(self, instrument_id: int) -> PaperInstrument | None:
         if instrument_id not in self._instruments:
+            # the paper broker fills on the bars the trading core prices with
             row = self._c.execute(
                 "SELECT i.symbol, i.price_tick, i.quantity_step, i.min_quantity, "
-                "(SELECT min(b.timeframe) FROM market.bars b "
-                " WHERE b.instrument_id = i.instrument_id)::text "
+                "market.finest_timeframe(i.instrument_id)::text "
                 "FROM market.instruments i WHERE i.instrument_id = %s",
                 (instrument_id,)).fetchone()
             if row is None or row[4] is None:
                 return None
-            from workers.backtest.data import TIMEFRAME_US, _plain
-            from workers.backtest.simulator import InstrumentRules
-
             self._instruments[instrument_id] = PaperInstrument(
                 instrument_id, row[0], row[4],
-                InstrumentRules(_plain(row[1]), _plain(row[2]), _plain(row[3])),
+                InstrumentRules(plain(row[1]), plain(row[2]), plain(row[3])),
                 TIMEFRAME_US[row[4]])
         return self._instruments[instrument_id]
 
@@ -577,5 +567,3 @@ class Router(Worker):
                     self._pending_bars[key] = last[0]
 
 
-def time_ms() -> float:
-    return time.perf_counter() * 1000

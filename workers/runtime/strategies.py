@@ -21,7 +21,7 @@ import json
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from functools import partial
 from typing import Any
@@ -56,7 +56,7 @@ SELECT ts, open, high, low, close, volume FROM (
     ORDER BY ts DESC LIMIT %(n)s) x
 ORDER BY ts
 """
-_EPOCH = datetime(1970, 1, 1).astimezone()
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 
 class SeriesCache:
@@ -172,7 +172,7 @@ class Assignment:
     last: datetime | None = None
     indicators: tuple[str, ...] = ()
     errors: int = 0
-    paper_tf: dict[int, str] = field(default_factory=dict)  # the paper broker's bars
+    paper_tf: dict[int, str] = field(default_factory=dict)  # the paper broker's, once known
     last_fill: int = 0  # the strategy's events told so far (on_order_filled / _rejected)
     last_change: datetime | None = None
 
@@ -293,11 +293,6 @@ class StrategyWorker(Worker):
                 until = a.last if a.last is not None else datetime.now().astimezone()
                 cache.load(c, until, max(self.history_bars, warmup * 3))
                 self.caches[key] = cache
-            if environment == "paper":
-                tf = c.execute("SELECT min(timeframe)::text FROM market.bars "
-                               "WHERE instrument_id = %s", (iid,)).fetchone()
-                if tf and tf[0]:
-                    a.paper_tf[iid] = tf[0]
         if a.last is None:  # a new assignment starts with the next bar stored from now on
             row = c.execute("SELECT max(ts) FROM market.bars WHERE instrument_id = ANY(%s) "
                             "AND timeframe = %s", ([i[0] for i in instruments],
@@ -538,9 +533,9 @@ class StrategyWorker(Worker):
         no wait. The router announces each move of its resume points (mmats_cursor)."""
         names = []
         for iid in instruments:
-            if iid not in a.paper_tf:  # its first bars came after the start
-                row = self._c.execute("SELECT min(timeframe)::text FROM market.bars "
-                                      "WHERE instrument_id = %s", (iid,)).fetchone()
+            if iid not in a.paper_tf:  # the bars the paper broker fills on
+                row = self._c.execute("SELECT market.finest_timeframe(%s)::text",
+                                      (iid,)).fetchone()
                 if row and row[0]:
                     a.paper_tf[iid] = row[0]
             if a.paper_tf.get(iid) == a.config.timeframe:
