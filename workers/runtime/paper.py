@@ -64,9 +64,11 @@ WHERE instrument_id = %(instrument)s AND timeframe = %(tf)s AND ts <= %(at)s
 ORDER BY ts DESC LIMIT 1
 """
 
-_HELD = """
-SELECT COALESCE(sum(CASE WHEN leg = 'short' THEN -quantity ELSE quantity END), 0)
-FROM trading.positions WHERE account_id = %(account)s AND instrument_id = %(instrument)s
+_BOOK = """
+SELECT (SELECT cash FROM trading.accounts WHERE account_id = %(account)s),
+       (SELECT COALESCE(sum(CASE WHEN leg = 'short' THEN -quantity ELSE quantity END), 0)
+        FROM trading.positions
+        WHERE account_id = %(account)s AND instrument_id = %(instrument)s)
 """
 
 
@@ -157,19 +159,26 @@ class PaperBroker:
         orders = self.open_orders(conn, inst)
         if not orders or not bar_rows:
             return out
+        # each order with the bars that may fill it (by index into bar_rows)
+        ready = []
+        for row in orders:
+            after = self._ready_after(conn, inst, row)
+            if after is None:
+                ready.append((row, [len(bar_rows) - 1]))
+            else:
+                after_us = to_us(after)
+                ready.append((row, [k for k, r in enumerate(bar_rows) if to_us(r[0]) > after_us]))
+        if not any(candidates for _row, candidates in ready):
+            return out  # (an order from a signal on the latest bar waits for the next)
         atr = self._atr(conn, inst, bar_rows[-1][0]) if self.sim.costs.slippage.kind == "atr" \
             else None
         bars = [sim_bar(r, atr) for r in bar_rows]
-        cash = Decimal(conn.execute("SELECT cash FROM trading.accounts WHERE account_id = %s",
-                                    (self.account_id,)).fetchone()[0])  # type: ignore[index]
-        held = Decimal(conn.execute(_HELD, {"account": self.account_id,
-                                            "instrument": inst.instrument_id}).fetchone()[0])  # type: ignore[index]
-        for row in orders:
-            after = self._ready_after(conn, inst, row)
-            candidates = bars if after is not None else bars[-1:]
-            for bar in candidates:
-                if after is not None and bar.ts_us <= to_us(after):
-                    continue
+        cash, held = conn.execute(_BOOK, {"account": self.account_id,
+                                          "instrument": inst.instrument_id}).fetchone()  # type: ignore[misc]
+        cash, held = Decimal(cash), Decimal(held)
+        for row, candidates in ready:
+            for k in candidates:
+                bar = bars[k]
                 order = self._sim_order(row, held)
                 fill = self.sim.match(order, bar, inst.rules, cash=cash)
                 if fill is None:

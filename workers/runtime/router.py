@@ -297,7 +297,7 @@ class Router(Worker):
         self._settle(routed, order, answer, msg_id)
 
     def _accept_paper(self, routed: RoutedAccount, order: Order, msg_id: int) -> None:
-        """A paper order enters the paper book (the ledger) in one transaction: in flight,
+        """A paper order enters the paper book (the ledger) in one transaction:
         acknowledged, filled at once if it is a protective order (on the bar that fired
         it), its message archived. No broker call lies between, so nothing is gained by
         committing each step, and a crash leaves the message to be read again."""
@@ -310,8 +310,8 @@ class Router(Worker):
         for attempt in range(1, 6):
             try:
                 with self._c.transaction():
-                    if order.status == "created":
-                        self._call("mark_in_flight", order.client_order_id)
+                    # created -> submitted directly: with no broker call between, the
+                    # order is never in flight (its fate is known in this transaction)
                     self._call("acknowledge_order", order.client_order_id,
                                f"paper-{order.client_order_id}")
                     inst = self._instrument(order.instrument_id)

@@ -33,10 +33,18 @@ from psycopg.types.json import Jsonb, set_json_loads
 
 from strategies.base import IStrategy
 from strategies.events import OrderFilled, OrderRejected
+from strategies.indicators import parse_indicator
 from strategies.isolation import StrategyGuard
 from strategies.loader import StrategyLoader
-from strategies.market import AccountState, Bar, Environment, PositionState, StrategyContext
-from strategies.series import BarSeries
+from strategies.market import (
+    AccountState,
+    Bar,
+    Environment,
+    MarketData,
+    PositionState,
+    StrategyContext,
+)
+from strategies.series import COLUMNS, BarSeries
 from strategies.signal import TradeSignal
 from workers.backtest.data import TIMEFRAME_US, from_us, to_us
 from workers.runtime import log
@@ -44,6 +52,19 @@ from workers.runtime.config import StrategyConfig
 from workers.runtime.worker import Worker, connect
 
 _ONE_US = timedelta(microseconds=1)
+IDLE = psycopg.pq.TransactionStatus.IDLE
+_ACCOUNT = """
+SELECT e.cash, e.equity, p.symbols, p.quantities, p.average_prices, p.last_prices
+FROM trading.account_equity(%(account)s) e,
+     LATERAL (SELECT array_agg(i.symbol ORDER BY p.position_id) AS symbols,
+                     array_agg(CASE WHEN p.leg = 'short' THEN -p.quantity ELSE p.quantity END
+                               ORDER BY p.position_id) AS quantities,
+                     array_agg(p.average_price ORDER BY p.position_id) AS average_prices,
+                     array_agg(p.last_price ORDER BY p.position_id) AS last_prices
+              FROM trading.positions p JOIN market.instruments i USING (instrument_id)
+              WHERE p.account_id = %(account)s AND p.quantity <> 0
+                AND (p.strategy_id IS NULL OR p.strategy_id = %(strategy)s)) p
+"""
 _BARS = """
 SELECT ts, open, high, low, close, volume FROM market.bars
 WHERE instrument_id = %(instrument)s AND timeframe = %(tf)s AND ts > %(after)s
@@ -80,6 +101,10 @@ class SeriesCache:
         self._n = 0
         self._series: BarSeries | None = None
         self._series_key: tuple[int, int, tuple[str, ...]] | None = None
+        # the indicators of every strategy reading this cache: computed together, once
+        # per bar, and each strategy shown only its own (as a backtest shows them)
+        self.wanted: tuple[str, ...] = ()
+        self._views: dict[tuple[str, ...], tuple[dict[str, Any], tuple[str, ...]]] = {}
 
     @property
     def ts_us(self) -> npt.NDArray[np.int64]:
@@ -142,17 +167,41 @@ class SeriesCache:
         i = int(np.searchsorted(self.ts_us, us))
         return i if i < self._n and self._ts[i] == us else None
 
-    def series(self, indicators: tuple[str, ...]) -> BarSeries:
-        """Indicators over every bar held (never past the last one)."""
-        key = (self._n, int(self._ts[self._n - 1]) if self._n else 0, indicators)
+    def want(self, indicators: Iterable[str]) -> None:
+        """Add a strategy's indicators to those computed over this cache."""
+        merged = tuple(dict.fromkeys((*self.wanted, *indicators)))
+        if merged != self.wanted:
+            self.wanted = merged
+            self._series = None
+
+    def series(self, indicators: tuple[str, ...] | None = None) -> BarSeries:
+        """Indicators over every bar held (never past the last one): `indicators`, or
+        every wanted one."""
+        names = self.wanted if indicators is None else indicators
+        key = (self._n, int(self._ts[self._n - 1]) if self._n else 0, names)
         if self._series is None or self._series_key != key:
             n = self._n
-            columns = {name: self._cols[k, :n] for k, name in
-                       enumerate(("open", "high", "low", "close", "volume"))}
+            columns = {name: self._cols[k, :n] for k, name in enumerate(COLUMNS)}
             self._series = BarSeries.from_columns(self.symbol, columns, self.bars.__getitem__,
-                                                  indicators)
+                                                  names)
             self._series_key = key
+            self._views = {}
         return self._series
+
+    def market_data(self, indicators: tuple[str, ...], i: int) -> MarketData:
+        """Bar i as a strategy asking for `indicators` sees it: the prices and its own
+        indicators only, the values computed once for every strategy of the cache."""
+        self.want(indicators)
+        full = self.series()
+        view = self._views.get(indicators)
+        if view is None:
+            keys = tuple(dict.fromkeys(k for name in indicators
+                                       for k in parse_indicator(name).keys))
+            columns = {c: full.columns[c] for c in (*COLUMNS, *keys)}
+            view = self._views[indicators] = (columns, keys)
+        columns, keys = view
+        bar_at = self.bars.__getitem__
+        return MarketData.at(self.symbol, columns, i, keys, lambda: bar_at(i))
 
 
 @dataclass
@@ -202,6 +251,7 @@ class StrategyWorker(Worker):
         self.conn: psycopg.Connection | None = None
         self.listen: psycopg.Connection | None = None
         self._dirty: set[tuple[int, str]] = set()
+        self._settled: dict[str, datetime] = {}  # paper resume points last seen
         self._last_reload = 0.0
         self.counts = {"bars": 0, "signals": 0, "errors": 0}
 
@@ -364,16 +414,21 @@ class StrategyWorker(Worker):
                 log.event(self.log, "strategy reloaded", strategy=name, account=a.account)
 
     def process(self, dirty: set[tuple[int, str]]) -> None:
-        """Run the strategies over every bar that arrived, in time order."""
+        """Run the strategies over every bar that arrived, in time order: the entries
+        whose bars close at the same time run as one step (one paper wait, one read of
+        their events, one transaction for their signals and resume points)."""
         self.counts["bars"] += self._refresh(sorted(dirty))
         self._c.commit()
+        steps: dict[int, list[tuple[Assignment, int]]] = {}
         for a in self.assignments:
             if not any((iid, a.config.timeframe) in dirty for iid, _s, _v in a.instruments):
                 continue
             for t_us in self._times(a):
-                if self.stop_event.is_set():
-                    return
-                self._run_bar(a, t_us)
+                steps.setdefault(t_us + a.tf_us, []).append((a, t_us))
+        for close_us in sorted(steps):
+            if self.stop_event.is_set():
+                return
+            self._run_step(steps[close_us])
 
     def _refresh(self, keys: list[tuple[int, str]]) -> int:
         """The new bars of every cache in `keys`, in one query."""
@@ -408,55 +463,80 @@ class StrategyWorker(Worker):
             times.update(int(t) for t in ts[np.searchsorted(ts, after, side="right"):])
         return sorted(times)
 
-    def _run_bar(self, a: Assignment, t_us: int) -> None:
-        bar_ts = from_us(t_us)
-        close = from_us(t_us + a.tf_us)
-        members = []
-        for iid, symbol, venue in a.instruments:
-            cache = self.caches[(iid, a.config.timeframe)]
-            i = cache.index(bar_ts)
-            if i is not None:
-                members.append((iid, symbol, venue, cache, i))
-        if a.environment == "paper":
-            self._wait_for_paper(a, [m[0] for m in members], bar_ts)
-        self._deliver_events(a)
-        data = {symbol: cache.series(a.indicators).market_data(i)
-                for _iid, symbol, _venue, cache, i in members}
-        context = StrategyContext(Environment(a.environment), close, data,
-                                  partial(self._account_state, a), dict(a.strategy.params),
-                                  self.log)
-        result = self.guard.run_isolated(a.strategy, context)
-        if result.error is not None:
-            self.counts["errors"] += 1
-            a.errors += 1
-            if a.errors <= 3 or result.error.disabled:
-                self.report("STRATEGY_ERROR", str(result.error), account=a.account)
-        by_symbol = {m[1]: m for m in members}
-        refused: list[OrderRejected] = []
+    def _run_step(self, entries: list[tuple[Assignment, int]]) -> None:
+        """The bars closing at one time, for every entry that has one: wait for the paper
+        broker, tell each strategy its events, run each one isolated, then record all
+        their signals and resume points in one transaction."""
+        prepared = []
+        for a, t_us in entries:
+            bar_ts = from_us(t_us)
+            members = []
+            for iid, symbol, venue in a.instruments:
+                cache = self.caches[(iid, a.config.timeframe)]
+                i = cache.index(bar_ts)
+                if i is not None:
+                    members.append((iid, symbol, venue, cache, i))
+            if a.environment == "paper":
+                self._wait_for_paper(a, [m[0] for m in members], bar_ts)
+            prepared.append((a, t_us, members))
+        self._deliver_events([a for a, _t, _m in prepared])
+        decided = []
+        for a, t_us, members in prepared:
+            close = from_us(t_us + a.tf_us)
+            data = {symbol: cache.market_data(a.indicators, i)
+                    for _iid, symbol, _venue, cache, i in members}
+            context = StrategyContext(Environment(a.environment), close, data,
+                                      partial(self._account_state, a), dict(a.strategy.params),
+                                      self.log)
+            result = self.guard.run_isolated(a.strategy, context)
+            if result.error is not None:
+                self.counts["errors"] += 1
+                a.errors += 1
+                if a.errors <= 3 or result.error.disabled:
+                    self.report("STRATEGY_ERROR", str(result.error), account=a.account)
+            decided.append((a, from_us(t_us), close, {m[1]: m for m in members},
+                            list(result.signals)))
+        if self._c.info.transaction_status != IDLE:
+            self._c.commit()  # (reads only so far)
         try:
-            for attempt in range(1, 6):
-                refused = []
-                try:
-                    for sig in result.signals:
-                        answer = self._submit(a, sig, by_symbol, close)
-                        if answer.get("status") == "rejected":
-                            refused.append(OrderRejected(
-                                symbol=sig.symbol, reason_code=str(answer.get("reason_code")
-                                                                   or "REJECTED"),
-                                reason=str(answer.get("reason") or ""), ts=close,
-                                signal_id=answer.get("signal_id")))
-                    self._c.execute("SELECT runtime.advance_cursor(%s, NULL, %s)",
-                                    (a.cursor, bar_ts))
-                    self._c.commit()
-                    break
-                except (psycopg.errors.DeadlockDetected,
-                        psycopg.errors.SerializationFailure):
-                    # the server cancelled the bar's transaction to break a lock cycle
-                    # with the router: nothing of it was kept, so send it again
-                    self._c.rollback()
-                    if attempt == 5:
-                        raise
-                    time.sleep(0.005 * attempt)
+            refused = self._record(decided)
+        except psycopg.Error:
+            # one entry's signals failed (their transaction is gone): record each entry
+            # on its own, so that only the failing one loses its bar
+            self._c.rollback()
+            refused = []
+            for item in decided:
+                refused.extend(self._record_alone(item))
+        for a, _bar_ts, _close, _members, _signals in decided:
+            a.last = _bar_ts
+        for a, event in refused:  # after the commit: a retried transaction tells it once
+            self._hook(a, a.strategy.on_order_rejected, event)
+
+    def _record(self, decided: list[tuple[Any, ...]]) -> list[tuple[Assignment, OrderRejected]]:
+        """Every entry's signals of the step and their resume points, one transaction
+        (sent again when the server broke a lock cycle with the router)."""
+        for attempt in range(1, 6):
+            try:
+                refused: list[tuple[Assignment, OrderRejected]] = []
+                for a, _bar_ts, close, members, signals in decided:
+                    refused.extend((a, r) for r in self._submit_all(a, signals, members, close))
+                self._c.execute("SELECT runtime.advance_cursor(n, NULL, t) "
+                                "FROM unnest(%s::text[], %s::timestamptz[]) AS x(n, t)",
+                                ([d[0].cursor for d in decided], [d[1] for d in decided]))
+                self._c.commit()
+                return refused
+            except (psycopg.errors.DeadlockDetected, psycopg.errors.SerializationFailure):
+                # nothing of the transaction was kept: send it again
+                self._c.rollback()
+                if attempt == 5:
+                    raise
+                time.sleep(0.005 * attempt)
+        raise AssertionError("unreachable")
+
+    def _record_alone(self, item: tuple[Any, ...]) -> list[tuple[Assignment, OrderRejected]]:
+        a, bar_ts, close, _members, _signals = item
+        try:
+            refused = self._record([item])
         except psycopg.Error as exc:
             self._c.rollback()
             refused = []  # rolled back with the bar: nothing was refused
@@ -464,19 +544,40 @@ class StrategyWorker(Worker):
                         f"{str(exc).splitlines()[0]}", account=a.account)
             self._c.execute("SELECT runtime.advance_cursor(%s, NULL, %s)", (a.cursor, bar_ts))
             self._c.commit()
-        a.last = bar_ts
-        for event in refused:  # after the commit: a retried transaction tells it once
-            self._hook(a, a.strategy.on_order_rejected, event)
+        return refused
 
-    def _deliver_events(self, a: Assignment) -> None:
-        """The strategy's fills and refused or cancelled orders since it was last told,
-        before it sees the bar (as a backtest calls on_order_filled when it fills)."""
+    def _submit_all(self, a: Assignment, signals: list[TradeSignal], members: dict[str, Any],
+                    close: datetime) -> list[OrderRejected]:
+        refused = []
+        for sig in signals:
+            answer = self._submit(a, sig, members, close)
+            if answer.get("status") == "rejected":
+                refused.append(OrderRejected(
+                    symbol=sig.symbol, reason_code=str(answer.get("reason_code") or "REJECTED"),
+                    reason=str(answer.get("reason") or ""), ts=close,
+                    signal_id=answer.get("signal_id")))
+        return refused
+
+    def _deliver_events(self, entries: list[Assignment]) -> None:
+        """Each strategy's fills and refused or cancelled orders since it was last told,
+        before it sees the bar (as a backtest calls on_order_filled when it fills): one
+        query for every entry of the step."""
+        if not entries:
+            return
         rows = self._c.execute(
-            "SELECT kind, id, order_id, symbol, side, quantity, price, commission, ts, "
-            "signal_id, reason_code, reason FROM trading.strategy_events(%s, %s, %s, %s)",
-            (a.account_id, a.strategy_id, a.last_fill, a.last_change)).fetchall()
-        for (kind, id_, order_id, symbol, side, qty, price, commission, ts, signal_id, code,
+            "SELECT x.k, e.kind, e.id, e.order_id, e.symbol, e.side, e.quantity, e.price, "
+            "e.commission, e.ts, e.signal_id, e.reason_code, e.reason "
+            "FROM unnest(%s::int[], %s::bigint[], %s::bigint[], %s::bigint[], "
+            "            %s::timestamptz[]) AS x(k, account, strategy, after_fill, after_change),"
+            " LATERAL trading.strategy_events(x.account, x.strategy, x.after_fill, "
+            "                                 x.after_change) e "
+            "ORDER BY x.k, e.ts, e.kind, e.id",
+            (list(range(len(entries))), [a.account_id for a in entries],
+             [a.strategy_id for a in entries], [a.last_fill for a in entries],
+             [a.last_change for a in entries])).fetchall()
+        for (k, kind, id_, order_id, symbol, side, qty, price, commission, ts, signal_id, code,
              reason) in rows:
+            a = entries[k]
             if kind == "fill":
                 a.last_fill = max(a.last_fill, int(id_))
                 self._hook(a, a.strategy.on_order_filled, OrderFilled(
@@ -540,16 +641,24 @@ class StrategyWorker(Worker):
                     a.paper_tf[iid] = row[0]
             if a.paper_tf.get(iid) == a.config.timeframe:
                 names.append(f"paper:{iid}:{a.config.timeframe}")
+        # (resume points only move forward: one seen past the bar needs no second look,
+        # so the entries of a step that share instruments wait once)
+        names = [n for n in names if n not in self._settled or self._settled[n] < bar_ts]
         if not names:
             return
         deadline = time.monotonic() + self.paper_wait_seconds
         while True:
             row = self._c.execute(
                 "SELECT (SELECT mode::text FROM trading.accounts WHERE account_id = %s), "
-                "(SELECT count(*) FROM runtime.cursors WHERE name = ANY(%s) AND at >= %s)",
-                (a.account_id, names, bar_ts)).fetchone()
+                "c.names, c.ats FROM (SELECT array_agg(name ORDER BY name) AS names, "
+                "array_agg(at ORDER BY name) AS ats FROM runtime.cursors "
+                "WHERE name = ANY(%s)) c",
+                (a.account_id, names)).fetchone()
             assert row is not None
-            if row[0] != "operator" or row[1] == len(names):
+            for name, at in zip(row[1] or (), row[2] or (), strict=True):
+                self._settled[name] = at
+            if row[0] != "operator" or all(self._settled.get(n, _EPOCH) >= bar_ts
+                                           for n in names):
                 return
             if time.monotonic() > deadline:
                 self.report("PAPER_BROKER_LATE",
@@ -566,24 +675,22 @@ class StrategyWorker(Worker):
             self._note(note.channel, note.payload)
 
     def _account_state(self, a: Assignment) -> AccountState:
-        """The ledger's view of the account now (in a savepoint: a failure here is the
-        strategy's error and leaves the bar's transaction usable)."""
-        c = self._c
-        with c.transaction():
-            return self._read_account(c, a)
-
-    def _read_account(self, c: psycopg.Connection, a: Assignment) -> AccountState:
-        eq = c.execute("SELECT cash, equity FROM trading.account_equity(%s)",
-                       (a.account_id,)).fetchone()
-        rows = c.execute(
-            "SELECT i.symbol, CASE WHEN p.leg = 'short' THEN -p.quantity ELSE p.quantity END, "
-            "p.average_price, p.last_price FROM trading.positions p "
-            "JOIN market.instruments i USING (instrument_id) WHERE p.account_id = %s "
-            "AND p.quantity <> 0 AND (p.strategy_id IS NULL OR p.strategy_id = %s)",
-            (a.account_id, a.strategy_id)).fetchall()
+        """The ledger's view of the account now, in one query. Nothing of the step is
+        written yet when a strategy asks, so a failure here (the strategy's error) is
+        rolled back without loss."""
+        try:
+            row = self._c.execute(_ACCOUNT, {"account": a.account_id,
+                                             "strategy": a.strategy_id}).fetchone()
+        except psycopg.Error:
+            self._c.rollback()
+            raise
+        if row is None:
+            return AccountState(cash=Decimal(0), equity=Decimal(0), currency=a.currency,
+                                positions={})
+        cash, equity, symbols, quantities, averages, lasts = row
         positions = {}
-        for symbol, qty, avg, last in rows:
+        for symbol, qty, avg, last in zip(symbols or (), quantities or (), averages or (),
+                                          lasts or (), strict=True):
             mark = last if last is not None else avg
             positions[symbol] = PositionState(qty, avg, qty * (mark - avg))
-        cash, equity = (eq if eq is not None else (Decimal(0), Decimal(0)))
         return AccountState(cash=cash, equity=equity, currency=a.currency, positions=positions)
