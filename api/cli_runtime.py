@@ -229,6 +229,8 @@ def prepare_replay(conn: psycopg.Connection, *, strategy: str, symbols: list[str
             text = "\n".join([
                 f"# replay session {n}, written by `mmats paper` (safe to delete)",
                 "[runtime]", "heartbeat_seconds = 1",
+                # a replay step's bars are one INSERT: no bar of that time can come later
+                "bar_grace_seconds = 0",
                 "strategy_dirs = [" + ", ".join(
                     '"' + str(Path(d).resolve()).replace("\\", "\\\\").replace('"', '\\"')
                     + '"' for d in strategy_dirs) + "]", "",

@@ -265,7 +265,7 @@ def prepare_session(conn: psycopg.Connection, home: Path, symbols: list[str],
     symbols_toml = "[" + ", ".join(_toml(f"{p[2]}@{venue}") for p in pairs) + "]"
     lines = [f"# benchmarks/bench_live_path.py: replay session {n}, "
              f"{len(entries)} strategies x {len(pairs)} symbols",
-             "[runtime]", "heartbeat_seconds = 1", "",
+             "[runtime]", "heartbeat_seconds = 1", "bar_grace_seconds = 0", "",
              "[router]", "visibility_seconds = 5", "poll_ms = 20", ""]
     for account, (name, params) in zip(accounts, entries, strict=True):
         lines += ["[[accounts]]", f"name = {_toml(account)}", 'environment = "paper"',

@@ -54,6 +54,8 @@ ACC = '[[accounts]]\nname = "a"\n'
     ('[[feeds]]\nmarket = "crypto"\nvenue = "ccxt:binance"\nsymbols = []\ntimeframes = ["1m"]',
      r"symbols must be a non-empty list"),
     ('[router]\nvisibility_seconds = 0', r"visibility_seconds must be >= 1"),
+    ('[runtime]\nbar_grace_seconds = -1', r"\[runtime\] bar_grace_seconds must be >= 0"),
+    ('[runtime]\nbar_grace_seconds = "soon"', r"bar_grace_seconds must be a number"),
 ])
 def test_mistakes_are_refused_with_one_line_naming_the_entry(text, message):
     with pytest.raises(rc.RuntimeConfigError, match=message) as info:
@@ -72,3 +74,14 @@ def test_hostile_strings_stay_data(tmp_path):
         rc.load(bad)
     with pytest.raises(rc.RuntimeConfigError, match=r"no such configuration file"):
         rc.load(tmp_path / "missing.toml")
+
+
+def test_bar_grace_defaults_to_three_seconds_and_is_passed_to_the_strategy_worker():
+    from workers.runtime.supervisor import build_worker
+
+    assert _parse(ACC).bar_grace_seconds == 3.0
+    cfg = _parse('[runtime]\nbar_grace_seconds = 0.5\n' + ACC + '[[strategies]]\naccount = "a"\n'
+                 'name = "s"\nsymbols = ["X"]')
+    assert cfg.bar_grace_seconds == 0.5
+    worker = build_worker("strategies", cfg, "postgresql://unused")  # (connects at start)
+    assert worker.bar_grace_seconds == 0.5  # type: ignore[attr-defined]

@@ -223,6 +223,7 @@ def make_worker(db_url: str, tmp_path: Path, workers: list[StrategyWorker],
         options.setdefault("poll_ms", 20)
         options.setdefault("paper_wait_seconds", 0.05)
         options.setdefault("reload_seconds", 3600.0)
+        options.setdefault("bar_grace_seconds", 0.3)
         w = StrategyWorker(db_url, list(configs), strategy_dirs=[tmp_path], **options)
         workers.append(w)
         w.start()
@@ -793,23 +794,81 @@ def test_a_new_assignment_next_to_a_resumed_one_starts_with_the_next_bar(
     assert signals(owner, "adv", "echo") == []  # new: it starts with the next bar
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: a multi-symbol assignment's cursor passes time t "
-                   "with the first symbol's bar; another symbol's bar of the same t that "
-                   "commits a moment later never reaches the strategy")
-def test_a_bar_of_the_same_time_arriving_later_is_not_skipped(
+def test_a_bar_of_the_same_time_arriving_a_moment_later_is_seen_with_the_others(
         owner: psycopg.Connection, tmp_path: Path, btc: int, eth: int,
         make_worker: Callable[..., StrategyWorker]) -> None:
+    """Two feeds commit the bars of one minute a moment apart: the entry waits (within
+    its grace) and its strategy sees both bars in one call, as a backtest shows them."""
     write_strategy(tmp_path, "recorder")
     cfg = entry("adv", "recorder", "BTCUSD", "ETHUSD")
     setup(owner, tmp_path, [paper("adv")], [cfg])
-    w = make_worker([cfg])
+    w = make_worker([cfg], bar_grace_seconds=30.0)
+    cursor = "strategy:adv:recorder:1m"
     add_bars(owner, [(btc, 5, "105")])
-    pump(w, lambda: cursor_at(owner, "strategy:adv:recorder:1m") == ts(5))
+    pump(w)
+    assert strategy_of(w, cursor).calls == [] and cursor_at(owner, cursor) == ts(4)
     add_bars(owner, [(eth, 5, "55")])  # its feed is a moment slower
-    pump(w)
-    pump(w)
+    pump(w, lambda: cursor_at(owner, cursor) == ts(5))
+    assert [(now, sorted(seen)) for now, seen in strategy_of(w, cursor).calls] == [
+        (close_of(5), ["BTCUSD", "ETHUSD"])]
     assert sorted((g["symbol"], g["ts"]) for g in signals(owner, "adv")) == [
         ("BTCUSD", close_of(5) - ONE_US), ("ETHUSD", close_of(5) - ONE_US)]
+    assert errors(owner, "BAR_LATE") == []
+
+
+def test_a_symbol_without_a_bar_holds_the_others_no_longer_than_the_grace(
+        owner: psycopg.Connection, tmp_path: Path, btc: int, eth: int,
+        make_worker: Callable[..., StrategyWorker]) -> None:
+    """No ETH bar at 5 (nothing traded): BTC's bar runs alone once the grace is over;
+    ETH, now behind, is not waited for at 6; its bar of 5 arriving after all is
+    reported as late and reaches the strategy only as history."""
+    write_strategy(tmp_path, "recorder")
+    cfg = entry("adv", "recorder", "BTCUSD", "ETHUSD")
+    setup(owner, tmp_path, [paper("adv")], [cfg])
+    w = make_worker([cfg], bar_grace_seconds=0.5)
+    cursor = "strategy:adv:recorder:1m"
+    add_bars(owner, [(btc, 5, "105")])
+    started = time.monotonic()
+    pump(w, lambda: cursor_at(owner, cursor) == ts(5))
+    assert time.monotonic() - started >= 0.5, "it ran before the grace was over"
+    add_bars(owner, [(btc, 6, "106")])
+    pump(w, lambda: cursor_at(owner, cursor) == ts(6), timeout=0.45)  # no second grace
+    assert [(now, sorted(seen)) for now, seen in strategy_of(w, cursor).calls] == [
+        (close_of(5), ["BTCUSD"]), (close_of(6), ["BTCUSD"])]
+    assert errors(owner, "BAR_LATE") == []
+    add_bars(owner, [(eth, 5, "55")])
+    pump(w)
+    (late,) = errors(owner, "BAR_LATE")
+    assert "ETHUSD 1m bar of 2024-01-02T00:05:00+00:00 arrived after" in late["message"]
+    assert len(strategy_of(w, cursor).calls) == 2
+    add_bars(owner, [(btc, 7, "107"), (eth, 7, "57")])
+    pump(w, lambda: cursor_at(owner, cursor) == ts(7))
+    now, seen = strategy_of(w, cursor).calls[-1]
+    assert now == close_of(7) and sorted(seen) == ["BTCUSD", "ETHUSD"]
+    # ETH's history holds its late bar: 0-4, 5 and 7 (it has none at 6); BTC's 0-7
+    assert (seen["ETHUSD"]["hist_len"], seen["BTCUSD"]["hist_len"]) == (7, 8)
+    assert [g["symbol"] for g in signals(owner, "adv") if g["ts"] == close_of(5) - ONE_US] == [
+        "BTCUSD"]
+
+
+def test_a_symbol_whose_next_bar_is_already_here_is_not_waited_for(
+        owner: psycopg.Connection, tmp_path: Path, btc: int, eth: int,
+        make_worker: Callable[..., StrategyWorker]) -> None:
+    """ETH's bar of 6 is stored with BTC's of 5: ETH has no bar at 5 (a gap), so 5 runs at
+    once; 6 then waits for BTC's bar of 6."""
+    write_strategy(tmp_path, "recorder")
+    cfg = entry("adv", "recorder", "BTCUSD", "ETHUSD")
+    setup(owner, tmp_path, [paper("adv")], [cfg])
+    w = make_worker([cfg], bar_grace_seconds=30.0)
+    cursor = "strategy:adv:recorder:1m"
+    add_bars(owner, [(btc, 5, "105"), (eth, 6, "56")])
+    pump(w, lambda: cursor_at(owner, cursor) == ts(5))
+    pump(w)
+    assert cursor_at(owner, cursor) == ts(5)
+    add_bars(owner, [(btc, 6, "106")])
+    pump(w, lambda: cursor_at(owner, cursor) == ts(6))
+    assert [(now, sorted(seen)) for now, seen in strategy_of(w, cursor).calls] == [
+        (close_of(5), ["BTCUSD"]), (close_of(6), ["BTCUSD", "ETHUSD"])]
 
 
 def test_a_second_entry_of_a_strategy_on_the_same_account_and_timeframe_is_refused(

@@ -103,6 +103,7 @@ class RuntimeConfig:
     notifications: Mapping[str, Any] = field(default_factory=dict)
     strategy_dirs: tuple[Path, ...] = ()
     heartbeat_seconds: float = 5.0
+    bar_grace_seconds: float = 3.0  # a multi-symbol entry's wait for a bar of the same time
     log_file: str | None = None
     source: Path | None = None
     replay: ReplaySession | None = None  # a replay session's feed (`mmats paper`)
@@ -309,7 +310,8 @@ def parse(raw: Mapping[str, Any], source: Path | None = None) -> RuntimeConfig:
     notifications = raw.get("notifications", {})
     if not all(isinstance(t, dict) for t in (section, router, notifications)):
         raise RuntimeConfigError("[runtime], [router] and [notifications] must be tables")
-    _only(section, {"strategy_dirs", "heartbeat_seconds", "log_file"}, "[runtime]")
+    _only(section, {"strategy_dirs", "heartbeat_seconds", "bar_grace_seconds", "log_file"},
+          "[runtime]")
     dirs = section.get("strategy_dirs", [])
     if not isinstance(dirs, list) or not all(isinstance(d, str) for d in dirs):
         raise RuntimeConfigError("[runtime] strategy_dirs must be a list of folder paths")
@@ -328,6 +330,9 @@ def parse(raw: Mapping[str, Any], source: Path | None = None) -> RuntimeConfig:
         strategy_dirs=tuple((base / d).resolve() for d in dirs),
         heartbeat_seconds=float(_dec(section.get("heartbeat_seconds", 5),
                                      "[runtime] heartbeat_seconds", Decimal("0.1"))),
+        bar_grace_seconds=float(_dec(section.get("bar_grace_seconds", 3),
+                                     "[runtime] bar_grace_seconds", Decimal(0),
+                                     Decimal(3600))),
         log_file=str((base / log_file).resolve()) if isinstance(log_file, str) else None,
         source=source, replay=replay)
 

@@ -222,6 +222,7 @@ class Assignment:
     indicators: tuple[str, ...] = ()
     errors: int = 0
     paper_tf: dict[int, str] = field(default_factory=dict)  # the paper broker's, once known
+    resumed: datetime | None = None  # `last` when this worker took the entry up
     last_fill: int = 0  # the strategy's events told so far (on_order_filled / _rejected)
     last_change: datetime | None = None
 
@@ -237,6 +238,7 @@ class StrategyWorker(Worker):
                  strategy_dirs: Iterable[Any] = (), name: str = "strategies",
                  heartbeat_seconds: float = 5.0, history_bars: int = 2000,
                  paper_wait_seconds: float = 15.0, poll_ms: int = 100,
+                 bar_grace_seconds: float = 3.0,
                  reload_seconds: float = 2.0) -> None:
         super().__init__(url, name, heartbeat_seconds=heartbeat_seconds)
         self.configs = list(strategies)
@@ -244,6 +246,10 @@ class StrategyWorker(Worker):
         self.guard = StrategyGuard()
         self.history_bars = history_bars
         self.paper_wait_seconds = paper_wait_seconds
+        # how long an entry with several symbols waits for a symbol's bar of time t once
+        # another symbol's bar of t is here (their feeds may commit a moment apart)
+        self.bar_grace_seconds = bar_grace_seconds
+        self._grace: dict[tuple[str, int], float] = {}  # (entry, bar time): first seen
         self.poll_ms = poll_ms
         self.reload_seconds = reload_seconds
         self.assignments: list[Assignment] = []
@@ -351,6 +357,7 @@ class StrategyWorker(Worker):
             a.last = last
             if last is not None:
                 c.execute("SELECT runtime.advance_cursor(%s, NULL, %s)", (cursor, last))
+        a.resumed = a.last
         return a
 
     @property
@@ -365,6 +372,12 @@ class StrategyWorker(Worker):
             self._note(note.channel, note.payload)
         for note in self.listen.notifies(timeout=0.0, stop_after=1000):
             self._note(note.channel, note.payload)
+        if self._grace and min(self._grace.values()) + self.bar_grace_seconds <= time.monotonic():
+            # a bar time some entry waits on: its grace is over, run it without the rest
+            waiting = {k[0] for k in self._grace}
+            for a in self.assignments:
+                if a.cursor in waiting:
+                    self._dirty.update((iid, a.config.timeframe) for iid, _s, _v in a.instruments)
         if self._dirty:
             dirty, self._dirty = self._dirty, set()
             self.process(dirty)
@@ -423,7 +436,7 @@ class StrategyWorker(Worker):
         for a in self.assignments:
             if not any((iid, a.config.timeframe) in dirty for iid, _s, _v in a.instruments):
                 continue
-            for t_us in self._times(a):
+            for t_us in self._ready(a, self._times(a)):
                 steps.setdefault(t_us + a.tf_us, []).append((a, t_us))
         for close_us in sorted(steps):
             if self.stop_event.is_set():
@@ -452,7 +465,22 @@ class StrategyWorker(Worker):
             new = [r for r in grouped.get(key, ()) if last is None or r[0] > last]
             cache.extend(new)
             added += len(new)
+            if new:
+                self._late(key, cache, new[0][0])
         return added
+
+    def _late(self, key: tuple[int, str], cache: SeriesCache, first: datetime) -> None:
+        """Say so when a bar arrives for a time an entry has already run (after its
+        grace): that strategy never sees the bar as current (it is in its history)."""
+        for a in self.assignments:
+            if (a.last is not None and first <= a.last and a.config.timeframe == key[1]
+                    and (a.resumed is None or first > a.resumed)
+                    and any(iid == key[0] for iid, _s, _v in a.instruments)):
+                self.counts["late_bars"] = self.counts.get("late_bars", 0) + 1
+                self.report("BAR_LATE", f"{a.config.name} on {a.account}: the {cache.symbol} "
+                            f"{key[1]} bar of {first.isoformat()} arrived after the entry ran "
+                            f"that time (grace {self.bar_grace_seconds:g} s); the strategy "
+                            "sees it only in its history", account=a.account)
 
     def _times(self, a: Assignment) -> list[int]:
         after = to_us(a.last) if a.last is not None else -1
@@ -462,6 +490,38 @@ class StrategyWorker(Worker):
             ts = cache.ts_us
             times.update(int(t) for t in ts[np.searchsorted(ts, after, side="right"):])
         return sorted(times)
+
+    def _ready(self, a: Assignment, times: list[int]) -> list[int]:
+        """The bar times an entry may run now. With several symbols, time t waits (up to
+        the grace) for each symbol that is current (it had the entry's last bar) but has
+        no bar at t yet and nothing later: the bars of one time often commit a moment
+        apart, and a backtest shows them together. A symbol with a later bar has none at
+        t (a gap); one that was already behind is not waited for. Once t runs, a bar of
+        t that arrives after it is too late for the strategy (reported in _refresh)."""
+        if len(a.instruments) < 2 or not times:
+            return times
+        prev = to_us(a.last) if a.last is not None else None
+        now = time.monotonic()
+        out = []
+        for t in times:
+            missing = False
+            for iid, _s, _v in a.instruments:
+                ts = self.caches[(iid, a.config.timeframe)].ts_us
+                if not len(ts) or ts[-1] > t or prev is None or ts[-1] < prev:
+                    continue  # a later bar (t is a gap for it), or not current
+                k = int(np.searchsorted(ts, t))
+                if k < len(ts) and ts[k] == t:
+                    continue
+                missing = True
+                break
+            key = (a.cursor, t)
+            if missing:
+                first = self._grace.setdefault(key, now)
+                if now - first < self.bar_grace_seconds:
+                    break  # t, and every later time, waits
+            self._grace.pop(key, None)
+            out.append(t)
+        return out
 
     def _run_step(self, entries: list[tuple[Assignment, int]]) -> None:
         """The bars closing at one time, for every entry that has one: wait for the paper

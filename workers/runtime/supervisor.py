@@ -99,7 +99,8 @@ def build_worker(kind: str, config: RuntimeConfig, url: str, *,
             raise RuntimeConfigError("no [[strategies]] configured: the strategy worker has "
                                      "nothing to run")
         return StrategyWorker(url, config.strategies, strategy_dirs=config.strategy_dirs,
-                              name=name or "strategies", heartbeat_seconds=hb)
+                              name=name or "strategies", heartbeat_seconds=hb,
+                              bar_grace_seconds=config.bar_grace_seconds)
     if kind == "router":
         with psycopg.connect(url, autocommit=True) as conn:
             accounts = routed_accounts(conn, config)
