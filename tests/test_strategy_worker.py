@@ -324,6 +324,76 @@ def test_operator_paper_signal_creates_a_queued_order_at_the_exact_close(
 
 
 # ---------------------------------------------------------------------------- 3. restarts
+LISTENER = """
+from strategies.base import IStrategy
+
+
+class Listener(IStrategy):
+    name = "listener"
+    version = "1"
+
+    def __init__(self, params=None):
+        super().__init__(params)
+        self.told = []  # (what, order id), in the order the worker told them
+
+    def get_required_indicators(self):
+        return []
+
+    def on_order_filled(self, event):
+        self.told.append(("filled", event.order_id))
+
+    def on_bar(self, context):
+        self.told.append(("bar", context.now))
+        held = "BTCUSD" in context.account.positions
+        return [self.signal(context, "BTCUSD", "close" if held else "buy", size=0.1)]
+"""
+
+
+def test_fills_while_no_worker_ran_are_told_before_the_next_bar_and_none_twice(
+        owner: psycopg.Connection, tmp_path: Path, btc: int,
+        make_worker: Callable[..., StrategyWorker]) -> None:
+    """A strategy's resume point of events moves with its signals: a fill applied while
+    its worker was down is told to the next worker before its first bar; a fill the
+    first worker told is not told again."""
+    (tmp_path / "listener.py").write_text(LISTENER)
+    cfg = entry("op", "listener")
+    setup(owner, tmp_path, [paper("op", "operator")], [cfg])
+    cursor, paper_cursor = "strategy:op:listener:1m", f"paper:{btc}:1m"
+
+    def bar(w: StrategyWorker, i: int) -> None:
+        owner.execute("SELECT runtime.advance_cursor(%s, NULL, %s)", (paper_cursor, ts(i)))
+        add_bars(owner, [(btc, i, str(100 + i))])
+        pump(w, lambda: cursor_at(owner, cursor) == ts(i))
+
+    def fill(order_id: int, i: int) -> None:
+        owner.execute("SELECT trading.apply_fill(%s)", (Jsonb({
+            "order_id": order_id, "broker_fill_id": f"b{order_id}", "quantity": str(qty(order_id)),
+            "price": str(100 + i), "ts": ts(i).isoformat()}),))
+
+    def qty(order_id: int) -> Decimal:
+        return scalar(owner, "SELECT quantity FROM trading.orders WHERE order_id = %s", order_id)
+
+    def orders() -> list[int]:
+        return [r[0] for r in owner.execute("SELECT order_id FROM trading.orders "
+                                            "ORDER BY order_id").fetchall()]
+
+    first = make_worker([cfg])
+    bar(first, 5)                       # buy -> order 1
+    (buy,) = orders()
+    fill(buy, 6)
+    bar(first, 6)                       # told the buy's fill, then closes -> order 2
+    _buy, close = orders()
+    assert strategy_of(first, cursor).told == [("bar", close_of(5)), ("filled", buy),
+                                                ("bar", close_of(6))]
+    first.close()
+    fill(close, 7)                      # filled while no worker runs
+
+    second = make_worker([cfg])
+    bar(second, 7)
+    assert strategy_of(second, cursor).told == [("filled", close), ("bar", close_of(7))]
+    assert errors(owner) == []
+
+
 def test_a_restarted_worker_resumes_after_its_cursor(
         owner: psycopg.Connection, tmp_path: Path, btc: int,
         make_worker: Callable[..., StrategyWorker]) -> None:

@@ -230,6 +230,11 @@ class Assignment:
     def tf_us(self) -> int:
         return TIMEFRAME_US[self.config.timeframe]
 
+    @property
+    def events_cursor(self) -> str:
+        """Its resume point of events: seq = the last fill told, at = the last refusal."""
+        return "events" + self.cursor[len("strategy"):]
+
 
 class StrategyWorker(Worker):
     kind = "strategies"
@@ -334,12 +339,17 @@ class StrategyWorker(Worker):
         a = Assignment(cfg, account_id, account, environment, aggregation, currency, strategy,
                        int(srow[0]), instruments, cursor,
                        crow[0] if crow else None, tuple(strategy.get_required_indicators()))
-        # events from now on (what happened while no worker ran is in the ledger)
-        erow = c.execute("SELECT (SELECT COALESCE(max(id), 0) FROM trading.strategy_events("
-                         "%s, %s, 0, 'infinity') WHERE kind = 'fill'), now()",
-                         (account_id, a.strategy_id)).fetchone()
+        # the events told so far: from where the last worker left off (its resume point
+        # of events, moved with each step's signals), so that fills and refusals while no
+        # worker ran are told before the next bar; a new entry starts from now
+        erow = c.execute("SELECT seq, at FROM runtime.cursors WHERE name = %s",
+                         (a.events_cursor,)).fetchone()
+        if erow is None:
+            erow = c.execute("SELECT (SELECT COALESCE(max(id), 0) FROM trading.strategy_events("
+                             "%s, %s, 0, 'infinity') WHERE kind = 'fill'), now()",
+                             (account_id, a.strategy_id)).fetchone()
         assert erow is not None
-        a.last_fill, a.last_change = int(erow[0]), erow[1]
+        a.last_fill, a.last_change = int(erow[0] or 0), erow[1]
         warmup = max(strategy.warmup_bars(), 1)
         for iid, symbol, _venue in instruments:
             key = (iid, cfg.timeframe)
@@ -580,9 +590,7 @@ class StrategyWorker(Worker):
                 refused: list[tuple[Assignment, OrderRejected]] = []
                 for a, _bar_ts, close, members, signals in decided:
                     refused.extend((a, r) for r in self._submit_all(a, signals, members, close))
-                self._c.execute("SELECT runtime.advance_cursor(n, NULL, t) "
-                                "FROM unnest(%s::text[], %s::timestamptz[]) AS x(n, t)",
-                                ([d[0].cursor for d in decided], [d[1] for d in decided]))
+                self._advance([(d[0], d[1]) for d in decided])
                 self._c.commit()
                 return refused
             except (psycopg.errors.DeadlockDetected, psycopg.errors.SerializationFailure):
@@ -602,9 +610,22 @@ class StrategyWorker(Worker):
             refused = []  # rolled back with the bar: nothing was refused
             self.report("SIGNAL_FAILED", f"{a.config.name} on {a.account} at {close.isoformat()}: "
                         f"{str(exc).splitlines()[0]}", account=a.account)
-            self._c.execute("SELECT runtime.advance_cursor(%s, NULL, %s)", (a.cursor, bar_ts))
+            self._advance([(a, bar_ts)])
             self._c.commit()
         return refused
+
+    def _advance(self, moves: list[tuple[Assignment, datetime]]) -> None:
+        """Each entry's resume point to its bar, and its resume point of events to what
+        it has been told (one statement, in the step's transaction)."""
+        names: list[str] = []
+        seqs: list[int | None] = []
+        ats: list[datetime | None] = []
+        for a, bar_ts in moves:
+            names += [a.cursor, a.events_cursor]
+            seqs += [None, a.last_fill]
+            ats += [bar_ts, a.last_change]
+        self._c.execute("SELECT runtime.advance_cursor(n, s, t) FROM unnest(%s::text[], "
+                        "%s::bigint[], %s::timestamptz[]) AS x(n, s, t)", (names, seqs, ats))
 
     def _submit_all(self, a: Assignment, signals: list[TradeSignal], members: dict[str, Any],
                     close: datetime) -> list[OrderRejected]:
