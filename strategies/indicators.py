@@ -12,6 +12,7 @@ Outputs are keyed by the canonical name, and `name.output` for multi-output indi
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 
@@ -109,13 +110,12 @@ class Indicator:
 
     @property
     def name(self) -> str:
-        return "_".join([self.kind, *(f"{p:g}" for p in self.params)])
+        return _names(self.kind, self.params)[0]
 
     @property
     def keys(self) -> tuple[str, ...]:
         """The keys of this indicator's outputs in MarketData."""
-        outputs = _KINDS[self.kind].outputs
-        return tuple(self.name if not out else f"{self.name}.{out}" for out in outputs)
+        return _names(self.kind, self.params)[1]
 
     @property
     def lookback(self) -> int:
@@ -127,10 +127,23 @@ class Indicator:
         return dict(zip(self.keys, values, strict=True))
 
 
+@functools.lru_cache(maxsize=4096)
+def _names(kind: str, params: tuple[float, ...]) -> tuple[str, tuple[str, ...]]:
+    """An indicator's canonical name and its output keys (asked for at every bar)."""
+    name = "_".join([kind, *(f"{p:g}" for p in params)])
+    return name, tuple(name if not out else f"{name}.{out}" for out in _KINDS[kind].outputs)
+
+
 def parse_indicator(name: str) -> Indicator:
     """`SMA_20` -> Indicator('SMA', (20,)); raises IndicatorError with a one-line reason."""
     if not isinstance(name, str) or not name.strip():
         raise IndicatorError(f"indicator name must be a non-empty string, got {name!r}")
+    return _parse(name)
+
+
+@functools.lru_cache(maxsize=4096)
+def _parse(name: str) -> Indicator:
+    # (an error is raised again on every call: lru_cache keeps only results)
     kind, *raw = name.strip().upper().split("_")
     spec = _KINDS.get(kind)
     if spec is None:

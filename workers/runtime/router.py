@@ -53,6 +53,7 @@ FROM trading.orders o JOIN market.instruments i USING (instrument_id)
 JOIN trading.accounts a ON a.account_id = o.account_id
 WHERE o.order_id = %s
 """
+_ORDERS = _ORDER.replace("WHERE o.order_id = %s", "WHERE o.order_id = ANY(%s)")
 _TERMINAL = frozenset({"filled", "cancelled", "rejected", "expired"})
 IDLE = psycopg.pq.TransactionStatus.IDLE
 
@@ -210,10 +211,25 @@ class Router(Worker):
                 (self.config.visibility_seconds, self.config.batch, ids)).fetchall()
             if not rows:
                 break
+            orders = self._orders([int(m.get("order_id", 0)) for _i, _n, m in rows])
+            paper = []
             for msg_id, read_ct, message in rows:
-                self.handle(int(msg_id), int(read_ct), message)
                 handled += 1
+                order = orders.get(int(message.get("order_id", 0)))
+                routed = None if order is None else self.accounts.get(order.account_id)
+                if (order is not None and routed is not None
+                        and isinstance(routed.broker, PaperBroker)
+                        and order.status in ("created", "in_flight")):
+                    paper.append((routed, order, int(msg_id)))
+                else:
+                    self.handle(int(msg_id), int(read_ct), message, order=order)
+            if paper:
+                self._accept_paper_many(paper)
         return handled
+
+    def _orders(self, order_ids: list[int]) -> dict[int, Order]:
+        rows = self._c.execute(_ORDERS, (order_ids,)).fetchall()
+        return {int(r[0]): Order(*r) for r in rows}
 
     def _archive(self, msg_id: int) -> None:
         assert self.conn is not None
@@ -230,9 +246,11 @@ class Router(Worker):
         row = self.conn.execute(_ORDER, (order_id,)).fetchone()
         return None if row is None else Order(*row)
 
-    def handle(self, msg_id: int, read_ct: int, message: dict[str, Any]) -> None:
+    def handle(self, msg_id: int, read_ct: int, message: dict[str, Any], *,
+               order: Order | None = None) -> None:
         order_id = int(message.get("order_id", 0))
-        order = self._order(order_id)
+        if order is None:
+            order = self._order(order_id)
         if order is None:
             self.report("ORDER_UNKNOWN", f"queue message {msg_id} names unknown order {order_id}")
             self._archive(msg_id)
@@ -246,7 +264,7 @@ class Router(Worker):
             return
         if isinstance(routed.broker, PaperBroker):
             if order.status in ("created", "in_flight"):
-                self._accept_paper(routed, order, msg_id)
+                self._accept_paper_many([(routed, order, msg_id)])
             else:  # already in the paper book (the ledger): the bars fill it from there
                 self._archive(msg_id)
             return
@@ -296,34 +314,53 @@ class Router(Worker):
             return
         self._settle(routed, order, answer, msg_id)
 
-    def _accept_paper(self, routed: RoutedAccount, order: Order, msg_id: int) -> None:
-        """A paper order enters the paper book (the ledger) in one transaction:
-        acknowledged, filled at once if it is a protective order (on the bar that fired
-        it), its message archived. No broker call lies between, so nothing is gained by
-        committing each step, and a crash leaves the message to be read again."""
-        try:
-            check_environment(routed, order.environment)
-        except errors.EnvironmentMismatch as exc:
-            self._reject(order, exc)
-            self._archive(msg_id)
+    def _accept_paper_many(self, batch: list[tuple[RoutedAccount, Order, int]]) -> None:
+        """Paper orders enter the paper book (the ledger) in one transaction: each
+        acknowledged, then each account's orders on each instrument settled on the latest
+        bar (a protective order fills on the bar that fired it), the messages archived.
+        No broker call lies between, so nothing is gained by committing each step, and a
+        crash leaves the messages to be read again."""
+        accepted = []
+        for routed, order, msg_id in batch:
+            try:
+                check_environment(routed, order.environment)
+            except errors.EnvironmentMismatch as exc:
+                self._reject(order, exc)
+                self._archive(msg_id)
+                continue
+            accepted.append((routed, order, msg_id))
+        if not accepted:
             return
         for attempt in range(1, 6):
             try:
                 with self._c.transaction():
-                    # created -> submitted directly: with no broker call between, the
-                    # order is never in flight (its fate is known in this transaction)
-                    self._call("acknowledge_order", order.client_order_id,
-                               f"paper-{order.client_order_id}")
-                    inst = self._instrument(order.instrument_id)
-                    if inst is not None:
-                        self._settle_paper(routed, inst, bars_after(self._c, inst, None))
-                    self._call("archive_order_message", msg_id)
+                    for _routed, order, _msg in accepted:
+                        # created -> submitted directly: with no broker call between, the
+                        # order is never in flight (its fate is known in this transaction)
+                        self._call("acknowledge_order", order.client_order_id,
+                                   f"paper-{order.client_order_id}")
+                    settled: set[tuple[int, int]] = set()
+                    latest: dict[int, list[tuple[Any, ...]]] = {}
+                    for routed, order, _msg in accepted:
+                        key = (routed.account_id, order.instrument_id)
+                        inst = self._instrument(order.instrument_id)
+                        if inst is None or key in settled:
+                            continue
+                        settled.add(key)
+                        if inst.instrument_id not in latest:
+                            latest[inst.instrument_id] = bars_after(self._c, inst, None)
+                        self._settle_paper(routed, inst, latest[inst.instrument_id])
+                    self._c.execute("SELECT trading.archive_order_message(m) "
+                                    "FROM unnest(%s::bigint[]) AS m",
+                                    ([msg for _r, _o, msg in accepted],))
                 break
             except (psycopg.errors.DeadlockDetected, psycopg.errors.SerializationFailure):
                 if attempt == 5:
                     raise
                 time.sleep(0.005 * attempt * random.random())
-        self._emit("order.acknowledged", order, broker_order_id=f"paper-{order.client_order_id}")
+        for _routed, order, _msg in accepted:
+            self._emit("order.acknowledged", order,
+                       broker_order_id=f"paper-{order.client_order_id}")
 
     def _find_or_place(self, routed: RoutedAccount, order: Order, *,
                        lookup: bool = True) -> BrokerOrder:

@@ -105,6 +105,7 @@ class SeriesCache:
         # per bar, and each strategy shown only its own (as a backtest shows them)
         self.wanted: tuple[str, ...] = ()
         self._views: dict[tuple[str, ...], tuple[dict[str, Any], tuple[str, ...]]] = {}
+        self._asked: set[tuple[str, ...]] = set()
 
     @property
     def ts_us(self) -> npt.NDArray[np.int64]:
@@ -191,7 +192,9 @@ class SeriesCache:
     def market_data(self, indicators: tuple[str, ...], i: int) -> MarketData:
         """Bar i as a strategy asking for `indicators` sees it: the prices and its own
         indicators only, the values computed once for every strategy of the cache."""
-        self.want(indicators)
+        if indicators not in self._asked:
+            self._asked.add(indicators)
+            self.want(indicators)
         full = self.series()
         view = self._views.get(indicators)
         if view is None:
