@@ -201,6 +201,18 @@ def test_candle_errors_map_onto_error_classes(http: responses.RequestsMock, stat
     (datetime(2024, 3, 17, 20, 59, tzinfo=UTC), False),      # Sunday before the open
     (datetime(2024, 3, 17, 21, 0, tzinfo=UTC), True),        # Sunday open
     (datetime(2024, 3, 18, 0, 0, tzinfo=UTC), True),         # Monday
+    # winter: New York is on standard time, the edges are at 22:00 UTC
+    (datetime(2024, 1, 12, 21, 30, tzinfo=UTC), True),       # Friday, still open
+    (datetime(2024, 1, 12, 22, 0, tzinfo=UTC), False),       # Friday close
+    (datetime(2024, 1, 14, 21, 30, tzinfo=UTC), False),      # Sunday, not yet open
+    (datetime(2024, 1, 14, 22, 0, tzinfo=UTC), True),        # Sunday open
+    # the Sunday New York goes to summer time (2024-03-10, 02:00 local): 21:00 UTC
+    (datetime(2024, 3, 10, 20, 59, tzinfo=UTC), False),
+    (datetime(2024, 3, 10, 21, 0, tzinfo=UTC), True),
+    # and back (2024-11-03): the Friday before closes at 21:00 UTC, that Sunday opens at 22:00
+    (datetime(2024, 11, 1, 21, 0, tzinfo=UTC), False),
+    (datetime(2024, 11, 3, 21, 30, tzinfo=UTC), False),
+    (datetime(2024, 11, 3, 22, 0, tzinfo=UTC), True),
 ])
 def test_the_forex_weekend_rule(at: datetime, is_open: bool) -> None:
     assert forex_market_open(at) is is_open
@@ -210,8 +222,11 @@ def test_the_forex_weekend_rule(at: datetime, is_open: bool) -> None:
     (datetime(2024, 3, 13, 12, 0, tzinfo=UTC), datetime(2024, 3, 10, 21, 0, tzinfo=UTC)),
     (datetime(2024, 3, 17, 22, 0, tzinfo=UTC), datetime(2024, 3, 17, 21, 0, tzinfo=UTC)),
     (datetime(2024, 3, 17, 20, 0, tzinfo=UTC), datetime(2024, 3, 10, 21, 0, tzinfo=UTC)),
+    (datetime(2024, 1, 17, 12, 0, tzinfo=UTC), datetime(2024, 1, 14, 22, 0, tzinfo=UTC)),
+    (datetime(2024, 1, 14, 21, 59, tzinfo=UTC), datetime(2024, 1, 7, 22, 0, tzinfo=UTC)),
+    (datetime(2024, 11, 3, 23, 0, tzinfo=UTC), datetime(2024, 11, 3, 22, 0, tzinfo=UTC)),
 ])
-def test_the_week_opens_on_sunday_at_21_utc(at: datetime, week_open: datetime) -> None:
+def test_the_week_opens_on_sunday_at_17_new_york(at: datetime, week_open: datetime) -> None:
     assert forex_week_open(at) == week_open
 
 

@@ -18,8 +18,10 @@ import math
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from datetime import time as dtime
 from decimal import Decimal
 from typing import Any, Literal
+from zoneinfo import ZoneInfo
 
 import oandapyV20
 import requests
@@ -53,8 +55,10 @@ ALIGNMENT = {"dailyAlignment": 0, "alignmentTimezone": "UTC", "weeklyAlignment":
 Clock = Callable[[], datetime]
 StreamState = Literal["ok", "stalled", "silent", "closed"]
 
-# the forex week: closed from Friday 21:00 UTC to Sunday 21:00 UTC
-WEEK_CLOSE_WEEKDAY, WEEK_OPEN_WEEKDAY, WEEK_EDGE_HOUR = 4, 6, 21
+# the forex week (the FX_24X5 calendar): from Sunday 17:00 to Friday 17:00 New York time,
+# i.e. 21:00 UTC while New York keeps summer time and 22:00 UTC in winter
+NEW_YORK = ZoneInfo("America/New_York")
+WEEK_CLOSE_WEEKDAY, WEEK_OPEN_WEEKDAY, WEEK_EDGE = 4, 6, dtime(17, 0)
 
 
 def utc_now() -> datetime:
@@ -64,24 +68,27 @@ def utc_now() -> datetime:
 # ---------------------------------------------------------------- market hours
 
 def forex_market_open(at: datetime) -> bool:
-    """Whether the forex market trades at `at`: closed from Friday 21:00 UTC to Sunday
-    21:00 UTC (a fixed rule; the real edge moves an hour with New York's DST)."""
-    at = at.astimezone(UTC)
-    day, hour = at.weekday(), at.hour
+    """Whether the forex market trades at `at`: closed from Friday 17:00 to Sunday 17:00
+    New York time (the edge moves with New York's daylight saving time)."""
+    local = at.astimezone(NEW_YORK)
+    day, clock = local.weekday(), local.time()
     if day == WEEK_CLOSE_WEEKDAY:
-        return hour < WEEK_EDGE_HOUR
+        return clock < WEEK_EDGE
     if day == WEEK_OPEN_WEEKDAY:
-        return hour >= WEEK_EDGE_HOUR
+        return clock >= WEEK_EDGE
     return day != 5  # Saturday
 
 
 def forex_week_open(at: datetime) -> datetime:
-    """The most recent Sunday 21:00 UTC at or before `at`: when this trading week began."""
-    at = at.astimezone(UTC)
-    days_back = (at.weekday() - WEEK_OPEN_WEEKDAY) % 7
-    start = (at - timedelta(days=days_back)).replace(hour=WEEK_EDGE_HOUR, minute=0, second=0,
-                                                     microsecond=0)
-    return start if start <= at else start - timedelta(days=7)
+    """The most recent Sunday 17:00 New York time at or before `at` (in UTC): when this
+    trading week began."""
+    local = at.astimezone(NEW_YORK)
+    days_back = (local.weekday() - WEEK_OPEN_WEEKDAY) % 7
+    day = (local - timedelta(days=days_back)).date()
+    start = datetime.combine(day, WEEK_EDGE, tzinfo=NEW_YORK)
+    if start > local:
+        start = datetime.combine(day - timedelta(days=7), WEEK_EDGE, tzinfo=NEW_YORK)
+    return start.astimezone(UTC)
 
 
 # ---------------------------------------------------------------- the watchdog
