@@ -1,14 +1,14 @@
 """Benchmark: the trading core's hot paths (submit_signal, apply_fill, bar ingest).
 
-    python benchmarks/bench_trading_core.py [--signals N] [--bars N] [--batch N]
-        [--without LIMIT_TYPE ...] [--json FILE]
+    python benchmarks/bench_trading_core.py [--signals N] [--cycles N] [--bars N]
+        [--batch N] [--without LIMIT_TYPE ...] [--json FILE]
 
 Uses MMATS_DATABASE_URL if set (a fresh database is created on that server and dropped
 afterwards); otherwise starts a temporary embedded server in a temp dir, tuned like the
-tests (fsync, synchronous_commit and full_page_writes off). One paper operator account,
-10 symbols with 1m bar history, 5 strategies x 10 symbols, every risk rule type
-configured (generous values, so signals pass every check but every check runs). With one
-autocommit connection it measures:
+tests (fsync, synchronous_commit and full_page_writes off). Paper operator accounts
+(`bench`, and `bench2` for (d)), 10 symbols with 1m bar history, 5 strategies x 10
+symbols on each, every risk rule type configured (generous values, so signals pass every
+check but every check runs). With one autocommit connection it measures (a)-(c):
 
   (a) submit_signal latency and signals/s: each (strategy, symbol) pair alternates buy
       and close; every approved order is filled (untimed here) so that positions and
@@ -17,7 +17,11 @@ autocommit connection it measures:
   (c) bar ingest (bars/s) through the market.bars AFTER INSERT trigger with 50 open
       positions under protection (stops, targets, trailing stops, breakeven far away),
       bars inserted by COPY in batches, 10 symbols per minute; and, for comparison, the
-      same ingest with no position open (the trigger's probe only).
+      same ingest with no position open (the trigger's probe only);
+  (d) signal-and-fill cycles per second of wall time with one session on `bench`, then
+      with one session per account at once (threads, one connection each): how the
+      core scales across accounts on the machine's cores (one account's signals are
+      serialised by its lock, which is what makes its limits race-free).
 
 Targets: submit_signal p95 <= 2 ms and >= 2,000 signals/s; >= 20,000 bars/s with the
 triggers active. Warm-up calls are not counted.
@@ -34,6 +38,7 @@ import shutil
 import statistics
 import sys
 import tempfile
+import threading
 import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -53,6 +58,7 @@ STRATEGIES = [  # name, sizing method, params, allocation
     ("st_risk", "risk_per_trade", {"risk": 0.0001}, 0.2),
     ("st_vol", "volatility", {"risk": 0.00001, "period": 14, "timeframe": "1m"}, 0.2),
 ]
+ACCOUNTS = ["bench", "bench2"]  # (a) uses the first; (d) one session per account
 HISTORY = 300                                      # 1m bars per symbol before the start
 T_START = datetime(2026, 3, 2, 0, 0, tzinfo=UTC)   # first history bar
 T_SIG = T_START + timedelta(minutes=HISTORY)       # signals are dated here
@@ -92,10 +98,12 @@ def setup(conn: psycopg.Connection, rng: random.Random,
             " RETURNING instrument_id", (sym, sym[:-3])).fetchone()[0]
         rows, last[sym] = random_walk_bars(rng, insts[sym], T_START, HISTORY, 100.0 + 10 * k)
         copy_bars(conn, rows)
-    conn.execute("SELECT trading.create_account('bench', 'paper', 'operator', 10000000)")
-    for name, method, params, alloc in STRATEGIES:
-        conn.execute("SELECT trading.assign_strategy('bench', %s, %s::numeric, %s, %s)",
-                     (name, alloc, method, Jsonb(params)))
+    for account in ACCOUNTS:
+        conn.execute("SELECT trading.create_account(%s, 'paper', 'operator', 10000000)",
+                     (account,))
+        for name, method, params, alloc in STRATEGIES:
+            conn.execute("SELECT trading.assign_strategy(%s, %s, %s::numeric, %s, %s)",
+                         (account, name, alloc, method, Jsonb(params)))
     limits = [  # every rule type, generous: every check runs, none denies
         ("MAX_POSITION_SIZE", 0.5, "global", None, {}),
         ("MAX_POSITION_SIZE", 0.5, "symbol", "SYM0USD", {}),
@@ -125,9 +133,10 @@ def setup(conn: psycopg.Connection, rng: random.Random,
     return insts, last
 
 
-def signal_for(strategy: str, sym: str, action: str, price: float) -> Jsonb:
+def signal_for(strategy: str, sym: str, action: str, price: float,
+               account: str = "bench") -> Jsonb:
     return Jsonb({
-        "account": "bench", "strategy": strategy, "symbol": sym, "action": action,
+        "account": account, "strategy": strategy, "symbol": sym, "action": action,
         "ts": T_SIG.isoformat(), "size": 0.0005 if strategy == "st_pct" else 1,
         # protection far away: it must not fire during the bar ingest
         "stop_loss": round(price * 0.5, 4), "take_profit": round(price * 2, 4),
@@ -152,13 +161,15 @@ def summary(values_s: list[float], prefix: str) -> dict:
     }
 
 
-def run_signals(conn: psycopg.Connection, last: dict, n: int, warmup: int) -> dict:
+def run_signals(conn: psycopg.Connection, last: dict, n: int, warmup: int,
+                account: str = "bench") -> dict:
     """Alternate buy / close per (strategy, symbol); fill every approved order."""
     pairs = [(s[0], sym) for sym in SYMBOLS for s in STRATEGIES]
     held = set(conn.execute(
         "SELECT s.name, i.symbol FROM trading.positions p"
         " JOIN trading.strategies s USING (strategy_id) JOIN market.instruments i"
-        " USING (instrument_id) WHERE p.quantity > 0").fetchall())
+        " USING (instrument_id) JOIN trading.accounts a USING (account_id)"
+        " WHERE p.quantity > 0 AND a.name = %s", (account,)).fetchall())
     long_ = {pair: pair in held for pair in pairs}
     sig_t: list[float] = []
     fill_t: list[float] = []
@@ -166,7 +177,7 @@ def run_signals(conn: psycopg.Connection, last: dict, n: int, warmup: int) -> di
     for i in range(warmup + n):
         strategy, sym = pairs[i % len(pairs)]
         action = "close" if long_[(strategy, sym)] else "buy"
-        doc = signal_for(strategy, sym, action, last[sym])
+        doc = signal_for(strategy, sym, action, last[sym], account)
         t = time.perf_counter()
         r = conn.execute("SELECT trading.submit_signal(%s)", (doc,)).fetchone()[0]
         dt = time.perf_counter() - t
@@ -187,6 +198,40 @@ def run_signals(conn: psycopg.Connection, last: dict, n: int, warmup: int) -> di
         long_[(strategy, sym)] = action == "buy"
     out = summary(sig_t, "submit_signal") | summary(fill_t, "apply_fill")
     out["submit_signal_outcomes"] = statuses
+    out["_signal_seconds"] = sig_t
+    return out
+
+
+def run_cycles(url: str, last: dict, n: int, accounts: list[str]) -> dict:
+    """(d) signal-and-fill cycles per second of wall time, with one session (connection,
+    thread) per account running at once, each alternating buy / close over the 5 x 10
+    pairs and filling its orders, as in (a). Sessions of different accounts share no
+    account lock; they still share the audit chain's head, the order queue and the
+    server's two cores. (A signal and its fill per cycle: the wall time holds both.)"""
+    conns = [psycopg.connect(url, autocommit=True) for _ in accounts]
+    results: list[dict] = [{} for _ in accounts]
+    barrier = threading.Barrier(len(accounts) + 1)
+
+    def work(k: int) -> None:
+        run_signals(conns[k], last, 200, 0, accounts[k])  # warm-up, not counted
+        barrier.wait()
+        results[k] = run_signals(conns[k], last, n, 0, accounts[k])
+
+    threads = [threading.Thread(target=work, args=(k,)) for k in range(len(accounts))]
+    for t in threads:
+        t.start()
+    barrier.wait()
+    started = time.perf_counter()
+    for t in threads:
+        t.join()
+    wall = time.perf_counter() - started
+    for c in conns:
+        c.close()
+    latencies = [x for r in results for x in r["_signal_seconds"]]
+    tag = f"cycles_{len(accounts)}_sessions"
+    out = {f"{tag}_{k}": v for k, v in summary(latencies, "submit_signal").items()
+           if not k.endswith(("_per_s", "_n"))}
+    out[f"{tag}_per_s"] = round(len(latencies) / wall)
     return out
 
 
@@ -251,6 +296,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--signals", type=int, default=5000, help="signals measured (a)")
     ap.add_argument("--warmup", type=int, default=200, help="signals before measuring")
+    ap.add_argument("--cycles", type=int, default=3000,
+                    help="signal-and-fill cycles per session (d)")
     ap.add_argument("--bars", type=int, default=1000, help="1m bars per symbol (c)")
     ap.add_argument("--batch", type=int, default=1000, help="rows per COPY (c)")
     ap.add_argument("--without", action="append", default=[], metavar="LIMIT_TYPE",
@@ -272,12 +319,18 @@ def main() -> None:
             if args.warmup:  # warm-up (plans, caches), not counted
                 run_signals(conn, last, args.warmup, 0)
             tracked = track_functions(conn)
-            figures |= run_signals(conn, last, args.signals, 0)
+            measured = run_signals(conn, last, args.signals, 0)
+            measured.pop("_signal_seconds")
+            figures |= measured
             if tracked:
                 figures |= server_side(conn, ("trading.submit_signal", "trading.apply_fill",
                                               "risk._check_order"))
             figures["orders_after_a"] = conn.execute(
                 "SELECT count(*) FROM trading.orders").fetchone()[0]
+
+            # (d) cycles per second of wall time, one session, then one per account
+            for k in (1, len(ACCOUNTS)):
+                figures |= run_cycles(url, last, args.cycles, ACCOUNTS[:k])
 
             # (c) with 50 protected positions
             figures["protected_positions"] = open_all(conn, last)
