@@ -525,3 +525,44 @@ def test_a_stop_and_the_drawdown_breaker_in_one_bar_close_once(conn, paper):
     assert exits(conn) == [("sell", D(10), True, "stop_loss", D(95), "market")]
     assert conn.execute("SELECT details->'closing_orders' FROM risk.events"
                         " WHERE event_type = 'MAX_DRAWDOWN'").fetchone()[0] == []
+
+
+# ------------------------------------------------------------------------------ races
+def test_a_stop_hit_while_a_close_is_being_decided_waits_and_sees_that_close(db_url, conn,
+                                                                            paper):
+    """A strategy's close and a bar through the stop, in two sessions at once: the bar's
+    protection waits for the close's transaction (both lock the account) and then counts
+    the close as the exit already on its way, so the position gets one exit, not two
+    (two would sell what is held twice; the second fill would be refused)."""
+    import threading
+
+    acc, inst = paper
+    open_position(conn, "P", "BTCUSD", stop_loss=95)
+    bar(conn, inst, T0, 99, 100, 96, 97)
+    with psycopg.connect(db_url) as strategy, psycopg.connect(db_url, autocommit=True) as feed:
+        r = strategy.execute("SELECT trading.submit_signal(%s)", (Jsonb({
+            "account": "P", "strategy": "s1", "symbol": "BTCUSD", "action": "close",
+            "price": 97}),)).fetchone()[0]
+        assert r["status"] == "approved"  # not committed yet
+        done = threading.Event()
+        errors: list[BaseException] = []
+
+        def stop_bar() -> None:
+            try:
+                bar(feed, inst, T0 + M, 97, 98, 94, 96)  # low 94 crosses the stop at 95
+            except BaseException as exc:  # (reported below)
+                errors.append(exc)
+            done.set()
+
+        t = threading.Thread(target=stop_bar)
+        t.start()
+        try:
+            assert not done.wait(0.5), "the bar's protection did not wait for the close"
+        finally:
+            strategy.commit()
+            t.join(10)
+        assert errors == []
+    closing = conn.execute("SELECT trigger::text, quantity FROM trading.orders"
+                           " WHERE reduce_only ORDER BY order_id").fetchall()
+    assert closing == [("signal", D(10))]
+    assert position(conn, acc, inst)["last_price"] == D(96)  # the bar still marked it

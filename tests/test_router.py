@@ -373,6 +373,74 @@ def test_paper_bars_arriving_together_fill_on_the_first_one(
     assert order_row(conn, oid)["state"] == "filled"
 
 
+def _second_exit(conn: psycopg.Connection, like: int, coid: str) -> int:
+    """A second reduce-only order just like order `like`, queued: the state the race
+    between a strategy's close and a bar's stop used to leave (fixed in 0004_03); built
+    directly, as only the owner can."""
+    oid = one(conn, """
+        INSERT INTO trading.orders (account_id, instrument_id, strategy_id, client_order_id,
+            side, order_type, quantity, reduce_only, position_leg, trigger, trigger_price,
+            reference_price)
+        SELECT account_id, instrument_id, strategy_id, %s, side, 'market', quantity, true,
+               position_leg, 'stop_loss', reference_price, reference_price
+        FROM trading.orders WHERE order_id = %s RETURNING order_id""", coid, like)
+    conn.execute("SELECT pgmq.send('orders', jsonb_build_object('order_id', %s::bigint, "
+                 "'account_id', account_id, 'environment', 'paper', 'client_order_id', %s::text))"
+                 " FROM trading.orders WHERE order_id = %s", (oid, coid, oid))
+    return int(oid)
+
+
+def test_a_second_exit_for_a_closed_position_is_cancelled_and_the_router_goes_on(
+        conn: psycopg.Connection, make_router: Callable[..., Router]) -> None:
+    iid, acc, oid, _coid = paper_signal(conn)
+    router = make_router(paper_routed(acc, "paper1", COSTS))
+    router.drain()
+    add_bar(conn, iid, T1, "101", "103", "99", "102")
+    router.settle_bars(iid, "1m", T1)  # long 50
+    close = one(conn, "SELECT trading.submit_signal(%s)", Jsonb({
+        "account": "paper1", "strategy": "alpha", "symbol": "BTC/USD", "action": "close",
+        "ts": (T2 - timedelta(microseconds=1)).isoformat()}))
+    assert close["status"] == "approved"
+    extra = _second_exit(conn, close["order_id"], "extra-exit-1")
+    assert router.drain() == 2  # the stop fills on its bar (T1) as it enters the book
+    assert order_row(conn, extra)["state"] == "filled"
+    add_bar(conn, iid, T2, "104", "104", "104", "104")
+    router.settle_bars(iid, "1m", T2)  # the close's turn: nothing is left to close
+
+    o = order_row(conn, close["order_id"])
+    assert (o["state"], o["filled_quantity"]) == ("cancelled", 0)
+    assert o["reason"].startswith("REDUCE_ONLY_NOTHING_TO_CLOSE: ")
+    assert positions(conn, acc) == []
+    assert [f["order_id"] for f in fills(conn, acc)] == [oid, extra]
+    assert errors_of(conn, "PAPER_FILL_REFUSED") == []  # the paper broker saw it coming
+
+
+def test_a_paper_fill_the_ledger_refuses_cancels_its_order_and_is_reported(
+        conn: psycopg.Connection, make_router: Callable[..., Router]) -> None:
+    """The safety net behind the paper broker: a fill it computes that the ledger will not
+    take (here: more than the order has left) cancels that order with the ledger's reason
+    and reports it, inside the caller's transaction, which goes on."""
+    from workers.backtest.simulator import SimFill
+    from workers.runtime.paper import PaperFill
+
+    _iid, acc, oid, coid = paper_signal(conn)
+    router = make_router(paper_routed(acc, "paper1", COSTS))
+    router.drain()
+    too_much = PaperFill(oid, coid, SimFill(oid, Decimal(60), Decimal(101), Decimal(0),
+                                            "taker", to_us(T1)), True)
+    with conn.transaction():
+        applied = router._apply_paper_fill(router.accounts[acc], too_much)
+        conn.execute("SELECT 1")  # the transaction is still usable
+    assert applied is False
+    o = order_row(conn, oid)
+    assert o["state"] == "cancelled"
+    assert o["reason"].startswith("PAPER_FILL_REFUSED: fill quantity 60 exceeds the "
+                                  "50.00000 remaining on order")
+    (reported,) = errors_of(conn, "PAPER_FILL_REFUSED")
+    assert f"order {coid} cancelled" in reported
+    assert fills(conn, acc) == []
+
+
 # ---------------------------------------------------------------------------- Alpaca
 @pytest.fixture
 def aapl(conn: psycopg.Connection) -> int:
@@ -419,6 +487,38 @@ def test_alpaca_order_is_placed_then_filled_on_a_later_status_poll(
     assert positions(conn, acc) == [(aapl, Decimal(10), Decimal("187.15"))]
     assert cash(conn, acc) == Decimal("8128.50")  # 10000 - 10 * 187.15
     assert queued(conn) == [] and [m["msg_id"] for m in archived(conn)] == [msg["msg_id"]]
+
+
+def test_a_broker_fill_the_ledger_refuses_is_reported_and_its_message_waits(
+        conn: psycopg.Connection, http: responses.RequestsMock, aapl: int,
+        make_router: Callable[..., Router]) -> None:
+    """The venue reports an execution of 12 on an order of 10: the ledger refuses it; the
+    router says so (LEDGER_REFUSED_FILL), keeps the message for a later look, and goes on
+    with the next message instead of dying on this one."""
+    acc = paper_account(conn, "alp")
+    oid, coid = manual(conn, "alp", "AAPL", "10")
+    other, other_coid = manual(conn, "alp", "AAPL", "5")
+    http.get(BY_CLIENT_ID, status=404, json=NOT_FOUND)
+    http.post(f"{ALPACA}/orders", json=alpaca_order(coid, status="accepted"))
+    router = make_router(alpaca_routed(acc, "alp"))
+    http.get(f"{ALPACA}/orders/{OID}", json=alpaca_order(
+        coid, status="filled", filled_qty="12", filled_avg_price="187.15",
+        filled_at=now_text()))
+    http.get(ACTIVITIES, json=[activity(2, "12", "12", "187.15")])
+    http.post(f"{ALPACA}/orders", json=alpaca_order(other_coid, status="accepted",
+                                                   id=OTHER_OID, qty="5"))
+    assert router.drain() == 2  # both placed
+    reveal(conn)
+    router.drain()  # the first one's status: the refused fill; the second still works
+
+    (reported,) = errors_of(conn, "LEDGER_REFUSED_FILL")
+    assert f"order {coid} (AAPL): the broker reports what the ledger refuses: " in reported
+    assert "exceeds the 10" in reported
+    assert fills(conn, acc) == []
+    assert order_row(conn, oid)["state"] == "submitted"
+    waiting = {m["message"]["order_id"]: m["wait"] for m in queued(conn)}
+    assert waiting[oid] > 25  # looked at again later, not at once
+    assert order_row(conn, other)["state"] == "submitted"
 
 
 def test_a_network_error_on_place_keeps_the_order_in_flight_and_is_never_placed_twice(

@@ -18,7 +18,7 @@ crash) applies nothing twice.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import Any
@@ -40,6 +40,8 @@ from workers.backtest.simulator import (
 from workers.runtime.config import PaperCosts
 
 PROTECTIVE = frozenset({"stop_loss", "take_profit", "trailing_stop", "breakeven"})
+_ZERO = Decimal(0)
+_REDUCE_CAP = Decimal("Infinity")  # (an order that may open: no cap)
 
 _OPEN_ORDERS = """
 SELECT o.order_id, o.client_order_id, o.side::text, o.order_type::text, o.quantity,
@@ -180,10 +182,27 @@ class PaperBroker:
             for k in candidates:
                 bar = bars[k]
                 order = self._sim_order(row, held)
+                # (a reduce-only order on a net position may close what is held, no more;
+                # one on a hedge leg is judged by the ledger, which knows the legs)
+                cap = _REDUCE_CAP if not (order.reduce_only and row[13] == "net") else (
+                    max(held, _ZERO) if order.side == "sell" else max(-held, _ZERO))
+                if cap <= 0:
+                    # a venue refuses a reduce-only order with nothing left to reduce
+                    out.append(PaperFill(row[0], row[1], None, False,
+                                         "REDUCE_ONLY_NOTHING_TO_CLOSE: the position it "
+                                         "reduces is already closed"))
+                    self._seen_at.pop(row[0], None)
+                    break
+                capped = order.quantity > cap
+                if capped:
+                    order = replace(order, quantity=cap)
                 fill = self.sim.match(order, bar, inst.rules, cash=cash)
                 if fill is None:
                     continue
                 cancel = (fill.reason or "not enough cash") if fill.unfilled > 0 else None
+                if capped and cancel is None:
+                    cancel = (f"REDUCE_ONLY_CAPPED: only {cap} was left to close of "
+                              f"{Decimal(row[4]) - Decimal(row[5])}")
                 if fill.quantity > 0:
                     signed = fill.quantity if order.side == "buy" else -fill.quantity
                     cash -= signed * fill.price + fill.commission

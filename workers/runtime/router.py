@@ -55,6 +55,10 @@ WHERE o.order_id = %s
 """
 _ORDERS = _ORDER.replace("WHERE o.order_id = %s", "WHERE o.order_id = ANY(%s)")
 _TERMINAL = frozenset({"filled", "cancelled", "rejected", "expired"})
+# what the ledger's functions raise when they refuse a call's content (bad data, a broken
+# rule: classes 22, 23 and 0A), as opposed to a lost connection or a cancelled statement
+_REFUSED = (psycopg.errors.DataError, psycopg.errors.IntegrityError,
+            psycopg.errors.FeatureNotSupported)
 IDLE = psycopg.pq.TransactionStatus.IDLE
 
 
@@ -312,7 +316,19 @@ class Router(Worker):
             self._reject(order, errors.Reject(str(exc), code="ORDER_NOT_FOUND"))
             self._archive(msg_id)
             return
-        self._settle(routed, order, answer, msg_id)
+        try:
+            self._settle(routed, order, answer, msg_id)
+        except _REFUSED as exc:
+            # the ledger refuses what the broker reports (a fill it cannot take): a human
+            # must look, the other accounts go on, and the message comes back later
+            if self._c.info.transaction_status != IDLE:
+                self._c.rollback()
+            self.report("LEDGER_REFUSED_FILL",
+                        f"order {order.client_order_id} ({order.symbol}): the broker reports "
+                        f"what the ledger refuses: {str(exc).splitlines()[0]}",
+                        account=order.account)
+            self._delay(msg_id, backoff_seconds(read_ct, base=30.0, cap=900.0,
+                                                minimum=self.config.status_poll_seconds))
 
     def _accept_paper_many(self, batch: list[tuple[RoutedAccount, Order, int]]) -> None:
         """Paper orders enter the paper book (the ledger) in one transaction: each
@@ -331,6 +347,8 @@ class Router(Worker):
             accepted.append((routed, order, msg_id))
         if not accepted:
             return
+        # accounts in id order, as every writer of the ledger locks them
+        accepted.sort(key=lambda x: x[0].account_id)
         for attempt in range(1, 6):
             try:
                 with self._c.transaction():
@@ -540,7 +558,8 @@ class Router(Worker):
             opened = False
             for outcome in broker.settle(self._c, inst, [bar_row]):
                 if outcome.fill is not None:
-                    self._apply_paper_fill(routed, outcome)
+                    if not self._apply_paper_fill(routed, outcome):
+                        break  # (the rest of this bar was judged with that fill in it)
                     opened = opened or outcome.opens
                 if outcome.cancel is not None:
                     self._call("cancel_order", outcome.client_order_id, outcome.cancel[:500])
@@ -550,8 +569,25 @@ class Router(Worker):
                                 (inst.instrument_id, inst.timeframe, ts, o, h, low, c,
                                  routed.account_id))
 
-    def _apply_paper_fill(self, routed: RoutedAccount, fill: PaperFill) -> None:
-        result = self._apply(fill.payload())
+    def _apply_paper_fill(self, routed: RoutedAccount, fill: PaperFill) -> bool:
+        """Apply a paper fill; False when the ledger refuses it. The paper broker then
+        cancels the order with the ledger's reason (it could never be filled as it is)
+        and says so: one order's refusal must not stop the router for every account."""
+        inside = self._c.info.transaction_status != IDLE
+        try:
+            if inside:  # a savepoint: the refusal must not abort the caller's transaction
+                with self._c.transaction():
+                    result = self._apply(fill.payload())
+            else:
+                result = self._apply(fill.payload())
+        except _REFUSED as exc:
+            reason = str(exc).splitlines()[0]
+            self._call("cancel_order", fill.client_order_id,
+                       f"PAPER_FILL_REFUSED: {reason}"[:500])
+            self.report("PAPER_FILL_REFUSED", f"{routed.config.name}: order "
+                        f"{fill.client_order_id} cancelled, the ledger refused its paper fill: "
+                        f"{reason}", account=routed.config.name)
+            return False
         if result.get("status") == "applied" and fill.fill is not None:
             log.event(self.log, "fill.applied", account=routed.config.name,
                       environment="paper", order_id=fill.order_id,
@@ -561,6 +597,7 @@ class Router(Worker):
                                                "order_id": fill.order_id,
                                                "quantity": str(fill.fill.quantity),
                                                "price": str(fill.fill.price)})
+        return True
 
     def _first_needed(self, inst: PaperInstrument) -> datetime | None:
         """With no resume point yet: just before the oldest open paper order's time (the

@@ -591,7 +591,10 @@ class StrategyWorker(Worker):
         for attempt in range(1, 6):
             try:
                 refused: list[tuple[Assignment, OrderRejected]] = []
-                for a, _bar_ts, close, members, signals in decided:
+                # accounts in id order, as every writer of the ledger locks them: a step
+                # that signals on several accounts never waits on one in a cycle
+                for a, _bar_ts, close, members, signals in sorted(
+                        decided, key=lambda d: d[0].account_id):
                     refused.extend((a, r) for r in self._submit_all(a, signals, members, close))
                 self._advance([(d[0], d[1]) for d in decided])
                 self._c.commit()
