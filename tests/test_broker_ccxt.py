@@ -652,6 +652,60 @@ def test_an_unknown_exchange_stops() -> None:
 # --- the unified path on a second exchange: OKX -----------------------------------------
 
 
+def okx_fill(trade_id: int, ts_ms: int) -> dict[str, Any]:
+    """One entry of GET /api/v5/trade/fills-history (the fields OKX documents)."""
+    return {"instType": "SPOT", "instId": "BTC-USDT", "tradeId": str(trade_id),
+            "ordId": "312269865356374016", "clOrdId": "", "billId": str(9_000_000 + trade_id),
+            "tag": "", "fillPx": "66780.1", "fillSz": "0.001", "side": "buy",
+            "posSide": "net", "execType": "T", "feeCcy": "BTC", "fee": "-0.000001",
+            "ts": str(ts_ms), "fillTime": str(ts_ms)}
+
+
+def test_okx_fills_are_all_found_though_it_answers_with_the_newest_first(
+        http: responses.RequestsMock, okx: CcxtBroker) -> None:
+    """250 fills after `since`: OKX answers a window [begin, end) with its newest 100, so
+    fills_since walks back with `end` until it has them all, once each, oldest first."""
+    since = datetime(2024, 6, 10, tzinfo=UTC)
+    start = int(since.timestamp() * 1000)
+    history = [okx_fill(i, start + i * 1000) for i in range(1, 251)]
+    history.append(okx_fill(9999, start - 5000))  # before `since`: never returned
+
+    def fills_history(request: Any) -> tuple[int, dict[str, str], str]:
+        q = {k: v[0] for k, v in parse_qs(urlsplit(request.url).query).items()}
+        begin, end = int(q.get("begin", 0)), int(q.get("end", 2**62))
+        window = [t for t in history if begin <= int(t["ts"]) < end]
+        window.sort(key=lambda t: -int(t["ts"]))  # newest first, as OKX pages
+        limit = int(q.get("limit", 100))
+        return 200, {}, json.dumps({"code": "0", "msg": "", "data": window[:limit]})
+
+    http.add_callback(responses.GET, f"{OKX}/trade/fills-history", callback=fills_history)
+
+    fills = okx.fills_since(since, "BTC/USDT")
+
+    assert [f.fill_id for f in fills] == [f"BTC-USDT:{i}" for i in range(1, 251)]
+    asked = [(sent(c)["begin"], sent(c).get("end")) for c in calls_to(http, "/trade/fills-history")]
+    # the newest 100, then back from the oldest seen (its millisecond included: the pages
+    # overlap by that trade) twice,
+    # then forward from the newest: nothing new
+    assert asked == [(str(start), None), (str(start), str(start + 151_001)),
+                     (str(start), str(start + 52_001)), (str(start + 250_000), None)]
+
+
+def test_okx_fills_under_one_page_take_one_request(http: responses.RequestsMock,
+                                                    okx: CcxtBroker) -> None:
+    since = datetime(2024, 6, 10, tzinfo=UTC)
+    start = int(since.timestamp() * 1000)
+    http.get(f"{OKX}/trade/fills-history", json={"code": "0", "msg": "", "data": [
+        okx_fill(2, start + 2000), okx_fill(1, start + 1000)]})
+
+    fills = okx.fills_since(since, "BTC/USDT")
+
+    assert [f.fill_id for f in fills] == ["BTC-USDT:1", "BTC-USDT:2"]
+    assert len(calls_to(http, "/trade/fills-history")) == 1
+    assert "end" not in sent(calls_to(http, "/trade/fills-history")[0])
+
+
+
 def okx_ack(cid: str, code: str = "0", msg: str = "Order placed") -> dict[str, Any]:
     """POST /api/v5/trade/batch-orders (ccxt sends single orders through the batch path)."""
     return {"code": "0" if code == "0" else "1", "msg": "" if code == "0" else

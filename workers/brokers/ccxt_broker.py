@@ -121,6 +121,12 @@ DUPLICATE_MARKERS = ("duplicate order sent", "orderlinkedid is duplicate",
 # elsewhere the open and closed orders are searched.
 FETCH_ORDER_BY_CLIENT_ID = frozenset({"binance", "okx"})
 
+# Venues that answer "my trades since T" with the NEWEST trades after T (OKX's fills
+# history: ccxt sends no limit with a since, and the venue returns its most recent
+# page), so paging forward from a full page's newest trade would skip the older ones:
+# fills_since walks such a window back with `until` instead.
+NEWEST_FIRST = frozenset({"okx"})
+
 # Params that size a spot market buy in base currency: OKX reads `sz` as quote currency to
 # spend unless tgtCcy=base_ccy (ccxt defaults to base_ccy today; pinned here regardless).
 MARKET_BUY_PARAMS: dict[str, dict[str, Any]] = {"okx": {"tgtCcy": "base_ccy"}}
@@ -593,18 +599,39 @@ class CcxtBroker:
         fills: dict[str, BrokerFill] = {}
         cursor = start
         while True:
-            page = self._trades_page(symbol, cursor, limit)
-            new = [f for f in (self._to_fill(t) for t in page) if f.fill_id not in fills]
+            page = [self._to_fill(t) for t in self._trades_page(symbol, cursor, limit)]
+            new = [f for f in page if f.fill_id not in fills]
             fills.update((f.fill_id, f) for f in new if f.ts >= since)
             if not new or len(page) < limit:
                 break
+            if self.exchange_id in NEWEST_FIRST:
+                # the page is the window's newest trades: walk back from its oldest one
+                self._fills_before(symbol, cursor, min(datetime_to_ms(f.ts) for f in page),
+                                   limit, since, fills)
             cursor = max(datetime_to_ms(f.ts) for f in new)
         return sorted(fills.values(), key=lambda f: (f.ts, f.fill_id))
 
-    def _trades_page(self, symbol: str | None, since_ms: int,
-                     limit: int) -> list[dict[str, Any]]:
+    def _fills_before(self, symbol: str | None, start_ms: int, upper_ms: int, limit: int,
+                      since: datetime, fills: dict[str, BrokerFill]) -> None:
+        """Pages of a venue that answers with the newest trades of a window: each asks
+        for the trades from `start_ms` up to the oldest one seen so far (that millisecond
+        included: several trades may share it), until a page is short or brings nothing
+        new."""
+        while True:
+            page = [self._to_fill(t)
+                    for t in self._trades_page(symbol, start_ms, limit, until_ms=upper_ms + 1)]
+            new = [f for f in page if f.fill_id not in fills]
+            fills.update((f.fill_id, f) for f in new if f.ts >= since)
+            if not new or len(page) < limit:
+                return
+            upper_ms = min(datetime_to_ms(f.ts) for f in page)
+
+    def _trades_page(self, symbol: str | None, since_ms: int, limit: int, *,
+                     until_ms: int | None = None) -> list[dict[str, Any]]:
+        params = {} if until_ms is None else {"until": until_ms}
         return self._call("fills_since", symbol,
-                          lambda: self._exchange.fetch_my_trades(symbol, since_ms, limit))
+                          lambda: self._exchange.fetch_my_trades(symbol, since_ms, limit,
+                                                                 params))
 
     def _to_fill(self, trade: Mapping[str, Any], *, client_order_id: str | None = None,
                  fallback_ms: int | None = None) -> BrokerFill:
