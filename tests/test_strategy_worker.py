@@ -891,7 +891,8 @@ def test_a_symbol_without_a_bar_holds_the_others_no_longer_than_the_grace(
         make_worker: Callable[..., StrategyWorker]) -> None:
     """No ETH bar at 5 (nothing traded): BTC's bar runs alone once the grace is over;
     ETH, now behind, is not waited for at 6; its bar of 5 arriving after all is
-    reported as late and reaches the strategy only as history."""
+    reported as late (BAR_LATE: the entry had waited for it) and reaches the strategy
+    only as history; its bar of 6, also late, is only logged (it was not waited for)."""
     write_strategy(tmp_path, "recorder")
     cfg = entry("adv", "recorder", "BTCUSD", "ETHUSD")
     setup(owner, tmp_path, [paper("adv")], [cfg])
@@ -911,12 +912,15 @@ def test_a_symbol_without_a_bar_holds_the_others_no_longer_than_the_grace(
     (late,) = errors(owner, "BAR_LATE")
     assert "ETHUSD 1m bar of 2024-01-02T00:05:00+00:00 arrived after" in late["message"]
     assert len(strategy_of(w, cursor).calls) == 2
+    add_bars(owner, [(eth, 6, "56")])
+    pump(w)
+    assert len(errors(owner, "BAR_LATE")) == 1 and w.counts["late_bars"] == 2
     add_bars(owner, [(btc, 7, "107"), (eth, 7, "57")])
     pump(w, lambda: cursor_at(owner, cursor) == ts(7))
     now, seen = strategy_of(w, cursor).calls[-1]
     assert now == close_of(7) and sorted(seen) == ["BTCUSD", "ETHUSD"]
-    # ETH's history holds its late bar: 0-4, 5 and 7 (it has none at 6); BTC's 0-7
-    assert (seen["ETHUSD"]["hist_len"], seen["BTCUSD"]["hist_len"]) == (7, 8)
+    # ETH's history holds its late bars: 0-7, as BTC's
+    assert (seen["ETHUSD"]["hist_len"], seen["BTCUSD"]["hist_len"]) == (8, 8)
     assert [g["symbol"] for g in signals(owner, "adv") if g["ts"] == close_of(5) - ONE_US] == [
         "BTCUSD"]
 

@@ -258,6 +258,7 @@ class StrategyWorker(Worker):
         # another symbol's bar of t is here (their feeds may commit a moment apart)
         self.bar_grace_seconds = bar_grace_seconds
         self._grace: dict[tuple[str, int], float] = {}  # (entry, bar time): first seen
+        self._given_up: set[tuple[str, int, int]] = set()  # (entry, instrument, bar time)
         self.poll_ms = poll_ms
         self.reload_seconds = reload_seconds
         self.assignments: list[Assignment] = []
@@ -479,21 +480,33 @@ class StrategyWorker(Worker):
             cache.extend(new)
             added += len(new)
             if new:
-                self._late(key, cache, new[0][0])
+                self._late(key, cache, new)
         return added
 
-    def _late(self, key: tuple[int, str], cache: SeriesCache, first: datetime) -> None:
-        """Say so when a bar arrives for a time an entry has already run (after its
-        grace): that strategy never sees the bar as current (it is in its history)."""
+    def _late(self, key: tuple[int, str], cache: SeriesCache,
+              rows: list[tuple[Any, ...]]) -> None:
+        """Say so when bars arrive for times an entry has already run: that strategy
+        never sees them as current (they are in its history). An error (BAR_LATE) when
+        the entry had waited its grace for that bar; a log line when the symbol was
+        already behind (a market just opening, a feed catching up), which is expected."""
         for a in self.assignments:
-            if (a.last is not None and first <= a.last and a.config.timeframe == key[1]
-                    and (a.resumed is None or first > a.resumed)
-                    and any(iid == key[0] for iid, _s, _v in a.instruments)):
+            if (a.last is None or a.config.timeframe != key[1]
+                    or not any(iid == key[0] for iid, _s, _v in a.instruments)):
+                continue
+            late = [r[0] for r in rows if r[0] <= a.last
+                    and (a.resumed is None or r[0] > a.resumed)]
+            for bar_ts in late:
                 self.counts["late_bars"] = self.counts.get("late_bars", 0) + 1
-                self.report("BAR_LATE", f"{a.config.name} on {a.account}: the {cache.symbol} "
-                            f"{key[1]} bar of {first.isoformat()} arrived after the entry ran "
-                            f"that time (grace {self.bar_grace_seconds:g} s); the strategy "
-                            "sees it only in its history", account=a.account)
+                text = (f"{a.config.name} on {a.account}: the {cache.symbol} {key[1]} bar of "
+                        f"{bar_ts.isoformat()} arrived after the entry ran that time")
+                waited = (a.cursor, key[0], to_us(bar_ts))
+                if waited in self._given_up:
+                    self._given_up.discard(waited)
+                    self.report("BAR_LATE", f"{text} (grace {self.bar_grace_seconds:g} s); "
+                                "the strategy sees it only in its history", account=a.account)
+                else:
+                    log.event(self.log, f"{text}; the symbol was behind, so the entry did not "
+                              "wait for it", 30, account=a.account)
 
     def _times(self, a: Assignment) -> list[int]:
         after = to_us(a.last) if a.last is not None else -1
@@ -517,7 +530,7 @@ class StrategyWorker(Worker):
         now = time.monotonic()
         out = []
         for t in times:
-            missing = False
+            missing = []
             for iid, _s, _v in a.instruments:
                 ts = self.caches[(iid, a.config.timeframe)].ts_us
                 if not len(ts) or ts[-1] > t or prev is None or ts[-1] < prev:
@@ -525,13 +538,16 @@ class StrategyWorker(Worker):
                 k = int(np.searchsorted(ts, t))
                 if k < len(ts) and ts[k] == t:
                     continue
-                missing = True
-                break
+                missing.append(iid)
             key = (a.cursor, t)
             if missing:
                 first = self._grace.setdefault(key, now)
                 if now - first < self.bar_grace_seconds:
                     break  # t, and every later time, waits
+                # t runs without them: a bar of t from one of them is late (BAR_LATE)
+                if len(self._given_up) > 100_000:  # (bars that never came: forget them)
+                    self._given_up.clear()
+                self._given_up.update((a.cursor, iid, t) for iid in missing)
             self._grace.pop(key, None)
             out.append(t)
         return out
