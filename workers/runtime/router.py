@@ -225,8 +225,8 @@ class Router(Worker):
                         and isinstance(routed.broker, PaperBroker)
                         and order.status in ("created", "in_flight")):
                     paper.append((routed, order, int(msg_id)))
-                else:
-                    self.handle(int(msg_id), int(read_ct), message, order=order)
+                else:  # (read again when handled: a venue call may come before it)
+                    self.handle(int(msg_id), int(read_ct), message)
             if paper:
                 self._accept_paper_many(paper)
         return handled
@@ -250,11 +250,9 @@ class Router(Worker):
         row = self.conn.execute(_ORDER, (order_id,)).fetchone()
         return None if row is None else Order(*row)
 
-    def handle(self, msg_id: int, read_ct: int, message: dict[str, Any], *,
-               order: Order | None = None) -> None:
+    def handle(self, msg_id: int, read_ct: int, message: dict[str, Any]) -> None:
         order_id = int(message.get("order_id", 0))
-        if order is None:
-            order = self._order(order_id)
+        order = self._order(order_id)
         if order is None:
             self.report("ORDER_UNKNOWN", f"queue message {msg_id} names unknown order {order_id}")
             self._archive(msg_id)
