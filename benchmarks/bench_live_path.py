@@ -64,6 +64,11 @@ Measured:
 
 `--profile DIR` runs each worker under cProfile (stats in DIR/<kind>.prof, top functions
 printed; times are then inflated and the JSON says "profiled": true).
+
+`--functions` has the server count the time of every PL/pgSQL and SQL function
+(track_functions, set on the benchmark's database; it needs a superuser and adds a little
+to each call) and prints the heaviest ones per replay step, by their own time and with
+what they call: where the server's share of a step goes.
 """
 
 from __future__ import annotations
@@ -859,11 +864,49 @@ def print_report(fig: dict[str, Any]) -> None:
               f"{s['equity']:>12,.2f}")
     sanity = fig["sanity"]
     problems = {k: v for k, v in sanity.items() if v}
+    fns = fig.get("server_functions")
+    if isinstance(fns, list):
+        print("\nserver functions, heaviest by own time (track_functions adds to each call):")
+        print(f"  {'function':<36} {'calls/step':>10} {'own ms/step':>12} "
+              f"{'incl. ms/step':>14} {'own us/call':>12}")
+        for f in fns:
+            print(f"  {f['function']:<36} {f['calls_per_step']:>10} {f['self_ms_per_step']:>12} "
+                  f"{f['total_ms_per_step']:>14} {f['self_us_per_call']:>12}")
+    elif fns:
+        print(f"\nserver functions: {fns}")
     print("sanity: " + (str(problems) if problems
                         else "no worker restart, no runtime error, every bar played"))
 
 
 # --------------------------------------------------------------------------- main
+def track_functions(conn: psycopg.Connection) -> bool:
+    """Count every function's calls and time in this database from now on (the workers'
+    sessions start after this, so they count too)."""
+    try:
+        name = conn.execute("SELECT current_database()").fetchone()[0]  # type: ignore[index]
+        conn.execute(sql.SQL("ALTER DATABASE {} SET track_functions = 'all'").format(
+            sql.Identifier(name)))
+        conn.execute("SET track_functions = 'all'")
+        conn.execute("SELECT pg_stat_reset()")
+        return True
+    except psycopg.Error:
+        return False
+
+
+def function_times(conn: psycopg.Connection, steps: int, top: int = 15) -> list[dict[str, Any]]:
+    """The heaviest functions by their own time (without what they call), per step."""
+    rows = conn.execute(
+        "SELECT schemaname || '.' || funcname, calls, total_time, self_time "
+        "FROM pg_stat_user_functions WHERE calls > 0 ORDER BY self_time DESC LIMIT %s",
+        (top,)).fetchall()
+    per = max(steps, 1)
+    return [{"function": name, "calls_per_step": round(calls / per, 2),
+             "self_ms_per_step": round(self_ms / per, 3),
+             "total_ms_per_step": round(total_ms / per, 3),
+             "self_us_per_call": round(1000 * self_ms / calls, 1)}
+            for name, calls, total_ms, self_ms in rows]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     ap.add_argument("--bars", type=int, default=2000, help="bars replayed per symbol")
@@ -879,6 +922,8 @@ def main() -> None:
     ap.add_argument("--stall", type=float, default=120.0,
                     help="give up when no bar was played for this many seconds")
     ap.add_argument("--profile", metavar="DIR", help="run each worker under cProfile")
+    ap.add_argument("--functions", action="store_true",
+                    help="count the server's time per function (track_functions)")
     ap.add_argument("--keep", action="store_true",
                     help="keep the temporary MMATS_HOME (logs, session file, database)")
     ap.add_argument("--json", dest="json_path", help="write every figure to this file")
@@ -926,6 +971,7 @@ def main() -> None:
             env["PYTHONPATH"] = os.pathsep.join(
                 [str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])])
             sampler = Sampler(conn, info["server_local"])
+            tracked = args.functions and track_functions(conn)
             run = run_workers(session, env, sampler, args.timeout, args.stall, profile_dir)
             clock = clock_offset_ms(conn)
             log = read_ingest_log(session.log_dir / "ingest.log")
@@ -945,6 +991,7 @@ def main() -> None:
                 accounts_summary.append({**s, "strategy": name, "cash": float(s["cash"]),
                                          "equity": float(s["equity"])})
             procs = process_figures(sampler, run["pids"], t0, t1)
+            functions = function_times(conn, len(arrivals)) if tracked else None
     finally:
         if args.keep:
             print(f"kept {home} (MMATS_HOME; session file and logs under it)", file=sys.stderr)
@@ -996,6 +1043,9 @@ def main() -> None:
     }
     if sampler.why_no_server:
         figures["server_processes_note"] = sampler.why_no_server
+    if args.functions:
+        figures["server_functions"] = functions if functions is not None else (
+            "not counted: setting track_functions needs a superuser")
     print_report(figures)
     if profile_dir is not None:
         print_profiles(profile_dir)
