@@ -74,6 +74,7 @@ import psycopg
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from machine import busy_cpu_s
 from scratchdb import fresh_database
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -269,16 +270,6 @@ class Backend:
         except OSError:
             pass
         return out
-
-
-def busy_cpu_s() -> float | None:
-    """CPU seconds every process on this machine has used (/proc/stat: all but idle)."""
-    try:
-        fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
-    except (OSError, ValueError):
-        return None
-    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
-    return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")
 
 
 class Phase:

@@ -103,6 +103,7 @@ from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from machine import busy_cpu_s
 from scratchdb import FAST
 
 from db import migrate
@@ -308,16 +309,6 @@ def _vm_hwm_kb(pid: int) -> int | None:
     return None
 
 
-def machine_busy_s() -> float | None:
-    """CPU seconds every process on this machine has used (/proc/stat: all but idle)."""
-    try:
-        fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
-    except (OSError, ValueError):
-        return None
-    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
-    return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")
-
-
 @dataclass
 class Track:
     """One process's CPU time and RSS over time."""
@@ -412,7 +403,7 @@ class Sampler:
                 self._find_server_processes()
             for track in self.server.values():
                 track.sample(now)
-        busy = machine_busy_s()
+        busy = busy_cpu_s()
         if busy is not None:
             self.machine.append((now, busy))
         self.calls += 1

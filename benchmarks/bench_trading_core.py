@@ -162,8 +162,9 @@ def summary(values_s: list[float], prefix: str) -> dict:
 
 
 def run_signals(conn: psycopg.Connection, last: dict, n: int, warmup: int,
-                account: str = "bench") -> dict:
-    """Alternate buy / close per (strategy, symbol); fill every approved order."""
+                account: str = "bench", latencies: list[float] | None = None) -> dict:
+    """Alternate buy / close per (strategy, symbol); fill every approved order. Each
+    measured submit_signal's seconds are also appended to `latencies` when given."""
     pairs = [(s[0], sym) for sym in SYMBOLS for s in STRATEGIES]
     held = set(conn.execute(
         "SELECT s.name, i.symbol FROM trading.positions p"
@@ -198,7 +199,8 @@ def run_signals(conn: psycopg.Connection, last: dict, n: int, warmup: int,
         long_[(strategy, sym)] = action == "buy"
     out = summary(sig_t, "submit_signal") | summary(fill_t, "apply_fill")
     out["submit_signal_outcomes"] = statuses
-    out["_signal_seconds"] = sig_t
+    if latencies is not None:
+        latencies.extend(sig_t)
     return out
 
 
@@ -209,13 +211,13 @@ def run_cycles(url: str, last: dict, n: int, accounts: list[str]) -> dict:
     account lock; they still share the audit chain's head, the order queue and the
     server's two cores. (A signal and its fill per cycle: the wall time holds both.)"""
     conns = [psycopg.connect(url, autocommit=True) for _ in accounts]
-    results: list[dict] = [{} for _ in accounts]
+    latencies: list[float] = []  # (list.extend is atomic under the GIL)
     barrier = threading.Barrier(len(accounts) + 1)
 
     def work(k: int) -> None:
         run_signals(conns[k], last, 200, 0, accounts[k])  # warm-up, not counted
         barrier.wait()
-        results[k] = run_signals(conns[k], last, n, 0, accounts[k])
+        run_signals(conns[k], last, n, 0, accounts[k], latencies)
 
     threads = [threading.Thread(target=work, args=(k,)) for k in range(len(accounts))]
     for t in threads:
@@ -227,7 +229,6 @@ def run_cycles(url: str, last: dict, n: int, accounts: list[str]) -> dict:
     wall = time.perf_counter() - started
     for c in conns:
         c.close()
-    latencies = [x for r in results for x in r["_signal_seconds"]]
     tag = f"cycles_{len(accounts)}_sessions"
     out = {f"{tag}_{k}": v for k, v in summary(latencies, "submit_signal").items()
            if not k.endswith(("_per_s", "_n"))}
@@ -319,9 +320,7 @@ def main() -> None:
             if args.warmup:  # warm-up (plans, caches), not counted
                 run_signals(conn, last, args.warmup, 0)
             tracked = track_functions(conn)
-            measured = run_signals(conn, last, args.signals, 0)
-            measured.pop("_signal_seconds")
-            figures |= measured
+            figures |= run_signals(conn, last, args.signals, 0)
             if tracked:
                 figures |= server_side(conn, ("trading.submit_signal", "trading.apply_fill",
                                               "risk._check_order"))

@@ -18,17 +18,17 @@ import math
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from datetime import time as dtime
 from decimal import Decimal
 from typing import Any, Literal
-from zoneinfo import ZoneInfo
 
+import numpy as np
 import oandapyV20
 import requests
 from oandapyV20.endpoints import instruments, pricing
 from oandapyV20.exceptions import V20Error
 from oandapyV20.oandapyV20 import TRADING_ENVIRONMENTS
 
+from workers.backtest.data import from_us, to_us
 from workers.brokers.errors import Reject, Retry, Stop
 from workers.brokers.oanda_broker import (
     VENUE,
@@ -45,6 +45,7 @@ from workers.brokers.oanda_broker import (
     translate,
 )
 from workers.feeds.base import TIMEFRAME_SECONDS, FeedBar
+from workers.ingest.calendars import sessions
 
 GRANULARITIES = {"1m": "M1", "5m": "M5", "15m": "M15", "1h": "H1", "4h": "H4", "1d": "D",
                  "1w": "W"}
@@ -55,12 +56,6 @@ ALIGNMENT = {"dailyAlignment": 0, "alignmentTimezone": "UTC", "weeklyAlignment":
 Clock = Callable[[], datetime]
 StreamState = Literal["ok", "stalled", "silent", "closed"]
 
-# the forex week (the FX_24X5 calendar): from Sunday 17:00 to Friday 17:00 New York time,
-# i.e. 21:00 UTC while New York keeps summer time and 22:00 UTC in winter
-NEW_YORK = ZoneInfo("America/New_York")
-WEEK_CLOSE_WEEKDAY, WEEK_OPEN_WEEKDAY, WEEK_EDGE = 4, 6, dtime(17, 0)
-
-
 def utc_now() -> datetime:
     return datetime.now(UTC)
 
@@ -68,27 +63,19 @@ def utc_now() -> datetime:
 # ---------------------------------------------------------------- market hours
 
 def forex_market_open(at: datetime) -> bool:
-    """Whether the forex market trades at `at`: closed from Friday 17:00 to Sunday 17:00
-    New York time (the edge moves with New York's daylight saving time)."""
-    local = at.astimezone(NEW_YORK)
-    day, clock = local.weekday(), local.time()
-    if day == WEEK_CLOSE_WEEKDAY:
-        return clock < WEEK_EDGE
-    if day == WEEK_OPEN_WEEKDAY:
-        return clock >= WEEK_EDGE
-    return day != 5  # Saturday
+    """Whether the forex market trades at `at`: the FX_24X5 calendar's week, Sunday 17:00
+    to Friday 17:00 New York time (the edge moves with New York's daylight saving time)."""
+    us = to_us(at)
+    opens, closes = sessions("FX_24X5", us, us)
+    i = int(np.searchsorted(closes, us, side="right"))
+    return i < len(opens) and int(opens[i]) <= us
 
 
 def forex_week_open(at: datetime) -> datetime:
-    """The most recent Sunday 17:00 New York time at or before `at` (in UTC): when this
-    trading week began."""
-    local = at.astimezone(NEW_YORK)
-    days_back = (local.weekday() - WEEK_OPEN_WEEKDAY) % 7
-    day = (local - timedelta(days=days_back)).date()
-    start = datetime.combine(day, WEEK_EDGE, tzinfo=NEW_YORK)
-    if start > local:
-        start = datetime.combine(day - timedelta(days=7), WEEK_EDGE, tzinfo=NEW_YORK)
-    return start.astimezone(UTC)
+    """When the FX_24X5 week that `at` falls in (or the last one, on a weekend) began."""
+    us = to_us(at)
+    opens, _closes = sessions("FX_24X5", us, us)
+    return from_us(int(opens[int(np.searchsorted(opens, us, side="right")) - 1]))
 
 
 # ---------------------------------------------------------------- the watchdog
