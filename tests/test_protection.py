@@ -566,3 +566,71 @@ def test_a_stop_hit_while_a_close_is_being_decided_waits_and_sees_that_close(db_
                            " WHERE reduce_only ORDER BY order_id").fetchall()
     assert closing == [("signal", D(10))]
     assert position(conn, acc, inst)["last_price"] == D(96)  # the bar still marked it
+
+
+# ------------------------------------------------------------------ many instruments
+
+
+def test_one_insert_of_many_instruments_decides_as_one_insert_per_instrument(conn):
+    # Twin books: accounts A0-A2 on instruments AX0-AX2 and B0-B2 on BX0-BX2 hold the same
+    # positions with the same protection (long and short; stops, targets, trailing stops,
+    # breakeven) and see the same bars. A's bars arrive in one insert for all three
+    # instruments; B's one instrument at a time. The trigger judges A's in one pass over
+    # every position: it must give the same exits, in the same order, and the same marks.
+    books = {}
+    for book in "AB":
+        insts = [add_instrument(conn, f"{book}X{i}USD") for i in range(3)]
+        accs = [add_account(conn, f"{book}{j}", allow_short=True) for j in range(3)]
+        books[book] = (insts, accs)
+        for i in range(3):
+            for j in range(3):
+                k = 3 * i + j
+                long_ = k % 2 == 0
+                protection = {
+                    0: {"stop_loss": 97 if long_ else 103},
+                    1: {"take_profit": 104 if long_ else 96},
+                    2: {"trailing_stop": 2},
+                    3: {"stop_loss": 90 if long_ else 110,
+                        "metadata": {"breakeven": 102 if long_ else 98}},
+                }[k % 4]
+                open_position(conn, f"{book}{j}", f"{book}X{i}USD", qty=1 + j,
+                              action="buy" if long_ else "sell", strategy=f"s{i}", **protection)
+    paths = [  # (open, high, low, close) per minute, one path per instrument
+        [(100, 101, 99, 100), (100, 103, 99, 102), (102, 105, 101, 104), (104, 104, 96, 97)],
+        [(100, 100, 98, 99), (99, 99, 95, 96), (96, 100, 96, 99), (99, 106, 99, 105)],
+        [(100, 102, 100, 101), (101, 101, 99, 100), (100, 100, 100, 100), (100, 111, 89, 95)],
+    ]
+    rows = {book: [(books[book][0][i], T0 + k * M) + path[k] for k in range(4)
+                   for i, path in enumerate(paths)] for book in "AB"}
+    conn.execute("INSERT INTO market.bars (instrument_id, timeframe, ts, open, high, low,"
+                 " close, volume) SELECT i, '1m', t, o, h, l, c, 1 FROM unnest("
+                 "%s::bigint[], %s::timestamptz[], %s::numeric[], %s::numeric[],"
+                 " %s::numeric[], %s::numeric[]) AS x(i, t, o, h, l, c)",
+                 [list(col) for col in zip(*rows["A"], strict=True)])
+    for i in range(3):  # B: instrument by instrument, a bar at a time
+        for r in rows["B"][i::3]:
+            bar(conn, *r)
+
+    def outcome(book: str) -> tuple[list, list]:
+        insts, accs = books[book]
+        orders = conn.execute(
+            "SELECT array_position(%s, instrument_id), array_position(%s, account_id),"
+            " side::text, quantity, trigger::text, trigger_price FROM trading.orders"
+            " WHERE trigger NOT IN ('signal', 'manual') AND account_id = ANY(%s)"
+            " ORDER BY order_id", (insts, accs, accs)).fetchall()
+        marks = conn.execute(
+            "SELECT array_position(%s, instrument_id), array_position(%s, account_id),"
+            " quantity, stop_loss, trail_anchor, breakeven, last_price, marked_at"
+            " FROM trading.positions WHERE account_id = ANY(%s) ORDER BY 1, 2",
+            (insts, accs, accs)).fetchall()
+        return orders, marks
+
+    a_orders, a_marks = outcome("A")
+    b_orders, b_marks = outcome("B")
+    assert len(a_orders) >= 6  # stops, targets, trailing stops and breakeven all fired
+    assert {o[4] for o in a_orders} == {"stop_loss", "take_profit", "trailing_stop", "breakeven"}
+    assert [o[2:] for o in sorted(a_orders)] == [o[2:] for o in sorted(b_orders)]
+    assert sorted(a_orders) == sorted(b_orders)
+    # in one pass the exits are made instrument by instrument, then account by account
+    assert a_orders == sorted(a_orders, key=lambda o: (o[0], o[1]))
+    assert a_marks == b_marks and all(m[7] == T0 + 4 * M for m in a_marks)

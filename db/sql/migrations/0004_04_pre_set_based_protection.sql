@@ -1,0 +1,234 @@
+-- 0004_04 (pre): bar protection in a fixed number of statements, whatever the number of
+-- positions and instruments. It decides exactly as before (the same first bar touching
+-- the stop or the target, the same trigger and price, the exits already on their way
+-- counted first, the same orders in the same order, the same marks); what changes is the
+-- cost. protect_bars ran three statements per position, and the bars trigger ran
+-- protect_bars once per instrument: a live step of ten symbols held by a few accounts
+-- took dozens of statements, each with its executor start-up. Now trading._protect
+-- judges every position of a set of instruments with one query (every position locked,
+-- in account and position order, as before), turns the few hits into orders one by one
+-- (in instrument, account and position order, as the per-instrument calls did), and
+-- marks every position with one UPDATE. protect_bars is _protect of one instrument plus
+-- its equity snapshots; the bars trigger calls _protect once for the whole insert.
+-- _emit_order reads no position, so marking after the orders changes nothing they see.
+SET LOCAL ROLE mmats_owner;
+
+CREATE FUNCTION trading._protect(instruments bigint[], bars market.bars[], account bigint,
+                                 OUT order_ids bigint[], OUT touched bigint[],
+                                 OUT marked_until timestamptz)
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    hit record;
+    acc trading.accounts;
+    inst market.instruments;
+    trig trading.order_trigger;
+    fire_price numeric;
+    exit_qty numeric;
+BEGIN
+    order_ids := '{}';
+    -- the accounts first, in id order, as submit_signal and apply_fill lock them: an exit
+    -- they are deciding for one of these positions is then committed (and counted below
+    -- as already on its way) or not yet begun, never half-seen
+    PERFORM 1 FROM trading.accounts a
+    WHERE a.account_id IN (
+        SELECT x.account_id FROM trading.positions x JOIN trading.accounts ac USING (account_id)
+        WHERE x.instrument_id = ANY (_protect.instruments) AND x.quantity <> 0
+          AND (_protect.account IS NULL AND ac.environment IN ('live', 'paper')
+               OR x.account_id = _protect.account))
+    ORDER BY a.account_id FOR UPDATE;
+
+    -- every position judged, locked; for each, the first bar after its last mark whose
+    -- low/high touches its stop (as breakeven and the trailing distance move it over the
+    -- earlier bars of the batch) or its target. Bars closing at the same time: the one of
+    -- the finest timeframe.
+    FOR hit IN
+        WITH pos AS MATERIALIZED (
+            SELECT x.*, (x.leg = 'long' OR (x.leg = 'net' AND x.quantity > 0)) AS is_long
+            FROM trading.positions x JOIN trading.accounts ac USING (account_id)
+            WHERE x.instrument_id = ANY (_protect.instruments) AND x.quantity <> 0
+              AND (_protect.account IS NULL AND ac.environment IN ('live', 'paper')
+                   OR x.account_id = _protect.account)
+            ORDER BY x.account_id, x.position_id
+            FOR UPDATE OF x),
+        b AS MATERIALIZED (
+            SELECT DISTINCT ON (u.instrument_id, u.ts + market.timeframe_interval(u.timeframe))
+                   u.instrument_id, u.open AS o, u.high AS h, u.low AS l, u.close AS c,
+                   u.ts + market.timeframe_interval(u.timeframe) AS ct
+            FROM unnest(_protect.bars) u
+            WHERE u.instrument_id = ANY (_protect.instruments)
+            ORDER BY u.instrument_id, u.ts + market.timeframe_interval(u.timeframe),
+                     market.timeframe_interval(u.timeframe)),
+        w AS (
+            SELECT p.position_id, b.o, b.h, b.l, b.c, b.ct,
+                   CASE WHEN p.is_long THEN max(b.h) OVER earlier ELSE min(b.l) OVER earlier END AS best_before,
+                   COALESCE(bool_or(CASE WHEN p.is_long THEN b.h >= p.breakeven ELSE b.l <= p.breakeven END)
+                            OVER earlier, false) AS be_before
+            FROM pos p JOIN b ON b.instrument_id = p.instrument_id
+                             AND (p.marked_at IS NULL OR b.ct > p.marked_at)
+            WHERE p.stop_loss IS NOT NULL OR p.take_profit IS NOT NULL
+               OR p.trailing_stop IS NOT NULL OR p.breakeven IS NOT NULL
+            WINDOW earlier AS (PARTITION BY p.position_id ORDER BY b.ct
+                               ROWS BETWEEN UNBOUNDED PRECEDING AND 1 PRECEDING)),
+        s AS (
+            SELECT w.*, p.is_long, p.stop_loss, p.take_profit, p.trailing_stop, p.average_price,
+                   CASE WHEN w.be_before
+                        THEN CASE WHEN p.is_long THEN GREATEST(COALESCE(p.stop_loss, 0), p.average_price)
+                                  ELSE LEAST(COALESCE(p.stop_loss, p.average_price), p.average_price) END
+                        ELSE p.stop_loss END AS sl,
+                   CASE WHEN p.is_long THEN GREATEST(p.trail_anchor, w.best_before)
+                        ELSE LEAST(p.trail_anchor, w.best_before) END AS anchor
+            FROM w JOIN pos p USING (position_id)),
+        t AS (
+            SELECT s.*,
+                   CASE WHEN s.trailing_stop IS NULL OR s.anchor IS NULL THEN s.sl
+                        WHEN s.is_long THEN GREATEST(COALESCE(s.sl, 0), s.anchor - s.trailing_stop)
+                        ELSE LEAST(COALESCE(s.sl, 'Infinity'), s.anchor + s.trailing_stop) END AS raw_stop
+            FROM s),
+        v AS (
+            SELECT t.*, CASE WHEN t.raw_stop <= 0 OR t.raw_stop = 'Infinity' THEN t.sl ELSE t.raw_stop END AS stop
+            FROM t),
+        first_hit AS (
+            SELECT DISTINCT ON (v.position_id) v.* FROM v
+            WHERE (v.stop IS NOT NULL AND ((v.is_long AND v.l <= v.stop) OR (NOT v.is_long AND v.h >= v.stop)))
+               OR (v.take_profit IS NOT NULL
+                   AND ((v.is_long AND v.h >= v.take_profit) OR (NOT v.is_long AND v.l <= v.take_profit)))
+            ORDER BY v.position_id, v.ct)
+        SELECT f.*, p.account_id, p.instrument_id, p.strategy_id, p.entry_strategy_id, p.leg,
+               p.quantity
+        FROM first_hit f JOIN pos p USING (position_id)
+        ORDER BY p.instrument_id, p.account_id, p.position_id
+    LOOP
+        IF hit.stop IS NOT NULL AND ((hit.is_long AND hit.l <= hit.stop) OR (NOT hit.is_long AND hit.h >= hit.stop)) THEN
+            -- at the entry price because breakeven moved it there (in this batch or before)
+            trig := CASE WHEN hit.stop = hit.sl AND hit.sl = hit.average_price
+                          AND (hit.be_before OR hit.stop_loss = hit.average_price) THEN 'breakeven'
+                         WHEN hit.stop = hit.sl THEN 'stop_loss'
+                         ELSE 'trailing_stop' END;
+            fire_price := CASE WHEN hit.is_long THEN LEAST(hit.o, hit.stop) ELSE GREATEST(hit.o, hit.stop) END;
+        ELSE
+            trig := 'take_profit';
+            fire_price := CASE WHEN hit.is_long THEN GREATEST(hit.o, hit.take_profit) ELSE LEAST(hit.o, hit.take_profit) END;
+        END IF;
+        SELECT * INTO acc FROM trading.accounts x WHERE x.account_id = hit.account_id;
+        -- exits already on their way (a strategy's close, an earlier stop) count first
+        SELECT abs(hit.quantity) - COALESCE(sum(x.quantity - x.filled_quantity), 0) INTO exit_qty
+        FROM trading.orders x
+        WHERE x.account_id = hit.account_id AND x.instrument_id = hit.instrument_id AND x.reduce_only
+          AND x.side = CASE WHEN hit.is_long THEN 'sell' ELSE 'buy' END::trading.order_side
+          AND x.position_leg = hit.leg
+          AND (hit.strategy_id IS NULL OR x.strategy_id = hit.strategy_id)
+          AND x.status IN ('created', 'in_flight', 'submitted', 'partially_filled');
+        IF inst.instrument_id IS DISTINCT FROM hit.instrument_id THEN
+            SELECT * INTO inst FROM market.instruments i WHERE i.instrument_id = hit.instrument_id;
+        END IF;
+        IF acc.mode = 'operator' AND risk.breaker_mode(acc.account_id) <> 'FREEZE' AND exit_qty > 0 THEN
+            order_ids := order_ids || trading._emit_order(acc, inst,
+                COALESCE(hit.strategy_id, hit.entry_strategy_id), NULL,
+                CASE WHEN hit.is_long THEN 'sell' ELSE 'buy' END::trading.order_side, exit_qty, trig,
+                hit.c, reduce_only => true, leg => hit.leg, trigger_price => fire_price);
+        ELSIF acc.mode = 'advisory' THEN
+            INSERT INTO risk.events (account_id, severity, event_type, message, details)
+            VALUES (hit.account_id, 'warning', upper(trig::text),
+                    format('%s hit on %s at %s (advisory account: no order)', trig, inst.symbol,
+                           fire_price),
+                    jsonb_build_object('position_id', hit.position_id, 'price', fire_price, 'bar_close', hit.ct));
+        END IF;
+    END LOOP;
+
+    -- mark every position once, from all its bars newer than its last mark: the last
+    -- close (of the finest timeframe among the bars closing last), the trailing anchor,
+    -- breakeven's move of the stop. The rows are ours: locked above, unchanged since.
+    WITH raw AS MATERIALIZED (
+        SELECT u.instrument_id, u.high, u.low, u.close,
+               u.ts + market.timeframe_interval(u.timeframe) AS ct,
+               market.timeframe_interval(u.timeframe) AS span
+        FROM unnest(_protect.bars) u
+        WHERE u.instrument_id = ANY (_protect.instruments)),
+    m AS (
+        SELECT x.position_id,
+               (array_agg(r.close ORDER BY r.ct DESC, r.span))[1] AS c,
+               max(r.ct) AS ct, max(r.high) AS h, min(r.low) AS l,
+               COALESCE(bool_or(CASE WHEN x.leg = 'long' OR (x.leg = 'net' AND x.quantity > 0)
+                                     THEN r.high >= x.breakeven ELSE r.low <= x.breakeven END), false) AS be
+        FROM trading.positions x JOIN trading.accounts ac USING (account_id)
+        JOIN raw r ON r.instrument_id = x.instrument_id
+                  AND (x.marked_at IS NULL OR r.ct > x.marked_at)
+        WHERE x.instrument_id = ANY (_protect.instruments) AND x.quantity <> 0
+          AND (_protect.account IS NULL AND ac.environment IN ('live', 'paper')
+               OR x.account_id = _protect.account)
+        GROUP BY x.position_id),
+    u AS (
+        UPDATE trading.positions x SET
+            last_price = m.c, marked_at = m.ct,
+            trail_anchor = CASE WHEN x.trailing_stop IS NULL THEN x.trail_anchor
+                                WHEN x.leg = 'long' OR (x.leg = 'net' AND x.quantity > 0)
+                                THEN GREATEST(x.trail_anchor, m.h)
+                                ELSE LEAST(x.trail_anchor, m.l) END,
+            stop_loss = CASE WHEN x.breakeven IS NOT NULL AND m.be
+                             THEN CASE WHEN x.leg = 'long' OR (x.leg = 'net' AND x.quantity > 0)
+                                       THEN GREATEST(COALESCE(x.stop_loss, 0), x.average_price)
+                                       ELSE LEAST(COALESCE(x.stop_loss, x.average_price), x.average_price) END
+                             ELSE x.stop_loss END,
+            breakeven = CASE WHEN m.be THEN NULL ELSE x.breakeven END
+        FROM m WHERE x.position_id = m.position_id
+        RETURNING x.account_id, m.ct)
+    SELECT COALESCE(array_agg(DISTINCT u.account_id ORDER BY u.account_id), '{}'), max(u.ct)
+    INTO touched, marked_until FROM u;
+END
+$$;
+
+CREATE OR REPLACE FUNCTION trading.protect_bars(instrument bigint, bars market.bars[],
+                                     account bigint DEFAULT NULL, snapshot boolean DEFAULT true,
+                                     OUT order_ids bigint[], OUT touched bigint[],
+                                     OUT marked_until timestamptz)
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    a bigint;
+BEGIN
+    SELECT r.order_ids, r.touched, r.marked_until INTO order_ids, touched, marked_until
+    FROM trading._protect(ARRAY[protect_bars.instrument], protect_bars.bars, protect_bars.account) r;
+    IF snapshot THEN
+        FOREACH a IN ARRAY touched LOOP
+            PERFORM trading.snapshot_equity(a, marked_until);
+        END LOOP;
+    END IF;
+END
+$$;
+
+CREATE OR REPLACE FUNCTION market.bars_inserted() RETURNS trigger
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    held bigint[];
+    r record;
+    a bigint;
+BEGIN
+    -- the instruments of the insert that a live or paper account holds, all judged at once
+    -- (_protect locks their accounts in id order before judging any of them, so two feeds'
+    -- inserts and the workers' calls all take accounts in the same order); then one
+    -- equity snapshot per account touched
+    held := ARRAY(
+        SELECT i.instrument_id FROM (SELECT DISTINCT nb.instrument_id FROM new_bars nb) i
+        WHERE EXISTS (SELECT 1 FROM trading.positions p JOIN trading.accounts ac USING (account_id)
+                      WHERE p.instrument_id = i.instrument_id AND p.quantity <> 0
+                        AND ac.environment IN ('live', 'paper'))
+        ORDER BY i.instrument_id);
+    IF cardinality(held) > 0 THEN
+        r := trading._protect(held, ARRAY(SELECT nb::market.bars FROM new_bars nb
+                                          WHERE nb.instrument_id = ANY (held)), NULL);
+        FOREACH a IN ARRAY r.touched LOOP
+            PERFORM trading.snapshot_equity(a, r.marked_until);
+        END LOOP;
+    END IF;
+    FOR r IN
+        SELECT nb.instrument_id, nb.timeframe, min(nb.ts) AS first, max(nb.ts) AS last,
+               count(*) AS n
+        FROM new_bars nb GROUP BY nb.instrument_id, nb.timeframe
+        ORDER BY nb.instrument_id, nb.timeframe
+    LOOP
+        PERFORM pg_notify('mmats_bars', json_build_object(
+            'instrument_id', r.instrument_id, 'timeframe', r.timeframe, 'first', r.first,
+            'last', r.last, 'n', r.n)::text);
+    END LOOP;
+    RETURN NULL;
+END
+$$;
