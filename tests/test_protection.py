@@ -634,3 +634,23 @@ def test_one_insert_of_many_instruments_decides_as_one_insert_per_instrument(con
     # in one pass the exits are made instrument by instrument, then account by account
     assert a_orders == sorted(a_orders, key=lambda o: (o[0], o[1]))
     assert a_marks == b_marks and all(m[7] == T0 + 4 * M for m in a_marks)
+
+
+def test_a_position_is_judged_only_on_bars_newer_than_its_own_mark(conn):
+    # A has been marked through 10:05; B, opened since on another account, has no mark.
+    # A batch brings a late bar for the gap at 10:02 (low 90) and the next bar (low 99):
+    # the late bar is older than A's mark, so only B's stop (95) fires on it.
+    add_instrument(conn)
+    a, b = add_account(conn, "A"), add_account(conn, "B")
+    inst = conn.execute("SELECT instrument_id FROM market.instruments").fetchone()[0]
+    open_position(conn, "A", "BTCUSD", stop_loss=95)
+    for k in (0, 1, 3, 4):
+        bar(conn, inst, T0 + k * M, 100, 101, 99, 100)
+    open_position(conn, "B", "BTCUSD", stop_loss=95)
+    assert [position(conn, x, inst)["marked_at"] for x in (a, b)] == [T0 + 5 * M, None]
+    conn.execute("INSERT INTO market.bars (instrument_id, timeframe, ts, open, high, low, close,"
+                 " volume) VALUES (%s, '1m', %s, 100, 100, 90, 96, 1),"
+                 " (%s, '1m', %s, 100, 101, 99, 100, 1)", (inst, T0 + 2 * M, inst, T0 + 5 * M))
+    assert exits(conn, a) == []
+    assert exits(conn, b) == [("sell", D(10), True, "stop_loss", D(95), "market")]
+    assert [position(conn, x, inst)["marked_at"] for x in (a, b)] == [T0 + 6 * M] * 2

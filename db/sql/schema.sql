@@ -5816,7 +5816,8 @@ BEGIN
     -- the finest timeframe.
     FOR hit IN
         WITH pos AS MATERIALIZED (
-            SELECT x.*, (x.leg = 'long' OR (x.leg = 'net' AND x.quantity > 0)) AS is_long
+            SELECT x.*, (x.leg = 'long' OR (x.leg = 'net' AND x.quantity > 0)) AS is_long,
+                   COALESCE(x.marked_at, '-infinity') AS mark
             FROM trading.positions x JOIN trading.accounts ac USING (account_id)
             WHERE x.instrument_id = ANY (_protect.instruments) AND x.quantity <> 0
               AND (_protect.account IS NULL AND ac.environment IN ('live', 'paper')
@@ -5831,26 +5832,37 @@ BEGIN
             WHERE u.instrument_id = ANY (_protect.instruments)
             ORDER BY u.instrument_id, u.ts + market.timeframe_interval(u.timeframe),
                      market.timeframe_interval(u.timeframe)),
-        w AS (
-            SELECT p.position_id, b.o, b.h, b.l, b.c, b.ct,
-                   CASE WHEN p.is_long THEN max(b.h) OVER earlier ELSE min(b.l) OVER earlier END AS best_before,
-                   COALESCE(bool_or(CASE WHEN p.is_long THEN b.h >= p.breakeven ELSE b.l <= p.breakeven END)
-                            OVER earlier, false) AS be_before
-            FROM pos p JOIN b ON b.instrument_id = p.instrument_id
-                             AND (p.marked_at IS NULL OR b.ct > p.marked_at)
+        guarded AS (
+            SELECT * FROM pos p
             WHERE p.stop_loss IS NOT NULL OR p.take_profit IS NOT NULL
-               OR p.trailing_stop IS NOT NULL OR p.breakeven IS NOT NULL
-            WINDOW earlier AS (PARTITION BY p.position_id ORDER BY b.ct
+               OR p.trailing_stop IS NOT NULL OR p.breakeven IS NOT NULL),
+        -- the bars each position has not seen, with the highest high and lowest low before
+        -- each: the same for every position of an instrument marked at the same time, so
+        -- computed once per (instrument, last mark)
+        seen AS MATERIALIZED (
+            SELECT b.*, k.mark,
+                   max(b.h) OVER earlier AS high_before, min(b.l) OVER earlier AS low_before
+            FROM (SELECT DISTINCT g.instrument_id, g.mark FROM guarded g) k
+            JOIN b ON b.instrument_id = k.instrument_id AND b.ct > k.mark
+            WINDOW earlier AS (PARTITION BY k.instrument_id, k.mark ORDER BY b.ct
                                ROWS BETWEEN UNBOUNDED PRECEDING AND 1 PRECEDING)),
+        w AS (
+            SELECT p.position_id, p.is_long, p.stop_loss, p.take_profit, p.trailing_stop,
+                   p.average_price, p.trail_anchor, n.o, n.h, n.l, n.c, n.ct,
+                   CASE WHEN p.is_long THEN n.high_before ELSE n.low_before END AS best_before,
+                   -- breakeven reached by an earlier bar of the batch
+                   COALESCE(CASE WHEN p.is_long THEN n.high_before >= p.breakeven
+                                 ELSE n.low_before <= p.breakeven END, false) AS be_before
+            FROM guarded p JOIN seen n ON n.instrument_id = p.instrument_id AND n.mark = p.mark),
         s AS (
-            SELECT w.*, p.is_long, p.stop_loss, p.take_profit, p.trailing_stop, p.average_price,
+            SELECT w.*,
                    CASE WHEN w.be_before
-                        THEN CASE WHEN p.is_long THEN GREATEST(COALESCE(p.stop_loss, 0), p.average_price)
-                                  ELSE LEAST(COALESCE(p.stop_loss, p.average_price), p.average_price) END
-                        ELSE p.stop_loss END AS sl,
-                   CASE WHEN p.is_long THEN GREATEST(p.trail_anchor, w.best_before)
-                        ELSE LEAST(p.trail_anchor, w.best_before) END AS anchor
-            FROM w JOIN pos p USING (position_id)),
+                        THEN CASE WHEN w.is_long THEN GREATEST(COALESCE(w.stop_loss, 0), w.average_price)
+                                  ELSE LEAST(COALESCE(w.stop_loss, w.average_price), w.average_price) END
+                        ELSE w.stop_loss END AS sl,
+                   CASE WHEN w.is_long THEN GREATEST(w.trail_anchor, w.best_before)
+                        ELSE LEAST(w.trail_anchor, w.best_before) END AS anchor
+            FROM w),
         t AS (
             SELECT s.*,
                    CASE WHEN s.trailing_stop IS NULL OR s.anchor IS NULL THEN s.sl
@@ -5911,35 +5923,42 @@ BEGIN
     -- mark every position once, from all its bars newer than its last mark: the last
     -- close (of the finest timeframe among the bars closing last), the trailing anchor,
     -- breakeven's move of the stop. The rows are ours: locked above, unchanged since.
-    WITH raw AS MATERIALIZED (
+    WITH pos AS (
+        SELECT x.position_id, x.instrument_id, x.breakeven,
+               (x.leg = 'long' OR (x.leg = 'net' AND x.quantity > 0)) AS is_long,
+               COALESCE(x.marked_at, '-infinity') AS mark
+        FROM trading.positions x JOIN trading.accounts ac USING (account_id)
+        WHERE x.instrument_id = ANY (_protect.instruments) AND x.quantity <> 0
+          AND (_protect.account IS NULL AND ac.environment IN ('live', 'paper')
+               OR x.account_id = _protect.account)),
+    raw AS MATERIALIZED (
         SELECT u.instrument_id, u.high, u.low, u.close,
                u.ts + market.timeframe_interval(u.timeframe) AS ct,
                market.timeframe_interval(u.timeframe) AS span
         FROM unnest(_protect.bars) u
         WHERE u.instrument_id = ANY (_protect.instruments)),
-    m AS (
-        SELECT x.position_id,
+    -- once per (instrument, last mark): the bars newer than the mark (a position with none
+    -- is left as it is)
+    k AS MATERIALIZED (
+        SELECT k.instrument_id, k.mark,
                (array_agg(r.close ORDER BY r.ct DESC, r.span))[1] AS c,
-               max(r.ct) AS ct, max(r.high) AS h, min(r.low) AS l,
-               COALESCE(bool_or(CASE WHEN x.leg = 'long' OR (x.leg = 'net' AND x.quantity > 0)
-                                     THEN r.high >= x.breakeven ELSE r.low <= x.breakeven END), false) AS be
-        FROM trading.positions x JOIN trading.accounts ac USING (account_id)
-        JOIN raw r ON r.instrument_id = x.instrument_id
-                  AND (x.marked_at IS NULL OR r.ct > x.marked_at)
-        WHERE x.instrument_id = ANY (_protect.instruments) AND x.quantity <> 0
-          AND (_protect.account IS NULL AND ac.environment IN ('live', 'paper')
-               OR x.account_id = _protect.account)
-        GROUP BY x.position_id),
+               max(r.ct) AS ct, max(r.high) AS h, min(r.low) AS l
+        FROM (SELECT DISTINCT p.instrument_id, p.mark FROM pos p) k
+        JOIN raw r ON r.instrument_id = k.instrument_id AND r.ct > k.mark
+        GROUP BY k.instrument_id, k.mark),
+    m AS (
+        SELECT p.position_id, p.is_long, k.c, k.ct, k.h, k.l,
+               COALESCE(CASE WHEN p.is_long THEN k.h >= p.breakeven ELSE k.l <= p.breakeven END,
+                        false) AS be
+        FROM pos p JOIN k ON k.instrument_id = p.instrument_id AND k.mark = p.mark),
     u AS (
         UPDATE trading.positions x SET
             last_price = m.c, marked_at = m.ct,
             trail_anchor = CASE WHEN x.trailing_stop IS NULL THEN x.trail_anchor
-                                WHEN x.leg = 'long' OR (x.leg = 'net' AND x.quantity > 0)
-                                THEN GREATEST(x.trail_anchor, m.h)
+                                WHEN m.is_long THEN GREATEST(x.trail_anchor, m.h)
                                 ELSE LEAST(x.trail_anchor, m.l) END,
             stop_loss = CASE WHEN x.breakeven IS NOT NULL AND m.be
-                             THEN CASE WHEN x.leg = 'long' OR (x.leg = 'net' AND x.quantity > 0)
-                                       THEN GREATEST(COALESCE(x.stop_loss, 0), x.average_price)
+                             THEN CASE WHEN m.is_long THEN GREATEST(COALESCE(x.stop_loss, 0), x.average_price)
                                        ELSE LEAST(COALESCE(x.stop_loss, x.average_price), x.average_price) END
                              ELSE x.stop_loss END,
             breakeven = CASE WHEN m.be THEN NULL ELSE x.breakeven END
