@@ -1,7 +1,7 @@
 """CcxtBroker against the venues' HTTP APIs, mocked at the `requests` level (`responses`).
 
 Responses have the shapes of the exchanges' documented JSON (Binance spot REST
-`/api/v3/...`, OKX v5); nothing of the adapter or of ccxt is patched, and no test
+`/api/v3/...`, OKX v5, Bybit v5, Kraken REST `/0/...`); nothing of the adapter or of ccxt is patched, and no test
 touches the network: a request nobody registered fails as a ConnectionError.
 """
 
@@ -58,6 +58,11 @@ def sent(call: Any) -> dict[str, str]:
         if not text.lstrip().startswith(("[", "{")):
             params.update({k: v[0] for k, v in parse_qs(text).items()})
     return params
+
+
+def request_call(request: Any) -> Any:
+    """A request seen by a `responses` callback, in the shape `sent` reads."""
+    return type("Call", (), {"request": request})()
 
 
 def json_body(call: Any) -> Any:
@@ -464,20 +469,28 @@ def binance_trade(trade_id: int, time_ms: int, **overrides: Any) -> dict[str, An
     return trade
 
 
+def recent(hours: int = 6) -> datetime:
+    """A `since` a few hours ago, to the millisecond: Binance answers a day per request,
+    so a search from further back takes a request per day up to now."""
+    now = datetime.now(UTC)
+    return (now - timedelta(hours=hours)).replace(microsecond=now.microsecond // 1000 * 1000)
+
+
 def test_fills_carry_their_own_quantity_fee_and_id(http: responses.RequestsMock,
                                                    binance: CcxtBroker) -> None:
+    since = recent()
+    start = datetime_to_ms(since)
     http.get(f"{BINANCE}/myTrades", json=[
-        binance_trade(3001, T_ORDER),
-        binance_trade(3002, T_ORDER + 5, qty="0.00023000", price="66790.00000000",
+        binance_trade(3001, start + 123),
+        binance_trade(3002, start + 128, qty="0.00023000", price="66790.00000000",
                       commission="0.00361234", commissionAsset="BNB", isBuyer=False,
                       isMaker=True)])
-    since = datetime(2024, 6, 10, tzinfo=UTC)
 
     first, second = binance.fills_since(since, "BTC/USDT")
 
     query = sent(calls_to(http, "/api/v3/myTrades")[0])
     assert query["symbol"] == "BTCUSDT"
-    assert query["startTime"] == str(int(since.timestamp() * 1000))
+    assert query["startTime"] == str(start)
     assert (first.fill_id, second.fill_id) == ("BTCUSDT:3001", "BTCUSDT:3002")
     assert (first.side, second.side) == ("buy", "sell")
     assert second.quantity == Decimal("0.00023")
@@ -486,13 +499,13 @@ def test_fills_carry_their_own_quantity_fee_and_id(http: responses.RequestsMock,
     assert second.commission_currency == "BNB"
     assert (first.liquidity, second.liquidity) == ("taker", "maker")
     assert first.broker_order_id == "28457"
-    assert first.ts == datetime(2024, 6, 10, 6, 13, 20, 123000, tzinfo=UTC)
+    assert first.ts == since + timedelta(milliseconds=123)
 
 
 def test_fills_page_forward_without_duplicates(http: responses.RequestsMock,
                                                binance: CcxtBroker) -> None:
-    since = datetime(2024, 6, 10, tzinfo=UTC)
-    start = int(since.timestamp() * 1000)
+    since = recent()
+    start = datetime_to_ms(since)
     page1 = [binance_trade(i, start + i * 1000) for i in range(1, 1001)]  # a full page (1000)
     page2 = [page1[-1], binance_trade(1001, start + 1_001_000),
              binance_trade(1002, start + 1_002_000)]
@@ -508,6 +521,38 @@ def test_fills_page_forward_without_duplicates(http: responses.RequestsMock,
     assert len({f.fill_id for f in fills}) == 1002
     assert fills[0].fill_id == "BTCUSDT:1" and fills[-1].fill_id == "BTCUSDT:1002"
     assert all(a.ts <= b.ts for a, b in itertools.pairwise(fills))
+
+
+def test_binance_fills_are_asked_a_day_at_a_time_past_a_quiet_day(
+        http: responses.RequestsMock, binance: CcxtBroker) -> None:
+    """Binance answers at most 24 hours per request (oldest first). From 60 hours back,
+    with trades on the first and the third day only, every window is asked in turn: the
+    empty day in between does not end the search."""
+    since = recent(60)
+    start = datetime_to_ms(since)
+    day = 86_400_000
+    history = [binance_trade(i, start + i * 60_000) for i in range(1, 4)] + \
+              [binance_trade(100 + i, start + 2 * day + i * 60_000) for i in range(1, 4)]
+
+    def my_trades(request: Any) -> tuple[int, dict[str, str], str]:
+        q = {k: v[0] for k, v in parse_qs(urlsplit(request.url).query).items()}
+        lo, hi = int(q["startTime"]), int(q["endTime"])
+        if hi - lo > day:
+            return 400, {}, json.dumps(binance_error(
+                -1127, "More than 24 hours between startTime and endTime."))
+        found = [t for t in history if lo <= int(t["time"]) <= hi][:int(q["limit"])]
+        return 200, {}, json.dumps(found)
+
+    http.add_callback(responses.GET, f"{BINANCE}/myTrades", callback=my_trades)
+
+    fills = binance.fills_since(since, "BTC/USDT")
+
+    assert [f.fill_id for f in fills] == [f"BTCUSDT:{i}" for i in (1, 2, 3, 101, 102, 103)]
+    windows = [(int(sent(c)["startTime"]), int(sent(c)["endTime"]))
+               for c in calls_to(http, "/api/v3/myTrades")]
+    assert len(windows) == 3  # 60 hours: three windows of a day, none asked twice
+    assert windows[0][0] == start and windows[-1][1] >= datetime_to_ms(datetime.now(UTC))
+    assert all(b[0] <= a[1] for a, b in itertools.pairwise(windows))  # no gap between
 
 
 def test_fills_without_symbol_are_refused_where_the_venue_lists_trades_per_market(
@@ -704,6 +749,125 @@ def test_okx_fills_under_one_page_take_one_request(http: responses.RequestsMock,
     assert len(calls_to(http, "/trade/fills-history")) == 1
     assert "end" not in sent(calls_to(http, "/trade/fills-history")[0])
 
+
+
+# --- Bybit: a week per request, newest first ---------------------------------------------
+
+BYBIT = "https://api.bybit.com/v5"
+
+
+@pytest.fixture
+def bybit(http: responses.RequestsMock) -> CcxtBroker:
+    """A live Bybit broker (spot markets only) from GET /v5/market/instruments-info."""
+    http.get(f"{BYBIT}/market/instruments-info", json=fixture("bybit_instruments_spot.json"))
+    http.get(f"{BYBIT}/asset/coin/query-info", json={
+        "retCode": 0, "retMsg": "", "result": {"rows": []}, "retExtInfo": {}, "time": 1})
+    return CcxtBroker("bybit", {"api_key": "test-bybit-key-7a1b", "secret": "test-bybit-sec-2c3d"},
+                      "live", exchange=ccxt.bybit({"enableRateLimit": False, "options": {
+                          "fetchMarkets": {"types": ["spot"]}}}))
+
+
+def bybit_execution(exec_id: int, ts_ms: int) -> dict[str, Any]:
+    """One entry of GET /v5/execution/list (the fields Bybit documents for spot)."""
+    return {"symbol": "BTCUSDT", "orderType": "Market", "underlyingPrice": "",
+            "orderLinkId": "mm7-42", "orderId": "1672956721392788736", "stopOrderType": "",
+            "execTime": str(ts_ms), "feeCurrency": "BTC", "createType": "", "feeRate": "0.001",
+            "tradeIv": "", "blockTradeId": "", "markPrice": "", "execPrice": "66780.1",
+            "markIv": "", "orderQty": "0.001", "orderPrice": "0", "execValue": "66.7801",
+            "closedSize": "", "execType": "Trade", "seq": 4688002127 + exec_id, "side": "Buy",
+            "indexPrice": "", "leavesQty": "0", "isMaker": False, "execFee": "0.000001",
+            "execId": str(exec_id), "marketUnit": "", "execQty": "0.001"}
+
+
+def test_bybit_fills_are_all_found_week_by_week_and_newest_first(
+        http: responses.RequestsMock, bybit: CcxtBroker) -> None:
+    """Bybit answers at most 7 days per request, newest first, 100 at most. From 15 days
+    back: 3 executions in the first days, none for a week, 150 in the last two days. Every
+    week is asked, each full page is walked back, and each execution comes once."""
+    since = recent(15 * 24)
+    start = datetime_to_ms(since)
+    week = 7 * 86_400_000
+    history = [bybit_execution(i, start + i * 3_600_000) for i in range(1, 4)] + \
+              [bybit_execution(1000 + i, start + 13 * 86_400_000 + i * 60_000)
+               for i in range(1, 151)]
+
+    def execution_list(request: Any) -> tuple[int, dict[str, str], str]:
+        q = {k: v[0] for k, v in parse_qs(urlsplit(request.url).query).items()}
+        lo = int(q["startTime"])
+        hi = int(q.get("endTime", lo + week))
+        if hi - lo > week:
+            return 200, {}, json.dumps({"retCode": 10001, "retMsg": "The time range between "
+                                        "startTime and endTime cannot exceed 7 days.",
+                                        "result": {}, "retExtInfo": {}, "time": 1})
+        window = sorted((t for t in history if lo <= int(t["execTime"]) <= hi),
+                        key=lambda t: -int(t["execTime"]))[:int(q.get("limit", 50))]
+        return 200, {}, json.dumps({"retCode": 0, "retMsg": "OK", "result": {
+            "nextPageCursor": "", "category": "spot", "list": window},
+            "retExtInfo": {}, "time": 1})
+
+    http.add_callback(responses.GET, f"{BYBIT}/execution/list", callback=execution_list)
+
+    fills = bybit.fills_since(since, "BTC/USDT")
+
+    expected = [f"BTCUSDT:{i}" for i in (1, 2, 3, *range(1001, 1151))]
+    assert [f.fill_id for f in fills] == expected
+    asked = [sent(c) for c in calls_to(http, "/v5/execution/list")]
+    assert all(int(q["endTime"]) - int(q["startTime"]) <= week for q in asked)
+    assert {q["limit"] for q in asked} == {"100"}
+    day, minute = 86_400_000, 60_000
+    # week 1; week 2 (its newest 100), walked back from the oldest of those (that
+    # millisecond included), then forward from the newest: nothing more; week 3
+    assert [(int(q["startTime"]) - start, int(q["endTime"]) - start) for q in asked] == [
+        (0, week), (week - 1, 2 * week - 1), (week - 1, 13 * day + 51 * minute + 1),
+        (13 * day + 150 * minute, 2 * week - 1), (2 * week - 2, 3 * week - 2)]
+
+
+# --- Kraken: 50 trades per answer, newest first ------------------------------------------
+
+KRAKEN = "https://api.kraken.com/0"
+
+
+@pytest.fixture
+def kraken(http: responses.RequestsMock) -> CcxtBroker:
+    http.get(f"{KRAKEN}/public/Assets", json=fixture("kraken_assets.json"))
+    http.get(f"{KRAKEN}/public/AssetPairs", json=fixture("kraken_asset_pairs.json"))
+    return CcxtBroker("kraken", {"api_key": "test-kraken-key-4e5f",
+                                 "secret": "dGVzdC1rcmFrZW4tc2VjcmV0LTZhN2I="},
+                      "live", exchange=ccxt.kraken({"enableRateLimit": False}))
+
+
+def test_kraken_fills_are_all_found_though_it_answers_50_newest_first(
+        http: responses.RequestsMock, kraken: CcxtBroker) -> None:
+    """POST /0/private/TradesHistory answers the 50 newest trades after `start` (seconds,
+    exclusive) up to `end` (inclusive). 120 trades: fills_since takes Kraken's page as
+    full at 50, not at ccxt's default of 100, and walks back until it has them all."""
+    since = recent()
+    start = datetime_to_ms(since)
+    history = {f"T{i:05d}-AAAAA-BBBBBB": start + i * 10_000 for i in range(1, 121)}
+
+    def trades_history(request: Any) -> tuple[int, dict[str, str], str]:
+        form = sent(request_call(request))
+        lo, hi = float(form.get("start", 0)), float(form.get("end", 2**40))
+        window = sorted(((tid, ms) for tid, ms in history.items() if lo < ms / 1000 <= hi),
+                        key=lambda x: -x[1])
+        trades = {tid: {"ordertxid": "OQCLML-BW3P3-BUCMWZ", "postxid": "TKH2SE-M7IF5-CFI7LT",
+                        "pair": "XXBTZUSD", "time": ms / 1000, "type": "buy",
+                        "ordertype": "limit", "price": "30010.0", "cost": "600.2",
+                        "fee": "0.96", "vol": "0.02", "margin": "0.0", "misc": "",
+                        "trade_id": 40274859 + k, "maker": True}
+                  for k, (tid, ms) in enumerate(window[:50])}
+        return 200, {}, json.dumps({"error": [], "result": {"trades": trades,
+                                                             "count": len(window)}})
+
+    http.add_callback(responses.POST, f"{KRAKEN}/private/TradesHistory",
+                      callback=trades_history)
+
+    fills = kraken.fills_since(since, "BTC/USD")
+
+    assert [f.fill_id for f in fills] == [f"XXBTZUSD:T{i:05d}-AAAAA-BBBBBB"
+                                          for i in range(1, 121)]
+    assert fills[0].commission == Decimal("0.96") and fills[0].liquidity == "maker"
+    assert len(calls_to(http, "/private/TradesHistory")) == 4
 
 
 def okx_ack(cid: str, code: str = "0", msg: str = "Order placed") -> dict[str, Any]:

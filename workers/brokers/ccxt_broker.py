@@ -121,11 +121,23 @@ DUPLICATE_MARKERS = ("duplicate order sent", "orderlinkedid is duplicate",
 # elsewhere the open and closed orders are searched.
 FETCH_ORDER_BY_CLIENT_ID = frozenset({"binance", "okx"})
 
-# Venues that answer "my trades since T" with the NEWEST trades after T (OKX's fills
-# history: ccxt sends no limit with a since, and the venue returns its most recent
-# page), so paging forward from a full page's newest trade would skip the older ones:
-# fills_since walks such a window back with `until` instead.
-NEWEST_FIRST = frozenset({"okx"})
+# How venues page "my trades since T". Most answer with the NEWEST trades of the window
+# asked for (OKX's fills history, Bybit's and Coinbase's execution lists, Kraken's trades
+# history), so paging forward from a full page's newest trade would skip the older ones:
+# fills_since walks such a window back with `until` instead. Only the venues known to
+# answer oldest first page forward alone; walking back an oldest-first venue costs one
+# request that brings nothing, so an unknown venue is walked back too.
+OLDEST_FIRST = frozenset({"binance"})
+
+# Trades per page where ccxt does not say (its `features`) or a venue sends fewer than
+# asked: a page that is short because of the venue's own cap would end the search early.
+TRADES_PAGE = {"kraken": 50}
+
+# A venue whose trade history answers at most N days per request (ccxt's `untilDays`:
+# Binance 1, Bybit 7) is asked window by window from `since` to now, so that a quiet
+# window (no trade in it) does not end the search before the windows after it.
+_DAY_MS = 86_400_000
+_WINDOW_DAYS_MAX = 3650  # (a larger untilDays is no real limit)
 
 # Params that size a spot market buy in base currency: OKX reads `sz` as quote currency to
 # spend unless tgtCcy=base_ccy (ccxt defaults to base_ccy today; pinned here regardless).
@@ -587,29 +599,54 @@ class CcxtBroker:
     # -- fills --
 
     def fills_since(self, since: datetime, symbol: str | None = None) -> Sequence[BrokerFill]:
-        """Every execution at or after `since`, oldest first, paging forward from `since` and
-        dropping trades already seen; stops when a page brings nothing new."""
+        """Every execution at or after `since`, oldest first, each once: window by window
+        where the venue limits how far one request may reach, each window paged forward
+        (and walked back where the venue answers with its newest trades first)."""
         start = datetime_to_ms(since)
         self._need_symbol("fetchMyTrades", "fills_since", symbol)
         if symbol is not None:
             self._market(symbol, "fills_since")
         else:
             self._call("fills_since", None, self._exchange.load_markets)
-        limit = self._page_limit("fetchMyTrades", 100)
+        limit = TRADES_PAGE.get(self.exchange_id) or self._page_limit("fetchMyTrades", 100)
         fills: dict[str, BrokerFill] = {}
-        cursor = start
+        window = self._trades_window_ms()
+        if window is None:
+            self._fills_forward(symbol, start, None, limit, since, fills)
+        else:
+            now = int(self._exchange.milliseconds())
+            lo = start
+            while True:
+                hi = lo + window - 1  # (both ends inclusive: at most `window` ms long)
+                self._fills_forward(symbol, lo, hi, limit, since, fills)
+                if hi >= now:
+                    break
+                lo = hi  # (the windows share a millisecond: nothing falls between)
+        return sorted(fills.values(), key=lambda f: (f.ts, f.fill_id))
+
+    def _trades_window_ms(self) -> int | None:
+        features = (getattr(self._exchange, "features", None) or {}).get("spot") or {}
+        days = (features.get("fetchMyTrades") or {}).get("untilDays")
+        return int(days) * _DAY_MS if days and 0 < days < _WINDOW_DAYS_MAX else None
+
+    def _fills_forward(self, symbol: str | None, start_ms: int, end_ms: int | None,
+                       limit: int, since: datetime, fills: dict[str, BrokerFill]) -> None:
+        """The trades of [start_ms, end_ms] (no end: up to now), paging forward from the
+        newest trade of each full page, dropping those already seen."""
+        cursor = start_ms
+        until = None if end_ms is None else end_ms + 1
         while True:
-            page = [self._to_fill(t) for t in self._trades_page(symbol, cursor, limit)]
+            page = [self._to_fill(t)
+                    for t in self._trades_page(symbol, cursor, limit, until_ms=until)]
             new = [f for f in page if f.fill_id not in fills]
             fills.update((f.fill_id, f) for f in new if f.ts >= since)
             if not new or len(page) < limit:
-                break
-            if self.exchange_id in NEWEST_FIRST:
-                # the page is the window's newest trades: walk back from its oldest one
+                return
+            if self.exchange_id not in OLDEST_FIRST:
+                # the page may be the window's newest trades: walk back from its oldest one
                 self._fills_before(symbol, cursor, min(datetime_to_ms(f.ts) for f in page),
                                    limit, since, fills)
             cursor = max(datetime_to_ms(f.ts) for f in new)
-        return sorted(fills.values(), key=lambda f: (f.ts, f.fill_id))
 
     def _fills_before(self, symbol: str | None, start_ms: int, upper_ms: int, limit: int,
                       since: datetime, fills: dict[str, BrokerFill]) -> None:
