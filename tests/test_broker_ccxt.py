@@ -1,8 +1,8 @@
 """CcxtBroker against the venues' HTTP APIs, mocked at the `requests` level (`responses`).
 
 Responses have the shapes of the exchanges' documented JSON (Binance spot REST
-`/api/v3/...`, OKX v5, Bybit v5, Kraken REST `/0/...`); nothing of the adapter or of ccxt is patched, and no test
-touches the network: a request nobody registered fails as a ConnectionError.
+`/api/v3/...`, OKX v5, Bybit v5, Kraken REST `/0/...`); nothing of the adapter or of ccxt
+is patched, and no test touches the network: a request nobody registered fails as a ConnectionError.
 """
 
 from __future__ import annotations

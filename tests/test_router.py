@@ -373,6 +373,40 @@ def test_paper_bars_arriving_together_fill_on_the_first_one(
     assert order_row(conn, oid)["state"] == "filled"
 
 
+def test_a_stop_fired_while_the_router_was_behind_fills_on_the_bar_that_fired_it(
+        conn: psycopg.Connection, make_router: Callable[..., Router]) -> None:
+    """The router falls behind: a bar through the stop (T2) and a recovered bar (T3) both
+    arrive before it reads the stop's message. The stop fills on T2, as a backtest fills
+    it, not on the latest bar."""
+    iid = instrument(conn, "BTC/USD", "crypto", "100")
+    acc = paper_account(conn, "paper1")
+    r = one(conn, "SELECT trading.submit_signal(%s)", Jsonb({
+        "account": "paper1", "strategy": "alpha", "symbol": "BTC/USD", "action": "buy",
+        "size": 0.5, "stop_loss": 95, "ts": SIGNAL_TS.isoformat()}))
+    assert r["status"] == "approved", r
+    router = make_router(paper_routed(acc, "paper1", COSTS))
+    router.drain()
+    add_bar(conn, iid, T1, "100", "101", "99", "100")
+    router.settle_bars(iid, "1m", T1)  # long 50 at 100
+    t3 = T2 + timedelta(minutes=1)
+    add_bar(conn, iid, T2, "99", "99", "94", "96")      # through the stop at 95
+    add_bar(conn, iid, t3, "100", "102", "100", "101")  # back above it
+    (stop,) = [o for o in dicts(conn, "SELECT order_id, trigger::text, trigger_price,"
+                                      " triggered_at FROM trading.orders ORDER BY order_id")
+               if o["trigger"] == "stop_loss"]
+    assert (stop["trigger_price"], stop["triggered_at"]) == (Decimal(95), t3)
+
+    router.drain()
+    router.settle_bars(iid, "1m", t3)
+
+    exit_fill = fills(conn, acc)[-1]
+    assert (exit_fill["order_id"], exit_fill["price"], exit_fill["ts"]) == (
+        stop["order_id"], Decimal(95), T2)
+    assert exit_fill["broker_fill_id"] == f"paper-{stop['order_id']}-{to_us(T2)}"
+    assert one(conn, "SELECT exit_time FROM trading.trades WHERE account_id = %s", acc) == T2
+    assert positions(conn, acc) == []
+
+
 def _second_exit(conn: psycopg.Connection, like: int, coid: str) -> int:
     """A second reduce-only order just like order `like`, queued: the state the race
     between a strategy's close and a bar's stop used to leave (fixed in 0004_03); built

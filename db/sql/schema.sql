@@ -5784,7 +5784,70 @@ $$;
 -- marks every position with one UPDATE. protect_bars is _protect of one instrument plus
 -- its equity snapshots; the bars trigger calls _protect once for the whole insert.
 -- _emit_order reads no position, so marking after the orders changes nothing they see.
+--
+-- And a protective order remembers the bar that fired it. The paper broker
+-- fills a stop-loss, take-profit, trailing stop or breakeven order on the bar whose prices
+-- fired it, as the backtest does; it took "the latest bar" to be that bar, which holds
+-- only while the router keeps up. After a router outage (or any delay) spanning several
+-- bars, the exit was filled at the right price but dated on the latest bar, so the trade's
+-- exit time, the equity curve between and a day's loss could land minutes or hours late.
+-- orders.triggered_at is the close time of the firing bar (NULL for every other order);
+-- _emit_order takes it and _protect passes it.
 SET LOCAL ROLE mmats_owner;
+
+ALTER TABLE trading.orders ADD COLUMN triggered_at timestamptz;
+COMMENT ON COLUMN trading.orders.triggered_at IS
+    'a protective order: the close time of the bar whose prices fired it (the paper broker fills it on that bar); NULL for every other order';
+
+-- (a new last parameter: the old signature goes, so that no call is ambiguous)
+DROP FUNCTION trading._emit_order(trading.accounts, market.instruments, bigint, bigint,
+    trading.order_side, numeric, trading.order_trigger, numeric, boolean, trading.position_leg,
+    trading.order_type, numeric, numeric, trading.time_in_force, timestamptz, numeric, numeric,
+    numeric, numeric, numeric, text);
+
+CREATE FUNCTION trading._emit_order(acc trading.accounts, inst market.instruments,
+                                               strategy_id bigint, signal_id bigint,
+                                               side trading.order_side, qty numeric,
+                                               trig trading.order_trigger, reference_price numeric,
+                                               reduce_only boolean DEFAULT false,
+                                               leg trading.position_leg DEFAULT 'net',
+                                               order_type trading.order_type DEFAULT 'market',
+                                               limit_price numeric DEFAULT NULL, stop_price numeric DEFAULT NULL,
+                                               tif trading.time_in_force DEFAULT 'GTC',
+                                               expire_at timestamptz DEFAULT NULL,
+                                               stop_loss numeric DEFAULT NULL, take_profit numeric DEFAULT NULL,
+                                               trailing_stop numeric DEFAULT NULL, breakeven numeric DEFAULT NULL,
+                                               trigger_price numeric DEFAULT NULL,
+                                               client_order_id text DEFAULT NULL,
+                                               triggered_at timestamptz DEFAULT NULL)
+RETURNS bigint
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    id bigint;
+    coid text;
+BEGIN
+    INSERT INTO trading.orders AS o (account_id, instrument_id, strategy_id, signal_id,
+        client_order_id, side, order_type, time_in_force, quantity, limit_price, stop_price,
+        expire_at, reduce_only, position_leg, trigger, trigger_price, stop_loss, take_profit,
+        trailing_stop, breakeven, reference_price, triggered_at)
+    VALUES (acc.account_id, inst.instrument_id, strategy_id, signal_id,
+        COALESCE(client_order_id, 'mm' || acc.account_id || '-' || nextval('trading.client_order_seq')),
+        side, order_type, tif, qty, limit_price, stop_price, expire_at, reduce_only, leg, trig,
+        trigger_price, stop_loss, take_profit, trailing_stop, breakeven, reference_price,
+        triggered_at)
+    RETURNING o.order_id, o.client_order_id INTO id, coid;
+    INSERT INTO pgmq.q_orders AS q (vt, message, headers)
+    VALUES (clock_timestamp(), jsonb_build_object(
+        'order_id', id, 'account_id', acc.account_id, 'environment', acc.environment,
+        'client_order_id', coid), NULL);
+    PERFORM audit.record('order.created', 'trading.orders', id::text, jsonb_build_object(
+        'account', acc.name, 'symbol', inst.symbol, 'side', side, 'quantity', qty,
+        'type', order_type, 'trigger', trig, 'strategy_id', strategy_id, 'signal_id', signal_id,
+        'reference_price', reference_price, 'reduce_only', reduce_only));
+    RETURN id;
+END
+$$;
+
 
 CREATE FUNCTION trading._protect(instruments bigint[], bars market.bars[], account bigint,
                                  OUT order_ids bigint[], OUT touched bigint[],
@@ -5910,7 +5973,8 @@ BEGIN
             order_ids := order_ids || trading._emit_order(acc, inst,
                 COALESCE(hit.strategy_id, hit.entry_strategy_id), NULL,
                 CASE WHEN hit.is_long THEN 'sell' ELSE 'buy' END::trading.order_side, exit_qty, trig,
-                hit.c, reduce_only => true, leg => hit.leg, trigger_price => fire_price);
+                hit.c, reduce_only => true, leg => hit.leg, trigger_price => fire_price,
+                triggered_at => hit.ct);
         ELSIF acc.mode = 'advisory' THEN
             INSERT INTO risk.events (account_id, severity, event_type, message, details)
             VALUES (hit.account_id, 'warning', upper(trig::text),

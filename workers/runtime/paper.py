@@ -46,7 +46,7 @@ _REDUCE_CAP = Decimal("Infinity")  # (an order that may open: no cap)
 _OPEN_ORDERS = """
 SELECT o.order_id, o.client_order_id, o.side::text, o.order_type::text, o.quantity,
        o.filled_quantity, o.limit_price, o.stop_price, o.reduce_only, o.trigger::text,
-       o.trigger_price, s.ts AS signal_ts, o.created_at, o.position_leg::text
+       o.trigger_price, s.ts AS signal_ts, o.created_at, o.position_leg::text, o.triggered_at
 FROM trading.orders o LEFT JOIN trading.signals s ON s.signal_id = o.signal_id
 WHERE o.account_id = %(account)s AND o.instrument_id = %(instrument)s
   AND o.status IN ('submitted', 'partially_filled')
@@ -63,6 +63,12 @@ ORDER BY ts
 _LATEST_BAR = """
 SELECT ts, open, high, low, close, volume FROM market.bars
 WHERE instrument_id = %(instrument)s AND timeframe = %(tf)s AND ts <= %(at)s
+ORDER BY ts DESC LIMIT 1
+"""
+
+_BAR_CLOSING_BY = """
+SELECT ts, open, high, low, close, volume FROM market.bars
+WHERE instrument_id = %(instrument)s AND timeframe = %(tf)s AND ts <= %(at)s - %(span)s
 ORDER BY ts DESC LIMIT 1
 """
 
@@ -162,17 +168,19 @@ class PaperBroker:
         if not orders or not bar_rows:
             return out
         # each order with the bars that may fill it (by index into bar_rows)
+        bar_rows = list(bar_rows)
         ready = []
         for row in orders:
             after = self._ready_after(conn, inst, row)
             if after is None:
-                ready.append((row, [len(bar_rows) - 1]))
+                ready.append((row, [self._firing_bar(conn, inst, row[14], bar_rows)]))
             else:
                 after_us = to_us(after)
                 ready.append((row, [k for k, r in enumerate(bar_rows) if to_us(r[0]) > after_us]))
         if not any(candidates for _row, candidates in ready):
             return out  # (an order from a signal on the latest bar waits for the next)
-        atr = self._atr(conn, inst, bar_rows[-1][0]) if self.sim.costs.slippage.kind == "atr" \
+        latest = max(r[0] for r in bar_rows)  # (a firing bar looked up is older)
+        atr = self._atr(conn, inst, latest) if self.sim.costs.slippage.kind == "atr" \
             else None
         bars = [sim_bar(r, atr) for r in bar_rows]
         cash, held = conn.execute(_BOOK, {"account": self.account_id,
@@ -214,6 +222,29 @@ class PaperBroker:
                 self._seen_at.pop(row[0], None)
                 break
         return out
+
+    def _firing_bar(self, conn: psycopg.Connection, inst: PaperInstrument,
+                    triggered_at: datetime | None, bar_rows: list[tuple[Any, ...]]) -> int:
+        """The index in `bar_rows` of the bar a protective order fills on: the one whose
+        prices fired it (the bar of this timeframe closing by its `triggered_at`), looked
+        up and added when the router is settling later bars; the latest one when the
+        order does not say (an order from before migration 0004_04)."""
+        if triggered_at is None:
+            return len(bar_rows) - 1
+        span = timedelta(microseconds=inst.tf_us)
+        for k, r in enumerate(bar_rows):
+            if r[0] + span == triggered_at:
+                return k
+        row = conn.execute(_BAR_CLOSING_BY, {"instrument": inst.instrument_id,
+                                             "tf": inst.timeframe, "at": triggered_at,
+                                             "span": span}).fetchone()
+        if row is None:
+            return len(bar_rows) - 1
+        for k, r in enumerate(bar_rows):
+            if r[0] == row[0]:
+                return k
+        bar_rows.append(row)
+        return len(bar_rows) - 1
 
     def _sim_order(self, row: tuple[Any, ...], held: Decimal) -> SimOrder:
         (order_id, _coid, side, otype, qty, filled, limit, stop, reduce_only, trigger,

@@ -1,5 +1,5 @@
-"""protect_bars judges and marks an instrument's positions in two statements, not three
-per position (the same decisions, orders and marks)"""
+"""bar protection in a fixed number of statements (the same decisions, orders and marks),
+and a protective order remembers the bar that fired it (orders.triggered_at)"""
 
 from db.migrate import run_migration_file
 
