@@ -308,6 +308,43 @@ def test_breakeven_moves_the_stop_to_entry_then_fires(conn, paper):
     assert exits(conn) == [("sell", D(10), True, "breakeven", D(100), "market")]
 
 
+@pytest.mark.parametrize("side", ["long", "short"])
+def test_breakeven_reached_and_then_touched_within_one_insert_fires(conn, side):
+    # one insert of two bars: the first reaches breakeven (the stop moves to the entry),
+    # the second comes back to the entry, while the original stop is never touched
+    add_account(conn, "P", allow_short=True)
+    inst = add_instrument(conn)
+    long_ = side == "long"
+    open_position(conn, "P", "BTCUSD", action="buy" if long_ else "sell",
+                  stop_loss=90 if long_ else 110, metadata={"breakeven": 105 if long_ else 95})
+    rows = ([(100, 106, 100, 105), (104, 104, 99, 100)] if long_ else
+            [(99.5, 99.5, 94, 95), (96, 101, 96, 100)])
+    conn.execute("INSERT INTO market.bars (instrument_id, timeframe, ts, open, high, low, close,"
+                 " volume) VALUES (%s, '1m', %s, %s, %s, %s, %s, 1),"
+                 " (%s, '1m', %s, %s, %s, %s, %s, 1)",
+                 (inst, T0, *rows[0], inst, T0 + M, *rows[1]))
+    assert exits(conn) == [("sell" if long_ else "buy", D(10), True, "breakeven", D(100),
+                            "market")]
+
+
+@pytest.mark.parametrize("side", ["long", "short"])
+def test_a_trailing_stop_moved_and_then_touched_within_one_insert_fires(conn, side):
+    # trailing 3 from 100: the first bar of the insert moves the anchor 6 away (the stop
+    # follows to 3 from it), the second touches that moved stop, never the first one
+    add_account(conn, "P", allow_short=True)
+    inst = add_instrument(conn)
+    long_ = side == "long"
+    open_position(conn, "P", "BTCUSD", action="buy" if long_ else "sell", trailing_stop=3)
+    rows = ([(100, 106, 100, 105), (104, 104, 102, 103)] if long_ else
+            [(100, 100, 94, 95), (96, 98, 96, 97)])
+    conn.execute("INSERT INTO market.bars (instrument_id, timeframe, ts, open, high, low, close,"
+                 " volume) VALUES (%s, '1m', %s, %s, %s, %s, %s, 1),"
+                 " (%s, '1m', %s, %s, %s, %s, %s, 1)",
+                 (inst, T0, *rows[0], inst, T0 + M, *rows[1]))
+    assert exits(conn) == [("sell" if long_ else "buy", D(10), True, "trailing_stop",
+                            D(103) if long_ else D(97), "market")]
+
+
 def test_breakeven_reached_and_dipped_in_one_bar_does_not_fire_at_entry(conn, paper):
     """The stop moves only after the bar: the bar that reached breakeven and dipped to
     99 is judged against the old stop 90."""

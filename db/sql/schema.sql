@@ -5774,16 +5774,20 @@ $$;
 -- 0004_04 (pre): bar protection in a fixed number of statements, whatever the number of
 -- positions and instruments. It decides exactly as before (the same first bar touching
 -- the stop or the target, the same trigger and price, the exits already on their way
--- counted first, the same orders in the same order, the same marks); what changes is the
--- cost. protect_bars ran three statements per position, and the bars trigger ran
--- protect_bars once per instrument: a live step of ten symbols held by a few accounts
--- took dozens of statements, each with its executor start-up. Now trading._protect
--- judges every position of a set of instruments with one query (every position locked,
--- in account and position order, as before), turns the few hits into orders one by one
--- (in instrument, account and position order, as the per-instrument calls did), and
--- marks every position with one UPDATE. protect_bars is _protect of one instrument plus
--- its equity snapshots; the bars trigger calls _protect once for the whole insert.
--- _emit_order reads no position, so marking after the orders changes nothing they see.
+-- counted first, the same orders in the same order, the same marks:
+-- tests/test_protection_reference.py compares it with the function it replaces on random
+-- books and bars); what changes is the cost. protect_bars ran three statements per
+-- position, and the bars trigger ran protect_bars once per instrument: a live step of ten
+-- symbols held by a few accounts took dozens of statements, each with its executor
+-- start-up. Now trading._protect locks the accounts, then one statement judges and marks
+-- every position of a set of instruments (locked in account and position order, as
+-- before), and the few hits come back to be turned into orders one by one (in
+-- instrument, account and position order, as the per-instrument calls made them). Only
+-- the positions whose stop or target the batch's range could reach are judged bar by
+-- bar; the running highs and lows, and the marks, are computed once per instrument and
+-- last mark. protect_bars is _protect of one instrument plus its equity snapshots; the
+-- bars trigger calls _protect once for the whole insert. _emit_order reads no position,
+-- so marking before the orders are made changes nothing they see.
 --
 -- And a protective order remembers the bar that fired it. The paper broker
 -- fills a stop-loss, take-profit, trailing stop or breakeven order on the bar whose prices
@@ -5854,6 +5858,7 @@ CREATE FUNCTION trading._protect(instruments bigint[], bars market.bars[], accou
                                  OUT marked_until timestamptz)
 LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
+    hits jsonb;
     hit record;
     acc trading.accounts;
     inst market.instruments;
@@ -5862,6 +5867,7 @@ DECLARE
     exit_qty numeric;
 BEGIN
     order_ids := '{}';
+    touched := '{}';
     -- the accounts first, in id order, as submit_signal and apply_fill lock them: an exit
     -- they are deciding for one of these positions is then committed (and counted below
     -- as already on its way) or not yet begun, never half-seen
@@ -5872,79 +5878,149 @@ BEGIN
           AND (_protect.account IS NULL AND ac.environment IN ('live', 'paper')
                OR x.account_id = _protect.account))
     ORDER BY a.account_id FOR UPDATE;
+    IF NOT FOUND THEN
+        RETURN;  -- nobody holds these instruments: nothing to judge or mark
+    END IF;
 
-    -- every position judged, locked; for each, the first bar after its last mark whose
-    -- low/high touches its stop (as breakeven and the trailing distance move it over the
-    -- earlier bars of the batch) or its target. Bars closing at the same time: the one of
-    -- the finest timeframe.
+    -- one statement judges every position (locked, in account and position order) on
+    -- the bars it has not seen, and marks it; the hits come back to be turned into orders
+    -- below. (Every part reads the positions as they were before the marks.) A hit is
+    -- the first bar after a position's last mark whose low/high touches its stop (as
+    -- breakeven and the trailing distance move it over the earlier bars of the batch) or
+    -- its target.
+    WITH pos AS MATERIALIZED (
+        SELECT x.*, (x.leg = 'long' OR (x.leg = 'net' AND x.quantity > 0)) AS is_long,
+               COALESCE(x.marked_at, '-infinity') AS mark
+        FROM trading.positions x JOIN trading.accounts ac USING (account_id)
+        WHERE x.instrument_id = ANY (_protect.instruments) AND x.quantity <> 0
+          AND (_protect.account IS NULL AND ac.environment IN ('live', 'paper')
+               OR x.account_id = _protect.account)
+        ORDER BY x.account_id, x.position_id
+        FOR UPDATE OF x),
+    raw AS MATERIALIZED (
+        SELECT u.instrument_id, u.open AS o, u.high AS h, u.low AS l, u.close AS c,
+               u.ts + market.timeframe_interval(u.timeframe) AS ct,
+               market.timeframe_interval(u.timeframe) AS span
+        FROM unnest(_protect.bars) u
+        WHERE u.instrument_id = ANY (_protect.instruments)),
+    -- bars closing at the same time: the one of the finest timeframe
+    b AS MATERIALIZED (
+        SELECT DISTINCT ON (r.instrument_id, r.ct) r.instrument_id, r.o, r.h, r.l, r.c, r.ct
+        FROM raw r ORDER BY r.instrument_id, r.ct, r.span),
+    -- per (instrument, last mark), over all the bars newer than the mark: the highest
+    -- high, the lowest low, the last close (of the finest timeframe among the bars
+    -- closing last) and its time. A position with no newer bar is left as it is.
+    span AS MATERIALIZED (
+        SELECT k.instrument_id, k.mark, max(r.h) AS hi, min(r.l) AS lo, max(r.ct) AS ct,
+               (array_agg(r.c ORDER BY r.ct DESC, r.span))[1] AS c
+        FROM (SELECT DISTINCT p.instrument_id, p.mark FROM pos p) k
+        JOIN raw r ON r.instrument_id = k.instrument_id AND r.ct > k.mark
+        GROUP BY k.instrument_id, k.mark),
+    -- the positions these bars could reach: their range must meet the target or the
+    -- furthest the stop can be moved within the batch (breakeven can lift a long's stop
+    -- to the entry at most, the trailing distance to the batch's high less the
+    -- distance; a short's mirror image). Only these are judged bar by bar.
+    guarded AS (
+        SELECT p.* FROM pos p
+        JOIN span r ON r.instrument_id = p.instrument_id AND r.mark = p.mark
+        WHERE CASE WHEN p.is_long
+                   THEN r.lo <= GREATEST(
+                            CASE WHEN p.breakeven IS NOT NULL
+                                 THEN GREATEST(COALESCE(p.stop_loss, 0), p.average_price)
+                                 ELSE p.stop_loss END,
+                            GREATEST(p.trail_anchor, r.hi) - p.trailing_stop)
+                        OR r.hi >= p.take_profit
+                   ELSE r.hi >= LEAST(
+                            CASE WHEN p.breakeven IS NOT NULL
+                                 THEN LEAST(COALESCE(p.stop_loss, p.average_price), p.average_price)
+                                 ELSE p.stop_loss END,
+                            LEAST(p.trail_anchor, r.lo) + p.trailing_stop)
+                        OR r.lo <= p.take_profit END),
+    -- the bars each position has not seen, with the highest high and lowest low before
+    -- each: the same for every position of an instrument marked at the same time, so
+    -- computed once per (instrument, last mark)
+    seen AS MATERIALIZED (
+        SELECT b.*, k.mark,
+               max(b.h) OVER earlier AS high_before, min(b.l) OVER earlier AS low_before
+        FROM (SELECT DISTINCT g.instrument_id, g.mark FROM guarded g) k
+        JOIN b ON b.instrument_id = k.instrument_id AND b.ct > k.mark
+        WINDOW earlier AS (PARTITION BY k.instrument_id, k.mark ORDER BY b.ct
+                           ROWS BETWEEN UNBOUNDED PRECEDING AND 1 PRECEDING)),
+    w AS (
+        SELECT p.position_id, p.is_long, p.stop_loss, p.take_profit, p.trailing_stop,
+               p.average_price, p.trail_anchor, n.o, n.h, n.l, n.c, n.ct,
+               CASE WHEN p.is_long THEN n.high_before ELSE n.low_before END AS best_before,
+               -- breakeven reached by an earlier bar of the batch
+               COALESCE(CASE WHEN p.is_long THEN n.high_before >= p.breakeven
+                             ELSE n.low_before <= p.breakeven END, false) AS be_before
+        FROM guarded p JOIN seen n ON n.instrument_id = p.instrument_id AND n.mark = p.mark),
+    s AS (
+        SELECT w.*,
+               CASE WHEN w.be_before
+                    THEN CASE WHEN w.is_long THEN GREATEST(COALESCE(w.stop_loss, 0), w.average_price)
+                              ELSE LEAST(COALESCE(w.stop_loss, w.average_price), w.average_price) END
+                    ELSE w.stop_loss END AS sl,
+               CASE WHEN w.is_long THEN GREATEST(w.trail_anchor, w.best_before)
+                    ELSE LEAST(w.trail_anchor, w.best_before) END AS anchor
+        FROM w),
+    t AS (
+        SELECT s.*,
+               CASE WHEN s.trailing_stop IS NULL OR s.anchor IS NULL THEN s.sl
+                    WHEN s.is_long THEN GREATEST(COALESCE(s.sl, 0), s.anchor - s.trailing_stop)
+                    ELSE LEAST(COALESCE(s.sl, 'Infinity'), s.anchor + s.trailing_stop) END AS raw_stop
+        FROM s),
+    v AS (
+        SELECT t.*, CASE WHEN t.raw_stop <= 0 OR t.raw_stop = 'Infinity' THEN t.sl ELSE t.raw_stop END AS stop
+        FROM t),
+    first_hit AS (
+        SELECT DISTINCT ON (v.position_id) v.* FROM v
+        WHERE (v.stop IS NOT NULL AND ((v.is_long AND v.l <= v.stop) OR (NOT v.is_long AND v.h >= v.stop)))
+           OR (v.take_profit IS NOT NULL
+               AND ((v.is_long AND v.h >= v.take_profit) OR (NOT v.is_long AND v.l <= v.take_profit)))
+        ORDER BY v.position_id, v.ct),
+    -- the marks: the last close, the trailing anchor, breakeven's move of the stop
+    marked AS (
+        UPDATE trading.positions x SET
+            last_price = r.c, marked_at = r.ct,
+            trail_anchor = CASE WHEN x.trailing_stop IS NULL THEN x.trail_anchor
+                                WHEN p.is_long THEN GREATEST(x.trail_anchor, r.hi)
+                                ELSE LEAST(x.trail_anchor, r.lo) END,
+            stop_loss = CASE WHEN x.breakeven IS NOT NULL
+                                  AND CASE WHEN p.is_long THEN r.hi >= x.breakeven
+                                           ELSE r.lo <= x.breakeven END
+                             THEN CASE WHEN p.is_long THEN GREATEST(COALESCE(x.stop_loss, 0), x.average_price)
+                                       ELSE LEAST(COALESCE(x.stop_loss, x.average_price), x.average_price) END
+                             ELSE x.stop_loss END,
+            breakeven = CASE WHEN CASE WHEN p.is_long THEN r.hi >= x.breakeven
+                                       ELSE r.lo <= x.breakeven END
+                             THEN NULL ELSE x.breakeven END
+        FROM pos p JOIN span r ON r.instrument_id = p.instrument_id AND r.mark = p.mark
+        WHERE x.position_id = p.position_id
+        RETURNING x.account_id, r.ct)
+    SELECT (SELECT jsonb_agg(jsonb_build_object(
+                'position_id', p.position_id, 'account_id', p.account_id,
+                'instrument_id', p.instrument_id, 'strategy_id', p.strategy_id,
+                'entry_strategy_id', p.entry_strategy_id, 'leg', p.leg, 'quantity', p.quantity,
+                'is_long', f.is_long, 'stop_loss', f.stop_loss, 'take_profit', f.take_profit,
+                'average_price', f.average_price, 'o', f.o, 'h', f.h, 'l', f.l, 'c', f.c,
+                'ct', f.ct, 'sl', f.sl, 'be_before', f.be_before, 'stop', f.stop)
+                ORDER BY p.instrument_id, p.account_id, p.position_id)
+            FROM first_hit f JOIN pos p USING (position_id)),
+           (SELECT COALESCE(array_agg(DISTINCT m.account_id ORDER BY m.account_id), '{}')
+            FROM marked m),
+           (SELECT max(m.ct) FROM marked m)
+    INTO hits, touched, marked_until;
+
+    -- the hits, in instrument, account and position order (as the per-instrument calls of
+    -- before made them)
     FOR hit IN
-        WITH pos AS MATERIALIZED (
-            SELECT x.*, (x.leg = 'long' OR (x.leg = 'net' AND x.quantity > 0)) AS is_long,
-                   COALESCE(x.marked_at, '-infinity') AS mark
-            FROM trading.positions x JOIN trading.accounts ac USING (account_id)
-            WHERE x.instrument_id = ANY (_protect.instruments) AND x.quantity <> 0
-              AND (_protect.account IS NULL AND ac.environment IN ('live', 'paper')
-                   OR x.account_id = _protect.account)
-            ORDER BY x.account_id, x.position_id
-            FOR UPDATE OF x),
-        b AS MATERIALIZED (
-            SELECT DISTINCT ON (u.instrument_id, u.ts + market.timeframe_interval(u.timeframe))
-                   u.instrument_id, u.open AS o, u.high AS h, u.low AS l, u.close AS c,
-                   u.ts + market.timeframe_interval(u.timeframe) AS ct
-            FROM unnest(_protect.bars) u
-            WHERE u.instrument_id = ANY (_protect.instruments)
-            ORDER BY u.instrument_id, u.ts + market.timeframe_interval(u.timeframe),
-                     market.timeframe_interval(u.timeframe)),
-        guarded AS (
-            SELECT * FROM pos p
-            WHERE p.stop_loss IS NOT NULL OR p.take_profit IS NOT NULL
-               OR p.trailing_stop IS NOT NULL OR p.breakeven IS NOT NULL),
-        -- the bars each position has not seen, with the highest high and lowest low before
-        -- each: the same for every position of an instrument marked at the same time, so
-        -- computed once per (instrument, last mark)
-        seen AS MATERIALIZED (
-            SELECT b.*, k.mark,
-                   max(b.h) OVER earlier AS high_before, min(b.l) OVER earlier AS low_before
-            FROM (SELECT DISTINCT g.instrument_id, g.mark FROM guarded g) k
-            JOIN b ON b.instrument_id = k.instrument_id AND b.ct > k.mark
-            WINDOW earlier AS (PARTITION BY k.instrument_id, k.mark ORDER BY b.ct
-                               ROWS BETWEEN UNBOUNDED PRECEDING AND 1 PRECEDING)),
-        w AS (
-            SELECT p.position_id, p.is_long, p.stop_loss, p.take_profit, p.trailing_stop,
-                   p.average_price, p.trail_anchor, n.o, n.h, n.l, n.c, n.ct,
-                   CASE WHEN p.is_long THEN n.high_before ELSE n.low_before END AS best_before,
-                   -- breakeven reached by an earlier bar of the batch
-                   COALESCE(CASE WHEN p.is_long THEN n.high_before >= p.breakeven
-                                 ELSE n.low_before <= p.breakeven END, false) AS be_before
-            FROM guarded p JOIN seen n ON n.instrument_id = p.instrument_id AND n.mark = p.mark),
-        s AS (
-            SELECT w.*,
-                   CASE WHEN w.be_before
-                        THEN CASE WHEN w.is_long THEN GREATEST(COALESCE(w.stop_loss, 0), w.average_price)
-                                  ELSE LEAST(COALESCE(w.stop_loss, w.average_price), w.average_price) END
-                        ELSE w.stop_loss END AS sl,
-                   CASE WHEN w.is_long THEN GREATEST(w.trail_anchor, w.best_before)
-                        ELSE LEAST(w.trail_anchor, w.best_before) END AS anchor
-            FROM w),
-        t AS (
-            SELECT s.*,
-                   CASE WHEN s.trailing_stop IS NULL OR s.anchor IS NULL THEN s.sl
-                        WHEN s.is_long THEN GREATEST(COALESCE(s.sl, 0), s.anchor - s.trailing_stop)
-                        ELSE LEAST(COALESCE(s.sl, 'Infinity'), s.anchor + s.trailing_stop) END AS raw_stop
-            FROM s),
-        v AS (
-            SELECT t.*, CASE WHEN t.raw_stop <= 0 OR t.raw_stop = 'Infinity' THEN t.sl ELSE t.raw_stop END AS stop
-            FROM t),
-        first_hit AS (
-            SELECT DISTINCT ON (v.position_id) v.* FROM v
-            WHERE (v.stop IS NOT NULL AND ((v.is_long AND v.l <= v.stop) OR (NOT v.is_long AND v.h >= v.stop)))
-               OR (v.take_profit IS NOT NULL
-                   AND ((v.is_long AND v.h >= v.take_profit) OR (NOT v.is_long AND v.l <= v.take_profit)))
-            ORDER BY v.position_id, v.ct)
-        SELECT f.*, p.account_id, p.instrument_id, p.strategy_id, p.entry_strategy_id, p.leg,
-               p.quantity
-        FROM first_hit f JOIN pos p USING (position_id)
-        ORDER BY p.instrument_id, p.account_id, p.position_id
+        SELECT * FROM jsonb_to_recordset(COALESCE(hits, '[]')) AS x(
+            position_id bigint, account_id bigint, instrument_id bigint, strategy_id bigint,
+            entry_strategy_id bigint, leg trading.position_leg, quantity numeric,
+            is_long boolean, stop_loss numeric, take_profit numeric, average_price numeric,
+            o numeric, h numeric, l numeric, c numeric, ct timestamptz, sl numeric,
+            be_before boolean, stop numeric)
+        ORDER BY x.instrument_id, x.account_id, x.position_id
     LOOP
         IF hit.stop IS NOT NULL AND ((hit.is_long AND hit.l <= hit.stop) OR (NOT hit.is_long AND hit.h >= hit.stop)) THEN
             -- at the entry price because breakeven moved it there (in this batch or before)
@@ -5983,53 +6059,6 @@ BEGIN
                     jsonb_build_object('position_id', hit.position_id, 'price', fire_price, 'bar_close', hit.ct));
         END IF;
     END LOOP;
-
-    -- mark every position once, from all its bars newer than its last mark: the last
-    -- close (of the finest timeframe among the bars closing last), the trailing anchor,
-    -- breakeven's move of the stop. The rows are ours: locked above, unchanged since.
-    WITH pos AS (
-        SELECT x.position_id, x.instrument_id, x.breakeven,
-               (x.leg = 'long' OR (x.leg = 'net' AND x.quantity > 0)) AS is_long,
-               COALESCE(x.marked_at, '-infinity') AS mark
-        FROM trading.positions x JOIN trading.accounts ac USING (account_id)
-        WHERE x.instrument_id = ANY (_protect.instruments) AND x.quantity <> 0
-          AND (_protect.account IS NULL AND ac.environment IN ('live', 'paper')
-               OR x.account_id = _protect.account)),
-    raw AS MATERIALIZED (
-        SELECT u.instrument_id, u.high, u.low, u.close,
-               u.ts + market.timeframe_interval(u.timeframe) AS ct,
-               market.timeframe_interval(u.timeframe) AS span
-        FROM unnest(_protect.bars) u
-        WHERE u.instrument_id = ANY (_protect.instruments)),
-    -- once per (instrument, last mark): the bars newer than the mark (a position with none
-    -- is left as it is)
-    k AS MATERIALIZED (
-        SELECT k.instrument_id, k.mark,
-               (array_agg(r.close ORDER BY r.ct DESC, r.span))[1] AS c,
-               max(r.ct) AS ct, max(r.high) AS h, min(r.low) AS l
-        FROM (SELECT DISTINCT p.instrument_id, p.mark FROM pos p) k
-        JOIN raw r ON r.instrument_id = k.instrument_id AND r.ct > k.mark
-        GROUP BY k.instrument_id, k.mark),
-    m AS (
-        SELECT p.position_id, p.is_long, k.c, k.ct, k.h, k.l,
-               COALESCE(CASE WHEN p.is_long THEN k.h >= p.breakeven ELSE k.l <= p.breakeven END,
-                        false) AS be
-        FROM pos p JOIN k ON k.instrument_id = p.instrument_id AND k.mark = p.mark),
-    u AS (
-        UPDATE trading.positions x SET
-            last_price = m.c, marked_at = m.ct,
-            trail_anchor = CASE WHEN x.trailing_stop IS NULL THEN x.trail_anchor
-                                WHEN m.is_long THEN GREATEST(x.trail_anchor, m.h)
-                                ELSE LEAST(x.trail_anchor, m.l) END,
-            stop_loss = CASE WHEN x.breakeven IS NOT NULL AND m.be
-                             THEN CASE WHEN m.is_long THEN GREATEST(COALESCE(x.stop_loss, 0), x.average_price)
-                                       ELSE LEAST(COALESCE(x.stop_loss, x.average_price), x.average_price) END
-                             ELSE x.stop_loss END,
-            breakeven = CASE WHEN m.be THEN NULL ELSE x.breakeven END
-        FROM m WHERE x.position_id = m.position_id
-        RETURNING x.account_id, m.ct)
-    SELECT COALESCE(array_agg(DISTINCT u.account_id ORDER BY u.account_id), '{}'), max(u.ct)
-    INTO touched, marked_until FROM u;
 END
 $$;
 
@@ -6039,10 +6068,13 @@ CREATE OR REPLACE FUNCTION trading.protect_bars(instrument bigint, bars market.b
                                      OUT marked_until timestamptz)
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
+    r record;
     a bigint;
 BEGIN
-    SELECT r.order_ids, r.touched, r.marked_until INTO order_ids, touched, marked_until
-    FROM trading._protect(ARRAY[protect_bars.instrument], protect_bars.bars, protect_bars.account) r;
+    r := trading._protect(ARRAY[protect_bars.instrument], protect_bars.bars, protect_bars.account);
+    order_ids := r.order_ids;
+    touched := r.touched;
+    marked_until := r.marked_until;
     IF snapshot THEN
         FOREACH a IN ARRAY touched LOOP
             PERFORM trading.snapshot_equity(a, marked_until);
