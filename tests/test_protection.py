@@ -40,6 +40,16 @@ def bar(conn: psycopg.Connection, inst: int, ts: datetime, o, h, lo, c, tf: str 
                  " volume) VALUES (%s, %s, %s, %s, %s, %s, %s, 1)", (inst, tf, ts, o, h, lo, c))
 
 
+def bars_in_one_insert(conn: psycopg.Connection, inst: int, rows: list[tuple]) -> None:
+    """1m bars (open, high, low, close) from T0, one a minute, in a single INSERT: the
+    trigger judges them as one batch."""
+    conn.execute("INSERT INTO market.bars (instrument_id, timeframe, ts, open, high, low, close,"
+                 " volume) SELECT %s, '1m', t, o, h, l, c, 1 FROM unnest(%s::timestamptz[],"
+                 " %s::numeric[], %s::numeric[], %s::numeric[], %s::numeric[]) AS x(t, o, h, l, c)",
+                 (inst, [T0 + k * M for k in range(len(rows))],
+                  *([r[j] for r in rows] for j in range(4))))
+
+
 def on_bar(conn: psycopg.Connection, inst: int, ts: datetime, o, h, lo, c, account=None,
            tf: str = "1m") -> list[int]:
     return conn.execute("SELECT trading.on_bar(%s, %s, %s, %s, %s, %s, %s, %s)",
@@ -319,10 +329,7 @@ def test_breakeven_reached_and_then_touched_within_one_insert_fires(conn, side):
                   stop_loss=90 if long_ else 110, metadata={"breakeven": 105 if long_ else 95})
     rows = ([(100, 106, 100, 105), (104, 104, 99, 100)] if long_ else
             [(99.5, 99.5, 94, 95), (96, 101, 96, 100)])
-    conn.execute("INSERT INTO market.bars (instrument_id, timeframe, ts, open, high, low, close,"
-                 " volume) VALUES (%s, '1m', %s, %s, %s, %s, %s, 1),"
-                 " (%s, '1m', %s, %s, %s, %s, %s, 1)",
-                 (inst, T0, *rows[0], inst, T0 + M, *rows[1]))
+    bars_in_one_insert(conn, inst, rows)
     assert exits(conn) == [("sell" if long_ else "buy", D(10), True, "breakeven", D(100),
                             "market")]
 
@@ -337,10 +344,7 @@ def test_a_trailing_stop_moved_and_then_touched_within_one_insert_fires(conn, si
     open_position(conn, "P", "BTCUSD", action="buy" if long_ else "sell", trailing_stop=3)
     rows = ([(100, 106, 100, 105), (104, 104, 102, 103)] if long_ else
             [(100, 100, 94, 95), (96, 98, 96, 97)])
-    conn.execute("INSERT INTO market.bars (instrument_id, timeframe, ts, open, high, low, close,"
-                 " volume) VALUES (%s, '1m', %s, %s, %s, %s, %s, 1),"
-                 " (%s, '1m', %s, %s, %s, %s, %s, 1)",
-                 (inst, T0, *rows[0], inst, T0 + M, *rows[1]))
+    bars_in_one_insert(conn, inst, rows)
     assert exits(conn) == [("sell" if long_ else "buy", D(10), True, "trailing_stop",
                             D(103) if long_ else D(97), "market")]
 
