@@ -47,7 +47,7 @@ def bars_in_one_insert(conn: psycopg.Connection, inst: int, rows: list[tuple]) -
                  " volume) SELECT %s, '1m', t, o, h, l, c, 1 FROM unnest(%s::timestamptz[],"
                  " %s::numeric[], %s::numeric[], %s::numeric[], %s::numeric[]) AS x(t, o, h, l, c)",
                  (inst, [T0 + k * M for k in range(len(rows))],
-                  *([r[j] for r in rows] for j in range(4))))
+                  *([D(str(r[j])) for r in rows] for j in range(4))))
 
 
 def on_bar(conn: psycopg.Connection, inst: int, ts: datetime, o, h, lo, c, account=None,
