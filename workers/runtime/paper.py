@@ -168,7 +168,8 @@ class PaperBroker:
         if not orders or not bar_rows:
             return out
         # each order with the bars that may fill it (by index into bar_rows)
-        bar_rows = list(bar_rows)
+        given = len(bar_rows)
+        bar_rows = list(bar_rows)  # (a protective order's firing bar may be added, older)
         ready = []
         for row in orders:
             after = self._ready_after(conn, inst, row)
@@ -176,10 +177,11 @@ class PaperBroker:
                 ready.append((row, [self._firing_bar(conn, inst, row[14], bar_rows)]))
             else:
                 after_us = to_us(after)
-                ready.append((row, [k for k, r in enumerate(bar_rows) if to_us(r[0]) > after_us]))
+                ready.append((row, [k for k, r in enumerate(bar_rows[:given])
+                                    if to_us(r[0]) > after_us]))
         if not any(candidates for _row, candidates in ready):
             return out  # (an order from a signal on the latest bar waits for the next)
-        latest = max(r[0] for r in bar_rows)  # (a firing bar looked up is older)
+        latest = bar_rows[given - 1][0]
         atr = self._atr(conn, inst, latest) if self.sim.costs.slippage.kind == "atr" \
             else None
         bars = [sim_bar(r, atr) for r in bar_rows]
