@@ -72,6 +72,33 @@ def test_lookups_by_name_and_number_under_generic_plans(conn, paper):
         conn.execute("SELECT trading._account('nobody')")
 
 
+def test_a_new_fill_never_reads_the_account_s_earlier_fills(conn, paper):
+    """A plan made while trading.fills was empty (generic plans from the first call, as a
+    long-lived router caches them) must not read every earlier fill of the account to
+    tell a new fill from a repeat (migration 0004_05)."""
+    conn.execute("SET plan_cache_mode = force_generic_plan")
+
+    def index_reads() -> tuple[int, int]:
+        conn.execute("SELECT pg_stat_force_next_flush()")
+        conn.execute("SELECT pg_stat_clear_snapshot()")
+        return conn.execute(
+            "SELECT idx_scan, idx_tup_read FROM pg_stat_user_indexes"
+            " WHERE indexrelname = 'fills_account_fill_idx'").fetchone()
+
+    before = index_reads()
+    for k in range(15):  # 30 fills on one account: 15 round trips
+        oid = open_position(conn, "P", "BTCUSD", strategy=f"s{k}")
+        close = conn.execute("SELECT trading.submit_signal(%s)", (Jsonb({
+            "account": "P", "strategy": f"s{k}", "symbol": "BTCUSD", "action": "close",
+            "price": 100}),)).fetchone()[0]
+        assert fill(conn, close["order_id"], f"x-{oid}", 10, 100)["status"] == "applied"
+    assert conn.execute("SELECT count(*) FROM trading.fills").fetchone() == (30,)
+    assert index_reads() == before
+    # and a repeat is still found and changes nothing
+    assert fill(conn, oid, f"f-{oid}", 10, 100)["status"] == "duplicate"
+    assert conn.execute("SELECT count(*) FROM trading.fills").fetchone() == (30,)
+
+
 @pytest.mark.parametrize("action,protection", [
     ("buy", {"stop_loss": 105}), ("buy", {"take_profit": 95}),
     ("sell", {"stop_loss": 95}), ("sell", {"take_profit": 105})])
