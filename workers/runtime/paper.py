@@ -66,12 +66,6 @@ WHERE instrument_id = %(instrument)s AND timeframe = %(tf)s AND ts <= %(at)s
 ORDER BY ts DESC LIMIT 1
 """
 
-_BAR_CLOSING_BY = """
-SELECT ts, open, high, low, close, volume FROM market.bars
-WHERE instrument_id = %(instrument)s AND timeframe = %(tf)s AND ts <= %(at)s - %(span)s
-ORDER BY ts DESC LIMIT 1
-"""
-
 _BOOK = """
 SELECT (SELECT cash FROM trading.accounts WHERE account_id = %(account)s),
        (SELECT COALESCE(sum(CASE WHEN leg = 'short' THEN -quantity ELSE quantity END), 0)
@@ -237,9 +231,8 @@ class PaperBroker:
         for k, r in enumerate(bar_rows):
             if r[0] + span == triggered_at:
                 return k
-        row = conn.execute(_BAR_CLOSING_BY, {"instrument": inst.instrument_id,
-                                             "tf": inst.timeframe, "at": triggered_at,
-                                             "span": span}).fetchone()
+        row = conn.execute(_LATEST_BAR, {"instrument": inst.instrument_id, "tf": inst.timeframe,
+                                         "at": triggered_at - span}).fetchone()
         if row is None:
             return len(bar_rows) - 1
         for k, r in enumerate(bar_rows):

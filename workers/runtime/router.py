@@ -215,7 +215,9 @@ class Router(Worker):
                 (self.config.visibility_seconds, self.config.batch, ids)).fetchall()
             if not rows:
                 break
-            orders = self._orders([int(m.get("order_id", 0)) for _i, _n, m in rows])
+            # the paper accounts' orders in one read (a live order is read when handled)
+            orders = self._orders([int(m.get("order_id", 0)) for _i, _n, m in rows
+                                   if self._for_paper(m)])
             paper = []
             for msg_id, read_ct, message in rows:
                 handled += 1
@@ -232,8 +234,18 @@ class Router(Worker):
         return handled
 
     def _orders(self, order_ids: list[int]) -> dict[int, Order]:
+        if not order_ids:
+            return {}
         rows = self._c.execute(_ORDERS, (order_ids,)).fetchall()
         return {int(r[0]): Order(*r) for r in rows}
+
+    def _for_paper(self, message: dict[str, Any]) -> bool:
+        """Whether a queue message names one of this router's paper accounts."""
+        try:
+            routed = self.accounts.get(int(message.get("account_id", 0)))
+        except (TypeError, ValueError):
+            return False
+        return routed is not None and isinstance(routed.broker, PaperBroker)
 
     def _archive(self, msg_id: int) -> None:
         assert self.conn is not None

@@ -9,6 +9,18 @@
 -- the same order, a repeat compared at the rate of its first arrival).
 SET LOCAL ROLE mmats_owner;
 
+-- A fill's commission in the account currency, from the currency it was charged in: the
+-- account's, the instrument's quote (at the rate fx) or its base (at price and fx); NULL
+-- for any other currency. (SQL, so that the callers' plans inline it.)
+CREATE FUNCTION trading._commission_in_account(commission numeric, ccy text,
+                                               account_ccy text, quote_ccy text,
+                                               base_ccy text, price numeric, fx numeric)
+RETURNS numeric
+LANGUAGE sql IMMUTABLE
+RETURN CASE WHEN ccy IS NULL OR ccy = account_ccy THEN commission
+            WHEN ccy = quote_ccy THEN commission * fx
+            WHEN ccy = base_ccy THEN commission * price * fx END;
+
 CREATE OR REPLACE FUNCTION trading.apply_fill(fill jsonb) RETURNS jsonb
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
@@ -70,10 +82,9 @@ BEGIN
             OR fill ->> 'liquidity' IN ('maker', 'taker')) THEN
         fx := CASE WHEN inst.quote_currency = acc.base_currency THEN 1
                    ELSE trading.fx_rate(inst.quote_currency, acc.base_currency, at) END;
-        comm_acct := CASE WHEN comm_ccy IS NULL OR comm_ccy = acc.base_currency THEN commission
-                          WHEN comm_ccy = inst.quote_currency THEN commission * fx
-                          WHEN comm_ccy = inst.base_currency THEN commission * price * fx
-                          ELSE NULL END;
+        comm_acct := trading._commission_in_account(commission, comm_ccy, acc.base_currency,
+                                                    inst.quote_currency, inst.base_currency,
+                                                    price, fx);
         IF fx IS NOT NULL AND comm_acct IS NOT NULL THEN
             INSERT INTO trading.fills AS f (account_id, order_id, instrument_id, strategy_id,
                 broker_fill_id, side, quantity, price, commission, commission_currency, liquidity, ts)
@@ -106,10 +117,9 @@ BEGIN
         -- a repeated fill is compared in the account currency at the rate of its first arrival
         fx := CASE WHEN inst.quote_currency = acc.base_currency THEN 1
                    ELSE trading._fx_or_fail(inst.quote_currency, acc.base_currency, COALESCE(prior.ts, at)) END;
-        comm_acct := CASE WHEN comm_ccy IS NULL OR comm_ccy = acc.base_currency THEN commission
-                          WHEN comm_ccy = inst.quote_currency THEN commission * fx
-                          WHEN comm_ccy = inst.base_currency THEN commission * price * fx
-                          ELSE NULL END;
+        comm_acct := trading._commission_in_account(commission, comm_ccy, acc.base_currency,
+                                                    inst.quote_currency, inst.base_currency,
+                                                    price, fx);
         IF comm_acct IS NULL THEN
             RAISE EXCEPTION 'fill.commission_currency % is neither the account currency % nor a currency of %',
                 comm_ccy, acc.base_currency, inst.symbol USING ERRCODE = 'invalid_parameter_value';
