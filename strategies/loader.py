@@ -104,12 +104,13 @@ class StrategyLoader:
             report.removed.extend(self._unregister_file(path))
             self.errors.pop(str(path), None)
         for path in sorted(present):
-            digest = hashlib.sha256(path.read_bytes()).hexdigest()
+            source = path.read_bytes()
+            digest = hashlib.sha256(source).hexdigest()
             state = self._files.get(path)
             if state is not None and state.digest == digest:
                 continue
             try:
-                classes = _strategy_classes(_import_file(path), str(path))
+                classes = _strategy_classes(_import_file(path, source), str(path))
                 self._check_duplicates(classes, path)
             except StrategyLoadError as exc:
                 self.errors[str(path)] = str(exc)
@@ -170,7 +171,11 @@ def _module_name(path: Path) -> str:
     return f"{USER_NAMESPACE}__{stem}_{tag}"
 
 
-def _import_file(path: Path) -> ModuleType:
+def _import_file(path: Path, source: bytes) -> ModuleType:
+    """The module of `source` (the bytes just read from `path` and hashed). Compiled here
+    rather than through the import system's bytecode cache: that cache is checked by the
+    file's mtime and size, so an edit within the same second that keeps the size (v1 ->
+    v2) would run the old code."""
     name = _module_name(path)
     spec = importlib.util.spec_from_file_location(name, path)
     if spec is None or spec.loader is None:
@@ -179,7 +184,7 @@ def _import_file(path: Path) -> ModuleType:
     previous = sys.modules.get(name)
     sys.modules[name] = module  # dataclasses and typing resolve names through sys.modules
     try:
-        spec.loader.exec_module(module)
+        exec(compile(source, str(path), "exec", dont_inherit=True), module.__dict__)
     except SyntaxError as exc:
         _restore(name, previous)
         raise StrategyLoadError(f"{path}:{exc.lineno}: syntax error: {exc.msg}") from None
