@@ -341,6 +341,31 @@ def test_a_trailing_stop_exit_price_and_trigger(conn, tmp_path):
     assert report["metrics"]["final_equity"] == 10500
 
 
+def test_a_trailing_stop_that_gaps_fills_at_the_open_of_the_bar_that_fired_it(conn, tmp_path):
+    """A trailing stop that the price gaps through fills at the open of the bar that fired
+    it: the bar the ledger names as the order's triggered_at (its close), which the engine
+    looks up to fill the order."""
+    sym = add_instrument(conn)
+    add_bars(conn, sym, [
+        (100, 100, 100, 100),   # 0: buy signal at the close 100, trailing distance 5
+        (100, 104, 99, 103),    # 1: filled at the open 100; stop 95 (low 99: no)
+        (106, 110, 105, 109),   # 2: stop from the earlier high 104: 99 (its low 105: no)
+        (102, 103, 101, 102),   # 3: stop from the high 110: 105; opens at 102, below it
+        (102, 102, 102, 102),
+    ])
+    script = Script(tmp_path, {0: [(sym, "buy", {"trailing_stop": "5"})]})
+    run_id = run(conn, script.config([sym], 5))
+    report = load_report(conn, run_id)
+    # out at bar 3's open 102 (a gap through the stop 105): pnl 100 x 2 = 200
+    assert trades(report) == [("long", D(100), at(1), D(100), at(3), D(102), D(200),
+                               "trailing_stop")]
+    fired = conn.execute(
+        "SELECT o.triggered_at, f.ts FROM trading.orders o JOIN trading.fills f USING (order_id)"
+        " JOIN backtest.runs r ON r.account_id = o.account_id"
+        " WHERE r.run_id = %s AND o.trigger = 'trailing_stop'", (run_id,)).fetchall()
+    assert fired == [(T0 + 4 * M, T0 + 3 * M)]  # fired by bar 3 (closing at 4), filled on it
+
+
 def breaker(conn: psycopg.Connection, run_id: int) -> tuple[str, str | None]:
     return conn.execute(
         "SELECT b.mode::text, b.reason FROM risk.breaker_state b"

@@ -154,6 +154,20 @@ def test_fill_by_client_order_id(conn, btc):
     assert cash(conn, a) == D("99900")
 
 
+def test_a_reference_names_a_client_order_id_before_an_order_id(conn, btc):
+    """A fill's reference is looked up as a client order id first, then as an order id:
+    a numeric client order id that is also another order's id names its own order."""
+    account(conn, "acc1")
+    first = order(conn, "acc1", "BTCUSD", "buy", "1")
+    second = order(conn, "acc1", "BTCUSD", "buy", "2", client_order_id=str(first))
+    assert second != first
+    r = conn.execute("SELECT trading.apply_fill(%s)", (Jsonb(
+        {"client_order_id": str(first), "broker_fill_id": "c", "quantity": 2,
+         "price": 50}),)).fetchone()[0]
+    assert r["order_id"] == second and r["order_status"] == "filled"
+    assert order_row(conn, first)["filled_quantity"] == 0
+
+
 def test_partial_fills_weighted_average(conn, btc):
     a = account(conn, "acc1")
     oid = order(conn, "acc1", "BTCUSD", "buy", "10")

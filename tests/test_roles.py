@@ -174,6 +174,34 @@ def test_security_definer_functions_pin_search_path(mconn: psycopg.Connection) -
         assert config and any(c.startswith("search_path=") for c in config), name
 
 
+def test_functions_without_a_pinned_search_path_are_the_owners_alone(
+        mconn: psycopg.Connection) -> None:
+    """A function that runs in its caller's search path (no search_path setting of its
+    own) is never SECURITY DEFINER and, unless it is plain SQL (inlined into the caller's
+    plan), may be executed by mmats_owner alone: another role reaches it only through a
+    SECURITY DEFINER function, whose pinned path it then runs in."""
+    schemas = [*APP_SCHEMAS, "backtest", "runtime"]
+    free = mconn.execute(
+        "SELECT p.oid::regprocedure::text, l.lanname, p.prosecdef,"
+        " ARRAY(SELECT DISTINCT r.rolname FROM aclexplode(COALESCE(p.proacl,"
+        "        acldefault('f', p.proowner))) a"
+        "       LEFT JOIN pg_roles r ON r.oid = a.grantee"
+        "       WHERE a.privilege_type = 'EXECUTE' AND a.grantee <> p.proowner)"
+        " FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace"
+        " JOIN pg_language l ON l.oid = p.prolang"
+        " WHERE n.nspname = ANY(%s) AND NOT EXISTS ("
+        "   SELECT 1 FROM unnest(COALESCE(p.proconfig, '{}')) c WHERE c LIKE 'search_path=%%')",
+        (schemas,)).fetchall()
+    names = {name for name, _lang, _definer, _others in free}
+    # the hot internal helpers are among them (migration 0004_06), so the check has rows
+    assert {"trading._num(jsonb,text,text,numeric,numeric,boolean)",
+            "trading._locked_order(text)", "audit.chain_event()"} <= names
+    for name, lang, definer, others in free:
+        assert not definer, name
+        if lang != "sql":
+            assert others == [], f"{name} runs in its caller's search path; executable by {others}"
+
+
 def test_owner_can_write_positive_control(mconn: psycopg.Connection) -> None:
     # the write attempts below are not refused for some unrelated reason: the owner may run them
     with as_role(mconn, "mmats_owner"):

@@ -22,6 +22,7 @@ import logging
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field, replace
+from datetime import datetime
 from decimal import Decimal
 from functools import partial
 from types import MappingProxyType
@@ -40,7 +41,7 @@ from strategies.market import AccountState, Environment, PositionState, Strategy
 from strategies.params import ParamError
 from strategies.signal import TradeSignal
 from workers.backtest.config import BacktestConfig, BacktestError
-from workers.backtest.data import SymbolData, from_us, instrument, load_symbol
+from workers.backtest.data import SymbolData, from_us, instrument, load_symbol, to_us
 from workers.backtest.simulator import SimFill, SimOrder, Simulator
 
 log = logging.getLogger("mmats.backtest")
@@ -348,8 +349,7 @@ class Engine:
             if o["trigger"] not in _PROTECTIVE:
                 continue
             k = self.by_id[o["instrument_id"]]
-            start, end = ranges[k]
-            i = self._touch_bar(k, Decimal(o["trigger_price"]), start, end)
+            i = self._firing_bar(k, o, ranges[k])
             order = SimOrder(int(o["order_id"]), o["side"], "market", Decimal(o["quantity"]),
                              reduce_only=True, trigger_price=Decimal(o["trigger_price"]))
             fill = self.sims[k].match(order, self.symbols[k].sim_bar(i),
@@ -361,17 +361,21 @@ class Engine:
         if fired:
             self._flush()
 
-    def _touch_bar(self, k: int, price: Decimal, start: int, end: int) -> int:
-        """The first bar of [start, end] whose range holds the price (the fired bar is
-        the last one when the engine asked at the right time; this is the fallback)."""
+    def _firing_bar(self, k: int, order: dict[str, Any], span: tuple[int, int]) -> int:
+        """The bar of the protect range `span` whose prices fired a protective order: the
+        one closing at the order's triggered_at (set by the ledger when it fired)."""
+        fired = order.get("triggered_at")
         sd = self.symbols[k]
-        p = float(price)
-        tol = 1e-12 * abs(p)
-        if sd.low[end] <= p + tol and sd.high[end] >= p - tol:
-            return end  # the bar the watch asked about: where the level was touched
-        lows, highs = sd.low[start:end + 1], sd.high[start:end + 1]
-        hits = np.flatnonzero((lows <= p + 1e-12 * abs(p)) & (highs >= p - 1e-12 * abs(p)))
-        return start + int(hits[0]) if len(hits) else end
+        start, end = span
+        if fired is not None:
+            close_us = to_us(datetime.fromisoformat(fired))
+            i = start + int(np.searchsorted(sd.close_us[start:end + 1], close_us))
+            if i <= end and int(sd.close_us[i]) == close_us:
+                return i
+        first, last = (from_us(int(sd.ts_us[j])).isoformat() for j in (start, end))
+        raise BacktestError(
+            f"protective order {order['order_id']} on {sd.symbol}: no bar from {first} to "
+            f"{last} closes at its triggered_at ({fired}), the bar that fired it")
 
     # ------------------------------------------------------------------ strategy
     def _call_strategy(self, t_us: int, members: list[tuple[int, int]]) -> list[TradeSignal]:

@@ -553,9 +553,11 @@ class StrategyWorker(Worker):
         return out
 
     def _run_step(self, entries: list[tuple[Assignment, int]]) -> None:
-        """The bars closing at one time, for every entry that has one: wait for the paper
-        broker, tell each strategy its events, run each one isolated, then record all
-        their signals and resume points in one transaction."""
+        """The bars closing at one time, for every entry that has one: their market data
+        (bars and indicators need nothing of the ledger: made while the paper broker
+        still settles the bar), then wait for the paper broker, tell each strategy its
+        events, run each one isolated, then record all their signals and resume points
+        in one transaction."""
         prepared = []
         for a, t_us in entries:
             bar_ts = from_us(t_us)
@@ -565,15 +567,16 @@ class StrategyWorker(Worker):
                 i = cache.index(bar_ts)
                 if i is not None:
                     members.append((iid, symbol, venue, cache, i))
-            if a.environment == "paper":
-                self._wait_for_paper(a, [m[0] for m in members], bar_ts)
-            prepared.append((a, t_us, members))
-        self._deliver_events([a for a, _t, _m in prepared])
-        decided = []
-        for a, t_us, members in prepared:
-            close = from_us(t_us + a.tf_us)
             data = {symbol: cache.market_data(a.indicators, i)
                     for _iid, symbol, _venue, cache, i in members}
+            prepared.append((a, t_us, members, data))
+        for a, t_us, members, _data in prepared:
+            if a.environment == "paper":
+                self._wait_for_paper(a, [m[0] for m in members], from_us(t_us))
+        self._deliver_events([a for a, _t, _m, _d in prepared])
+        decided = []
+        for a, t_us, members, data in prepared:
+            close = from_us(t_us + a.tf_us)
             context = StrategyContext(Environment(a.environment), close, data,
                                       partial(self._account_state, a), dict(a.strategy.params),
                                       self.log)
