@@ -43,12 +43,15 @@ Measured:
   = the bar's close - 1 us), the order queued (the order's queue message, pgmq
   a_orders.enqueued_at, written in the signal's transaction; orders of a signal only),
   the order read by the router (a_orders.last_read_at, clock_timestamp() of the read),
-  and the paper fill applied (trading.fills.created_at, joined to the arrival of the fill's
-  own bar: fill ts = that bar's open time, i.e. bar t+1 for an order of bar t's signal,
-  the triggering bar for a stop). created_at is the server's now(): the start of the
-  transaction that wrote the row (the strategy worker's transaction of that bar; the
-  router's autocommit apply_fill). Both clocks are UTC; on a local server they are the
-  same system clock (the offset measured with clock_timestamp() is printed).
+  and the paper fill applied (the time of its fill.applied audit event, clock_timestamp()
+  as the ledger recorded it, joined to the arrival of the fill's own bar: fill ts = that
+  bar's open time, i.e. bar t+1 for an order of bar t's signal, the triggering bar for a
+  stop). created_at is the server's now(): the start of the transaction that wrote the
+  row (the strategy worker's transaction of that bar). A fill's own transaction may have
+  begun before its bar arrived (the router taking the last bar's orders into the paper
+  book when the next bar comes fills them on it), so its time is the event's. Both
+  clocks are UTC; on a local server they are the same system clock (the offset measured
+  with clock_timestamp() is printed).
   p50/p95/p99/max/mean in ms, and counts. Target (reported, not asserted): p95 bar ->
   fill applied <= 50 ms.
 - the lockstep cycle: the time between two steps' inserted_at (insert + the pipeline
@@ -608,9 +611,12 @@ LEFT JOIN q ON q.order_id = o.order_id
 WHERE a.name = ANY(%s)
 """
 _FILLS = """
-SELECT f.ts, f.created_at, o.trigger::text, o.signal_id IS NOT NULL
+SELECT f.ts, e.ts, o.trigger::text, o.signal_id IS NOT NULL
 FROM trading.fills f JOIN trading.orders o USING (order_id)
-JOIN trading.accounts a ON a.account_id = f.account_id WHERE a.name = ANY(%s)
+JOIN trading.accounts a ON a.account_id = f.account_id
+JOIN audit.events e ON e.event_type = 'fill.applied' AND e.entity = 'trading.fills'
+                   AND e.entity_id = f.fill_id::text
+WHERE a.name = ANY(%s)
 """
 
 
@@ -786,7 +792,8 @@ def print_report(fig: dict[str, Any]) -> None:
         for a, (n, p) in zip(fig["accounts"], fig["strategy_entries"], strict=True)))
     c = fig["clock"]
     print(f"clocks: arrival = the ingest process's UTC wall clock after its INSERT returned; "
-          f"created_at = the server's now() (UTC, start of the writing transaction); "
+          f"created_at = the server's now() (UTC, start of the writing transaction), a fill's "
+          f"the clock_timestamp() of its audit event; "
           f"server - local offset {c['offset_ms']:+.3f} ms (+/- {c['uncertainty_ms']:.3f})"
           + ("" if m["server_local"] else "  [REMOTE SERVER: clock skew adds in]"))
     print()

@@ -8,6 +8,7 @@ expectation is worked out by hand from small numbers.
 
 from __future__ import annotations
 
+import time
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal as D
 
@@ -607,6 +608,57 @@ def test_a_stop_hit_while_a_close_is_being_decided_waits_and_sees_that_close(db_
                            " WHERE reduce_only ORDER BY order_id").fetchall()
     assert closing == [("signal", D(10))]
     assert position(conn, acc, inst)["last_price"] == D(96)  # the bar still marked it
+
+
+def test_a_position_opened_while_an_insert_waits_for_its_locks_is_not_judged_by_it(
+        db_url, conn):
+    """The bars trigger locks the accounts that hold the instrument, then judges their
+    positions. A position of another account, opened by a fill that committed while the
+    insert waited for those locks, is neither judged nor locked by that insert: it opened
+    after the bar, and its account's lock was never taken (judging it broke the order in
+    which every writer takes accounts, and raced that account's own exits)."""
+    import threading
+
+    inst = add_instrument(conn, "LKUSD")
+    a = add_account(conn, "LA")  # the lower id: not an account the insert locks
+    b = add_account(conn, "LB")
+    bar(conn, inst, T0, 100, 100, 100, 100)
+    open_position(conn, "LB", "LKUSD", stop_loss=50)
+    conn.execute("SELECT trading.assign_strategy('LA', 's1', 1, 'fixed_quantity', %s)",
+                 (Jsonb({"quantity": 10}),))
+    r = signal(conn, account="LA", strategy="s1", symbol="LKUSD", action="buy", price=100,
+               stop_loss=95)
+    assert r["status"] == "approved", r
+    with psycopg.connect(db_url) as holder, psycopg.connect(db_url, autocommit=True) as feed:
+        holder.execute("SELECT 1 FROM trading.accounts WHERE account_id = %s FOR UPDATE", (b,))
+        errors: list[BaseException] = []
+
+        def insert() -> None:
+            try:  # its low 90 would cross A's stop at 95
+                bar(feed, inst, T0 + M, 100, 100, 90, 92)
+            except BaseException as exc:  # (reported below)
+                errors.append(exc)
+
+        t = threading.Thread(target=insert)
+        t.start()
+        try:
+            for _ in range(500):  # until the insert waits for B's lock
+                waiting = conn.execute("SELECT wait_event_type FROM pg_stat_activity"
+                                       " WHERE pid = %s", (feed.info.backend_pid,)).fetchone()
+                if waiting and waiting[0] == "Lock":
+                    break
+                time.sleep(0.01)
+            else:
+                raise AssertionError("the insert never waited for the account lock")
+            # A's position opens now, committed while the insert waits
+            assert fill(conn, r["order_id"], "la-1", 10, 100)["status"] == "applied"
+        finally:
+            holder.commit()
+            t.join(10)
+        assert errors == []
+    assert exits(conn, a) == []
+    assert position(conn, a, inst)["marked_at"] is None
+    assert position(conn, b, inst)["last_price"] == D(92)  # B, locked, was judged
 
 
 # ------------------------------------------------------------------ many instruments

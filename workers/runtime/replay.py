@@ -8,10 +8,13 @@ the period's bars one time step at a time. Every insert goes through the bars tr
 order queue, the router and the paper broker do exactly what they do on live data.
 
 Lockstep: before the next time step the replay waits until the pipeline has settled the
-last one (every strategy cursor of the session's account has reached it and no order
-of the account waits in the queue); `--speed N` then paces the steps at N times real
-time. So a replay gives the same trades as `mmats backtest` on the same bars (the
-parity test), however slow or fast the machine. The session is resumable: a killed
+last one: the paper broker has settled it (the fills at its open, the stops it fired)
+and every strategy cursor of the session's accounts has reached it (their signals of
+that bar are committed with the cursor, their orders queued). The orders need not be
+read yet: the router drains the queue before it settles the next bar, so they fill at
+its open whenever it arrives. `--speed N` then paces the steps at N times real time.
+So a replay gives the same trades as `mmats backtest` on the same bars (the parity
+test), however slow or fast the machine. The session is resumable: a killed
 replay worker carries on from the last bar it inserted.
 """
 
@@ -259,9 +262,9 @@ class ReplayIngest(Worker):
         self._wait_settled(t)
 
     def settled(self, t: datetime) -> bool:
-        """The paper broker has settled bar `t` of every replayed instrument, every
-        strategy of the session's accounts has seen it, and none of their orders waits
-        in the queue."""
+        """The paper broker has settled bar `t` of every replayed instrument and every
+        strategy of the session's accounts has seen it (the orders they sent on it may
+        still wait in the queue: the router reads them before it settles the next bar)."""
         assert self.conn is not None
         accounts = list(self.session.waits_for)
         paper = [f"paper:{i}:{self.session.timeframe}" for i in self.session.targets]
@@ -270,14 +273,10 @@ class ReplayIngest(Worker):
             "        WHERE split_part(c.name, ':', 1) = 'strategy' "
             "          AND split_part(c.name, ':', 2) = ANY(%(acc)s)) "
             "   AND (SELECT count(*) = %(np)s AND bool_and(c.at >= %(t)s) FROM runtime.cursors c "
-            "        WHERE c.name = ANY(%(paper)s)), "
-            "       NOT EXISTS (SELECT 1 FROM pgmq.q_orders q "
-            "                   WHERE (q.message ->> 'account_id')::bigint IN "
-            "                         (SELECT account_id FROM trading.accounts "
-            "                          WHERE name = ANY(%(acc)s)))",
+            "        WHERE c.name = ANY(%(paper)s))",
             {"t": t, "acc": accounts, "n": self.expected_cursors, "paper": paper,
              "np": len(paper)}).fetchone()
-        return bool(row and row[0] and row[1])
+        return bool(row and row[0])
 
     def _wait_settled(self, t: datetime) -> None:
         started = time.monotonic()

@@ -362,6 +362,11 @@ class Router(Worker):
         for attempt in range(1, 6):
             try:
                 with self._c.transaction():
+                    # every account of the batch first (in id order), before any audit
+                    # event locks the chain head: a bar insert holding one of them and
+                    # wanting the chain head would otherwise wait for us as we wait for it
+                    self._c.execute("SELECT trading.lock_accounts(%s)",
+                                    (sorted({r.account_id for r, _o, _m in accepted}),))
                     for _routed, order, _msg in accepted:
                         # created -> submitted directly: with no broker call between, the
                         # order is never in flight (its fate is known in this transaction)

@@ -610,8 +610,12 @@ class StrategyWorker(Worker):
         for attempt in range(1, 6):
             try:
                 refused: list[tuple[Assignment, OrderRejected]] = []
-                # accounts in id order, as every writer of the ledger locks them: a step
-                # that signals on several accounts never waits on one in a cycle
+                # the accounts that signal, all locked first and in id order, as every
+                # writer of the ledger takes them (before any audit event locks the chain
+                # head): a step that signals on several accounts never waits in a cycle
+                signalling = sorted({d[0].account_id for d in decided if d[4]})
+                if len(signalling) > 1:
+                    self._c.execute("SELECT trading.lock_accounts(%s)", (signalling,))
                 for a, _bar_ts, close, members, signals in sorted(
                         decided, key=lambda d: d[0].account_id):
                     refused.extend((a, r) for r in self._submit_all(a, signals, members, close))
