@@ -661,6 +661,62 @@ def test_a_position_opened_while_an_insert_waits_for_its_locks_is_not_judged_by_
     assert position(conn, b, inst)["last_price"] == D(92)  # B, locked, was judged
 
 
+def test_a_writer_of_several_accounts_that_locks_them_first_never_deadlocks_with_a_bar(
+        db_url, conn):
+    """Every audit event locks the audit chain's head until commit. A router taking two
+    accounts' orders into the paper book in one transaction audits the first before it
+    touches the second; a bar insert holding the second and auditing its stop's exit
+    then waited for it as it waited for the bar (a deadlock). With trading.lock_accounts
+    first (as the router and the strategy worker call it) the bar waits its turn."""
+    import threading
+
+    inst = add_instrument(conn, "DLUSD")
+    other = add_instrument(conn, "DOUSD")
+    x = add_account(conn, "DX")
+    y = add_account(conn, "DY")
+    assert x < y
+    bar(conn, inst, T0, 100, 100, 100, 100)
+    bar(conn, other, T0, 100, 100, 100, 100)
+    open_position(conn, "DY", "DLUSD", stop_loss=95)
+    conn.execute("SELECT trading.assign_strategy('DX', 's1', 1, 'fixed_quantity', %s)",
+                 (Jsonb({"quantity": 1}),))
+    pending = [signal(conn, account=name, strategy="s1", symbol="DOUSD", action="buy",
+                      price=100)["order_id"] for name in ("DX", "DY")]
+    coids = [conn.execute("SELECT client_order_id FROM trading.orders WHERE order_id = %s",
+                          (o,)).fetchone()[0] for o in pending]
+    with psycopg.connect(db_url) as router, psycopg.connect(db_url, autocommit=True) as feed:
+        router.execute("SET ROLE mmats_router")
+        router.execute("SELECT trading.lock_accounts(%s)", ([y, x],))
+        router.execute("SELECT trading.acknowledge_order(%s, 'p-x')", (coids[0],))
+        errors: list[BaseException] = []
+
+        def insert() -> None:
+            try:  # its low 90 crosses DY's stop at 95: an exit, and its audit event
+                bar(feed, inst, T0 + M, 100, 100, 90, 92)
+            except BaseException as exc:  # (reported below)
+                errors.append(exc)
+
+        t = threading.Thread(target=insert)
+        t.start()
+        try:
+            for _ in range(500):
+                waiting = conn.execute("SELECT wait_event_type FROM pg_stat_activity"
+                                       " WHERE pid = %s", (feed.info.backend_pid,)).fetchone()
+                if waiting and waiting[0] == "Lock":
+                    break
+                time.sleep(0.01)
+            else:
+                raise AssertionError("the bar insert never waited for the router")
+            router.execute("SELECT trading.acknowledge_order(%s, 'p-y')", (coids[1],))
+            router.commit()
+        finally:
+            t.join(10)
+        assert errors == []
+    assert [r[3] for r in exits(conn, y)] == ["stop_loss"]
+    assert [conn.execute("SELECT status::text FROM trading.orders WHERE order_id = %s",
+                         (o,)).fetchone()[0] for o in pending] == ["submitted", "submitted"]
+
+
 # ------------------------------------------------------------------ many instruments
 
 
