@@ -8,6 +8,7 @@ expectation is worked out by hand from small numbers.
 
 from __future__ import annotations
 
+import threading
 import time
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal as D
@@ -610,6 +611,30 @@ def test_a_stop_hit_while_a_close_is_being_decided_waits_and_sees_that_close(db_
     assert position(conn, acc, inst)["last_price"] == D(96)  # the bar still marked it
 
 
+def insert_waiting_for_a_lock(conn: psycopg.Connection, feed: psycopg.Connection, inst: int,
+                              ts: datetime, o, h, lo, c) -> tuple[threading.Thread, list]:
+    """Insert a bar on `feed` in a thread, and return once that insert waits for a lock
+    (seen from `conn` in pg_stat_activity); the thread and the errors it will report."""
+    errors: list[BaseException] = []
+
+    def insert() -> None:
+        try:
+            bar(feed, inst, ts, o, h, lo, c)
+        except BaseException as exc:  # (reported through errors)
+            errors.append(exc)
+
+    t = threading.Thread(target=insert)
+    t.start()
+    for _ in range(500):
+        waiting = conn.execute("SELECT wait_event_type FROM pg_stat_activity WHERE pid = %s",
+                               (feed.info.backend_pid,)).fetchone()
+        if waiting and waiting[0] == "Lock":
+            return t, errors
+        time.sleep(0.01)
+    t.join(10)
+    raise AssertionError(f"the bar insert never waited for a lock (errors: {errors})")
+
+
 def test_a_position_opened_while_an_insert_waits_for_its_locks_is_not_judged_by_it(
         db_url, conn):
     """The bars trigger locks the accounts that hold the instrument, then judges their
@@ -617,8 +642,6 @@ def test_a_position_opened_while_an_insert_waits_for_its_locks_is_not_judged_by_
     insert waited for those locks, is neither judged nor locked by that insert: it opened
     after the bar, and its account's lock was never taken (judging it broke the order in
     which every writer takes accounts, and raced that account's own exits)."""
-    import threading
-
     inst = add_instrument(conn, "LKUSD")
     a = add_account(conn, "LA")  # the lower id: not an account the insert locks
     b = add_account(conn, "LB")
@@ -631,25 +654,9 @@ def test_a_position_opened_while_an_insert_waits_for_its_locks_is_not_judged_by_
     assert r["status"] == "approved", r
     with psycopg.connect(db_url) as holder, psycopg.connect(db_url, autocommit=True) as feed:
         holder.execute("SELECT 1 FROM trading.accounts WHERE account_id = %s FOR UPDATE", (b,))
-        errors: list[BaseException] = []
-
-        def insert() -> None:
-            try:  # its low 90 would cross A's stop at 95
-                bar(feed, inst, T0 + M, 100, 100, 90, 92)
-            except BaseException as exc:  # (reported below)
-                errors.append(exc)
-
-        t = threading.Thread(target=insert)
-        t.start()
+        # its low 90 would cross A's stop at 95; it waits for B's lock
+        t, errors = insert_waiting_for_a_lock(conn, feed, inst, T0 + M, 100, 100, 90, 92)
         try:
-            for _ in range(500):  # until the insert waits for B's lock
-                waiting = conn.execute("SELECT wait_event_type FROM pg_stat_activity"
-                                       " WHERE pid = %s", (feed.info.backend_pid,)).fetchone()
-                if waiting and waiting[0] == "Lock":
-                    break
-                time.sleep(0.01)
-            else:
-                raise AssertionError("the insert never waited for the account lock")
             # A's position opens now, committed while the insert waits
             assert fill(conn, r["order_id"], "la-1", 10, 100)["status"] == "applied"
         finally:
@@ -668,8 +675,6 @@ def test_a_writer_of_several_accounts_that_locks_them_first_never_deadlocks_with
     touches the second; a bar insert holding the second and auditing its stop's exit
     then waited for it as it waited for the bar (a deadlock). With trading.lock_accounts
     first (as the router and the strategy worker call it) the bar waits its turn."""
-    import threading
-
     inst = add_instrument(conn, "DLUSD")
     other = add_instrument(conn, "DOUSD")
     x = add_account(conn, "DX")
@@ -688,25 +693,9 @@ def test_a_writer_of_several_accounts_that_locks_them_first_never_deadlocks_with
         router.execute("SET ROLE mmats_router")
         router.execute("SELECT trading.lock_accounts(%s)", ([y, x],))
         router.execute("SELECT trading.acknowledge_order(%s, 'p-x')", (coids[0],))
-        errors: list[BaseException] = []
-
-        def insert() -> None:
-            try:  # its low 90 crosses DY's stop at 95: an exit, and its audit event
-                bar(feed, inst, T0 + M, 100, 100, 90, 92)
-            except BaseException as exc:  # (reported below)
-                errors.append(exc)
-
-        t = threading.Thread(target=insert)
-        t.start()
+        # its low 90 crosses DY's stop at 95: an exit, and its audit event
+        t, errors = insert_waiting_for_a_lock(conn, feed, inst, T0 + M, 100, 100, 90, 92)
         try:
-            for _ in range(500):
-                waiting = conn.execute("SELECT wait_event_type FROM pg_stat_activity"
-                                       " WHERE pid = %s", (feed.info.backend_pid,)).fetchone()
-                if waiting and waiting[0] == "Lock":
-                    break
-                time.sleep(0.01)
-            else:
-                raise AssertionError("the bar insert never waited for the router")
             router.execute("SELECT trading.acknowledge_order(%s, 'p-y')", (coids[1],))
             router.commit()
         finally:
