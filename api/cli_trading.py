@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import json
 import sys
+import uuid
 from decimal import Decimal, InvalidOperation
 
 import click
+from psycopg.types.json import Jsonb
 
 from api.table import table
 from db.connect import connect, database_url
@@ -108,6 +110,68 @@ def account_advisory(name: str, reason: str | None) -> None:
     """Switch to advisory mode at once (signals recorded, no orders)."""
     _call("SELECT trading.set_advisory(%s, %s)", (name, reason))
     click.echo(f"account {name} is in advisory mode")
+
+
+CASH_KINDS = ["fee", "financing", "dividend", "interest", "deposit", "withdrawal", "adjustment"]
+
+
+@account_group.command("book", context_settings={"ignore_unknown_options": True})
+@click.argument("name")
+@click.argument("kind", type=click.Choice(CASH_KINDS))
+@click.argument("amount")
+@click.option("--currency", default=None, help="default: the account's currency")
+@click.option("--ref", default=None,
+              help="the broker's id of the movement (booking it twice changes nothing); "
+                   "default: a new manual-... id")
+@click.option("--ts", default=None, help="when it happened (ISO 8601, UTC); default now")
+@click.option("--symbol", default=None, help="the instrument it is about, if any")
+@click.option("--description", default=None)
+def account_book(name: str, kind: str, amount: str, currency: str | None, ref: str | None,
+                 ts: str | None, symbol: str | None, description: str | None) -> None:
+    """Book cash that moved outside any fill: a deposit, a withdrawal (AMOUNT < 0), a
+    fee or financing charge (< 0), a dividend or interest. A deposit or withdrawal is not
+    profit or loss: the drawdown and daily-loss rules do not see it."""
+    value = _decimal(amount, "AMOUNT")
+    movement = {"account": name, "kind": kind, "amount": str(value), "currency": currency,
+                "broker_ref": ref or f"manual-{uuid.uuid4().hex[:12]}", "ts": ts,
+                "symbol": symbol, "description": description}
+    out = _call("SELECT trading.book_cash(%s)", (Jsonb(movement),))
+    assert isinstance(out, dict)
+    if out["status"] == "duplicate":
+        click.echo(f"{movement['broker_ref']} is already booked (movement "
+                   f"{out['movement_id']}): nothing changed; cash {Decimal(str(out['cash'])):,.2f}")
+        return
+    click.echo(f"booked {kind} {value} {out['currency']} on {name} as {movement['broker_ref']}"
+               f" (movement {out['movement_id']}); cash {Decimal(str(out['cash'])):,.2f}")
+
+
+_MOVEMENTS = """
+SELECT m.ts, m.kind::text, m.amount, m.currency, m.amount_account, m.symbol, m.broker_ref,
+       m.description
+FROM trading.cash_movements m JOIN trading.accounts a USING (account_id)
+WHERE a.name = %s
+ORDER BY m.ts DESC, m.movement_id DESC
+LIMIT %s
+"""
+
+
+@account_group.command("movements")
+@click.argument("name")
+@click.option("--limit", default=50, show_default=True, type=click.IntRange(1, 100000))
+def account_movements(name: str, limit: int) -> None:
+    """Cash booked outside fills (fees, financing, dividends, deposits ...), newest first."""
+    with connect(database_url()) as conn:
+        if conn.execute("SELECT 1 FROM trading.accounts WHERE name = %s",
+                        (name,)).fetchone() is None:
+            raise MmatsError(f"unknown account {name!r} (see `mmats account list`)")
+        rows = conn.execute(_MOVEMENTS, (name, limit)).fetchall()
+    if not rows:
+        click.echo(f"no cash movements on {name}")
+        return
+    out = [(t.strftime("%Y-%m-%d %H:%M:%S"), k, f"{amt:,.2f}", ccy, f"{acct:,.2f}", sym or "",
+            ref, d or "") for t, k, amt, ccy, acct, sym, ref, d in rows]
+    click.echo(table(("ts (UTC)", "kind", "amount", "ccy", "in account ccy", "symbol",
+                      "ref", "description"), out, right=(2, 4)))
 
 
 # --------------------------------------------------------------------------- risk

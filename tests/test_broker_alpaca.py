@@ -20,7 +20,7 @@ import responses
 from alpaca.trading.client import TradingClient
 
 from workers.brokers.alpaca_broker import AlpacaBroker, fills_from_snapshots
-from workers.brokers.base import Balance, Broker, BrokerPosition, OrderRequest
+from workers.brokers.base import Balance, Broker, BrokerPosition, CashMovement, OrderRequest
 from workers.brokers.errors import (
     BackOff,
     EnvironmentMismatch,
@@ -479,6 +479,159 @@ def test_fills_since_keeps_the_symbol_and_drops_earlier_ones(http: responses.Req
     ])
     fills = broker.fills_since(datetime(2024, 3, 1, 15, 0, 1, tzinfo=UTC), symbol="AAPL")
     assert [f.fill_id[-2:] for f in fills] == ["03"]
+
+
+# ------------------------------------------------------------------ cash outside fills
+
+CASH_TYPES = ["FEE", "PTC", "DIV", "DIVCGL", "DIVCGS", "DIVNRA", "DIVROC", "DIVTXEX", "DIVTW",
+              "INT", "INTNRA", "INTTW", "CSD", "CSW", "JNLC"]
+SINCE = datetime(2024, 3, 1, 15, 0, tzinfo=UTC)
+
+
+def nta_json(n: int, activity_type: str = "FEE", net_amount: Any = "-0.02", *,
+             day: str = "2024-03-01", **changes: Any) -> dict[str, Any]:
+    """A non-trade activity as GET /v2/account/activities returns it."""
+    activity: dict[str, Any] = {
+        "id": f"20240301000000{n:03d}::6e4bb2a1-0c5e-4a3f-9d7e-{n:012d}",
+        "activity_type": activity_type, "date": day, "net_amount": net_amount,
+        "description": "", "status": "executed", "symbol": None, "qty": None,
+        "per_share_amount": None}
+    activity.update(changes)
+    return activity
+
+
+def test_cash_movements_ask_for_the_cash_types_in_one_paged_request(
+        http: responses.RequestsMock, broker: AlpacaBroker) -> None:
+    first = [nta_json(n, "FEE", "-0.01") for n in range(100)]
+    http.get(f"{PAPER}/account/activities", json=first)
+    http.get(f"{PAPER}/account/activities", json=[nta_json(100, "DIV", "1.02", day="2024-03-02",
+                                                           symbol="T")])
+    movements = broker.cash_movements_since(SINCE)
+    asked = query(http.calls[0])
+    assert asked.pop("activity_types")[0].split(",") == CASH_TYPES
+    assert asked == {"after": ["2024-03-01T14:59:59Z"], "direction": ["asc"],
+                     "page_size": ["100"]}
+    second = query(http.calls[1])
+    assert second["page_token"] == [first[-1]["id"]]
+    assert second["activity_types"][0].split(",") == CASH_TYPES
+    assert (second["after"], second["direction"]) == (["2024-03-01T14:59:59Z"], ["asc"])
+    assert len(movements) == 101
+    assert len({m.movement_id for m in movements}) == 101
+    assert movements[0].movement_id == first[0]["id"]
+    assert (movements[-1].kind, movements[-1].amount, movements[-1].symbol) == (
+        "dividend", Decimal("1.02"), "T")
+    assert sum(m.amount for m in movements) == Decimal("0.02")  # 100 x -0.01 + 1.02, exactly
+
+
+def test_cash_activity_types_map_to_kinds_with_exact_signed_amounts(
+        http: responses.RequestsMock, broker: AlpacaBroker) -> None:
+    long_text = "Cash dividend " + "x" * 300
+    http.get(f"{PAPER}/account/activities", json=[
+        nta_json(1, "FEE", "-0.02", description="REG/TAF fee", symbol="AAPL"),
+        nta_json(2, "PTC", "-0.0031", description="pass-through charge"),
+        nta_json(3, "DIV", "1.020", symbol="T", qty="2", per_share_amount="0.51",
+                 description=long_text),
+        nta_json(4, "DIVTW", "-0.15", symbol="T", description="dividend tax withheld"),
+        nta_json(5, "DIVROC", "0.3", symbol="O"),
+        nta_json(6, "INT", "0.87"),
+        nta_json(7, "INTTW", "-0.09"),
+        nta_json(8, "CSD", "10000"),
+        nta_json(9, "CSW", "-2500.5"),
+        nta_json(10, "JNLC", "125.00", description="cash journal in"),
+        nta_json(11, "JNLC", "-40", description="cash journal out"),
+        nta_json(12, "DIVNRA", 0.5, status="correct"),  # a JSON number, its literal kept
+    ])
+    movements = broker.cash_movements_since(SINCE)
+    assert [(m.kind, m.amount) for m in movements] == [
+        ("fee", Decimal("-0.02")), ("fee", Decimal("-0.0031")),
+        ("dividend", Decimal("1.020")), ("dividend", Decimal("-0.15")),
+        ("dividend", Decimal("0.3")), ("interest", Decimal("0.87")),
+        ("interest", Decimal("-0.09")), ("deposit", Decimal("10000")),
+        ("withdrawal", Decimal("-2500.5")), ("deposit", Decimal("125.00")),
+        ("withdrawal", Decimal("-40")), ("dividend", Decimal("0.5"))]
+    assert all(type(m.amount) is Decimal for m in movements)
+    assert movements[0] == CashMovement(
+        movement_id="20240301000000001::6e4bb2a1-0c5e-4a3f-9d7e-000000000001", kind="fee",
+        amount=Decimal("-0.02"), currency="USD", ts=datetime(2024, 3, 1, tzinfo=UTC),
+        symbol="AAPL", description="REG/TAF fee")
+    assert {m.currency for m in movements} == {"USD"}
+    assert {m.ts for m in movements} == {datetime(2024, 3, 1, tzinfo=UTC)}
+    assert movements[2].description == long_text[:200]
+    assert (movements[5].symbol, movements[5].description) == (None, None)
+
+
+def test_cancelled_zero_and_unknown_activities_are_skipped(http: responses.RequestsMock,
+                                                          broker: AlpacaBroker) -> None:
+    http.get(f"{PAPER}/account/activities", json=[
+        nta_json(1, "FEE", "-0.02", status="canceled"),
+        nta_json(2, "DIV", "0", symbol="T"),
+        nta_json(3, "JNLC", "0.00"),
+        nta_json(4, "SPLIT", "12.5", symbol="NVDA"),  # not a type asked for: ignored
+        activity_json(5),  # a FILL, were one to come back
+        nta_json(6, "CSD", "100", status=None),  # no status: booked
+    ])
+    movements = broker.cash_movements_since(SINCE)
+    assert [(m.movement_id[-2:], m.kind, m.amount) for m in movements] == [
+        ("06", "deposit", Decimal("100"))]
+
+
+def test_cash_movements_are_utc_and_oldest_first(http: responses.RequestsMock,
+                                                 broker: AlpacaBroker) -> None:
+    """Alpaca lists by booking time; a movement's ts is its created_at if it has one, else
+    midnight UTC of its date, and the result is sorted by ts."""
+    http.get(f"{PAPER}/account/activities", json=[
+        nta_json(1, "INT", "0.5", day="2024-03-04", created_at="2024-03-04T09:30:00-05:00"),
+        nta_json(2, "FEE", "-0.01", day="2024-03-01"),  # booked later, for an earlier trade
+        nta_json(3, "CSD", "50", day="2024-03-01", created_at="2024-03-01T14:59:59.5Z"),
+        nta_json(4, "DIV", "2", day="2024-03-03", created_at="2024-03-03T12:00:00.123456Z"),
+    ])
+    movements = broker.cash_movements_since(SINCE)
+    # 3 was booked in the second asked for early, before `since`: dropped
+    assert [m.movement_id[-2:] for m in movements] == ["02", "04", "01"]
+    assert [m.ts for m in movements] == [datetime(2024, 3, 1, tzinfo=UTC),
+                                        datetime(2024, 3, 3, 12, 0, 0, 123456, tzinfo=UTC),
+                                        datetime(2024, 3, 4, 14, 30, tzinfo=UTC)]
+    assert all(m.ts.utcoffset() is not None and m.ts.tzinfo == UTC for m in movements)
+
+
+@pytest.mark.parametrize("net_amount", ["n/a", None, "", "NaN", [1]])
+def test_a_malformed_net_amount_is_a_bad_response(http: responses.RequestsMock,
+                                                  broker: AlpacaBroker, net_amount: Any) -> None:
+    bad = nta_json(2, "DIV", net_amount, symbol="T")
+    http.get(f"{PAPER}/account/activities", json=[nta_json(1), bad])
+    with pytest.raises(Retry) as caught:
+        broker.cash_movements_since(SINCE)
+    assert caught.value.code == "BAD_RESPONSE"
+    text = str(caught.value)
+    assert text.startswith("alpaca: cash movements since 2024-03-01T14:59:59Z: ")
+    assert f"activity {bad['id']} has net_amount {net_amount!r}, not a number" in text
+    assert "\n" not in text
+
+
+def test_a_cash_activity_without_an_id_is_a_bad_response(http: responses.RequestsMock,
+                                                         broker: AlpacaBroker) -> None:
+    http.get(f"{PAPER}/account/activities", json=[nta_json(1, "FEE", "-0.02", id=None)])
+    with pytest.raises(Retry, match="a FEE activity dated 2024-03-01 has no id") as caught:
+        broker.cash_movements_since(SINCE)
+    assert caught.value.code == "BAD_RESPONSE"
+
+
+def test_a_cash_activity_with_a_bad_date_is_a_bad_response(http: responses.RequestsMock,
+                                                           broker: AlpacaBroker) -> None:
+    bad = nta_json(1, "FEE", "-0.02", day="yesterday")
+    http.get(f"{PAPER}/account/activities", json=[bad])
+    with pytest.raises(Retry, match=f"activity {bad['id']} has date 'yesterday', not a date"):
+        broker.cash_movements_since(SINCE)
+
+
+def test_cash_movement_errors_map_like_every_other_request(http: responses.RequestsMock,
+                                                           broker: AlpacaBroker) -> None:
+    http.get(f"{PAPER}/account/activities", status=429, headers={"Retry-After": "3"},
+             json={"code": 42910000, "message": "rate limit exceeded"})
+    with pytest.raises(BackOff, match=r"cash movements since .*: rate limit exceeded") as caught:
+        broker.cash_movements_since(SINCE)
+    assert caught.value.retry_after == 3.0
+    assert len(http.calls) == 1
 
 
 # ------------------------------------------------------------------ account

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -506,3 +506,155 @@ def test_an_instrument_the_account_cannot_trade_is_refused(http: responses.Reque
         broker.instrument_rules("XAU/USD")
     assert info.value.code == "UNKNOWN_SYMBOL"
     assert str(info.value) == "oanda: instrument_rules XAU/USD: not tradeable on this account"
+
+
+# ---------------------------------------------------------------- cash movements
+
+def idrange_page(low: int, high: int) -> str:
+    return f"{PRACTICE}/transactions/idrange?from={low}&to={high}"
+
+
+def listing(*pages: str) -> dict[str, Any]:
+    """A transactions listing without type filter, shaped like oandapyV20's example."""
+    return {"count": 12, "from": "2024-03-13T00:00:00.000000000Z", "lastTransactionID": "6520",
+            "pageSize": 1000, "to": "2024-03-15T00:00:00.000000000Z", "pages": list(pages)}
+
+
+def tx(tx_id: str | None, tx_type: str, time: str, **fields: Any) -> dict[str, Any]:
+    """One transaction with OANDA's common fields (id, time, userID, accountID, batchID)."""
+    common = {"type": tx_type, "time": time, "userID": 1435156, "accountID": ACCOUNT,
+              "batchID": tx_id, **fields}
+    return common if tx_id is None else {"id": tx_id, **common}
+
+
+def fill(tx_id: str, time: str, **fields: Any) -> dict[str, Any]:
+    """An ORDER_FILL charging commission (the fill's) and settling financing (a movement)."""
+    return tx(tx_id, "ORDER_FILL", time, **{
+        "orderID": str(int(tx_id) - 1), "instrument": "EUR_USD", "units": "-1500",
+        "price": "1.08463", "financing": "-0.0250", "commission": "0.1500",
+        "guaranteedExecutionFee": "0.0000", "pl": "12.5000",
+        "reason": "MARKET_ORDER_TRADE_CLOSE", "accountBalance": "35466.8240", **fields})
+
+
+FIRST_PAGE = [
+    # booked the evening before `since`: the idrange page starts earlier than the time asked
+    tx("6500", "DAILY_FINANCING", "2024-03-12T21:00:00.000000000Z", financing="-0.9000",
+       accountBalance="35454.4740", accountFinancingMode="DAILY", positionFinancings=[]),
+    fill("6501", "2024-03-13T09:30:00.000000000Z"),
+    tx("6502", "DAILY_FINANCING", "2024-03-13T21:00:00.285982286Z", financing="-1.2345",
+       accountBalance="35465.5895", accountFinancingMode="DAILY", positionFinancings=[
+           {"instrument": "EUR_USD", "financing": "-1.2345",
+            "openTradeFinancings": [{"tradeID": "6401", "financing": "-1.2345"}]}]),
+    tx("6503", "TRANSFER_FUNDS", "2024-03-14T08:15:00.000000000Z", amount="5000.0000",
+       fundingReason="CLIENT_FUNDING", comment="wire  from\nbank", accountBalance="40465.5895"),
+]
+SECOND_PAGE = [
+    tx("6511", "DIVIDEND_ADJUSTMENT", "2024-03-14T13:30:00.000000000Z", instrument="DE30_EUR",
+       dividendAdjustment="-0.8200", quoteDividendAdjustment="-0.8200",
+       accountBalance="40464.7695",
+       openTradeDividendAdjustments=[{"tradeID": "6390", "dividendAdjustment": "-0.8200",
+                                      "quoteDividendAdjustment": "-0.8200"}]),
+    tx("6512", "DAILY_FINANCING", "2024-03-14T21:00:00.000000000Z", financing="0.4321",
+       accountBalance="40465.2016", positionFinancings=[
+           {"instrument": "EUR_USD", "financing": "0.6000"},
+           {"instrument": "USD_JPY", "financing": "-0.1679"}]),
+    tx("6513", "DAILY_FINANCING", "2024-03-14T21:00:01.000000000Z", financing="0.0000",
+       accountBalance="40465.2016", positionFinancings=[]),
+    tx("6514", "TRANSFER_FUNDS", "2024-03-14T22:00:00.000000000Z", amount="-250.5000",
+       fundingReason="CLIENT_FUNDING", accountBalance="40214.7016"),
+    tx("6515", "TRANSFER_FUNDS", "2024-03-14T22:30:00.000000000Z", amount="-3.1000",
+       fundingReason="ADJUSTMENT", accountBalance="40211.6016"),
+    tx("6516", "TRANSFER_FUNDS_REJECT", "2024-03-14T22:45:00.000000000Z", amount="-1000000",
+       fundingReason="CLIENT_FUNDING", rejectReason="INSUFFICIENT_FUNDS"),
+    fill("6517", "2024-03-14T23:00:00.000000000Z", financing="0.0000",
+         guaranteedExecutionFee="0.0500"),
+]
+
+
+def test_cash_movements_since_read_financing_transfers_and_dividends_page_by_page(
+        http: responses.RequestsMock, broker: OandaBroker) -> None:
+    http.get(f"{PRACTICE}/transactions",
+             json=listing(idrange_page(6500, 6510), idrange_page(6511, 6520)))
+    http.get(f"{PRACTICE}/transactions/idrange",
+             json={"lastTransactionID": "6520", "transactions": FIRST_PAGE})
+    http.get(f"{PRACTICE}/transactions/idrange",
+             json={"lastTransactionID": "6520", "transactions": SECOND_PAGE})
+    summary(http)
+    moved = broker.cash_movements_since(datetime(2024, 3, 13, tzinfo=UTC))
+    # no type filter: OANDA's TransactionFilter knows no DIVIDEND_ADJUSTMENT
+    assert params_of(http, 0) == {"from": "2024-03-13T00:00:00.000000Z", "pageSize": "1000"}
+    assert [params_of(http, i) for i in calls_to(http, "/idrange")] == [
+        {"from": "6500", "to": "6510"}, {"from": "6511", "to": "6520"}]
+    assert len(calls_to(http, "/summary")) == 1  # the home currency, asked once
+    # the fills' commission (6501, 6517: the fill's own), the zero financing (6513, and
+    # 6517's), the rejected transfer (6516) and the financing before `since` (6500) are
+    # left out; what a fill settles besides its commission is a movement of its own
+    assert [(m.movement_id, m.kind, m.amount, m.currency, m.symbol) for m in moved] == [
+        ("6501:financing", "financing", Decimal("-0.0250"), "EUR", "EUR/USD"),
+        ("6502", "financing", Decimal("-1.2345"), "EUR", "EUR/USD"),
+        ("6503", "deposit", Decimal("5000.0000"), "EUR", None),
+        ("6511", "dividend", Decimal("-0.8200"), "EUR", "DE30/EUR"),
+        ("6512", "financing", Decimal("0.4321"), "EUR", None),  # two instruments: no symbol
+        ("6514", "withdrawal", Decimal("-250.5000"), "EUR", None),
+        ("6515", "adjustment", Decimal("-3.1000"), "EUR", None),
+        ("6517:gsl-fee", "fee", Decimal("-0.0500"), "EUR", "EUR/USD"),
+    ]
+    assert all(isinstance(m.amount, Decimal) for m in moved)
+    assert moved[1].ts == datetime(2024, 3, 13, 21, 0, 0, 285982, tzinfo=UTC)
+    assert all(m.ts.utcoffset() == timedelta(0) for m in moved)
+    assert [m.ts for m in moved] == sorted(m.ts for m in moved)
+    assert [m.description for m in moved[:3]] == [
+        "ORDER_FILL financing", "DAILY_FINANCING DAILY",
+        "TRANSFER_FUNDS CLIENT_FUNDING: wire from bank"]
+
+
+def test_cash_movements_leave_a_fills_commission_to_the_fill(http: responses.RequestsMock,
+                                                             broker: OandaBroker) -> None:
+    http.get(f"{PRACTICE}/transactions", json=listing(idrange_page(6500, 6510)))
+    http.get(f"{PRACTICE}/transactions/idrange", json={
+        "lastTransactionID": "6510",
+        "transactions": [fill("6501", "2024-03-13T09:30:00.000000000Z", financing="0.0000"),
+                         fill("6505", "2024-03-13T10:30:00.000000000Z", financing=None,
+                              guaranteedExecutionFee=None)]})
+    assert broker.cash_movements_since(datetime(2024, 3, 13, tzinfo=UTC)) == []
+    assert calls_to(http, "/summary") == []  # nothing to price: the currency is not asked
+
+
+def test_no_transactions_since_means_no_cash_movements(http: responses.RequestsMock,
+                                                       broker: OandaBroker) -> None:
+    http.get(f"{PRACTICE}/transactions", json=listing())
+    assert broker.cash_movements_since(datetime(2024, 3, 13, tzinfo=UTC)) == []
+    assert len(http.calls) == 1
+
+
+@pytest.mark.parametrize(("bad", "message"), [
+    (tx("6502", "DAILY_FINANCING", "2024-03-13T21:00:00.000000000Z", financing="-1,23"),
+     "transaction 6502 (DAILY_FINANCING): financing '-1,23' is not a decimal number"),
+    (tx("6503", "TRANSFER_FUNDS", "2024-03-14T08:15:00.000000000Z",
+        fundingReason="CLIENT_FUNDING"),
+     "transaction 6503 (TRANSFER_FUNDS): amount None is not a decimal number"),
+    (tx("6511", "DIVIDEND_ADJUSTMENT", "2024-03-14T13:30:00.000000000Z",
+        instrument="DE30_EUR", dividendAdjustment="NaN"),
+     "transaction 6511 (DIVIDEND_ADJUSTMENT): dividendAdjustment 'NaN' is not a decimal number"),
+    (tx(None, "DAILY_FINANCING", "2024-03-13T21:00:00.000000000Z", financing="-1.2345"),
+     "DAILY_FINANCING transaction at '2024-03-13T21:00:00.000000000Z' has no id"),
+    (tx("6504", "TRANSFER_FUNDS", "yesterday", amount="10"),
+     "transaction 6504 (TRANSFER_FUNDS): time 'yesterday' is not an RFC 3339 or UNIX time"),
+])
+def test_a_malformed_cash_transaction_is_refused_naming_field_and_id(
+        http: responses.RequestsMock, broker: OandaBroker, bad: dict[str, Any],
+        message: str) -> None:
+    http.get(f"{PRACTICE}/transactions", json=listing(idrange_page(6500, 6510)))
+    http.get(f"{PRACTICE}/transactions/idrange",
+             json={"lastTransactionID": "6510", "transactions": [bad]})
+    summary(http)
+    with pytest.raises(Retry) as info:
+        broker.cash_movements_since(datetime(2024, 3, 13, tzinfo=UTC))
+    assert info.value.code == "BAD_RESPONSE"
+    assert str(info.value) == f"oanda: cash_movements_since: {message}"
+
+
+def test_cash_movements_need_an_aware_since(broker: OandaBroker) -> None:
+    with pytest.raises(Reject) as info:
+        broker.cash_movements_since(datetime(2024, 3, 13))
+    assert info.value.code == "NAIVE_DATETIME"

@@ -126,3 +126,39 @@ def test_operator_mode_in_two_steps(run, db_url: str) -> None:  # type: ignore[n
     assert run("account", "advisory", "alpha").returncode == 0
     with psycopg.connect(db_url) as conn:
         assert conn.execute("SELECT mode::text FROM trading.accounts").fetchone() == ("advisory",)
+
+
+def test_book_cash_and_list_the_movements(run, db_url: str) -> None:  # type: ignore[no-untyped-def]
+    assert run("account", "create", "alpha", "--environment", "paper", "--cash", "1000"
+               ).returncode == 0
+    dep = run("account", "book", "alpha", "deposit", "250.25", "--ref", "wire-7",
+              "--description", "wire from bank", "--ts", "2026-03-02T10:00:00Z")
+    assert dep.returncode == 0, dep.stderr
+    assert re.fullmatch(r"booked deposit 250.25 USD on alpha as wire-7 \(movement \d+\); "
+                        r"cash 1,250.25\n", dep.stdout), dep.stdout
+    again = run("account", "book", "alpha", "deposit", "250.25", "--ref", "wire-7")
+    assert again.returncode == 0, again.stderr
+    assert again.stdout.startswith("wire-7 is already booked (movement ")
+    assert again.stdout.endswith("nothing changed; cash 1,250.25\n")
+    fee = run("account", "book", "alpha", "fee", "-1.5", "--ts", "2026-03-03T10:00:00Z")
+    assert fee.returncode == 0, fee.stderr
+    assert re.search(r" as manual-[0-9a-f]{12} \(movement \d+\); cash 1,248.75$", fee.stdout)
+    listed = run("account", "movements", "alpha")
+    assert listed.returncode == 0, listed.stderr
+    lines = listed.stdout.splitlines()
+    assert lines[0].split() == ["ts", "(UTC)", "kind", "amount", "ccy", "in", "account", "ccy",
+                                "symbol", "ref", "description"]
+    assert lines[2].split()[:6] == ["2026-03-03", "10:00:00", "fee", "-1.50", "USD", "-1.50"]
+    assert lines[3].split() == ["2026-03-02", "10:00:00", "deposit", "250.25", "USD", "250.25",
+                                "wire-7", "wire", "from", "bank"]
+    with psycopg.connect(db_url) as conn:
+        assert conn.execute("SELECT cash::text FROM trading.accounts WHERE name = 'alpha'"
+                            ).fetchone() == ("1248.75",)
+    assert "wire-7" in one_error_line(run("account", "book", "alpha", "deposit", "5",
+                                          "--ref", "wire-7"))
+    assert one_error_line(run("account", "book", "alpha", "withdrawal", "5")).startswith(
+        "error: book_cash.amount of a withdrawal must be negative, got 5")
+    assert one_error_line(run("account", "book", "alpha", "fee", "NaN")) == (
+        "error: AMOUNT must be a finite number, got 'NaN'")
+    assert one_error_line(run("account", "movements", "nobody")) == (
+        "error: unknown account 'nobody' (see `mmats account list`)")

@@ -102,22 +102,36 @@ def alpaca_account(cash: str) -> dict[str, Any]:
             "shorting_enabled": False, "equity": cash, "last_equity": cash}
 
 
+def alpaca_cash(n: int, activity_type: str, net_amount: str, date: str,
+                symbol: str | None = None, description: str = "") -> dict[str, Any]:
+    """A non-trade account activity (a fee, a dividend ...) as GET /v2/account/activities
+    returns it: dated by its day only."""
+    return {"id": f"{date.replace('-', '')}000000000::5b1d3c9e-4a7f-4c1e-9d2b-{n:012d}",
+            "activity_type": activity_type, "date": date, "net_amount": net_amount,
+            "description": description, "status": "executed", "symbol": symbol,
+            "qty": None, "per_share_amount": None}
+
+
 def alpaca_answers(http: responses.RequestsMock, *, fills: list[dict[str, Any]] | None = None,
                    open_orders: list[dict[str, Any]] | None = None,
                    positions: list[dict[str, Any]] | None = None,
+                   movements: list[dict[str, Any]] | None = None,
                    cash: str = "10000") -> None:
     """What one reconciliation of an Alpaca account asks: positions, the account, the
-    open orders and the fill activities."""
+    open orders, the fill activities and the cash (non-trade) activities."""
     http.get(f"{ALPACA}/positions", json=positions or [])
     http.get(f"{ALPACA}/account", json=alpaca_account(cash))
     http.get(f"{ALPACA}/orders", json=open_orders or [])
     http.get(f"{ALPACA}/account/activities/FILL", json=fills or [])
+    http.get(f"{ALPACA}/account/activities", json=movements or [])
 
 
 def oanda_answers(http: responses.RequestsMock, *, balance: str = "100000.0000",
-                  positions: list[dict[str, Any]] | None = None) -> None:
+                  positions: list[dict[str, Any]] | None = None,
+                  transactions: list[dict[str, Any]] | None = None) -> None:
     """What one reconciliation of an OANDA account asks: open positions, the account
-    summary, pending orders and the ORDER_FILL transactions (here: none)."""
+    summary, pending orders, the ORDER_FILL transactions (here: none) and every
+    transaction, for the cash movements (`transactions`: one id-range page of them)."""
     http.get(f"{OANDA}/openPositions", json={"positions": positions or [],
                                              "lastTransactionID": "6420"})
     http.get(f"{OANDA}/summary", json={"account": {
@@ -129,6 +143,14 @@ def oanda_answers(http: responses.RequestsMock, *, balance: str = "100000.0000",
     http.get(f"{OANDA}/transactions", json={
         "count": 0, "from": recent(24 * 60), "to": recent(0), "pageSize": 1000,
         "type": ["ORDER_FILL"], "pages": [], "lastTransactionID": "6420"})
+    txs = transactions or []
+    http.get(f"{OANDA}/transactions", json={
+        "count": len(txs), "from": recent(24 * 60), "to": recent(0), "pageSize": 1000,
+        "pages": [f"{OANDA}/transactions/idrange?from=6400&to=6420"] if txs else [],
+        "lastTransactionID": "6420"})
+    if txs:
+        http.get(f"{OANDA}/transactions/idrange",
+                 json={"transactions": txs, "lastTransactionID": "6420"})
 
 
 def oanda_long(units: str, price: str) -> dict[str, Any]:
@@ -411,6 +433,123 @@ def test_the_cash_tolerance_is_configurable(desk: Desk, http: responses.Requests
     assert (details["difference"], details["tolerance"]) == ("0.02", "0.01")
 
 
+# ---------------------------------------------------------------------- cash movements
+def test_alpacas_fees_and_dividends_are_booked_once_and_the_cash_agrees(
+        desk: Desk, http: responses.RequestsMock, alpaca: tuple[int, RoutedAccount],
+        logs: pytest.LogCaptureFixture) -> None:
+    """Today's REG/TAF fee and a dividend moved Alpaca's cash (10000 - 0.02 + 1.50): booked,
+    the balance agrees to the cent. Yesterday's dividend is in the cash the account
+    started with (it was created today): left alone. The second run books nothing."""
+    account_id, acc = alpaca
+    today = datetime.now(UTC).date()
+    yesterday = (today - timedelta(days=1)).isoformat()
+    fee = alpaca_cash(1, "FEE", "-0.02", today.isoformat(), "AAPL", "REG/TAF fee")
+    div = alpaca_cash(2, "DIV", "1.5", today.isoformat(), "AAPL", "Cash DIV @ 0.3")
+    old = alpaca_cash(3, "DIV", "7", yesterday, "AAPL")
+    for _ in range(2):
+        alpaca_answers(http, movements=[old, fee, div], cash="10001.48")
+    worker = reconciler(desk, acc, balance_relative_tolerance=Decimal(0),
+                        balance_tolerance=Decimal(0))
+    try:
+        first = worker.reconcile_all()
+        second = worker.reconcile_all()
+    finally:
+        worker.close()
+    assert [(r.booked, r.mismatches) for r in first] == [(2, [])]
+    assert [(r.booked, r.mismatches) for r in second] == [(0, [])]
+    assert first[0].summary() == ("reconciled alp-1: 0 fills adopted, 0 orders settled, "
+                                  "2 cash movements booked, 0 mismatches")
+    rows = desk.conn.execute(
+        "SELECT kind::text, amount, currency, broker_ref, symbol, instrument_id IS NOT NULL,"
+        " description FROM trading.cash_movements WHERE account_id = %s ORDER BY movement_id",
+        (account_id,)).fetchall()
+    assert rows == [
+        ("fee", Decimal("-0.02"), "USD", fee["id"], "AAPL", True, "REG/TAF fee"),
+        ("dividend", Decimal("1.5"), "USD", div["id"], "AAPL", True, "Cash DIV @ 0.3")]
+    assert desk.one("SELECT cash FROM trading.accounts WHERE account_id = %s",
+                    account_id) == Decimal("10001.48")
+    assert desk.events() == []
+    booked = [r for r in logs.records if r.getMessage() == "cash movement booked"]
+    assert len(booked) == 2
+
+
+def test_without_booking_the_same_fee_is_a_balance_mismatch(
+        desk: Desk, http: responses.RequestsMock, alpaca: tuple[int, RoutedAccount]) -> None:
+    """What the booking prevents: the broker's cash lower by a fee the ledger never saw."""
+    _, acc = alpaca
+    alpaca_answers(http, cash="9999.98")
+    worker = reconciler(desk, acc, balance_relative_tolerance=Decimal(0),
+                        balance_tolerance=Decimal(0))
+    try:
+        worker.reconcile_all()
+    finally:
+        worker.close()
+    [(_, _, details)] = desk.events("BALANCE_MISMATCH")
+    assert (details["broker"], details["ledger"]) == ("9999.98", "10000")
+
+
+def test_oandas_financing_is_booked_and_its_balance_agrees(
+        desk: Desk, http: responses.RequestsMock) -> None:
+    """A DAILY_FINANCING charge and the financing an ORDER_FILL settled, both since the
+    account was created: booked in the account's currency (the summary's, read once), so
+    the margin venue's balance agrees exactly."""
+    account_id = desk.account("oan-1", cash="100000")
+    acc = routed(account_id, "oan-1", OandaBroker(OANDA_CREDS, "practice"))
+    txs = [
+        {"id": "6410", "type": "DAILY_FINANCING", "time": recent(0), "accountID": OANDA_ACCOUNT,
+         "userID": 1435156, "batchID": "6410", "financing": "-1.2345",
+         "accountBalance": "99998.7655", "accountFinancingMode": "DAILY",
+         "positionFinancings": [{"instrument": "EUR_USD", "financing": "-1.2345"}]},
+        {"id": "6412", "type": "ORDER_FILL", "time": recent(0), "accountID": OANDA_ACCOUNT,
+         "userID": 1435156, "batchID": "6411", "orderID": "6411", "instrument": "EUR_USD",
+         "units": "0", "price": "1.08463", "financing": "-0.0100", "commission": "0.0000",
+         "guaranteedExecutionFee": "0.0000", "pl": "0.0000", "reason": "MARKET_ORDER",
+         "accountBalance": "99998.7555"},
+    ]
+    oanda_answers(http, balance="99998.7555", transactions=txs)
+    worker = reconciler(desk, acc, balance_relative_tolerance=Decimal(0),
+                        balance_tolerance=Decimal(0))
+    try:
+        [run] = worker.reconcile_all()
+    finally:
+        worker.close()
+    assert (run.booked, run.mismatches, run.skipped) == (2, [], None)
+    assert desk.conn.execute(
+        "SELECT kind::text, amount, broker_ref, symbol FROM trading.cash_movements"
+        " ORDER BY movement_id").fetchall() == [
+        ("financing", Decimal("-1.2345"), "6410", "EUR/USD"),
+        ("financing", Decimal("-0.0100"), "6412:financing", "EUR/USD")]
+    assert desk.one("SELECT cash FROM trading.accounts WHERE account_id = %s",
+                    account_id) == Decimal("99998.7555")
+
+
+def test_a_movement_the_ledger_refuses_is_reported_once(
+        desk: Desk, http: responses.RequestsMock, alpaca: tuple[int, RoutedAccount]) -> None:
+    """The broker's id was already booked (by hand) with another amount: the ledger keeps
+    what it has, and the disagreement is a CASH_NOT_BOOKED event, reported once."""
+    account_id, acc = alpaca
+    fee = alpaca_cash(1, "FEE", "-0.02", datetime.now(UTC).date().isoformat(), "AAPL")
+    desk.conn.execute("SELECT trading.book_cash(%s)", (Jsonb({
+        "account": "alp-1", "kind": "fee", "amount": "-0.03", "broker_ref": fee["id"]}),))
+    for _ in range(2):
+        alpaca_answers(http, movements=[fee], cash="9999.97")
+    worker = reconciler(desk, acc)
+    try:
+        runs = [worker.reconcile_all()[0] for _ in range(2)]
+    finally:
+        worker.close()
+    assert [(r.booked, [m.kind for m in r.mismatches], len(r.reported)) for r in runs] == [
+        (0, ["CASH_NOT_BOOKED"], 1), (0, ["CASH_NOT_BOOKED"], 0)]
+    [(_, message, details)] = desk.events("CASH_NOT_BOOKED")
+    assert message == (
+        f"the ledger refused the broker's fee of -0.02 USD (movement {fee['id']}): "
+        f"book_cash: broker_ref \"{fee['id']}\" of account alp-1 is already booked as "
+        "fee -0.03 USD, not fee -0.02 USD")
+    assert details["amount"] == "-0.02"
+    assert desk.one("SELECT cash FROM trading.accounts WHERE account_id = %s",
+                    account_id) == Decimal("9999.97")
+
+
 # ---------------------------------------------------------------------- (d) unknown orders
 def test_an_order_open_at_the_broker_that_the_ledger_does_not_know(
         desk: Desk, http: responses.RequestsMock, alpaca: tuple[int, RoutedAccount]) -> None:
@@ -654,6 +793,7 @@ def test_the_same_mismatch_twice_is_one_event_until_it_comes_back(
     http.get(f"{ALPACA}/account", json=alpaca_account("10000"))
     http.get(f"{ALPACA}/orders", json=[])
     http.get(f"{ALPACA}/account/activities/FILL", json=[])
+    http.get(f"{ALPACA}/account/activities", json=[])
     worker = reconciler(desk, acc)
     try:
         runs = [worker.reconcile_all()[0] for _ in range(4)]

@@ -6876,3 +6876,239 @@ BEGIN
         'account', backtest._state(acc.account_id));
 END
 $$;
+
+-- ======== from 0004_07_pre_cash_movements.sql
+-- 0004_07 (pre): cash that moves outside any fill.
+--
+-- A broker's balance moves for more than fills: a regulatory fee on a sale (Alpaca's FEE
+-- activities), overnight financing of a forex position (OANDA's DAILY_FINANCING), a
+-- dividend, interest, a deposit or a withdrawal. The ledger knew only fills, so its cash
+-- drifted from the broker's until the reconciler called it a BALANCE_MISMATCH (and, left
+-- long enough, any account holding positions overnight would have got one). Each such
+-- movement is now a row of trading.cash_movements, booked once by trading.book_cash,
+-- idempotent on the broker's own id for it; the reconciler books what the broker reports
+-- before it compares balances, and an operator books a deposit by hand the same way.
+--
+-- Fees, financing, dividends, interest and adjustments are profit or loss: they move cash
+-- and so equity, which the drawdown and daily-loss rules read. A deposit or a withdrawal
+-- is not: it moves cash, the peak equity and the day's starting equity by the same
+-- amount, so neither rule sees it as a gain or a loss.
+--
+-- Also: trading._num refuses a number written as text whose magnitude numeric cannot
+-- hold (`"1e400000"`, a 200 000-digit string) with the field's name, as it refuses NaN;
+-- before, the cast failed with PostgreSQL's bare "value overflows numeric format".
+SET LOCAL ROLE mmats_owner;
+
+-- (as in 0003_02, with the range check; no SET clause, as since 0004_06)
+CREATE OR REPLACE FUNCTION trading._num(obj jsonb, field text, what text, lo numeric DEFAULT NULL,
+                                        hi numeric DEFAULT NULL, lo_inclusive boolean DEFAULT true)
+RETURNS numeric
+LANGUAGE plpgsql IMMUTABLE AS $$
+DECLARE
+    raw jsonb := obj -> field;
+    kind text;
+    txt text;
+    v numeric;
+BEGIN
+    IF raw IS NULL THEN
+        RETURN NULL;
+    END IF;
+    kind := jsonb_typeof(raw);
+    IF kind = 'number' THEN
+        v := raw::numeric;  -- a JSON number is always finite
+    ELSIF kind = 'string' THEN
+        txt := raw #>> '{}';
+        -- checked before the cast: an EXCEPTION block would cost a subtransaction per call
+        IF btrim(txt) !~* '^[+-]?(\d+\.?\d*|\.\d+)(e[+-]?\d+)?$' THEN
+            IF lower(btrim(txt)) ~ '^[+-]?(nan|inf|infinity)$' THEN
+                RAISE EXCEPTION '%.% must be a finite number, got %', what, field, raw
+                    USING ERRCODE = 'invalid_parameter_value';
+            END IF;
+            RAISE EXCEPTION '%.% must be a number, got %', what, field, raw
+                USING ERRCODE = 'invalid_parameter_value';
+        END IF;
+        -- numeric holds 131 072 digits before the point and 16 383 after: no price or
+        -- quantity comes near 1,000 digits or an exponent of 1,000
+        IF length(txt) > 1000 OR (strpos(txt, 'e') > 0 OR strpos(txt, 'E') > 0)
+           AND abs(substring(txt FROM '[eE]([+-]?\d+)')::numeric) > 1000 THEN
+            RAISE EXCEPTION '%.% is out of range, got %', what, field,
+                CASE WHEN length(txt) > 40 THEN left(txt, 40) || '...' ELSE txt END
+                USING ERRCODE = 'numeric_value_out_of_range';
+        END IF;
+        v := txt::numeric;
+    ELSIF kind = 'null' THEN
+        RETURN NULL;
+    ELSE
+        RAISE EXCEPTION '%.% must be a number, got %', what, field, raw
+            USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    IF (lo IS NOT NULL AND (v < lo OR (v = lo AND NOT lo_inclusive)))
+       OR (hi IS NOT NULL AND v > hi) THEN
+        RAISE EXCEPTION '%.% must be %, got %', what, field,
+            CASE WHEN hi IS NULL THEN (CASE WHEN lo_inclusive THEN '>= ' ELSE '> ' END) || lo
+                 WHEN lo IS NULL THEN '<= ' || hi
+                 ELSE 'between ' || lo || ' and ' || hi END, v
+            USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    RETURN v;
+END
+$$;
+
+CREATE TYPE trading.cash_kind AS ENUM
+    ('fee', 'financing', 'dividend', 'interest', 'deposit', 'withdrawal', 'adjustment');
+
+CREATE TABLE trading.cash_movements (
+    movement_id     bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    account_id      bigint NOT NULL REFERENCES trading.accounts (account_id),
+    kind            trading.cash_kind NOT NULL,
+    amount          numeric NOT NULL,          -- signed, in `currency`: > 0 credits the account
+    currency        text NOT NULL,
+    fx              numeric NOT NULL,          -- account currency per unit of `currency`
+    amount_account  numeric NOT NULL,          -- what the account's cash moved by
+    broker_ref      text NOT NULL,             -- the broker's id of the movement (or the booker's)
+    symbol          text,                      -- the instrument it is about, as the broker named it
+    instrument_id   bigint REFERENCES market.instruments (instrument_id),  -- that, when known
+    ts              timestamptz NOT NULL,      -- when the broker booked it
+    description     text,
+    booked_at       timestamptz NOT NULL DEFAULT now(),
+    booked_by       text NOT NULL DEFAULT session_user,
+    CONSTRAINT cash_movements_broker_ref_unique UNIQUE (account_id, broker_ref),
+    CONSTRAINT cash_movements_amount_nonzero
+        CHECK (amount <> 0 AND amount > '-Infinity' AND amount < 'Infinity'),
+    CONSTRAINT cash_movements_sign_of_kind
+        CHECK ((kind <> 'deposit' OR amount > 0) AND (kind <> 'withdrawal' OR amount < 0)),
+    CONSTRAINT cash_movements_fx_positive CHECK (fx > 0 AND fx < 'Infinity'),
+    CONSTRAINT cash_movements_currency_format CHECK (currency ~ '^[A-Z0-9]{2,12}$'),
+    CONSTRAINT cash_movements_broker_ref_format CHECK (broker_ref ~ '^[[:print:]]{1,128}$'),
+    CONSTRAINT cash_movements_symbol_format CHECK (symbol ~ '^[[:print:]]{1,64}$'),
+    CONSTRAINT cash_movements_description_length CHECK (length(description) <= 200)
+);
+CREATE INDEX cash_movements_account_ts_idx ON trading.cash_movements (account_id, ts);
+COMMENT ON TABLE trading.cash_movements IS
+    'Cash an account gained or lost outside any fill (fees, financing, dividends, interest, '
+    'deposits, withdrawals), each booked once by trading.book_cash';
+GRANT SELECT ON trading.cash_movements TO mmats_readonly, mmats_api, mmats_router;
+
+-- Book one movement. In: account, kind, amount (signed, in currency), currency (default
+-- the account's), broker_ref (the broker's id for it; required: it is what makes a second
+-- booking of the same movement harmless), ts (default now), symbol (the instrument it
+-- is about, if any), description. Out:
+-- status booked | duplicate, movement_id, currency, amount_account (in the account's
+-- currency), cash (the account's, after). A second booking of a broker_ref already
+-- booked changes nothing and answers duplicate, unless it disagrees on what the movement
+-- was (kind, amount, currency): that is refused, naming both.
+CREATE FUNCTION trading.book_cash(movement jsonb) RETURNS jsonb
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    what CONSTANT text := 'book_cash';
+    acc trading.accounts;
+    inst market.instruments;
+    prior trading.cash_movements;
+    k trading.cash_kind;
+    kind_txt text;
+    amt numeric;
+    ccy text;
+    ref text;
+    at timestamptz;
+    descr text;
+    sym text;
+    rate numeric;
+    moved numeric;
+    id bigint;
+BEGIN
+    IF movement IS NULL OR jsonb_typeof(movement) <> 'object' THEN
+        RAISE EXCEPTION 'book_cash takes a JSON object, got %', COALESCE(movement::text, 'NULL')
+            USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    kind_txt := lower(trading._text(movement, 'kind', what, 20));
+    IF kind_txt IS NULL THEN
+        RAISE EXCEPTION 'book_cash.kind is required: one of %',
+            array_to_string(enum_range(NULL::trading.cash_kind)::text[], ', ')
+            USING ERRCODE = 'invalid_parameter_value';
+    ELSIF NOT kind_txt = ANY (enum_range(NULL::trading.cash_kind)::text[]) THEN
+        RAISE EXCEPTION 'book_cash.kind must be one of %, got %',
+            array_to_string(enum_range(NULL::trading.cash_kind)::text[], ', '),
+            to_json(kind_txt)::text
+            USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    k := kind_txt::trading.cash_kind;
+    amt := trading._num(movement, 'amount', what);
+    IF amt IS NULL OR amt = 0 THEN
+        RAISE EXCEPTION 'book_cash.amount is required and must not be zero'
+            USING ERRCODE = 'invalid_parameter_value';
+    ELSIF k = 'deposit' AND amt < 0 OR k = 'withdrawal' AND amt > 0 THEN
+        RAISE EXCEPTION 'book_cash.amount of a % must be %, got %', k,
+            CASE k WHEN 'deposit' THEN 'positive' ELSE 'negative' END, amt
+            USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    ref := trading._text(movement, 'broker_ref', what, 128);
+    IF ref IS NULL OR ref !~ '^[[:print:]]{1,128}$' THEN
+        RAISE EXCEPTION 'book_cash.broker_ref is required: 1 to 128 printable characters, got %',
+            COALESCE(to_json(ref)::text, 'none')
+            USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    descr := trading._text(movement, 'description', what, 200);
+    at := COALESCE(trading._ts(movement, 'ts', what), now());
+    sym := trading._text(movement, 'symbol', what, 64);
+
+    acc := trading._account(trading._text(movement, 'account', what, 64), true);
+    ccy := upper(COALESCE(trading._text(movement, 'currency', what, 12), acc.base_currency));
+    IF ccy !~ '^[A-Z0-9]{2,12}$' THEN
+        RAISE EXCEPTION 'book_cash.currency must be 2 to 12 letters or digits, got %',
+            to_json(ccy)::text USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    IF sym IS NOT NULL THEN
+        sym := upper(sym);
+        IF sym !~ '^[[:print:]]{1,64}$' THEN
+            RAISE EXCEPTION 'book_cash.symbol must be printable characters, got %',
+                to_json(sym)::text USING ERRCODE = 'invalid_parameter_value';
+        END IF;
+        -- the instrument when the symbol names exactly one; money is booked either way
+        -- (a dividend of a stock MMATS holds no bars of is still the account's cash)
+        SELECT * INTO inst FROM market.instruments i
+        WHERE i.symbol = sym AND i.venue !~ '^replay[0-9]+$'
+          AND NOT EXISTS (SELECT 1 FROM market.instruments j
+                          WHERE j.symbol = sym AND j.venue !~ '^replay[0-9]+$'
+                            AND j.instrument_id <> i.instrument_id);
+    END IF;
+
+    SELECT * INTO prior FROM trading.cash_movements m
+    WHERE m.account_id = acc.account_id AND m.broker_ref = ref;
+    IF FOUND THEN
+        IF (prior.kind, prior.amount, prior.currency) IS DISTINCT FROM (k, amt, ccy) THEN
+            RAISE EXCEPTION 'book_cash: broker_ref % of account % is already booked as % % %, not % % %',
+                to_json(ref)::text, acc.name, prior.kind, prior.amount, prior.currency, k, amt, ccy
+                USING ERRCODE = 'unique_violation';
+        END IF;
+        RETURN jsonb_build_object('status', 'duplicate', 'movement_id', prior.movement_id,
+                                  'currency', ccy, 'amount_account', prior.amount_account,
+                                  'cash', acc.cash);
+    END IF;
+
+    rate := CASE WHEN ccy = acc.base_currency THEN 1
+                 ELSE trading._fx_or_fail(ccy, acc.base_currency, at) END;
+    moved := amt * rate;
+    INSERT INTO trading.cash_movements AS m (account_id, kind, amount, currency, fx,
+        amount_account, broker_ref, symbol, instrument_id, ts, description)
+    VALUES (acc.account_id, k, amt, ccy, rate, moved, ref, sym, inst.instrument_id, at, descr)
+    RETURNING m.movement_id INTO id;
+
+    -- a deposit or withdrawal is no gain or loss: the marks the risk rules measure from
+    -- move with it
+    UPDATE trading.accounts a
+    SET cash = a.cash + moved,
+        peak_equity = CASE WHEN k IN ('deposit', 'withdrawal') THEN a.peak_equity + moved
+                           ELSE a.peak_equity END,
+        day_start_equity = CASE WHEN k IN ('deposit', 'withdrawal') THEN a.day_start_equity + moved
+                                ELSE a.day_start_equity END
+    WHERE a.account_id = acc.account_id;
+
+    PERFORM audit.record('cash.booked', 'trading.cash_movements', id::text, jsonb_build_object(
+        'account', acc.name, 'kind', k, 'amount', amt, 'currency', ccy, 'fx', rate,
+        'amount_account', moved, 'broker_ref', ref, 'symbol', sym, 'ts', at));
+    RETURN jsonb_build_object('status', 'booked', 'movement_id', id, 'currency', ccy,
+                              'amount_account', moved, 'cash', acc.cash + moved);
+END
+$$;
+REVOKE ALL ON FUNCTION trading.book_cash(jsonb) FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION trading.book_cash(jsonb) TO mmats_router, mmats_api;

@@ -7,6 +7,11 @@ Alpaca's quirks, and how this adapter handles them:
   `fills_from_snapshots` derives each increment's quantity and price (from the change in
   filled_qty * avg_price). `fills_since` reads the account activities endpoint instead,
   whose FILL activities carry their own per-execution `qty` (and a `cum_qty` we ignore).
+- Cash that moves outside fills (regulatory fees, dividends, interest, deposits, withdrawals,
+  cash journals) comes from the same endpoint's non-trade activities, asked for by type in one
+  paged request (`cash_movements_since`). They carry a signed `net_amount` and a plain `date`
+  (a fee is often booked the day after its trade); Alpaca's `after` filters on when the
+  activity was booked, so the date-stamped ones it returns are kept even if dated earlier.
 - `client_order_id` must be unique per account: a re-sent order gets HTTP 422 "client_order_id
   must be unique", so `place_order` fetches the order that id already names and returns it.
 - alpaca-py's request models hold quantities and prices as floats; orders are posted as
@@ -23,7 +28,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal, InvalidOperation
 from enum import Enum
 from typing import Any, Literal, TypeVar, cast
@@ -44,6 +49,8 @@ from workers.brokers.base import (
     BrokerOrder,
     BrokerPosition,
     BrokerStatus,
+    CashKind,
+    CashMovement,
     Endpoint,
     InstrumentRules,
     OrderRequest,
@@ -90,6 +97,18 @@ _REJECT_REASONS = (
     ("not cancelable", "ORDER_NOT_CANCELABLE"),
 )
 ACTIVITY_PAGE_SIZE = 100  # Alpaca's maximum
+# The non-trade activity types that move cash, by MMATS cash kind; only these are asked for.
+# JNLC (a cash journal) is a deposit or a withdrawal by the sign of its amount (None here).
+CASH_ACTIVITY_KINDS: dict[str, CashKind | None] = {
+    "FEE": "fee", "PTC": "fee",  # regulatory (REG/TAF) fees, pass-through charges
+    "DIV": "dividend", "DIVCGL": "dividend", "DIVCGS": "dividend", "DIVNRA": "dividend",
+    "DIVROC": "dividend", "DIVTXEX": "dividend", "DIVTW": "dividend",  # DIVTW: tax withheld
+    "INT": "interest", "INTNRA": "interest", "INTTW": "interest",
+    "CSD": "deposit", "CSW": "withdrawal", "JNLC": None,
+}
+# a non-trade activity's status, where it has one: canceled ones moved no cash
+_BOOKED_STATUSES = frozenset({"executed", "correct"})
+MAX_DESCRIPTION = 200
 OPEN_ORDERS_LIMIT = 500   # Alpaca's maximum per request
 FRACTIONAL_STEP = Decimal("0.000000001")  # fractional shares go to 9 decimals
 FRACTIONAL_MIN_NOTIONAL = Decimal("1")     # and a fractional order is at least $1
@@ -329,6 +348,71 @@ def fill_from_activity(activity: Mapping[str, Any]) -> BrokerFill:
         ts=parse_ts(activity["transaction_time"]))
 
 
+def _bad_response(what: str, problem: str) -> Retry:
+    """A malformed answer from Alpaca, as the other adapters report one: ask again later."""
+    return Retry(one_line(f"{what}: {problem}"), venue=VENUE, code="BAD_RESPONSE")
+
+
+def _shown(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def _activity_ts(activity: Mapping[str, Any], activity_id: str, what: str) -> datetime:
+    """When a non-trade activity happened: its own timestamp where Alpaca gives one
+    (`created_at`), else midnight UTC of its `date`."""
+    field_name = "created_at" if activity.get("created_at") else "date"
+    value = activity.get(field_name)
+    try:
+        if field_name == "created_at":
+            return parse_ts(value)
+        day = date.fromisoformat(str(value)[:10]) if value else None
+    except (TypeError, ValueError):
+        day = None
+    if day is None:
+        raise _bad_response(what, f"activity {activity_id} has {field_name} {_shown(value)}, "
+                                  "not a date")
+    return datetime(day.year, day.month, day.day, tzinfo=UTC)
+
+
+def cash_movement_from_activity(activity: Mapping[str, Any],
+                                what: str = "cash movements") -> CashMovement | None:
+    """A CashMovement from a non-trade activity, or None for one that moved no cash: a type
+    not in CASH_ACTIVITY_KINDS, a status other than executed/correct, a zero amount. A
+    missing id or a `net_amount` that is not a number is a malformed answer (`Retry` with
+    code BAD_RESPONSE) naming the field and the activity."""
+    activity_id = str(activity.get("id") or "")
+    if not activity_id:
+        raise _bad_response(what, f"a {activity.get('activity_type') or 'non-trade'} activity "
+                                  f"dated {activity.get('date')} has no id")
+    activity_type = activity.get("activity_type")
+    if not activity_type:
+        raise _bad_response(what, f"activity {activity_id} has no activity_type")
+    activity_type = str(activity_type).upper()
+    if activity_type not in CASH_ACTIVITY_KINDS:
+        return None
+    status = activity.get("status")
+    if status and str(status).lower() not in _BOOKED_STATUSES:
+        return None
+    raw_amount = activity.get("net_amount")
+    try:
+        amount = dec(raw_amount)
+    except ValueError:
+        amount = None
+    if amount is None or not amount.is_finite():
+        raise _bad_response(what, f"activity {activity_id} has net_amount {_shown(raw_amount)}, "
+                                  "not a number")
+    if amount == 0:
+        return None
+    kind = CASH_ACTIVITY_KINDS[activity_type] or ("deposit" if amount > 0 else "withdrawal")
+    description = one_line(str(activity.get("description") or ""))[:MAX_DESCRIPTION]
+    return CashMovement(
+        movement_id=activity_id, kind=kind, amount=amount, currency="USD",
+        ts=_activity_ts(activity, activity_id, what),
+        symbol=str(activity["symbol"]) if activity.get("symbol") else None,
+        description=description or None)
+
+
 def _snapshot_fill(raw: Mapping[str, Any], prev_qty: Decimal, prev_notional: Decimal,
                    qty: Decimal, notional: Decimal) -> BrokerFill:
     """The execution between two snapshots: quantity and price of the increment only."""
@@ -411,6 +495,12 @@ def _check_environment(key: str, endpoint: str, client: RESTClient) -> None:
     if url in ENDPOINT_URLS.values() and url != ENDPOINT_URLS[endpoint]:
         raise EnvironmentMismatch(f"the {endpoint} account's client points at {url}",
                                   venue=VENUE)
+
+
+def _after(since: datetime) -> str:
+    """Alpaca's `after` for activities at or after `since`: it takes whole seconds and may
+    be exclusive, so it asks from a second earlier (callers drop what is before `since`)."""
+    return (since - timedelta(seconds=1)).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def _order_uuid(broker_order_id: str, what: str) -> UUID:
@@ -518,19 +608,54 @@ class AlpacaBroker:
         return [f for f in fills if f.ts >= since and (symbol is None or f.symbol == symbol)]
 
     def _fill_activities(self, since: datetime) -> list[Mapping[str, Any]]:
-        # `after` takes whole seconds and may be exclusive: ask from a second earlier
-        after = (since - timedelta(seconds=1)).strftime("%Y-%m-%dT%H:%M:%SZ")
-        params: dict[str, Any] = {"after": after, "direction": "asc",
-                                  "page_size": ACTIVITY_PAGE_SIZE}
+        after = _after(since)
+        return self._activities("/account/activities/FILL", f"fills since {after}",
+                                {"after": after})
+
+    def _activities(self, path: str, what: str,
+                    params: Mapping[str, Any]) -> list[Mapping[str, Any]]:
+        """Every activity GET `path` answers for `params`, oldest first: a full page is
+        followed by the one after its last activity's id (`page_token`)."""
+        query: dict[str, Any] = {**params, "direction": "asc", "page_size": ACTIVITY_PAGE_SIZE}
         out: list[Mapping[str, Any]] = []
         while True:
-            page = call_venue(f"fills since {after}", lambda: self._client.get(
-                "/account/activities/FILL", dict(params)))
-            page = page or []
+            page = call_venue(what, lambda: self._client.get(path, dict(query))) or []
+            if not isinstance(page, list) or not all(isinstance(a, Mapping) for a in page):
+                raise _bad_response(what, f"expected a list of activities, got "
+                                          f"{_shown(page)}")
             out.extend(page)
-            if len(page) < ACTIVITY_PAGE_SIZE or page[-1]["id"] == params.get("page_token"):
+            if len(page) < ACTIVITY_PAGE_SIZE:
                 return out
-            params["page_token"] = page[-1]["id"]
+            last = page[-1].get("id")
+            if not last:
+                raise _bad_response(what, "the last activity of a full page has no id")
+            if last == query.get("page_token"):
+                return out
+            query["page_token"] = last
+
+    # -- cash outside fills
+
+    def cash_movements_since(self, since: datetime) -> list[CashMovement]:
+        """Fees, dividends, interest, deposits, withdrawals and cash journals Alpaca booked
+        at or after `since`, oldest first, from GET /v2/account/activities with the types of
+        CASH_ACTIVITY_KINDS (one paged request). Canceled and zero activities are left out.
+
+        Alpaca's `after` is the booking time; a movement without a finer timestamp is
+        stamped midnight UTC of its `date`, which can be the day before it was booked (a
+        fee for yesterday's trade), so such a one is kept even when its `ts` is before
+        `since`: `movement_id` (Alpaca's activity id) lets the ledger book it once."""
+        since = parse_ts(since)
+        after = _after(since)
+        what = f"cash movements since {after}"
+        activities = self._activities("/account/activities", what, {
+            "activity_types": ",".join(CASH_ACTIVITY_KINDS), "after": after})
+        movements = []
+        for activity in activities:
+            movement = cash_movement_from_activity(activity, what)
+            if movement is None or (activity.get("created_at") and movement.ts < since):
+                continue  # moved no cash, or in the second asked for early
+            movements.append(movement)
+        return sorted(movements, key=lambda m: m.ts)  # stable: Alpaca's order within a ts
 
     # -- account
 

@@ -22,6 +22,9 @@ OrderType = Literal["market", "limit", "stop", "stop_limit"]
 BrokerStatus = Literal["submitted", "partially_filled", "filled", "cancelled", "rejected",
                        "expired"]
 Endpoint = Literal["paper", "testnet", "live"]
+# what moved an account's cash outside any fill (trading.cash_kind)
+CashKind = Literal["fee", "financing", "dividend", "interest", "deposit", "withdrawal",
+                   "adjustment"]
 
 
 @dataclass(frozen=True)
@@ -86,6 +89,23 @@ class Balance:
 
 
 @dataclass(frozen=True)
+class CashMovement:
+    """Cash the venue credited (amount > 0) or debited (amount < 0) outside any fill: a
+    regulatory fee, overnight financing, a dividend, interest, a deposit or withdrawal.
+    `movement_id` is unique per venue account and stable across queries: the ledger books
+    each once (trading.book_cash is idempotent on it). `symbol` names the instrument the
+    movement is about, where the venue says (a dividend's stock, a position's financing)."""
+
+    movement_id: str
+    kind: CashKind
+    amount: Decimal
+    currency: str
+    ts: datetime
+    symbol: str | None = None
+    description: str | None = None
+
+
+@dataclass(frozen=True)
 class InstrumentRules:
     symbol: str
     quantity_step: Decimal
@@ -116,6 +136,12 @@ class Broker(Protocol):
     def positions(self) -> Sequence[BrokerPosition]: ...
 
     def balances(self) -> Sequence[Balance]: ...
+
+    def cash_movements_since(self, since: datetime) -> Sequence[CashMovement]:
+        """Cash movements outside fills booked at or after `since`, oldest first (a venue
+        that dates a movement by its day and books it later may return one dated
+        earlier: the ledger books each movement_id once)."""
+        ...
 
     def instrument_rules(self, symbol: str) -> InstrumentRules: ...
 

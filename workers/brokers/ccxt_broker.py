@@ -31,6 +31,8 @@ Choices a caller should know:
   as a long position in that currency against the first quote currency of
   `QUOTE_PREFERENCE` the venue lists (`BTC/USDT`), with no average price (spot venues keep
   no cost basis). Cash currencies (`CASH_CURRENCIES`) are balances, not positions.
+- Cash movements outside fills are not read (`cash_movements_since` is empty): spot fees
+  come with the fills, and a deposit or withdrawal is booked by hand (`mmats account book`).
 - Money is `Decimal` (ccxt's floats and strings go through `Decimal(str(x))`), times are
   aware UTC.
 """
@@ -56,6 +58,7 @@ from workers.brokers.base import (
     BrokerOrder,
     BrokerPosition,
     BrokerStatus,
+    CashMovement,
     InstrumentRules,
     OrderRequest,
 )
@@ -704,6 +707,13 @@ class CcxtBroker:
             if total or available:
                 out.append(Balance(currency=currency, total=total, free=available))
         return out
+
+    def cash_movements_since(self, since: datetime) -> Sequence[CashMovement]:
+        """None: on spot, a venue's fees come with its fills, and ccxt's ledger (where a
+        venue has one) mixes them with trades. A deposit or withdrawal shows as a
+        BALANCE_MISMATCH of the reconciler; book it with
+        `mmats account book`."""
+        return ()
 
     def positions(self) -> Sequence[BrokerPosition]:
         """Spot holdings as long positions: each non-cash currency with a non-zero balance,

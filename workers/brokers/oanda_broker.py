@@ -14,6 +14,14 @@ duplicate rejection for the race between two senders.
 
 Order bodies are built here rather than with `oandapyV20.contrib.requests`, whose
 `PriceValue` goes through `float` and always writes five decimals (wrong for JPY pairs).
+
+Cash movements outside fills come from the same transaction pages as fills:
+DAILY_FINANCING (financing), TRANSFER_FUNDS (deposit, withdrawal or adjustment) and
+DIVIDEND_ADJUSTMENT (dividend), each in the account's home currency under its transaction
+id. An ORDER_FILL's commission goes with the fill; the financing it settles (what the
+closed units accrued since the last DAILY_FINANCING) and its guaranteed execution fee
+are movements of their own, `<transaction id>:financing` and `<transaction id>:gsl-fee`,
+as the ledger's fill carries no such costs.
 """
 
 from __future__ import annotations
@@ -39,6 +47,8 @@ from workers.brokers.base import (
     BrokerOrder,
     BrokerPosition,
     BrokerStatus,
+    CashKind,
+    CashMovement,
     Endpoint,
     InstrumentRules,
     OrderRequest,
@@ -63,6 +73,17 @@ ENDPOINTS: dict[str, Endpoint] = {"practice": "paper", "live": "live"}
 DEFAULT_TIMEOUT = (10.0, 30.0)
 RATE_LIMIT_WAIT = 1.0  # OANDA sends no Retry-After; its limits are per second
 TRANSACTION_PAGE = 1000  # the most OANDA returns per transaction page
+# transactions that move the balance outside a fill, and the field holding the amount (in
+# the home currency, signed: negative debits the account); OANDA's TransactionFilter has no
+# DIVIDEND_ADJUSTMENT, so cash movements are read from unfiltered pages
+CASH_AMOUNT_FIELDS = {"DAILY_FINANCING": "financing", "TRANSFER_FUNDS": "amount",
+                      "DIVIDEND_ADJUSTMENT": "dividendAdjustment"}
+# costs an ORDER_FILL settles besides its commission: (field, kind, id suffix, sign). A
+# fill's `financing` is signed as the account sees it; its guaranteedExecutionFee, like its
+# commission, is a positive charge
+FILL_CASH_FIELDS = (("financing", "financing", "financing", 1),
+                    ("guaranteedExecutionFee", "fee", "gsl-fee", -1))
+DESCRIPTION_LENGTH = 200  # what trading.cash_movements.description holds
 
 DUPLICATE_CLIENT_ID = "CLIENT_ORDER_ID_ALREADY_EXISTS"
 # order types that carry instrument and units (take-profit and stop-loss orders do not)
@@ -275,6 +296,111 @@ def fill_from_transaction(tx: Mapping[str, Any], currency: str | None) -> Broker
         commission_currency=currency,
         ts=parse_time(tx["time"]),
     )
+
+
+def cash_from_transaction(tx: Mapping[str, Any], currency: str,
+                          what: str) -> CashMovement | None:
+    """The CashMovement of a DAILY_FINANCING, TRANSFER_FUNDS or DIVIDEND_ADJUSTMENT
+    transaction; None for a zero amount. A missing id or a missing or non-numeric amount
+    or time raises Retry (BAD_RESPONSE) naming the field and the transaction."""
+    tx_type = str(tx["type"])
+    tx_id = str(tx.get("id") or "").strip()
+    if not tx_id:
+        bad_response(what, f"{tx_type} transaction at {tx.get('time')!r} has no id")
+    amount = decimal_field(tx, CASH_AMOUNT_FIELDS[tx_type], tx_id, what)
+    if amount == 0:
+        return None
+    try:
+        ts = parse_time(str(tx["time"]))
+    except (KeyError, ValueError, OverflowError):
+        bad_response(what, f"transaction {tx_id} ({tx_type}): time {tx.get('time')!r} is "
+                           "not an RFC 3339 or UNIX time")
+    kind, symbol, description = cash_meaning(tx, tx_type, amount)
+    return CashMovement(movement_id=tx_id, kind=kind, amount=amount, currency=currency,
+                        ts=ts, symbol=symbol, description=description[:DESCRIPTION_LENGTH])
+
+
+def settles_costs(tx: Mapping[str, Any]) -> bool:
+    """Whether an ORDER_FILL names a cost of FILL_CASH_FIELDS other than zero (one that
+    is not a number counts: costs_of_fill refuses it, naming it)."""
+    for field, *_ in FILL_CASH_FIELDS:
+        raw = tx.get(field)
+        if raw is None:
+            continue
+        try:
+            if Decimal(str(raw)) != 0:
+                return True
+        except InvalidOperation:
+            return True
+    return False
+
+
+def costs_of_fill(tx: Mapping[str, Any], currency: str, what: str) -> list[CashMovement]:
+    """The financing and guaranteed execution fee an ORDER_FILL settles, each a movement
+    under `<transaction id>:<suffix>` (FILL_CASH_FIELDS); none for zero amounts."""
+    tx_id = str(tx.get("id") or "").strip()
+    if not tx_id:
+        bad_response(what, f"ORDER_FILL transaction at {tx.get('time')!r} has no id")
+    out = []
+    for field, kind, suffix, sign in FILL_CASH_FIELDS:
+        if tx.get(field) is None:
+            continue
+        amount = sign * decimal_field(tx, field, tx_id, what)
+        if amount == 0:
+            continue
+        try:
+            ts = parse_time(str(tx["time"]))
+        except (KeyError, ValueError, OverflowError):
+            bad_response(what, f"transaction {tx_id} (ORDER_FILL): time {tx.get('time')!r} is "
+                               "not an RFC 3339 or UNIX time")
+        instrument = tx.get("instrument")
+        out.append(CashMovement(
+            movement_id=f"{tx_id}:{suffix}", kind=cast(CashKind, kind), amount=amount,
+            currency=currency, ts=ts, symbol=to_symbol(str(instrument)) if instrument else None,
+            description=f"ORDER_FILL {field}"))
+    return out
+
+
+def cash_meaning(tx: Mapping[str, Any], tx_type: str,
+                 amount: Decimal) -> tuple[CashKind, str | None, str]:
+    """(kind, MMATS symbol or None, description) of a cash transaction. Financing names
+    its instrument only when a single position was financed; a transfer is a deposit or
+    a withdrawal by its sign, unless OANDA calls it an account ADJUSTMENT."""
+    if tx_type == "DAILY_FINANCING":
+        involved = {pf.get("instrument") for pf in tx.get("positionFinancings") or []
+                    if isinstance(pf, Mapping)}
+        involved.discard(None)
+        symbol = to_symbol(str(involved.pop())) if len(involved) == 1 else None
+        mode = tx.get("accountFinancingMode")
+        return "financing", symbol, f"{tx_type} {mode}" if mode else tx_type
+    if tx_type == "DIVIDEND_ADJUSTMENT":
+        instrument = tx.get("instrument")
+        return "dividend", to_symbol(str(instrument)) if instrument else None, tx_type
+    reason = tx.get("fundingReason")
+    kind: CashKind = ("adjustment" if reason == "ADJUSTMENT"
+                      else "deposit" if amount > 0 else "withdrawal")
+    description = f"{tx_type} {reason}" if reason else tx_type
+    if tx.get("comment"):
+        description += ": " + " ".join(str(tx["comment"]).split())
+    return kind, None, description
+
+
+def decimal_field(tx: Mapping[str, Any], field: str, tx_id: str, what: str) -> Decimal:
+    """`tx[field]` as an exact, finite Decimal, or Retry (BAD_RESPONSE) naming both."""
+    raw = tx.get(field)
+    try:
+        value = Decimal(str(raw)) if isinstance(raw, str | int) else None
+    except InvalidOperation:
+        value = None
+    if value is None or not value.is_finite():
+        bad_response(what, f"transaction {tx_id} ({tx.get('type')}): {field} {raw!r} is not "
+                           "a decimal number")
+    return value
+
+
+def bad_response(what: str, problem: str) -> NoReturn:
+    """An answer OANDA should not have sent: the Retry that `response_shape` raises too."""
+    raise Retry(f"{what}: {problem}", venue=VENUE, code="BAD_RESPONSE")
 
 
 def state_status(state: str, filled: Decimal, quantity: Decimal,
@@ -509,6 +635,33 @@ class OandaBroker:
             if done:
                 return self._only(found, symbol), last
 
+    # -- cash
+
+    def cash_movements_since(self, since: datetime) -> list[CashMovement]:
+        """Cash movements outside fills at or after `since`, oldest first: financing,
+        transfers and dividend adjustments from the same id-range pages as `fills_since`,
+        read without a type filter (OANDA's filter names no DIVIDEND_ADJUSTMENT)."""
+        what = "cash_movements_since"
+        params = {"from": rfc3339(since), "pageSize": TRANSACTION_PAGE}
+        listing = self._call(transactions.TransactionList(self.account_id, params=params),
+                             what, missing=Stop)
+        found: list[CashMovement] = []
+        with response_shape(what):
+            for page in listing.get("pages") or []:
+                low, high = page_range(page)
+                batch = self._id_range(low, high, what)
+                cash = [tx for tx in batch if tx.get("type") in CASH_AMOUNT_FIELDS
+                        or (tx.get("type") == "ORDER_FILL" and settles_costs(tx))]
+                if not cash:
+                    continue
+                currency = self._home_currency()
+                for tx in cash:
+                    if tx["type"] == "ORDER_FILL":
+                        found.extend(costs_of_fill(tx, currency, what))
+                    elif (moved := cash_from_transaction(tx, currency, what)) is not None:
+                        found.append(moved)
+        return sorted((m for m in found if m.ts >= since), key=lambda m: m.ts)
+
     # -- account
 
     def positions(self) -> Sequence[BrokerPosition]:
@@ -563,9 +716,16 @@ class OandaBroker:
         return cast(dict[str, Any], self._call(request, what)["transaction"])
 
     def _fill_page(self, low: str, high: str, what: str) -> list[BrokerFill]:
-        params = {"from": low, "to": high, "type": "ORDER_FILL"}
+        return self._fills_in(self._id_range(low, high, what, "ORDER_FILL"))
+
+    def _id_range(self, low: str, high: str, what: str,
+                  tx_type: str | None = None) -> list[dict[str, Any]]:
+        """The transactions `low` to `high` (of `tx_type` only, if given)."""
+        params = {"from": low, "to": high}
+        if tx_type is not None:
+            params["type"] = tx_type
         request = transactions.TransactionIDRange(self.account_id, params=params)
-        return self._fills_in(self._call(request, what, missing=Stop)["transactions"])
+        return cast(list[dict[str, Any]], self._call(request, what, missing=Stop)["transactions"])
 
     def _fills_in(self, batch: Sequence[Mapping[str, Any]]) -> list[BrokerFill]:
         fills = [tx for tx in batch if tx.get("type") == "ORDER_FILL"]

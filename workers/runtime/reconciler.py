@@ -18,6 +18,14 @@ the ledger, so it is skipped):
    back the first time): a fill the ledger lacks for an order it knows (by client order
    id, else broker order id) is *adopted* through `trading.apply_fill`, idempotent on the
    broker's fill id; a fill of an order the ledger does not know is UNKNOWN_BROKER_FILL.
+   **Cash movements** over the same window (a longer overlap, `movement_overlap`, as a
+   venue may date a fee by its trade day and post it later): fees, financing,
+   dividends, interest, deposits and withdrawals the broker booked outside any fill
+   are *booked* through `trading.book_cash`, idempotent on the broker's id for each,
+   before cash is compared. One dated before the account was created in MMATS is left
+   alone (the cash it started with already held it; a movement a venue dates by its
+   day only, at midnight UTC, is booked from the creation day on); one the ledger
+   refuses is CASH_NOT_BOOKED.
 3. **Orders open at the broker** that the ledger does not know, or holds as finished:
    UNKNOWN_BROKER_ORDER.
 4. **Positions**: the ledger's net quantity per symbol (every strategy's rows summed)
@@ -56,7 +64,14 @@ import psycopg
 from psycopg.types.json import Jsonb
 
 from workers.brokers import errors
-from workers.brokers.base import Balance, Broker, BrokerFill, BrokerOrder, BrokerPosition
+from workers.brokers.base import (
+    Balance,
+    Broker,
+    BrokerFill,
+    BrokerOrder,
+    BrokerPosition,
+    CashMovement,
+)
 from workers.runtime import log
 from workers.runtime.paper import PaperBroker
 from workers.runtime.router import RoutedAccount
@@ -69,7 +84,7 @@ TERMINAL_STATUSES = frozenset({"filled", "cancelled", "rejected", "expired"})
 CONFIRMED_KINDS = frozenset({"POSITION_MISMATCH", "BALANCE_MISMATCH"})
 # mismatches about one past execution rather than a state: they leave the fill window,
 # they are not "resolved"
-EVENT_KINDS = frozenset({"UNKNOWN_BROKER_FILL", "FILL_NOT_APPLIED"})
+EVENT_KINDS = frozenset({"UNKNOWN_BROKER_FILL", "FILL_NOT_APPLIED", "CASH_NOT_BOOKED"})
 FREEZING_KINDS = frozenset({"POSITION_MISMATCH"})
 # venues whose balance does not pay for positions (CFD / margin accounts)
 MARGIN_VENUES = frozenset({"oanda"})
@@ -151,6 +166,7 @@ class AccountRun:
     started_at: datetime
     adopted: int = 0  # broker fills the ledger lacked, applied now
     settled: int = 0  # ledger orders finished now (filled, cancelled, expired, rejected)
+    booked: int = 0  # broker cash movements (fees, financing, ...) booked now
     mismatches: list[Mismatch] = field(default_factory=list)  # seen in this run
     reported: list[Mismatch] = field(default_factory=list)  # of which reported now
     skipped: str | None = None  # why the account was not reconciled this round
@@ -159,8 +175,9 @@ class AccountRun:
         if self.skipped is not None:
             return f"reconciliation of {self.account} skipped: {self.skipped}"
         new = f" ({len(self.reported)} new)" if self.mismatches else ""
+        booked = f"{_count(self.booked, 'cash movement')} booked, " if self.booked else ""
         return (f"reconciled {self.account}: {_count(self.adopted, 'fill')} adopted, "
-                f"{_count(self.settled, 'order')} settled, "
+                f"{_count(self.settled, 'order')} settled, {booked}"
                 f"{_count(len(self.mismatches), 'mismatch', 'mismatches')}{new}")
 
 
@@ -178,6 +195,14 @@ def _plain(value: Decimal) -> str:
     """A Decimal as plain text for details and messages (`1E+1` -> `10`)."""
     text = format(value, "f")
     return text.rstrip("0").rstrip(".") if "." in text else text
+
+
+def _before(ts: datetime, created_at: datetime) -> bool:
+    """Whether a movement at `ts` came before an account created at `created_at`; a
+    movement dated by its day only (midnight UTC) counts from the creation day on."""
+    if ts.astimezone(UTC).time() == datetime.min.time():
+        return ts.astimezone(UTC).date() < created_at.astimezone(UTC).date()
+    return ts < created_at
 
 
 def _first_line(exc: BaseException) -> str:
@@ -202,6 +227,7 @@ class Reconciler(Worker):
                  interval_seconds: float = 60.0,
                  first_lookback: timedelta = timedelta(hours=24),
                  fill_overlap: timedelta = timedelta(minutes=5),
+                 movement_overlap: timedelta = timedelta(days=3),
                  in_flight_timeout: timedelta = timedelta(minutes=10),
                  balance_tolerance: Decimal = Decimal("0.01"),
                  balance_relative_tolerance: Decimal = Decimal("0.001"),
@@ -215,6 +241,7 @@ class Reconciler(Worker):
         self.interval_seconds = interval_seconds
         self.first_lookback = first_lookback
         self.fill_overlap = fill_overlap
+        self.movement_overlap = movement_overlap
         self.in_flight_timeout = in_flight_timeout
         self.balance_tolerance = balance_tolerance
         self.balance_relative_tolerance = balance_relative_tolerance
@@ -327,12 +354,15 @@ class Reconciler(Worker):
         balances = broker.balances()
         open_at_broker = broker.open_orders()
         fills = list(broker.fills_since(since))
+        movements = list(broker.cash_movements_since(
+            self._since(run.account, run.started_at, self.movement_overlap)))
         found: list[Mismatch] = []
 
         orders = self._ledger_orders(account_id, fills, open_at_broker)
         self._settle_ledger_orders(broker, run, orders, open_at_broker, fills, found)
         orders = self._ledger_orders(account_id, fills, open_at_broker)  # after settling
         self._adopt_fills(account_id, run, orders, fills, found)
+        self._book_movements(account_id, run, movements, found)
         found.extend(self._unknown_broker_orders(orders, open_at_broker, broker.venue))
         found.extend(self._position_mismatches(account_id, positions))
         found.extend(self._balance_mismatches(account_id, balances,
@@ -513,6 +543,45 @@ class Reconciler(Worker):
                       price=_plain(fill.price))
         return True
 
+    def _book_movements(self, account_id: int, run: AccountRun,
+                        movements: Sequence[CashMovement], found: list[Mismatch]) -> None:
+        """Book the broker's cash movements the ledger lacks (trading.book_cash answers
+        `duplicate`, changing nothing, for one it holds); those dated before the account
+        existed in MMATS are in its starting cash already."""
+        if not movements:
+            return
+        row = self._c.execute("SELECT name, created_at FROM trading.accounts"
+                              " WHERE account_id = %s", (account_id,)).fetchone()
+        if row is None:  # accounts are never deleted; nothing to book against
+            return
+        name, created_at = row
+        for m in movements:
+            if _before(m.ts, created_at):
+                continue
+            payload = {"account": name, "kind": m.kind, "amount": str(m.amount),
+                       "currency": m.currency, "broker_ref": m.movement_id,
+                       "ts": m.ts.isoformat(), "symbol": m.symbol,
+                       "description": m.description}
+            try:
+                row = self._c.execute("SELECT trading.book_cash(%s)",
+                                      (Jsonb(payload),)).fetchone()
+            except psycopg.Error as exc:
+                if not _ledger_refusal(exc):
+                    raise
+                found.append(Mismatch(
+                    "CASH_NOT_BOOKED", m.movement_id,
+                    f"the ledger refused the broker's {m.kind} of {_plain(m.amount)} "
+                    f"{m.currency} (movement {m.movement_id}): {_first_line(exc)}",
+                    {"movement_id": m.movement_id, "kind": m.kind, "amount": _plain(m.amount),
+                     "currency": m.currency, "ts": m.ts.isoformat(),
+                     "error": _first_line(exc)}))
+                continue
+            if row is not None and row[0]["status"] == "booked":
+                run.booked += 1
+                log.event(self.log, "cash movement booked", account=run.account,
+                          movement_id=m.movement_id, kind=m.kind, amount=_plain(m.amount),
+                          currency=m.currency, symbol=m.symbol)
+
     @staticmethod
     def _fill_details(fill: BrokerFill) -> dict[str, Any]:
         return {"fill_id": fill.fill_id, "broker_order_id": fill.broker_order_id,
@@ -647,7 +716,7 @@ class Reconciler(Worker):
         """The run's one-line summary, and the account's entry of the heartbeat detail."""
         if run.skipped is None:
             log.event(self.log, run.summary(), account=run.account, adopted=run.adopted,
-                      settled=run.settled, mismatches=len(run.mismatches),
+                      settled=run.settled, booked=run.booked, mismatches=len(run.mismatches),
                       reported=len(run.reported))
         previous = self._status.get(run.account, {})
         episodes = self._episodes.get(routed.account_id, {})
@@ -657,7 +726,7 @@ class Reconciler(Worker):
             "error": run.skipped,
             "last_ok": run.started_at.isoformat() if run.skipped is None
             else previous.get("last_ok"),
-            "adopted": run.adopted, "settled": run.settled,
+            "adopted": run.adopted, "settled": run.settled, "booked": run.booked,
             "mismatches": len(run.mismatches), "reported": len(run.reported),
             "open": sorted(k for k, e in episodes.items() if e.reported),
         }
@@ -673,13 +742,14 @@ class Reconciler(Worker):
             self.conn = connect(self.url, "mmats_router")
         return self.conn
 
-    def _since(self, account: str, now: datetime) -> datetime:
+    def _since(self, account: str, now: datetime,
+               overlap: timedelta | None = None) -> datetime:
         row = self._c.execute("SELECT at FROM runtime.cursors WHERE name = %s",
                               (f"reconcile:{account}",)).fetchone()
         if row is None or row[0] is None:
             return now - self.first_lookback
         last: datetime = row[0]
-        return last - self.fill_overlap
+        return last - (self.fill_overlap if overlap is None else overlap)
 
     def _advance_cursor(self, account: str, at: datetime) -> None:
         self._c.execute("SELECT runtime.advance_cursor(%s, NULL, %s)",
