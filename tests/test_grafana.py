@@ -284,6 +284,9 @@ def seed(conn: psycopg.Connection) -> None:
     conn.execute("INSERT INTO risk.events (account_id, severity, event_type, message) VALUES "
                  "(%s, 'warning', 'BREAKER_SOFT', 'daily loss over the soft limit')",
                  (account_id,))
+    conn.execute("SELECT trading.book_cash('{\"account\": \"paper-1\", \"kind\": \"fee\", "
+                 "\"amount\": \"-0.5\", \"broker_ref\": \"fee-1\", "
+                 "\"ts\": \"2025-01-01T01:30:00Z\"}')")
     conn.execute("SELECT audit.record('order.created', 'order', 'c-1', '{}')")
     conn.execute("SELECT runtime.heartbeat('router', 'router', 'running', 42, 'host-1', "
                  "'{\"counts\": {\"fills\": 3}}')")
