@@ -963,3 +963,374 @@ def test_times_are_aware_utc() -> None:
     ts = ms_to_datetime(T_ORDER)
     assert ts.utcoffset() == timedelta(0)
     assert datetime_to_ms(ts) == T_ORDER
+
+
+# --- deposits and withdrawals (cash_movements_since) -------------------------------------
+
+BINANCE_SAPI = "https://api.binance.com/sapi/v1"
+DAY_MS = 86_400_000
+
+
+def binance_deposit(dep_id: str, coin: str, amount: str, insert_ms: int,
+                    status: int = 1) -> dict[str, Any]:
+    """One entry of GET /sapi/v1/capital/deposit/hisrec (the fields Binance documents)."""
+    return {"id": dep_id, "amount": amount, "coin": coin, "network": "BSC", "status": status,
+            "address": "0xc9c923c87347ca0f3451d6d308ce84f691b9f501", "addressTag": "",
+            "txId": f"0x{dep_id}e1f", "insertTime": insert_ms, "completeTime": insert_ms + 5000,
+            "transferType": 0, "confirmTimes": "15/15", "unlockConfirm": 0, "walletType": 0}
+
+
+def binance_withdrawal(wd_id: str, coin: str, amount: str, fee: str, apply_s: int,
+                       status: int = 6, transfer_type: int = 0) -> dict[str, Any]:
+    """One entry of GET /sapi/v1/capital/withdraw/history (applyTime is UTC, to the second)."""
+    apply = datetime.fromtimestamp(apply_s, UTC).strftime("%Y-%m-%d %H:%M:%S")
+    return {"id": wd_id, "amount": amount, "transactionFee": fee, "coin": coin, "status": status,
+            "address": "0x94df8b352de7f46f64b01d3666bf6e936e44ce60",
+            "txId": f"0x{wd_id}77d0", "applyTime": apply, "network": "ETH",
+            "transferType": transfer_type, "info": "", "confirmNo": 12, "walletType": 0,
+            "txKey": "", "completeTime": apply}
+
+
+def movement_rows(movements: Any) -> list[tuple[str, str, Decimal, str, datetime]]:
+    return [(m.movement_id, m.kind, m.amount, m.currency, m.ts) for m in movements]
+
+
+def test_binance_deposits_and_withdrawals_of_cash_become_movements(
+        http: responses.RequestsMock, binance: CcxtBroker) -> None:
+    """Cash deposits credit, withdrawals debit, a withdrawal's fee is a movement of its own;
+    a coin deposited or withdrawn, a pending deposit and a cancelled withdrawal are left out,
+    and the movements come oldest first."""
+    since = recent()
+    start = datetime_to_ms(since)
+    sec = start // 1000
+    http.get(f"{BINANCE_SAPI}/capital/deposit/hisrec", json=[
+        binance_deposit("769800519366885376", "USDT", "4500.12345678", start + 60_000),
+        binance_deposit("769800519366885377", "BTC", "0.01844487", start + 90_000),
+        binance_deposit("769800519366885378", "USDC", "100.00000000", start + 95_000, status=0),
+        binance_deposit("769800519366885379", "FDUSD", "250.00000000", start + 300_000,
+                        status=6),  # credited, not yet withdrawable: on the balance already
+    ])
+    http.get(f"{BINANCE_SAPI}/capital/withdraw/history", json=[
+        binance_withdrawal("b6ae22b3aa844210a7041aee7589627c", "USDT", "8.91000000", "0.004",
+                           sec + 180),
+        binance_withdrawal("9a67628b16ba4988ae20d329333f16bc", "USDT", "51", "1", sec + 200,
+                           status=1),  # cancelled
+        binance_withdrawal("69e53ad305124b96b43668ceab158a18", "ETH", "0.5", "0.0012",
+                           sec + 240),
+        binance_withdrawal("a7cdc0afbfa44a48bd225c9ece958fe2", "USDT", "20", "0", sec + 600,
+                           transfer_type=1),  # to another Binance account: no fee
+    ])
+
+    movements = binance.cash_movements_since(since)
+
+    at = ms_to_datetime
+    assert movement_rows(movements) == [
+        ("deposit:769800519366885376", "deposit", Decimal("4500.12345678"), "USDT",
+         at(start + 60_000)),
+        ("withdrawal:b6ae22b3aa844210a7041aee7589627c", "withdrawal", Decimal("-8.91"), "USDT",
+         at((sec + 180) * 1000)),
+        ("withdrawal:b6ae22b3aa844210a7041aee7589627c:fee", "fee", Decimal("-0.004"), "USDT",
+         at((sec + 180) * 1000)),
+        ("deposit:769800519366885379", "deposit", Decimal("250"), "FDUSD", at(start + 300_000)),
+        ("withdrawal:a7cdc0afbfa44a48bd225c9ece958fe2", "withdrawal", Decimal("-20"), "USDT",
+         at((sec + 600) * 1000)),
+    ]
+    assert all(m.ts.tzinfo is not None and m.symbol is None for m in movements)
+    assert movements[0].description == "deposit on BEP20, tx 0x769800519366885376e1f"
+    assert movements[4].description is not None and "internal transfer" in movements[4].description
+    (deposits,) = calls_to(http, "/sapi/v1/capital/deposit/hisrec")
+    (withdrawals,) = calls_to(http, "/sapi/v1/capital/withdraw/history")
+    for call in (deposits, withdrawals):
+        query = sent(call)
+        assert query["startTime"] == str(start)
+        assert query["endTime"] == str(start + 90 * DAY_MS)  # Binance's 90-day cap
+        assert query["limit"] == "1000"
+        assert "coin" not in query and "offset" not in query
+        assert call.request.headers["X-MBX-APIKEY"] == CREDS["api_key"]
+
+
+def test_binance_transfers_are_asked_90_days_at_a_time_and_paged_by_offset(
+        http: responses.RequestsMock, binance: CcxtBroker) -> None:
+    """100 days back: two windows of 90 days. The first holds 1003 deposits, more than an
+    answer's 1000, so it is asked again from offset 1000; the second holds two."""
+    since = recent(100 * 24)
+    start = datetime_to_ms(since)
+    history = [binance_deposit(str(10_000 + i), "USDT", "1.5", start + i * 1000)
+               for i in range(1003)]
+    history += [binance_deposit(str(20_000 + i), "USDT", "2", start + 95 * DAY_MS + i)
+                for i in range(2)]
+
+    def hisrec(request: Any) -> tuple[int, dict[str, str], str]:
+        q = sent(request_call(request))
+        lo, hi = int(q["startTime"]), int(q["endTime"])
+        if hi - lo > 90 * DAY_MS:
+            return 400, {}, json.dumps(binance_error(-1127, "More than 90 days between "
+                                                            "startTime and endTime."))
+        window = sorted((d for d in history if lo <= d["insertTime"] <= hi),
+                        key=lambda d: -d["insertTime"])  # newest first, as Binance answers
+        offset, limit = int(q.get("offset", 0)), int(q["limit"])
+        return 200, {}, json.dumps(window[offset:offset + limit])
+
+    http.add_callback(responses.GET, f"{BINANCE_SAPI}/capital/deposit/hisrec", callback=hisrec)
+    http.get(f"{BINANCE_SAPI}/capital/withdraw/history", json=[])
+
+    movements = binance.cash_movements_since(since)
+
+    assert len(movements) == 1005
+    assert len({m.movement_id for m in movements}) == 1005
+    assert all(a.ts <= b.ts for a, b in itertools.pairwise(movements))
+    asked = [(int(sent(c)["startTime"]) - start, sent(c).get("offset"))
+             for c in calls_to(http, "/capital/deposit/hisrec")]
+    assert asked == [(0, None), (0, "1000"), (90 * DAY_MS, None)]
+    assert [int(sent(c)["startTime"]) - start
+            for c in calls_to(http, "/capital/withdraw/history")] == [0, 90 * DAY_MS]
+
+
+def bybit_rows(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    return {"retCode": 0, "retMsg": "success", "result": {"rows": rows, "nextPageCursor": ""},
+            "retExtInfo": {}, "time": 1672191992512}
+
+
+def bybit_deposit(dep_id: str, coin: str, amount: str, success_ms: int,
+                  status: int = 3) -> dict[str, Any]:
+    """One row of GET /v5/asset/deposit/query-record (status 3: success)."""
+    return {"id": dep_id, "coin": coin, "chain": "TRX", "amount": amount,
+            "txID": f"0b038ea12fa1575e2d{dep_id}", "status": status,
+            "toAddress": "TC6NCAC5WSVCCiaD3kWZXyW91ZKKhLm53b", "tag": "", "depositFee": "",
+            "successAt": str(success_ms), "confirmations": "100", "txIndex": "0",
+            "blockHash": "0000000002ac3b1064aee94bca1bd0b58c4c09c65813b084b87a2063d961129e",
+            "batchReleaseLimit": "-1", "depositType": "0", "fromAddress": ""}
+
+
+def bybit_withdrawal(wd_id: str, coin: str, amount: str, fee: str, create_ms: int,
+                     status: str = "success", withdraw_type: int = 0) -> dict[str, Any]:
+    """One row of GET /v5/asset/withdraw/query-record."""
+    return {"coin": coin, "chain": "internalAddressChain" if withdraw_type else "TRX",
+            "amount": amount, "txID": "" if withdraw_type else f"de5ea0a2f2e59dc9{wd_id}",
+            "status": status, "toAddress": "999805" if withdraw_type else
+            "TQdmFKUoe1Lk2iwZuwRJEHJreTUBoN3BAw", "tag": "", "withdrawFee": fee,
+            "createTime": str(create_ms), "updateTime": str(create_ms + 60_000),
+            "withdrawId": wd_id, "withdrawType": withdraw_type}
+
+
+def test_bybit_deposits_and_withdrawals_of_cash_become_movements(
+        http: responses.RequestsMock, bybit: CcxtBroker) -> None:
+    """A deposit and a withdrawal may share an id (9976 here): the kind prefix keeps the
+    movement ids apart. Withdrawals are asked for on-chain and off-chain alike."""
+    since = recent()
+    start = datetime_to_ms(since)
+    http.get(f"{BYBIT}/asset/deposit/query-record", json=bybit_rows([
+        bybit_deposit("9976", "USDT", "1000.5", start + 60_000),
+        bybit_deposit("9980", "USDC", "300", start + 70_000, status=1),  # to be confirmed
+        bybit_deposit("9981", "ETH", "1.25", start + 80_000),
+    ]))
+    http.get(f"{BYBIT}/asset/withdraw/query-record", json=bybit_rows([
+        bybit_withdrawal("9978", "USDT", "40", "1", start + 200_000, status="SecurityCheck"),
+        bybit_withdrawal("9977", "USDT", "12.34", "1", start + 180_000, status="CancelByUser"),
+        bybit_withdrawal("13310", "USDT", "20.1234", "0", start + 150_000, withdraw_type=1),
+        bybit_withdrawal("9976", "USDT", "77", "1", start + 120_000),
+    ]))
+
+    movements = bybit.cash_movements_since(since)
+
+    at = ms_to_datetime
+    assert movement_rows(movements) == [
+        ("deposit:9976", "deposit", Decimal("1000.5"), "USDT", at(start + 60_000)),
+        ("withdrawal:9976", "withdrawal", Decimal("-77"), "USDT", at(start + 120_000)),
+        ("withdrawal:9976:fee", "fee", Decimal("-1"), "USDT", at(start + 120_000)),
+        ("withdrawal:13310", "withdrawal", Decimal("-20.1234"), "USDT", at(start + 150_000)),
+    ]
+    (deposits,) = calls_to(http, "/v5/asset/deposit/query-record")
+    (withdrawals,) = calls_to(http, "/v5/asset/withdraw/query-record")
+    for call in (deposits, withdrawals):
+        query = sent(call)
+        assert query["startTime"] == str(start)
+        assert query["endTime"] == str(start + 30 * DAY_MS - 1000)  # under Bybit's 30 days
+        assert query["limit"] == "50"
+        assert "coin" not in query and "cursor" not in query
+    assert sent(withdrawals)["withdrawType"] == "2"  # on-chain and off-chain
+    assert "withdrawType" not in sent(deposits)
+
+
+def okx_answer(data: list[dict[str, Any]]) -> dict[str, Any]:
+    return {"code": "0", "msg": "", "data": data}
+
+
+def okx_deposit(dep_id: str, ccy: str, amt: str, ts_ms: int, state: str = "2") -> dict[str, Any]:
+    """One entry of GET /api/v5/asset/deposit-history (state 2: deposit successful)."""
+    return {"actualDepBlkConfirm": "20", "amt": amt, "areaCodeFrom": "", "ccy": ccy,
+            "chain": f"{ccy}-TRC20", "depId": dep_id, "from": "", "fromWdId": "",
+            "state": state, "to": "TN4hGjVXMzy5nnFQ3Vm6g9b4N1aGizqs", "ts": str(ts_ms),
+            "txId": f"fee235b3e812{dep_id}857d36bb0426917f0df1802"}
+
+
+def okx_withdrawal(wd_id: str, ccy: str, amt: str, fee: str, ts_ms: int,
+                   state: str = "2") -> dict[str, Any]:
+    """One entry of GET /api/v5/asset/withdrawal-history (state 2: success)."""
+    return {"note": "", "chain": f"{ccy}-TRC20", "fee": fee, "feeCcy": ccy, "ccy": ccy,
+            "clientId": "", "toAddrType": "1", "amt": amt,
+            "txId": f"00cff6ec7fa7c7d7{wd_id}", "from": "156****359", "areaCodeFrom": "86",
+            "to": "TEY6qjnKDyyq5jDc3DJizWLCdUySrpQ4yp", "areaCodeTo": "", "state": state,
+            "ts": str(ts_ms), "nonTradableAsset": False, "wdId": wd_id}
+
+
+def test_okx_deposits_and_withdrawals_of_cash_become_movements(
+        http: responses.RequestsMock, okx: CcxtBroker) -> None:
+    """OKX answers newest first; its fee is not in `amt` (a movement of its own). A deposit
+    credited but not yet successful (state 1), cancelled and failed withdrawals and a coin
+    withdrawn (with its coin fee) are left out."""
+    since = recent()
+    start = datetime_to_ms(since)
+    http.get(f"{OKX}/asset/deposit-history", json=okx_answer([
+        okx_deposit("88120735", "BTC", "0.01044408", start + 90_000),
+        okx_deposit("88120734", "USDC", "80", start + 75_000, state="1"),
+        okx_deposit("88120733", "USDT", "1500.25", start + 60_000),
+    ]))
+    http.get(f"{OKX}/asset/withdrawal-history", json=okx_answer([
+        okx_withdrawal("25147044", "ETH", "0.029809", "0.007", start + 190_000),
+        okx_withdrawal("25147043", "USDT", "10", "0.8", start + 170_000, state="-1"),
+        okx_withdrawal("25147042", "USDT", "12", "0.8", start + 150_000, state="-2"),
+        okx_withdrawal("25147041", "USDT", "54.561", "0.8", start + 120_000),
+    ]))
+
+    movements = okx.cash_movements_since(since)
+
+    at = ms_to_datetime
+    assert movement_rows(movements) == [
+        ("deposit:88120733", "deposit", Decimal("1500.25"), "USDT", at(start + 60_000)),
+        ("withdrawal:25147041", "withdrawal", Decimal("-54.561"), "USDT", at(start + 120_000)),
+        ("withdrawal:25147041:fee", "fee", Decimal("-0.8"), "USDT", at(start + 120_000)),
+    ]
+    assert movements[1].description == ("withdrawal on TRC20, tx 00cff6ec7fa7c7d725147041")
+    for path in ("/asset/deposit-history", "/asset/withdrawal-history"):
+        (call,) = calls_to(http, path)
+        query = sent(call)
+        assert query == {"before": str(start - 1), "limit": "100"}  # no `after`: up to now
+
+
+def test_okx_transfers_are_walked_back_from_a_full_answer(http: responses.RequestsMock,
+                                                          okx: CcxtBroker) -> None:
+    """130 deposits: OKX answers the newest 100, so the history is asked again for those
+    before the oldest of them (`after`, that millisecond included), and each comes once."""
+    since = recent()
+    start = datetime_to_ms(since)
+    history = [okx_deposit(str(5000 + i), "USDT", "10", start + i * 1000) for i in range(1, 131)]
+
+    def deposit_history(request: Any) -> tuple[int, dict[str, str], str]:
+        q = sent(request_call(request))
+        before, after = int(q.get("before", -1)), int(q.get("after", 2**62))
+        window = sorted((d for d in history if before < int(d["ts"]) < after),
+                        key=lambda d: -int(d["ts"]))[:int(q.get("limit", 100))]
+        return 200, {}, json.dumps(okx_answer(window))
+
+    http.add_callback(responses.GET, f"{OKX}/asset/deposit-history", callback=deposit_history)
+    http.get(f"{OKX}/asset/withdrawal-history", json=okx_answer([]))
+
+    movements = okx.cash_movements_since(since)
+
+    assert [m.movement_id for m in movements] == [f"deposit:{5000 + i}" for i in range(1, 131)]
+    assert [sent(c).get("after") for c in calls_to(http, "/asset/deposit-history")] == [
+        None, str(start + 31_000 + 1)]
+
+
+def test_kraken_fiat_transfers_and_their_fees_become_movements(
+        http: responses.RequestsMock, kraken: CcxtBroker) -> None:
+    """Kraken names USD ZUSD; its ledger takes a transfer's fee apart from its amount, for
+    deposits too. ccxt asks for every asset (none named) and sends Kraken no limit."""
+    since = recent()
+    start = datetime_to_ms(since)
+    sec = start // 1000 + 1
+
+    def kraken_transfer(refid: str, asset: str, amount: str, fee: str, time_s: int,
+                        status: str = "Success") -> dict[str, Any]:
+        return {"method": "Bank Frick (SWIFT)", "aclass": "currency", "asset": asset,
+                "refid": refid, "txid": f"{refid}-TX", "info": "BANKCODEXXX",
+                "amount": amount, "fee": fee, "time": time_s, "status": status}
+
+    http.post(f"{KRAKEN}/private/DepositStatus", json={"error": [], "result": [
+        kraken_transfer("FTQcuak-V6Za8qrWnhzTx67yYHz8Tg", "ZUSD", "5000.0000", "5.0000",
+                        sec + 60),
+        kraken_transfer("FTQcuak-V6Za8qrWnhzTx67yYHz8Th", "ZUSD", "700.0000", "0.0000",
+                        sec + 70, status="Settled"),  # not final yet
+        kraken_transfer("FTQcuak-V6Za8qrWnhzTx67yYHz8Ti", "XXBT", "0.1000000000",
+                        "0.0000000000", sec + 80),
+    ]})
+    http.post(f"{KRAKEN}/private/WithdrawStatus", json={"error": [], "result": [
+        kraken_transfer("FTQcuak-A6Za8qrWnhzTx67yYHz8Tj", "ZUSD", "1995.0000", "5.0000",
+                        sec + 120),
+    ]})
+
+    movements = kraken.cash_movements_since(since)
+
+    at = ms_to_datetime
+    assert movement_rows(movements) == [
+        ("deposit:FTQcuak-V6Za8qrWnhzTx67yYHz8Tg", "deposit", Decimal("5000"), "USD",
+         at((sec + 60) * 1000)),
+        ("deposit:FTQcuak-V6Za8qrWnhzTx67yYHz8Tg:fee", "fee", Decimal("-5"), "USD",
+         at((sec + 60) * 1000)),
+        ("withdrawal:FTQcuak-A6Za8qrWnhzTx67yYHz8Tj", "withdrawal", Decimal("-1995"), "USD",
+         at((sec + 120) * 1000)),
+        ("withdrawal:FTQcuak-A6Za8qrWnhzTx67yYHz8Tj:fee", "fee", Decimal("-5"), "USD",
+         at((sec + 120) * 1000)),
+    ]
+    for path in ("/private/DepositStatus", "/private/WithdrawStatus"):
+        (call,) = calls_to(http, path)
+        form = sent(call)
+        assert Decimal(form["start"]) == Decimal(start) / 1000
+        assert "asset" not in form and "limit" not in form and "cursor" not in form
+
+
+@pytest.mark.parametrize(("record", "problem"), [
+    ({"amount": "12,5"}, "deposit 769800519366885376 (USDT): amount '12,5' is not a number"),
+    ({"amount": None}, "deposit 769800519366885376 (USDT): amount None is not a number"),
+    ({"id": None}, "a deposit of USDT dated "),
+])
+def test_a_malformed_transfer_is_refused_naming_the_field_and_the_record(
+        http: responses.RequestsMock, binance: CcxtBroker, record: dict[str, Any],
+        problem: str) -> None:
+    since = recent()
+    deposit = binance_deposit("769800519366885376", "USDT", "4500", datetime_to_ms(since) + 1)
+    deposit.update(record)
+    if deposit["id"] is None:
+        del deposit["id"]
+    http.get(f"{BINANCE_SAPI}/capital/deposit/hisrec", json=[deposit])
+    http.get(f"{BINANCE_SAPI}/capital/withdraw/history", json=[])
+
+    with pytest.raises(errors.Retry) as caught:
+        binance.cash_movements_since(since)
+
+    text = str(caught.value)
+    assert caught.value.code == "BAD_RESPONSE"
+    assert text.startswith(f"ccxt:binance: cash_movements_since: {problem}")
+    assert "\n" not in text
+    if record.get("id", "") is None:
+        assert text.endswith("has no id")
+
+
+def test_transfer_history_errors_go_through_the_error_map(http: responses.RequestsMock,
+                                                          binance: CcxtBroker) -> None:
+    http.get(f"{BINANCE_SAPI}/capital/deposit/hisrec", status=401, json=binance_error(
+        -2015, "Invalid API-key, IP, or permissions for action."))
+
+    with pytest.raises(errors.Stop) as caught:
+        binance.cash_movements_since(recent())
+
+    assert caught.value.code == "AUTHENTICATION_FAILED"
+    assert str(caught.value).startswith("ccxt:binance: cash_movements_since: ")
+
+
+@pytest.mark.parametrize(("exchange_id", "endpoint", "reason"), [
+    ("coinbase", "live", "per account only"),
+    ("binance", "testnet", "no wallet (sapi) endpoints"),
+    ("okx", "testnet", "demo trading"),
+])
+def test_transfers_are_not_read_where_ccxt_cannot_list_them(
+        http: responses.RequestsMock, exchange_id: str, endpoint: Any, reason: str) -> None:
+    """Coinbase (ccxt lists its transfers per account, fiat only), Binance's testnet (no
+    sapi) and OKX's demo trading (no deposit endpoints): nothing is returned, and nothing
+    is asked; a deposit there shows as the reconciler's BALANCE_MISMATCH."""
+    broker = CcxtBroker(exchange_id, {"api_key": "k-1a2b", "secret": "s-3c4d"}, endpoint)
+
+    assert broker.cash_movements_since(recent()) == ()
+    assert reason in (broker.transfers_not_read() or "")
+    assert len(http.calls) == 0

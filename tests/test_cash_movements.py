@@ -55,10 +55,11 @@ def test_a_fee_is_booked_once_and_moves_cash_by_its_amount(conn: psycopg.Connect
 def test_a_broker_ref_booked_with_another_amount_is_refused(conn: psycopg.Connection) -> None:
     account(conn)
     book(conn, kind="fee", amount="-0.02", broker_ref="alp-1")
-    with pytest.raises(psycopg.errors.UniqueViolation,
-                       match='^book_cash: broker_ref "alp-1" of account acct is already booked '
-                             "as fee -0.02 USD, not fee -0.03 USD\n"):
+    with pytest.raises(psycopg.errors.UniqueViolation) as info:
         book(conn, kind="fee", amount="-0.03", broker_ref="alp-1")
+    assert info.value.diag.message_primary == (
+        'book_cash: broker_ref "alp-1" of account acct is already booked as fee -0.02 USD, '
+        "not fee -0.03 USD")
     assert cash(conn) == D("9999.98")
     assert len(movements(conn)) == 1
 
@@ -77,10 +78,11 @@ def test_a_movement_in_another_currency_is_converted_at_the_latest_bar(
 
 def test_without_a_conversion_rate_nothing_is_booked(conn: psycopg.Connection) -> None:
     account(conn)
-    with pytest.raises(psycopg.errors.NoDataFound,
-                       match="^no conversion rate from GBP to USD: no bar for GBP/USD or "
-                             "USD/GBP at or before 2026-03-02 14:00:00"):
+    with pytest.raises(psycopg.errors.NoDataFound) as info:
         book(conn, kind="interest", amount="3", currency="GBP", broker_ref="i-1")
+    assert (info.value.diag.message_primary or "").startswith(
+        "no conversion rate from GBP to USD: no bar for GBP/USD or USD/GBP at or before "
+        "2026-03-02 14:00:00")
     assert (cash(conn), movements(conn)) == (D(10000), [])
 
 
@@ -203,9 +205,9 @@ def test_a_number_numeric_cannot_hold_is_refused_naming_its_field_anywhere(
 
 
 def test_book_cash_takes_a_json_object(conn: psycopg.Connection) -> None:
-    with pytest.raises(psycopg.errors.InvalidParameterValue,
-                       match=r"^book_cash takes a JSON object, got \[1\]\n"):
+    with pytest.raises(psycopg.errors.InvalidParameterValue) as info:
         conn.execute("SELECT trading.book_cash('[1]')")
+    assert info.value.diag.message_primary == "book_cash takes a JSON object, got [1]"
 
 
 # ------------------------------------------------------------------ roles, races

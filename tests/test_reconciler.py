@@ -550,6 +550,33 @@ def test_a_movement_the_ledger_refuses_is_reported_once(
                     account_id) == Decimal("9999.97")
 
 
+def test_a_key_that_may_not_list_cash_movements_is_reported_once_and_the_round_goes_on(
+        desk: Desk, http: responses.RequestsMock, alpaca: tuple[int, RoutedAccount]) -> None:
+    """A trade-only key refused the activities listing (HTTP 403): the other checks still
+    run (a position the ledger lacks is found), and the refusal is one error row, not one
+    a round."""
+    _, acc = alpaca
+    for _ in range(2):
+        http.get(f"{ALPACA}/positions", json=[alpaca_position("AAPL", "5")])
+        http.get(f"{ALPACA}/account", json=alpaca_account("10000"))
+        http.get(f"{ALPACA}/orders", json=[])
+        http.get(f"{ALPACA}/account/activities/FILL", json=[])
+        http.get(f"{ALPACA}/account/activities", status=403,
+                 json={"code": 40310000, "message": "forbidden"})
+    worker = reconciler(desk, acc)
+    try:
+        runs = [worker.reconcile_all()[0] for _ in range(2)]
+    finally:
+        worker.close()
+    assert [(r.skipped, r.booked, [m.kind for m in r.mismatches]) for r in runs] == [
+        (None, 0, ["POSITION_MISMATCH"]), (None, 0, ["POSITION_MISMATCH"])]
+    [(kind, message)] = desk.errors()
+    assert message.startswith("alp-1: the broker refused to list its cash movements (fees, "
+                              "deposits, withdrawals), so they are not booked: alpaca: ")
+    assert kind.isupper()
+    assert [k for k, _, _ in desk.events()] == ["POSITION_MISMATCH"]
+
+
 # ---------------------------------------------------------------------- (d) unknown orders
 def test_an_order_open_at_the_broker_that_the_ledger_does_not_know(
         desk: Desk, http: responses.RequestsMock, alpaca: tuple[int, RoutedAccount]) -> None:

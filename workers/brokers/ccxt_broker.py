@@ -31,8 +31,17 @@ Choices a caller should know:
   as a long position in that currency against the first quote currency of
   `QUOTE_PREFERENCE` the venue lists (`BTC/USDT`), with no average price (spot venues keep
   no cost basis). Cash currencies (`CASH_CURRENCIES`) are balances, not positions.
-- Cash movements outside fills are not read (`cash_movements_since` is empty): spot fees
-  come with the fills, and a deposit or withdrawal is booked by hand (`mmats account book`).
+- Cash movements outside fills are the deposits and withdrawals of cash currencies
+  (`cash_movements_since`, from ccxt's `fetch_deposits` / `fetch_withdrawals`): finished
+  ones only, a withdrawal's fee as a movement of its own; a coin deposited is a position.
+  Spot fees come with the fills. Coinbase's transfers, and those of Binance's testnet and
+  OKX's demo trading, are not read (`TRANSFERS_NOT_READ`): there a deposit shows as a
+  BALANCE_MISMATCH, booked by hand (`mmats account book`). The API key needs to read the
+  funding history (Kraken: Funds permissions - Query, and for withdrawals Withdraw or
+  Data - Query ledger entries; Bybit: the master UID's key): a refusal is a Stop.
+  OKX and Bybit credit deposits to, and pay withdrawals from, the funding account by
+  default, and Binance may use its funding wallet: until moved to or from the trading
+  account (a transfer, not listed), such a movement shows as a BALANCE_MISMATCH.
 - Money is `Decimal` (ccxt's floats and strings go through `Decimal(str(x))`), times are
   aware UTC.
 """
@@ -65,6 +74,7 @@ from workers.brokers.base import (
 from workers.runtime.log import register_secret
 
 T = TypeVar("T")
+TransferKind = Literal["deposit", "withdrawal"]
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 # ccxt exception -> (MMATS class, reason code); the first matching row wins, so a class is
@@ -150,6 +160,61 @@ NO_BASE_SIZED_MARKET_BUY = frozenset({"coinbase"})
 
 QUOTE_PREFERENCE = ("USDT", "USDC", "USD", "EUR")
 CASH_CURRENCIES = frozenset({*QUOTE_PREFERENCE, "FDUSD", "BUSD", "DAI", "TUSD", "GBP", "JPY"})
+
+# --- deposits and withdrawals (cash_movements_since) ---
+# Venues whose deposits and withdrawals are not read (none is returned; each shows as the
+# reconciler's BALANCE_MISMATCH, booked by hand), and why.
+TRANSFERS_NOT_READ: dict[str, str] = {
+    "coinbase": "ccxt lists Coinbase transfers per account only (an account id, or a currency "
+                "looked up in the account list), from v2 endpoints that hold fiat only and "
+                "take no time filter; stablecoin sends are only in an account's whole "
+                "transaction list, where ccxt calls every entry, trades too, a deposit or a "
+                "withdrawal by its sign",
+}
+# ... and on the venue's testnet or demo account only.
+TRANSFERS_NOT_READ_IN_SANDBOX: dict[str, str] = {
+    "binance": "the spot testnet has no wallet (sapi) endpoints: ccxt raises NotSupported",
+    "okx": "demo trading serves every endpoint but the deposit and withdrawal ones",
+}
+
+# How far one request may reach: Binance answers startTime..endTime of 90 days at most
+# (ccxt asks since + 90 days itself), Bybit "less than 30 days", judged by the second.
+# The history from `since` to now is asked window by window; elsewhere in one go.
+TRANSFERS_WINDOW_MS = {"binance": 90 * _DAY_MS, "bybit": 30 * _DAY_MS - 1000}
+
+# Records one answer holds at most (the limit asked for where ccxt sends one): a full
+# answer means there may be more. Kraken answers 25 without its cursor, and ccxt sends it
+# no limit; none is passed there, as ccxt's own cut of a longer answer keeps the oldest.
+TRANSFERS_PAGE = {"binance": 1000, "bybit": 50, "okx": 100, "kraken": 25}
+TRANSFERS_LIMIT_NOT_SENT = frozenset({"kraken"})
+# Venues paged with `offset` within a window (Binance: ccxt drops `until` from its
+# withdrawal query). The others answer newest first (OKX, Bybit, Kraken): a full answer is
+# walked back with `until` from its oldest record, that millisecond included.
+TRANSFERS_BY_OFFSET = frozenset({"binance"})
+
+# Venue params: Bybit lists on-chain withdrawals only unless asked for all (withdrawType 2,
+# transfers to other Bybit accounts too).
+TRANSFER_PARAMS: dict[tuple[str, str], dict[str, Any]] = {
+    ("bybit", "withdrawal"): {"withdrawType": 2},
+}
+
+# A transfer's fee charged in a cash currency is a movement of its own (`<movement id>:fee`,
+# kind fee): ccxt's `amount` is what was sent or credited, the fee apart. What each venue's
+# answer says, as ccxt parses it:
+# - binance: a withdrawal's `amount` is what left for the address, `transactionFee` is
+#   charged on top (the examples ccxt quotes only add up so: 20 USDT for a 20 USDT fee);
+#   crypto deposit records carry no fee.
+# - bybit: a withdrawal's `amount` is what the address receives (the default feeType 0 of
+#   /v5/asset/withdraw/create), `withdrawFee` on top; a deposit's `depositFee` (rarely set)
+#   is taken as charged apart too (not documented either way).
+# - okx: "Withdrawal fee is not included in withdrawal amount" (POST /api/v5/asset/
+#   withdrawal); ccxt gives deposits a fee of 0.
+# - kraken: its ledger moves a balance by `amount`, then by `fee` (balance = old ± amount -
+#   fee), deposits and withdrawals alike.
+# - coinbase (not read): ccxt's amount of a fiat withdrawal is its `subtotal`, fee included.
+# Kinds whose ccxt amount already includes the fee (no fee movement):
+FEE_IN_AMOUNT = frozenset({("coinbase", "withdrawal")})
+_DESCRIPTION_LENGTH = 200
 
 CREDENTIAL_KEYS = {"apiKey": "apiKey", "api_key": "apiKey", "key": "apiKey",
                    "secret": "secret", "api_secret": "secret", "password": "password",
@@ -709,11 +774,120 @@ class CcxtBroker:
         return out
 
     def cash_movements_since(self, since: datetime) -> Sequence[CashMovement]:
-        """None: on spot, a venue's fees come with its fills, and ccxt's ledger (where a
-        venue has one) mixes them with trades. A deposit or withdrawal shows as a
-        BALANCE_MISMATCH of the reconciler; book it with
-        `mmats account book`."""
-        return ()
+        """Deposits and withdrawals of cash currencies (CASH_CURRENCIES) at or after
+        `since`, oldest first, from ccxt's fetch_deposits and fetch_withdrawals: only the
+        finished ones (ccxt status 'ok'), `deposit:<venue id>` credited and
+        `withdrawal:<venue id>` debited (the two kinds' ids may collide), and a fee
+        charged in a cash currency as `<movement id>:fee` (see FEE_IN_AMOUNT). A coin
+        deposited or withdrawn is a position, which the reconciler compares as one; spot
+        trading fees come with the fills.
+
+        The history is asked window by window where the venue limits how far one request
+        reaches (TRANSFERS_WINDOW_MS), each window paged until an answer is short or
+        brings nothing new. Venues of TRANSFERS_NOT_READ (and of
+        TRANSFERS_NOT_READ_IN_SANDBOX, on their sandbox) are not asked: none is returned.
+        A record without an id or a time, or with an amount that is not a number, is a
+        malformed answer (Retry, BAD_RESPONSE). ccxt itself drops records without a time
+        from an answer to a query with `since`."""
+        start = datetime_to_ms(since)
+        if self.transfers_not_read() is not None:
+            return ()
+        found: dict[tuple[TransferKind, str], Mapping[str, Any]] = {}
+        kinds: tuple[tuple[TransferKind, str], ...] = (("deposit", "fetchDeposits"),
+                                                        ("withdrawal", "fetchWithdrawals"))
+        for kind, method in kinds:
+            if not self._exchange.has.get(method):
+                continue
+            window = TRANSFERS_WINDOW_MS.get(self.exchange_id)
+            if window is None:
+                self._transfers_in(kind, start, None, found)
+                continue
+            now = int(self._exchange.milliseconds())
+            lo = start
+            while True:
+                hi = lo + window
+                self._transfers_in(kind, lo, hi, found)
+                if hi >= now:
+                    break
+                lo = hi  # (the windows share a millisecond: nothing falls between)
+        movements = [m for (kind, _), tx in found.items() for m in self._to_movements(kind, tx)]
+        return sorted(movements, key=lambda m: (m.ts, m.movement_id))
+
+    def transfers_not_read(self) -> str | None:
+        """Why this account's deposits and withdrawals are not read, or None if they are."""
+        if self.exchange_id in TRANSFERS_NOT_READ:
+            return TRANSFERS_NOT_READ[self.exchange_id]
+        if self.is_sandbox and self.exchange_id in TRANSFERS_NOT_READ_IN_SANDBOX:
+            return TRANSFERS_NOT_READ_IN_SANDBOX[self.exchange_id]
+        return None
+
+    def _transfers_in(self, kind: TransferKind, start_ms: int, end_ms: int | None,
+                      found: dict[tuple[TransferKind, str], Mapping[str, Any]]) -> None:
+        """The deposits or withdrawals of [start_ms, end_ms] (no end: up to now) into
+        `found` by (kind, venue id): one answer, and more while an answer is full and
+        brings records not seen yet (by offset, or walking back from its oldest record)."""
+        size = TRANSFERS_PAGE.get(self.exchange_id, 100)
+        limit = None if self.exchange_id in TRANSFERS_LIMIT_NOT_SENT else size
+        params = dict(TRANSFER_PARAMS.get((self.exchange_id, kind), {}))
+        until, offset = end_ms, 0
+        while True:
+            page = self._transfers_page(kind, start_ms, limit, params, until, offset)
+            oldest, new = None, 0
+            for tx in page:
+                key = (kind, _transfer_id(tx, kind, self.venue))
+                ms = _transfer_ms(tx, kind, key[1], self.venue)
+                oldest = ms if oldest is None else min(oldest, ms)
+                if key not in found:
+                    found[key] = tx
+                    new += 1
+            if not new or len(page) < size or oldest is None:
+                return
+            if self.exchange_id in TRANSFERS_BY_OFFSET:
+                offset += len(page)
+            else:
+                until = oldest + 1  # (several records may share that millisecond)
+
+    def _transfers_page(self, kind: TransferKind, since_ms: int, limit: int | None,
+                        params: Mapping[str, Any], until_ms: int | None,
+                        offset: int) -> list[dict[str, Any]]:
+        query = dict(params)
+        if until_ms is not None:
+            query["until"] = until_ms
+        if offset:
+            query["offset"] = offset
+        fetch = (self._exchange.fetch_deposits if kind == "deposit"
+                 else self._exchange.fetch_withdrawals)
+        return list(self._call("cash_movements_since", None,
+                               lambda: fetch(None, since_ms, limit, query)))
+
+    def _to_movements(self, kind: TransferKind, tx: Mapping[str, Any]) -> list[CashMovement]:
+        """The cash movements of one ccxt transaction: its amount, signed by its kind, and
+        its fee, where each is in a cash currency, not zero, and the transaction is
+        finished (`id` and `timestamp` are checked already)."""
+        if tx.get("status") != "ok":
+            return []
+        tx_id = str(tx["id"])
+        movement_id = f"{kind}:{tx_id}"
+        ts = ms_to_datetime(tx["timestamp"])
+        currency = tx.get("currency")
+        out: list[CashMovement] = []
+        if currency in CASH_CURRENCIES:
+            amount = abs(_transfer_amount(tx, kind, tx_id, self.venue))
+            if amount:
+                out.append(CashMovement(
+                    movement_id=movement_id, kind=kind,
+                    amount=amount if kind == "deposit" else -amount, currency=str(currency),
+                    ts=ts, description=_transfer_description(kind, tx)))
+        fee = tx.get("fee") or {}
+        cost = _finite_or_none(fee.get("cost"))
+        fee_currency = fee.get("currency") or currency
+        if cost and fee_currency in CASH_CURRENCIES \
+                and (self.exchange_id, kind) not in FEE_IN_AMOUNT:
+            out.append(CashMovement(
+                movement_id=f"{movement_id}:fee", kind="fee", amount=-abs(cost),
+                currency=str(fee_currency), ts=ts,
+                description=f"fee of {kind} {tx_id}"[:_DESCRIPTION_LENGTH]))
+        return out
 
     def positions(self) -> Sequence[BrokerPosition]:
         """Spot holdings as long positions: each non-cash currency with a non-zero balance,
@@ -793,6 +967,68 @@ def _fee(trade: Mapping[str, Any]) -> tuple[Decimal, str | None]:
     total = sum((to_decimal(f["cost"]) for f in fees if f.get("currency") == currency),
                 Decimal(0))
     return total, currency
+
+
+def _transfer_id(tx: Mapping[str, Any], kind: str, venue: str) -> str:
+    """A ccxt transaction's venue id, or Retry (BAD_RESPONSE) for one without."""
+    tx_id = tx.get("id")
+    if tx_id is None or not str(tx_id).strip():
+        raise _bad_transfer(venue, f"a {kind} of {tx.get('currency')} dated "
+                                   f"{tx.get('datetime')} has no id")
+    return str(tx_id).strip()
+
+
+def _transfer_ms(tx: Mapping[str, Any], kind: str, tx_id: str, venue: str) -> int:
+    """A ccxt transaction's time (ms), or Retry (BAD_RESPONSE) for one without."""
+    timestamp = tx.get("timestamp")
+    if not isinstance(timestamp, int | float) or isinstance(timestamp, bool):
+        raise _bad_transfer(venue, f"{kind} {tx_id} ({tx.get('currency')}) has no time "
+                                   f"(timestamp {timestamp!r})")
+    return int(timestamp)
+
+
+def _transfer_amount(tx: Mapping[str, Any], kind: str, tx_id: str, venue: str) -> Decimal:
+    """A ccxt transaction's amount as a finite Decimal, or Retry (BAD_RESPONSE) naming the
+    venue's own value (ccxt turns one that is not a number into None)."""
+    amount = _finite_or_none(tx.get("amount"))
+    if amount is None:
+        info = tx.get("info")
+        raw = tx.get("amount")
+        if isinstance(info, Mapping):
+            raw = next((info[k] for k in ("amount", "amt", "vol") if k in info), raw)
+        shown = repr(raw) if len(repr(raw)) <= 40 else repr(raw)[:37] + "..."
+        raise _bad_transfer(venue, f"{kind} {tx_id} ({tx.get('currency')}): amount {shown} "
+                                   "is not a number")
+    return amount
+
+
+def _finite_or_none(value: Any) -> Decimal | None:
+    """`value` as a finite Decimal; None when missing, not a number, infinite or NaN."""
+    if value is None or value == "" or isinstance(value, bool):
+        return None
+    try:
+        number = to_decimal(value)
+    except ValueError:
+        return None
+    return number if number.is_finite() else None
+
+
+def _bad_transfer(venue: str, problem: str) -> errors.Retry:
+    """A malformed deposit or withdrawal record, like ccxt's BadResponse: ask again."""
+    text = " ".join(f"cash_movements_since: {problem}".split())
+    return errors.Retry(text, venue=venue, code="BAD_RESPONSE")
+
+
+def _transfer_description(kind: str, tx: Mapping[str, Any]) -> str:
+    """`deposit on TRC20, tx 0b03...`: the network and on-chain id, where ccxt gives them."""
+    text = kind
+    if tx.get("network"):
+        text += f" on {tx['network']}"
+    if tx.get("internal"):
+        text += " (internal transfer)"
+    if tx.get("txid") and tx.get("txid") != tx.get("id"):
+        text += f", tx {tx['txid']}"
+    return " ".join(text.split())[:_DESCRIPTION_LENGTH]
 
 
 def _reason(raw: Mapping[str, Any]) -> str | None:

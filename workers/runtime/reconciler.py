@@ -25,7 +25,8 @@ the ledger, so it is skipped):
    before cash is compared. One dated before the account was created in MMATS is left
    alone (the cash it started with already held it; a movement a venue dates by its
    day only, at midnight UTC, is booked from the creation day on); one the ledger
-   refuses is CASH_NOT_BOOKED.
+   refuses is CASH_NOT_BOOKED. A key that may not list them (Stop) is reported once
+   and the round goes on without them.
 3. **Orders open at the broker** that the ledger does not know, or holds as finished:
    UNKNOWN_BROKER_ORDER.
 4. **Positions**: the ledger's net quantity per symbol (every strategy's rows summed)
@@ -252,6 +253,7 @@ class Reconciler(Worker):
         self._next_run = 0.0
         self._episodes: dict[int, dict[str, _Episode]] = {}
         self._broker_alarms: dict[int, set[str]] = {}
+        self._movements_refused: set[int] = set()  # accounts whose key may not list them
         self._status: dict[str, dict[str, Any]] = {}
 
     # ------------------------------------------------------------------ life
@@ -354,8 +356,7 @@ class Reconciler(Worker):
         balances = broker.balances()
         open_at_broker = broker.open_orders()
         fills = list(broker.fills_since(since))
-        movements = list(broker.cash_movements_since(
-            self._since(run.account, run.started_at, self.movement_overlap)))
+        movements = self._movements(routed, broker, run)
         found: list[Mismatch] = []
 
         orders = self._ledger_orders(account_id, fills, open_at_broker)
@@ -542,6 +543,25 @@ class Reconciler(Worker):
                       symbol=fill.symbol, side=fill.side, quantity=_plain(fill.quantity),
                       price=_plain(fill.price))
         return True
+
+    def _movements(self, routed: RoutedAccount, broker: Broker,
+                   run: AccountRun) -> list[CashMovement]:
+        """The broker's cash movements of the window. A key that may not read them (a
+        trade-only key without the venue's funds-query permission: Stop) leaves them out
+        and is reported once; the rest of the comparison runs, and what they moved shows
+        as a BALANCE_MISMATCH. An unavailable broker (Retry) skips the round as usual."""
+        since = self._since(run.account, run.started_at, self.movement_overlap)
+        try:
+            found = list(broker.cash_movements_since(since))
+        except errors.Stop as exc:
+            if routed.account_id not in self._movements_refused:
+                self._movements_refused.add(routed.account_id)
+                self.report(exc.code, f"{run.account}: the broker refused to list its cash "
+                            f"movements (fees, deposits, withdrawals), so they are not "
+                            f"booked: {exc}", account=run.account)
+            return []
+        self._movements_refused.discard(routed.account_id)
+        return found
 
     def _book_movements(self, account_id: int, run: AccountRun,
                         movements: Sequence[CashMovement], found: list[Mismatch]) -> None:
