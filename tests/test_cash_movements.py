@@ -12,7 +12,7 @@ from typing import Any
 import psycopg
 import pytest
 from psycopg.types.json import Jsonb
-from test_risk_gate import TS, account, approved, rejected, set_limit, signal, stock
+from test_risk_gate import TS, account, approved, hold, rejected, set_limit, signal, stock
 
 T_BOOKED = "2026-03-02T14:00:00Z"
 
@@ -132,6 +132,52 @@ def test_a_deposit_is_no_daily_gain_and_financing_is_a_daily_loss(
     book(conn, kind="financing", amount="-0.02", broker_ref="fin-1")
     rejected(conn, signal(conn, "BBB", size="0.001", ts=TS), "DAILY_LOSS",
              "DAILY_LOSS: limit=100.01, loss=100.0200")
+
+
+def test_a_withdrawal_overnight_is_not_the_next_days_loss(conn: psycopg.Connection) -> None:
+    """50 AAA at 100 and 5 000 cash; the day's last snapshot (21:00) says 10 000. 3 000
+    withdrawn at 23:30: the next day starts at 7 000, so its first bar, at an unchanged
+    price, loses nothing (before 0004_07's fix it lost 3 000 and tripped the breaker).
+    A real loss that day still trips it: AAA at 80 is 1 000 lost."""
+    aaa = stock(conn, "AAA")
+    aid = account(conn)
+    hold(conn, "AAA", "0.05")
+    set_limit(conn, "DAILY_LOSS", "500", params={"mode": "HARD"})
+
+    def bar_at(ts: str, close: int) -> None:
+        conn.execute("SELECT trading.on_bar(%s, '1h', %s, %s, %s, %s, %s, %s)",
+                     (aaa, ts, close, close, close, close, aid))
+
+    def breaker() -> str | None:
+        row = conn.execute("SELECT mode::text FROM risk.breaker_state").fetchone()
+        return row[0] if row else None
+
+    bar_at("2026-03-02T20:00:00Z", 100)
+    book(conn, kind="withdrawal", amount="-3000", broker_ref="w-1", ts="2026-03-02T23:30:00Z")
+    bar_at("2026-03-03T00:00:00Z", 100)
+    assert conn.execute("SELECT trading_day::text, day_start_equity, flows_since_snapshot"
+                        " FROM trading.accounts").fetchone() == ("2026-03-03", D(7000), D(0))
+    assert breaker() in (None, "OK")
+    bar_at("2026-03-03T01:00:00Z", 80)
+    assert breaker() == "HARD"
+    assert conn.execute("SELECT reason FROM risk.breaker_state").fetchone() == (
+        "DAILY_LOSS: limit=500, loss=1000.0000",)
+
+
+def test_a_deposit_overnight_does_not_hide_the_next_days_loss(conn: psycopg.Connection) -> None:
+    """The mirror case: 10 000 deposited overnight, then AAA falls from 100 to 80: 1 000
+    lost, over the 500 limit (before the fix the deposit made it a 9 000 gain)."""
+    aaa = stock(conn, "AAA")
+    aid = account(conn)
+    hold(conn, "AAA", "0.05")
+    set_limit(conn, "DAILY_LOSS", "500", params={"mode": "SOFT"})
+    conn.execute("SELECT trading.on_bar(%s, '1h', '2026-03-02T20:00:00Z', 100, 100, 100, 100,"
+                 " %s)", (aaa, aid))
+    book(conn, kind="deposit", amount="10000", broker_ref="d-1", ts="2026-03-02T23:30:00Z")
+    conn.execute("SELECT trading.on_bar(%s, '1h', '2026-03-03T00:00:00Z', 80, 80, 80, 80, %s)",
+                 (aaa, aid))
+    assert conn.execute("SELECT mode::text, reason FROM risk.breaker_state").fetchone() == (
+        "SOFT", "DAILY_LOSS: limit=500, loss=1000.0000")
 
 
 # ------------------------------------------------------------------ bad input

@@ -12,7 +12,10 @@
 -- Fees, financing, dividends, interest and adjustments are profit or loss: they move cash
 -- and so equity, which the drawdown and daily-loss rules read. A deposit or a withdrawal
 -- is not: it moves cash, the peak equity and the day's starting equity by the same
--- amount, so neither rule sees it as a gain or a loss.
+-- amount, so neither rule sees it as a gain or a loss. A day's starting equity is the
+-- last snapshot's equity; one booked after that snapshot and before the next day's first
+-- is kept on the account (flows_since_snapshot) and added to it, so a withdrawal
+-- overnight is not that day's loss (nor a deposit its gain).
 --
 -- Also: trading._num refuses a number written as text whose magnitude numeric cannot
 -- hold (`"1e400000"`, a 200 000-digit string) with the field's name, as it refuses NaN;
@@ -73,6 +76,11 @@ BEGIN
     RETURN v;
 END
 $$;
+
+-- deposits and withdrawals (in the account's currency) booked since its last equity snapshot
+ALTER TABLE trading.accounts ADD COLUMN flows_since_snapshot numeric NOT NULL DEFAULT 0
+    CONSTRAINT accounts_flows_since_snapshot_is_number
+    CHECK (flows_since_snapshot > '-Infinity' AND flows_since_snapshot < 'Infinity');
 
 CREATE TYPE trading.cash_kind AS ENUM
     ('fee', 'financing', 'dividend', 'interest', 'deposit', 'withdrawal', 'adjustment');
@@ -220,7 +228,10 @@ BEGIN
         peak_equity = CASE WHEN k IN ('deposit', 'withdrawal') THEN a.peak_equity + moved
                            ELSE a.peak_equity END,
         day_start_equity = CASE WHEN k IN ('deposit', 'withdrawal') THEN a.day_start_equity + moved
-                                ELSE a.day_start_equity END
+                                ELSE a.day_start_equity END,
+        flows_since_snapshot = CASE WHEN k IN ('deposit', 'withdrawal')
+                                    THEN a.flows_since_snapshot + moved
+                                    ELSE a.flows_since_snapshot END
     WHERE a.account_id = acc.account_id;
 
     PERFORM audit.record('cash.booked', 'trading.cash_movements', id::text, jsonb_build_object(
@@ -232,3 +243,66 @@ END
 $$;
 REVOKE ALL ON FUNCTION trading.book_cash(jsonb) FROM PUBLIC;
 GRANT EXECUTE ON FUNCTION trading.book_cash(jsonb) TO mmats_router, mmats_api;
+
+-- (as in 0002_06, with the flows booked since the last snapshot; no SET clause, as since
+-- 0004_06) Snapshot an account's equity at a time, track its peak and its UTC day, and
+-- trip the breaker on a breached drawdown or daily-loss limit. Returns the equity.
+CREATE OR REPLACE FUNCTION trading.snapshot_equity(account bigint, at timestamptz) RETURNS numeric
+LANGUAGE plpgsql AS $$
+DECLARE
+    acc trading.accounts;
+    e record;
+    peak numeric;
+    day date := (at AT TIME ZONE 'UTC')::date;
+    day_start numeric;
+    l risk.limits;
+    loss numeric;
+BEGIN
+    SELECT * INTO acc FROM trading.accounts a WHERE a.account_id = account FOR UPDATE;
+    SELECT * INTO e FROM trading.account_equity(account);
+    peak := GREATEST(COALESCE(acc.peak_equity, e.equity), e.equity);
+    -- a new day starts from the equity the previous day ended with (the last snapshot
+    -- before this one), so that the first bar of the day counts towards its loss (with
+    -- daily bars every bar is the first of its day), plus the deposits and withdrawals
+    -- booked since that snapshot (they are no gain or loss of the new day)
+    IF acc.trading_day = day THEN
+        day_start := acc.day_start_equity;
+    ELSE
+        SELECT s.equity + acc.flows_since_snapshot INTO day_start FROM trading.equity_snapshots s
+        WHERE s.account_id = account AND s.ts < at ORDER BY s.ts DESC LIMIT 1;
+        day_start := COALESCE(day_start, e.equity);
+    END IF;
+    -- (only when something changed: every bar of every held instrument comes here, and
+    -- a new row version per bar makes every later read of the account slower)
+    IF (acc.peak_equity, acc.trading_day, acc.day_start_equity, acc.flows_since_snapshot)
+       IS DISTINCT FROM (peak, day, day_start, 0) THEN
+        UPDATE trading.accounts a SET peak_equity = peak, trading_day = day,
+                                      day_start_equity = day_start, flows_since_snapshot = 0
+        WHERE a.account_id = account;
+    END IF;
+    INSERT INTO trading.equity_snapshots AS s (account_id, ts, cash, positions_value, equity, peak_equity, drawdown)
+    VALUES (account, at, e.cash, e.positions_value, e.equity, peak,
+            CASE WHEN peak > 0 THEN LEAST(GREATEST((peak - e.equity) / peak, 0), 1) ELSE 0 END)
+    ON CONFLICT (account_id, ts) DO UPDATE SET cash = EXCLUDED.cash,
+        positions_value = EXCLUDED.positions_value, equity = EXCLUDED.equity,
+        peak_equity = EXCLUDED.peak_equity, drawdown = EXCLUDED.drawdown;
+    FOR l IN SELECT * FROM risk.effective_limits(account) x
+             WHERE x.limit_type IN ('MAX_DRAWDOWN', 'DAILY_LOSS') AND x.scope = 'global' LOOP
+        IF l.limit_type = 'MAX_DRAWDOWN' AND peak > 0 AND (peak - e.equity) / peak >= l.value THEN
+            PERFORM risk._trip(acc, COALESCE(upper(l.params ->> 'mode'), 'HARD')::risk.breaker_mode,
+                format('MAX_DRAWDOWN: limit=%s, drawdown=%s', l.value, round((peak - e.equity) / peak, 4)),
+                'MAX_DRAWDOWN');
+        ELSIF l.limit_type = 'DAILY_LOSS' THEN
+            loss := day_start - e.equity;
+            IF l.params ->> 'unit' = 'fraction' AND day_start > 0 THEN
+                loss := loss / day_start;
+            END IF;
+            IF loss >= l.value THEN
+                PERFORM risk._trip(acc, COALESCE(upper(l.params ->> 'mode'), 'HARD')::risk.breaker_mode,
+                    format('DAILY_LOSS: limit=%s, loss=%s', l.value, round(loss, 4)), 'DAILY_LOSS');
+            END IF;
+        END IF;
+    END LOOP;
+    RETURN e.equity;
+END
+$$;
