@@ -480,6 +480,28 @@ def test_fx_pnl_includes_the_currency_move(conn, jpy):
     assert t["pnl"] == 300 and t["gross_pnl"] == 300
 
 
+def test_fx_takes_the_latest_bar_of_either_direction_on_any_venue(conn):
+    """JPY/USD listed on an old venue with one bar of 2020 (0.01), USD/JPY on a live one at
+    125 this morning: a yen is 0.008 dollars now. Before 0004_07 the stale direct pair of
+    the lower instrument id won. At a time before this morning's bar, 2020's is the latest."""
+    old = instrument(conn, "JPYUSD", "JPY", "USD", market="forex", calendar="FX_24X5",
+                     venue="old")
+    bar(conn, old, "2020-01-02T00:00:00Z", "0.01")
+    live = instrument(conn, "USDJPY", "USD", "JPY", market="forex", calendar="FX_24X5",
+                      venue="live")
+    bar(conn, live, "2026-01-05T09:00:00Z", "125")
+    assert old < live
+    rate = "SELECT trading.fx_rate('JPY', 'USD', %s)"
+    assert one(conn, rate, "2026-01-05T10:00:00Z") == D("0.008")
+    assert one(conn, rate, None) == D("0.008")
+    assert one(conn, rate, "2025-06-01T00:00:00Z") == D("0.01")
+    assert one(conn, "SELECT trading.fx_rate('USD', 'JPY', %s)", "2026-01-05T10:00:00Z") == 125
+    # the same time on both: the direct pair
+    bar(conn, old, "2026-01-05T09:00:00Z", "0.0081")
+    assert one(conn, rate, "2026-01-05T10:00:00Z") == D("0.0081")
+    assert one(conn, "SELECT trading.fx_rate('JPY', 'USD', %s)", "2019-01-01T00:00:00Z") is None
+
+
 def test_fx_missing_rate_refused(conn):
     btcjpy = instrument(conn, "BTCJPY", "BTC", "JPY")
     bar(conn, btcjpy, "2026-01-05T09:00:00Z", "1000000")

@@ -6897,9 +6897,14 @@ $$;
 -- is kept on the account (flows_since_snapshot) and added to it, so a withdrawal
 -- overnight is not that day's loss (nor a deposit its gain).
 --
--- Also: trading._num refuses a number written as text whose magnitude numeric cannot
--- hold (`"1e400000"`, a 200 000-digit string) with the field's name, as it refuses NaN;
--- before, the cast failed with PostgreSQL's bare "value overflows numeric format".
+-- Also:
+-- - trading.fx_rate takes the conversion pair's latest bar at or before the time, whichever
+--   venue lists the pair and in whichever direction. It took the direct pair of the lowest
+--   instrument id with any bar, and only then the inverse pair: a stale listing on one
+--   venue (a bar of 2020) won over the live one on another.
+-- - trading._num refuses a number written as text whose magnitude numeric cannot
+--   hold (`"1e400000"`, a 200 000-digit string) with the field's name, as it refuses NaN;
+--   before, the cast failed with PostgreSQL's bare "value overflows numeric format".
 SET LOCAL ROLE mmats_owner;
 
 -- (as in 0003_02, with the range check; no SET clause, as since 0004_06)
@@ -7184,5 +7189,33 @@ BEGIN
         END IF;
     END LOOP;
     RETURN e.equity;
+END
+$$;
+
+-- (as in 0002_02, the latest bar of either direction on any venue) The price of one unit
+-- of from_ccy in to_ccy at `at` (the latest stored bar at or before it; NULL: the newest),
+-- from the pair FROM/TO or the inverse of TO/FROM, whichever has the later bar (the direct
+-- pair on a tie); NULL when no such bar exists.
+CREATE OR REPLACE FUNCTION trading.fx_rate(from_ccy text, to_ccy text, at timestamptz DEFAULT NULL)
+RETURNS numeric
+LANGUAGE plpgsql STABLE SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    px numeric;
+BEGIN
+    IF from_ccy = to_ccy THEN
+        RETURN 1;
+    END IF;
+    SELECT CASE WHEN i.base_currency = from_ccy THEN b.close ELSE round(1 / b.close, 12) END
+    INTO px
+    FROM market.instruments i
+    CROSS JOIN LATERAL (SELECT x.ts, x.close FROM market.bars x
+                        WHERE x.instrument_id = i.instrument_id
+                          AND x.ts <= COALESCE(fx_rate.at, 'infinity')
+                        ORDER BY x.ts DESC LIMIT 1) b
+    WHERE (i.base_currency = from_ccy AND i.quote_currency = to_ccy)
+       OR (i.base_currency = to_ccy AND i.quote_currency = from_ccy)
+    ORDER BY b.ts DESC, i.base_currency = from_ccy DESC, i.instrument_id
+    LIMIT 1;
+    RETURN px;
 END
 $$;
