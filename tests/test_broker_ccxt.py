@@ -1,12 +1,14 @@
 """CcxtBroker against the venues' HTTP APIs, mocked at the `requests` level (`responses`).
 
 Responses have the shapes of the exchanges' documented JSON (Binance spot REST
-`/api/v3/...`, OKX v5, Bybit v5, Kraken REST `/0/...`); nothing of the adapter or of ccxt
+`/api/v3/...`, OKX v5, Bybit v5, Kraken REST `/0/...`, Coinbase Advanced Trade
+`/api/v3/brokerage/...`); nothing of the adapter or of ccxt
 is patched, and no test touches the network: a request nobody registered fails as a ConnectionError.
 """
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import json
 import re
@@ -21,6 +23,8 @@ import ccxt
 import pytest
 import requests
 import responses
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
 
 from workers.brokers import errors
 from workers.brokers.base import Broker, BrokerPosition, OrderRequest
@@ -868,6 +872,237 @@ def test_kraken_fills_are_all_found_though_it_answers_50_newest_first(
                                           for i in range(1, 121)]
     assert fills[0].commission == Decimal("0.96") and fills[0].liquidity == "maker"
     assert len(calls_to(http, "/private/TradesHistory")) == 4
+
+
+# --- Coinbase (Advanced Trade): 3000 fills per answer, newest first ---------------------
+
+COINBASE = "https://api.coinbase.com"
+COINBASE_FILLS = "/api/v3/brokerage/orders/historical/fills"
+# A CDP API key: its name, and an EC P-256 private key that signs each request's JWT (ES256).
+COINBASE_KEY_NAME = "organizations/0d7f3c2a-5b1e-4c8d/apiKeys/9a6b4e21-7c3f-4d0a"
+COINBASE_KEY_PEM = ec.generate_private_key(ec.SECP256R1()).private_bytes(
+    serialization.Encoding.PEM, serialization.PrivateFormat.TraditionalOpenSSL,
+    serialization.NoEncryption()).decode()
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+
+def coinbase_product(product_id: str, base: str, quote: str) -> dict[str, Any]:
+    """One entry of GET /api/v3/brokerage/market/products (a spot product)."""
+    return {"product_id": product_id, "price": "66780.12", "price_percentage_change_24h": "1.2",
+            "volume_24h": "10967.87426597", "volume_percentage_change_24h": "-3.4",
+            "base_increment": "0.00000001", "quote_increment": "0.01", "quote_min_size": "1",
+            "quote_max_size": "150000000", "base_min_size": "0.00000001",
+            "base_max_size": "3400", "base_name": base, "quote_name": quote,
+            "watched": False, "is_disabled": False, "new": False, "status": "online",
+            "cancel_only": False, "limit_only": False, "post_only": False,
+            "trading_disabled": False, "auction_mode": False, "product_type": "SPOT",
+            "quote_currency_id": quote, "base_currency_id": base,
+            "fcm_trading_session_details": None, "mid_market_price": "", "alias": "",
+            "alias_to": [], "base_display_symbol": base, "quote_display_symbol": quote,
+            "view_only": False, "price_increment": "0.01", "display_name": product_id,
+            "product_venue": "CBE"}
+
+
+@pytest.fixture
+def coinbase(http: responses.RequestsMock) -> CcxtBroker:
+    """A live Coinbase broker with a CDP key. ccxt loads its markets from the Advanced Trade
+    products (spot, then futures: none here) and the fee tier, and its currencies from the
+    v2 currencies and exchange rates."""
+    def products(request: Any) -> tuple[int, dict[str, str], str]:
+        futures = parse_qs(urlsplit(request.url).query).get("product_type") == ["FUTURE"]
+        listed = [] if futures else [coinbase_product("BTC-USD", "BTC", "USD"),
+                                     coinbase_product("ETH-USD", "ETH", "USD")]
+        return 200, {}, json.dumps({"products": listed, "num_products": len(listed)})
+
+    http.add_callback(responses.GET, f"{COINBASE}/api/v3/brokerage/market/products",
+                      callback=products)
+    http.get(f"{COINBASE}/api/v3/brokerage/transaction_summary", json={
+        "total_volume": 0, "total_fees": 0, "fee_tier": {
+            "pricing_tier": "Advanced 1", "usd_from": "0", "usd_to": "1000",
+            "taker_fee_rate": "0.006", "maker_fee_rate": "0.004"},
+        "margin_rate": None, "goods_and_services_tax": None,
+        "advanced_trade_only_volume": 0, "advanced_trade_only_fees": 0,
+        "coinbase_pro_volume": 0, "coinbase_pro_fees": 0})
+    http.get(f"{COINBASE}/v2/currencies", json={"data": [
+        {"id": "USD", "name": "US Dollar", "min_size": "0.01"}]})
+    http.get(f"{COINBASE}/v2/currencies/crypto", json={"data": [
+        {"asset_id": "5b71fc48-3dd3-540c-809b-f8c94d0e68b5", "code": "BTC", "name": "Bitcoin",
+         "color": "#F7931A", "sort_index": 100, "exponent": 8, "type": "crypto",
+         "address_regex": "^([13][a-km-zA-HJ-NP-Z1-9]{25,34})$"},
+        {"asset_id": "d85dce9b-5b73-5c3c-8978-522ce1d1c1b4", "code": "ETH", "name": "Ethereum",
+         "color": "#627EEA", "sort_index": 102, "exponent": 8, "type": "crypto",
+         "address_regex": "^(?:0x)?[0-9a-fA-F]{40}$"}]})
+    http.get(f"{COINBASE}/v2/exchange-rates", json={"data": {"currency": "USD", "rates": {
+        "BTC": "0.0000149745", "ETH": "0.000287", "USD": "1.0"}}})
+    return CcxtBroker("coinbase", {"api_key": COINBASE_KEY_NAME, "secret": COINBASE_KEY_PEM},
+                      "live", exchange=ccxt.coinbase({"enableRateLimit": False}))
+
+
+def rfc3339_ns(ns: int) -> str:
+    """A time in nanoseconds since the epoch as Coinbase writes fill times (9 digits)."""
+    seconds, fraction = divmod(ns, 10**9)
+    return f"{datetime.fromtimestamp(seconds, UTC):%Y-%m-%dT%H:%M:%S}.{fraction:09d}Z"
+
+
+def coinbase_trade_id(n: int) -> str:
+    """A UUID like Coinbase's trade ids, in the order of `n` (as the fills are numbered)."""
+    return f"{n:08x}-bbbe-4a1e-9c2f-5d3e6a7b8c9d"
+
+
+def coinbase_fill(n: int, ns: int) -> dict[str, Any]:
+    """One entry of GET /api/v3/brokerage/orders/historical/fills (the documented fields).
+    Prices, sizes and commissions differ fill by fill; odd fills are taker sells."""
+    price = Decimal(6_600_000 + n) / 100
+    size = Decimal(n) / 10**8
+    return {"entry_id": hashlib.sha256(f"entry-{n}".encode()).hexdigest(),
+            "trade_id": coinbase_trade_id(n),
+            "order_id": f"813a53c5-3e39-47bb-863d-{n % 7:012d}",
+            "trade_time": rfc3339_ns(ns), "trade_type": "FILL", "price": str(price),
+            "size": str(size), "commission": str(price * size * Decimal("0.004")),
+            "product_id": "BTC-USD", "sequence_timestamp": rfc3339_ns(ns + 1_143_000),
+            "liquidity_indicator": "TAKER" if n % 2 else "MAKER", "size_in_quote": False,
+            "user_id": "3f1c2d4e-5a6b-5c7d-8e9f-0a1b2c3d4e5f", "side": "SELL" if n % 2 else "BUY",
+            "retail_portfolio_id": "4444-444444-4444444"}
+
+
+def rfc3339_to_ns(text: str) -> int:
+    return (datetime.fromisoformat(text) - _EPOCH) // timedelta(microseconds=1) * 1000
+
+
+def serve_coinbase_fills(http: responses.RequestsMock, history: list[dict[str, Any]]) -> None:
+    """GET .../orders/historical/fills as Coinbase answers it: the fills of the product
+    traded at or after start_sequence_timestamp and before end_sequence_timestamp (both
+    documented as bounds on the trade time), newest first, `limit` at most, with a cursor
+    to the next (older) page when there is one."""
+    def fills(request: Any) -> tuple[int, dict[str, str], str]:
+        q = {k: v[0] for k, v in parse_qs(urlsplit(request.url).query).items()}
+        lo = rfc3339_to_ns(q["start_sequence_timestamp"])
+        hi = rfc3339_to_ns(q["end_sequence_timestamp"]) if "end_sequence_timestamp" in q \
+            else 2**80
+        window = sorted((f for f in history if f["product_id"] == q["product_id"]
+                         and lo <= rfc3339_to_ns(f["trade_time"]) < hi),
+                        key=lambda f: rfc3339_to_ns(f["trade_time"]), reverse=True)
+        limit = int(q["limit"])
+        return 200, {}, json.dumps({"fills": window[:limit],
+                                    "cursor": "789100" if len(window) > limit else ""})
+
+    http.add_callback(responses.GET, f"{COINBASE}{COINBASE_FILLS}", callback=fills)
+
+
+COINBASE_SINCE = datetime(2024, 6, 10, tzinfo=UTC)
+COINBASE_START = datetime_to_ms(COINBASE_SINCE)
+
+
+def coinbase_history(count: int, shared_ms_with: int | None = None) -> dict[int, int]:
+    """Fill number -> trade time (ns): a fill a second from COINBASE_SINCE, each some way
+    into its millisecond. With `shared_ms_with`, that fill and its two neighbours trade in
+    one millisecond."""
+    times = {n: (COINBASE_START + n * 1000) * 10**6 + n * 7_919_333 % 999_000_000
+             for n in range(1, count + 1)}
+    if shared_ms_with is not None:
+        ms = times[shared_ms_with] // 10**6
+        for k, n in enumerate((shared_ms_with - 1, shared_ms_with, shared_ms_with + 1)):
+            times[n] = ms * 10**6 + 100_000 + 300_000 * k
+    return times
+
+
+def coinbase_asked(http: responses.RequestsMock) -> list[dict[str, str]]:
+    return [sent(c) for c in calls_to(http, COINBASE_FILLS)]
+
+
+def test_coinbase_fills_are_all_found_though_it_answers_3000_newest_first(
+        http: responses.RequestsMock, coinbase: CcxtBroker) -> None:
+    """7000 BTC-USD fills after `since` (and one ETH-USD fill, one before `since`):
+    Coinbase answers with the newest 3000 (ccxt's page), so fills_since walks back over
+    two more pages. Fills 4000-4002 trade in one millisecond, the oldest of the first
+    page's: the walk back asks up to that millisecond included, and finds 4000."""
+    times = coinbase_history(7000, shared_ms_with=4001)
+    history = [coinbase_fill(n, ns) for n, ns in times.items()]
+    history.append(coinbase_fill(9_999, (COINBASE_START - 5000) * 10**6))  # before `since`
+    history.append({**coinbase_fill(8_888, times[5000] + 1), "product_id": "ETH-USD"})
+    serve_coinbase_fills(http, history)
+
+    fills = coinbase.fills_since(COINBASE_SINCE, "BTC/USD")
+
+    assert [f.fill_id for f in fills] == [f"BTC-USD:{coinbase_trade_id(n)}"
+                                          for n in range(1, 7001)]
+    for fill, n in zip(fills, range(1, 7001), strict=True):
+        raw = history[n - 1]
+        assert fill.symbol == "BTC/USD"
+        assert fill.side == ("sell" if n % 2 else "buy")
+        assert fill.liquidity == ("taker" if n % 2 else "maker")
+        assert fill.quantity == Decimal(raw["size"]) == Decimal(n) / 10**8
+        assert fill.price == Decimal(raw["price"]) == Decimal(6_600_000 + n) / 100
+        assert fill.commission == Decimal(raw["commission"])
+        assert fill.commission_currency == "USD"
+        assert fill.broker_order_id == raw["order_id"]
+        # the trade time, to ccxt's millisecond, aware UTC
+        assert fill.ts == _EPOCH + timedelta(milliseconds=times[n] // 10**6)
+        assert fill.ts.tzinfo is UTC
+    assert fills[3].quantity == Decimal("0.00000004") and fills[3].price == Decimal("66000.04")
+    assert fills[3].commission == Decimal("0.0000105600064")
+    assert fills[3999].ts == fills[4000].ts == fills[4001].ts
+    assert all(a.ts <= b.ts for a, b in itertools.pairwise(fills))
+    assert len(coinbase_asked(http)) == 4
+
+
+def test_coinbase_fills_requests_name_the_product_the_time_bounds_and_the_page_size(
+        http: responses.RequestsMock, coinbase: CcxtBroker) -> None:
+    """What fills_since and ccxt send for the 7000 fills: the product id, limit 3000 (the
+    page ccxt declares for Coinbase), start_sequence_timestamp at `since`, and for each
+    walk back end_sequence_timestamp one millisecond past the oldest fill seen (ISO 8601,
+    milliseconds, UTC); no cursor (the walk goes by time), a JWT of the CDP key each time.
+    Then one request forward from the newest fill, which brings nothing new."""
+    times = coinbase_history(7000, shared_ms_with=4001)
+    serve_coinbase_fills(http, [coinbase_fill(n, ns) for n, ns in times.items()])
+
+    coinbase.fills_since(COINBASE_SINCE, "BTC/USD")
+
+    def iso_ms(n: int, plus_ms: int = 0) -> str:  # the millisecond fill `n` traded in
+        at = _EPOCH + timedelta(milliseconds=times[n] // 10**6 + plus_ms)
+        return f"{at:%Y-%m-%dT%H:%M:%S}.{at.microsecond // 1000:03d}Z"
+
+    page = {"product_id": "BTC-USD", "limit": "3000"}
+    assert iso_ms(4001) == "2024-06-10T01:06:41.716Z"
+    assert coinbase_asked(http) == [
+        {**page, "start_sequence_timestamp": "2024-06-10T00:00:00.000Z"},
+        # fills 4001-7000; back from 4001's millisecond (4000 and 4002 share it)
+        {**page, "start_sequence_timestamp": "2024-06-10T00:00:00.000Z",
+         "end_sequence_timestamp": "2024-06-10T01:06:41.717Z"},
+        # fills 1003-4002; back from 1003's millisecond
+        {**page, "start_sequence_timestamp": "2024-06-10T00:00:00.000Z",
+         "end_sequence_timestamp": iso_ms(1003, plus_ms=1)},
+        # fills 1-1003, a short page; then forward from the newest fill (7000)
+        {**page, "start_sequence_timestamp": iso_ms(7000)},
+    ]
+    assert iso_ms(1003, plus_ms=1) == "2024-06-10T00:16:43.951Z"
+    assert iso_ms(7000) == "2024-06-10T01:56:40.490Z"
+    for call in calls_to(http, COINBASE_FILLS):
+        assert call.request.method == "GET"
+        assert call.request.headers["Authorization"].startswith("Bearer ey")
+
+
+def test_coinbase_walk_back_ends_at_a_short_page(http: responses.RequestsMock,
+                                                 coinbase: CcxtBroker) -> None:
+    """3400 fills: the newest 3000 are a full page, so fills_since walks back once; that
+    answer (fills 1-401) is short, which ends the walk: no request reaches further back,
+    and the one request forward from the newest fill brings nothing new."""
+    times = coinbase_history(3400)
+    serve_coinbase_fills(http, [coinbase_fill(n, ns) for n, ns in times.items()])
+
+    fills = coinbase.fills_since(COINBASE_SINCE, "BTC/USD")
+
+    assert [f.fill_id for f in fills] == [f"BTC-USD:{coinbase_trade_id(n)}"
+                                          for n in range(1, 3401)]
+    assert fills[0].ts == COINBASE_SINCE + timedelta(seconds=1, milliseconds=7)
+    assert fills[0].quantity == Decimal("0.00000001") and fills[0].side == "sell"
+    page = {"product_id": "BTC-USD", "limit": "3000"}
+    assert coinbase_asked(http) == [
+        {**page, "start_sequence_timestamp": "2024-06-10T00:00:00.000Z"},
+        {**page, "start_sequence_timestamp": "2024-06-10T00:00:00.000Z",
+         "end_sequence_timestamp": "2024-06-10T00:06:41.179Z"},  # fill 401's ms, + 1 ms
+        {**page, "start_sequence_timestamp": "2024-06-10T00:56:40.951Z"},  # fill 3400's ms
+    ]
 
 
 def okx_ack(cid: str, code: str = "0", msg: str = "Order placed") -> dict[str, Any]:
