@@ -609,6 +609,47 @@ def test_cancel_filled_order_refused(conn, btc):
     assert snapshot(conn) == before
 
 
+def test_a_queued_order_the_account_may_no_longer_send_is_cancelled_at_the_gate(conn, btc):
+    """trading.mark_in_flight (0004_07): an opening order queued before a SOFT breaker, or
+    before the account went advisory, is cancelled instead of sent; an exit still goes
+    under SOFT; under a FREEZE nothing goes, exits included. Before 0004_07 every queued
+    order went out."""
+    account(conn, "acc1")
+    fill(conn, order(conn, "acc1", "BTCUSD", "buy", "2"), "f0", "2", "100")
+    opening = order(conn, "acc1", "BTCUSD", "buy", "1")
+    closing = one(conn, "SELECT trading.close_position('acc1', 'BTCUSD')")["order_ids"][0]
+    conn.execute("SELECT risk.trip_breaker('acc1', 'SOFT', 'daily loss near the limit')")
+
+    def gate(oid: int) -> dict:
+        return one(conn, "SELECT trading.mark_in_flight(%s)",
+                   order_row(conn, oid)["client_order_id"])
+
+    r = gate(opening)
+    assert (r["status"], r["reason_code"]) == ("cancelled", "BREAKER_SOFT")
+    assert r["reason"] == ("BREAKER_SOFT: account acc1 has its breaker at SOFT (daily loss "
+                           "near the limit): the order was not sent")
+    o = order_row(conn, opening)
+    assert (o["status"], o["reason_code"], o["reason"]) == ("cancelled", "BREAKER_SOFT",
+                                                            r["reason"])
+    assert gate(closing)["status"] == "in_flight"  # an exit goes
+    # advisory: an opening order made while operator stays home
+    conn.execute("SELECT risk.reset_breaker('acc1', 'RESET acc1')")
+    later = order(conn, "acc1", "BTCUSD", "buy", "1")
+    conn.execute("SELECT trading.set_advisory('acc1', 'operator stepped away')")
+    assert gate(later)["reason_code"] == "ACCOUNT_ADVISORY"
+    # a FREEZE stops exits too
+    conn.execute("UPDATE trading.accounts SET mode = 'operator' WHERE name = 'acc1'")
+    exit_ = order(conn, "acc1", "BTCUSD", "sell", "1", reduce_only=True)
+    conn.execute("SELECT risk.trip_breaker('acc1', 'FREEZE', 'reconciliation mismatch')")
+    r = gate(exit_)
+    assert (r["status"], r["reason_code"]) == ("cancelled", "BREAKER_FREEZE")
+    assert order_row(conn, exit_)["status"] == "cancelled"
+    types = [t for (t,) in conn.execute(
+        "SELECT event_type FROM audit.events WHERE entity = 'trading.orders' AND entity_id = %s"
+        " ORDER BY event_id", (str(opening),)).fetchall()]
+    assert types == ["order.created", "order.cancelled"]
+
+
 def test_mark_in_flight_and_acknowledge(conn, btc):
     account(conn, "acc1")
     oid = order(conn, "acc1", "BTCUSD", "buy", "2")

@@ -18,6 +18,12 @@
 -- overnight is not that day's loss (nor a deposit its gain).
 --
 -- Also:
+-- - trading.mark_in_flight is the gate an order passes on its way to a broker: under the
+--   account's lock it cancels, instead of letting go, an order the account may no longer
+--   send: any order under a FREEZE, an opening one (not reduce-only) under SOFT or HARD
+--   or once the account is advisory. Before, the breaker and the downgrade stopped only
+--   orders not yet created: what was queued went out. Exits still go under SOFT, HARD
+--   and advisory (they protect what is held).
 -- - trading.fx_rate takes the conversion pair's latest bar at or before the time, whichever
 --   venue lists the pair and in whichever direction. It took the direct pair of the lowest
 --   instrument id with any bar, and only then the inverse pair: a stale listing on one
@@ -82,10 +88,15 @@ BEGIN
 END
 $$;
 
--- deposits and withdrawals (in the account's currency) booked since its last equity snapshot
-ALTER TABLE trading.accounts ADD COLUMN flows_since_snapshot numeric NOT NULL DEFAULT 0
-    CONSTRAINT accounts_flows_since_snapshot_is_number
-    CHECK (flows_since_snapshot > '-Infinity' AND flows_since_snapshot < 'Infinity');
+-- deposits and withdrawals (in the account's currency) booked since its last equity
+-- snapshot. (In steps: on PostgreSQL 15 a column added with a default to a table whose
+-- row type a SQL-standard function body uses, as trading._position_key's does, is refused.)
+ALTER TABLE trading.accounts ADD COLUMN flows_since_snapshot numeric;
+UPDATE trading.accounts SET flows_since_snapshot = 0;
+ALTER TABLE trading.accounts ALTER COLUMN flows_since_snapshot SET DEFAULT 0,
+    ALTER COLUMN flows_since_snapshot SET NOT NULL,
+    ADD CONSTRAINT accounts_flows_since_snapshot_is_number
+        CHECK (flows_since_snapshot > '-Infinity' AND flows_since_snapshot < 'Infinity');
 
 CREATE TYPE trading.cash_kind AS ENUM
     ('fee', 'financing', 'dividend', 'interest', 'deposit', 'withdrawal', 'adjustment');
@@ -337,5 +348,47 @@ BEGIN
     ORDER BY b.ts DESC, i.base_currency = from_ccy DESC, i.instrument_id
     LIMIT 1;
     RETURN px;
+END
+$$;
+
+-- The router is about to send the order (its fate is unknown until the broker answers),
+-- unless the account may no longer send it: then the order is cancelled here, with the
+-- reason, and the answer says so ({"status": "cancelled", "reason_code": ...}).
+CREATE OR REPLACE FUNCTION trading.mark_in_flight(order_ref text) RETURNS jsonb
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    lk record;
+    o trading.orders;
+    acc trading.accounts;
+    brk risk.breaker_state;
+    code text;
+    why text;
+BEGIN
+    lk := trading._locked_order(order_ref);
+    acc := lk.acc;
+    o := lk.o;
+    IF o.status = 'created' THEN
+        SELECT * INTO brk FROM risk.breaker_state b WHERE b.account_id = acc.account_id;
+        IF brk.mode = 'FREEZE' THEN
+            code := 'BREAKER_FREEZE';
+        ELSIF brk.mode IN ('SOFT', 'HARD') AND NOT o.reduce_only THEN
+            code := 'BREAKER_' || brk.mode::text;
+        ELSIF acc.mode = 'advisory' AND NOT o.reduce_only THEN
+            code := 'ACCOUNT_ADVISORY';
+        END IF;
+        IF code IS NOT NULL THEN
+            why := CASE WHEN code = 'ACCOUNT_ADVISORY'
+                        THEN format('%s: account %s is in advisory mode: the order was not sent',
+                                    code, acc.name)
+                        ELSE format('%s: account %s has its breaker at %s (%s): the order was not sent',
+                                    code, acc.name, brk.mode, COALESCE(brk.reason, 'no reason given'))
+                   END;
+            PERFORM trading._set_order_status(order_ref, 'cancelled', why);
+            UPDATE trading.orders x SET reason_code = code WHERE x.order_id = o.order_id;
+            RETURN jsonb_build_object('status', 'cancelled', 'order_id', o.order_id,
+                                      'previous', o.status, 'reason_code', code, 'reason', why);
+        END IF;
+    END IF;
+    RETURN trading._set_order_status(order_ref, 'in_flight', NULL);
 END
 $$;
