@@ -214,6 +214,12 @@ BAD = [
     ({"kind": "fee", "amount": "-1", "broker_ref": "x", "symbol": "AA\nPL"},
      'book_cash.symbol must be printable characters, got "AA\\nPL"'),
     ({"kind": "fee", "amount": "-1", "broker_ref": "x", "ts": "yesterday"}, None),
+    ({"kind": "fee", "amount": "-1", "broker_ref": "x", "ts": "2026-03-02T10:00:00+16:00"},
+     "book_cash.ts has a UTC offset out of range (-15:59 to +15:59): 2026-03-02T10:00:00+16:00"),
+    ({"kind": "deposit", "amount": "1000000000000000000", "broker_ref": "x"},
+     "book_cash.amount is out of range, got 1000000000000000000"),
+    ({"kind": "deposit", "amount": 1e300, "broker_ref": "x"},  # a JSON number
+     "book_cash.amount is out of range, got 1" + "0" * 39 + "..."),
     ({"kind": "fee", "amount": "-1", "broker_ref": "x", "account": "nobody"},
      "unknown account 'nobody'"),
     ({"kind": "fee", "amount": "-1", "broker_ref": "x", "account": "'; DROP TABLE x; --"},

@@ -4,6 +4,7 @@ real database. Every expected number is worked out by hand in the test."""
 from __future__ import annotations
 
 import json
+import re
 from decimal import Decimal as D
 from typing import Any
 
@@ -411,6 +412,86 @@ def test_hedge_mode_keeps_long_and_short_legs(conn, btc):
                         " ORDER BY leg", (a,)).fetchall() == [("long", 0), ("short", 0)]
     # 100038 - 1100 - 1 + 1100 - 1 = 100036 = 100000 + 98 - 62
     assert cash(conn, a) == D("100036")
+
+
+def equity(conn: psycopg.Connection, acct_id: int) -> D:
+    return one(conn, "SELECT equity FROM trading.account_equity(%s)", acct_id)
+
+
+def test_a_fill_marks_both_hedge_legs(conn, btc):
+    """Long 10 at 100 and short 10 at 104, each with 1 of commission: flat at 104, so the
+    equity is the cash, 100 038. Before 0004_07 the long leg kept its mark of 100
+    (equity 99 998)."""
+    a = account(conn, "hedge1", position_mode="hedge", allow_short=True)
+    conn.execute("SELECT trading.assign_strategy('hedge1', 'hs', 1, 'fixed_quantity',"
+                 " '{\"quantity\": 10}')")
+    for action, fill_id, price, ts in (("buy", "h1", "100", T0), ("sell", "h2", "104", T1)):
+        r = conn.execute("SELECT trading.submit_signal(%s)", (Jsonb(
+            {"account": "hedge1", "strategy": "hs", "symbol": "BTCUSD", "action": action,
+             "price": 100}),)).fetchone()[0]
+        assert r["status"] == "approved", r
+        fill(conn, r["order_id"], fill_id, "10", price, commission="1", ts=ts)
+    assert conn.execute("SELECT leg::text, last_price FROM trading.positions WHERE"
+                        " account_id = %s ORDER BY leg", (a,)).fetchall() == [
+        ("long", D(104)), ("short", D(104))]
+    assert (cash(conn, a), equity(conn, a)) == (D(100038), D(100038))
+
+
+def test_a_fill_marks_the_other_strategies_rows_of_its_instrument(conn, btc):
+    """Independent rows: A holds 10 at 100, then B buys 5 at 110: both rows are worth 110
+    now: 98 450 cash + 15 x 110 = 100 100 (before 0004_07 A's row stayed at 100)."""
+    a = account(conn, "ind1")
+    for name, qty in (("sa", 10), ("sb", 5)):
+        conn.execute("SELECT trading.assign_strategy('ind1', %s, 0.5, 'fixed_quantity', %s)",
+                     (name, Jsonb({"quantity": qty})))
+
+    def bought(strategy: str, qty: str, price: str, fill_id: str, ts: str) -> None:
+        r = conn.execute("SELECT trading.submit_signal(%s)", (Jsonb({
+            "account": "ind1", "strategy": strategy, "symbol": "BTCUSD", "action": "buy",
+            "size": 1, "price": price, "ts": ts}),)).fetchone()[0]
+        assert r["status"] == "approved", r
+        fill(conn, r["order_id"], fill_id, qty, price, ts=ts)
+
+    bought("sa", "10", "100", "a1", T0)
+    bought("sb", "5", "110", "b1", T1)
+    assert (cash(conn, a), equity(conn, a)) == (D(98450), D(100100))
+
+
+def test_a_late_fill_does_not_overwrite_a_newer_mark(conn, btc):
+    """A paper position of 10 marked at 120 by the 10:05 bar (its close, 10:06); a fill of
+    1 more at 100, dated 10:00:30, arrives after: the rows stay at 120 (before 0004_07 the
+    fill's 100 replaced the newer mark: equity 100 000 instead of 100 220)."""
+    a = account(conn, "late1", env="paper")
+    fill(conn, order(conn, "late1", "BTCUSD", "buy", "10"), "l1", "10", "100",
+         ts="2026-01-05T10:00:00Z")
+    late = order(conn, "late1", "BTCUSD", "buy", "1")
+    conn.execute("INSERT INTO market.bars (instrument_id, timeframe, ts, open, high, low, close,"
+                 " volume) VALUES (%s, '1m', '2026-01-05T10:05:00Z', 120, 120, 120, 120, 1)",
+                 (btc,))
+    assert one(conn, "SELECT last_price FROM trading.positions WHERE account_id = %s", a) == 120
+    fill(conn, late, "l2", "1", "100", ts="2026-01-05T10:00:30Z")
+    assert one(conn, "SELECT last_price FROM trading.positions WHERE account_id = %s", a) == 120
+    assert (cash(conn, a), equity(conn, a)) == (D(98900), D(100220))
+
+
+@pytest.mark.parametrize(("fill_id", "shown"), [("a\nb", '"a\\nb"'), ("\u0001", '"\\u0001"'),
+                                               (" x", '" x"'), ("x ", '"x "')])
+def test_a_broker_fill_id_must_be_printable(conn, btc, fill_id, shown):
+    account(conn, "acc1")
+    oid = order(conn, "acc1", "BTCUSD", "buy", "1")
+    refused(conn, {"order_id": oid, "broker_fill_id": fill_id, "quantity": 1, "price": 100},
+            re.escape(f"fill.broker_fill_id must be printable characters, not starting or "
+                      f"ending with a space, got {shown}"))
+
+
+def test_liquidity_is_maker_or_taker_in_any_case(conn, btc):
+    account(conn, "acc1")
+    oid = order(conn, "acc1", "BTCUSD", "buy", "2")
+    assert fill(conn, oid, "m1", "1", "100", liquidity="MAKER")["status"] == "applied"
+    assert one(conn, "SELECT liquidity FROM trading.fills WHERE broker_fill_id = 'm1'") == "maker"
+    refused(conn, {"order_id": oid, "broker_fill_id": "m2", "quantity": 1, "price": 100,
+                   "liquidity": "market"},
+            re.escape('fill.liquidity must be maker or taker, got "market"'))
 
 
 def test_hedge_leg_cannot_go_past_zero(conn, btc):
