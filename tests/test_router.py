@@ -18,12 +18,14 @@ from __future__ import annotations
 
 import json
 import random
+import time
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
+from uuid import uuid4
 
 import psycopg
 import pytest
@@ -707,7 +709,7 @@ def test_a_rate_limit_delays_the_message_at_least_retry_after(
     o = order_row(conn, oid)
     assert (o["state"], o["reason_code"]) == ("in_flight", None)
     assert archived(conn) == [] and router.counts == {"orders": 0, "fills": 0, "rejected": 0,
-                                                      "retries": 1}
+                                                      "retries": 1, "cancelled": 0}
 
 
 def test_a_retry_after_beyond_a_day_does_not_kill_the_router(
@@ -876,6 +878,307 @@ def test_a_fill_not_yet_in_the_activity_history_keeps_the_message(
     assert len(queued(conn)) == 1, "the only message that could settle the order is gone"
 
 
+# ---------------------------------------------------------------------------- broker errors
+UNAUTHORIZED = {"code": 40110000, "message": "request is not authorized"}
+MALFORMED = {"code": 40010001, "message": "request is malformed"}
+
+
+def runtime_errors(conn: psycopg.Connection) -> list[tuple[str, str]]:
+    return [(r[0], r[1]) for r in conn.execute("SELECT kind, message FROM runtime.errors"
+                                               " ORDER BY error_id").fetchall()]
+
+
+@pytest.mark.parametrize(("answer", "alarm"), [
+    ({"body": requests.ConnectionError("read timed out")}, None),
+    ({"status": 401, "json": UNAUTHORIZED}, "BROKER_AUTH"),
+    ({"status": 403, "json": {"code": 40310000, "message": "forbidden"}}, "BROKER_AUTH"),
+])
+def test_a_broker_error_on_the_fill_history_waits_and_the_other_accounts_go_on(
+        conn: psycopg.Connection, http: responses.RequestsMock, aapl: int,
+        make_router: Callable[..., Router], answer: dict[str, Any], alarm: str | None) -> None:
+    """The venue reports the order filled, and the fill history (GET activities, called
+    while settling) fails: the message waits with backoff, the order is neither rejected
+    nor finished without its fill, and the next account's order is sent in the same
+    drain. Once the history answers, the order settles."""
+    acc = paper_account(conn, "alp")
+    acc2 = paper_account(conn, "alp2")
+    oid, coid = manual(conn, "alp", "AAPL", "10")
+    http.get(BY_CLIENT_ID, status=404, json=NOT_FOUND)
+    http.post(f"{ALPACA}/orders", json=alpaca_order(coid, status="accepted"))
+    router = make_router(alpaca_routed(acc, "alp"), alpaca_routed(acc2, "alp2"))
+    assert router.drain() == 1
+    oid2, coid2 = manual(conn, "alp2", "AAPL", "5")
+    http.replace(responses.POST, f"{ALPACA}/orders",
+                 json=alpaca_order(coid2, status="accepted", id=OTHER_OID, qty="5"))
+    http.get(f"{ALPACA}/orders/{OID}", json=alpaca_order(
+        coid, status="filled", filled_qty="10", filled_avg_price="187.15",
+        filled_at=now_text()))
+    http.get(ACTIVITIES, **answer)
+    reveal(conn)
+
+    assert router.drain() == 2  # nothing escaped: both messages handled
+    assert len(calls(http, "GET", "/activities/FILL")) == 1
+    o = order_row(conn, oid)
+    assert (o["state"], o["reason_code"], o["filled_quantity"]) == ("submitted", None, 0)
+    assert fills(conn, acc) == []
+    waiting = {m["message"]["order_id"]: m for m in queued(conn)}
+    assert waiting[oid]["read_ct"] == 2 and waiting[oid]["wait"] > 0
+    assert order_row(conn, oid2)["state"] == "submitted"  # the other account went on
+    assert len(calls(http, "POST")) == 2
+    assert archived(conn) == []
+    assert one(conn, "SELECT consecutive_rejections FROM trading.accounts"
+                     " WHERE account_id = %s", acc) == 0
+    if alarm is None:
+        assert router.counts["retries"] == 1 and runtime_errors(conn) == []
+    else:
+        (kind, message), = runtime_errors(conn)
+        assert kind == alarm and f"order {coid} (AAPL) is submitted" in message
+        assert router.counts["retries"] == 0
+
+    http.replace(responses.GET, ACTIVITIES, json=[activity(1, "10", "10", "187.15")])
+    reveal(conn)
+    router.drain()
+    o = order_row(conn, oid)
+    assert (o["state"], o["filled_quantity"]) == ("filled", Decimal(10))
+    assert [m["message"]["order_id"] for m in archived(conn)] == [oid]
+
+
+@pytest.mark.parametrize("partial", [False, True], ids=["submitted", "partially_filled"])
+@pytest.mark.parametrize(("status", "body", "alarm"), [
+    (401, UNAUTHORIZED, "BROKER_AUTH"),  # the key was rotated
+    (400, MALFORMED, "INVALID_ORDER"),
+    (404, NOT_FOUND, "ORDER_NOT_FOUND"),
+])
+def test_a_refused_status_poll_never_rejects_a_working_order(
+        conn: psycopg.Connection, http: responses.RequestsMock, aapl: int,
+        make_router: Callable[..., Router], partial: bool, status: int,
+        body: dict[str, Any], alarm: str) -> None:
+    """Only the venue's refusal of the order itself rejects it. A working order's status
+    poll answered 401, 400 or 404 says nothing of its fate: alarm (once, however many
+    polls fail in a row), wait with backoff, and go on with the other accounts; on a
+    partially filled order (which the ledger may not reject) the router used to die on
+    every start."""
+    acc = paper_account(conn, "alp")
+    acc2 = paper_account(conn, "alp2")
+    oid, coid = manual(conn, "alp", "AAPL", "10")
+    http.get(BY_CLIENT_ID, status=404, json=NOT_FOUND)
+    if partial:
+        http.post(f"{ALPACA}/orders", json=alpaca_order(
+            coid, status="partially_filled", filled_qty="4", filled_avg_price="187"))
+        http.get(ACTIVITIES, json=[activity(1, "4", "4", "187", leaves_qty="6")])
+    else:
+        http.post(f"{ALPACA}/orders", json=alpaca_order(coid, status="accepted"))
+    router = make_router(alpaca_routed(acc, "alp"), alpaca_routed(acc2, "alp2"))
+    router.drain()
+    state = "partially_filled" if partial else "submitted"
+    assert order_row(conn, oid)["state"] == state
+    http.get(f"{ALPACA}/orders/{OID}", status=status, json=body)
+    oid2, coid2 = manual(conn, "alp2", "AAPL", "5")  # another account's order, behind it
+    http.replace(responses.POST, f"{ALPACA}/orders",
+                 json=alpaca_order(coid2, status="accepted", id=OTHER_OID, qty="5"))
+
+    for attempt in (2, 3):
+        reveal(conn)
+        assert router.drain() >= 1
+        o = order_row(conn, oid)
+        assert (o["state"], o["reason_code"]) == (state, None)
+        (msg,) = [m for m in queued(conn) if m["message"]["order_id"] == oid]
+        assert msg["read_ct"] == attempt and msg["wait"] > 0
+    assert len(calls(http, "GET", f"/orders/{OID}")) == 2
+    assert order_row(conn, oid2)["state"] == "submitted"
+    (kind, message), = runtime_errors(conn)  # one alarm for the episode
+    assert kind == alarm and f"order {coid} (AAPL) is {state}" in message
+    assert one(conn, "SELECT consecutive_rejections FROM trading.accounts"
+                     " WHERE account_id = %s", acc) == 0
+    assert router.counts["rejected"] == 0
+
+    # the venue answers again: the order settles as it would have
+    http.replace(responses.GET, f"{ALPACA}/orders/{OID}", json=alpaca_order(
+        coid, status="filled", filled_qty="10", filled_avg_price="187.6",
+        filled_at=now_text()))
+    http.upsert(responses.GET, ACTIVITIES, json=[
+        activity(1, "4", "4", "187", leaves_qty="6"), activity(2, "6", "10", "188")])
+    reveal(conn)
+    router.drain()
+    o = order_row(conn, oid)
+    assert (o["state"], o["filled_quantity"]) == ("filled", Decimal(10))
+    assert oid in [m["message"]["order_id"] for m in archived(conn)]
+
+
+@pytest.mark.parametrize(("status", "body", "alarm"), [
+    (400, MALFORMED, "INVALID_ORDER"),
+    (403, {"code": 40310000, "message": "forbidden"}, "BROKER_AUTH"),
+])
+def test_a_refused_lookup_of_an_order_in_flight_alarms_and_waits(
+        conn: psycopg.Connection, http: responses.RequestsMock, aapl: int,
+        make_router: Callable[..., Router], status: int, body: dict[str, Any],
+        alarm: str) -> None:
+    acc = paper_account(conn, "alp")
+    oid, coid = manual(conn, "alp", "AAPL", "10")
+    http.post(f"{ALPACA}/orders", body=requests.ConnectionError("connection reset by peer"))
+    router = make_router(alpaca_routed(acc, "alp"))
+    router.drain()
+    assert order_row(conn, oid)["state"] == "in_flight"  # it may have reached Alpaca
+    posts = len(calls(http, "POST"))
+    http.get(BY_CLIENT_ID, status=status, json=body)
+    reveal(conn)
+    router.drain()
+
+    o = order_row(conn, oid)
+    assert (o["state"], o["reason_code"]) == ("in_flight", None)
+    assert len(calls(http, "POST")) == posts  # not sent again while its fate is unknown
+    (msg,) = queued(conn)
+    assert msg["wait"] > 0 and archived(conn) == []
+    (kind, message), = runtime_errors(conn)
+    assert kind == alarm and f"order {coid} (AAPL) is in_flight" in message
+
+
+def test_a_refusal_of_the_place_after_a_lookup_rejects_with_the_brokers_reason(
+        conn: psycopg.Connection, http: responses.RequestsMock, aapl: int,
+        make_router: Callable[..., Router]) -> None:
+    """In flight, unknown to the venue (404 on the lookup), placed again, and refused:
+    that refusal answers place_order, and rejects the order."""
+    acc = paper_account(conn, "alp")
+    oid, coid = manual(conn, "alp", "AAPL", "10")
+    http.post(f"{ALPACA}/orders", body=requests.ConnectionError("connection reset by peer"))
+    router = make_router(alpaca_routed(acc, "alp"))
+    router.drain()
+    assert order_row(conn, oid)["state"] == "in_flight"
+    http.get(BY_CLIENT_ID, status=404, json=NOT_FOUND)
+    http.replace(responses.POST, f"{ALPACA}/orders", status=403,
+                 json={"code": 40310000, "message": "insufficient buying power"})
+    reveal(conn)
+    router.drain()
+
+    o = order_row(conn, oid)
+    assert (o["state"], o["reason_code"]) == ("rejected", "INSUFFICIENT_FUNDS")
+    assert o["reason"] == (f"alpaca: market order {coid} buy 10 AAPL: insufficient buying"
+                           " power (HTTP 403, code 40310000)")
+    assert queued(conn) == [] and len(archived(conn)) == 1
+
+
+# ---------------------------------------------------------------------------- rate limits
+def _alpaca_echo(request: Any) -> tuple[int, dict[str, str], str]:
+    """POST /v2/orders accepting whatever order it is sent, each under its own id."""
+    body = json.loads(request.body)
+    return 200, {}, json.dumps(alpaca_order(body["client_order_id"], id=str(uuid4()),
+                                            qty=body["qty"]))
+
+
+def test_a_rate_limit_holds_every_message_for_the_venue_until_retry_after(
+        conn: psycopg.Connection, http: responses.RequestsMock, aapl: int,
+        make_router: Callable[..., Router]) -> None:
+    """A 429 with Retry-After on one order holds the venue: the next orders for it wait
+    unsent (still created, not even in flight) until then, while another venue's order
+    goes at once. After the Retry-After, all of them go."""
+    instrument(conn, "EUR/USD", "forex", "1.0846")
+    acc = paper_account(conn, "alp")
+    acc2 = paper_account(conn, "alp2")  # another account on the same venue
+    fx = paper_account(conn, "fx")
+    first = [manual(conn, "alp", "AAPL", "10"), manual(conn, "alp", "AAPL", "5")]
+    other = manual(conn, "alp2", "AAPL", "5")
+    fx_oid, fx_coid = manual(conn, "fx", "EUR/USD", "1500")
+    http.get(BY_CLIENT_ID, status=404, json=NOT_FOUND)
+    http.post(f"{ALPACA}/orders", status=429, headers={"Retry-After": "1"},
+              json={"code": 42910000, "message": "rate limit exceeded"})
+    created = json.loads((OANDA_FIXTURES / "order_create_market_filled.json").read_text())
+    created["orderCreateTransaction"].update(units="1500", clientExtensions={"id": fx_coid})
+    created["orderFillTransaction"].update(units="1500", clientOrderID=fx_coid,
+                                           tradeOpened={"tradeID": "6373", "units": "1500"})
+    http.get(f"{OANDA}/orders/@{fx_coid}", status=404, json=json.loads(
+        (OANDA_FIXTURES / "order_not_found.json").read_text()))
+    http.get(f"{OANDA}/summary", json=json.loads(
+        (OANDA_FIXTURES / "account_summary.json").read_text()))
+    http.post(f"{OANDA}/orders", status=201, json=created)
+    config = AccountConfig(name="fx", environment="paper", mode="operator", broker="oanda",
+                           endpoint="paper", credential="main")
+    router = make_router(alpaca_routed(acc, "alp"), alpaca_routed(acc2, "alp2"),
+                         RoutedAccount(fx, config, OandaBroker(OANDA_CREDENTIALS, "practice"),
+                                       "paper"))
+
+    assert router.drain() == 4
+    assert len(calls(http, "POST", "/v2/orders")) == 1  # the 429, and nothing after it
+    assert order_row(conn, fx_oid)["state"] == "filled"  # OANDA went on
+    waits = {m["message"]["order_id"]: m["wait"] for m in queued(conn)}
+    assert set(waits) == {first[0][0], first[1][0], other[0]}
+    assert all(0.5 < w <= 1.0 for w in waits.values()), waits
+    assert order_row(conn, first[0][0])["state"] == "in_flight"
+    assert [order_row(conn, o)["state"] for o, _ in (first[1], other)] == ["created"] * 2
+    assert router.counts["retries"] == 1
+
+    time.sleep(1.05)  # the venue's Retry-After is over
+    http.remove(responses.POST, f"{ALPACA}/orders")  # the 429 is gone
+    http.add_callback(responses.POST, f"{ALPACA}/orders", callback=_alpaca_echo)
+    reveal(conn)
+    assert router.drain() == 3
+    assert len(calls(http, "POST", "/v2/orders")) == 4
+    assert [order_row(conn, o)["state"] for o, _ in (*first, other)] == ["submitted"] * 3
+
+
+# ---------------------------------------------------------------------------- the gate
+def test_a_freeze_tripped_while_an_order_is_queued_cancels_it_unsent(
+        conn: psycopg.Connection, http: responses.RequestsMock, aapl: int,
+        make_router: Callable[..., Router]) -> None:
+    acc = paper_account(conn, "alp")
+    oid, _coid = manual(conn, "alp", "AAPL", "10")
+    conn.execute("SELECT risk.trip_breaker('alp', 'FREEZE', 'operator pressed the kill switch')")
+    router = make_router(alpaca_routed(acc, "alp"))
+    seen: list[tuple[str, dict[str, Any]]] = []
+    router.on_event = lambda what, fields: seen.append((what, fields))
+
+    assert router.drain() == 1
+    assert len(http.calls) == 0  # nothing reached Alpaca
+    o = order_row(conn, oid)
+    assert (o["state"], o["reason_code"]) == ("cancelled", "BREAKER_FREEZE")
+    assert "FREEZE" in o["reason"]
+    assert queued(conn) == [] and [m["message"]["order_id"] for m in archived(conn)] == [oid]
+    assert [(what, f["order_id"], f["code"]) for what, f in seen] == [
+        ("order.cancelled", oid, "BREAKER_FREEZE")]
+    assert router.counts["cancelled"] == 1 and router.counts["rejected"] == 0
+    assert one(conn, "SELECT count(*) FROM audit.events WHERE entity_id = %s"
+                     " AND event_type = 'order.in_flight'", str(oid)) == 0
+
+
+def test_orders_queued_before_a_rejection_streak_are_cancelled_unsent(
+        conn: psycopg.Connection, http: responses.RequestsMock, aapl: int,
+        make_router: Callable[..., Router]) -> None:
+    """Two refusals trip the breaker (SOFT) and downgrade the account: the two orders
+    queued behind them are not sent."""
+    acc = paper_account(conn, "alp")
+    conn.execute("UPDATE trading.accounts SET max_consecutive_rejections = 2"
+                 " WHERE account_id = %s", (acc,))
+    orders = [manual(conn, "alp", "AAPL", "10") for _ in range(4)]
+    http.post(f"{ALPACA}/orders", status=403,
+              json={"code": 40310000, "message": "insufficient buying power"})
+    router = make_router(alpaca_routed(acc, "alp"))
+
+    assert router.drain() == 4
+    assert len(calls(http, "POST")) == 2
+    assert [(order_row(conn, o)["state"], order_row(conn, o)["reason_code"])
+            for o, _ in orders] == [("rejected", "INSUFFICIENT_FUNDS")] * 2 + [
+        ("cancelled", "BREAKER_SOFT")] * 2
+    assert queued(conn) == [] and len(archived(conn)) == 4
+    assert router.counts["cancelled"] == 2 and router.counts["rejected"] == 2
+
+
+def test_a_paper_order_queued_before_a_freeze_is_cancelled_and_never_filled(
+        conn: psycopg.Connection, make_router: Callable[..., Router]) -> None:
+    iid, acc, oid, _coid = paper_signal(conn)
+    conn.execute("SELECT risk.trip_breaker('paper1', 'FREEZE', 'operator pressed the kill"
+                 " switch')")
+    router = make_router(paper_routed(acc, "paper1", COSTS))
+
+    assert router.drain() == 1
+    o = order_row(conn, oid)
+    assert (o["state"], o["reason_code"], o["broker_order_id"]) == (
+        "cancelled", "BREAKER_FREEZE", None)
+    assert queued(conn) == [] and [m["message"]["order_id"] for m in archived(conn)] == [oid]
+    add_bar(conn, iid, T1, "101", "103", "99", "102")
+    router.settle_bars(iid, "1m", T1)
+    assert fills(conn, acc) == [] and positions(conn, acc) == []
+    assert router.counts["cancelled"] == 1
+
+
 # ---------------------------------------------------------------------------- pure parts
 def test_check_environment_accepts_matching_environments() -> None:
     paper = alpaca_routed(1, "p")
@@ -924,3 +1227,60 @@ def test_backoff_honours_the_venues_minimum() -> None:
 def test_backoff_after_many_attempts_is_the_cap_not_an_overflow() -> None:
     delays = [backoff_seconds(n, rng=random.Random(n)) for n in (1025, 5000, 10**6)]
     assert all(0 <= d <= 60 for d in delays)
+
+
+def test_an_unexpected_error_in_one_message_is_kept_to_it(
+        conn: psycopg.Connection, http: responses.RequestsMock, aapl: int,
+        make_router: Callable[..., Router]) -> None:
+    """A broker answer the adapter cannot read (here a status whose filled quantity is not
+    a number) raised past the router's error mapping and stopped the worker. It is now
+    reported as a ROUTER_ERROR, the message waits with backoff, and the next account's
+    order is sent in the same drain."""
+    acc = paper_account(conn, "alp")
+    acc2 = paper_account(conn, "alp2")
+    oid, coid = manual(conn, "alp", "AAPL", "10")
+    http.get(BY_CLIENT_ID, status=404, json=NOT_FOUND)
+    http.post(f"{ALPACA}/orders", json=alpaca_order(coid, status="accepted"))
+    router = make_router(alpaca_routed(acc, "alp"), alpaca_routed(acc2, "alp2"))
+    assert router.drain() == 1
+    oid2, coid2 = manual(conn, "alp2", "AAPL", "5")
+    http.replace(responses.POST, f"{ALPACA}/orders",
+                 json=alpaca_order(coid2, status="accepted", id=OTHER_OID, qty="5"))
+    http.get(f"{ALPACA}/orders/{OID}", json=alpaca_order(
+        coid, status="partially_filled", filled_qty="ten", filled_avg_price="187.15"))
+    reveal(conn)
+
+    assert router.drain() == 2
+    assert order_row(conn, oid)["state"] == "submitted"
+    assert order_row(conn, oid2)["state"] == "submitted"  # the other account went on
+    (kind, message), = runtime_errors(conn)
+    assert kind == "ROUTER_ERROR", message
+    assert message.startswith("queue message ") and f"(order {oid})" in message
+    waiting = {m["message"]["order_id"]: m for m in queued(conn)}
+    assert waiting[oid]["wait"] > 0
+
+
+def test_a_paper_fill_of_a_pair_quoted_in_another_currency_pays_in_the_accounts(
+        conn: psycopg.Connection, make_router: Callable[..., Router]) -> None:
+    """A USD paper account buys USD/JPY at 150 yen: the paper broker checks the cash at the
+    rate (1/150) and sends its commission in yen for the ledger to convert. Before, it
+    took 150 yen for 150 dollars: 66 of the 4,999 units approved were filled, the rest
+    cancelled for INSUFFICIENT_CASH, and 0.2 % of the yen price was booked in dollars."""
+    iid = instrument(conn, "USD/JPY", "forex", "150")
+    acc = paper_account(conn, "fx1")
+    r = one(conn, "SELECT trading.submit_signal(%s)", Jsonb({
+        "account": "fx1", "strategy": "alpha", "symbol": "USD/JPY", "action": "buy",
+        "size": 0.5, "ts": SIGNAL_TS.isoformat()}))
+    assert (r["status"], r["quantity"]) == ("approved", 4999)
+    router = make_router(paper_routed(acc, "fx1", PaperCosts(commission=Decimal("0.002"))))
+    router.drain()
+    add_bar(conn, iid, T1, "150", "150", "150", "150")
+    router.settle_bars(iid, "1m", T1)
+    o = order_row(conn, r["order_id"])
+    assert (o["state"], o["filled_quantity"]) == ("filled", 4999)
+    (f,) = fills(conn, acc)
+    # 4,999 x 150 x 0.002 = 1,499.7 yen = 9.998 dollars
+    assert (f["price"], f["commission_currency"], round(f["commission"], 6)) == (
+        150, "USD", Decimal("9.998"))
+    # 10,000 - 4,999 - 9.998 (the rate is 1/150 to 12 places)
+    assert round(cash(conn, acc), 6) == Decimal("4991.002")

@@ -66,11 +66,17 @@ WHERE instrument_id = %(instrument)s AND timeframe = %(tf)s AND ts <= %(at)s
 ORDER BY ts DESC LIMIT 1
 """
 
+# the account's cash, what it holds of the instrument, and the instrument's quote currency
+# with its rate to the account's (NULL when no bar gives one: the ledger then refuses the
+# fill, naming the pair)
 _BOOK = """
-SELECT (SELECT cash FROM trading.accounts WHERE account_id = %(account)s),
+SELECT a.cash,
        (SELECT COALESCE(sum(CASE WHEN leg = 'short' THEN -quantity ELSE quantity END), 0)
         FROM trading.positions
-        WHERE account_id = %(account)s AND instrument_id = %(instrument)s)
+        WHERE account_id = %(account)s AND instrument_id = %(instrument)s),
+       i.quote_currency, trading.fx_rate(i.quote_currency, a.base_currency, %(at)s)
+FROM trading.accounts a, market.instruments i
+WHERE a.account_id = %(account)s AND i.instrument_id = %(instrument)s
 """
 
 
@@ -104,6 +110,8 @@ class PaperFill:
     fill: SimFill | None
     opens: bool  # the fill opened or added to a position (protection is judged on its bar)
     cancel: str | None = None
+    commission_currency: str | None = None  # the instrument's quote currency
+
 
     def payload(self) -> dict[str, Any]:
         f = self.fill
@@ -112,6 +120,7 @@ class PaperFill:
                 "broker_fill_id": f"paper-{self.order_id}-{f.ts_us}",
                 "quantity": str(f.quantity), "price": str(f.price),
                 "commission": str(f.commission), "liquidity": f.liquidity,
+                "commission_currency": self.commission_currency,
                 "ts": from_us(f.ts_us).isoformat()}
 
 
@@ -179,9 +188,13 @@ class PaperBroker:
         atr = self._atr(conn, inst, latest) if self.sim.costs.slippage.kind == "atr" \
             else None
         bars = [sim_bar(r, atr) for r in bar_rows]
-        cash, held = conn.execute(_BOOK, {"account": self.account_id,
-                                          "instrument": inst.instrument_id}).fetchone()  # type: ignore[misc]
+        cash, held, quote, fx = conn.execute(_BOOK, {  # type: ignore[misc]
+            "account": self.account_id, "instrument": inst.instrument_id,
+            "at": latest}).fetchone()
+        # prices and the simulator's commission are in the quote currency, the cash in the
+        # account's: a USD account trading USD/JPY pays yen converted at the rate
         cash, held = Decimal(cash), Decimal(held)
+        fx = Decimal(1) if fx is None else Decimal(fx)
         for row, candidates in ready:
             for k in candidates:
                 bar = bars[k]
@@ -200,7 +213,7 @@ class PaperBroker:
                 capped = order.quantity > cap
                 if capped:
                     order = replace(order, quantity=cap)
-                fill = self.sim.match(order, bar, inst.rules, cash=cash)
+                fill = self.sim.match(order, bar, inst.rules, cash=cash, fx=fx)
                 if fill is None:
                     continue
                 cancel = (fill.reason or "not enough cash") if fill.unfilled > 0 else None
@@ -209,10 +222,10 @@ class PaperBroker:
                               f"{Decimal(row[4]) - Decimal(row[5])}")
                 if fill.quantity > 0:
                     signed = fill.quantity if order.side == "buy" else -fill.quantity
-                    cash -= signed * fill.price + fill.commission
+                    cash -= (signed * fill.price + fill.commission) * fx
                     opens = (held == 0 or (held > 0) == (signed > 0)) and not order.reduce_only
                     held += signed
-                    out.append(PaperFill(row[0], row[1], fill, opens, cancel))
+                    out.append(PaperFill(row[0], row[1], fill, opens, cancel, quote))
                 else:
                     out.append(PaperFill(row[0], row[1], None, False, cancel))
                 self._seen_at.pop(row[0], None)

@@ -4,15 +4,27 @@ every order through the trading core's functions.
 One message is one order. The router
 1. reads it with a visibility timeout (`trading.read_orders`): if the router dies, the
    message comes back after the timeout and the next router carries on;
-2. marks the order in flight, then places it with MMATS's client order id — a message
-   delivered twice finds the first order at the broker instead of placing another;
+2. marks the order in flight (`trading.mark_in_flight`, the gate every order passes on
+   its way to a broker, paper ones included: an order the account may no longer send —
+   its breaker tripped, or it was downgraded to advisory, after the order was queued —
+   is cancelled there instead, and the router archives its message without sending it),
+   then places it with MMATS's client order id — a message delivered twice finds the
+   first order at the broker instead of placing another;
 3. records the broker's answer (`acknowledge_order`, `apply_fill`, `reject_order`,
    `cancel_order`) and archives the message only after the database holds the outcome.
 
 A network error never marks an order failed: it stays in flight, the message is retried
 with backoff, and the broker's own report (looked up by client order id) settles it.
-A refusal rejects the order with the broker's reason; the ledger counts consecutive
-rejections and downgrades the account to advisory past its limit.
+Only the venue's refusal of `place_order` rejects the order, with the broker's reason;
+the ledger counts consecutive rejections and downgrades the account to advisory past its
+limit. The same errors answering a query about an order that may be at the venue (a
+lookup, a status poll, the fill history: a key rotated away, a 4xx, an order the venue
+says it does not know) raise the alarm, once per episode, and the message is retried with
+backoff; an order the venue does not know is placed again only while it is in flight
+(the reconciler rejects one still unknown after its in-flight timeout). A rate limit
+(BackOff) holds every message for that venue (one endpoint of it) until its Retry-After
+— none is sent there meanwhile — while the other venues go on. A broker error of one
+message never stops the router: the other accounts' orders go on.
 
 Paper accounts are filled by `workers.runtime.paper.PaperBroker` on new bars (LISTEN
 mmats_bars); after settling a bar the router advances `paper:<instrument>:<timeframe>`,
@@ -128,6 +140,21 @@ def backoff_seconds(attempt: int, *, base: float = 0.5, cap: float = 60.0,
     return max(delay, minimum or 0.0)
 
 
+class _PlaceRefused(Exception):
+    """The venue's refusal of `place_order` (a Stop or a Reject): the only broker answer
+    that rejects an order (the same errors from a query say nothing of its fate)."""
+
+    def __init__(self, error: errors.BrokerError) -> None:
+        super().__init__(str(error))
+        self.error = error
+
+
+def _venue_key(routed: RoutedAccount) -> tuple[str, str]:
+    """What a venue's rate limit applies to: the venue at one endpoint."""
+    return (str(getattr(routed.broker, "venue", "?")),
+            str(getattr(routed.broker, "endpoint", "?")))
+
+
 def _venue(routed: RoutedAccount) -> Broker:
     """A real venue's adapter (paper orders never reach a broker call)."""
     assert not isinstance(routed.broker, PaperBroker)
@@ -149,7 +176,11 @@ class Router(Worker):
         self.listen: psycopg.Connection | None = None
         self._instruments: dict[int, PaperInstrument | None] = {}
         self._pending_bars: dict[tuple[int, str], datetime] = {}
-        self.counts = {"orders": 0, "fills": 0, "rejected": 0, "retries": 0}
+        self.counts = {"orders": 0, "fills": 0, "rejected": 0, "retries": 0, "cancelled": 0}
+        # a venue that answered BackOff: time.monotonic() until which nothing is sent to it
+        self._blocked: dict[tuple[str, str], float] = {}
+        # orders whose broker refuses to answer for them (a query): the code reported
+        self._alarmed: dict[int, str] = {}
         self._last_catch_up = time.monotonic()
 
     # ------------------------------------------------------------------ life
@@ -228,7 +259,7 @@ class Router(Worker):
                         and order.status in ("created", "in_flight")):
                     paper.append((routed, order, int(msg_id)))
                 else:  # (read again when handled: a venue call may come before it)
-                    self.handle(int(msg_id), int(read_ct), message)
+                    self._handle_isolated(int(msg_id), int(read_ct), message)
             if paper:
                 self._accept_paper_many(paper)
         return handled
@@ -262,6 +293,24 @@ class Router(Worker):
         row = self.conn.execute(_ORDER, (order_id,)).fetchone()
         return None if row is None else Order(*row)
 
+    def _handle_isolated(self, msg_id: int, read_ct: int, message: dict[str, Any]) -> None:
+        """`handle`, with anything it did not expect (an adapter's bug, a malformed answer
+        it did not map) kept to this message: reported, the message delayed with backoff,
+        the other accounts' orders go on. A database error still ends the worker (a lost
+        connection, a missing grant: the supervisor restarts it, loudly); the ledger's own
+        refusals are handled in `handle`."""
+        try:
+            self.handle(msg_id, read_ct, message)
+        except psycopg.Error:
+            raise
+        except Exception as exc:  # isolation is the point
+            if self._c.info.transaction_status != IDLE:
+                self._c.rollback()
+            text = " ".join(str(exc).split()) or type(exc).__name__
+            self.report("ROUTER_ERROR", f"queue message {msg_id} (order "
+                        f"{message.get('order_id')}): {type(exc).__name__}: {text}")
+            self._delay(msg_id, backoff_seconds(read_ct, base=5.0, cap=300.0))
+
     def handle(self, msg_id: int, read_ct: int, message: dict[str, Any]) -> None:
         order_id = int(message.get("order_id", 0))
         order = self._order(order_id)
@@ -274,6 +323,7 @@ class Router(Worker):
             self._delay(msg_id, 5)
             return
         if order.status in _TERMINAL:
+            self._alarmed.pop(order.order_id, None)
             self._archive(msg_id)
             return
         if isinstance(routed.broker, PaperBroker):
@@ -282,52 +332,59 @@ class Router(Worker):
             else:  # already in the paper book (the ledger): the bars fill it from there
                 self._archive(msg_id)
             return
+        venue = _venue_key(routed)
+        wait = self._blocked.get(venue, 0.0) - time.monotonic()
+        if wait > 0:  # the venue asked us to slow down: nothing is sent to it until then
+            log.event(self.log, "venue rate-limited, message held", 20, order=order.order_id,
+                      account=order.account, venue=venue[0], delay=round(wait, 3))
+            self._delay(msg_id, wait)
+            return
         # a message seen before (or an order already in flight) may have reached the
         # venue: look it up by client order id before placing it
         lookup = order.status == "in_flight" or read_ct > 1
-        try:
-            if order.status == "created":
+        if order.status == "created":
+            try:
                 check_environment(routed, order.environment)
-                self._call("mark_in_flight", order.client_order_id)
-                order.status = "in_flight"
-                self._emit("order.sent", order)
+            except errors.EnvironmentMismatch as exc:
+                self._reject(order, exc)
+                self._archive(msg_id)
+                return
+            if not self._mark_in_flight(order, msg_id):
+                return
+        try:
             if order.status == "in_flight":
                 answer = self._find_or_place(routed, order, lookup=lookup)
             else:
                 answer = self._status(routed, order)
+            self._settle(routed, order, answer, msg_id)
+        except _PlaceRefused as refused:  # the venue would not take the order
+            self._alarmed.pop(order.order_id, None)
+            self._reject(order, refused.error)
+            self._archive(msg_id)
         except errors.Retry as exc:
             self.counts["retries"] += 1
             delay = backoff_seconds(read_ct, minimum=exc.retry_after)
+            if isinstance(exc, errors.BackOff):  # every message for this venue waits too
+                until = time.monotonic() + min(delay, 86400.0)
+                self._blocked[venue] = max(self._blocked.get(venue, 0.0), until)
             if read_ct >= self.config.max_retries and read_ct % self.config.max_retries == 0:
                 self.report("BROKER_RETRYING",
                             f"order {order.client_order_id} ({order.symbol}): {read_ct} attempts "
-                            f"so far, still in flight: {exc}", account=order.account)
+                            f"so far, still {order.status}: {exc}", account=order.account)
             log.event(self.log, "broker unavailable, will retry", 30, order=order.order_id,
                       account=order.account, attempt=read_ct, delay=round(delay, 3),
                       error=str(exc))
             self._delay(msg_id, delay)
-            return
-        except errors.Stop as exc:
-            if order.status == "in_flight" and lookup:
-                # it may have reached the venue before the keys or the account went bad:
-                # rejecting it would make the ledger refuse its fills. Alarm and wait
-                self.report(exc.code, f"order {order.client_order_id} ({order.symbol}) is in "
-                            f"flight and its broker refuses us: {exc}", account=order.account)
-                self._delay(msg_id, backoff_seconds(read_ct, base=5.0, cap=300.0))
-                return
-            self._reject(order, exc)
-            self._archive(msg_id)
-            return
-        except errors.Reject as exc:
-            self._reject(order, exc)
-            self._archive(msg_id)
-            return
-        except errors.OrderNotFound as exc:  # a status query for an order the venue lost
-            self._reject(order, errors.Reject(str(exc), code="ORDER_NOT_FOUND"))
-            self._archive(msg_id)
-            return
-        try:
-            self._settle(routed, order, answer, msg_id)
+        except errors.BrokerError as exc:  # Stop, Reject, OrderNotFound: not a place
+            # a query (a lookup, a status poll, the fill history) of an order that may be
+            # at the venue: rejecting it would make the ledger refuse its fills (or, once
+            # partly filled, be refused itself). Alarm once per episode and look again
+            if self._alarmed.get(order.order_id) != exc.code:
+                self._alarmed[order.order_id] = exc.code
+                self.report(exc.code, f"order {order.client_order_id} ({order.symbol}) is "
+                            f"{order.status} and its broker does not answer for it: {exc}",
+                            account=order.account)
+            self._delay(msg_id, backoff_seconds(read_ct, base=5.0, cap=300.0))
         except _REFUSED as exc:
             # the ledger refuses what the broker reports (a fill it cannot take): a human
             # must look, the other accounts go on, and the message comes back later
@@ -339,13 +396,36 @@ class Router(Worker):
                         account=order.account)
             self._delay(msg_id, backoff_seconds(read_ct, base=30.0, cap=900.0,
                                                 minimum=self.config.status_poll_seconds))
+        else:
+            self._alarmed.pop(order.order_id, None)
+
+    def _mark_in_flight(self, order: Order, msg_id: int) -> bool:
+        """Let the order go to its broker (True), unless the ledger's gate cancelled it
+        (the account's breaker, or its downgrade to advisory, since it was queued): then
+        the message is archived and the cancel said (False)."""
+        result = self._call("mark_in_flight", order.client_order_id)
+        if isinstance(result, dict) and result.get("status") == "cancelled":
+            self._cancelled(order, result)
+            self._archive(msg_id)
+            return False
+        order.status = "in_flight"
+        self._emit("order.sent", order)
+        return True
+
+    def _cancelled(self, order: Order, result: Mapping[str, Any]) -> None:
+        """An order `trading.mark_in_flight` cancelled instead of letting it go."""
+        self.counts["cancelled"] += 1
+        order.status = "cancelled"
+        self._emit("order.cancelled", order, code=result.get("reason_code"),
+                   reason=str(result.get("reason") or "")[:500])
 
     def _accept_paper_many(self, batch: list[tuple[RoutedAccount, Order, int]]) -> None:
-        """Paper orders enter the paper book (the ledger) in one transaction: each
-        acknowledged, then each account's orders on each instrument settled on the latest
-        bar (a protective order fills on the bar that fired it), the messages archived.
-        No broker call lies between, so nothing is gained by committing each step, and a
-        crash leaves the messages to be read again."""
+        """Paper orders enter the paper book (the ledger) in one transaction: each through
+        the gate (`trading.mark_in_flight`, which may cancel it) and acknowledged, then
+        each account's orders on each instrument settled on the latest bar (a protective
+        order fills on the bar that fired it), the messages archived. No broker call lies
+        between, so nothing is gained by committing each step, and a crash leaves the
+        messages to be read again."""
         accepted = []
         for routed, order, msg_id in batch:
             try:
@@ -360,6 +440,8 @@ class Router(Worker):
         # accounts in id order, as every writer of the ledger locks them
         accepted.sort(key=lambda x: x[0].account_id)
         for attempt in range(1, 6):
+            cancelled: list[tuple[Order, dict[str, Any]]] = []
+            booked = []
             try:
                 with self._c.transaction():
                     # every account of the batch first (in id order), before any audit
@@ -367,14 +449,21 @@ class Router(Worker):
                     # wanting the chain head would otherwise wait for us as we wait for it
                     self._c.execute("SELECT trading.lock_accounts(%s)",
                                     (sorted({r.account_id for r, _o, _m in accepted}),))
-                    for _routed, order, _msg in accepted:
-                        # created -> submitted directly: with no broker call between, the
-                        # order is never in flight (its fate is known in this transaction)
+                    for routed, order, msg in accepted:
+                        # through the gate every order passes on its way to a broker (the
+                        # breaker, the downgrade), then acknowledged at once: its fate is
+                        # known in this transaction, no broker call lies between
+                        if order.status == "created":
+                            gate = self._call("mark_in_flight", order.client_order_id)
+                            if isinstance(gate, dict) and gate.get("status") == "cancelled":
+                                cancelled.append((order, gate))
+                                continue
                         self._call("acknowledge_order", order.client_order_id,
                                    f"paper-{order.client_order_id}")
+                        booked.append((routed, order, msg))
                     settled: set[tuple[int, int]] = set()
                     latest: dict[int, list[tuple[Any, ...]]] = {}
-                    for routed, order, _msg in accepted:
+                    for routed, order, _msg in booked:
                         key = (routed.account_id, order.instrument_id)
                         inst = self._instrument(order.instrument_id)
                         if inst is None or key in settled:
@@ -391,7 +480,9 @@ class Router(Worker):
                 if attempt == 5:
                     raise
                 time.sleep(0.005 * attempt * random.random())
-        for _routed, order, _msg in accepted:
+        for order, gate in cancelled:
+            self._cancelled(order, gate)
+        for _routed, order, _msg in booked:
             self._emit("order.acknowledged", order,
                        broker_order_id=f"paper-{order.client_order_id}")
 
@@ -406,7 +497,10 @@ class Router(Worker):
                                            symbol=order.symbol)
             except errors.OrderNotFound:
                 pass
-        return broker.place_order(order.request())
+        try:
+            return broker.place_order(order.request())
+        except (errors.Stop, errors.Reject) as exc:
+            raise _PlaceRefused(exc) from exc
 
     def _status(self, routed: RoutedAccount, order: Order) -> BrokerOrder:
         return _venue(routed).order_status(broker_order_id=order.broker_order_id,
