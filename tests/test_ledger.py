@@ -725,6 +725,14 @@ def test_a_queued_order_the_account_may_no_longer_send_is_cancelled_at_the_gate(
     r = gate(exit_)
     assert (r["status"], r["reason_code"]) == ("cancelled", "BREAKER_FREEZE")
     assert order_row(conn, exit_)["status"] == "cancelled"
+    # an order acknowledged without being sent (the paper book's way) passes the same gate
+    unsent = one(conn, "INSERT INTO trading.orders (account_id, instrument_id, client_order_id,"
+                       " side, order_type, quantity) SELECT account_id, %s, 'unsent-1', 'buy',"
+                       " 'market', 1 FROM trading.accounts WHERE name = 'acc1'"
+                       " RETURNING order_id", btc)
+    r = one(conn, "SELECT trading.acknowledge_order('unsent-1', 'paper-unsent-1')")
+    assert (r["status"], r["reason_code"]) == ("cancelled", "BREAKER_FREEZE")
+    assert order_row(conn, unsent)["broker_order_id"] is None
     types = [t for (t,) in conn.execute(
         "SELECT event_type FROM audit.events WHERE entity = 'trading.orders' AND entity_id = %s"
         " ORDER BY event_id", (str(opening),)).fetchall()]

@@ -5,11 +5,12 @@ One message is one order. The router
 1. reads it with a visibility timeout (`trading.read_orders`): if the router dies, the
    message comes back after the timeout and the next router carries on;
 2. marks the order in flight (`trading.mark_in_flight`, the gate every order passes on
-   its way to a broker, paper ones included: an order the account may no longer send —
-   its breaker tripped, or it was downgraded to advisory, after the order was queued —
-   is cancelled there instead, and the router archives its message without sending it),
-   then places it with MMATS's client order id — a message delivered twice finds the
-   first order at the broker instead of placing another;
+   its way to a broker; a paper order passes it as it is acknowledged into the paper
+   book): an order the account may no longer send (its breaker tripped, or it was
+   downgraded to advisory, after the order was queued) is cancelled there instead, and
+   the router archives its message without sending it. Then it places the order with
+   MMATS's client order id — a message delivered twice finds the first order at the
+   broker instead of placing another;
 3. records the broker's answer (`acknowledge_order`, `apply_fill`, `reject_order`,
    `cancel_order`) and archives the message only after the database holds the outcome.
 
@@ -420,8 +421,9 @@ class Router(Worker):
                    reason=str(result.get("reason") or "")[:500])
 
     def _accept_paper_many(self, batch: list[tuple[RoutedAccount, Order, int]]) -> None:
-        """Paper orders enter the paper book (the ledger) in one transaction: each through
-        the gate (`trading.mark_in_flight`, which may cancel it) and acknowledged, then
+        """Paper orders enter the paper book (the ledger) in one transaction: each
+        acknowledged (`trading.acknowledge_order` passes an order never sent through the
+        gate, which may cancel it), then
         each account's orders on each instrument settled on the latest bar (a protective
         order fills on the bar that fired it), the messages archived. No broker call lies
         between, so nothing is gained by committing each step, and a crash leaves the
@@ -450,16 +452,15 @@ class Router(Worker):
                     self._c.execute("SELECT trading.lock_accounts(%s)",
                                     (sorted({r.account_id for r, _o, _m in accepted}),))
                     for routed, order, msg in accepted:
-                        # through the gate every order passes on its way to a broker (the
-                        # breaker, the downgrade), then acknowledged at once: its fate is
-                        # known in this transaction, no broker call lies between
-                        if order.status == "created":
-                            gate = self._call("mark_in_flight", order.client_order_id)
-                            if isinstance(gate, dict) and gate.get("status") == "cancelled":
-                                cancelled.append((order, gate))
-                                continue
-                        self._call("acknowledge_order", order.client_order_id,
-                                   f"paper-{order.client_order_id}")
+                        # created -> submitted directly: with no broker call between, the
+                        # order is never in flight (its fate is known in this transaction).
+                        # The acknowledgement of an order never sent passes the gate every
+                        # order passes on its way to a broker (the breaker, the downgrade)
+                        answer = self._call("acknowledge_order", order.client_order_id,
+                                            f"paper-{order.client_order_id}")
+                        if isinstance(answer, dict) and answer.get("status") == "cancelled":
+                            cancelled.append((order, answer))
+                            continue
                         booked.append((routed, order, msg))
                     settled: set[tuple[int, int]] = set()
                     latest: dict[int, list[tuple[Any, ...]]] = {}

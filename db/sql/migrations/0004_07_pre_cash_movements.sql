@@ -18,10 +18,11 @@
 -- overnight is not that day's loss (nor a deposit its gain).
 --
 -- Also:
--- - trading.mark_in_flight is the gate an order passes on its way to a broker: under the
---   account's lock it cancels, instead of letting go, an order the account may no longer
---   send: any order under a FREEZE, an opening one (not reduce-only) under SOFT or HARD
---   or once the account is advisory. Before, the breaker and the downgrade stopped only
+-- - trading.mark_in_flight is the gate an order passes on its way to a broker (and
+--   acknowledge_order, for an order acknowledged without being sent, as the paper book
+--   takes them): under the account's lock it cancels, instead of letting go, an order the
+--   account may no longer send: any order under a FREEZE, an opening one (not
+--   reduce-only) under SOFT or HARD or once the account is advisory. Before, the breaker and the downgrade stopped only
 --   orders not yet created: what was queued went out. Exits still go under SOFT, HARD
 --   and advisory (they protect what is held).
 -- - trading.fx_rate takes the conversion pair's latest bar at or before the time, whichever
@@ -400,45 +401,77 @@ BEGIN
 END
 $$;
 
--- The router is about to send the order (its fate is unknown until the broker answers),
--- unless the account may no longer send it: then the order is cancelled here, with the
--- reason, and the answer says so ({"status": "cancelled", "reason_code": ...}).
-CREATE OR REPLACE FUNCTION trading.mark_in_flight(order_ref text) RETURNS jsonb
-LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+-- Why an order may no longer go to a broker, if it may not: any order under a FREEZE; an
+-- opening (not reduce-only) one under SOFT or HARD, or once the account is advisory. The
+-- order is then cancelled with that reason and the answer says so. (Owner-only, called by
+-- mark_in_flight and acknowledge_order with the account locked.)
+CREATE FUNCTION trading._gate(acc trading.accounts, o trading.orders, order_ref text)
+RETURNS jsonb
+LANGUAGE plpgsql AS $$
 DECLARE
-    lk record;
-    o trading.orders;
-    acc trading.accounts;
     brk risk.breaker_state;
     code text;
     why text;
 BEGIN
-    lk := trading._locked_order(order_ref);
-    acc := lk.acc;
-    o := lk.o;
-    IF o.status = 'created' THEN
-        SELECT * INTO brk FROM risk.breaker_state b WHERE b.account_id = acc.account_id;
-        IF brk.mode = 'FREEZE' THEN
-            code := 'BREAKER_FREEZE';
-        ELSIF brk.mode IN ('SOFT', 'HARD') AND NOT o.reduce_only THEN
-            code := 'BREAKER_' || brk.mode::text;
-        ELSIF acc.mode = 'advisory' AND NOT o.reduce_only THEN
-            code := 'ACCOUNT_ADVISORY';
-        END IF;
-        IF code IS NOT NULL THEN
-            why := CASE WHEN code = 'ACCOUNT_ADVISORY'
-                        THEN format('%s: account %s is in advisory mode: the order was not sent',
-                                    code, acc.name)
-                        ELSE format('%s: account %s has its breaker at %s (%s): the order was not sent',
-                                    code, acc.name, brk.mode, COALESCE(brk.reason, 'no reason given'))
-                   END;
-            PERFORM trading._set_order_status(order_ref, 'cancelled', why);
-            UPDATE trading.orders x SET reason_code = code WHERE x.order_id = o.order_id;
-            RETURN jsonb_build_object('status', 'cancelled', 'order_id', o.order_id,
-                                      'previous', o.status, 'reason_code', code, 'reason', why);
+    SELECT * INTO brk FROM risk.breaker_state b WHERE b.account_id = acc.account_id;
+    IF brk.mode = 'FREEZE' THEN
+        code := 'BREAKER_FREEZE';
+    ELSIF brk.mode IN ('SOFT', 'HARD') AND NOT o.reduce_only THEN
+        code := 'BREAKER_' || brk.mode::text;
+    ELSIF acc.mode = 'advisory' AND NOT o.reduce_only THEN
+        code := 'ACCOUNT_ADVISORY';
+    ELSE
+        RETURN NULL;
+    END IF;
+    why := CASE WHEN code = 'ACCOUNT_ADVISORY'
+                THEN format('%s: account %s is in advisory mode: the order was not sent',
+                            code, acc.name)
+                ELSE format('%s: account %s has its breaker at %s (%s): the order was not sent',
+                            code, acc.name, brk.mode, COALESCE(brk.reason, 'no reason given'))
+           END;
+    PERFORM trading._set_order_status(order_ref, 'cancelled', why);
+    UPDATE trading.orders x SET reason_code = code WHERE x.order_id = o.order_id;
+    RETURN jsonb_build_object('status', 'cancelled', 'order_id', o.order_id,
+                              'previous', o.status, 'reason_code', code, 'reason', why);
+END
+$$;
+REVOKE ALL ON FUNCTION trading._gate(trading.accounts, trading.orders, text) FROM PUBLIC;
+
+-- The router is about to send the order (its fate is unknown until the broker answers),
+-- unless the account may no longer send it (trading._gate): then the order is cancelled
+-- here, with the reason, and the answer says so ({"status": "cancelled", ...}).
+CREATE OR REPLACE FUNCTION trading.mark_in_flight(order_ref text) RETURNS jsonb
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    lk record := trading._locked_order(order_ref);
+    gated jsonb;
+BEGIN
+    IF (lk.o).status = 'created' THEN
+        gated := trading._gate(lk.acc, lk.o, order_ref);
+        IF gated IS NOT NULL THEN
+            RETURN gated;
         END IF;
     END IF;
     RETURN trading._set_order_status(order_ref, 'in_flight', NULL);
+END
+$$;
+
+-- The broker acknowledged the order. One acknowledged without ever being sent (created ->
+-- submitted: the paper book takes its orders so) passes the same gate first.
+CREATE OR REPLACE FUNCTION trading.acknowledge_order(order_ref text, broker_order_id text)
+RETURNS jsonb
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    lk record := trading._locked_order(order_ref);
+    gated jsonb;
+BEGIN
+    IF (lk.o).status = 'created' THEN
+        gated := trading._gate(lk.acc, lk.o, order_ref);
+        IF gated IS NOT NULL THEN
+            RETURN gated;
+        END IF;
+    END IF;
+    RETURN trading._set_order_status(order_ref, 'submitted', NULL, broker_order_id);
 END
 $$;
 
