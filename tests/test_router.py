@@ -1284,3 +1284,33 @@ def test_a_paper_fill_of_a_pair_quoted_in_another_currency_pays_in_the_accounts(
         150, "USD", Decimal("9.998"))
     # 10,000 - 4,999 - 9.998 (the rate is 1/150 to 12 places)
     assert round(cash(conn, acc), 6) == Decimal("4991.002")
+
+
+def test_a_paper_order_another_router_took_meanwhile_is_left_to_it(
+        conn: psycopg.Connection, http: responses.RequestsMock, aapl: int,
+        make_router: Callable[..., Router]) -> None:
+    """Router A reads a paper message and a live one; its venue call for the live one
+    outlasts the visibility timeout, and router B takes the paper order into the paper
+    book meanwhile. A then skips it (before, acknowledging it again raised "illegal order
+    transition" and A died, its batch rolled back)."""
+    iid, pacc, poid, _pcoid = paper_signal(conn)
+    add_bar(conn, iid, T1, "101", "103", "99", "102")
+    lacc = paper_account(conn, "alp")
+    loid, lcoid = manual(conn, "alp", "AAPL", "10")
+    b = make_router(paper_routed(pacc, "paper1", COSTS))
+
+    def slow_venue(request: Any) -> tuple[int, dict[str, str], str]:
+        conn.execute("SELECT trading.delay_order_message(msg_id, 0) FROM pgmq.q_orders"
+                     " WHERE (message->>'order_id')::bigint = %s", (poid,))
+        b.drain()
+        return (200, {}, json.dumps(alpaca_order(lcoid, status="accepted")))
+
+    http.get(BY_CLIENT_ID, status=404, json=NOT_FOUND)
+    http.add_callback("POST", f"{ALPACA}/orders", callback=slow_venue)
+    a = make_router(paper_routed(pacc, "paper1", COSTS), alpaca_routed(lacc, "alp"))
+    assert a.drain() == 2
+    assert order_row(conn, poid)["state"] == "filled"
+    assert len(fills(conn, pacc)) == 1  # filled once, by B
+    assert order_row(conn, loid)["state"] == "submitted"
+    # the paper message is archived; the live one waits for its next status poll
+    assert [m["message"]["order_id"] for m in queued(conn)] == [loid]

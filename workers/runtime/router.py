@@ -451,7 +451,16 @@ class Router(Worker):
                     # wanting the chain head would otherwise wait for us as we wait for it
                     self._c.execute("SELECT trading.lock_accounts(%s)",
                                     (sorted({r.account_id for r, _o, _m in accepted}),))
+                    # the orders as they are now that their accounts are locked: another
+                    # router may have taken one into the paper book since it was read
+                    # (this one's venue calls outlasted the visibility timeout)
+                    still = {r[0] for r in self._c.execute(
+                        "SELECT order_id FROM trading.orders WHERE order_id = ANY(%s)"
+                        " AND status IN ('created', 'in_flight')",
+                        ([o.order_id for _r, o, _m in accepted],)).fetchall()}
                     for routed, order, msg in accepted:
+                        if order.order_id not in still:
+                            continue  # settled by the other router: its message archived
                         # created -> submitted directly: with no broker call between, the
                         # order is never in flight (its fate is known in this transaction).
                         # The acknowledgement of an order never sent passes the gate every
