@@ -74,7 +74,9 @@ SELECT a.cash,
        (SELECT COALESCE(sum(CASE WHEN leg = 'short' THEN -quantity ELSE quantity END), 0)
         FROM trading.positions
         WHERE account_id = %(account)s AND instrument_id = %(instrument)s),
-       i.quote_currency, trading.fx_rate(i.quote_currency, a.base_currency, %(at)s)
+       i.quote_currency,
+       CASE WHEN i.quote_currency = a.base_currency THEN 1
+            ELSE trading.fx_rate(i.quote_currency, a.base_currency, %(at)s) END
 FROM trading.accounts a, market.instruments i
 WHERE a.account_id = %(account)s AND i.instrument_id = %(instrument)s
 """

@@ -401,11 +401,47 @@ BEGIN
 END
 $$;
 
+-- (as in 0002_05, split in two) A status change of an order its caller has found and
+-- locked (trading._locked_order), audited; _set_order_status finds and locks it first.
+CREATE FUNCTION trading._set_status(acc trading.accounts, o trading.orders,
+                                    new_status trading.order_status, reason text,
+                                    broker_order_id text DEFAULT NULL)
+RETURNS jsonb
+LANGUAGE plpgsql AS $$
+BEGIN
+    IF o.status = new_status AND new_status <> 'partially_filled' THEN
+        RETURN jsonb_build_object('status', 'unchanged', 'order_id', o.order_id, 'order_status', o.status);
+    END IF;
+    UPDATE trading.orders x SET status = new_status,
+        reason = COALESCE(_set_status.reason, x.reason),
+        broker_order_id = COALESCE(_set_status.broker_order_id, x.broker_order_id),
+        submitted_at = CASE WHEN new_status IN ('in_flight', 'submitted') THEN COALESCE(x.submitted_at, now())
+                            ELSE x.submitted_at END
+    WHERE x.order_id = o.order_id;
+    PERFORM audit.record('order.' || new_status::text, 'trading.orders', o.order_id::text,
+        jsonb_build_object('from', o.status, 'reason', reason, 'broker_order_id', broker_order_id));
+    RETURN jsonb_build_object('status', new_status, 'order_id', o.order_id, 'previous', o.status);
+END
+$$;
+REVOKE ALL ON FUNCTION trading._set_status(trading.accounts, trading.orders, trading.order_status,
+                                           text, text) FROM PUBLIC;
+
+CREATE OR REPLACE FUNCTION trading._set_order_status(order_ref text, new_status trading.order_status,
+                                                     reason text, broker_order_id text DEFAULT NULL)
+RETURNS jsonb
+LANGUAGE plpgsql AS $$
+DECLARE
+    lk record := trading._locked_order(order_ref);
+BEGIN
+    RETURN trading._set_status(lk.acc, lk.o, new_status, reason, broker_order_id);
+END
+$$;
+
 -- Why an order may no longer go to a broker, if it may not: any order under a FREEZE; an
 -- opening (not reduce-only) one under SOFT or HARD, or once the account is advisory. The
 -- order is then cancelled with that reason and the answer says so. (Owner-only, called by
 -- mark_in_flight and acknowledge_order with the account locked.)
-CREATE FUNCTION trading._gate(acc trading.accounts, o trading.orders, order_ref text)
+CREATE FUNCTION trading._gate(acc trading.accounts, o trading.orders)
 RETURNS jsonb
 LANGUAGE plpgsql AS $$
 DECLARE
@@ -429,13 +465,13 @@ BEGIN
                 ELSE format('%s: account %s has its breaker at %s (%s): the order was not sent',
                             code, acc.name, brk.mode, COALESCE(brk.reason, 'no reason given'))
            END;
-    PERFORM trading._set_order_status(order_ref, 'cancelled', why);
+    PERFORM trading._set_status(acc, o, 'cancelled', why);
     UPDATE trading.orders x SET reason_code = code WHERE x.order_id = o.order_id;
     RETURN jsonb_build_object('status', 'cancelled', 'order_id', o.order_id,
                               'previous', o.status, 'reason_code', code, 'reason', why);
 END
 $$;
-REVOKE ALL ON FUNCTION trading._gate(trading.accounts, trading.orders, text) FROM PUBLIC;
+REVOKE ALL ON FUNCTION trading._gate(trading.accounts, trading.orders) FROM PUBLIC;
 
 -- The router is about to send the order (its fate is unknown until the broker answers),
 -- unless the account may no longer send it (trading._gate): then the order is cancelled
@@ -447,12 +483,12 @@ DECLARE
     gated jsonb;
 BEGIN
     IF (lk.o).status = 'created' THEN
-        gated := trading._gate(lk.acc, lk.o, order_ref);
+        gated := trading._gate(lk.acc, lk.o);
         IF gated IS NOT NULL THEN
             RETURN gated;
         END IF;
     END IF;
-    RETURN trading._set_order_status(order_ref, 'in_flight', NULL);
+    RETURN trading._set_status(lk.acc, lk.o, 'in_flight', NULL);
 END
 $$;
 
@@ -466,12 +502,12 @@ DECLARE
     gated jsonb;
 BEGIN
     IF (lk.o).status = 'created' THEN
-        gated := trading._gate(lk.acc, lk.o, order_ref);
+        gated := trading._gate(lk.acc, lk.o);
         IF gated IS NOT NULL THEN
             RETURN gated;
         END IF;
     END IF;
-    RETURN trading._set_order_status(order_ref, 'submitted', NULL, broker_order_id);
+    RETURN trading._set_status(lk.acc, lk.o, 'submitted', NULL, broker_order_id);
 END
 $$;
 
