@@ -473,6 +473,36 @@ def test_alpacas_fees_and_dividends_are_booked_once_and_the_cash_agrees(
     assert len(booked) == 2
 
 
+def test_the_first_round_asks_for_cash_movements_since_the_account_was_created(
+        desk: Desk, http: responses.RequestsMock, alpaca: tuple[int, RoutedAccount]) -> None:
+    """The account was created five days before the reconciler first ran: its first round
+    asks Alpaca for the activities since then (fills: the usual 24 hours), so a fee of
+    four days ago is booked; the next round asks from its cursor less the overlap."""
+    account_id, acc = alpaca
+    created = datetime.now(UTC).replace(microsecond=0) - timedelta(days=5)
+    desk.conn.execute("UPDATE trading.accounts SET created_at = %s WHERE account_id = %s",
+                      (created, account_id))
+    fee_day = (created + timedelta(days=1)).date().isoformat()
+    for _ in range(2):
+        alpaca_answers(http, movements=[alpaca_cash(1, "FEE", "-0.02", fee_day)],
+                       cash="9999.98")
+    worker = reconciler(desk, acc, balance_relative_tolerance=Decimal(0),
+                        balance_tolerance=Decimal(0))
+    try:
+        first, = worker.reconcile_all()
+        second, = worker.reconcile_all()
+    finally:
+        worker.close()
+    asked = [c.request.params for c in http.calls
+             if c.request.path_url.split("?")[0].endswith("/account/activities")]
+    assert asked[0]["after"] == (created - timedelta(seconds=1)).strftime("%Y-%m-%dT%H:%M:%SZ")
+    after_cursor = first.started_at - timedelta(days=3) - timedelta(seconds=1)
+    assert asked[1]["after"] == after_cursor.strftime("%Y-%m-%dT%H:%M:%SZ")
+    assert (first.booked, first.mismatches, second.booked) == (1, [], 0)
+    assert desk.one("SELECT cash FROM trading.accounts WHERE account_id = %s",
+                    account_id) == Decimal("9999.98")
+
+
 def test_without_booking_the_same_fee_is_a_balance_mismatch(
         desk: Desk, http: responses.RequestsMock, alpaca: tuple[int, RoutedAccount]) -> None:
     """What the booking prevents: the broker's cash lower by a fee the ledger never saw."""

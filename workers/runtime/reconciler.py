@@ -19,7 +19,8 @@ the ledger, so it is skipped):
    id, else broker order id) is *adopted* through `trading.apply_fill`, idempotent on the
    broker's fill id; a fill of an order the ledger does not know is UNKNOWN_BROKER_FILL.
    **Cash movements** over the same window (a longer overlap, `movement_overlap`, as a
-   venue may date a fee by its trade day and post it later): fees, financing,
+   venue may date a fee by its trade day and post it later; the first time, back to the
+   account's creation, at most `first_movement_lookback`): fees, financing,
    dividends, interest, deposits and withdrawals the broker booked outside any fill
    are *booked* through `trading.book_cash`, idempotent on the broker's id for each,
    before cash is compared. One dated before the account was created in MMATS is left
@@ -229,6 +230,7 @@ class Reconciler(Worker):
                  first_lookback: timedelta = timedelta(hours=24),
                  fill_overlap: timedelta = timedelta(minutes=5),
                  movement_overlap: timedelta = timedelta(days=3),
+                 first_movement_lookback: timedelta = timedelta(days=90),
                  in_flight_timeout: timedelta = timedelta(minutes=10),
                  balance_tolerance: Decimal = Decimal("0.01"),
                  balance_relative_tolerance: Decimal = Decimal("0.001"),
@@ -243,6 +245,7 @@ class Reconciler(Worker):
         self.first_lookback = first_lookback
         self.fill_overlap = fill_overlap
         self.movement_overlap = movement_overlap
+        self.first_movement_lookback = first_movement_lookback
         self.in_flight_timeout = in_flight_timeout
         self.balance_tolerance = balance_tolerance
         self.balance_relative_tolerance = balance_relative_tolerance
@@ -549,8 +552,17 @@ class Reconciler(Worker):
         """The broker's cash movements of the window. A key that may not read them (a
         trade-only key without the venue's funds-query permission: Stop) leaves them out
         and is reported once; the rest of the comparison runs, and what they moved shows
-        as a BALANCE_MISMATCH. An unavailable broker (Retry) skips the round as usual."""
-        since = self._since(run.account, run.started_at, self.movement_overlap)
+        as a BALANCE_MISMATCH. An unavailable broker (Retry) skips the round as usual.
+        The first round reaches back to the account's creation (at most
+        `first_movement_lookback`): a fee charged before the reconciler first ran is in
+        the broker's cash and not in the ledger's."""
+        if self._has_cursor(run.account):
+            since = self._since(run.account, run.started_at, self.movement_overlap)
+        else:
+            row = self._c.execute("SELECT created_at FROM trading.accounts"
+                                  " WHERE account_id = %s", (routed.account_id,)).fetchone()
+            floor = run.started_at - self.first_movement_lookback
+            since = max(row[0], floor) if row else floor
         try:
             found = list(broker.cash_movements_since(since))
         except errors.Stop as exc:
@@ -761,6 +773,11 @@ class Reconciler(Worker):
         if self.conn is None or self.conn.closed:
             self.conn = connect(self.url, "mmats_router")
         return self.conn
+
+    def _has_cursor(self, account: str) -> bool:
+        row = self._c.execute("SELECT at FROM runtime.cursors WHERE name = %s",
+                              (f"reconcile:{account}",)).fetchone()
+        return row is not None and row[0] is not None
 
     def _since(self, account: str, now: datetime,
                overlap: timedelta | None = None) -> datetime:
