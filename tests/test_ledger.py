@@ -941,3 +941,24 @@ def test_concurrent_same_fill_applied_once(db_url, conn, btc):
     assert one(conn, "SELECT count(*) FROM trading.fills") == 1
     assert cash(conn, a) == D("99800")
     assert position(conn, a, btc)["quantity"] == 2
+
+
+@pytest.mark.parametrize(("ts", "says"), [
+    ("9999-12-31T23:59:59Z", "more than a day after now, for its order"),
+    ("0001-01-01T00:00:00Z", "more than a day before its order"),
+])
+def test_a_live_fill_dated_far_from_its_order_is_refused(conn, btc, ts, says):
+    """A live broker's fill dated in 9999 or in year 1 (either made a trade held for minus
+    3,652,058 days): refused, naming fill.ts; backtests and replays date fills in market
+    time and are not judged so."""
+    a = one(conn, "SELECT trading.create_account('live1', 'live', 'advisory', 100000)")
+    oid = one(conn, "INSERT INTO trading.orders (account_id, instrument_id, client_order_id,"
+                    " side, order_type, quantity) VALUES (%s, %s, 'lv-1', 'buy', 'market', 1)"
+                    " RETURNING order_id", a, btc)
+    refused(conn, {"order_id": oid, "broker_fill_id": "x", "quantity": 1, "price": 100,
+                   "ts": ts}, r"^fill\.ts .* is " + re.escape(says))
+    assert fill(conn, oid, "x", "1", "100")["status"] == "applied"  # now: fine
+    b = account(conn, "bt1")
+    assert b
+    assert fill(conn, order(conn, "bt1", "BTCUSD", "buy", "1"), "y", "1", "100",
+                ts="2001-01-01T00:00:00Z")["status"] == "applied"

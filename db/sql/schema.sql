@@ -7391,14 +7391,15 @@ BEGIN
 END
 $$;
 
--- (as in 0004_05, with three changes) apply_fill: a broker fill id must be printable (a
--- control character in it made a two-line refusal later, and an id no reconciliation
--- could show); `liquidity` is maker or taker in any case, or refused naming the field
--- (it was the fills table's bare check violation, "MAKER" included); a fill marks the
--- account's rows of its instrument at its price (the other strategies' rows and the
--- other hedge leg too: they were left at their old marks, so equity was off until the
--- next bar) unless a bar marked them later than the fill's time (a late fill overwrote a
--- newer mark).
+-- (as in 0004_05, with four changes) apply_fill: a live account's fill dated more than a
+-- day before its order or after now is refused (one bad broker time made a trade held
+-- for minus 3,652,058 days); a broker fill id must be printable (a control character in
+-- it made a two-line refusal later, and an id no reconciliation could show); `liquidity`
+-- is maker or taker in any case, or refused naming the field (it was the fills table's
+-- bare check violation, "MAKER" included); a fill marks the account's rows of its
+-- instrument at its price (the other strategies' rows and the other hedge leg too: they
+-- were left at their old marks, so equity was off until the next bar) unless a bar marked
+-- them later than the fill's time (a late fill overwrote a newer mark).
 CREATE OR REPLACE FUNCTION trading.apply_fill(fill jsonb) RETURNS jsonb
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
@@ -7453,6 +7454,14 @@ BEGIN
     commission := COALESCE(trading._num(fill, 'commission', 'fill', 0), 0);
     comm_ccy := upper(trading._text(fill, 'commission_currency', 'fill', 12));
     at := COALESCE(trading._ts(fill, 'ts', 'fill'), now());
+    -- a live broker's fill cannot come before its order or from the future: a day's skew
+    -- is allowed (a backtest's and a replay's fills are dated in market time, not now)
+    IF acc.environment = 'live' AND (at > now() + interval '1 day'
+                                     OR at < o.created_at - interval '1 day') THEN
+        RAISE EXCEPTION 'fill.ts % is % its order % (created %): a broker clock or a wrong fill?',
+            at, CASE WHEN at > now() THEN 'more than a day after now, for' ELSE 'more than a day before' END,
+            o.order_id, o.created_at USING ERRCODE = 'invalid_parameter_value';
+    END IF;
     liq := lower(trading._text(fill, 'liquidity', 'fill', 20));
     IF liq IS NOT NULL AND liq NOT IN ('maker', 'taker') THEN
         RAISE EXCEPTION 'fill.liquidity must be maker or taker, got %', to_json(liq)::text
