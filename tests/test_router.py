@@ -1314,3 +1314,29 @@ def test_a_paper_order_another_router_took_meanwhile_is_left_to_it(
     assert order_row(conn, loid)["state"] == "submitted"
     # the paper message is archived; the live one waits for its next status poll
     assert [m["message"]["order_id"] for m in queued(conn)] == [loid]
+
+
+def test_a_manual_paper_order_on_a_live_feed_fills_at_the_first_open_after_it(
+        conn: psycopg.Connection, make_router: Callable[..., Router]) -> None:
+    """Bars arrive as they close. An order made 30 s into the bar that is forming fills at
+    the open of the next one, the first price after it: before, it filled at the open of
+    the forming bar, a price from before the order existed (with daily bars, up to a day
+    of hindsight)."""
+    t1 = datetime.now(UTC).replace(second=0, microsecond=0) - timedelta(minutes=5)
+    t0 = t1 - timedelta(minutes=1)
+    iid = instrument(conn, "BTC/USD", "crypto", "100")
+    add_bar(conn, iid, t0, "100", "100", "100", "100")
+    acc = paper_account(conn, "paper1")
+    router = make_router(paper_routed(acc, "paper1", COSTS))
+    router.settle_bars(iid, "1m", t0)
+    oid, _coid = manual(conn, "paper1", "BTC/USD", "1")
+    conn.execute("UPDATE trading.orders SET created_at = %s WHERE order_id = %s",
+                 (t1 + timedelta(seconds=30), oid))
+    router.drain()
+    add_bar(conn, iid, t1, "100", "130", "100", "130")  # the bar the order was made in
+    router.settle_bars(iid, "1m", t1)
+    assert fills(conn, acc) == []
+    add_bar(conn, iid, t1 + timedelta(minutes=1), "131", "132", "129", "130")
+    router.settle_bars(iid, "1m", t1 + timedelta(minutes=1))
+    (f,) = fills(conn, acc)
+    assert (f["price"], f["ts"]) == (Decimal(131), t1 + timedelta(minutes=1))
