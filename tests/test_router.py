@@ -1340,3 +1340,29 @@ def test_a_manual_paper_order_on_a_live_feed_fills_at_the_first_open_after_it(
     router.settle_bars(iid, "1m", t1 + timedelta(minutes=1))
     (f,) = fills(conn, acc)
     assert (f["price"], f["ts"]) == (Decimal(131), t1 + timedelta(minutes=1))
+
+
+def test_a_restarted_router_fills_a_manual_order_at_the_first_open_after_it(
+        conn: psycopg.Connection, make_router: Callable[..., Router]) -> None:
+    """The router that took the order into the paper book dies; two bars are stored
+    before the next one starts. It fills the order at the open of the first bar after
+    the order's creation, as the first would have, not after the latest bar it finds."""
+    t1 = datetime.now(UTC).replace(second=0, microsecond=0) - timedelta(minutes=5)
+    t0 = t1 - timedelta(minutes=1)
+    iid = instrument(conn, "BTC/USD", "crypto", "100")
+    add_bar(conn, iid, t0, "100", "100", "100", "100")
+    acc = paper_account(conn, "paper1")
+    first = make_router(paper_routed(acc, "paper1", COSTS))
+    first.settle_bars(iid, "1m", t0)
+    oid, _coid = manual(conn, "paper1", "BTC/USD", "1")
+    conn.execute("UPDATE trading.orders SET created_at = %s WHERE order_id = %s",
+                 (t1 + timedelta(seconds=30), oid))
+    first.drain()
+    first.close()
+    add_bar(conn, iid, t1, "100", "130", "100", "130")
+    add_bar(conn, iid, t1 + timedelta(minutes=1), "131", "132", "129", "130")
+    add_bar(conn, iid, t1 + timedelta(minutes=2), "140", "141", "139", "140")
+    restarted = make_router(paper_routed(acc, "paper1", COSTS))
+    restarted.settle_bars(iid, "1m", t1 + timedelta(minutes=2))
+    (f,) = fills(conn, acc)
+    assert (f["price"], f["ts"]) == (Decimal(131), t1 + timedelta(minutes=1))

@@ -162,13 +162,13 @@ class PaperBroker:
             created = row[12]
             seen = latest[0] if latest else created
             period = timedelta(microseconds=inst.tf_us)
-            if latest and seen + period <= created < seen + 3 * period:
-                # a live feed: the order was made after the latest bar closed, so the
-                # first bar that may fill it is the first to open at or after it (the
-                # next bar opened before the order existed: its open is hindsight).
-                # Its creation is in the ledger, so a restart keeps this. (A replayed
-                # session's bars are older than any order made now: the latest bar
-                # when the order was first seen is its time, as before.)
+            if latest and created < seen + 3 * period:
+                # a live feed (the order made while the bars were current): the first bar
+                # that may fill it is the first to open at or after its creation (the
+                # bar forming when it was made opened before it: its open is hindsight).
+                # Its creation is in the ledger, so a restart that finds more bars
+                # stored keeps it. (A replayed session's bars are older than any order
+                # made now: the latest bar when the order was first seen is its time.)
                 seen = created - timedelta(microseconds=1)
             self._seen_at[order_id] = seen
         return seen + self.latency
