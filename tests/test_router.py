@@ -888,6 +888,24 @@ def runtime_errors(conn: psycopg.Connection) -> list[tuple[str, str]]:
                                                " ORDER BY error_id").fetchall()]
 
 
+def one_sent_one_queued(conn: psycopg.Connection, http: responses.RequestsMock,
+                        make_router: Callable[..., Router]) -> tuple[Router, int, int, str, int]:
+    """Two Alpaca accounts: alp's order sent (accepted), then alp2's queued, its place
+    answered. Returns the router, alp's account id, its order id and client id, and
+    alp2's order id."""
+    acc = paper_account(conn, "alp")
+    acc2 = paper_account(conn, "alp2")
+    oid, coid = manual(conn, "alp", "AAPL", "10")
+    http.get(BY_CLIENT_ID, status=404, json=NOT_FOUND)
+    http.post(f"{ALPACA}/orders", json=alpaca_order(coid, status="accepted"))
+    router = make_router(alpaca_routed(acc, "alp"), alpaca_routed(acc2, "alp2"))
+    assert router.drain() == 1
+    oid2, coid2 = manual(conn, "alp2", "AAPL", "5")
+    http.replace(responses.POST, f"{ALPACA}/orders",
+                 json=alpaca_order(coid2, status="accepted", id=OTHER_OID, qty="5"))
+    return router, acc, oid, coid, oid2
+
+
 @pytest.mark.parametrize(("answer", "alarm"), [
     ({"body": requests.ConnectionError("read timed out")}, None),
     ({"status": 401, "json": UNAUTHORIZED}, "BROKER_AUTH"),
@@ -900,16 +918,7 @@ def test_a_broker_error_on_the_fill_history_waits_and_the_other_accounts_go_on(
     while settling) fails: the message waits with backoff, the order is neither rejected
     nor finished without its fill, and the next account's order is sent in the same
     drain. Once the history answers, the order settles."""
-    acc = paper_account(conn, "alp")
-    acc2 = paper_account(conn, "alp2")
-    oid, coid = manual(conn, "alp", "AAPL", "10")
-    http.get(BY_CLIENT_ID, status=404, json=NOT_FOUND)
-    http.post(f"{ALPACA}/orders", json=alpaca_order(coid, status="accepted"))
-    router = make_router(alpaca_routed(acc, "alp"), alpaca_routed(acc2, "alp2"))
-    assert router.drain() == 1
-    oid2, coid2 = manual(conn, "alp2", "AAPL", "5")
-    http.replace(responses.POST, f"{ALPACA}/orders",
-                 json=alpaca_order(coid2, status="accepted", id=OTHER_OID, qty="5"))
+    router, acc, oid, coid, oid2 = one_sent_one_queued(conn, http, make_router)
     http.get(f"{ALPACA}/orders/{OID}", json=alpaca_order(
         coid, status="filled", filled_qty="10", filled_avg_price="187.15",
         filled_at=now_text()))
@@ -1236,16 +1245,7 @@ def test_an_unexpected_error_in_one_message_is_kept_to_it(
     a number) raised past the router's error mapping and stopped the worker. It is now
     reported as a ROUTER_ERROR, the message waits with backoff, and the next account's
     order is sent in the same drain."""
-    acc = paper_account(conn, "alp")
-    acc2 = paper_account(conn, "alp2")
-    oid, coid = manual(conn, "alp", "AAPL", "10")
-    http.get(BY_CLIENT_ID, status=404, json=NOT_FOUND)
-    http.post(f"{ALPACA}/orders", json=alpaca_order(coid, status="accepted"))
-    router = make_router(alpaca_routed(acc, "alp"), alpaca_routed(acc2, "alp2"))
-    assert router.drain() == 1
-    oid2, coid2 = manual(conn, "alp2", "AAPL", "5")
-    http.replace(responses.POST, f"{ALPACA}/orders",
-                 json=alpaca_order(coid2, status="accepted", id=OTHER_OID, qty="5"))
+    router, _acc, oid, coid, oid2 = one_sent_one_queued(conn, http, make_router)
     http.get(f"{ALPACA}/orders/{OID}", json=alpaca_order(
         coid, status="partially_filled", filled_qty="ten", filled_avg_price="187.15"))
     reveal(conn)
