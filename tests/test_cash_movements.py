@@ -273,8 +273,8 @@ def test_only_the_router_and_the_api_book_and_nobody_writes_the_table(
                 == "booked"
             with pytest.raises(psycopg.errors.InsufficientPrivilege):
                 conn.execute("INSERT INTO trading.cash_movements (account_id, kind, amount,"
-                             " currency, fx, amount_account, broker_ref, ts)"
-                             " VALUES (1, 'deposit', 1e6, 'USD', 1, 1e6, 'mine', now())")
+                             " currency, fx, broker_ref, ts)"
+                             " VALUES (1, 'deposit', 1e6, 'USD', 1, 'mine', now())")
             with pytest.raises(psycopg.errors.InsufficientPrivilege):
                 conn.execute("UPDATE trading.cash_movements SET amount = 1e6")
         finally:

@@ -7038,7 +7038,8 @@ CREATE TABLE trading.cash_movements (
     amount          numeric NOT NULL,          -- signed, in `currency`: > 0 credits the account
     currency        text NOT NULL,
     fx              numeric NOT NULL,          -- account currency per unit of `currency`
-    amount_account  numeric NOT NULL,          -- what the account's cash moved by
+    -- what the account's cash moved by
+    amount_account  numeric NOT NULL GENERATED ALWAYS AS (amount * fx) STORED,
     broker_ref      text NOT NULL,             -- the broker's id of the movement (or the booker's)
     symbol          text,                      -- the instrument it is about, as the broker named it
     instrument_id   bigint REFERENCES market.instruments (instrument_id),  -- that, when known
@@ -7161,11 +7162,10 @@ BEGIN
 
     rate := CASE WHEN ccy = acc.base_currency THEN 1
                  ELSE trading._fx_or_fail(ccy, acc.base_currency, at) END;
-    moved := amt * rate;
     INSERT INTO trading.cash_movements AS m (account_id, kind, amount, currency, fx,
-        amount_account, broker_ref, symbol, instrument_id, ts, description)
-    VALUES (acc.account_id, k, amt, ccy, rate, moved, ref, sym, inst.instrument_id, at, descr)
-    RETURNING m.movement_id INTO id;
+        broker_ref, symbol, instrument_id, ts, description)
+    VALUES (acc.account_id, k, amt, ccy, rate, ref, sym, inst.instrument_id, at, descr)
+    RETURNING m.movement_id, m.amount_account INTO id, moved;
 
     -- a deposit or withdrawal is no gain or loss: the marks the risk rules measure from
     -- move with it

@@ -51,7 +51,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal, InvalidOperation
@@ -679,18 +679,26 @@ class CcxtBroker:
         limit = TRADES_PAGE.get(self.exchange_id) or self._page_limit("fetchMyTrades", 100)
         fills: dict[str, BrokerFill] = {}
         window = self._trades_window_ms()
-        if window is None:
-            self._fills_forward(symbol, start, None, limit, since, fills)
-        else:
-            now = int(self._exchange.milliseconds())
-            lo = start
-            while True:
-                hi = lo + window - 1  # (both ends inclusive: at most `window` ms long)
-                self._fills_forward(symbol, lo, hi, limit, since, fills)
-                if hi >= now:
-                    break
-                lo = hi  # (the windows share a millisecond: nothing falls between)
+        # (both ends inclusive: a window is at most `window` ms long)
+        for lo, hi in self._windows(start, None if window is None else window - 1):
+            self._fills_forward(symbol, lo, hi, limit, since, fills)
         return sorted(fills.values(), key=lambda f: (f.ts, f.fill_id))
+
+    def _windows(self, start_ms: int, span_ms: int | None) -> Iterator[tuple[int, int | None]]:
+        """[lo, hi] windows of `span_ms` from `start_ms` up to now, one after the other
+        (sharing a millisecond: nothing falls between); one open-ended window when the
+        venue sets no limit (`span_ms` None)."""
+        if span_ms is None:
+            yield start_ms, None
+            return
+        now = int(self._exchange.milliseconds())
+        lo = start_ms
+        while True:
+            hi = lo + span_ms
+            yield lo, hi
+            if hi >= now:
+                return
+            lo = hi
 
     def _trades_window_ms(self) -> int | None:
         features = (getattr(self._exchange, "features", None) or {}).get("spot") or {}
@@ -798,18 +806,8 @@ class CcxtBroker:
         for kind, method in kinds:
             if not self._exchange.has.get(method):
                 continue
-            window = TRANSFERS_WINDOW_MS.get(self.exchange_id)
-            if window is None:
-                self._transfers_in(kind, start, None, found)
-                continue
-            now = int(self._exchange.milliseconds())
-            lo = start
-            while True:
-                hi = lo + window
+            for lo, hi in self._windows(start, TRANSFERS_WINDOW_MS.get(self.exchange_id)):
                 self._transfers_in(kind, lo, hi, found)
-                if hi >= now:
-                    break
-                lo = hi  # (the windows share a millisecond: nothing falls between)
         movements = [m for (kind, _), tx in found.items() for m in self._to_movements(kind, tx)]
         return sorted(movements, key=lambda m: (m.ts, m.movement_id))
 

@@ -105,6 +105,10 @@ _KNOWN_FILLS = """
 SELECT broker_fill_id FROM trading.fills
 WHERE account_id = %s AND broker_fill_id = ANY(%s)
 """
+_KNOWN_MOVEMENTS = """
+SELECT broker_ref, kind::text, amount, currency FROM trading.cash_movements
+WHERE account_id = %s AND broker_ref = ANY(%s)
+"""
 _LEDGER_POSITIONS = """
 SELECT i.symbol, sum(CASE WHEN p.leg = 'short' THEN -p.quantity ELSE p.quantity END),
        max(i.quantity_step)
@@ -354,19 +358,25 @@ class Reconciler(Worker):
         an older order's fills) come later; a failure among them ends the round too, and
         what was settled before it is the broker's own word."""
         account_id = routed.account_id
-        since = self._since(run.account, run.started_at)
+        cursor = self._cursor(run.account)
+        row = self._c.execute("SELECT created_at FROM trading.accounts WHERE account_id = %s",
+                              (account_id,)).fetchone()
+        assert row is not None  # (accounts are never deleted)
+        created_at: datetime = row[0]
+        since = (run.started_at - self.first_lookback if cursor is None
+                 else cursor - self.fill_overlap)
         positions = broker.positions()
         balances = broker.balances()
         open_at_broker = broker.open_orders()
         fills = list(broker.fills_since(since))
-        movements = self._movements(routed, broker, run)
+        movements = self._movements(routed, broker, run, cursor, created_at)
         found: list[Mismatch] = []
 
         orders = self._ledger_orders(account_id, fills, open_at_broker)
         self._settle_ledger_orders(broker, run, orders, open_at_broker, fills, found)
         orders = self._ledger_orders(account_id, fills, open_at_broker)  # after settling
         self._adopt_fills(account_id, run, orders, fills, found)
-        self._book_movements(account_id, run, movements, found)
+        self._book_movements(account_id, run, movements, created_at, found)
         found.extend(self._unknown_broker_orders(orders, open_at_broker, broker.venue))
         found.extend(self._position_mismatches(account_id, positions))
         found.extend(self._balance_mismatches(account_id, balances,
@@ -547,8 +557,8 @@ class Reconciler(Worker):
                       price=_plain(fill.price))
         return True
 
-    def _movements(self, routed: RoutedAccount, broker: Broker,
-                   run: AccountRun) -> list[CashMovement]:
+    def _movements(self, routed: RoutedAccount, broker: Broker, run: AccountRun,
+                   cursor: datetime | None, created_at: datetime) -> list[CashMovement]:
         """The broker's cash movements of the window. A key that may not read them (a
         trade-only key without the venue's funds-query permission: Stop) leaves them out
         and is reported once; the rest of the comparison runs, and what they moved shows
@@ -556,13 +566,8 @@ class Reconciler(Worker):
         The first round reaches back to the account's creation (at most
         `first_movement_lookback`): a fee charged before the reconciler first ran is in
         the broker's cash and not in the ledger's."""
-        if self._has_cursor(run.account):
-            since = self._since(run.account, run.started_at, self.movement_overlap)
-        else:
-            row = self._c.execute("SELECT created_at FROM trading.accounts"
-                                  " WHERE account_id = %s", (routed.account_id,)).fetchone()
-            floor = run.started_at - self.first_movement_lookback
-            since = max(row[0], floor) if row else floor
+        since = (max(created_at, run.started_at - self.first_movement_lookback)
+                 if cursor is None else cursor - self.movement_overlap)
         try:
             found = list(broker.cash_movements_since(since))
         except errors.Stop as exc:
@@ -576,21 +581,23 @@ class Reconciler(Worker):
         return found
 
     def _book_movements(self, account_id: int, run: AccountRun,
-                        movements: Sequence[CashMovement], found: list[Mismatch]) -> None:
-        """Book the broker's cash movements the ledger lacks (trading.book_cash answers
-        `duplicate`, changing nothing, for one it holds); those dated before the account
-        existed in MMATS are in its starting cash already."""
+                        movements: Sequence[CashMovement], created_at: datetime,
+                        found: list[Mismatch]) -> None:
+        """Book the broker's cash movements the ledger lacks through trading.book_cash
+        (idempotent on the broker's id: a repeat changes nothing); those dated before the
+        account existed in MMATS are in its starting cash already."""
         if not movements:
             return
-        row = self._c.execute("SELECT name, created_at FROM trading.accounts"
-                              " WHERE account_id = %s", (account_id,)).fetchone()
-        if row is None:  # accounts are never deleted; nothing to book against
-            return
-        name, created_at = row
+        # the ones already booked as the broker reports them (each round sees the
+        # overlap again): skipped without a call; one booked otherwise is refused below
+        known = {(r[0], r[1], Decimal(r[2]), r[3]) for r in self._c.execute(
+            _KNOWN_MOVEMENTS, (account_id, [m.movement_id for m in movements])).fetchall()}
         for m in movements:
+            if (m.movement_id, m.kind, m.amount, m.currency.upper()) in known:
+                continue
             if _before(m.ts, created_at):
                 continue
-            payload = {"account": name, "kind": m.kind, "amount": str(m.amount),
+            payload = {"account": run.account, "kind": m.kind, "amount": str(m.amount),
                        "currency": m.currency, "broker_ref": m.movement_id,
                        "ts": m.ts.isoformat(), "symbol": m.symbol,
                        "description": m.description}
@@ -774,19 +781,11 @@ class Reconciler(Worker):
             self.conn = connect(self.url, "mmats_router")
         return self.conn
 
-    def _has_cursor(self, account: str) -> bool:
+    def _cursor(self, account: str) -> datetime | None:
+        """When the account was last reconciled (None: never)."""
         row = self._c.execute("SELECT at FROM runtime.cursors WHERE name = %s",
                               (f"reconcile:{account}",)).fetchone()
-        return row is not None and row[0] is not None
-
-    def _since(self, account: str, now: datetime,
-               overlap: timedelta | None = None) -> datetime:
-        row = self._c.execute("SELECT at FROM runtime.cursors WHERE name = %s",
-                              (f"reconcile:{account}",)).fetchone()
-        if row is None or row[0] is None:
-            return now - self.first_lookback
-        last: datetime = row[0]
-        return last - (self.fill_overlap if overlap is None else overlap)
+        return None if row is None else row[0]
 
     def _advance_cursor(self, account: str, at: datetime) -> None:
         self._c.execute("SELECT runtime.advance_cursor(%s, NULL, %s)",

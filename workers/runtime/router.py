@@ -152,8 +152,7 @@ class _PlaceRefused(Exception):
 
 def _venue_key(routed: RoutedAccount) -> tuple[str, str]:
     """What a venue's rate limit applies to: the venue at one endpoint."""
-    return (str(getattr(routed.broker, "venue", "?")),
-            str(getattr(routed.broker, "endpoint", "?")))
+    return routed.broker.venue, routed.broker.endpoint
 
 
 def _venue(routed: RoutedAccount) -> Broker:
