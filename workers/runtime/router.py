@@ -134,9 +134,10 @@ def check_environment(account: RoutedAccount, environment: str) -> None:
 
 def backoff_seconds(attempt: int, *, base: float = 0.5, cap: float = 60.0,
                     minimum: float | None = None, rng: random.Random | None = None) -> float:
-    """The ingest worker's backoff policy (full jitter) for a message's `attempt`th read;
-    `minimum` is the venue's Retry-After."""
-    lo, hi = BackoffPolicy(base=base, cap=cap).bounds(max(attempt - 1, 0))
+    """The ingest worker's backoff policy for a message's `attempt`th read, with half of
+    the window randomised: a retry never comes sooner than half its window (full jitter
+    could redeliver at once, within the same drain); `minimum` is the venue's Retry-After."""
+    lo, hi = BackoffPolicy(base=base, cap=cap, jitter=0.5).bounds(max(attempt - 1, 0))
     delay = lo + (hi - lo) * (rng or random).random()
     return max(delay, minimum or 0.0)
 
