@@ -152,6 +152,13 @@ BAD_ROWS = [
      "high 1.00000000000000000001 is below close 1.00000000000000000002"),
     ("2024-01-03,11.0,12.0,10.75,11.51,1200",
      "time 2024-01-03 00:00:00 UTC appears again with different values (first at line 3)"),
+    # numbers no market has (a unit or parsing slip upstream), which sizing would act on
+    ("2024-01-09,1,1e400,1,1,1", "high '1e400' is out of range (10^18 or more)"),
+    ("2024-01-09,1,1,1,1,1000000000000000000", "volume '1000000000000000000' is out of "
+     "range (10^18 or more)"),
+    # a daily bar opens at midnight UTC or New York, or at 17:00 New York
+    ("2024-01-09 13:00,1,1,1,1,1", "time 2024-01-09 13:00 UTC is not aligned to 1d (a 1d "
+     "bar opens at midnight UTC or New York, or 17:00 New York)"),
 ]
 
 
@@ -166,6 +173,27 @@ def test_each_bad_row_refuses_the_whole_file(conn, tmp_path):
         assert f"line 5 (header = line 1): {reason}" in msg, msg
         assert str(path) in msg and "nothing was imported" in msg
         assert counts(conn) == (0, 0, 0, 0)
+
+
+def test_an_intraday_time_off_its_timeframe_is_a_bad_row(conn, tmp_path):
+    """The live ingest's rule: a 5m bar opens on a multiple of five minutes from midnight
+    UTC. A file with a bar at 10:02 (or 10:05:30) held two bars in one period."""
+    text = ("ts,open,high,low,close,volume\n2024-01-09T10:00:00Z,1,1,1,1,1\n"
+            "2024-01-09T10:02:00Z,1,1,1,1,1\n2024-01-09T10:05:30Z,1,1,1,1,1\n"
+            "2024-01-09T10:10:00+00:00,1,1,1,1,1\n")
+    with pytest.raises(ImportRefused, match=r"line 3 \(header = line 1\): time "
+                       r"2024-01-09 10:02 UTC is not aligned to 5m \(120s past the boundary"
+                       r"\) \(1 more bad rows\)"):
+        import_file(conn, write(tmp_path, text), symbol="BTC/USDT", market="crypto",
+                    timeframe="5m")
+    assert counts(conn) == (0, 0, 0, 0)
+    rep = import_file(conn, write(tmp_path, text), symbol="BTC/USDT", market="crypto",
+                      timeframe="5m", skip_bad=True)
+    assert [(b.row_number, b.reason) for b in rep.bad_rows] == [
+        (3, "time 2024-01-09 10:02 UTC is not aligned to 5m (120s past the boundary)"),
+        (4, "time 2024-01-09 10:05:30 UTC is not aligned to 5m (30s past the boundary)")]
+    assert [r[0].isoformat() for r in bars(conn)] == ["2024-01-09T10:00:00+00:00",
+                                                      "2024-01-09T10:10:00+00:00"]
 
 
 def test_more_bad_rows_are_counted(conn, tmp_path):

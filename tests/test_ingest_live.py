@@ -27,7 +27,7 @@ import pytest
 from workers.brokers.errors import BackOff, BrokerError, Reject, Retry, Stop
 from workers.feeds.base import TIMEFRAME_SECONDS, FeedBar, MarketDataFeed
 from workers.ingest.backoff import Backoff, BackoffPolicy
-from workers.ingest.live import LiveIngest, Subscription, misalignment, stop_on_signals
+from workers.ingest.live import LiveIngest, Subscription, bar_problem, misalignment, stop_on_signals
 
 MIN = timedelta(minutes=1)
 BTC = Subscription("BTC/USDT", "crypto", "binance", "1m")
@@ -214,6 +214,24 @@ def test_bar_alignment_rules() -> None:
     assert misalignment(at(WED, 13, 0), "1d") is not None
     monday = datetime(2025, 7, 7, tzinfo=UTC)
     assert misalignment(monday, "1w") is None and misalignment(WED, "1w") is not None
+    sunday_forex = datetime(2025, 7, 6, 21, 0, tzinfo=UTC)  # 17:00 New York (EDT)
+    assert misalignment(sunday_forex, "1w") is None
+    assert "17:00 New York on a Sunday" in (misalignment(WED, "1w") or "")
+
+
+def test_a_price_or_volume_no_market_has_is_refused() -> None:
+    def bar(**values: str) -> FeedBar:
+        v = {"open": "100", "high": "101", "low": "99", "close": "100", "volume": "5"} | values
+        return FeedBar(BTC.symbol, "1m", at(WED, 9, 50), *(Decimal(v[k]) for k in
+                       ("open", "high", "low", "close", "volume")))
+
+    now = at(WED, 10, 0)
+    assert bar_problem(bar(), [BTC.symbol], "1m", now) is None
+    assert bar_problem(bar(high="999999999999999999.9"), [BTC.symbol], "1m", now) is None
+    assert bar_problem(bar(high="1e18"), [BTC.symbol], "1m", now) == (
+        "high 1E+18 is out of range (10^18 or more)")
+    assert bar_problem(bar(volume="1e400"), [BTC.symbol], "1m", now) == (
+        "volume 1E+400 is out of range (10^18 or more)")
 
 
 # ------------------------------------------------------------------------------ backfill

@@ -11,9 +11,10 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime, time, timedelta
 from decimal import Decimal
 from typing import Protocol, runtime_checkable
+from zoneinfo import ZoneInfo
 
 
 @dataclass(frozen=True)
@@ -39,3 +40,35 @@ class MarketDataFeed(Protocol):
 
 TIMEFRAME_SECONDS = {"1m": 60, "5m": 300, "15m": 900, "1h": 3600, "4h": 14400,
                      "1d": 86400, "1w": 604800}
+
+# no price or volume of a real market reaches it (the trading core refuses such numbers too)
+MAX_VALUE = Decimal("1e18")
+
+_NEW_YORK = ZoneInfo("America/New_York")
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_US = timedelta(microseconds=1)
+
+
+def _day_aligned(ts: datetime, weekly: bool) -> bool:
+    """Daily bars open at UTC midnight (ccxt, OANDA here), New York midnight (Alpaca) or
+    17:00 New York (the forex day); weekly ones at midnight on a Monday, or at 17:00 New
+    York on a Sunday (the forex week)."""
+    utc, ny = ts.astimezone(UTC), ts.astimezone(_NEW_YORK)
+    anchors = [(utc, time(0), 0), (ny, time(0), 0), (ny, time(17), 6)]
+    return any(t.timetz().replace(tzinfo=None) == at and (not weekly or t.weekday() == wd)
+               for t, at, wd in anchors)
+
+
+def misalignment(ts: datetime, timeframe: str) -> str | None:
+    """Why `ts` (aware) is not the open time of a `timeframe` bar, or None. Intraday bars
+    open on multiples of their length from midnight UTC."""
+    if timeframe in ("1d", "1w"):
+        if _day_aligned(ts, timeframe == "1w"):
+            return None
+        when = ("midnight UTC or New York on a Monday, or 17:00 New York on a Sunday"
+                if timeframe == "1w" else "midnight UTC or New York, or 17:00 New York")
+        return f"not aligned to {timeframe} (a {timeframe} bar opens at {when})"
+    step_us = TIMEFRAME_SECONDS[timeframe] * 1_000_000
+    off = ((ts - _EPOCH) // _US) % step_us
+    return None if off == 0 else f"not aligned to {timeframe} ({off / 1e6:g}s past the boundary)"
+

@@ -147,7 +147,7 @@ def import_file(conn: psycopg.Connection, path: str | Path, *, symbol: str, mark
     spec = spec_for(symbol, market, venue)
     check_timeframe(timeframe)
     file = str(path)
-    parsed = parse_file(path, tz)
+    parsed = parse_file(path, tz, timeframe)
     if parsed.bad and not skip_bad:
         raise refusal(file, parsed, parsed.bad)
     digest = _sha256(Path(path))

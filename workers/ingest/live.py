@@ -53,7 +53,7 @@ from psycopg.types.json import Jsonb
 
 from db.errors import MmatsError
 from workers.brokers.errors import Reject, Retry, Stop
-from workers.feeds.base import TIMEFRAME_SECONDS, FeedBar, MarketDataFeed
+from workers.feeds.base import MAX_VALUE, TIMEFRAME_SECONDS, FeedBar, MarketDataFeed, misalignment
 from workers.ingest.backoff import Backoff, BackoffPolicy, RandomSource
 from workers.ingest.calendars import in_session, sessions
 from workers.ingest.gaps import GapRange, missing_bars
@@ -131,28 +131,6 @@ def _iso(ts: datetime | None) -> str | None:
     return ts.astimezone(UTC).isoformat() if ts is not None else None
 
 
-def _day_aligned(ts: datetime, weekly: bool) -> bool:
-    """Daily bars open at UTC midnight (ccxt, OANDA here), New York midnight (Alpaca) or
-    17:00 New York (the forex day); weekly ones at such a time on a Monday (the forex
-    week: Sunday 17:00 New York)."""
-    utc, ny = ts.astimezone(UTC), ts.astimezone(NEW_YORK)
-    anchors = [(utc, time(0), 0), (ny, time(0), 0), (ny, time(17), 6)]
-    return any(t.timetz().replace(tzinfo=None) == at and (not weekly or t.weekday() == wd)
-               for t, at, wd in anchors)
-
-
-def misalignment(ts: datetime, timeframe: str) -> str | None:
-    """Why `ts` is not the open time of a `timeframe` bar, or None."""
-    if timeframe in ("1d", "1w"):
-        if _day_aligned(ts, timeframe == "1w"):
-            return None
-        return (f"not aligned to {timeframe} (a {timeframe} bar opens at midnight UTC or "
-                "New York" + (" on a Monday" if timeframe == "1w" else "") + ")")
-    step_us = TIMEFRAME_SECONDS[timeframe] * 1_000_000
-    off = _us(ts) % step_us
-    return None if off == 0 else f"not aligned to {timeframe} ({off / 1e6:g}s past the boundary)"
-
-
 def _value_problem(bar: FeedBar) -> str | None:
     for name in ("open", "high", "low", "close", "volume"):
         value = getattr(bar, name)
@@ -160,6 +138,8 @@ def _value_problem(bar: FeedBar) -> str | None:
             return f"{name} is {type(value).__name__} {value!r}, not a Decimal"
         if not Decimal(value).is_finite():
             return f"{name} is {value}, not a finite number"
+        if abs(value) >= MAX_VALUE:
+            return f"{name} {value} is out of range (10^18 or more)"
     if min(bar.open, bar.high, bar.low, bar.close) <= 0:
         return (f"prices must be > 0 (open={bar.open} high={bar.high} low={bar.low} "
                 f"close={bar.close})")

@@ -13,6 +13,7 @@ import gzip
 import re
 import zlib
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
@@ -23,6 +24,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from db.errors import MmatsError
+from workers.feeds.base import MAX_VALUE, TIMEFRAME_SECONDS, misalignment
 from workers.ingest.instruments import shown
 
 PRICE_COLUMNS = ("open", "high", "low", "close")
@@ -37,6 +39,7 @@ _ALIASES = {
     "close": ("close", "c", "close price"),
     "volume": ("volume", "v", "vol"),
 }
+_UNIX_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _NUMBER = r"[+-]?(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d{1,4})?"
 _NOT_FINITE = {"nan", "+nan", "-nan", "inf", "+inf", "-inf", "infinity", "+infinity",
                "-infinity"}
@@ -288,13 +291,16 @@ def _check_values(vals: dict[str, pa.Array], reasons: np.ndarray) -> None:
             limit_bad = (f < 0) | ((f == 0) & _np(pc.starts_with(vals[name], "-")))
         else:
             limit_bad = f <= 0
-        for i in np.flatnonzero(valid & (limit_bad | ~np.isfinite(f))).tolist():
+        big = np.abs(f) >= float(MAX_VALUE) * 0.99  # (the float of the text is near)
+        for i in np.flatnonzero(valid & (limit_bad | big | ~np.isfinite(f))).tolist():
             text = _at(vals[name], i)
             d = _dec(text)
             if name == "volume" and d < 0:
                 reasons[i] = f"volume {text} is negative"
             elif name != "volume" and d <= 0:
                 reasons[i] = f"{name} {text} is not positive"
+            elif abs(d) >= MAX_VALUE:
+                reasons[i] = f"{name} {shown(text)} is out of range (10^18 or more)"
         valid &= pd.isna(reasons)
     pairs = (("high", "low", "high {a} is below low {b}"),
              ("high", "open", "high {a} is below open {b}"),
@@ -341,7 +347,9 @@ def _match(arr: np.ndarray, pattern: str) -> np.ndarray:
         zero_copy_only=False)
 
 
-def parse_file(path: str | Path, tz: str = "UTC") -> ParsedBars:
+def parse_file(path: str | Path, tz: str = "UTC", timeframe: str | None = None) -> ParsedBars:
+    """The file's bars; with `timeframe`, a row whose time is not the open time of such a
+    bar is bad (the live ingest's rule)."""
     zone = _zone(tz)
     p = Path(path)
     frame, label, numbers_all = read_frame(p)
@@ -359,6 +367,8 @@ def parse_file(path: str | Path, tz: str = "UTC") -> ParsedBars:
             vals[name] = pa.array(["0"] * n, pa.string())
     _check_values(vals, reasons)
     ts_us = _us_with_nat(times)
+    if timeframe is not None:
+        _check_alignment(ts_us, timeframe, reasons)
     good = pd.isna(reasons)
     duplicates = _check_duplicates(ts_us, vals, good, reasons, numbers_all, times, label)
     good = pd.isna(reasons)
@@ -370,6 +380,21 @@ def parse_file(path: str | Path, tz: str = "UTC") -> ParsedBars:
     return ParsedBars(label=label, rows_read=n, numbers=numbers_all[good_idx],
                       ts_us=ts_us[good_idx], values={k: v.take(keep) for k, v in vals.items()},
                       bad=bad, duplicates=int(duplicates.sum()))
+
+
+def _check_alignment(ts_us: np.ndarray, timeframe: str, reasons: np.ndarray) -> None:
+    """A reason for every still good row whose time no `timeframe` bar opens at."""
+    todo = pd.isna(reasons) & (ts_us != np.iinfo(np.int64).min)
+    if timeframe not in ("1d", "1w"):  # the rule's arithmetic, on the whole column
+        todo &= ts_us % (TIMEFRAME_SECONDS[timeframe] * 1_000_000) != 0
+    problems: dict[int, str | None] = {}
+    for i in np.flatnonzero(todo).tolist():
+        us = int(ts_us[i])
+        if us not in problems:
+            problems[us] = misalignment(_UNIX_EPOCH + timedelta(microseconds=us), timeframe)
+        if problems[us] is not None:
+            stamp = np.datetime_as_string(np.datetime64(us, "us"), unit="auto")
+            reasons[i] = f"time {str(stamp).replace('T', ' ')} UTC is {problems[us]}"
 
 
 def _us_with_nat(times: pd.Series) -> np.ndarray:
