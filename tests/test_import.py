@@ -86,6 +86,9 @@ def test_parquet_float_decimal_and_timestamp_columns(conn, tmp_path):
     ("time,o,h,l,c,v", "2024-01-02 00:00:00,1,2,1,2,5"),
     ("Open time,Open,High,Low,Close,Volume", "1704153600000,1,2,1,2,5"),
     ("datetime,open,high,low,close,adj close,volume", "1704153600,1,2,1,2,99,5"),
+    # Binance's kline files are in microseconds since 2025; nanoseconds elsewhere
+    ("open_time,open,high,low,close,volume", "1704153600000000,1,2,1,2,5"),
+    ("ts,open,high,low,close,volume", "1704153600000000000,1,2,1,2,5"),
     (" Date ,Open,High,Low,Close", "2024-01-02,1,2,1,2"),
     ("date_time,Open,High,Low,Close,Vol", "2024-01-01T19:00:00-05:00,1,2,1,2,5"),
 ])
@@ -173,6 +176,19 @@ def test_each_bad_row_refuses_the_whole_file(conn, tmp_path):
         assert f"line 5 (header = line 1): {reason}" in msg, msg
         assert str(path) in msg and "nothing was imported" in msg
         assert counts(conn) == (0, 0, 0, 0)
+
+
+def test_an_epoch_time_beyond_any_unit_is_a_bad_row(conn, tmp_path):
+    # read as milliseconds like the column's other times, it is after the year 2200 (it
+    # reached COPY and failed there with a bare database error)
+    text = ("open_time,open,high,low,close,volume\n1704153600000,1,2,1,2,5\n"
+            "1704240000000,1,2,1,2,5\n9999999999999999,1,2,1,2,5\n")
+    with pytest.raises(ImportRefused, match=r"line 4 \(header = line 1\): time "
+                       r"'9999999999999999' is out of range \(after the year 2200 in milliseconds, "
+                       r"the column's unit\)"):
+        import_file(conn, write(tmp_path, text), symbol="BTC/USDT", market="crypto",
+                    timeframe="1d")
+    assert counts(conn) == (0, 0, 0, 0)
 
 
 def test_an_intraday_time_off_its_timeframe_is_a_bad_row(conn, tmp_path):

@@ -40,11 +40,12 @@ _ALIASES = {
     "volume": ("volume", "v", "vol"),
 }
 _UNIX_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_LATEST_US = (datetime(2200, 1, 1, tzinfo=UTC) - _UNIX_EPOCH) // timedelta(microseconds=1)
 _NUMBER = r"[+-]?(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d{1,4})?"
 _NOT_FINITE = {"nan", "+nan", "-nan", "inf", "+inf", "-inf", "infinity", "+infinity",
                "-infinity"}
 _AWARE = r"[T ]\d{1,2}:\d{2}(?::\d{2}(?:[.,]\d+)?)?\s*(?:Z|[+-]\d{2}(?::?\d{2})?)"
-_EPOCH = r"\d{9,16}(?:\.\d+)?"
+_EPOCH = r"\d{9,19}(?:\.\d+)?"
 
 
 class FileError(MmatsError):
@@ -217,11 +218,12 @@ def parse_times(col: pd.Series, zone: ZoneInfo) -> tuple[pd.Series, pd.Series]:
     us = np.full(n, np.iinfo(np.int64).min, dtype=np.int64)  # NaT
     epoch = _match(s, _EPOCH)
     if epoch.sum() > (~empty).sum() // 2:
-        nums = pd.to_numeric(pd.Series(s[epoch]), errors="coerce").to_numpy(dtype=np.float64)
-        scale = 1_000 if float(np.nanmedian(nums)) >= 1e11 else 1_000_000
-        ok = np.isfinite(nums)
-        idx = np.flatnonzero(epoch)[ok]
-        us[idx] = np.round(nums[ok] * scale).astype(np.int64)
+        us[epoch], unit = _epoch_us(s[epoch])
+        late = epoch & (us > _LATEST_US)
+        for i in np.flatnonzero(late).tolist():
+            reasons.iat[i] = (f"time {shown(s[i])} is out of range (after the year 2200 in "
+                              f"{unit}, the column's unit)")
+        us[late] = np.iinfo(np.int64).min
     else:
         aware = _match(s, ".*" + _AWARE) & ~empty
         naive_mask = ~aware & ~empty
@@ -248,6 +250,31 @@ def parse_times(col: pd.Series, zone: ZoneInfo) -> tuple[pd.Series, pd.Series]:
         reasons.iat[i] = ("time is empty" if empty[i]
                           else f"time {shown(s[i])} is not a date/time")
     return out, reasons
+
+
+def _epoch_us(texts: np.ndarray) -> tuple[np.ndarray, str]:
+    """Epoch numbers as UTC microseconds (exactly for whole numbers), and the unit: the
+    column's: by the median's size, seconds (10 digits today), milliseconds (13),
+    microseconds (16: Binance's files since 2025) or nanoseconds (19)."""
+    whole = _match(texts, r"\d+")
+    nums = pd.to_numeric(pd.Series(texts), errors="coerce").to_numpy(dtype=np.float64)
+    median = float(np.nanmedian(nums))
+    per_us, unit = ((1e-6, "seconds") if median < 1e11 else (1e-3, "milliseconds")
+                    if median < 1e14 else (1.0, "microseconds") if median < 1e17
+                    else (1e3, "nanoseconds"))
+    out = np.full(len(texts), np.iinfo(np.int64).min, dtype=np.int64)
+    with np.errstate(over="ignore", invalid="ignore"):
+        frac = ~whole & np.isfinite(nums) & (nums / per_us < _LATEST_US)
+        out[frac] = np.round(nums[frac] / per_us).astype(np.int64)
+    n = texts[whole].astype(np.uint64)  # (19 digits fit; int64 arithmetic could overflow)
+    if per_us < 1:
+        times = round(1 / per_us)
+        late = n > np.uint64(_LATEST_US // times)
+        us = np.where(late, np.uint64(_LATEST_US + 1), n * np.uint64(times))
+    else:
+        us = np.minimum(n // np.uint64(round(per_us)), np.uint64(_LATEST_US + 1))
+    out[whole] = us.astype(np.int64)
+    return out, unit
 
 
 def _as_us(times: pd.Series) -> np.ndarray:
