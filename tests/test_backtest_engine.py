@@ -718,3 +718,21 @@ def test_two_symbols_are_replayed_in_time_order_and_both_trade(conn, tmp_path):
     assert sorted(p["symbol"] for p in report["open_positions"]) == sorted([a, b])
     assert report["sanity"] == []
     assert report["metrics"]["final_equity"] == 10000
+
+
+def test_a_position_added_to_and_closed_is_flat_after_its_close(conn, tmp_path):
+    # 12.34567 + 57.75433 - 70.1 is 1.4e-14 in floats: the closed position stayed exposed
+    # (and in the curve's value) to the end of the run
+    sym = add_instrument(conn, step="0.00001")
+    add_bars(conn, sym, flat(100, 10))
+    script = Script(tmp_path, {0: [(sym, "buy", {"size": "0.1234567"})],
+                               2: [(sym, "buy", {"size": "0.701"})], 4: [(sym, "close", {})]})
+    run_id = run(conn, script.config([sym], 10))
+    assert [f[:2] for f in fills(conn, run_id)] == [
+        ("buy", D("12.34567")), ("buy", D("57.75433")), ("sell", D("70.1"))]
+    report = load_report(conn, run_id)
+    # held from bar 1's open (filled then) to bar 5's open: exposed at the closes of bars 1-4
+    exposed = [r[0] for r in conn.execute(
+        "SELECT exposed FROM backtest.equity WHERE run_id = %s ORDER BY ts", (run_id,))]
+    assert exposed == [False] + [True] * 4 + [False] * 5
+    assert report["metrics"]["exposure_time"] == 0.4
