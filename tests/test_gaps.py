@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from datetime import date
+from datetime import UTC, date, datetime, time
 
 import numpy as np
 import pytest
 
-from workers.ingest.calendars import easter, fill_holidays, nyse_holidays, trading_days
+from workers.ingest import calendars
+from workers.ingest.calendars import easter, fill_holidays, nyse_holidays, sessions, trading_days
 from workers.ingest.gaps import find_gaps, missing_bars
 from workers.ingest.importer import import_file
 from workers.ingest.samples import sample_datasets
@@ -56,13 +57,103 @@ def test_trading_days():
 
 
 def test_fill_holidays_is_idempotent(conn):
-    assert fill_holidays(conn, 2012, 2013) == 11 + 9
+    # full-day holidays plus early closes (3 in each year)
+    assert fill_holidays(conn, 2012, 2013) == (11 + 3) + (9 + 3)
     assert fill_holidays(conn, 2012, 2013) == 0
     rows = conn.execute("SELECT day, name FROM market.calendar_holidays "
-                        "WHERE calendar_id = 'XNYS' AND day < '2013-01-01' ORDER BY day"
-                        ).fetchall()
+                        "WHERE calendar_id = 'XNYS' AND day < '2013-01-01' "
+                        "AND early_close IS NULL ORDER BY day").fetchall()
     assert [d.isoformat() for d, _ in rows] == NYSE[2012]
     assert rows[7][1] == "Hurricane Sandy"
+
+
+# NYSE early closes (13:00 New York), by rule
+NYSE_EARLY = {
+    # July 3 Wednesday (a half day from 2013), Christmas Eve Tuesday
+    2024: ["2024-07-03", "2024-11-29", "2024-12-24"],
+    2025: ["2025-07-03", "2025-11-28", "2025-12-24"],
+    # July 3 Friday is the observed Independence Day: a holiday, not a half day
+    2026: ["2026-11-27", "2026-12-24"],
+    # July 4 Sunday -> Monday (Friday July 2 is a full day); Dec 24 Friday is Christmas
+    2027: ["2027-11-26"],
+    2021: ["2021-11-26"],
+    2019: ["2019-07-03", "2019-11-29", "2019-12-24"],
+    2012: ["2012-07-03", "2012-11-23", "2012-12-24"],
+    # before 2013 a Thursday July 4 made Friday July 5 the half day, not Wednesday July 3
+    2002: ["2002-07-05", "2002-11-29", "2002-12-24"],
+    2003: ["2003-07-03", "2003-11-28", "2003-12-24", "2003-12-26"],
+}
+
+
+@pytest.mark.parametrize("year", sorted(NYSE_EARLY))
+def test_nyse_early_closes_by_rule(year):
+    early = calendars.nyse_early_closes(year)
+    assert [d.isoformat() for d in early] == NYSE_EARLY[year]
+    assert {t for _, t in early.values()} == {time(13, 0)}
+    assert not set(early) & set(nyse_holidays(year))
+
+
+def _utc_us(year: int, month: int, day: int, hour: int = 0, minute: int = 0) -> int:
+    return int(datetime(year, month, day, hour, minute, tzinfo=UTC).timestamp() * 1_000_000)
+
+
+def _session_of(day: date, **kw) -> tuple[str, str] | None:
+    opens, closes = sessions("XNYS", _utc_us(day.year, day.month, day.day),
+                             _utc_us(day.year, day.month, day.day), **kw)
+    for o, c in zip(opens, closes, strict=True):
+        if np.datetime64(int(o), "us").astype("datetime64[D]") == np.datetime64(day, "D"):
+            return (str(np.datetime64(int(o), "us").astype("datetime64[m]")),
+                    str(np.datetime64(int(c), "us").astype("datetime64[m]")))
+    return None
+
+
+def test_xnys_half_day_sessions_without_stored_rows():
+    # day after Thanksgiving 2025: 09:30-13:00 EST = 14:30-18:00 UTC
+    assert _session_of(date(2025, 11, 28)) == ("2025-11-28T14:30", "2025-11-28T18:00")
+    assert _session_of(date(2025, 11, 26)) == ("2025-11-26T14:30", "2025-11-26T21:00")
+    # Christmas Eve in winter time (EST): 13:00 = 18:00 UTC
+    assert _session_of(date(2025, 12, 24)) == ("2025-12-24T14:30", "2025-12-24T18:00")
+    # July 3 in summer time (EDT): 13:00 = 17:00 UTC
+    assert _session_of(date(2025, 7, 3)) == ("2025-07-03T13:30", "2025-07-03T17:00")
+    assert _session_of(date(2024, 7, 3)) == ("2024-07-03T13:30", "2024-07-03T17:00")
+    # 2026: July 3 is the observed holiday, July 2 a full day
+    assert _session_of(date(2026, 7, 3)) is None
+    assert _session_of(date(2026, 7, 2)) == ("2026-07-02T13:30", "2026-07-02T20:00")
+
+
+def test_stored_rows_win_over_the_rule():
+    nov28 = date(2025, 11, 28)
+    assert _session_of(nov28, early_closes={}) == ("2025-11-28T14:30", "2025-11-28T18:00")
+    got = _session_of(nov28, early_closes={nov28: time(12, 0)})
+    assert got == ("2025-11-28T14:30", "2025-11-28T17:00")
+    assert _session_of(nov28, extra_closed=frozenset({nov28})) is None
+
+
+def test_complete_half_day_series_has_no_gap():
+    # the bars of 2025-11-28 (14:30-18:00 UTC), then Monday's first bar
+    ts = np.arange(_utc_us(2025, 11, 28, 14, 30), _utc_us(2025, 11, 28, 18, 0), 60_000_000)
+    ts = np.append(ts, _utc_us(2025, 12, 1, 14, 30))
+    assert missing_bars(ts, "1m", "XNYS") == []
+    ranges = missing_bars(np.delete(ts, [208, 209]), "1m", "XNYS")
+    assert [(r.start.isoformat(), r.count) for r in ranges] == [
+        ("2025-11-28T17:58:00+00:00", 2)]
+
+
+def test_fill_holidays_stores_early_closes(conn):
+    # a row stored by hand for a day is kept as it is
+    conn.execute("INSERT INTO market.calendar_holidays (calendar_id, day, name, early_close) "
+                 "VALUES ('XNYS', '2025-12-24', 'by hand', '12:00')")
+    assert fill_holidays(conn, 2025, 2026) == (11 + 3 - 1) + (10 + 2)
+    rows = conn.execute("SELECT day, name, early_close FROM market.calendar_holidays "
+                        "WHERE calendar_id = 'XNYS' AND early_close IS NOT NULL ORDER BY day"
+                        ).fetchall()
+    assert [(d.isoformat(), t.isoformat("minutes")) for d, _, t in rows] == [
+        ("2025-07-03", "13:00"), ("2025-11-28", "13:00"), ("2025-12-24", "12:00"),
+        ("2026-11-27", "13:00"), ("2026-12-24", "13:00")]
+    assert rows[1][1] == "Day after Thanksgiving" and rows[2][1] == "by hand"
+    closed = {d for (d,) in conn.execute(
+        "SELECT day FROM market.calendar_holidays WHERE early_close IS NULL")}
+    assert date(2026, 7, 3) in closed and date(2025, 11, 28) not in closed
 
 
 def _us(stamps: list[str]) -> np.ndarray:

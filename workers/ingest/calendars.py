@@ -1,8 +1,9 @@
 """Session calendars: when a market trades, so that closed hours are not called gaps.
 
 CRYPTO_24X7 never closes. FX_24X5 trades from Sunday 17:00 to Friday 17:00 New York time.
-XNYS trades Monday to Friday 09:30-16:00 New York time, except NYSE holidays, which are
-computed here by rule (and can be stored in market.calendar_holidays by fill_holidays).
+XNYS trades Monday to Friday 09:30-16:00 New York time, except NYSE holidays and early
+closes (13:00 New York), which are computed here by rule (and can be stored in
+market.calendar_holidays by fill_holidays: early_close NULL = closed all day).
 """
 
 from __future__ import annotations
@@ -27,6 +28,12 @@ SPECIAL_CLOSURES = {
     date(2012, 10, 30): "Hurricane Sandy",
     date(2018, 12, 5): "National Day of Mourning for George H. W. Bush",
     date(2025, 1, 9): "National Day of Mourning for Jimmy Carter",
+}
+NYSE_EARLY_CLOSE = time(13, 0)
+# one-off NYSE early closes (not by rule), New York time
+SPECIAL_EARLY_CLOSES = {
+    date(1997, 12, 26): ("Day after Christmas", NYSE_EARLY_CLOSE),
+    date(2003, 12, 26): ("Day after Christmas", NYSE_EARLY_CLOSE),
 }
 
 
@@ -87,6 +94,46 @@ def nyse_holidays(year: int) -> dict[date, str]:
     return dict(sorted(out.items()))
 
 
+def nyse_early_closes(year: int) -> dict[date, tuple[str, time]]:
+    """NYSE early closes in a year (name, close time New York), by rule plus special ones.
+
+    13:00 on the day after Thanksgiving (from 1993), on Christmas Eve when it is Monday to
+    Thursday (from 1993; a Friday Christmas Eve is the observed Christmas holiday), and
+    before Independence Day: July 3 when it is Monday, Tuesday or Thursday (from 1995) or
+    Wednesday (from 2013; before that the Friday July 5 after a Thursday July 4 was the
+    half day instead). A Friday July 3 is the observed holiday; when July 4 is a Sunday the
+    Friday before is a full day. A day that is a full-day holiday is never an early close.
+    """
+    mon, tue, wed, thu, fri = range(5)
+    out: dict[date, tuple[str, time]] = {}
+    july3, july5 = date(year, 7, 3), date(year, 7, 5)
+    if year >= 1995 and (july3.weekday() in (mon, tue, thu)
+                         or (year >= 2013 and july3.weekday() == wed)):
+        out[july3] = ("Day before Independence Day", NYSE_EARLY_CLOSE)
+    if 1995 <= year < 2013 and july5.weekday() == fri:
+        out[july5] = ("Day after Independence Day", NYSE_EARLY_CLOSE)
+    if year >= 1993:
+        out[_nth_weekday(year, 11, thu, 4) + timedelta(days=1)] = (
+            "Day after Thanksgiving", NYSE_EARLY_CLOSE)
+        christmas_eve = date(year, 12, 24)
+        if christmas_eve.weekday() in (mon, tue, wed, thu):
+            out[christmas_eve] = ("Christmas Eve", NYSE_EARLY_CLOSE)
+    out.update({d: v for d, v in SPECIAL_EARLY_CLOSES.items() if d.year == year})
+    closed = nyse_holidays(year)
+    return {d: v for d, v in sorted(out.items()) if d not in closed}
+
+
+def early_closes_by_rule(calendar_id: str, first_year: int, last_year: int
+                         ) -> dict[date, tuple[str, time]]:
+    """Early closes by rule (name, close time in the calendar's time zone)."""
+    if calendar_id != "XNYS":
+        return {}
+    out: dict[date, tuple[str, time]] = {}
+    for y in range(first_year, last_year + 1):
+        out.update(nyse_early_closes(y))
+    return out
+
+
 def holidays(calendar_id: str, first_year: int, last_year: int) -> dict[date, str]:
     if calendar_id != "XNYS":
         return {}
@@ -120,7 +167,12 @@ def sessions(calendar_id: str, start_us: int, end_us: int,
              early_closes: dict[date, time] | None = None,
              extra_closed: set[date] | frozenset[date] = frozenset()
              ) -> tuple[np.ndarray, np.ndarray]:
-    """Sorted, disjoint trading intervals [start, end) in UTC microseconds covering the range."""
+    """Sorted, disjoint trading intervals [start, end) in UTC microseconds covering the range.
+
+    XNYS closes early on the days early_closes_by_rule() gives; `early_closes` (e.g. rows
+    stored in market.calendar_holidays) adds to them and wins for the same day, and a day
+    in `extra_closed` is closed all day even if it would be an early close.
+    """
     if calendar_id == "CRYPTO_24X7":
         return (np.array([np.iinfo(np.int64).min // 2]), np.array([np.iinfo(np.int64).max // 2]))
     first = (np.datetime64(start_us, "us").astype("datetime64[D]") - 8).astype(date)
@@ -135,7 +187,10 @@ def sessions(calendar_id: str, start_us: int, end_us: int,
         days = trading_days("XNYS", first, last, extra_closed)
         opens = _local_to_us(days, time(9, 30))
         closes = _local_to_us(days, time(16, 0))
-        for d, t in (early_closes or {}).items():
+        early = {d: t for d, (_, t) in early_closes_by_rule(
+            "XNYS", first.year, last.year).items()}
+        early.update(early_closes or {})
+        for d, t in early.items():
             hit = np.flatnonzero(days == np.datetime64(d, "D"))
             if len(hit):
                 closes[hit[0]] = _local_to_us(np.array([np.datetime64(d, "D")]), t)[0]
@@ -154,10 +209,16 @@ def in_session(ts_us: np.ndarray, step_us: int, opens: np.ndarray,
 
 
 def fill_holidays(conn: psycopg.Connection, first_year: int, last_year: int) -> int:
-    """Store the XNYS holidays of these years in market.calendar_holidays. Idempotent."""
-    rows = [("XNYS", d, name) for d, name in holidays("XNYS", first_year, last_year).items()]
+    """Store the XNYS holidays (early_close NULL) and early closes of these years in
+    market.calendar_holidays; returns how many rows were added. Idempotent, and a row
+    already stored for a day (e.g. entered by hand) is kept as it is."""
+    rows: list[tuple[str, date, str, time | None]] = [
+        ("XNYS", d, name, None) for d, name in holidays("XNYS", first_year, last_year).items()]
+    rows += [("XNYS", d, name, t)
+             for d, (name, t) in early_closes_by_rule("XNYS", first_year, last_year).items()]
+    rows.sort(key=lambda r: r[1])
     with conn.transaction(), conn.cursor() as cur:
         cur.executemany(
-            "INSERT INTO market.calendar_holidays (calendar_id, day, name) VALUES (%s, %s, %s) "
-            "ON CONFLICT (calendar_id, day) DO NOTHING", rows)
+            "INSERT INTO market.calendar_holidays (calendar_id, day, name, early_close) "
+            "VALUES (%s, %s, %s, %s) ON CONFLICT (calendar_id, day) DO NOTHING", rows)
         return max(cur.rowcount, 0)
