@@ -360,6 +360,9 @@ def test_grouped_trade_metrics() -> None:
 
 def test_periods_per_year() -> None:
     assert periods_per_year(["stock"]) == 252
+    # weekly bars: one return a week, whatever the market's days
+    assert periods_per_year(["crypto"], "1w") == periods_per_year(["stock"], "1w") == 52
+    assert periods_per_year(["crypto"], "1d") == periods_per_year(["crypto"], "1h") == 365
     assert periods_per_year(["stock", "forex"]) == 260
     assert periods_per_year(iter(["stock", "crypto", "forex"])) == 365
     with pytest.raises(ValueError, match=r"^unknown market 'bond' \(expected one of: crypto, "):

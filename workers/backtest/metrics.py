@@ -149,11 +149,13 @@ def _read_only(array: np.ndarray) -> np.ndarray:
     return view
 
 
-def periods_per_year(markets: Iterable[str]) -> int:
-    """Daily return periods per year for a run trading these markets.
+def periods_per_year(markets: Iterable[str], timeframe: str = "1d") -> int:
+    """Return periods per year for a run trading these markets on this timeframe.
 
-    A mix takes the largest: a portfolio holding crypto has an equity that moves (and
-    a daily return) on every calendar day, even if it also holds stocks.
+    Daily returns: a mix takes the largest, since a portfolio holding crypto has an
+    equity that moves (and a daily return) on every calendar day, even if it also holds
+    stocks. Weekly bars give one return a week, so 52 (scaled as daily returns, the
+    ratios of a weekly run were sqrt(7) too large).
     """
     found = list(markets)
     if not found:
@@ -162,7 +164,8 @@ def periods_per_year(markets: Iterable[str]) -> int:
         if market not in PERIODS_PER_YEAR:
             known = ", ".join(sorted(PERIODS_PER_YEAR))
             raise ValueError(f"unknown market {market!r} (expected one of: {known})")
-    return max(PERIODS_PER_YEAR[market] for market in found)
+    daily = max(PERIODS_PER_YEAR[market] for market in found)
+    return min(daily, 52) if timeframe == "1w" else daily
 
 
 def _positive_cash(starting_cash: float) -> float:

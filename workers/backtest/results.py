@@ -148,7 +148,7 @@ def record_results(engine: Engine, elapsed: float) -> None:
     cash, final, _ = state
     markets = {sd.inst.market for sd in engine.symbols}
     metrics = clean_metrics(compute_metrics(curve, trades, starting_cash=float(cfg.cash),
-                                     periods_per_year=periods_per_year(markets)))
+                                     periods_per_year=periods_per_year(markets, cfg.timeframe)))
     metrics["final_equity"] = float(final)
     metrics["final_cash"] = float(cash)
     metrics["open_positions"] = len(opened)

@@ -496,7 +496,7 @@ def _final_equity(conn: psycopg.Connection, run: int) -> Decimal:
 
 
 def stitch(conn: psycopg.Connection, results: Sequence[WindowResult], cash: Decimal,
-           markets: Sequence[str]) -> dict[str, Any]:
+           markets: Sequence[str], timeframe: str) -> dict[str, Any]:
     """The test runs' equity curves chained into one out-of-sample curve (it starts at
     `cash` at the first test window's start), with its metrics."""
     times: list[int] = [to_us(results[0].window.test_start)]
@@ -524,7 +524,7 @@ def stitch(conn: psycopg.Connection, results: Sequence[WindowResult], cash: Deci
                         exposure=np.array(exposed, dtype=bool),
                         benchmark=None if bench is None else np.array(bench))
     metrics = clean_metrics(compute_metrics(curve, trades, starting_cash=float(cash),
-                                     periods_per_year=periods_per_year(markets)))
+                                     periods_per_year=periods_per_year(markets, timeframe)))
     metrics["final_equity"] = float(results[-1].test_final_equity)
     metrics["windows"] = len(results)
     drawdown = drawdown_series(curve.equity, starting_cash=float(cash))
@@ -674,7 +674,8 @@ def run_walk_forward(conn: psycopg.Connection, base_config: BacktestConfig, *,
         params = [r.params for r in done]
         result_json = jsonable({
             **head, "windows": [r.to_dict() for r in done],
-            "stitched": stitch(conn, done, base_config.cash, markets),
+            "stitched": stitch(conn, done, base_config.cash, markets,
+                               base_config.timeframe),
             "stability": stability(params)})
         conn.execute("SELECT backtest.finish_walk_forward(%s, 'finished', %s)",
                      (wf_id, Jsonb(result_json)))
