@@ -604,6 +604,11 @@ def test_bad_input_is_a_one_line_error_and_writes_nothing(conn, tmp_path):
     ({"cash": D(0)}, "--cash must be a number > 0, got 0"),
     ({"symbols": ()}, "a backtest needs at least one --symbol"),
     ({"commission": D("0.5")}, "taker_fee must be a fraction below 0.1, got 0.5"),
+    # a spread for a symbol the run does not trade was stored as applied and never charged
+    ({"spread": {"A-USD": D("0.01")}}, "--spread names A-USD, which is not a symbol of the "
+     "run (A)"),
+    ({"symbols": ("A@x",), "spread": {"A@Y": D("0.01")}}, "--spread names A@Y, which is not"),
+    ({"spread": {"A": D("0.5")}}, "spread"),
 ])
 def test_bad_configuration_is_refused_before_anything_runs(kw, says):
     args: dict[str, Any] = {"strategy": "x", "symbols": ("A",), "timeframe": "1m", "start": T0,
@@ -736,3 +741,13 @@ def test_a_position_added_to_and_closed_is_flat_after_its_close(conn, tmp_path):
         "SELECT exposed FROM backtest.equity WHERE run_id = %s ORDER BY ts", (run_id,))]
     assert exposed == [False] + [True] * 4 + [False] * 5
     assert report["metrics"]["exposure_time"] == 0.4
+
+
+def test_a_spread_given_for_symbol_at_venue_is_charged(conn, tmp_path):
+    sym = add_instrument(conn)
+    add_bars(conn, sym, flat(100, 4))
+    script = Script(tmp_path, {0: [(sym, "buy", {"size": "0.5"})]})
+    # the symbol as --symbol takes it when a name is on several venues
+    run_id = run(conn, script.config([f"{sym}@test"], 4, spread={f"{sym}@TEST": D("0.01")}))
+    # bought at bar 1's open 100 + half the spread 0.5
+    assert [f[2] for f in fills(conn, run_id)] == [D("100.50")]

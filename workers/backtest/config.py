@@ -73,18 +73,30 @@ class BacktestConfig:
             raise BacktestError(f"--cash must be a number > 0, got {self.cash}")
         if self.equity_points < 2:
             raise BacktestError("equity_points must be at least 2")
+        for key in self.spread:
+            if key != "*" and not any(_names(key, s) for s in self.symbols):
+                raise BacktestError(f"--spread names {key}, which is not a symbol of the run "
+                                    f"({', '.join(self.symbols)})")
         try:
             self.costs_for("*")
+            for key in self.spread:
+                name, _, venue = key.partition("@")
+                self.costs_for(name, venue or None)
         except SimulatorError as exc:
             raise BacktestError(str(exc)) from None
 
-    def spread_for(self, symbol: str) -> Decimal:
-        return self.spread.get(symbol.upper(), self.spread.get("*", Decimal(0)))
+    def spread_for(self, symbol: str, venue: str | None = None) -> Decimal:
+        """The spread of `symbol` (on `venue`): given for SYMBOL@venue, else for SYMBOL,
+        else for every symbol ("*")."""
+        for key in ((f"{symbol}@{venue}".upper(),) if venue else ()) + (symbol.upper(), "*"):
+            if key in self.spread:
+                return self.spread[key]
+        return Decimal(0)
 
-    def costs_for(self, symbol: str) -> Costs:
+    def costs_for(self, symbol: str, venue: str | None = None) -> Costs:
         maker = self.commission if self.maker_fee is None else self.maker_fee
         return Costs(taker_fee=self.commission, maker_fee=maker, slippage=self.slippage,
-                     spread=self.spread_for(symbol))
+                     spread=self.spread_for(symbol, venue))
 
     def settings(self) -> dict[str, Any]:
         """Every assumption, as stored with the run."""
@@ -156,6 +168,13 @@ def _scalar(raw: str) -> object:
         except ValueError:
             pass
     return raw
+
+
+def _names(key: str, symbol: str) -> bool:
+    """Whether a --spread key (SYMBOL or SYMBOL@venue, upper case) names a --symbol."""
+    k_name, _, k_venue = key.upper().partition("@")
+    s_name, _, s_venue = symbol.strip().upper().partition("@")
+    return k_name == s_name and (not k_venue or not s_venue or k_venue == s_venue)
 
 
 def parse_spread(text: str | None) -> dict[str, Decimal]:

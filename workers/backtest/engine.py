@@ -103,7 +103,7 @@ class Engine:
         self.by_id = {sd.inst.instrument_id: k for k, sd in enumerate(self.symbols)}
         self.by_symbol = {sd.symbol: k for k, sd in enumerate(self.symbols)}
         self.currency = self._currency()
-        self.sims = [Simulator(config.costs_for(sd.symbol)) for sd in self.symbols]
+        self.sims = [Simulator(config.costs_for(sd.symbol, sd.inst.venue)) for sd in self.symbols]
         self.guard = StrategyGuard()
         self._params = MappingProxyType(dict(self.strategy.params))
         self.counts = RunCounts()
