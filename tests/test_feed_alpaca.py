@@ -157,3 +157,26 @@ def test_errors_map_to_what_the_caller_should_do(http: responses.RequestsMock, f
         assert caught.value.retry_after == 3.0
     if error is Reject:
         assert caught.value.code == "INVALID_REQUEST"
+
+
+def test_a_malformed_bar_is_refused_alone_with_one_line(
+        http: responses.RequestsMock, feed: AlpacaFeed,
+        caplog: pytest.LogCaptureFixture) -> None:
+    rows = [bar_json(f"2024-03-01T14:{m:02d}:00Z", 187.1, 187.4, 187.0, 187.3, 100)
+            for m in range(5)]
+    rows[1]["o"] = None  # a null open
+    rows[3]["h"] = "n/a"  # a high that is no number
+    http.get(BARS, json=page(rows, None))
+    http.get(BARS, json=page(rows, None))
+    since = datetime(2024, 3, 1, 14, 0, tzinfo=UTC)
+
+    with caplog.at_level("WARNING", logger="mmats.feeds.alpaca"):
+        bars = feed.fetch_bars("AAPL", "1m", since)
+        assert feed.fetch_bars("AAPL", "1m", since) == bars
+
+    assert [b.ts.minute for b in bars] == [0, 2, 4]
+    assert bars[0].open == Decimal("187.1")
+    lines = [r.getMessage() for r in caplog.records if r.name == "mmats.feeds.alpaca"]
+    line = "refused bar alpaca AAPL 1m 2024-03-01 14:0{}:00 UTC: {}"
+    assert lines == [line.format(1, "open is missing (null)"),
+                     line.format(3, "high 'n/a' is not a number")]

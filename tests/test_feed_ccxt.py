@@ -126,15 +126,19 @@ def test_until_is_exclusive_and_ends_the_paging(http: responses.RequestsMock) ->
     assert len(bars) == 1490
 
 
-def test_paging_stops_when_a_page_adds_nothing(http: responses.RequestsMock) -> None:
-    clock = Clock(T0 + timedelta(days=30))  # far ahead: the venue simply has no more bars
+def test_empty_pages_are_stepped_over_up_to_now_and_no_further(
+        http: responses.RequestsMock) -> None:
+    clock = Clock(T0 + 3000 * MINUTE)  # the venue has no bars after the first 1000
     feed = binance_feed(http, clock)
     http.get(f"{BINANCE}/klines", json=[kline(i) for i in range(0, 1000)])
-    http.get(f"{BINANCE}/klines", json=[kline(999)])  # only a bar already seen
+    http.get(f"{BINANCE}/klines", json=[kline(999)])  # only a bar already seen (ccxt drops it)
 
     bars = feed.fetch_bars("BTC/USDT", "1m", T0)
 
-    assert len(ohlcv_calls(http, "/api/v3/klines")) == 2
+    # an empty page moves on by one page (a windowed venue may hold bars beyond it), but
+    # never past now: the paging is bounded by the range asked for
+    assert [q["startTime"] for q in ohlcv_calls(http, "/api/v3/klines")] == [
+        str(ms(T0 + i * MINUTE)) for i in (0, 1000, 2000)]
     assert len(bars) == 1000
 
 
@@ -212,3 +216,112 @@ def test_naive_times_are_refused(http: responses.RequestsMock) -> None:
 
     with pytest.raises(ValueError, match="naive"):
         feed.fetch_bars("BTC/USDT", "1m", datetime(2024, 6, 10))
+
+
+# --- Coinbase: only the window [start, start + 300 bars] per call, no candle without trades
+
+COINBASE = "https://api.coinbase.com"
+COINBASE_CANDLES = "/api/v3/brokerage/market/products/BTC-USD/candles"
+
+
+def coinbase_product(product_id: str, base: str, quote: str) -> dict[str, Any]:
+    """One spot entry of GET /api/v3/brokerage/market/products."""
+    return {"product_id": product_id, "price": "66780.12", "volume_24h": "10967.87",
+            "base_increment": "0.00000001", "quote_increment": "0.01",
+            "quote_min_size": "1", "quote_max_size": "150000000",
+            "base_min_size": "0.00000001", "base_max_size": "3400", "base_name": base,
+            "quote_name": quote, "is_disabled": False, "status": "online",
+            "cancel_only": False, "limit_only": False, "post_only": False,
+            "trading_disabled": False, "auction_mode": False, "product_type": "SPOT",
+            "quote_currency_id": quote, "base_currency_id": base, "alias": "",
+            "alias_to": [], "base_display_symbol": base, "quote_display_symbol": quote,
+            "view_only": False, "price_increment": "0.01", "display_name": product_id,
+            "product_venue": "CBE"}
+
+
+def coinbase_feed(http: responses.RequestsMock, clock: Clock,
+                  candles: dict[int, dict[str, str]]) -> CcxtFeed:
+    """Coinbase's public products and currencies, and a candles endpoint that answers
+    like Coinbase: the candles of [start, end] (seconds) that exist, newest first."""
+    def products(request: Any) -> tuple[int, dict[str, str], str]:
+        futures = parse_qs(urlsplit(request.url).query).get("product_type") == ["FUTURE"]
+        listed = [] if futures else [coinbase_product("BTC-USD", "BTC", "USD")]
+        return 200, {}, json.dumps({"products": listed, "num_products": len(listed)})
+
+    def serve(request: Any) -> tuple[int, dict[str, str], str]:
+        q = {k: v[0] for k, v in parse_qs(urlsplit(request.url).query).items()}
+        lo, hi = int(q["start"]), int(q["end"])
+        found = [c for s, c in sorted(candles.items(), reverse=True) if lo <= s <= hi]
+        return 200, {}, json.dumps({"candles": found[:300]})
+
+    http.add_callback(responses.GET, f"{COINBASE}/api/v3/brokerage/market/products",
+                      callback=products)
+    http.get(f"{COINBASE}/v2/currencies", json={"data": [
+        {"id": "USD", "name": "US Dollar", "min_size": "0.01"}]})
+    http.get(f"{COINBASE}/v2/currencies/crypto", json={"data": [
+        {"asset_id": "5b71fc48-3dd3-540c-809b-f8c94d0e68b5", "code": "BTC", "name": "Bitcoin",
+         "color": "#F7931A", "sort_index": 100, "exponent": 8, "type": "crypto",
+         "address_regex": "^([13][a-km-zA-HJ-NP-Z1-9]{25,34})$"}]})
+    http.get(f"{COINBASE}/v2/exchange-rates", json={"data": {"currency": "USD", "rates": {
+        "BTC": "0.0000149745", "USD": "1.0"}}})
+    http.add_callback(responses.GET, f"{COINBASE}{COINBASE_CANDLES}", callback=serve)
+    return CcxtFeed("coinbase", now=lambda: clock.now, sleep=clock.sleep)
+
+
+def coinbase_candle(i: int) -> tuple[int, dict[str, str]]:
+    start = ms(T0 + i * MINUTE) // 1000
+    return start, {"start": str(start), "low": "66000.5", "high": "66010.5",
+                   "open": "66001.5", "close": "66005.5", "volume": "0.25"}
+
+
+def test_an_empty_coinbase_window_does_not_end_the_paging(
+        http: responses.RequestsMock) -> None:
+    """Candles only from 06:40 on (none traded before, or the venue was down): the empty
+    300-bar windows before them are stepped over, not taken for the end of the data."""
+    clock = Clock(T0 + 600 * MINUTE + timedelta(seconds=10))
+    feed = coinbase_feed(http, clock, dict(coinbase_candle(i) for i in range(400, 600)))
+    assert feed.page_limit == 300
+
+    bars = feed.fetch_bars("BTC/USD", "1m", T0)
+
+    assert [b.ts for b in bars] == [T0 + i * MINUTE for i in range(400, 600)]
+    assert bars[0].open == Decimal("66001.5") and bars[0].volume == Decimal("0.25")
+    starts = [int(q["start"]) for q in ohlcv_calls(http, COINBASE_CANDLES)]
+    assert starts[:2] == [ms(T0) // 1000, ms(T0 + 300 * MINUTE) // 1000]
+    # a window that reaches `now` and is empty ends the paging: nothing is asked beyond it
+    later = feed.fetch_bars("BTC/USD", "1m", T0 + 150 * MINUTE)
+    assert len(later) == 200 and later[0].ts == T0 + 400 * MINUTE
+
+
+def test_empty_windows_up_to_now_end_with_no_bars(http: responses.RequestsMock) -> None:
+    clock = Clock(T0 + 700 * MINUTE)
+    feed = coinbase_feed(http, clock, {})
+
+    assert feed.fetch_bars("BTC/USD", "1m", T0) == []
+    starts = [int(q["start"]) for q in ohlcv_calls(http, COINBASE_CANDLES)]
+    assert starts == [ms(T0 + i * MINUTE) // 1000 for i in (0, 300, 600)]  # bounded by now
+
+
+# --- malformed rows: refused alone, with one line; the rest of the page is returned
+
+def test_a_kline_with_a_null_price_is_refused_alone(
+        http: responses.RequestsMock, caplog: pytest.LogCaptureFixture) -> None:
+    clock = Clock(T0 + 10 * MINUTE)
+    feed = binance_feed(http, clock)
+    rows = [kline(i) for i in range(10)]
+    rows[5][1] = None  # a null open
+    rows[7][3] = "n/a"  # a low that is no number
+    http.get(f"{BINANCE}/klines", json=rows)
+
+    with caplog.at_level("WARNING", logger="mmats.feeds.ccxt"):
+        bars = feed.fetch_bars("BTC/USDT", "1m", T0)
+        again = feed.fetch_bars("BTC/USDT", "1m", T0)
+
+    expected = [T0 + i * MINUTE for i in range(10) if i not in (5, 7)]
+    assert [b.ts for b in bars] == expected and [b.ts for b in again] == expected
+    lines = [r.getMessage() for r in caplog.records if r.name == "mmats.feeds.ccxt"]
+    assert len(lines) == 2  # one line per bad row, not one per fetch that sees it
+    assert lines[0].startswith("refused bar ccxt:binance BTC/USDT 1m 2024-06-10 00:05:00 UTC: ")
+    assert "open" in lines[0] and "\n" not in lines[0]
+    assert lines[1].startswith("refused bar ccxt:binance BTC/USDT 1m 2024-06-10 00:07:00 UTC: ")
+    assert "low" in lines[1]

@@ -191,6 +191,38 @@ def test_candle_errors_map_onto_error_classes(http: responses.RequestsMock, stat
         feed().fetch_bars("EUR/USD", "5m", FIRST)
 
 
+def test_a_malformed_candle_is_refused_alone_and_the_paging_goes_on(
+        http: responses.RequestsMock, caplog: pytest.LogCaptureFixture) -> None:
+    """One candle without its open, one with a close that is no number: each is refused
+    with one line naming it, and the other candles of the page (and the next page) come."""
+    def server(request: PreparedRequest) -> tuple[int, dict[str, str], str]:
+        status, headers, body = candle_server(request)
+        answer = json.loads(body)
+        for c in answer["candles"]:
+            if c["time"] == oanda_time(FIRST + STEP):
+                del c["mid"]["o"]
+            if c["time"] == oanda_time(FIRST + 2 * STEP):
+                c["mid"]["c"] = "1.09x"
+        return status, headers, json.dumps(answer)
+
+    http.add_callback(responses.GET, CANDLES, callback=server)
+    with caplog.at_level("WARNING", logger="mmats.feeds.oanda"):
+        paged = feed(page_size=3)
+        bars = paged.fetch_bars("EUR/USD", "5m", FIRST)
+        assert paged.fetch_bars("EUR/USD", "5m", FIRST) == bars
+
+    series = [FIRST + i * STEP for i in range(int((NOW - FIRST) / STEP))]
+    assert [b.ts for b in bars] == [t for t in series if t not in (FIRST + STEP,
+                                                                   FIRST + 2 * STEP)]
+    lines = [r.getMessage() for r in caplog.records if r.name == "mmats.feeds.oanda"]
+    assert len(lines) == 2  # one line per bad candle, not one per fetch that sees it
+    assert lines[0].startswith("refused bar oanda EUR/USD 5m 2024-03-13 09:35:00 UTC: "
+                               "malformed candle (KeyError: 'o')")
+    assert lines[1].startswith("refused bar oanda EUR/USD 5m 2024-03-13 09:40:00 UTC: "
+                               "malformed candle (InvalidOperation")
+    assert all("\n" not in line for line in lines)
+
+
 # ---------------------------------------------------------------- market hours
 
 @pytest.mark.parametrize(("at", "is_open"), [

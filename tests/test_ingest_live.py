@@ -24,7 +24,14 @@ from typing import Any
 import psycopg
 import pytest
 
-from workers.brokers.errors import BackOff, BrokerError, Reject, Retry, Stop
+from workers.brokers.errors import (
+    BackOff,
+    BrokerError,
+    EnvironmentMismatch,
+    Reject,
+    Retry,
+    Stop,
+)
 from workers.feeds.base import TIMEFRAME_SECONDS, FeedBar, MarketDataFeed
 from workers.ingest.backoff import Backoff, BackoffPolicy
 from workers.ingest.live import LiveIngest, Subscription, bar_problem, misalignment, stop_on_signals
@@ -70,8 +77,9 @@ class ListFeed:
     honest: keep to the contract (open times in [since, until), closed bars only); a
     dishonest feed returns every bar from `since` on, open or in the future.
     page: at most this many bars per answer. errors: raised one per call, in order.
-    down: raised on every call while set. hidden_once: bars left out of the first answer
-    that would contain them (a venue that skips bars now and then).
+    down: raised on every call while set. failing: raised on every call for that symbol
+    (one series in trouble). hidden_once: bars left out of the first answer that would
+    contain them (a venue that skips bars now and then).
     """
 
     def __init__(self, venue: str, market: str, clock: Clock, bars: Sequence[FeedBar] = (),
@@ -84,6 +92,7 @@ class ListFeed:
         self.honest = honest
         self.errors: list[Exception] = []
         self.down: Exception | None = None
+        self.failing: dict[str, Exception] = {}
         self.hidden_once: set[datetime] = set()
         self.calls: list[tuple[str, str, datetime, datetime | None]] = []
 
@@ -94,6 +103,8 @@ class ListFeed:
             raise self.errors.pop(0)
         if self.down is not None:
             raise self.down
+        if symbol in self.failing:
+            raise self.failing[symbol]
         step = timedelta(seconds=TIMEFRAME_SECONDS[timeframe])
         out = [b for b in sorted(self.bars, key=lambda b: b.ts)
                if b.symbol == symbol and b.timeframe == timeframe and b.ts >= since
@@ -418,7 +429,8 @@ def test_a_retry_backs_off_every_series_of_that_feed_together(db_url: str) -> No
 
 
 @pytest.mark.parametrize("fault", [Stop("invalid API key", venue="binance"),
-                                   Reject("symbol delisted", venue="binance")])
+                                   EnvironmentMismatch("testnet key, live endpoint",
+                                                       venue="binance")])
 def test_a_stopped_feed_stops_its_market_only(db_url: str, fault: BrokerError) -> None:
     clock = Clock(at(WED, 10, 0, 5))
     crypto = ListFeed("binance", "crypto", clock, make_bars(BTC, at(WED, 9, 55), 5))
@@ -443,6 +455,126 @@ def test_a_stopped_feed_stops_its_market_only(db_url: str, fault: BrokerError) -
     assert detail["feeds"]["crypto"]["state"] == "stopped"
     assert detail["feeds"]["oanda"]["series"]["oanda:EUR_USD 1h"]["last_bar"] == \
         "2025-07-09T11:00:00+00:00"
+
+
+ETH = Subscription("ETH/USDT", "crypto", "binance", "1m")
+
+
+@pytest.mark.parametrize("fault", [
+    Reject("fetch_bars BTC/USDT: unknown symbol: Invalid symbol.", venue="ccxt:binance",
+           code="UNKNOWN_SYMBOL"),
+    Reject("fetch_bars BTC/USDT: timeframe '1m' is not offered", venue="ccxt:binance",
+           code="UNSUPPORTED_TIMEFRAME")])
+def test_a_rejected_series_is_disabled_and_the_others_of_its_feed_go_on(
+        db_url: str, fault: Reject) -> None:
+    clock = Clock(at(WED, 10, 0, 5))
+    feed = ListFeed("binance", "crypto", clock, make_bars(BTC, at(WED, 9, 55), 5)
+                    + make_bars(ETH, at(WED, 9, 55), 5, "2500"))
+    feed.failing[BTC.symbol] = fault  # a delisted pair, or a timeframe the venue lacks
+    with ingest_for(db_url, {"binance": feed}, [BTC, ETH], clock,
+                    backfill_from=at(WED, 9, 55)) as ingest:
+        assert [(r.subscription, r.state, r.inserted) for r in ingest.run_once()] == [
+            (BTC, "disabled", 0), (ETH, "ok", 5)]
+        for minute in (1, 2):
+            clock.now = at(WED, 10, minute, 5)
+            feed.bars += make_bars(ETH, at(WED, 10, minute - 1), 1, "2600")
+            assert [(r.subscription, r.inserted) for r in ingest.run_once()] == [(ETH, 1)]
+        assert ingest.poll(BTC).state == "disabled"
+        _, state, _, _, detail = worker(db_url)  # type: ignore[misc]
+    assert len([c for c in feed.calls if c[0] == BTC.symbol]) == 1  # asked once, not again
+    assert stored_ts(db_url, ETH) == minutes(at(WED, 9, 55), 7)
+    [(message, details)] = errors(db_url, "FEED_REJECTED")  # reported once
+    assert "binance:BTC/USDT 1m: disabled" in message and fault.code in message
+    assert details["code"] == fault.code and details["symbol"] == "BTC/USDT"
+    assert errors(db_url, "FEED_STOPPED") == []
+    assert state == "degraded"
+    assert detail["feeds"]["binance"]["state"] == "running"
+    assert detail["feeds"]["binance"]["series"]["binance:BTC/USDT 1m"]["state"] == "disabled"
+
+
+def test_a_failure_of_one_series_does_not_hold_up_the_others(
+        db_url: str, records: list[logging.LogRecord]) -> None:
+    """Not the transport's fault (an adapter's surprise on one symbol): that series backs
+    off alone, reported once, and the next series of the group is polled in the same
+    pass, and every pass after it."""
+    clock = Clock(at(WED, 10, 0, 5))
+    feed = ListFeed("binance", "crypto", clock, make_bars(BTC, at(WED, 9, 55), 5)
+                    + make_bars(ETH, at(WED, 9, 55), 5, "2500"))
+    feed.failing[BTC.symbol] = ValueError("not a number: None")
+    with ingest_for(db_url, {"binance": feed}, [BTC, ETH], clock, backfill_from=at(WED, 9, 55),
+                    backoff=BackoffPolicy(base=30.0, cap=30.0, jitter=0.0)) as ingest:
+        [btc, eth] = ingest.run_once()
+        assert (btc.subscription, btc.state, btc.retry_in) == (BTC, "failed", 30.0)
+        assert (eth.subscription, eth.state, eth.inserted) == (ETH, "ok", 5)
+        clock.now = at(WED, 10, 0, 20)  # BTC's own backoff is not over: not asked again
+        assert ingest.run_once() == []
+        clock.now = at(WED, 10, 1, 5)
+        feed.bars += make_bars(ETH, at(WED, 10, 0), 1, "2600")
+        assert [(r.subscription, r.state) for r in ingest.run_once()] == [
+            (BTC, "failed"), (ETH, "ok")]
+        _, state, _, _, detail = worker(db_url)  # type: ignore[misc]
+        assert state == "degraded"
+        assert detail["feeds"]["binance"]["series"]["binance:BTC/USDT 1m"]["state"] == \
+            "retrying"
+        del feed.failing[BTC.symbol]
+        clock.now = at(WED, 10, 2, 5)
+        results = {r.subscription: r for r in ingest.run_once()}
+        assert (results[BTC].state, results[BTC].inserted) == ("ok", 5)
+        assert worker(db_url)[1] == "running"  # type: ignore[index]
+    assert stored_ts(db_url, ETH) == minutes(at(WED, 9, 55), 6)
+    [(message, details)] = errors(db_url, "INGEST_ERROR")  # once per episode
+    assert "binance:BTC/USDT 1m" in message and "not a number" in message
+    assert details["symbol"] == "BTC/USDT"
+    assert any("polled again after 2 failed attempts" in m for m in messages(records))
+
+
+def test_a_null_ccxt_candle_is_refused_alone_and_the_venue_goes_on(
+        db_url: str, caplog: pytest.LogCaptureFixture) -> None:
+    """End to end, Binance served over HTTP: one BTC candle with a null open is refused
+    with one line; the other BTC bars and every ETH bar are written."""
+    from pathlib import Path
+
+    import responses
+
+    from workers.feeds.ccxt_feed import CcxtFeed
+
+    fixtures = Path(__file__).parent / "fixtures" / "ccxt"
+    clock = Clock(at(WED, 10, 10, 30))
+
+    def klines(request: Any) -> tuple[int, dict[str, str], str]:
+        q = dict(p.split("=", 1) for p in request.url.split("?", 1)[1].split("&"))
+        since, rows = int(q["startTime"]), []
+        for i in range(10):
+            ts = int((at(WED, 10, 0) + i * MIN).timestamp() * 1000)
+            price = 100 + i
+            open_ = None if (q["symbol"] == "BTCUSDT" and i == 5) else f"{price}.0"
+            if ts >= since:
+                rows.append([ts, open_, f"{price + 2}.0", f"{price - 1}.0", f"{price}.5",
+                             "1.0", ts + 59_999, "100.0", 10, "0.5", "50.0", "0"])
+        return 200, {}, json.dumps(rows)
+
+    with responses.RequestsMock(assert_all_requests_are_fired=False) as http:
+        http.get("https://api.binance.com/api/v3/exchangeInfo",
+                 json=json.loads((fixtures / "binance_exchange_info.json").read_text()))
+        http.add_callback(responses.GET, "https://api.binance.com/api/v3/klines",
+                          callback=klines)
+        feed = CcxtFeed("binance", now=clock, sleep=lambda s: None)
+        with caplog.at_level(logging.WARNING, logger="mmats.feeds.ccxt"), ingest_for(
+                db_url, {"binance": feed}, [BTC, ETH], clock,
+                backfill_from=at(WED, 10, 0)) as ingest:
+            results = ingest.run_once()
+            clock.now += timedelta(seconds=6)
+            ingest.run_once()
+    assert [(r.subscription, r.state, r.inserted) for r in results] == [
+        (BTC, "ok", 9), (ETH, "ok", 10)]
+    assert stored_ts(db_url, BTC) == [t for t in minutes(at(WED, 10, 0), 10)
+                                      if t != at(WED, 10, 5)]
+    assert stored_ts(db_url, ETH) == minutes(at(WED, 10, 0), 10)
+    refused = [r.getMessage() for r in caplog.records if r.name == "mmats.feeds.ccxt"]
+    assert refused == ["refused bar ccxt:binance BTC/USDT 1m 2025-07-09 10:05:00 UTC: "
+                       "open is missing (null)"]  # one line, though asked for again
+    [(_, details)] = errors(db_url, "GAP")  # the hole it leaves is reported
+    assert details["ranges"][0]["start"] == "2025-07-09T10:05:00+00:00"
 
 
 # ------------------------------------------------------------------------------ stalls

@@ -5,12 +5,17 @@ Alpaca's `end` is inclusive and its last bar may still be forming, so this feed 
 answer to the contract: open times in [since, until), closed at `now`, oldest first.
 A bar's period is [t, t + timeframe): a daily bar (stamped midnight New York time) counts as
 closed at the next midnight, a weekly one seven days after its open, which is never early.
+A malformed bar (a missing or unreadable time, a null or non-numeric price) is refused alone
+with one log line naming the venue, symbol, timeframe, bar time and problem; the other bars
+are returned. A missing volume is 0.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from datetime import UTC, datetime, timedelta
+from decimal import Decimal
 from typing import Any
 
 from alpaca.data.enums import DataFeed
@@ -23,14 +28,18 @@ from workers.brokers.alpaca_broker import (
     VENUE,
     call_venue,
     credential_pair,
-    dec0,
+    dec,
     parse_ts,
     prepare_client,
 )
 from workers.brokers.errors import Reject
 from workers.feeds.base import TIMEFRAME_SECONDS, FeedBar
+from workers.runtime.log import event, get
+
+log = get("feeds.alpaca")
 
 DEFAULT_TIMEOUT = 30.0
+REFUSED_MEMORY = 1000  # refused bars remembered, so a bad bar is logged once, not per fetch
 TIMEFRAMES = {
     "1m": (1, TimeFrameUnit.Minute), "5m": (5, TimeFrameUnit.Minute),
     "15m": (15, TimeFrameUnit.Minute), "1h": (1, TimeFrameUnit.Hour),
@@ -61,14 +70,34 @@ def _bar_rows(answer: Any, symbol: str) -> list[Any]:
 
 
 def _feed_bar(symbol: str, timeframe: str, row: Any) -> FeedBar:
-    """A FeedBar from Alpaca's bar JSON (t o h l c v) or alpaca-py's Bar model."""
+    """A FeedBar from Alpaca's bar JSON (t o h l c v) or alpaca-py's Bar model; a missing
+    price or time raises ValueError (a missing volume is 0)."""
     if isinstance(row, Mapping):
-        ts, o, h, low, c, v = (row[k] for k in ("t", "o", "h", "l", "c", "v"))
+        ts, o, h, low, c, v = (row.get(k) for k in ("t", "o", "h", "l", "c", "v"))
     else:
         ts, o, h, low, c, v = (row.timestamp, row.open, row.high, row.low, row.close,
                                row.volume)
-    return FeedBar(symbol=symbol, timeframe=timeframe, ts=parse_ts(ts), open=dec0(o),
-                   high=dec0(h), low=dec0(low), close=dec0(c), volume=dec0(v))
+    if ts is None:
+        raise ValueError("no time")
+    values = {}
+    for name, value in (("open", o), ("high", h), ("low", low), ("close", c), ("volume", v)):
+        try:
+            number = dec(value)
+        except ValueError:
+            raise ValueError(f"{name} {value!r} is not a number") from None
+        if number is None and name != "volume":
+            raise ValueError(f"{name} is missing (null)")
+        values[name] = number if number is not None else Decimal(0)
+    return FeedBar(symbol=symbol, timeframe=timeframe, ts=parse_ts(ts), **values)
+
+
+def _row_time(row: Any) -> str:
+    """The bar time of a row as a log line names it (its raw text if unreadable)."""
+    raw = row.get("t") if isinstance(row, Mapping) else getattr(row, "timestamp", None)
+    try:
+        return f"{parse_ts(raw):%Y-%m-%d %H:%M:%S} UTC"
+    except (TypeError, ValueError):
+        return f"(time {raw!r})"[:80]
 
 
 def closed_bars(bars: Iterable[FeedBar], step: timedelta, since: datetime,
@@ -96,6 +125,7 @@ class AlpacaFeed:
         prepare_client(self._client, timeout)
         self._now = now or (lambda: datetime.now(UTC))
         self._feed = DataFeed(feed)
+        self._refused: dict[tuple[str, str, str, str], None] = {}
 
     def fetch_bars(self, symbol: str, timeframe: str, since: datetime,
                    until: datetime | None = None) -> Sequence[FeedBar]:
@@ -111,6 +141,25 @@ class AlpacaFeed:
         answer = call_venue(f"{timeframe} bars {symbol}",
                             lambda: self._client.get_stock_bars(query), not_found=Reject,
                             not_found_code="UNKNOWN_SYMBOL", invalid_code="INVALID_REQUEST")
-        bars = [_feed_bar(symbol, timeframe, row) for row in _bar_rows(answer, symbol)]
+        bars = [bar for row in _bar_rows(answer, symbol)
+                if (bar := self._bar(symbol, timeframe, row)) is not None]
         step = timedelta(seconds=TIMEFRAME_SECONDS[timeframe])
         return closed_bars(bars, step, since, until, now)
+
+    def _bar(self, symbol: str, timeframe: str, row: Any) -> FeedBar | None:
+        """The FeedBar of one row, or None: a malformed row is refused alone, with one log
+        line (not one per fetch that sees it again)."""
+        try:
+            return _feed_bar(symbol, timeframe, row)
+        except (KeyError, TypeError, AttributeError, ValueError) as err:
+            problem = str(err).removeprefix(f"{VENUE}: ") or type(err).__name__
+        when = _row_time(row)
+        key = (symbol, timeframe, when, problem)
+        if key not in self._refused:
+            self._refused[key] = None
+            if len(self._refused) > REFUSED_MEMORY:
+                del self._refused[next(iter(self._refused))]
+            event(log, f"refused bar {VENUE} {symbol} {timeframe} {when}: {problem}"[:300],
+                  logging.WARNING, venue=VENUE, symbol=symbol, timeframe=timeframe,
+                  bar_ts=when, problem=problem)
+        return None

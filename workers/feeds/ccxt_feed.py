@@ -2,9 +2,17 @@
 
 `CcxtFeed.fetch_bars` pages forward from `since`: each call asks for the exchange's
 per-call maximum (ccxt's `features`), the next page starts one bar after the newest bar
-received, and paging stops when a page brings no bar not already seen, or once it has
-passed `until` (or now). The bar still open at `now` is dropped, duplicates are dropped,
-and only bars whose open time lies in [since, until) are returned, oldest first.
+received, and paging stops when a page brings only bars already seen, or once it has
+passed `until` (or now). An empty page does not end the paging while the range goes on
+beyond the window it covered: Coinbase and OKX answer only the window [since, since +
+limit bars] and omit candles without trades, so a quiet night, an outage or a backfill
+from before the listing is an empty window, and the next page starts one window later.
+The bar still open at `now` is dropped, duplicates are dropped, and only bars whose open
+time lies in [since, until) are returned, oldest first.
+
+A malformed row (no open time, a null or non-numeric price, too few fields) is refused
+alone with one log line naming the venue, symbol, timeframe, bar time and problem; the
+other bars of the page are returned.
 
 Markets are loaded once, with the broker's spot options (`SPOT_OPTIONS`).
 
@@ -16,9 +24,11 @@ ccxt's own limiter. Errors are mapped like the broker's (`map_ccxt_error`).
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
+from decimal import Decimal
 from typing import Any
 
 import ccxt
@@ -34,8 +44,13 @@ from workers.brokers.ccxt_broker import (
     to_decimal,
 )
 from workers.feeds.base import TIMEFRAME_SECONDS, FeedBar
+from workers.runtime.log import event, get
+
+log = get("feeds.ccxt")
 
 DEFAULT_PAGE_LIMIT = 500  # when ccxt does not say how many bars one call may return
+REFUSED_MEMORY = 1000  # refused rows remembered, so a bad row is logged once, not per fetch
+_FIELDS = ("open", "high", "low", "close", "volume")
 
 
 class CcxtFeed:
@@ -55,6 +70,7 @@ class CcxtFeed:
         self._now = now or (lambda: datetime.now(UTC))
         self._sleep = sleep
         self._http = HttpStatusProbe(self._exchange)
+        self._refused: dict[tuple[str, str, str, str], None] = {}
 
     @property
     def exchange(self) -> Any:
@@ -73,6 +89,7 @@ class CcxtFeed:
         start, now_ms = datetime_to_ms(since), datetime_to_ms(self._now())
         end = min(datetime_to_ms(until), now_ms) if until is not None else now_ms
         self._call(symbol, self._exchange.load_markets)
+        window = self.page_limit * step_ms  # the span one page covers at most
         rows: dict[int, list[Any]] = {}
         cursor, first = start, True
         while cursor < end:
@@ -80,14 +97,19 @@ class CcxtFeed:
                 self._pause()
             first = False
             page = self._page(symbol, timeframe, cursor)
-            new = {int(r[0]): r for r in page if int(r[0]) not in rows}
-            if not new:
-                break
-            rows.update(new)
-            cursor = max(new) + step_ms
+            stamped = [(ts, r) for r in page
+                       if (ts := self._open_ms(symbol, timeframe, r)) is not None]
+            new = {ts: r for ts, r in stamped if ts not in rows}
+            if new:
+                rows.update(new)
+                cursor = max(new) + step_ms
+            elif stamped or cursor + window >= end:
+                break  # only bars already seen, or the window reached the end: no more
+            else:  # an empty window (no trades, an outage, before the listing): go on
+                cursor += window
         closed = (r for ts, r in sorted(rows.items())
                   if start <= ts < end and ts + step_ms <= now_ms)
-        return [self._bar(symbol, timeframe, r) for r in closed]
+        return [bar for r in closed if (bar := self._bar(symbol, timeframe, r)) is not None]
 
     def _timeframe_ms(self, symbol: str, timeframe: str) -> int:
         """The bar length in ms; a timeframe MMATS or the exchange does not know is refused."""
@@ -117,10 +139,48 @@ class CcxtFeed:
                                  action="fetch_bars", symbol=symbol,
                                  http_status=self._http.status) from exc
 
-    @staticmethod
-    def _bar(symbol: str, timeframe: str, row: list[Any]) -> FeedBar:
-        ts, open_, high, low, close, volume = row[:6]
-        return FeedBar(symbol=symbol, timeframe=timeframe, ts=ms_to_datetime(ts),
-                       open=to_decimal(open_), high=to_decimal(high), low=to_decimal(low),
-                       close=to_decimal(close),
-                       volume=to_decimal(volume if volume is not None else 0))
+    def _open_ms(self, symbol: str, timeframe: str, row: Any) -> int | None:
+        """The row's open time in ms, or None (refused with one line) if it has none."""
+        try:
+            ts = row[0]
+            if isinstance(ts, bool):
+                raise TypeError
+            return int(ts)
+        except (TypeError, ValueError, OverflowError, IndexError, KeyError):
+            self._refuse(symbol, timeframe, f"row {row!r}"[:120], "no valid open time")
+            return None
+
+    def _bar(self, symbol: str, timeframe: str, row: list[Any]) -> FeedBar | None:
+        """The FeedBar of a row, or None (refused with one line) if a value is missing or
+        not a number; a missing volume is 0."""
+        ts = ms_to_datetime(int(row[0]))
+        when = f"{ts:%Y-%m-%d %H:%M:%S} UTC"
+        if len(row) < 6:
+            self._refuse(symbol, timeframe, when, f"{len(row)} fields, expected 6 "
+                         f"(time, open, high, low, close, volume): {row!r}"[:200])
+            return None
+        values: dict[str, Decimal] = {}
+        for name, value in zip(_FIELDS, row[1:6], strict=True):
+            if value is None and name == "volume":
+                value = 0
+            if value is None:
+                self._refuse(symbol, timeframe, when, f"{name} is missing (null)")
+                return None
+            try:
+                values[name] = to_decimal(value)
+            except ValueError:
+                self._refuse(symbol, timeframe, when, f"{name} {value!r} is not a number"[:200])
+                return None
+        return FeedBar(symbol=symbol, timeframe=timeframe, ts=ts, **values)
+
+    def _refuse(self, symbol: str, timeframe: str, when: str, problem: str) -> None:
+        """One log line per refused row (not one per fetch that sees it again)."""
+        key = (symbol, timeframe, when, problem)
+        if key in self._refused:
+            return
+        self._refused[key] = None
+        if len(self._refused) > REFUSED_MEMORY:
+            del self._refused[next(iter(self._refused))]
+        event(log, f"refused bar {self.venue} {symbol} {timeframe} {when}: {problem}",
+              logging.WARNING, venue=self.venue, symbol=symbol, timeframe=timeframe,
+              bar_ts=when, problem=problem)

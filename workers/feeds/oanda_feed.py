@@ -2,7 +2,9 @@
 
 Bars come from InstrumentsCandles with `price=M` (mid), aligned on UTC midnight and Monday
 like MMATS's own buckets (OANDA aligns days on 17:00 New York by default), paged by
-`from` + `count`, incomplete candles dropped.
+`from` + `count`, incomplete candles dropped. A malformed candle (no mid prices, a value
+that is no number, an unreadable time) is refused alone with one log line naming the
+venue, symbol, timeframe, candle time and problem; the other candles are returned.
 
 OANDA sends prices and account transactions on separate streams, and a price stream is
 known to stall while its HEARTBEAT lines keep arriving (LEAN #4045): the connection looks
@@ -14,11 +16,12 @@ raises Retry on either fault so its caller reconnects.
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from decimal import Decimal
+from decimal import Decimal, InvalidOperation
 from typing import Any, Literal
 
 import numpy as np
@@ -46,10 +49,14 @@ from workers.brokers.oanda_broker import (
 )
 from workers.feeds.base import TIMEFRAME_SECONDS, FeedBar
 from workers.ingest.calendars import sessions
+from workers.runtime.log import event, get
+
+log = get("feeds.oanda")
 
 GRANULARITIES = {"1m": "M1", "5m": "M5", "15m": "M15", "1h": "H1", "4h": "H4", "1d": "D",
                  "1w": "W"}
 MAX_CANDLES = 5000  # OANDA's limit on `count`
+REFUSED_MEMORY = 1000  # refused candles remembered, so a bad one is logged once, not per fetch
 # MMATS buckets bars from a Monday at 00:00 UTC (date_bin origin 2000-01-03)
 ALIGNMENT = {"dailyAlignment": 0, "alignmentTimezone": "UTC", "weeklyAlignment": "Monday"}
 
@@ -181,6 +188,7 @@ class OandaFeed:
         self.environment: OandaEnvironment = endpoint
         self.endpoint_url: str = TRADING_ENVIRONMENTS[endpoint]["api"]
         self.stream_url: str = TRADING_ENVIRONMENTS[endpoint]["stream"]
+        self._refused: dict[tuple[str, str, str, str], None] = {}
 
     def fetch_bars(self, symbol: str, timeframe: str, since: datetime,
                    until: datetime | None = None) -> Sequence[FeedBar]:
@@ -200,11 +208,14 @@ class OandaFeed:
         while cursor < end:
             count = min(self.page_size, math.ceil((end - cursor) / step))
             candles = self._candles(symbol, granularity, cursor, count)
-            with response_shape(f"fetch_bars {symbol}"):
-                bars.extend(self._closed(candles, symbol, timeframe, since, end, now))
-                if len(candles) < count or not all(c.get("complete") for c in candles):
-                    break  # reached the present: nothing closed lies beyond
-                cursor = parse_time(candles[-1]["time"]) + step
+            bars.extend(self._closed(candles, symbol, timeframe, since, end, now))
+            if len(candles) < count or not all(_complete(c) for c in candles):
+                break  # reached the present: nothing closed lies beyond
+            with response_shape(f"fetch_bars {symbol}"):  # not one readable time: no page
+                newest = max(t for c in candles if (t := _time(c)) is not None)
+            if newest + step <= cursor:
+                break  # a page that does not move on (its last candle unreadable)
+            cursor = newest + step
         return bars
 
     def stream_prices(self, symbols: Sequence[str], on_price: Callable[[PriceTick], None],
@@ -248,13 +259,52 @@ class OandaFeed:
         with response_shape(f"fetch_bars {symbol}"):
             return list(response["candles"])
 
-    @staticmethod
-    def _closed(candles: Sequence[Mapping[str, Any]], symbol: str, timeframe: str,
+    def _closed(self, candles: Sequence[Any], symbol: str, timeframe: str,
                 since: datetime, end: datetime, now: datetime) -> list[FeedBar]:
-        """The complete candles opening in [since, end) whose period has ended at `now`."""
+        """The complete candles opening in [since, end) whose period has ended at `now`; a
+        malformed one is refused alone."""
         step = timedelta(seconds=TIMEFRAME_SECONDS[timeframe])
-        bars = [bar_from(c, symbol, timeframe) for c in candles if c.get("complete")]
-        return [b for b in bars if since <= b.ts < end and b.ts + step <= now]
+        bars = []
+        for c in candles:
+            if not _complete(c):
+                continue
+            try:
+                bar = bar_from(c, symbol, timeframe)
+            except (KeyError, TypeError, IndexError, AttributeError, InvalidOperation,
+                    ValueError) as err:
+                self._refuse(c, symbol, timeframe, err)
+                continue
+            if since <= bar.ts < end and bar.ts + step <= now:
+                bars.append(bar)
+        return bars
+
+    def _refuse(self, candle: Any, symbol: str, timeframe: str, err: Exception) -> None:
+        """One log line per refused candle (not one per fetch that sees it again)."""
+        ts = _time(candle)
+        when = f"{ts:%Y-%m-%d %H:%M:%S} UTC" if ts is not None else "(no readable time)"
+        detail = f"{type(err).__name__}: {err}" if str(err) else type(err).__name__
+        problem = f"malformed candle ({detail}): {candle!r}"[:300]
+        key = (symbol, timeframe, when, detail)
+        if key in self._refused:
+            return
+        self._refused[key] = None
+        if len(self._refused) > REFUSED_MEMORY:
+            del self._refused[next(iter(self._refused))]
+        event(log, f"refused bar {VENUE} {symbol} {timeframe} {when}: {problem}",
+              logging.WARNING, venue=VENUE, symbol=symbol, timeframe=timeframe, bar_ts=when,
+              problem=problem)
+
+
+def _complete(candle: Any) -> bool:
+    return isinstance(candle, Mapping) and bool(candle.get("complete"))
+
+
+def _time(candle: Any) -> datetime | None:
+    """A candle's open time, or None if it has no readable one."""
+    try:
+        return parse_time(candle["time"])
+    except (KeyError, TypeError, IndexError, AttributeError, ValueError):
+        return None
 
 
 def stamp(ts: datetime | None) -> str:

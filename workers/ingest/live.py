@@ -13,7 +13,8 @@ One poll of a subscription:
 2. fetches from the next bar (or `backfill_from`, or the latest closed bar when nothing is
    stored) up to now, page by page as the feed returns them; validates every bar (a bad
    one is refused with one log line and never written, a still-open one is never
-   written, so strategies only ever see closed bars) and writes them in batches of one
+   written, so strategies only ever see closed bars; a row the feed cannot even read is
+   refused by the feed, with the same kind of line) and writes the rest in batches of one
    INSERT each, so the bars trigger (stops, marks, NOTIFY mmats_bars) runs once a batch;
 3. checks the range it wrote for missing bars, within the market's sessions
    (calendars.py: NYSE, forex 24x5, crypto 24x7), asks the feed once more for each
@@ -22,11 +23,16 @@ One poll of a subscription:
    `stale_after_bars` expected bars (FEED_STALE, once per episode; a closed market
    expects no bars, so a forex weekend or an NYSE holiday is never stale).
 
-Retry / BackOff from a feed back its group off exponentially (full jitter, never less
-than `retry_after`); Stop / Reject stop that group only and are reported; anything else
-is reported and backed off too. The writes use the owner's connection: writing bars is
-this worker's job. `run()` is the real loop (one thread per group, waiting on an Event
-so that `stop()` ends it promptly); `run_once()` and `poll()` drive the same steps
+Retry / BackOff from a feed (the transport) and database errors back the whole group off
+exponentially (full jitter, never less than `retry_after`): the rest of that pass is
+skipped. A Stop (authentication, environment) stops that group only and is reported. A
+Reject concerns one series (an unsupported timeframe, an unknown or delisted symbol): it
+disables that series until a restart, reported once, like an instrument that cannot be
+resolved, and the group's other series go on. Anything else is reported (once per
+episode) and backs off that series only: the other series of the group are still polled
+in the same pass. The writes use the owner's connection: writing bars is this worker's
+job. `run()` is the real loop (one thread per group, waiting on an Event so that
+`stop()` ends it promptly); `run_once()` and `poll()` drive the same steps
 deterministically with an injected clock.
 """
 
@@ -138,7 +144,7 @@ def _value_problem(bar: FeedBar) -> str | None:
             return f"{name} is {type(value).__name__} {value!r}, not a Decimal"
         if not Decimal(value).is_finite():
             return f"{name} is {value}, not a finite number"
-        if abs(value) >= MAX_VALUE:
+        if abs(Decimal(value)) >= MAX_VALUE:
             return f"{name} {value} is out of range (10^18 or more)"
     if min(bar.open, bar.high, bar.low, bar.close) <= 0:
         return (f"prices must be > 0 (open={bar.open} high={bar.high} low={bar.low} "
@@ -229,6 +235,10 @@ class _Series:
     gap_from: datetime | None = None  # a gap check not yet done (a poll failed midway)
     stale: bool = False
     disabled: str | None = None
+    failures: int = 0  # polls of this series failed in a row (not the transport's faults)
+    retry_at: datetime | None = None  # when a failing series is polled again
+    error: str | None = None
+    reported: str | None = None  # the error already reported in this episode
     refused: dict[tuple[str, str], None] = field(default_factory=dict)
 
     @classmethod
@@ -243,10 +253,10 @@ class _Series:
         return self.last_bar + self.step if self.last_bar is not None else self.origin
 
     def status(self) -> dict[str, Any]:
-        state = ("disabled" if self.disabled else "stale" if self.stale
-                 else "ok" if self.polled_at else "waiting")
+        state = ("disabled" if self.disabled else "retrying" if self.failures
+                 else "stale" if self.stale else "ok" if self.polled_at else "waiting")
         return {"state": state, "last_bar": _iso(self.last_bar),
-                "polled_at": _iso(self.polled_at), "error": self.disabled}
+                "polled_at": _iso(self.polled_at), "error": self.disabled or self.error}
 
 
 @dataclass(eq=False)
@@ -274,7 +284,7 @@ class _Group:
     def state(self) -> str:
         if self.stopped:
             return "stopped"
-        if self.failures:
+        if self.failures or any(s.failures for s in self.series):
             return "retrying"
         return "stale" if any(s.stale for s in self.series) else "running"
 
@@ -488,6 +498,8 @@ class LiveIngest:
         the grace), and while it is late, every quarter bar (at most every minute)."""
         if s.disabled:
             return None
+        if s.retry_at is not None:  # failing: polled again once its own backoff is over
+            return s.retry_at
         if s.polled_at is None or s.more:
             return EPOCH
         closes = (s.next_expected + s.step + self._grace if s.next_expected is not None
@@ -505,9 +517,8 @@ class LiveIngest:
             due = self._due_at(s)
             if due is None or due > now:
                 continue
-            result = self._attempt(group, s)
-            results.append(result)
-            if result.state in ("retrying", "failed", "stopped"):
+            results.append(self._attempt(group, s))
+            if group.stopped or group.retry_at is not None:
                 break  # the feed or the database is in trouble: back off the whole group
         return results
 
@@ -526,14 +537,17 @@ class LiveIngest:
             result = self._poll(group, s)
         except Retry as exc:  # BackOff too: its retry_after is honoured
             return self._failed(group, s, exc, "FEED_UNAVAILABLE", transient=True)
-        except (Stop, Reject) as exc:
+        except Stop as exc:
             return self._stop_group(group, s, exc)
+        except Reject as exc:
+            return self._disable(group, s, exc)
         except psycopg.Error as exc:
             self._drop_connection(group)
             return self._failed(group, s, exc, "INGEST_DB_ERROR", transient=False)
         except Exception as exc:
-            return self._failed(group, s, exc, "INGEST_ERROR", transient=False)
+            return self._series_failed(group, s, exc)
         self._recovered(group)
+        self._series_recovered(group, s)
         return result
 
     def _poll(self, group: _Group, s: _Series) -> PollResult:
@@ -855,8 +869,50 @@ class LiveIngest:
         group.last_error = group.reported = None
         group.backoff.reset()
 
-    def _stop_group(self, group: _Group, s: _Series, exc: Stop | Reject) -> PollResult:
-        """Stop or Reject: this feed is done until a restart; the others go on."""
+    def _series_failed(self, group: _Group, s: _Series, exc: Exception) -> PollResult:
+        """A failure of one series that is not the transport's: back off that series
+        alone (the group's other series go on); report once per episode."""
+        backoff = Backoff(group.backoff.policy, group.backoff.rng, s.failures)
+        delay = backoff.next_delay(getattr(exc, "retry_after", None))
+        s.failures += 1
+        s.retry_at = self._now() + timedelta(seconds=delay)
+        text = redact(f"{type(exc).__name__}: {exc}")
+        s.error = text
+        message = f"{group.key}: {s.sub.label}: {text}; retrying this series in {delay:.1f}s"
+        fields = {"venue": group.venue, "symbol": s.sub.symbol, "timeframe": s.sub.timeframe,
+                  "attempt": s.failures, "retry_in": delay}
+        log.error(message, exc_info=exc, extra={"fields": fields})
+        if s.reported != text:
+            s.reported = text
+            self._report(group, "INGEST_ERROR", message, fields)
+        return PollResult(s.sub, "failed", retry_in=delay, error=text)
+
+    def _series_recovered(self, group: _Group, s: _Series) -> None:
+        if s.failures:
+            event(log, f"{group.key}: {s.sub.label}: polled again after {s.failures} failed "
+                  "attempts", logging.INFO, venue=group.venue, symbol=s.sub.symbol,
+                  timeframe=s.sub.timeframe)
+        s.failures, s.retry_at, s.error, s.reported = 0, None, None, None
+
+    def _disable(self, group: _Group, s: _Series, exc: Reject) -> PollResult:
+        """A Reject concerns this series only: disable it (reported once); the group's
+        other series go on."""
+        text = redact(str(exc))
+        s.disabled = text
+        s.failures, s.retry_at, s.error, s.reported = 0, None, None, None
+        message = (f"{s.sub.label}: disabled ({exc.code}): {text}; no more bars for this "
+                   f"series until the worker is restarted (the other series of feed "
+                   f"{group.key} go on)")
+        event(log, message, logging.ERROR, venue=group.venue, symbol=s.sub.symbol,
+              timeframe=s.sub.timeframe, code=exc.code)
+        self._report(group, "FEED_REJECTED", message, {
+            "venue": group.venue, "symbol": s.sub.symbol, "timeframe": s.sub.timeframe,
+            "code": exc.code})
+        return PollResult(s.sub, "disabled", error=text)
+
+    def _stop_group(self, group: _Group, s: _Series, exc: Stop) -> PollResult:
+        """Stop (authentication, environment): this feed is done until a restart; the
+        other feeds go on."""
         text = redact(str(exc))
         group.stopped = text
         labels = [x.sub.label for x in group.series]
