@@ -470,6 +470,8 @@ def test_a_position_open_at_the_end_is_reported_open_not_as_a_trade(conn, tmp_pa
     assert report["metrics"]["open_positions"] == 1
     # cash 10000 - 4995 - 4.995 = 5000.005; + 49.95 x 103 = 5144.85 -> 10144.855
     assert D(str(report["metrics"]["final_equity"])) == D("10144.855")
+    # the entry's commission was paid, though no trade is closed
+    assert report["metrics"]["total_commission"] == 4.995
 
 
 # ----------------------------------------------------------------------------- determinism

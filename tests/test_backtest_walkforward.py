@@ -352,6 +352,11 @@ def test_walk_forward_end_to_end(bars: psycopg.Connection) -> None:
         "SELECT count(*) FROM backtest.trades WHERE run_id = ANY(%s)",
         ([r[8] for r in rows],)).fetchone()[0]  # type: ignore[index]
     assert m["trades"] == test_trades
+    # the test runs' fees, also of positions they left open
+    run_fees = conn.execute(
+        "SELECT sum(value) FROM backtest.metrics WHERE scope = 'run' AND metric = "
+        "'total_commission' AND run_id = ANY(%s)", ([r[8] for r in rows],)).fetchone()[0]  # type: ignore[index]
+    assert m["total_commission"] == pytest.approx(float(run_fees)) and run_fees > 0
     for a, b in itertools.pairwise(rows):  # the last point of one test run is the
         last = conn.execute("SELECT equity FROM backtest.equity WHERE run_id = %s "  # next's cash
                             "ORDER BY ts DESC LIMIT 1", (a[8],)).fetchone()[0]  # type: ignore[index]

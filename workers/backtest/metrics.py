@@ -30,7 +30,8 @@ curve of a million points take a few tens of milliseconds. Definitions:
   trades); profit_factor = gross_profit / -gross_loss (None without a losing trade);
   expectancy = mean pnl; average_trade_duration in seconds; best_trade / worst_trade =
   max / min pnl; gross_profit = sum of positive pnl, gross_loss = sum of negative pnl (a
-  negative number, so gross_profit + gross_loss = total_pnl); total_pnl; total_commission.
+  negative number, so gross_profit + gross_loss = total_pnl); total_pnl; total_commission
+  (of the closed trades; a run's and a walk-forward's figure is every fill's).
   Sums are exact (Decimal) and converted to float at the end.
 """
 

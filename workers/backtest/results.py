@@ -152,6 +152,9 @@ def record_results(engine: Engine, elapsed: float) -> None:
     metrics["final_equity"] = float(final)
     metrics["final_cash"] = float(cash)
     metrics["open_positions"] = len(opened)
+    # every fill's, also the entries of positions still open (the trades' sum leaves them
+    # out; the per-group figures stay the closed trades')
+    metrics["total_commission"] = float(sum((Decimal(f[4]) for f in fills), Decimal(0)))
     bound = 1.0
     for sd in engine.symbols:
         bound *= 1 + max_return_bound(sd.high[sd.first:], sd.low[sd.first:])

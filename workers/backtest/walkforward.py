@@ -527,6 +527,10 @@ def stitch(conn: psycopg.Connection, results: Sequence[WindowResult], cash: Deci
                                      periods_per_year=periods_per_year(markets, timeframe)))
     metrics["final_equity"] = float(results[-1].test_final_equity)
     metrics["windows"] = len(results)
+    metrics["total_commission"] = float(conn.execute(
+        "SELECT COALESCE(sum(f.commission), 0) FROM trading.fills f JOIN backtest.runs r"
+        " ON r.account_id = f.account_id WHERE r.run_id = ANY(%s)",
+        ([r.test_run_id for r in results],)).fetchone()[0])  # type: ignore[index]
     drawdown = drawdown_series(curve.equity, starting_cash=float(cash))
     keep = [0, len(times) - 1, int(np.argmax(drawdown)), int(np.argmin(curve.equity)),
             int(np.argmax(curve.equity))]
