@@ -649,6 +649,28 @@ def test_no_stale_alarm_or_gap_over_an_nyse_holiday(db_url: str) -> None:
     assert len(errors(db_url, "FEED_STALE")) == 1
 
 
+def test_a_new_series_starts_with_its_history_counted_in_trading_bars(db_url: str) -> None:
+    """history_bars (the [[feeds]] setting): a series with nothing stored fetches that many
+    bars before its latest closed one, counted in the market's sessions: on a Monday
+    morning an NYSE series' history is the previous Thursday's close (Good Friday)."""
+    thursday = datetime(2025, 4, 17, tzinfo=UTC)
+    monday = thursday + timedelta(days=4)
+    clock = Clock(at(monday, 13, 33, 5))  # 09:33 New York: bars 09:30-09:32 closed
+    aapl = Subscription("AAPL", "stock", "alpaca", "1m", history_bars=6)
+    btc = Subscription("BTC/USDT", "crypto", "binance", "1m", history_bars=6)
+    stock = ListFeed("alpaca", "stock", clock, make_bars(aapl, at(thursday, 19, 30), 30, "196")
+                     + make_bars(aapl, at(monday, 13, 30), 3, "197"))
+    crypto = ListFeed("binance", "crypto", clock, make_bars(btc, at(monday, 13, 0), 33))
+    with ingest_for(db_url, {"alpaca": stock, "binance": crypto}, [aapl, btc],
+                    clock) as ingest:
+        ingest.run_once()
+    # the 3 bars of Monday and 4 of Thursday's last minutes: 6 before the latest, and it
+    assert stored_ts(db_url, aapl) == [at(thursday, 19, m) for m in range(56, 60)] + [
+        at(monday, 13, m) for m in range(30, 33)]
+    assert stored_ts(db_url, btc) == [at(monday, 13, m) for m in range(26, 33)]
+    assert errors(db_url, "GAP") == []
+
+
 # ------------------------------------------------------------------------------ plumbing
 
 def test_each_batch_is_one_insert_and_notifies_listeners(db_url: str) -> None:

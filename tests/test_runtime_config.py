@@ -23,6 +23,9 @@ def test_the_example_configuration_parses_and_needs_every_worker():
     assert cfg.account("paper-1").costs.slippage == "bps:2"
     assert cfg.strategies[0].symbols == ("BTC/USDT@binance", "ETH/USDT@binance")
     assert kinds_for(cfg) == ["ingest", "strategies", "router", "reconciler", "notifier"]
+    # a new series starts with history to warm up on (a strategy's slow average)
+    assert [f.history_bars for f in cfg.feeds] == [500]
+    assert _parse(FEED + "history_bars = 0").feeds[0].history_bars == 0
 
 
 def _parse(text: str) -> rc.RuntimeConfig:
@@ -30,6 +33,8 @@ def _parse(text: str) -> rc.RuntimeConfig:
 
 
 ACC = '[[accounts]]\nname = "a"\n'
+FEED = ('[[feeds]]\nmarket = "crypto"\nvenue = "ccxt:binance"\nsymbols = ["X"]\n'
+        'timeframes = ["1m"]\n')
 
 
 @pytest.mark.parametrize(("text", "message"), [
@@ -53,6 +58,8 @@ ACC = '[[accounts]]\nname = "a"\n'
      r"entry #1 already runs s 1m on a"),
     ('[[feeds]]\nmarket = "crypto"\nvenue = "ccxt:binance"\nsymbols = []\ntimeframes = ["1m"]',
      r"symbols must be a non-empty list"),
+    (FEED + 'history_bars = 1.5', r"\[\[feeds\]\] #1 history_bars must be a whole number"),
+    (FEED + 'history_bars = -1', r"\[\[feeds\]\] #1 history_bars must be >= 0"),
     ('[router]\nvisibility_seconds = 0', r"visibility_seconds must be >= 1"),
     ('[runtime]\nbar_grace_seconds = -1', r"\[runtime\] bar_grace_seconds must be >= 0"),
     ('[runtime]\nbar_grace_seconds = "soon"', r"bar_grace_seconds must be a number"),

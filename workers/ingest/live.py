@@ -101,6 +101,9 @@ class Subscription:
     market: str  # crypto | forex | stock
     venue: str
     timeframe: str  # 1m 5m 15m 1h 4h 1d 1w
+    # with nothing stored, the series starts this many bars before its latest closed one
+    # (the history a strategy warms up on); backfill_from, when given, wins
+    history_bars: int = 0
 
     @property
     def label(self) -> str:
@@ -556,7 +559,7 @@ class LiveIngest:
             return PollResult(s.sub, "disabled", error=s.disabled)
         now = self._now()
         last = self._last_stored(conn, s)
-        since = self._since(s, last, now)
+        since = self._since(group, s, last, now)
         pending = s.gap_from is not None
         if s.gap_from is None:
             s.gap_from = last if last is not None else since
@@ -572,14 +575,27 @@ class LiveIngest:
         return PollResult(s.sub, "stale" if s.stale else "ok", tally.fetched, tally.inserted,
                           tally.refused, missing, s.last_bar)
 
-    def _since(self, s: _Series, last: datetime | None, now: datetime) -> datetime:
+    def _since(self, group: _Group, s: _Series, last: datetime | None,
+               now: datetime) -> datetime:
         """Where the fetch starts: the bar after the last stored one, else the origin."""
         if last is not None:
             return last + s.step
         if s.origin is None:
-            s.origin = self._backfill_from or (
-                _dt(_us(now) // (s.step // US) * (s.step // US)) - s.step)
+            s.origin = self._backfill_from or self._history_start(group, s, now)
         return s.origin
+
+    def _history_start(self, group: _Group, s: _Series, now: datetime) -> datetime:
+        """The open of the bar `history_bars` trading bars before the latest closed one
+        (the market's sessions counted: a weekend or a night holds none)."""
+        latest = _dt(_us(now) // (s.step // US) * (s.step // US)) - s.step
+        want = s.sub.history_bars + 1
+        span = s.step * s.sub.history_bars
+        for _ in range(16):  # (doubled 16 times, a span covers any closed period)
+            expected = self._expected(group, s, latest - span, latest)
+            if len(expected) >= want:
+                return _dt(int(expected[-want]))
+            span *= 2
+        return latest - span
 
     def _fetch_range(self, group: _Group, conn: psycopg.Connection, s: _Series,
                      since: datetime, now: datetime) -> _Tally:

@@ -83,6 +83,8 @@ class FeedConfig:
     endpoint: str = "live"
     credential_account: str | None = None
     credential: str | None = None
+    # bars of history fetched for a series with nothing stored yet (page by page)
+    history_bars: int = 500
 
 
 @dataclass(frozen=True)
@@ -247,7 +249,7 @@ def _strategy(table: Mapping[str, Any], n: int, accounts: set[str]) -> StrategyC
 def _feed(table: Mapping[str, Any], n: int) -> FeedConfig:
     where = f"[[feeds]] #{n}"
     _only(table, {"market", "venue", "symbols", "timeframes", "endpoint", "credential",
-                  "credential_account"}, where)
+                  "credential_account", "history_bars"}, where)
     timeframes = _strings(table, "timeframes", where)
     bad = [t for t in timeframes if t not in TIMEFRAMES]
     if bad:
@@ -260,7 +262,16 @@ def _feed(table: Mapping[str, Any], n: int) -> FeedConfig:
                       timeframes=timeframes,
                       endpoint=_str(table, "endpoint", where, "live", ENDPOINTS),
                       credential=credential if isinstance(credential, str) else None,
-                      credential_account=cred_account if isinstance(cred_account, str) else None)
+                      credential_account=cred_account if isinstance(cred_account, str) else None,
+                      history_bars=_count(table.get("history_bars", 500),
+                                          f"{where} history_bars", 100_000))
+
+
+def _count(value: object, where: str, most: int) -> int:
+    number = _dec(value, where, Decimal(0), Decimal(most))
+    if number != number.to_integral_value():
+        raise RuntimeConfigError(f"{where} must be a whole number, got {value!r}")
+    return int(number)
 
 
 def _router(table: Mapping[str, Any]) -> RouterConfig:

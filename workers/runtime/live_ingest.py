@@ -67,6 +67,6 @@ def build_live_ingest(url: str, config: RuntimeConfig, *, name: str = "ingest") 
     for cfg in config.feeds:
         feed, venue = _feed(url, cfg)
         feeds[venue] = feed
-        subscriptions += [Subscription(symbol, cfg.market, venue, tf)
+        subscriptions += [Subscription(symbol, cfg.market, venue, tf, cfg.history_bars)
                           for symbol in cfg.symbols for tf in cfg.timeframes]
     return IngestWorker(url, LiveIngest(url, feeds, subscriptions, name=name), name)
