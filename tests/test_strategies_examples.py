@@ -169,10 +169,11 @@ def test_momentum_rotation_holds_the_top_n_and_rotates_every_k_bars() -> None:
         (2, "A", "buy"),  # bar 0 has no 2-bar return yet; bar 2: A +1.98 %
         (4, "A", "buy"),  # still the leader (the database ignores: already at target)
         (6, "A", "close"),
-        (6, "C", "buy"),  # C +14.6 % over bars 4..6
+        (7, "C", "buy"),  # C +14.6 % over bars 4..6: bought once A's close has filled
         (8, "C", "buy"),
     ]
     assert trace[0][1].size == Decimal(1) and trace[0][1].metadata["rank"] == 1
+    assert trace[3][1].metadata["rank"] == 1 and "rank 1" in trace[3][1].reasoning
 
 
 def test_momentum_rotation_splits_capital_between_the_top_n() -> None:

@@ -6,6 +6,11 @@ last `lookback` bars (ROC), buys the best `top_n` (each with 1/top_n of the allo
 capital) and closes whatever else it holds. An absolute-momentum filter keeps out winners
 whose return is not above `min_return` (e.g. 0: never hold a falling market).
 
+A rotation sells before it buys: when a rebalance closes positions, the new winners are
+bought on the first bar after those closes have filled (their cash is then free; bought on
+the same bar, they were sized against cash still in the old positions and refused), at
+the latest at the next rebalance, which decides afresh.
+
 The bar count starts at the first bar the strategy sees (reset by `initialize`), so the
 rebalance days are reproducible in a backtest. Symbols without `lookback` bars of history
 yet are left out of the ranking.
@@ -44,9 +49,12 @@ class MomentumRotation(IStrategy):
     def __init__(self, params: dict[str, object] | None = None) -> None:
         super().__init__(params)
         self._bars_seen = 0
+        self._closing: set[str] = set()  # closed at the last rebalance, maybe not yet filled
+        self._buys: list[TradeSignal] = []  # the winners to buy once those have filled
 
     def initialize(self, config: Mapping[str, Any]) -> None:
         self._bars_seen = 0
+        self._closing, self._buys = set(), []
 
     @property
     def roc(self) -> str:
@@ -59,7 +67,13 @@ class MomentumRotation(IStrategy):
         due = self._bars_seen % self.int_param("rebalance_every") == 0
         self._bars_seen += 1
         if not due:
+            if self._buys and all(context.account.position(s).is_flat for s in self._closing):
+                ready, self._buys, self._closing = self._buys, [], set()
+                return [self.signal(context, b.symbol, "buy", size=b.size,
+                                    reasoning=b.reasoning, metadata=dict(b.metadata))
+                        for b in ready]
             return None
+        self._closing, self._buys = set(), []
         returns = {s: md[self.roc] / 100.0 for s, md in context.data.items()}
         ranked = sorted(
             (s for s, r in returns.items() if not math.isnan(r)),
@@ -68,11 +82,12 @@ class MomentumRotation(IStrategy):
         top_n = self.int_param("top_n")
         winners = [s for s in ranked[:top_n] if returns[s] > self.float_param("min_return")]
         signals: list[TradeSignal] = []
+        buys: list[TradeSignal] = []
         for symbol in sorted(context.data):
             held = not context.account.position(symbol).is_flat
             if symbol in winners:
                 rank = ranked.index(symbol) + 1
-                signals.append(
+                (signals if held else buys).append(
                     self.signal(
                         context,
                         symbol,
@@ -83,6 +98,7 @@ class MomentumRotation(IStrategy):
                     )
                 )
             elif held:
+                self._closing.add(symbol)
                 r = returns.get(symbol, math.nan)
                 signals.append(
                     self.signal(
@@ -92,4 +108,8 @@ class MomentumRotation(IStrategy):
                         reasoning=f"out of the top {top_n}: return {r:+.2%}",
                     )
                 )
+        if self._closing:
+            self._buys = buys  # after the closes have filled
+        else:
+            signals += buys
         return signals or None
