@@ -61,3 +61,21 @@ def test_a_feed_needing_keys_without_a_credential_is_refused() -> None:
         'timeframes = ["1m"]\n'))
     with pytest.raises(rc.RuntimeConfigError, match="needs credential_account and credential"):
         build_worker("ingest", cfg, "postgresql://unused")
+
+
+def test_two_entries_of_one_venue_share_its_feed_unless_they_disagree() -> None:
+    """Two [[feeds]] of one venue (1m BTC and 1h ETH on Binance) feed their series through
+    one connection; with another endpoint or key the first entry's series were silently
+    served by the second's feed."""
+    both = ('[[feeds]]\nmarket = "crypto"\nvenue = "ccxt:binance"\nsymbols = ["BTC/USDT"]\n'
+            'timeframes = ["1m"]\n[[feeds]]\nmarket = "crypto"\nvenue = "ccxt:binance"\n'
+            'symbols = ["ETH/USDT"]\ntimeframes = ["1h"]\n')
+    worker = build_worker("ingest", rc.parse(tomllib.loads(both)), "postgresql://unused")
+    assert isinstance(worker, IngestWorker)
+    [group] = worker.ingest._groups
+    assert sorted(s.sub.label for s in group.series) == ["binance:BTC/USDT 1m",
+                                                         "binance:ETH/USDT 1h"]
+    clash = both + 'endpoint = "testnet"\n'
+    with pytest.raises(rc.RuntimeConfigError, match=r"^\[\[feeds\]\] #2: venue binance is "
+                       r"already fed by \[\[feeds\]\] #1 with another endpoint or credential"):
+        build_worker("ingest", rc.parse(tomllib.loads(clash)), "postgresql://unused")

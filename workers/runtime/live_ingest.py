@@ -11,6 +11,12 @@ from workers.runtime.config import FeedConfig, RuntimeConfig, RuntimeConfigError
 from workers.runtime.worker import Worker
 
 
+def _venue(cfg: FeedConfig) -> str:
+    """The venue a [[feeds]] entry's instruments are stored under."""
+    kind, _, exchange = cfg.venue.partition(":")
+    return exchange if kind == "ccxt" and exchange else kind
+
+
 def _feed(url: str, cfg: FeedConfig) -> tuple[Any, str]:
     """(feed, the venue its instruments are stored under)."""
     kind, _, exchange = cfg.venue.partition(":")
@@ -63,10 +69,20 @@ def build_live_ingest(url: str, config: RuntimeConfig, *, name: str = "ingest") 
     if not config.feeds:
         raise RuntimeConfigError("no [[feeds]] configured: the ingest worker has nothing to do")
     feeds: dict[str, Any] = {}
+    first: dict[str, tuple[int, FeedConfig]] = {}  # venue -> the entry that opened it
     subscriptions = []
-    for cfg in config.feeds:
-        feed, venue = _feed(url, cfg)
-        feeds[venue] = feed
+    for n, cfg in enumerate(config.feeds, 1):
+        venue = _venue(cfg)
+        if venue in first:  # one venue, one connection: later entries add series to it
+            m, opened = first[venue]
+            if (opened.endpoint, opened.credential_account, opened.credential) != (
+                    cfg.endpoint, cfg.credential_account, cfg.credential):
+                raise RuntimeConfigError(
+                    f"[[feeds]] #{n}: venue {venue} is already fed by [[feeds]] #{m} with "
+                    "another endpoint or credential (one venue, one connection)")
+        else:
+            feeds[venue], _ = _feed(url, cfg)
+            first[venue] = (n, cfg)
         subscriptions += [Subscription(symbol, cfg.market, venue, tf, cfg.history_bars)
                           for symbol in cfg.symbols for tf in cfg.timeframes]
     return IngestWorker(url, LiveIngest(url, feeds, subscriptions, name=name), name)
