@@ -12,7 +12,6 @@ are returned. A missing volume is 0.
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
@@ -33,8 +32,8 @@ from workers.brokers.alpaca_broker import (
     prepare_client,
 )
 from workers.brokers.errors import Reject
-from workers.feeds.base import TIMEFRAME_SECONDS, FeedBar
-from workers.runtime.log import event, get
+from workers.feeds.base import TIMEFRAME_SECONDS, FeedBar, RefusedRows
+from workers.runtime.log import get
 
 log = get("feeds.alpaca")
 
@@ -125,7 +124,7 @@ class AlpacaFeed:
         prepare_client(self._client, timeout)
         self._now = now or (lambda: datetime.now(UTC))
         self._feed = DataFeed(feed)
-        self._refused: dict[tuple[str, str, str, str], None] = {}
+        self._refused = RefusedRows(VENUE, log, REFUSED_MEMORY)
 
     def fetch_bars(self, symbol: str, timeframe: str, since: datetime,
                    until: datetime | None = None) -> Sequence[FeedBar]:
@@ -153,13 +152,5 @@ class AlpacaFeed:
             return _feed_bar(symbol, timeframe, row)
         except (KeyError, TypeError, AttributeError, ValueError) as err:
             problem = str(err).removeprefix(f"{VENUE}: ") or type(err).__name__
-        when = _row_time(row)
-        key = (symbol, timeframe, when, problem)
-        if key not in self._refused:
-            self._refused[key] = None
-            if len(self._refused) > REFUSED_MEMORY:
-                del self._refused[next(iter(self._refused))]
-            event(log, f"refused bar {VENUE} {symbol} {timeframe} {when}: {problem}"[:300],
-                  logging.WARNING, venue=VENUE, symbol=symbol, timeframe=timeframe,
-                  bar_ts=when, problem=problem)
+        self._refused.refuse(symbol, timeframe, _row_time(row), problem)
         return None

@@ -9,6 +9,7 @@ aware UTC. Feeds raise the classes of `workers.brokers.errors` (`Retry`, `BackOf
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, time, timedelta
@@ -72,3 +73,28 @@ def misalignment(ts: datetime, timeframe: str) -> str | None:
     off = ((ts - _EPOCH) // _US) % step_us
     return None if off == 0 else f"not aligned to {timeframe} ({off / 1e6:g}s past the boundary)"
 
+
+
+class RefusedRows:
+    """A feed's log of the rows it could not read: one WARNING line per row (naming the
+    venue, symbol, timeframe, bar time and problem), not one per fetch that sees it
+    again; the latest `memory` rows are remembered."""
+
+    def __init__(self, venue: str, log: logging.Logger, memory: int = 1000) -> None:
+        self.venue, self.log, self.memory = venue, log, memory
+        self._seen: dict[tuple[str, str, str, str], None] = {}
+
+    def refuse(self, symbol: str, timeframe: str, when: str, problem: str,
+               key: str | None = None) -> None:
+        """`key`: what makes the row the same row again (default: the problem)."""
+        seen = (symbol, timeframe, when, problem if key is None else key)
+        if seen in self._seen:
+            return
+        self._seen[seen] = None
+        if len(self._seen) > self.memory:
+            del self._seen[next(iter(self._seen))]
+        from workers.runtime.log import event  # (the feeds' contract stays import-light)
+
+        event(self.log, f"refused bar {self.venue} {symbol} {timeframe} {when}: {problem}"[:300],
+              logging.WARNING, venue=self.venue, symbol=symbol, timeframe=timeframe,
+              bar_ts=when, problem=problem)

@@ -24,7 +24,6 @@ ccxt's own limiter. Errors are mapped like the broker's (`map_ccxt_error`).
 
 from __future__ import annotations
 
-import logging
 import time
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
@@ -43,8 +42,8 @@ from workers.brokers.ccxt_broker import (
     ms_to_datetime,
     to_decimal,
 )
-from workers.feeds.base import TIMEFRAME_SECONDS, FeedBar
-from workers.runtime.log import event, get
+from workers.feeds.base import TIMEFRAME_SECONDS, FeedBar, RefusedRows
+from workers.runtime.log import get
 
 log = get("feeds.ccxt")
 
@@ -70,7 +69,7 @@ class CcxtFeed:
         self._now = now or (lambda: datetime.now(UTC))
         self._sleep = sleep
         self._http = HttpStatusProbe(self._exchange)
-        self._refused: dict[tuple[str, str, str, str], None] = {}
+        self._refused = RefusedRows(self.venue, log, REFUSED_MEMORY)
 
     @property
     def exchange(self) -> Any:
@@ -174,13 +173,4 @@ class CcxtFeed:
         return FeedBar(symbol=symbol, timeframe=timeframe, ts=ts, **values)
 
     def _refuse(self, symbol: str, timeframe: str, when: str, problem: str) -> None:
-        """One log line per refused row (not one per fetch that sees it again)."""
-        key = (symbol, timeframe, when, problem)
-        if key in self._refused:
-            return
-        self._refused[key] = None
-        if len(self._refused) > REFUSED_MEMORY:
-            del self._refused[next(iter(self._refused))]
-        event(log, f"refused bar {self.venue} {symbol} {timeframe} {when}: {problem}",
-              logging.WARNING, venue=self.venue, symbol=symbol, timeframe=timeframe,
-              bar_ts=when, problem=problem)
+        self._refused.refuse(symbol, timeframe, when, problem)

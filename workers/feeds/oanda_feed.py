@@ -16,7 +16,6 @@ raises Retry on either fault so its caller reconnects.
 
 from __future__ import annotations
 
-import logging
 import math
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -47,9 +46,9 @@ from workers.brokers.oanda_broker import (
     to_symbol,
     translate,
 )
-from workers.feeds.base import TIMEFRAME_SECONDS, FeedBar
+from workers.feeds.base import TIMEFRAME_SECONDS, FeedBar, RefusedRows
 from workers.ingest.calendars import sessions
-from workers.runtime.log import event, get
+from workers.runtime.log import get
 
 log = get("feeds.oanda")
 
@@ -188,7 +187,7 @@ class OandaFeed:
         self.environment: OandaEnvironment = endpoint
         self.endpoint_url: str = TRADING_ENVIRONMENTS[endpoint]["api"]
         self.stream_url: str = TRADING_ENVIRONMENTS[endpoint]["stream"]
-        self._refused: dict[tuple[str, str, str, str], None] = {}
+        self._refused = RefusedRows(VENUE, log, REFUSED_MEMORY)
 
     def fetch_bars(self, symbol: str, timeframe: str, since: datetime,
                    until: datetime | None = None) -> Sequence[FeedBar]:
@@ -284,15 +283,7 @@ class OandaFeed:
         when = f"{ts:%Y-%m-%d %H:%M:%S} UTC" if ts is not None else "(no readable time)"
         detail = f"{type(err).__name__}: {err}" if str(err) else type(err).__name__
         problem = f"malformed candle ({detail}): {candle!r}"[:300]
-        key = (symbol, timeframe, when, detail)
-        if key in self._refused:
-            return
-        self._refused[key] = None
-        if len(self._refused) > REFUSED_MEMORY:
-            del self._refused[next(iter(self._refused))]
-        event(log, f"refused bar {VENUE} {symbol} {timeframe} {when}: {problem}",
-              logging.WARNING, venue=VENUE, symbol=symbol, timeframe=timeframe, bar_ts=when,
-              problem=problem)
+        self._refused.refuse(symbol, timeframe, when, problem, key=detail)
 
 
 def _complete(candle: Any) -> bool:
