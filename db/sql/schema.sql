@@ -7353,22 +7353,27 @@ END
 $$;
 REVOKE ALL ON FUNCTION trading._gate(trading.accounts, trading.orders) FROM PUBLIC;
 
--- The router is about to send the order (its fate is unknown until the broker answers),
--- unless the account may no longer send it (trading._gate): then the order is cancelled
--- here, with the reason, and the answer says so ({"status": "cancelled", ...}).
-CREATE OR REPLACE FUNCTION trading.mark_in_flight(order_ref text) RETURNS jsonb
-LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+-- An order moving towards its broker (created -> in_flight, or -> submitted): one not yet
+-- sent passes trading._gate first, which cancels it, with the reason, if the account may
+-- no longer send it (the answer then says {"status": "cancelled", ...}).
+CREATE FUNCTION trading._advance_to_broker(order_ref text, new_status trading.order_status,
+                                           broker_order_id text DEFAULT NULL)
+RETURNS jsonb
+LANGUAGE plpgsql AS $$
 DECLARE
     lk record := trading._locked_order(order_ref);
-    gated jsonb;
 BEGIN
-    IF (lk.o).status = 'created' THEN
-        gated := trading._gate(lk.acc, lk.o);
-        IF gated IS NOT NULL THEN
-            RETURN gated;
-        END IF;
-    END IF;
-    RETURN trading._set_status(lk.acc, lk.o, 'in_flight', NULL);
+    RETURN COALESCE(CASE WHEN (lk.o).status = 'created' THEN trading._gate(lk.acc, lk.o) END,
+                    trading._set_status(lk.acc, lk.o, new_status, NULL, broker_order_id));
+END
+$$;
+REVOKE ALL ON FUNCTION trading._advance_to_broker(text, trading.order_status, text) FROM PUBLIC;
+
+-- The router is about to send the order (its fate is unknown until the broker answers).
+CREATE OR REPLACE FUNCTION trading.mark_in_flight(order_ref text) RETURNS jsonb
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+    RETURN trading._advance_to_broker(order_ref, 'in_flight');
 END
 $$;
 
@@ -7377,17 +7382,8 @@ $$;
 CREATE OR REPLACE FUNCTION trading.acknowledge_order(order_ref text, broker_order_id text)
 RETURNS jsonb
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
-DECLARE
-    lk record := trading._locked_order(order_ref);
-    gated jsonb;
 BEGIN
-    IF (lk.o).status = 'created' THEN
-        gated := trading._gate(lk.acc, lk.o);
-        IF gated IS NOT NULL THEN
-            RETURN gated;
-        END IF;
-    END IF;
-    RETURN trading._set_status(lk.acc, lk.o, 'submitted', NULL, broker_order_id);
+    RETURN trading._advance_to_broker(order_ref, 'submitted', broker_order_id);
 END
 $$;
 
