@@ -109,7 +109,8 @@ def print_result(result: Mapping[str, Any]) -> None:
               type=click.Choice(["monthly", "quarterly"]), help="length of a test window")
 @click.option("--anchored", is_flag=True, help="every training span starts at --from")
 @click.option("--objective", default="sharpe", show_default=True,
-              help="run metric to maximise on the training windows")
+              help="run metric to optimise on the training windows (maximised; drawdowns, "
+              "volatility and commission minimised)")
 @click.option("--method", default="grid", show_default=True,
               type=click.Choice(["grid", "random"]), help="parameter search")
 @click.option("--samples", default=None, type=int, help="candidates for --method random")

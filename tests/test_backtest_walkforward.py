@@ -383,6 +383,30 @@ def test_walk_forward_end_to_end(bars: psycopg.Connection) -> None:
         load_walk_forward(conn, 999)
 
 
+def test_a_drawdown_objective_picks_the_least_drawdown(bars: psycopg.Connection) -> None:
+    conn = bars
+    assert "max_drawdown" in wf.MINIMISED and "sharpe" not in wf.MINIMISED
+    wf_id = run_walk_forward(conn, config(), train_share=0.5, param_ranges=GRID,
+                             objective="max_drawdown")
+    rows = conn.execute(
+        "SELECT window_no, params::text, train_score FROM backtest.walk_forward_windows "
+        "WHERE walk_forward_id = %s ORDER BY window_no", (wf_id,)).fetchall()
+    assert len(rows) == 3
+    spread = 0
+    for no, params, score in rows:
+        train = conn.execute(
+            "SELECT r.params::text, m.value FROM backtest.runs r JOIN backtest.metrics m "
+            "ON m.run_id = r.run_id AND m.scope = 'run' AND m.metric = 'max_drawdown' "
+            "WHERE r.walk_forward_id = %s AND r.label = %s ORDER BY m.value, r.run_id",
+            (wf_id, f"wf{wf_id} w{no} train")).fetchall()
+        assert len(train) == 4
+        # the least drawdown of the window's training runs (ties: the first run)
+        assert json.loads(params) == json.loads(train[0][0])
+        assert score == pytest.approx(float(train[0][1]))
+        spread += train[0][1] != train[-1][1]
+    assert spread > 0  # the candidates' drawdowns differ, so the choice was a real one
+
+
 def test_a_failure_marks_the_walk_forward_failed(bars: psycopg.Connection) -> None:
     class Stop(Exception):
         pass

@@ -17,8 +17,9 @@ Every candidate on every training window, and every test window, is a real backt
   the `random` method sample without replacement, seeded. Combinations the strategy's
   constructor refuses (ParamError, e.g. fast >= slow) are skipped and counted. The same
   candidates are tried on every window.
-- The best candidate by the objective (a numeric metric of compute_metrics, maximised;
-  a missing value counts as -inf; ties go to the first candidate) is run on the test
+- The best candidate by the objective (a numeric metric of compute_metrics, maximised,
+  except the costs in MINIMISED (drawdowns, volatility, commission), which are minimised;
+  a missing value counts as the worst; ties go to the first candidate) is run on the test
   window with the cash the previous test run ended with, so the stitched out-of-sample
   curve is continuous. A position still open at a test window's end is valued at its last
   close (as in any run) and the next window starts flat with that equity in cash.
@@ -400,6 +401,11 @@ def objectives() -> frozenset[str]:
     return frozenset(names | {"final_cash", "open_positions"})
 
 
+# Metrics where less is better (each a positive magnitude): the best candidate has the least.
+MINIMISED = frozenset({"max_drawdown", "max_drawdown_duration", "average_drawdown",
+                       "annual_volatility", "total_commission"})
+
+
 def check_objective(objective: str) -> str:
     if objective not in objectives():
         raise BacktestError(f"--objective {objective!r}: expected a run metric, one of "
@@ -407,8 +413,11 @@ def check_objective(objective: str) -> str:
     return objective
 
 
-def _score(value: float | None) -> float:
-    return -math.inf if value is None else value
+def _score(objective: str, value: float | None) -> float:
+    """Higher is better: a minimised metric's value counts negated; None is the worst."""
+    if value is None:
+        return -math.inf
+    return -value if objective in MINIMISED else value
 
 
 # --------------------------------------------------------------------------- results
@@ -705,9 +714,9 @@ def _window(conn: psycopg.Connection, base: BacktestConfig, wf_id: int, w: Windo
         train_runs.append(run_backtest(conn, config))
         report(Event("train", window=w, done=n, total=len(candidates)))
     scores = _run_metrics(conn, train_runs)
-    best, best_score = 0, _score(scores[train_runs[0]].get(objective))
+    best, best_score = 0, _score(objective, scores[train_runs[0]].get(objective))
     for i, run in enumerate(train_runs[1:], 1):
-        score = _score(scores[run].get(objective))
+        score = _score(objective, scores[run].get(objective))
         if score > best_score:  # ties go to the earlier candidate
             best, best_score = i, score
     found = scores[train_runs[best]].get(objective)
@@ -782,7 +791,7 @@ def load_walk_forward(conn: psycopg.Connection, wf_id: int) -> dict[str, Any]:
 
 
 __all__ = [
-    "METHODS", "STEPS", "CandidateSet", "Event", "Progress", "Window",
+    "METHODS", "MINIMISED", "STEPS", "CandidateSet", "Event", "Progress", "Window",
     "WindowResult", "check_objective", "generate_candidates", "load_walk_forward",
     "objectives", "parse_param_range", "parse_param_ranges", "run_walk_forward",
     "search_grid", "stability", "stitch", "windows",
