@@ -368,11 +368,14 @@ def test_slippage_parse_errors_are_one_line(text, says):
     ({"taker_fee": D("0.1")}, "taker_fee must be a fraction below 0.1, got 0.1"),
     ({"maker_fee": D("0.5")}, "maker_fee must be a fraction below 0.1, got 0.5"),
     ({"spread": D("0.2")}, "spread must be a fraction below 0.1, got 0.2"),
-    ({"maker_fee": D("-0.01")}, "maker_fee must be a fraction below 0.1, got -0.01"),
+    ({"maker_fee": D("-0.01")},
+     "maker_fee must not be negative, got -0.01 (maker rebates are not modelled)"),
+    ({"maker_fee": D("-0.00005")},
+     "maker_fee must not be negative, got -0.00005 (maker rebates are not modelled)"),
     ({"taker_fee": D("NaN")}, "taker_fee must be a fraction below 0.1, got NaN"),
     ({"spread": D("Infinity")}, "spread must be a fraction below 0.1, got Infinity"),
-    ({"taker_fee": D("-0.001")}, "taker_fee and spread must not be negative"),
-    ({"spread": D("-0.0001")}, "taker_fee and spread must not be negative"),
+    ({"taker_fee": D("-0.001")}, "taker_fee must not be negative, got -0.001"),
+    ({"spread": D("-0.0001")}, "spread must not be negative, got -0.0001"),
 ])
 def test_costs_validation(kwargs, says):
     with pytest.raises(SimulatorError) as err:
@@ -380,13 +383,11 @@ def test_costs_validation(kwargs, says):
     assert str(err.value) == says
 
 
-def test_costs_accept_a_maker_rebate_and_zero():
-    assert Costs(maker_fee=D("-0.005")).maker_fee == D("-0.005")
+def test_costs_accept_zero():
+    assert Costs(maker_fee=D(0)).maker_fee == D(0)
     assert Costs() == Costs(D(0), D(0), Slippage(), D(0))
 
 
-def test_a_maker_rebate_is_not_credited():
-    # a negative maker fee passes Costs, but the ledger takes no negative commission
-    # (apply_fill: commission >= 0), so a rebated limit fill costs 0, not -0.0097
-    f = fill(order("buy", "limit", qty="2", limit="97"), costs=Costs(maker_fee=D("-0.00005")))
+def test_a_free_maker_fill_costs_nothing():
+    f = fill(order("buy", "limit", qty="2", limit="97"), costs=Costs(maker_fee=D(0)))
     assert f is not None and (f.liquidity, f.commission) == ("maker", 0)

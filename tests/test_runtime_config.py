@@ -49,6 +49,8 @@ FEED = ('[[feeds]]\nmarket = "crypto"\nvenue = "ccxt:binance"\nsymbols = ["X"]\n
     (ACC + 'colour = "red"', r"#1 \(a\): unknown key 'colour'"),
     (ACC + ACC, r"the name 'a' appears twice"),
     (ACC + '[accounts.paper]\ncommission = 0.5', r"commission must be <= 0.1"),
+    (ACC + '[accounts.paper]\nmaker_fee = -0.0001',
+     r"#1 \(a\) paper: maker_fee \(no rebates\) must be >= 0, got -0.0001"),
     (ACC + '[[strategies]]\naccount = "a"\nname = "s"\nsymbols = ["X"]\ntimeframe = "2m"',
      r"timeframe '2m' is not one of 1m"),
     (ACC + '[[strategies]]\naccount = "zz"\nname = "s"\nsymbols = ["X"]',

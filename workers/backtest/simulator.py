@@ -127,10 +127,12 @@ class Costs:
     def __post_init__(self) -> None:
         for name in ("taker_fee", "maker_fee", "spread"):
             value = getattr(self, name)
-            if not value.is_finite() or not Decimal("-0.01") < value < Decimal("0.1"):
+            if not value.is_finite() or not value < Decimal("0.1"):
                 raise SimulatorError(f"{name} must be a fraction below 0.1, got {value}")
-        if self.spread < 0 or self.taker_fee < 0:
-            raise SimulatorError("taker_fee and spread must not be negative")
+            if value < 0:  # the ledger books no negative commission: a rebate would be lost
+                raise SimulatorError(
+                    f"{name} must not be negative, got {value}"
+                    + (" (maker rebates are not modelled)" if name == "maker_fee" else ""))
 
 
 @dataclass(frozen=True, slots=True)

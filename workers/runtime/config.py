@@ -173,8 +173,8 @@ def _costs(table: Mapping[str, Any], where: str) -> PaperCosts:
     return PaperCosts(
         commission=_dec(table.get("commission", "0.001"), f"{where}: commission", Decimal(0),
                         Decimal("0.1")),
-        maker_fee=None if maker is None else _dec(maker, f"{where}: maker_fee", Decimal("-0.01"),
-                                                  Decimal("0.1")),
+        maker_fee=None if maker is None else _dec(maker, f"{where}: maker_fee (no rebates)",
+                                                  Decimal(0), Decimal("0.1")),
         slippage=slippage, spread=_dec(table.get("spread", 0), f"{where}: spread", Decimal(0),
                                        Decimal("0.1")),
         latency_ms=latency)
