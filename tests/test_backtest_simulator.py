@@ -117,18 +117,21 @@ def test_stop_order(side, stop, b, expected):
 
 
 @pytest.mark.parametrize(("side", "stop", "limit", "b", "expected"), [
-    # buy stop 104 / limit 104.5: triggered at 104, which is inside the limit -> 104
-    ("buy", "104", "104.5", bar(), D(104)),
-    # gap up to 106 (above the limit); the bar comes back down to 104 -> the limit 104.5
-    ("buy", "104", "104.5", bar(o="106", h="107", lo="104", c="105"), D("104.5")),
+    # buy stop 104 / limit 104.5: triggered at 104, inside the limit: it trades at once,
+    # taking liquidity -> 104, taker
+    ("buy", "104", "104.5", bar(), (D(104), "taker")),
+    # gap up to 104.2, still inside the limit -> the open, taker
+    ("buy", "104", "104.5", bar(o="104.2", h="107", lo="104", c="105"), (D("104.2"), "taker")),
+    # gap up to 106 (above the limit): it rests; the bar comes back to 104 -> 104.5, maker
+    ("buy", "104", "104.5", bar(o="106", h="107", lo="104", c="105"), (D("104.5"), "maker")),
     # gap up to 106 and the low 105 never comes back to the limit 104.5 -> no fill
     ("buy", "104", "104.5", bar(o="106", h="107", lo="105", c="106"), None),
     # the stop is never touched -> no fill, whatever the limit
     ("buy", "106", "107", bar(), None),
-    # sell stop 96 / limit 95.5: triggered at 96 -> 96
-    ("sell", "96", "95.5", bar(), D(96)),
-    # gap down to 94 (below the limit 95.5); the high 96 comes back to it -> 95.5
-    ("sell", "96", "95.5", bar(o="94", h="96", lo="93", c="95"), D("95.5")),
+    # sell stop 96 / limit 95.5: triggered at 96 -> 96, taker
+    ("sell", "96", "95.5", bar(), (D(96), "taker")),
+    # gap down to 94 (below the limit 95.5): it rests; the high 96 comes back -> 95.5, maker
+    ("sell", "96", "95.5", bar(o="94", h="96", lo="93", c="95"), (D("95.5"), "maker")),
     # gap down to 94 and the high 95 stays below the limit -> no fill
     ("sell", "96", "95.5", bar(o="94", h="95", lo="93", c="94"), None),
 ])
@@ -138,7 +141,14 @@ def test_stop_limit_order_becomes_a_limit_once_triggered(side, stop, limit, b, e
         assert f is None
     else:
         assert f is not None
-        assert (f.price, f.liquidity) == (expected, "maker")
+        assert (f.price, f.liquidity) == expected
+
+
+def test_a_marketable_stop_limit_pays_the_taker_fee():
+    # triggered at 104 inside its limit 104.5: 2 x 104 x 0.001 = 0.208 (not the maker 0.0002)
+    f = fill(order("buy", "stop_limit", qty="2", stop="104", limit="104.5"),
+             costs=Costs(taker_fee=D("0.001"), maker_fee=D("0.0002")))
+    assert f is not None and (f.price, f.liquidity, f.commission) == (D(104), "taker", D("0.208"))
 
 
 def test_an_order_with_a_trigger_price_fills_at_the_trigger():

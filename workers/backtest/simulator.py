@@ -9,12 +9,13 @@ Rules (the README's "Simulated broker" section quotes them):
 - A limit order fills when the bar touches its price: at the limit, or at the open when
   the bar opens through it (a better price). A stop order fills when the bar touches the
   stop: at the stop, or at the open when the bar gaps through it (a worse price).
-  A stop-limit becomes a limit at its limit price once the stop is touched.
+  A stop-limit becomes a limit at its limit price once the stop is touched: within the
+  limit there, it trades at once at that price (taker); beyond it, it rests (maker).
 - Costs: the spread (a fraction of the price; half of it on each side), then slippage
   against the trader (fixed basis points, a fraction of the ATR, or volume impact:
   coefficient x order quantity / bar volume, capped at 10 %); the price is then rounded
   to the instrument's tick against the trader. Commission is a fraction of the notional:
-  maker for limit fills, taker for everything else.
+  maker for a resting limit's fills, taker for everything else.
 - Cash: a buy that opens or adds exposure never needs more cash than exists; if the fill
   price left too little, the affordable part (rounded down to the quantity step) fills
   and the rest is cancelled. Orders that close or reduce a position always fill in full,
@@ -170,11 +171,17 @@ def touched_price(order: SimOrder, bar: SimBar) -> tuple[Decimal, bool] | None:
     if order.order_type == "stop":
         return triggered_at, False
     assert order.limit_price is not None
-    # a stop-limit rests as a limit once triggered; judged on the same bar from the trigger
+    # a stop-limit becomes a limit once triggered, judged on the same bar from the trigger:
+    # marketable there, it trades at once at the trigger (taker); beyond its limit, it rests
+    # and fills at the limit (maker) if the bar comes back to it
     lim = order.limit_price
     if order.side == "buy":
-        return (min(triggered_at, lim), True) if bar.low <= lim else None
-    return (max(triggered_at, lim), True) if bar.high >= lim else None
+        if triggered_at <= lim:
+            return triggered_at, False
+        return (lim, True) if bar.low <= lim else None
+    if triggered_at >= lim:
+        return triggered_at, False
+    return (lim, True) if bar.high >= lim else None
 
 
 def _limit_fill(side: Side, limit: Decimal, bar: SimBar) -> tuple[Decimal, bool] | None:
