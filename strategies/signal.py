@@ -41,7 +41,7 @@ class TradeSignal:
     stop_loss: Decimal | None = None
     take_profit: Decimal | None = None
     trailing_stop: Decimal | None = None  # an absolute price distance
-    price: Decimal | None = None  # reference price for sizing; default: the latest close
+    price: Decimal | None = None  # a sizing price; used only above the latest close
     confidence: Decimal | None = None
     reasoning: str = ""
     metadata: Mapping[str, Any] = field(default_factory=dict, hash=False)

@@ -235,6 +235,29 @@ def test_max_leverage(conn: psycopg.Connection) -> None:
     approved(conn, signal(conn, "AAA", size="0.03"), "30.00")
 
 
+
+def test_max_leverage_counts_both_legs_of_a_hedge_account(conn: psycopg.Connection) -> None:
+    """A long leg and an equal short leg of one instrument are both exposure: before
+    0004_08 they netted to 0, so the second leg passed any leverage limit (1.8x here)."""
+    stock(conn, "AAA")
+    conn.execute("SELECT trading.create_account('h', 'backtest', 'operator', 10000, 'USD',"
+                 " 'hedge', 'independent', true)")
+    conn.execute("SELECT trading.assign_strategy('h', 's1', 1, 'fixed_quantity',"
+                 " '{\"quantity\": 90}')")
+    set_limit(conn, "MAX_LEVERAGE", "1.0")
+    r = signal(conn, "AAA", acct="h")
+    approved(conn, r, "90")
+    fill(conn, r["order_id"], "90")  # long 90 at 100: 9 000 of 10 000
+    rejected(conn, signal(conn, "AAA", action="sell", acct="h"), "MAX_LEVERAGE",
+             "MAX_LEVERAGE: limit=1.0, requested=1.8000, scope=global")
+    # a position's size on a hedge account is its leg's: the short leg would be 0.9
+    set_limit(conn, "MAX_LEVERAGE", "2")
+    set_limit(conn, "MAX_POSITION_SIZE", "0.89")
+    rejected(conn, signal(conn, "AAA", action="sell", acct="h"), "MAX_POSITION_SIZE",
+             "MAX_POSITION_SIZE: limit=0.89, requested=0.9000, scope=global")
+    set_limit(conn, "MAX_POSITION_SIZE", "0.9")
+    approved(conn, signal(conn, "AAA", action="sell", acct="h"), "90", side="sell")
+
 # ------------------------------------------------------------------ open positions
 
 
@@ -299,8 +322,8 @@ def test_max_drawdown_from_a_marked_loss(conn: psycopg.Connection) -> None:
     stock(conn, "BBB")
     aid = account(conn)
     hold(conn, "AAA", "0.05")  # 50 at 100: cash 5 000
-    # the bar marks AAA at 90: equity 5 000 + 4 500 = 9 500, peak 10 000 -> drawdown 0.05
-    conn.execute("SELECT trading.on_bar(%s, '1d', '2026-03-01T00:00:00Z', 100, 100, 90, 90, %s)",
+    # the next day's bar marks AAA at 90: equity 5 000 + 4 500 = 9 500, peak 10 000 -> drawdown 0.05
+    conn.execute("SELECT trading.on_bar(%s, '1d', '2026-03-03T00:00:00Z', 100, 100, 90, 90, %s)",
                  (aaa, aid))
     assert conn.execute("SELECT equity, peak_equity, drawdown FROM trading.equity_snapshots"
                         ).fetchone() == (Decimal("9500.00"), Decimal("10000"), Decimal("0.05"))
@@ -441,6 +464,23 @@ def test_max_volatility(conn: psycopg.Connection) -> None:
     rejected(conn, signal(conn, "AAA", size="0.001"), "MAX_VOLATILITY",
              "MAX_VOLATILITY: limit=0.0199, atr_ratio=0.020000")
     set_limit(conn, "MAX_VOLATILITY", "0.02")
+    approved(conn, signal(conn, "AAA", size="0.001"))
+
+
+def test_max_volatility_without_a_measure_refuses(conn: psycopg.Connection) -> None:
+    """Too few bars for the ATR, or none of the limit's timeframe: the limit cannot be
+    checked, so it refuses (before 0004_08 it passed, a limit that never applied)."""
+    iid = instrument(conn, "AAA")
+    for d in range(14):  # ATR(14) needs 15 bars
+        bar(conn, iid, BAR_TS - timedelta(days=13 - d), 100, high=101, low=99)
+    account(conn)
+    set_limit(conn, "MAX_VOLATILITY", "0.5")
+    rejected(conn, signal(conn, "AAA", size="0.001"), "MAX_VOLATILITY",
+             "MAX_VOLATILITY: limit=0.5, atr_ratio=none (fewer than 15 bars of 1d)")
+    set_limit(conn, "MAX_VOLATILITY", "0.5", params={"period": 5, "timeframe": "1h"})
+    rejected(conn, signal(conn, "AAA", size="0.001"), "MAX_VOLATILITY",
+             "MAX_VOLATILITY: limit=0.5, atr_ratio=none (fewer than 6 bars of 1h)")
+    set_limit(conn, "MAX_VOLATILITY", "0.5", params={"period": 5})
     approved(conn, signal(conn, "AAA", size="0.001"))
 
 

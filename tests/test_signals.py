@@ -458,14 +458,38 @@ def test_bar_after_the_signal_time_is_not_used(
     assert r["reason_code"] == "NO_PRICE"
 
 
-def test_explicit_price_sizes_the_order(conn: psycopg.Connection, operator: int) -> None:
+def test_a_signal_price_above_the_market_sizes_the_order(
+        conn: psycopg.Connection, operator: int) -> None:
     iid = add_instrument(conn, symbol="ETHUSD", base="ETH")
+    add_bar(conn, iid, "200")
     r = submit(conn, action="buy", symbol="ETHUSD", price=250, size=0.5)
-    # 10000 * 0.5 / 250 = 20
+    # 10000 * 0.5 / 250 = 20 (the higher price: a smaller order)
     assert r["status"] == "approved", r
     o = order(conn, r["order_id"])
     assert o["instrument_id"] == iid
     assert (o["quantity"], o["reference_price"]) == (Decimal("20"), Decimal("250"))
+
+
+def test_a_signal_price_below_the_market_is_not_used(
+        conn: psycopg.Connection, operator: int) -> None:
+    """A strategy's price never lowers the price an order is sized and checked at (0004_08):
+    at price 1 for ETH trading at 200, size 0.5 asked for 5 000 ETH (a million dollars of
+    an account's 10 000) and INSUFFICIENT_CASH, measured at 1, let it through."""
+    iid = add_instrument(conn, symbol="ETHUSD", base="ETH")
+    add_bar(conn, iid, "200")
+    r = submit(conn, action="buy", symbol="ETHUSD", price=1, size=0.5)
+    assert r["status"] == "approved", r
+    o = order(conn, r["order_id"])
+    # 10000 * 0.5 / 200 = 25, at the latest close
+    assert (o["quantity"], o["reference_price"]) == (Decimal("25"), Decimal("200"))
+
+
+def test_a_signal_price_without_a_bar_is_used(
+        conn: psycopg.Connection, operator: int) -> None:
+    add_instrument(conn, symbol="ETHUSD", base="ETH")
+    r = submit(conn, action="buy", symbol="ETHUSD", price=250, size=0.5)
+    assert r["status"] == "approved", r
+    assert order(conn, r["order_id"])["quantity"] == Decimal("20")  # 10000 * 0.5 / 250
 
 
 def test_quantity_below_minimum(conn: psycopg.Connection, operator: int) -> None:
