@@ -10,7 +10,7 @@ from decimal import Decimal, InvalidOperation
 import click
 from psycopg.types.json import Jsonb
 
-from api.table import table
+from api.table import printable, table
 from db.connect import connect, database_url
 from db.errors import MmatsError
 
@@ -123,7 +123,9 @@ CASH_KINDS = ["fee", "financing", "dividend", "interest", "deposit", "withdrawal
 @click.option("--ref", default=None,
               help="the broker's id of the movement (booking it twice changes nothing); "
                    "default: a new manual-... id")
-@click.option("--ts", default=None, help="when it happened (ISO 8601, UTC); default now")
+@click.option("--ts", default=None,
+              help="when it happened (ISO 8601 with its offset, e.g. 2024-03-01T10:00:00Z); "
+                   "default now")
 @click.option("--symbol", default=None, help="the instrument it is about, if any")
 @click.option("--description", default=None)
 def account_book(name: str, kind: str, amount: str, currency: str | None, ref: str | None,
@@ -251,7 +253,8 @@ def risk_show(account: str | None) -> None:
     else:
         click.echo("no limits set" + (f" for {account}" if account else ""))
     for name, mode, reason, at in breakers:
-        click.echo(f"breaker {mode} on {name} since {at:%Y-%m-%d %H:%M} UTC: {reason}")
+        click.echo(f"breaker {mode} on {name} since {at:%Y-%m-%d %H:%M} UTC: "
+                   f"{printable(reason)}")
 
 
 @risk_group.command("types")

@@ -5,10 +5,20 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 
+def printable(value: object) -> str:
+    """`value` as one line of text that is safe on a terminal: every control character
+    (newlines, escape sequences, NUL) shown as its escape, e.g. \\n or \\x1b."""
+    text = str(value)
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
 def table(headers: Sequence[str], rows: Sequence[Sequence[object]],
           right: Sequence[int] = (), indent: str = "") -> str:
     """Rows as text with aligned columns (the columns in `right` aligned right)."""
-    cells = [[str(h) for h in headers]] + [["" if v is None else str(v) for v in r] for r in rows]
+    cells = [[printable(h) for h in headers]] + [
+        ["" if v is None else printable(v) for v in r] for r in rows]
     widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
     lines = []
     for n, r in enumerate(cells):

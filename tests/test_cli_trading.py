@@ -107,6 +107,24 @@ def test_breaker_trip_and_reset_need_confirmation(run, db_url: str) -> None:  # 
         assert conn.execute("SELECT risk.breaker_mode(1)::text").fetchone() == ("OK",)
 
 
+
+def test_stored_text_is_shown_with_its_control_characters_escaped(run) -> None:  # type: ignore[no-untyped-def]
+    """A breaker reason (a broker's message, or typed) with a newline and a terminal escape
+    sequence is kept as given but shown on one line, escaped: it cannot forge output lines
+    or recolour the terminal."""
+    assert run("account", "create", "alpha", "--environment", "paper").returncode == 0
+    hostile = "broker said:\nbreaker OK on alpha\x1b[2J"
+    assert run("risk", "trip", "alpha", "--mode", "SOFT", "--reason", hostile).returncode == 0
+    shown = run("risk", "show").stdout
+    assert "\x1b" not in shown
+    assert not [x for x in shown.splitlines() if x.startswith("breaker OK")]
+    line = next(x for x in shown.splitlines() if x.startswith("breaker SOFT on alpha"))
+    assert line.endswith("broker said:\\nbreaker OK on alpha\\x1b[2J")
+    desc = "fee\r\nbooked withdrawal"
+    assert run("account", "book", "alpha", "fee", "-1", "--description", desc).returncode == 0
+    listed = run("account", "movements", "alpha").stdout
+    assert "\r" not in listed and "fee\\r\\nbooked withdrawal" in listed
+
 def test_operator_mode_in_two_steps(run, db_url: str) -> None:  # type: ignore[no-untyped-def]
     assert run("account", "create", "alpha", "--environment", "paper").returncode == 0
     assert "no valid request" in one_error_line(

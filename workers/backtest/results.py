@@ -215,7 +215,7 @@ def load_report(conn: psycopg.Connection, run_id: int) -> dict[str, Any]:
     """A run as the JSON export and the report show it, read from the database."""
     row = conn.execute(query("backtest_run"), {"run": run_id}).fetchone()
     if row is None:
-        raise LookupError(f"unknown backtest run {run_id} (`mmats backtest list` shows the runs)")
+        raise LookupError(f"unknown backtest run {run_id} (`mmats runs` lists them)")
     (run, _acct, strategy, version, params, symbols, timeframe, start, end, cash, currency,
      settings, label, wf, status, bars, fp, error, notes, created, finished, elapsed) = row
     metrics: dict[str, Any] = {}
