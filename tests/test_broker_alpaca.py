@@ -374,12 +374,36 @@ def test_cancel_reports_the_order_after_the_request(http: responses.RequestsMock
     assert (order.status, order.filled_quantity) == ("cancelled", Decimal("2"))
 
 
-def test_cancelling_a_filled_order_reports_it_filled(http: responses.RequestsMock,
-                                                     broker: AlpacaBroker) -> None:
-    http.delete(f"{PAPER}/orders/{OID}", **error(422, 42210000, "order is not cancelable"))
-    http.get(f"{PAPER}/orders/{OID}", json=order_json(status="filled", filled_qty="10",
-                                                      filled_avg_price="187.2"))
-    assert broker.cancel_order(OID, "AAPL").status == "filled"
+@pytest.mark.parametrize(("alpaca", "filled", "expected"), [
+    ("filled", "10", "filled"), ("canceled", "4", "cancelled"), ("expired", "0", "expired"),
+    ("rejected", "0", "rejected"), ("pending_cancel", "4", "partially_filled"),
+    ("done_for_day", "4", "partially_filled"),
+])
+def test_cancelling_a_finished_order_reports_it_as_it_is(
+        http: responses.RequestsMock, broker: AlpacaBroker, alpaca: str, filled: str,
+        expected: str) -> None:
+    """Alpaca refuses DELETE /v2/orders/{id} of a finished order with HTTP 422
+    {"code": 42210000, "message": "order is already in \"filled\" state"}: the order is
+    read again and reported in its state, not as an error."""
+    http.delete(f"{PAPER}/orders/{OID}",
+                **error(422, 42210000, f'order is already in "{alpaca}" state'))
+    http.get(f"{PAPER}/orders/{OID}", json=order_json(
+        status=alpaca, filled_qty=filled, filled_avg_price="187.2" if filled != "0" else None))
+    order = broker.cancel_order(OID, "AAPL")
+    assert [c.request.method for c in http.calls] == ["DELETE", "GET"]
+    assert (order.status, order.filled_quantity) == (expected, Decimal(filled))
+
+
+def test_a_refused_cancel_of_a_live_order_is_a_reject(http: responses.RequestsMock,
+                                                      broker: AlpacaBroker) -> None:
+    """The same 422 code for an order still working (here: being replaced) is no report of
+    a finished order: the refusal is raised."""
+    http.delete(f"{PAPER}/orders/{OID}",
+                **error(422, 42210000, 'order is already in "pending_replace" state'))
+    http.get(f"{PAPER}/orders/{OID}", json=order_json(status="pending_replace"))
+    with pytest.raises(Reject, match=r"order is already in .pending_replace. state") as caught:
+        broker.cancel_order(OID, "AAPL")
+    assert caught.value.code == "ORDER_NOT_CANCELABLE"
 
 
 def test_cancelling_an_unknown_order_is_order_not_found(http: responses.RequestsMock,

@@ -16,7 +16,7 @@ from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 from urllib.parse import parse_qs, urlsplit
 
 import ccxt
@@ -183,6 +183,26 @@ def test_limit_order_rounds_price_to_tick_and_sends_time_in_force(
     assert placed.quantity == Decimal("0.00123")
 
 
+@pytest.mark.parametrize(("side", "limit", "expected"), [
+    ("buy", "64000.125", "64000.12"), ("buy", "64000.129", "64000.12"),
+    ("buy", "64000.12", "64000.12"), ("sell", "64000.121", "64000.13"),
+    ("sell", "64000.125", "64000.13"), ("sell", "64000.12", "64000.12"),
+])
+def test_a_limit_price_is_rounded_to_the_tick_never_past_the_traders_limit(
+        http: responses.RequestsMock, binance: CcxtBroker, side: Literal["buy", "sell"],
+        limit: str, expected: str) -> None:
+    """BTCUSDT ticks by 0.01: a buy limit goes down to the tick, a sell limit up (rounding
+    to the nearest would send a buy of 64000.125 at 64000.13, above its limit)."""
+    http.post(f"{BINANCE}/order", json=binance_order(side=side.upper(), transactTime=T_ORDER,
+                                                     fills=[]))
+    binance.place_order(OrderRequest(client_order_id="mm7-42", symbol="BTC/USDT", side=side,
+                                     quantity=Decimal("0.00123"), order_type="limit",
+                                     limit_price=Decimal(limit)))
+
+    (call,) = calls_to(http, "/api/v3/order")
+    assert (sent(call)["side"], sent(call)["price"]) == (side.upper(), expected)
+
+
 def test_stop_limit_order_sends_trigger_and_limit_prices(http: responses.RequestsMock,
                                                          binance: CcxtBroker) -> None:
     http.post(f"{BINANCE}/order", json=binance_order(
@@ -195,7 +215,9 @@ def test_stop_limit_order_sends_trigger_and_limit_prices(http: responses.Request
 
     body = sent(calls_to(http, "/api/v3/order")[0])
     assert body["type"] == "STOP_LOSS_LIMIT"
-    assert (body["price"], body["stopPrice"]) == ("59000", "59100.01")
+    # the sell limit goes up to the tick (never under the trader's limit); the stop to the
+    # nearest tick, as the venue rounds it
+    assert (body["price"], body["stopPrice"]) == ("59000.01", "59100.01")
     assert body["quantity"] == "0.001"
     assert (placed.broker_order_id, placed.status) == ("28460", "submitted")
 

@@ -10,13 +10,17 @@ The ledger state is made the way the runtime makes it: orders from
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
+from pathlib import Path
 from typing import Any
+from urllib.parse import parse_qs, urlsplit
 
+import ccxt
 import psycopg
 import pytest
 import requests
@@ -24,6 +28,7 @@ import responses
 from psycopg.types.json import Jsonb
 
 from workers.brokers.alpaca_broker import AlpacaBroker
+from workers.brokers.ccxt_broker import CcxtBroker, datetime_to_ms
 from workers.brokers.oanda_broker import OandaBroker
 from workers.runtime.config import AccountConfig, PaperCosts
 from workers.runtime.paper import PaperBroker
@@ -171,10 +176,10 @@ class Desk:
     conn: psycopg.Connection
     url: str
 
-    def account(self, name: str, cash: str = "10000") -> int:
+    def account(self, name: str, cash: str = "10000", currency: str = "USD") -> int:
         row = self.conn.execute(
             "SELECT trading.create_account(name => %s, environment => 'paper', "
-            "mode => 'operator', cash => %s, currency => 'USD')", (name, cash)).fetchone()
+            "mode => 'operator', cash => %s, currency => %s)", (name, cash, currency)).fetchone()
         assert row is not None
         return int(row[0])
 
@@ -242,9 +247,11 @@ def desk(conn: psycopg.Connection, db_url: str) -> Desk:
 
 
 def routed(account_id: int, name: str, broker: Any, *, freeze: bool = False) -> RoutedAccount:
-    kind = "oanda" if isinstance(broker, OandaBroker) else "alpaca"
+    kind = ("ccxt" if isinstance(broker, CcxtBroker)
+            else "oanda" if isinstance(broker, OandaBroker) else "alpaca")
     return RoutedAccount(account_id, AccountConfig(
-        name=name, environment="paper", mode="operator", broker=kind, endpoint="paper",
+        name=name, environment="paper", mode="operator", broker=kind,
+        exchange=getattr(broker, "exchange_id", None), endpoint="paper",
         credential=f"{kind}-paper", freeze_on_mismatch=freeze), broker)
 
 
@@ -789,6 +796,221 @@ def test_an_order_that_never_reached_the_broker(
         assert row[3].startswith("never reached alpaca: unknown there after")
         assert run.settled == 1
     assert desk.events() == []
+
+
+# ---------------------------------------------------------------------- (e') per-market fills
+BINANCE = "https://api.binance.com/api/v3"
+BINANCE_SAPI = "https://api.binance.com/sapi/v1"
+BINANCE_CREDS = {"api_key": "test-binance-key-4f1c9a", "secret": "test-binance-secret-77d0e2"}
+BINANCE_INFO = Path(__file__).parent / "fixtures" / "ccxt" / "binance_exchange_info.json"
+
+
+def binance_ms(minutes: float) -> int:
+    return int((datetime.now(UTC) - timedelta(minutes=minutes)).timestamp() * 1000)
+
+
+def binance_account(**balances: str) -> dict[str, Any]:
+    """GET /api/v3/account: `balances` are free amounts by asset."""
+    return {"makerCommission": 10, "takerCommission": 10, "buyerCommission": 0,
+            "sellerCommission": 0, "canTrade": True, "canWithdraw": True, "canDeposit": True,
+            "brokered": False, "requireSelfTradePrevention": False, "preventSor": False,
+            "updateTime": binance_ms(60), "accountType": "SPOT",
+            "balances": [{"asset": a, "free": f, "locked": "0.00000000"}
+                         for a, f in balances.items()],
+            "permissions": ["SPOT"], "uid": 354937868}
+
+
+def binance_order(**changes: Any) -> dict[str, Any]:
+    """GET /api/v3/order: a BTCUSDT limit buy."""
+    order = {"symbol": "BTCUSDT", "orderId": 28457, "orderListId": -1,
+             "clientOrderId": "mm7-42", "price": "66800.00000000", "origQty": "0.00100000",
+             "executedQty": "0.00000000", "cummulativeQuoteQty": "0.00000000",
+             "status": "NEW", "timeInForce": "GTC", "type": "LIMIT", "side": "BUY",
+             "stopPrice": "0.00000000", "icebergQty": "0.00000000", "time": binance_ms(5),
+             "updateTime": binance_ms(2), "isWorking": True, "workingTime": binance_ms(5),
+             "origQuoteOrderQty": "0.00000000", "selfTradePreventionMode": "EXPIRE_MAKER"}
+    order.update(changes)
+    return order
+
+
+def binance_trade(trade_id: int, **changes: Any) -> dict[str, Any]:
+    """One entry of GET /api/v3/myTrades."""
+    trade = {"symbol": "BTCUSDT", "id": trade_id, "orderId": 28457, "orderListId": -1,
+             "price": "66780.00000000", "qty": "0.00100000", "quoteQty": "66.78000000",
+             "commission": "0.06678000", "commissionAsset": "USDT", "time": binance_ms(2),
+             "isBuyer": True, "isMaker": True, "isBestMatch": True}
+    trade.update(changes)
+    return trade
+
+
+def binance_answers(http: responses.RequestsMock, *, account: dict[str, Any],
+                    trades: dict[str, Any]) -> None:
+    """What one reconciliation of a Binance account asks: the markets, the account (for
+    positions and balances), the open orders, GET /api/v3/myTrades once per market (each
+    answered from `trades`, by Binance market id: a list, or an (HTTP status, error body)
+    pair) and the deposit and withdrawal histories."""
+    http.get(f"{BINANCE}/exchangeInfo", json=json.loads(BINANCE_INFO.read_text()))
+    http.get(f"{BINANCE}/account", json=account)
+    http.get(f"{BINANCE}/openOrders", json=[])
+
+    def my_trades(request: requests.PreparedRequest) -> tuple[int, dict[str, str], str]:
+        symbol = parse_qs(urlsplit(str(request.url)).query)["symbol"][0]
+        answer = trades.get(symbol, [])
+        if isinstance(answer, tuple):
+            return answer[0], {}, json.dumps(answer[1])
+        return 200, {}, json.dumps(answer)
+
+    http.add_callback(responses.GET, f"{BINANCE}/myTrades", callback=my_trades)
+    http.get(f"{BINANCE_SAPI}/capital/deposit/hisrec", json=[])
+    http.get(f"{BINANCE_SAPI}/capital/withdraw/history", json=[])
+
+
+def trades_asked(http: responses.RequestsMock) -> list[dict[str, str]]:
+    return [{k: v[0] for k, v in parse_qs(urlsplit(str(c.request.url)).query).items()}
+            for c in http.calls if urlsplit(str(c.request.url)).path.endswith("/myTrades")]
+
+
+@pytest.fixture
+def binance(desk: Desk) -> tuple[int, RoutedAccount]:
+    """A Binance spot account in USDT, and the BTC/USDT and ETH/USDT instruments."""
+    desk.conn.execute("""
+        INSERT INTO market.instruments (symbol, venue, market, base_currency, quote_currency,
+                                        price_tick, quantity_step, min_quantity, calendar_id)
+        VALUES ('BTC/USDT', 'binance', 'crypto', 'BTC', 'USDT', 0.01, 0.00001, 0.00001,
+                'CRYPTO_24X7'),
+               ('ETH/USDT', 'binance', 'crypto', 'ETH', 'USDT', 0.01, 0.0001, 0.0001,
+                'CRYPTO_24X7')""")
+    account_id = desk.account("bin-1", currency="USDT")
+    broker = CcxtBroker("binance", dict(BINANCE_CREDS), "live",
+                        exchange=ccxt.binance({"enableRateLimit": False}))
+    return account_id, routed(account_id, "bin-1", broker)
+
+
+def test_a_binance_account_is_reconciled_market_by_market(
+        desk: Desk, http: responses.RequestsMock, binance: tuple[int, RoutedAccount]) -> None:
+    """Binance lists trades per market only (fills_since without a symbol: SYMBOL_REQUIRED):
+    each market the account is known to trade is asked in turn — BTC/USDT for the ledger's
+    open order, ETH/USDT for the broker's holding. The order the router missed the fill of
+    is settled with it, the ETH the ledger lacks is a mismatch, the cash agrees; each
+    market's fills have a cursor of their own."""
+    account_id, acc = binance
+    client = desk.order("bin-1", symbol="BTC/USDT", quantity="0.001", price="66800",
+                        broker_order_id="28457")
+    binance_answers(http, account=binance_account(BTC="0.00100000", ETH="2.00000000",
+                                                  USDT="9933.15322000"),
+                    trades={"BTCUSDT": [binance_trade(3001)]})
+    http.get(f"{BINANCE}/order", json=binance_order(
+        status="FILLED", executedQty="0.00100000", cummulativeQuoteQty="66.78000000"))
+    worker = reconciler(desk, acc)
+    try:
+        [run] = worker.reconcile_all()
+    finally:
+        worker.close()
+    assert (run.skipped, run.fills_unread, run.adopted, run.settled) == (None, {}, 1, 1)
+    assert desk.order_row(client)[:2] == ("filled", Decimal("0.001"))
+    assert desk.position(account_id, "BTC/USDT") == Decimal("0.001")
+    assert [(m.kind, m.subject) for m in run.mismatches] == [
+        ("POSITION_MISMATCH", "ETH/USDT:2")]
+    assert {q["symbol"] for q in trades_asked(http)} == {"BTCUSDT", "ETHUSDT"}
+    assert [r[0] for r in desk.conn.execute(
+        "SELECT name FROM runtime.cursors WHERE name LIKE 'reconcile:bin-1%%' "
+        "ORDER BY name").fetchall()] == [
+        "reconcile:bin-1", "reconcile:bin-1:fills:BTC/USDT", "reconcile:bin-1:fills:ETH/USDT"]
+    assert worker.state == "running"
+
+
+def test_a_market_seen_again_is_asked_from_its_own_cursor(
+        desk: Desk, http: responses.RequestsMock, binance: tuple[int, RoutedAccount]) -> None:
+    """A market already read is asked from its cursor minus the overlap; one seen for
+    the first time (an order on ETH/USDT placed since) from the first look-back."""
+    _, acc = binance
+    binance_answers(http, account=binance_account(BTC="0.00100000", USDT="10000"),
+                    trades={})
+    worker = reconciler(desk, acc)
+    try:
+        first = worker.reconcile(acc)
+        desk.order("bin-1", symbol="ETH/USDT", quantity="1", price="3000",
+                   broker_order_id="9001")
+        http.replace(responses.GET, f"{BINANCE}/openOrders", json=[binance_order(
+            symbol="ETHUSDT", orderId=9001, clientOrderId="x", price="3000.00000000",
+            origQty="1.00000000")])
+        second = worker.reconcile(acc)
+    finally:
+        worker.close()
+    assert (first.skipped, second.skipped) == (None, None)
+    # (Binance answers a day per request: 24 hours back take two windows, sharing a ms)
+    asked = [(q["symbol"], int(q["startTime"])) for q in trades_asked(http)]
+    first_ms, second_ms = datetime_to_ms(first.started_at), datetime_to_ms(second.started_at)
+    day, overlap = 86_400_000, 5 * 60_000
+    assert asked == [("BTCUSDT", first_ms - day), ("BTCUSDT", first_ms - 1),  # first round
+                     ("BTCUSDT", first_ms - overlap),  # its cursor minus the overlap
+                     ("ETHUSDT", second_ms - day), ("ETHUSDT", second_ms - 1)]  # new market
+
+
+def test_a_market_whose_fills_are_refused_is_reported_once_and_the_rest_compared(
+        desk: Desk, http: responses.RequestsMock, binance: tuple[int, RoutedAccount]) -> None:
+    """The fill history of one market refused (Binance -1121): reported once, not every
+    round; the other markets, the positions and the cash are compared all the same. The
+    order whose fills are in the history not read is left for a later round, and that
+    market's cursor does not move."""
+    _, acc = binance
+    client = desk.order("bin-1", symbol="BTC/USDT", quantity="0.001", price="66800",
+                        broker_order_id="28457")
+    binance_answers(http, account=binance_account(BTC="0.00100000", ETH="2.00000000",
+                                                  USDT="9933.15322000"),
+                    trades={"BTCUSDT": (400, {"code": -1121, "msg": "Invalid symbol."})})
+    http.get(f"{BINANCE}/order", json=binance_order(
+        status="FILLED", executedQty="0.00100000", cummulativeQuoteQty="66.78000000"))
+    worker = reconciler(desk, acc)
+    try:
+        runs = [worker.reconcile(acc), worker.reconcile(acc)]
+        worker.reconcile_all()
+    finally:
+        worker.close()
+    assert [(r.skipped, list(r.fills_unread), r.adopted, r.settled) for r in runs] == [
+        (None, ["BTC/USDT"], 0, 0)] * 2
+    assert desk.order_row(client)[:2] == ("submitted", Decimal(0))
+    [(kind, message)] = desk.errors()
+    assert kind == "UNKNOWN_SYMBOL"
+    assert message.startswith("bin-1: the broker refused to list the fills of BTC/USDT")
+    mismatches = {m.subject: m for m in runs[0].mismatches}
+    assert set(mismatches) == {"BTC/USDT:0.001", "ETH/USDT:2", "USDT"}
+    assert mismatches["BTC/USDT:0.001"].details["fills_unread"] is True
+    assert "fills_unread" not in mismatches["ETH/USDT:2"].details
+    assert "a missed fill may explain it" in mismatches["USDT"].message
+    assert {r[0] for r in desk.conn.execute(
+        "SELECT name FROM runtime.cursors WHERE name LIKE 'reconcile:bin-1%%'").fetchall()} \
+        == {"reconcile:bin-1", "reconcile:bin-1:fills:ETH/USDT"}
+    assert worker.state == "degraded"
+    assert worker.detail["accounts"]["bin-1"]["fills_unread"] == ["BTC/USDT"]
+
+
+def test_an_unavailable_fill_history_does_not_stop_the_position_and_cash_checks(
+        desk: Desk, http: responses.RequestsMock, alpaca: tuple[int, RoutedAccount],
+        logs: pytest.LogCaptureFixture) -> None:
+    """Alpaca's fill activities failing (HTTP 503): a warning, not an alarm; positions and
+    cash are compared, and the account's cursor stays where it was, so the window is asked
+    again next round."""
+    _, acc = alpaca
+    http.get(f"{ALPACA}/positions", json=[alpaca_position("AAPL", "5")])
+    http.get(f"{ALPACA}/account", json=alpaca_account("10000"))
+    http.get(f"{ALPACA}/orders", json=[])
+    http.get(f"{ALPACA}/account/activities/FILL", status=503, body="upstream unavailable")
+    http.get(f"{ALPACA}/account/activities", json=[])
+    worker = reconciler(desk, acc)
+    try:
+        [run] = worker.reconcile_all()
+    finally:
+        worker.close()
+    assert (run.skipped, list(run.fills_unread)) == (None, [""])
+    [mismatch] = run.mismatches
+    assert (mismatch.kind, mismatch.details["fills_unread"]) == ("POSITION_MISMATCH", True)
+    assert [e[0] for e in desk.events()] == ["POSITION_MISMATCH"]
+    assert desk.errors() == []
+    assert "fill history unavailable, positions and cash compared without it" in [
+        r.getMessage() for r in logs.records if r.levelno == logging.WARNING]
+    assert desk.one("SELECT count(*) FROM runtime.cursors WHERE name LIKE 'reconcile:%%'") == 0
+    assert worker.state == "degraded"
 
 
 # ---------------------------------------------------------------------- (f) broker errors

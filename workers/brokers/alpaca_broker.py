@@ -95,7 +95,14 @@ _REJECT_REASONS = (
     ("not tradable", "INSTRUMENT_NOT_TRADABLE"),
     ("wash trade", "WASH_TRADE"),
     ("not cancelable", "ORDER_NOT_CANCELABLE"),
+    # DELETE /v2/orders/{id} of a finished order: 422 {"code": 42210000, "message":
+    # "order is already in \"filled\" state"} (42210000 is reused for other refusals)
+    ("order is already in", "ORDER_NOT_CANCELABLE"),
 )
+# Alpaca statuses in which a cancel can no longer change an order: the final ones, a
+# cancel already under way (pending_cancel) and an order done for the day. Refused a
+# cancel (HTTP 422), an order found in one of them is reported as it is.
+_NOT_CANCELABLE_STATUSES = frozenset({*_FINAL_STATUS, "pending_cancel", "done_for_day"})
 ACTIVITY_PAGE_SIZE = 100  # Alpaca's maximum
 # The non-trade activity types that move cash, by MMATS cash kind; only these are asked for.
 # JNLC (a cash journal) is a deposit or a withdrawal by the sign of its amount (None here).
@@ -559,15 +566,23 @@ class AlpacaBroker:
 
     def cancel_order(self, broker_order_id: str, symbol: str) -> BrokerOrder:
         """Ask Alpaca to cancel, then report the order as it is. Cancelling is asynchronous
-        there (pending_cancel reads as still live), and an order already filled or cancelled
-        ("not cancelable") is reported in its final state rather than as an error."""
+        there (pending_cancel reads as still live). A cancel Alpaca refuses (HTTP 422, e.g.
+        'order is already in "filled" state') is answered by reading the order again: one
+        that a cancel can no longer change (filled, canceled, expired, rejected, replaced,
+        done_for_day, or already pending_cancel) is reported as it is rather than as an
+        error; otherwise the refusal is raised."""
         what = f"cancel {symbol} order {broker_order_id}"
         order_id = _order_uuid(broker_order_id, what)
         try:
             call_venue(what, lambda: self._client.cancel_order_by_id(order_id))
         except Reject as err:
-            if err.code != "ORDER_NOT_CANCELABLE":
+            status = getattr(err.__cause__, "status_code", None)
+            if status != 422 and err.code != "ORDER_NOT_CANCELABLE":
                 raise
+            current = self._by_id(broker_order_id, symbol)
+            if str(current.raw.get("status", "")) not in _NOT_CANCELABLE_STATUSES:
+                raise
+            return current
         return self._by_id(broker_order_id, symbol)
 
     def order_status(self, *, broker_order_id: str | None = None,

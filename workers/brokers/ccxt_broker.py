@@ -19,12 +19,15 @@ Choices a caller should know:
 - Client order id spelling: MMATS ids (`mm12-345`) are sent as they are wherever the venue
   accepts them; where it does not (OKX takes letters and digits only, Kraken 18
   characters), a stable 32-hex digest of the id is sent instead (`venue_client_id`).
-- Sizes: quantities are cut down to the market's amount step and prices rounded to its
-  tick; an order under the venue's minimum quantity or notional is refused before any
-  request is sent. The notional of a market order is left to the venue (no price is known).
-  Coinbase market buys are refused: ccxt can only size them in quote currency.
+- Sizes: quantities are cut down to the market's amount step; limit prices go to the
+  market's tick never past the trader's limit (a buy's down, a sell's up), stop prices to
+  the nearest tick as the venue rounds them; an order under the venue's minimum quantity
+  or notional is refused before any request is sent. The notional of a market order is
+  left to the venue (no price is known). Coinbase market buys are refused: ccxt can only
+  size them in quote currency.
 - Venues that list orders and trades per market (Binance) need a symbol for
-  `fills_since` and `order_status`; without one the call is refused (SYMBOL_REQUIRED).
+  `fills_since` and `order_status`; without one the call is refused (SYMBOL_REQUIRED),
+  before any request is sent (the reconciler then asks market by market).
 - Fill ids are `<venue market id>:<trade id>`: Binance and OKX number trades per market,
   while the ledger needs fill ids unique per account.
 - Spot has no positions: `positions()` reports each non-zero balance of a non-cash currency
@@ -54,7 +57,7 @@ import re
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
-from decimal import Decimal, InvalidOperation
+from decimal import ROUND_CEILING, ROUND_FLOOR, Decimal, InvalidOperation
 from email.utils import parsedate_to_datetime
 from typing import Any, Literal, TypeVar
 
@@ -535,7 +538,8 @@ class CcxtBroker:
                                f"the venue minimum {rules.min_quantity}")
         has_limit = order.order_type in ("limit", "stop_limit")
         has_stop = order.order_type in ("stop", "stop_limit")
-        limit = self._price(symbol, order.limit_price) if has_limit and order.limit_price else None
+        limit = self._limit_price(symbol, order.side, order.limit_price) \
+            if has_limit and order.limit_price else None
         stop = self._price(symbol, order.stop_price) if has_stop and order.stop_price else None
         reference = limit if limit is not None else stop
         if rules.min_notional is not None and reference is not None \
@@ -564,7 +568,26 @@ class CcxtBroker:
         except ccxt.InvalidOrder:
             return Decimal(0)  # ccxt refuses amounts that truncate to zero
 
+    def _limit_price(self, symbol: str, side: str, price: Decimal) -> Decimal:
+        """A limit price on the market's tick, never worse than the trader's: a buy's
+        rounded down, a sell's up (ccxt's price_to_precision rounds to the nearest)."""
+        mode = self._exchange.precisionMode
+        precision = self._market(symbol, "place_order")["precision"].get("price")
+        rounding = ROUND_FLOOR if side == "buy" else ROUND_CEILING
+        if mode == ccxt.SIGNIFICANT_DIGITS and precision:
+            exponent = price.adjusted() - int(precision) + 1
+            price = price.quantize(Decimal(1).scaleb(exponent), rounding=rounding)
+        else:
+            tick = precision_step(precision, mode)
+            if tick > 0:
+                price = (price / tick).to_integral_value(rounding=rounding) * tick
+        return self._price(symbol, price)  # (on the tick now: the venue's spelling of it)
+
     def _price(self, symbol: str, price: Decimal) -> Decimal:
+        """`price` rounded to the market's tick as the venue rounds it (to the nearest).
+        Stop prices are rounded so: a trigger has no side that is always better for the
+        trader (a sell stop moved up fires early, moved down it lets the loss run), so no
+        side rule is imposed on it; limit prices go through `_limit_price`."""
         return self._call("place_order", symbol,
                           lambda: to_decimal(self._exchange.price_to_precision(symbol,
                                                                                str(price))))

@@ -18,6 +18,16 @@ the ledger, so it is skipped):
    back the first time): a fill the ledger lacks for an order it knows (by client order
    id, else broker order id) is *adopted* through `trading.apply_fill`, idempotent on the
    broker's fill id; a fill of an order the ledger does not know is UNKNOWN_BROKER_FILL.
+   A venue that lists fills per market only (Binance: `fills_since` without a symbol is
+   refused with SYMBOL_REQUIRED, before any request) is asked market by market: the
+   markets of the ledger's open orders, of its orders changed in the window and of its
+   positions, and those of the broker's positions and open orders, each from a cursor of
+   its own (`reconcile:<account>:fills:<symbol>`; a market seen for the first time is
+   searched `first_lookback` back). A fill history the broker does not give (a market
+   refused, the venue unavailable) is left out of the round: a refusal is reported once
+   per episode, an unavailable venue is a warning; the comparison goes on without it
+   (its position and cash differences say so), an order whose missing fills are in it
+   is settled in a later round, and its cursor does not move.
    **Cash movements** over the same window (a longer overlap, `movement_overlap`, as a
    venue may date a fee by its trade day and post it later; the first time, back to the
    account's creation, at most `first_movement_lookback`): fees, financing,
@@ -50,14 +60,15 @@ The reconciler never sends anything to a venue (it only reads it) and writes onl
 through the trading core's functions. A broker that is unavailable (Retry, BackOff)
 skips the account for this round with a warning; one that refuses the credentials
 (Stop) is reported, once per episode, and skipped. Nothing is written for a skipped
-account, and its cursor does not move.
+account, and its cursor does not move. (A failing fill history alone does not skip the
+account: see 2.)
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import Any
@@ -115,6 +126,16 @@ SELECT i.symbol, sum(CASE WHEN p.leg = 'short' THEN -p.quantity ELSE p.quantity 
 FROM trading.positions p JOIN market.instruments i USING (instrument_id)
 WHERE p.account_id = %s
 GROUP BY i.symbol
+"""
+# the markets whose fills a venue that lists them per market (Binance) is asked for: those
+# of the account's open orders, of the orders changed in the fill window (a fill of an
+# order the ledger knows is on its instrument) and of its positions
+_FILL_SYMBOLS = """
+SELECT i.symbol FROM trading.orders o JOIN market.instruments i USING (instrument_id)
+WHERE o.account_id = %(account)s AND (o.status = ANY(%(open)s) OR o.updated_at >= %(since)s)
+UNION
+SELECT i.symbol FROM trading.positions p JOIN market.instruments i USING (instrument_id)
+WHERE p.account_id = %(account)s AND p.quantity <> 0
 """
 _STEPS = """
 SELECT symbol, max(quantity_step) FROM market.instruments WHERE symbol = ANY(%s) GROUP BY symbol
@@ -176,15 +197,28 @@ class AccountRun:
     mismatches: list[Mismatch] = field(default_factory=list)  # seen in this run
     reported: list[Mismatch] = field(default_factory=list)  # of which reported now
     skipped: str | None = None  # why the account was not reconciled this round
+    # fill histories that could not be read this round, by symbol ("" = the account's
+    # whole history), with the broker's error; the rest of the comparison went on
+    fills_unread: dict[str, str] = field(default_factory=dict)
+    # the per-market fill cursors read up to this round's start (advanced if it completes)
+    fill_cursors: list[str] = field(default_factory=list)
+
+    def unread(self, symbol: str) -> bool:
+        """Whether `symbol`'s fills could not be read this round."""
+        return "" in self.fills_unread or symbol in self.fills_unread
 
     def summary(self) -> str:
         if self.skipped is not None:
             return f"reconciliation of {self.account} skipped: {self.skipped}"
         new = f" ({len(self.reported)} new)" if self.mismatches else ""
         booked = f"{_count(self.booked, 'cash movement')} booked, " if self.booked else ""
+        unread = ""
+        if self.fills_unread:
+            unread = (", fills not read" if "" in self.fills_unread else
+                      f", fills of {', '.join(sorted(self.fills_unread))} not read")
         return (f"reconciled {self.account}: {_count(self.adopted, 'fill')} adopted, "
                 f"{_count(self.settled, 'order')} settled, {booked}"
-                f"{_count(len(self.mismatches), 'mismatch', 'mismatches')}{new}")
+                f"{_count(len(self.mismatches), 'mismatch', 'mismatches')}{new}{unread}")
 
 
 @dataclass
@@ -261,6 +295,7 @@ class Reconciler(Worker):
         self._episodes: dict[int, dict[str, _Episode]] = {}
         self._broker_alarms: dict[int, set[str]] = {}
         self._movements_refused: set[int] = set()  # accounts whose key may not list them
+        self._fill_alarms: dict[int, set[str]] = {}  # fill histories refused, reported
         self._status: dict[str, dict[str, Any]] = {}
 
     # ------------------------------------------------------------------ life
@@ -318,7 +353,8 @@ class Reconciler(Worker):
         """One round over every real broker account; the heartbeat detail says how each
         went."""
         runs = [self.reconcile(account) for account in self.real_accounts]
-        self.state = "degraded" if any(r.skipped for r in runs) else "running"
+        self.state = "degraded" if any(r.skipped or r.fills_unread for r in runs) \
+            else "running"
         self._update_detail()
         return runs
 
@@ -347,7 +383,10 @@ class Reconciler(Worker):
                           account=name, code=exc.code, error=str(exc))
         else:
             self._broker_alarms.pop(routed.account_id, None)
-            self._advance_cursor(name, run.started_at)
+            if "" not in run.fills_unread:  # (else the fill window is asked again)
+                self._advance_cursor(name, run.started_at)
+            for cursor in run.fill_cursors:
+                self._advance_named_cursor(cursor, run.started_at)
         self._record(routed, run)
         return run
 
@@ -368,7 +407,7 @@ class Reconciler(Worker):
         positions = broker.positions()
         balances = broker.balances()
         open_at_broker = broker.open_orders()
-        fills = list(broker.fills_since(since))
+        fills = self._fills(routed, broker, run, since, positions, open_at_broker)
         movements = self._movements(routed, broker, run, cursor, created_at)
         found: list[Mismatch] = []
 
@@ -381,8 +420,106 @@ class Reconciler(Worker):
         found.extend(self._position_mismatches(account_id, positions))
         found.extend(self._balance_mismatches(account_id, balances,
                                               margin=broker.venue in self.margin_venues))
-        run.mismatches = found
+        run.mismatches = [self._with_fills_unread(run, m) for m in found]
         self._report_new(routed, run)
+
+    @staticmethod
+    def _with_fills_unread(run: AccountRun, mismatch: Mismatch) -> Mismatch:
+        """A position or cash difference seen while fills it may come from were not read
+        says so (a fill adopted next round may explain it). The episode is the same."""
+        if mismatch.kind == "POSITION_MISMATCH":
+            unread = run.unread(str(mismatch.details.get("symbol")))
+        elif mismatch.kind == "BALANCE_MISMATCH":
+            unread = bool(run.fills_unread)
+        else:
+            unread = False
+        if not unread:
+            return mismatch
+        return replace(mismatch, message=f"{mismatch.message}; the fill history could not be "
+                       "read this round, a missed fill may explain it",
+                       details={**mismatch.details, "fills_unread": True})
+
+    # ------------------------------------------------------------------ 0. fill history
+    def _fills(self, routed: RoutedAccount, broker: Broker, run: AccountRun, since: datetime,
+               positions: Sequence[BrokerPosition],
+               open_at_broker: Sequence[BrokerOrder]) -> list[BrokerFill]:
+        """The broker's fills of the window, oldest first. A venue that lists them per
+        market only (Binance: SYMBOL_REQUIRED, refused before any request) is asked market
+        by market (`_fills_by_symbol`). A history the broker does not give is left out and
+        said (`_fills_failed`): the positions and the cash are compared all the same."""
+        try:
+            fills = list(broker.fills_since(since))
+        except errors.BrokerError as exc:
+            if exc.code != "SYMBOL_REQUIRED":
+                self._fills_failed(routed, run, {"": exc})
+                return []
+        else:
+            self._fills_failed(routed, run, {})
+            return fills
+        return self._fills_by_symbol(routed, broker, run, since, positions, open_at_broker)
+
+    def _fills_by_symbol(self, routed: RoutedAccount, broker: Broker, run: AccountRun,
+                         since: datetime, positions: Sequence[BrokerPosition],
+                         open_at_broker: Sequence[BrokerOrder]) -> list[BrokerFill]:
+        """The fills of every market the account is known to trade: the ledger's open
+        orders, orders changed since `since` and positions, the broker's positions and
+        open orders. Each market has its own cursor (`reconcile:<account>:<symbol>`), so
+        one seen for the first time is searched `first_lookback` back, and one whose
+        history failed is asked again from where it was last read. An unavailable broker
+        (Retry, BackOff) ends the search for this round; a market refused is left out."""
+        rows = self._c.execute(_FILL_SYMBOLS, {"account": routed.account_id,
+                                               "open": list(OPEN_STATUSES),
+                                               "since": since}).fetchall()
+        symbols = sorted({str(r[0]) for r in rows} | {p.symbol for p in positions}
+                         | {o.symbol for o in open_at_broker if o.symbol})
+        found: dict[str, BrokerFill] = {}
+        failed: dict[str, errors.BrokerError] = {}
+        for i, symbol in enumerate(symbols):
+            name = self._fill_cursor_name(run.account, symbol)
+            at = self._named_cursor(name)
+            start = (run.started_at - self.first_lookback if at is None
+                     else at - self.fill_overlap)
+            try:
+                fills = broker.fills_since(start, symbol)
+            except errors.Retry as exc:  # (and BackOff): the other markets would fail too
+                failed.update((rest, exc) for rest in symbols[i:])
+                break
+            except errors.BrokerError as exc:
+                failed[symbol] = exc
+                continue
+            found.update((f.fill_id, f) for f in fills)
+            run.fill_cursors.append(name)
+        self._fills_failed(routed, run, failed)
+        return sorted(found.values(), key=lambda f: (f.ts, f.fill_id))
+
+    def _fills_failed(self, routed: RoutedAccount, run: AccountRun,
+                      failed: Mapping[str, errors.BrokerError]) -> None:
+        """Note the fill histories not read (by symbol, "" for the whole account's). An
+        unavailable broker is a warning; a refusal is reported once per episode (until
+        that history is read again)."""
+        run.fills_unread = {symbol: f"{exc.code}: {exc}" for symbol, exc in failed.items()}
+        alarms = self._fill_alarms.setdefault(routed.account_id, set())
+        current: set[str] = set()
+        transient = sorted(s or "(all)" for s, e in failed.items()
+                           if isinstance(e, errors.Retry))
+        if transient:
+            first = next(e for e in failed.values() if isinstance(e, errors.Retry))
+            log.event(self.log, "fill history unavailable, positions and cash compared "
+                      "without it", 30, account=run.account, symbols=transient,
+                      code=first.code, error=str(first))
+        for symbol, exc in sorted(failed.items()):
+            if isinstance(exc, errors.Retry):
+                continue
+            key = f"{symbol}:{exc.code}"
+            current.add(key)
+            if key not in alarms:
+                what = f"the fills of {symbol}" if symbol else "its fills"
+                self.report(exc.code, f"{run.account}: the broker refused to list {what}, so "
+                            f"missed fills are not adopted (positions and cash are still "
+                            f"compared): {exc}", account=run.account, symbol=symbol or None)
+        # an episode ends once that history is read again (a Retry keeps it open)
+        self._fill_alarms[routed.account_id] = current | {
+            k for k in alarms if k.rsplit(":", 1)[0] in failed}
 
     # ------------------------------------------------------------------ 1. ledger orders
     def _settle_ledger_orders(self, broker: Broker, run: AccountRun,
@@ -445,6 +582,12 @@ class Reconciler(Worker):
                 return
             order.broker_order_id = answer.broker_order_id
         filled = order.filled_quantity
+        if answer.filled_quantity > filled and not answer.fills and run.unread(order.symbol):
+            # its executions are in the history that could not be read: next round
+            log.event(self.log, "order left for the next round: its fills could not be read",
+                      30, account=run.account, client_order_id=order.client_order_id,
+                      symbol=order.symbol, broker_status=answer.status)
+            return
         if answer.filled_quantity > filled:
             for fill in self._fills_of(broker, order, answer, fills):
                 self._adopt(run, order, fill, found)
@@ -768,6 +911,7 @@ class Reconciler(Worker):
             "adopted": run.adopted, "settled": run.settled, "booked": run.booked,
             "mismatches": len(run.mismatches), "reported": len(run.reported),
             "open": sorted(k for k, e in episodes.items() if e.reported),
+            "fills_unread": sorted(s or "*" for s in run.fills_unread),
         }
 
     def _update_detail(self) -> None:
@@ -783,13 +927,23 @@ class Reconciler(Worker):
 
     def _cursor(self, account: str) -> datetime | None:
         """When the account was last reconciled (None: never)."""
-        row = self._c.execute("SELECT at FROM runtime.cursors WHERE name = %s",
-                              (f"reconcile:{account}",)).fetchone()
-        return None if row is None else row[0]
+        return self._named_cursor(f"reconcile:{account}")
 
     def _advance_cursor(self, account: str, at: datetime) -> None:
-        self._c.execute("SELECT runtime.advance_cursor(%s, NULL, %s)",
-                        (f"reconcile:{account}", at))
+        self._advance_named_cursor(f"reconcile:{account}", at)
+
+    @staticmethod
+    def _fill_cursor_name(account: str, symbol: str) -> str:
+        """The cursor of one market's fills, for a venue that lists them per market."""
+        return f"reconcile:{account}:fills:{symbol}"[:200]
+
+    def _named_cursor(self, name: str) -> datetime | None:
+        row = self._c.execute("SELECT at FROM runtime.cursors WHERE name = %s",
+                              (name,)).fetchone()
+        return None if row is None else row[0]
+
+    def _advance_named_cursor(self, name: str, at: datetime) -> None:
+        self._c.execute("SELECT runtime.advance_cursor(%s, NULL, %s)", (name, at))
 
     def _ledger_orders(self, account_id: int, fills: Sequence[BrokerFill],
                        open_at_broker: Sequence[BrokerOrder]) -> list[LedgerOrder]:
