@@ -8,6 +8,7 @@ command names the account's environment, so a live key is never mistaken for a p
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
@@ -45,8 +46,8 @@ def _read_secret(fields: Sequence[str], from_env: Sequence[str], stdin_json: boo
     """The secret fields from the chosen source; no message here ever holds a value."""
     if stdin_json:
         if fields or from_env:
-            raise MmatsError("--stdin-json reads the whole secret: do not combine it with "
-                             "--field or --from-env")
+            raise MmatsError("--stdin-json reads every given field from stdin: do not combine "
+                             "it with --field or --from-env")
         try:
             value = json.loads(sys.stdin.read())
         except json.JSONDecodeError as exc:
@@ -157,13 +158,25 @@ def creds_rm(account: str, label: str) -> None:
                f"removed (venue {info.venue}, endpoint {info.endpoint})")
 
 
+def _field_changes(before: Sequence[str], given: Sequence[str], replace: bool) -> str:
+    """'changed a; added b; kept c' (or 'removed c' with replace): names, never values."""
+    parts = [("changed", sorted(f for f in given if f in before)),
+             ("added", sorted(f for f in given if f not in before)),
+             ("removed" if replace else "kept", sorted(f for f in before if f not in given))]
+    return "; ".join(f"{what} {', '.join(names)}" for what, names in parts if names)
+
+
 @creds_group.command("rotate")
 @click.argument("account")
 @click.argument("label")
 @_secret_input
+@click.option("--replace", is_flag=True,
+              help="the given fields become the whole secret: fields not given are removed "
+                   "(without it they keep their values)")
 def creds_rotate(account: str, label: str, fields: tuple[str, ...], from_env: tuple[str, ...],
-                 stdin_json: bool) -> None:
-    """New values for a credential (without options: prompt for its current fields)."""
+                 stdin_json: bool, replace: bool) -> None:
+    """New values for some or all of a credential's fields; the others keep theirs
+    (without options: prompt for every current field)."""
     key = creds.load_master_key()
     with connect(database_url(), autocommit=True) as conn:
         name, environment = creds.resolve_account(conn, account)
@@ -171,22 +184,29 @@ def creds_rotate(account: str, label: str, fields: tuple[str, ...], from_env: tu
         if existing is None:
             raise MmatsError(f"account {name} ({environment}) has no credential {label!r}")
         secret = _read_secret(fields, from_env, stdin_json, default_fields=existing.fields)
-        info = creds.rotate_secret(conn, key, name, label, secret)
+        info = creds.rotate_secret(conn, key, name, label, secret, replace=replace)
     click.echo(f"credential {info.label} of account {info.account} ({info.environment}) "
-               f"rotated: {_summary(info)}")
+               f"rotated: {_field_changes(existing.fields, list(secret), replace)}; "
+               f"{_summary(info)}")
 
 
-def _env_rotation_instructions(old: creds.MasterKey, infos: Sequence[creds.CredentialInfo]
-                               ) -> str:
+def _env_rotation_instructions(old: creds.MasterKey, infos: Sequence[creds.CredentialInfo],
+                               key_ids: Sequence[str]) -> str:
     stored = f"{len(infos)} credential(s)" + (f" ({_by_account(infos)})" if infos else "")
+    others = [k for k in key_ids if k != old.key_id]
+    now = (f"{stored} are encrypted under {old.key_id} now" if not others else
+           f"{stored} are encrypted under {', '.join(key_ids)} now, not (only) under "
+           f"{old.key_id}: step 2 needs {creds.ENV_VAR} set to the key they are under")
     return "\n".join([
         f"the master key {old.key_id} comes from {creds.ENV_VAR}, which mmats cannot rewrite;"
         " nothing was changed. To rotate it:",
-        "  1. " + _MAKE_KEY.format(var="MMATS_NEW_MASTER_KEY"),
-        "  2. mmats creds rotate-key --new-key-env MMATS_NEW_MASTER_KEY",
+        "  1. " + _MAKE_KEY.format(var="MMATS_NEW_MASTER_KEY")
+        + "   # and keep that value in your secret manager",
+        "  2. mmats creds rotate-key --new-key-env MMATS_NEW_MASTER_KEY   # one transaction; "
+        "if interrupted, run it again",
         f"  3. set {creds.ENV_VAR} to that new value wherever MMATS runs, then unset "
         "MMATS_NEW_MASTER_KEY",
-        f"{stored} are encrypted under {old.key_id} now",
+        now,
     ])
 
 
@@ -195,55 +215,166 @@ def _env_rotation_instructions(old: creds.MasterKey, infos: Sequence[creds.Crede
               help="take the new master key from this environment variable "
                    f"(needed when the current one comes from {creds.ENV_VAR})")
 def creds_rotate_key(new_key_env: str | None) -> None:
-    """Re-encrypt every credential under a new master key, in one transaction."""
-    old = creds.load_master_key()
+    """Re-encrypt every credential under a new master key, in one transaction.
+
+    Run again after an interruption, it finishes the rotation (or says it is done).
+    """
+    current = creds.load_master_key()
+    given: creds.MasterKey | None = None
     if new_key_env is not None:
         text = os.environ.get(new_key_env)
         if not text:
             raise MmatsError(f"--new-key-env {new_key_env}: environment variable "
                              f"{new_key_env} is not set")
-        new = creds.parse_key(text, what=new_key_env, source=old.source)
-    elif old.source == "env":
+        given = creds.parse_key(text, what=new_key_env, source=current.source)
+    if current.source == "env":
         with connect(database_url(), autocommit=True) as conn:
-            infos = creds.list_credentials(conn)
-        click.echo(_env_rotation_instructions(old, infos))
+            if given is None:
+                click.echo(_env_rotation_instructions(current, creds.list_credentials(conn),
+                                                      creds.stored_key_ids(conn)))
+                return
+            assert new_key_env is not None
+            _rotate_in_env(conn, current, given, new_key_env)
         return
-    else:
-        new = creds.generate_key()
     with connect(database_url(), autocommit=True) as conn:
-        if old.source == "keyring":
-            infos = _rotate_in_keyring(conn, old, new)
-            where = "the new key replaces the old one in the OS keyring"
-        else:
-            infos = creds.rotate_master_key(conn, old, new)
-            where = (f"now set {creds.ENV_VAR} to the value of {new_key_env} wherever MMATS "
-                     f"runs (and unset {new_key_env}): the old key no longer decrypts them")
-    done = f" ({_by_account(infos)})" if infos else ""
-    click.echo(f"re-encrypted {len(infos)} credential(s){done} under master key {new.key_id} "
-               f"(was {old.key_id}); {where}")
+        _rotate_in_keyring(conn, current, given)
 
 
-def _rotate_in_keyring(conn: psycopg.Connection, old: creds.MasterKey,
-                       new: creds.MasterKey) -> list[creds.CredentialInfo]:
-    """Rotate with the keyring written before the commit, and put back if the commit fails.
+def _done(infos: Sequence[creds.CredentialInfo]) -> str:
+    return f"{len(infos)} credential(s)" + (f" ({_by_account(infos)})" if infos else "")
 
-    The old key is kept as mmats/master-key-previous until the commit has happened, so a
-    process killed in between leaves a key that still opens the records.
+
+def _rotate_in_env(conn: psycopg.Connection, current: creds.MasterKey, new: creds.MasterKey,
+                   var: str) -> None:
+    """Re-encrypt under `new` (from `var`); the user then moves MMATS_MASTER_KEY to it.
+
+    Run again once the records are under `new` (an interrupted run, a lost output, or
+    MMATS_MASTER_KEY already moved), it changes nothing and says what is left to do.
     """
-    creds.save_keyring_key(old, creds.KEYRING_PREVIOUS)
-    wrote = False
+    step3 = (f"now set {creds.ENV_VAR} to the value of {var} wherever MMATS runs (and unset "
+             f"{var})")
+    stored = creds.stored_key_ids(conn)
+    if stored == [new.key_id]:
+        left = (f"{creds.ENV_VAR} holds it already: unset {var}"
+                if current.key_id == new.key_id else f"{step3}: the old key no longer "
+                "decrypts them")
+        click.echo(f"{_done(creds.list_credentials(conn))} are already encrypted under master "
+                   f"key {new.key_id}: nothing to re-encrypt; {left}")
+        return
+    infos = creds.rotate_master_key(conn, current, new, also=(new,))
+    click.echo(f"re-encrypted {_done(infos)} under master key {new.key_id} (was "
+               f"{current.key_id}); {step3}: the old key no longer decrypts them")
+
+
+_BACKUP = f"{creds.KEYRING_SERVICE}/{creds.KEYRING_PREVIOUS}"
+
+
+def _rotate_in_keyring(conn: psycopg.Connection, current: creds.MasterKey,
+                       given: creds.MasterKey | None) -> None:
+    """Rotate with the keyring written before the commit, so that no crash loses a key.
+
+    The key the records are under stays in the keyring until the commit has happened: as
+    mmats/master-key-previous while mmats/master-key holds the new one. A run that finds the
+    records under that backup (the previous run died between the keyring write and the
+    commit) decrypts them with it and finishes the rotation, to the key the keyring already
+    holds (or to `given`). A backup any record needs is never overwritten, and it is
+    removed only after the commit, once no record needs it.
+    """
+    previous = creds.read_keyring_key(creds.KEYRING_PREVIOUS)
+    if previous is not None and previous.key_id == current.key_id:
+        previous = None  # a copy of the current key: not needed on its own
+    stored = creds.stored_key_ids(conn)
+    known = [current.key_id] + ([previous.key_id] if previous is not None else [])
+    unknown = [k for k in stored if k not in known]
+    if unknown:
+        held = f"the OS keyring's key {current.key_id}" + (
+            f" nor its backup {previous.key_id} ({_BACKUP})" if previous is not None else "")
+        raise MmatsError(f"stored credentials are encrypted under master key {unknown[0]}, "
+                         f"which is not {held}: nothing was changed; restore that key first "
+                         f"({creds.ENV_VAR} or the keyring)")
+    finishing = previous is not None and previous.key_id in stored
+    if finishing:
+        assert previous is not None
+        old, new = previous, given or current
+        if new.key_id != current.key_id and current.key_id in stored:
+            raise MmatsError(f"stored credentials are under both {previous.key_id} "
+                             f"({_BACKUP}) and {current.key_id}: run `mmats creds rotate-key` "
+                             "without --new-key-env first, to finish the interrupted rotation")
+    else:
+        old, new = current, given or creds.generate_key()
+    attempted = False
     try:
         with conn.transaction():
-            infos = creds.rotate_master_key(conn, old, new)
-            creds.save_keyring_key(new)
-            wrote = True
+            # the records are locked and decrypted here: each is under `old` (or `current`)
+            infos = creds.rotate_master_key(conn, old, new, also=(current,))
+            if not finishing:
+                # any backup there is needed by no record (none is under it): the key the
+                # records are under takes its place before the keyring changes
+                creds.save_keyring_key(old, creds.KEYRING_PREVIOUS)
+            if new.key_id != current.key_id:
+                attempted = True
+                creds.save_keyring_key(new)
+                back = creds.read_keyring_key()
+                if back is None or back.key_id != new.key_id:
+                    raise MmatsError("the OS keyring did not keep the new master key (read "
+                                     "back failed): nothing was changed")
     except BaseException:
-        if wrote:
-            creds.save_keyring_key(old)  # if this fails too, the backup is the way back
-        creds.delete_keyring_key(creds.KEYRING_PREVIOUS)
+        _after_failed_rotation(conn, old, attempted)
         raise
+    kept = _drop_backup_if_unneeded(conn)
+    note = (f"; {_BACKUP} is kept: a credential is still encrypted under it (run "
+            "`mmats creds rotate-key` again)") if kept else ""
+    if finishing:
+        click.echo(f"finished an interrupted rotation: re-encrypted {_done(infos)} under master "
+                   f"key {new.key_id} (was {old.key_id}, kept as {_BACKUP} until now); the new "
+                   f"key is the one in the OS keyring{note}")
+    else:
+        click.echo(f"re-encrypted {_done(infos)} under master key {new.key_id} (was "
+                   f"{old.key_id}); the new key replaces the old one in the OS keyring{note}")
+
+
+def _stored_key_ids(conn: psycopg.Connection) -> set[str] | None:
+    """The key ids the records are under, from a fresh connection; None if it cannot say."""
+    try:
+        with connect(database_url(), autocommit=True) as fresh:
+            return set(creds.stored_key_ids(fresh))
+    except Exception:
+        return None
+
+
+def _after_failed_rotation(conn: psycopg.Connection, old: creds.MasterKey,
+                           attempted: bool) -> None:
+    """After a failed (rolled back, or perhaps committed) rotation: put `old` back as the
+    keyring's key if the records are under it, then drop the backup if no record needs it.
+    When the database cannot say (or the connection broke, perhaps in the COMMIT), both
+    keys stay in the keyring for the next run."""
+    if attempted:
+        if conn.broken or conn.closed:
+            return
+        stored = _stored_key_ids(conn)
+        if stored is None:
+            return
+        if stored <= {old.key_id}:
+            with contextlib.suppress(MmatsError):  # if this fails, the backup is the way back
+                creds.save_keyring_key(old)
+    _drop_backup_if_unneeded(conn)
+
+
+def _drop_backup_if_unneeded(conn: psycopg.Connection) -> bool:
+    """Remove mmats/master-key-previous unless a record needs it; True if it is kept."""
+    try:
+        backup = creds.read_keyring_key(creds.KEYRING_PREVIOUS)
+        if backup is None:
+            return False
+        current = creds.read_keyring_key()
+    except MmatsError:
+        return True
+    if current is None or current.key_id != backup.key_id:
+        stored = _stored_key_ids(conn)
+        if stored is None or backup.key_id in stored:
+            return True
     creds.delete_keyring_key(creds.KEYRING_PREVIOUS)
-    return infos
+    return False
 
 
 @creds_group.command("init-key")

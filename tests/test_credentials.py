@@ -8,6 +8,7 @@ refused, and that a master-key rotation is all or nothing.
 from __future__ import annotations
 
 import base64
+import contextlib
 import io
 import json
 import logging
@@ -267,7 +268,7 @@ def test_rotation_keeps_the_record_and_sets_rotated_at(conn: psycopg.Connection,
     [(cid, _, nonce, _, _, rotated)] = secret_rows(conn)
     assert rotated is None
     new = {"api_key": "AKIA-rotated-0002", "secret": "rotated-secret-0002"}
-    after = creds.rotate_secret(conn, key, "alpha", "main", new)
+    after = creds.rotate_secret(conn, key, "alpha", "main", new, replace=True)
     [(cid2, _, nonce2, _, fields, rotated2)] = secret_rows(conn)
     assert cid2 == cid and rotated2 is not None and nonce2 != nonce
     assert fields == ["api_key", "secret"] and after.fields == ("api_key", "secret")
@@ -582,3 +583,231 @@ def test_cli_rotate_key_puts_the_old_key_back_when_the_commit_fails(
     assert current is not None and current.key_id == old.key_id
     assert ("mmats", creds.KEYRING_PREVIOUS) not in memory_keyring.entries
     assert creds.load(conn, old, "omega", "o1")["api_key"] == "live-key-00001"
+
+
+def test_cli_rotate_some_fields_keeps_the_others(db_url: str, conn: psycopg.Connection,
+                                                 accounts: None,
+                                                 key: creds.MasterKey) -> None:
+    creds.store(conn, key, "alpha", "main", "binance", "testnet", SECRET)
+    env: dict[str, str | None] = {creds.ENV_VAR: key.encoded(), "NEWK": "new-key-000111"}
+    out = ok(invoke(db_url, "rotate", "alpha", "main", "--from-env", "api_key=NEWK", env=env))
+    assert "rotated: changed api_key; kept passphrase, secret;" in out
+    assert "fields api_key, passphrase, secret" in out and "new-key-000111" not in out
+    assert creds.load(conn, key, "alpha", "main") == {**SECRET, "api_key": "new-key-000111"}
+    # a field the credential did not have is added, the others still kept
+    out = ok(invoke(db_url, "rotate", "alpha", "main", "--stdin-json",
+                    input=json.dumps({"secret": "new-secret-222", "extra": "x-333"}), env=env))
+    assert "rotated: changed secret; added extra; kept api_key, passphrase;" in out
+    assert creds.load(conn, key, "alpha", "main") == {
+        "api_key": "new-key-000111", "secret": "new-secret-222",
+        "passphrase": SECRET["passphrase"], "extra": "x-333"}
+    # replacing the whole field set is explicit
+    out = ok(invoke(db_url, "rotate", "alpha", "main", "--replace", "--from-env",
+                    "api_key=NEWK", env=env))
+    assert "rotated: changed api_key; removed extra, passphrase, secret;" in out
+    assert creds.load(conn, key, "alpha", "main") == {"api_key": "new-key-000111"}
+    [row] = ok(invoke(db_url, "list", env=env)).splitlines()[2:]
+    assert row.split()[5] == "api_key"
+
+
+class Killed(BaseException):
+    """The process is killed (SIGKILL): no handler, no cleanup of it runs."""
+
+
+class CrashingKeyring(MemoryKeyring):
+    """A keyring whose process is killed just before or just after its `kill_at`-th write
+    (set or delete); once killed, it does nothing more (each call raises Killed again)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.kill_at: tuple[str, int] | None = None
+        self.writes = 0
+        self.dead = False
+
+    def arm(self, when: tuple[str, int] | None) -> None:
+        self.kill_at, self.writes, self.dead = when, 0, False
+
+    def _write(self, apply: Any) -> None:
+        if self.dead:
+            raise Killed
+        self.writes += 1
+        if self.kill_at == ("before", self.writes):
+            self.dead = True
+            raise Killed
+        apply()
+        if self.kill_at == ("after", self.writes):
+            self.dead = True
+            raise Killed
+
+    def get_password(self, service: str, username: str) -> str | None:
+        if self.dead:
+            raise Killed
+        return super().get_password(service, username)
+
+    def set_password(self, service: str, username: str, password: str) -> None:
+        self._write(lambda: MemoryKeyring.set_password(self, service, username, password))
+
+    def delete_password(self, service: str, username: str) -> None:
+        self._write(lambda: MemoryKeyring.delete_password(self, service, username))
+
+
+@pytest.fixture
+def crashing_keyring() -> Iterator[CrashingKeyring]:
+    previous = keyring.get_keyring()
+    backend = CrashingKeyring()
+    keyring.set_keyring(backend)
+    yield backend
+    keyring.set_keyring(previous)
+
+
+def keyring_key_ids(backend: MemoryKeyring) -> set[str]:
+    return {creds.parse_key(v).key_id for (service, _), v in backend.entries.items()
+            if service == "mmats"}
+
+
+def test_cli_rotate_key_killed_before_the_commit_then_retried(
+        db_url: str, conn: psycopg.Connection, accounts: None,
+        crashing_keyring: CrashingKeyring) -> None:
+    """The reviewer's sequence: killed right after the new key is written to the keyring
+    (the database still under the old key), then `rotate-key` again."""
+    ok(invoke(db_url, "init-key"))
+    old = creds.read_keyring_key()
+    assert old is not None
+    store_three(conn, old)
+    before = secret_rows(conn)
+    crashing_keyring.arm(("after", 2))  # 1: the backup of the old key, 2: the new key
+    with pytest.raises(Killed):
+        invoke(db_url, "rotate-key")
+    assert secret_rows(conn) == before
+    crashed = creds.parse_key(crashing_keyring.entries[("mmats", creds.KEYRING_USERNAME)])
+    assert crashed.key_id != old.key_id
+    assert crashing_keyring.entries[("mmats", creds.KEYRING_PREVIOUS)] == old.encoded()
+    crashing_keyring.arm(None)  # a new process
+    # the other commands name what happened and how to finish it
+    refused = invoke(db_url, "rotate", "alpha", "a2", "--from-env", "api_key=X",
+                     env={"X": "k-1234"})
+    assert isinstance(refused.exception, MmatsError)
+    assert "interrupted `mmats creds rotate-key`" in str(refused.exception)
+    out = ok(invoke(db_url, "rotate-key"))
+    assert "finished an interrupted rotation" in out
+    assert f"under master key {crashed.key_id} (was {old.key_id}," in out
+    assert len(out.splitlines()) == 1
+    assert old.encoded() not in out and crashed.encoded() not in out
+    current = creds.read_keyring_key()
+    assert current is not None and current.key_id == crashed.key_id
+    assert creds.stored_key_ids(conn) == [current.key_id]
+    assert creds.load(conn, current, "omega", "o1")["secret"] == "live-secret-0001"
+    assert creds.load(conn, current, "alpha", "a1") == SECRET
+    assert ("mmats", creds.KEYRING_PREVIOUS) not in crashing_keyring.entries
+
+
+_KILL_POINTS = [None, ("after", 1), ("after", 2), ("before", 2), ("before", 3),
+                ("after", 3)]
+
+
+def _kill_id(when: tuple[str, int] | None) -> str:
+    return "no-kill" if when is None else f"kill-{when[0]}-write-{when[1]}"
+
+
+@pytest.mark.parametrize("second", _KILL_POINTS, ids=_kill_id)
+@pytest.mark.parametrize("first", _KILL_POINTS[1:], ids=_kill_id)
+def test_cli_rotate_key_no_kill_and_retry_loses_a_key(
+        db_url: str, conn: psycopg.Connection, accounts: None,
+        crashing_keyring: CrashingKeyring, first: tuple[str, int],
+        second: tuple[str, int] | None) -> None:
+    """Killed at any keyring write (before or after it; the commit sits between the new
+    key's write and the backup's removal), killed again in the retry, then run once more:
+    every stored record's key is in the keyring throughout, and at the end the records
+    are under the keyring's key and the backup is gone."""
+    ok(invoke(db_url, "init-key"))
+    old = creds.read_keyring_key()
+    assert old is not None
+    store_three(conn, old)
+    crashing_keyring.arm(first)
+    with pytest.raises(Killed):
+        invoke(db_url, "rotate-key")
+    assert set(creds.stored_key_ids(conn)) <= keyring_key_ids(crashing_keyring)
+    for when in (second, None):
+        crashing_keyring.arm(when)
+        with contextlib.suppress(Killed):
+            invoke(db_url, "rotate-key")
+        assert set(creds.stored_key_ids(conn)) <= keyring_key_ids(crashing_keyring), when
+    crashing_keyring.arm(None)
+    current = creds.read_keyring_key()
+    assert current is not None
+    assert creds.stored_key_ids(conn) == [current.key_id]
+    assert creds.load(conn, current, "alpha", "a1") == SECRET
+    assert ("mmats", creds.KEYRING_PREVIOUS) not in crashing_keyring.entries
+
+
+def test_cli_rotate_key_refuses_records_under_an_unknown_key(
+        db_url: str, conn: psycopg.Connection, accounts: None,
+        memory_keyring: MemoryKeyring) -> None:
+    lost = creds.generate_key()
+    store_three(conn, lost)
+    mine = creds.generate_key()
+    other = creds.generate_key()
+    memory_keyring.set_password("mmats", creds.KEYRING_USERNAME, mine.encoded())
+    memory_keyring.set_password("mmats", creds.KEYRING_PREVIOUS, other.encoded())
+    before = secret_rows(conn)
+    result = invoke(db_url, "rotate-key")
+    assert isinstance(result.exception, MmatsError)
+    assert f"encrypted under master key {lost.key_id}" in str(result.exception)
+    assert "\n" not in str(result.exception)
+    assert secret_rows(conn) == before
+    assert memory_keyring.entries == {("mmats", creds.KEYRING_USERNAME): mine.encoded(),
+                                      ("mmats", creds.KEYRING_PREVIOUS): other.encoded()}
+
+
+def test_cli_rotate_key_from_the_environment_run_again(db_url: str, conn: psycopg.Connection,
+                                                       accounts: None,
+                                                       key: creds.MasterKey) -> None:
+    """Step 2 of the instructions run again (its output lost, say): it is done already,
+    and step 3 is still what to do."""
+    store_three(conn, key)
+    new = creds.generate_key()
+    env: dict[str, str | None] = {creds.ENV_VAR: key.encoded(),
+                                  "MMATS_NEW_MASTER_KEY": new.encoded()}
+    ok(invoke(db_url, "rotate-key", "--new-key-env", "MMATS_NEW_MASTER_KEY", env=env))
+    again = ok(invoke(db_url, "rotate-key", "--new-key-env", "MMATS_NEW_MASTER_KEY", env=env))
+    assert f"already encrypted under master key {new.key_id}" in again
+    assert "now set MMATS_MASTER_KEY to the value of MMATS_NEW_MASTER_KEY" in again
+    assert len(again.splitlines()) == 1
+    assert creds.stored_key_ids(conn) == [new.key_id]
+    told = ok(invoke(db_url, "rotate-key", env={creds.ENV_VAR: key.encoded()}))
+    assert f"are encrypted under {new.key_id} now, not (only) under {key.key_id}" in told
+    # step 3 done, step 2 run once more: nothing to do
+    done = ok(invoke(db_url, "rotate-key", "--new-key-env", "MMATS_NEW_MASTER_KEY",
+                     env={**env, creds.ENV_VAR: new.encoded()}))
+    assert f"already encrypted under master key {new.key_id}" in done
+    assert creds.load(conn, new, "omega", "o1")["api_key"] == "live-key-00001"
+
+
+def test_cli_rotate_key_interrupted_right_after_the_keyring_write(
+        db_url: str, conn: psycopg.Connection, accounts: None,
+        memory_keyring: MemoryKeyring, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Ctrl-C just after the new key reached the keyring, before the commit: the handlers
+    run, the transaction rolls back, and the keyring's key is the old one again."""
+    ok(invoke(db_url, "init-key"))
+    old = creds.read_keyring_key()
+    assert old is not None
+    store_three(conn, old)
+    before = secret_rows(conn)
+    real_save = creds.save_keyring_key
+    interrupted: list[str] = []
+
+    def save_then_interrupt(key: creds.MasterKey,
+                            username: str = creds.KEYRING_USERNAME) -> None:
+        real_save(key, username)
+        if username == creds.KEYRING_USERNAME and not interrupted:
+            interrupted.append(key.key_id)
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(creds, "save_keyring_key", save_then_interrupt)
+    result = invoke(db_url, "rotate-key")
+    assert result.exit_code != 0 and interrupted and interrupted[0] != old.key_id
+    assert secret_rows(conn) == before
+    current = creds.read_keyring_key()
+    assert current is not None and current.key_id == old.key_id
+    assert ("mmats", creds.KEYRING_PREVIOUS) not in memory_keyring.entries
+    assert creds.load(conn, current, "alpha", "a1") == SECRET

@@ -44,7 +44,8 @@ ENV_VAR = "MMATS_MASTER_KEY"
 KEYRING_SERVICE = "mmats"
 KEYRING_USERNAME = "master-key"
 # kept only while `rotate-key` runs: if the process dies between writing the new key and
-# the commit, the key the database still needs is here
+# the commit, the key the database still needs is here (and the next `rotate-key` reads it
+# back to finish the rotation); it is removed only once no stored record needs it
 KEYRING_PREVIOUS = "master-key-previous"
 ENDPOINTS = ("paper", "testnet", "live")
 Endpoint = Literal["paper", "testnet", "live"]
@@ -148,6 +149,19 @@ def delete_keyring_key(username: str) -> None:
         keyring.delete_password(KEYRING_SERVICE, username)
 
 
+def interrupted_rotation_hint(key_id: str | None) -> str:
+    """A note for messages when `key_id` is the keyring's backup of an interrupted
+    `rotate-key` (the records are still under it), else ''."""
+    try:
+        previous = read_keyring_key(KEYRING_PREVIOUS)
+    except Exception:  # only a hint: a keyring that cannot say gives none
+        return ""
+    if previous is None or previous.key_id != key_id:
+        return ""
+    return (f" (the OS keyring keeps that key as {KEYRING_SERVICE}/{KEYRING_PREVIOUS}: an "
+            "interrupted `mmats creds rotate-key`; run it again to finish it)")
+
+
 def load_master_key(env: Mapping[str, str] | None = None) -> MasterKey:
     """The master key: MMATS_MASTER_KEY if set, else the OS keyring, else MmatsError."""
     env = os.environ if env is None else env
@@ -219,7 +233,7 @@ def decrypt(key: MasterKey, key_id: str, nonce: bytes, ciphertext: bytes, accoun
     what = f"credential {label} of account {account}"
     if key_id != key.key_id:
         raise MmatsError(f"{what} is encrypted under master key {key_id}, but the master key "
-                         f"from {key.where} is {key.key_id}")
+                         f"from {key.where} is {key.key_id}{interrupted_rotation_hint(key_id)}")
     try:
         plain = AESGCM(key.key).decrypt(bytes(nonce), bytes(ciphertext),
                                         associated_data(account, label, venue, endpoint))
@@ -290,9 +304,10 @@ def _check_one_key(conn: psycopg.Connection, key: MasterKey) -> None:
     # unreadable to whoever holds the first
     others = [k for k in stored_key_ids(conn) if k != key.key_id]
     if others:
+        hint = interrupted_rotation_hint(others[0])
         raise MmatsError(f"stored credentials are encrypted under master key {others[0]}, but "
-                         f"the key from {key.where} is {key.key_id}: use that key (or "
-                         "`mmats creds rotate-key` with it)")
+                         f"the key from {key.where} is {key.key_id}"
+                         + (hint or ": use that key (or `mmats creds rotate-key` with it)"))
 
 
 def _write(conn: psycopg.Connection, key: MasterKey, account: str, label: str, venue: str,
@@ -329,20 +344,36 @@ def store(conn: psycopg.Connection, key: MasterKey, account: str, label: str, ve
 
 
 def rotate_secret(conn: psycopg.Connection, key: MasterKey, account: str, label: str,
-                  secret: Mapping[str, str]) -> CredentialInfo:
-    """Replace one credential's values (same record, same venue and endpoint; rotated_at
-    is set)."""
+                  secret: Mapping[str, str], *, replace: bool = False) -> CredentialInfo:
+    """New values for one credential (same record, same venue and endpoint; rotated_at is
+    set).
+
+    The fields in `secret` get their new values and the credential's other fields keep
+    theirs (decrypted under `key`); with `replace`, `secret` becomes the whole secret and
+    the fields it does not name are removed.
+    """
     with conn.transaction():
         name, environment = resolve_account(conn, account)
         existing = get_info(conn, name, label)
         if existing is None:
             raise MmatsError(f"account {name} ({environment}) has no credential {label!r}")
         _check_one_key(conn, key)
-        _write(conn, key, name, label, existing.venue, existing.endpoint, secret)
+        values = dict(secret)
+        if not replace and set(existing.fields) - set(secret):
+            row = conn.execute(_SECRET + "WHERE a.name = %s AND c.label = %s FOR UPDATE OF c, s",
+                               (name, label)).fetchone()
+            if row is None:
+                raise MmatsError(f"credential {label} of account {name} ({environment}) has no "
+                                 "stored secret to keep fields from: give every field, or "
+                                 "replace the whole secret")
+            acc, lab, venue, endpoint, key_id, nonce, sealed = row
+            values = {**decrypt(key, key_id, nonce, sealed, acc, lab, venue, endpoint),
+                      **secret}
+        _write(conn, key, name, label, existing.venue, existing.endpoint, values)
         info = get_info(conn, name, label)
     assert info is not None
     log.event(_log, "credential rotated", account=name, environment=environment, label=label,
-              fields=list(info.fields), key_id=key.key_id)
+              fields=list(info.fields), changed=sorted(secret), key_id=key.key_id)
     return info
 
 
@@ -376,21 +407,25 @@ def remove(conn: psycopg.Connection, account: str, label: str) -> CredentialInfo
     return info
 
 
-def rotate_master_key(conn: psycopg.Connection, old: MasterKey, new: MasterKey
-                      ) -> list[CredentialInfo]:
+def rotate_master_key(conn: psycopg.Connection, old: MasterKey, new: MasterKey, *,
+                      also: Sequence[MasterKey] = ()) -> list[CredentialInfo]:
     """Re-encrypt every credential under `new`, in one transaction.
 
-    Each record is decrypted with `old` and stored again through `trading.set_credential`;
+    Each record is decrypted with `old` (or with the key of `also` its key_id names: an
+    interrupted rotation being finished) and stored again through `trading.set_credential`;
     any failure (a record under another key, a tampered record, a refused write) rolls
     every record back. The records are locked first, so no credential stored meanwhile is
     left under the old key.
     """
     if old.key_id == new.key_id:
         raise MmatsError("the new master key is the same as the current one")
+    keys = {k.key_id: k for k in also}
+    keys[old.key_id] = old
     with conn.transaction():
         rows = conn.execute(_SECRET + "ORDER BY c.credential_id FOR UPDATE OF c, s").fetchall()
         for acc, label, venue, endpoint, key_id, nonce, sealed in rows:
-            secret = decrypt(old, key_id, nonce, sealed, acc, label, venue, endpoint)
+            secret = decrypt(keys.get(key_id, old), key_id, nonce, sealed, acc, label, venue,
+                             endpoint)
             _write(conn, new, acc, label, venue, endpoint, secret)
         infos = list_credentials(conn)
     log.event(_log, "master key rotated", old_key_id=old.key_id, new_key_id=new.key_id,
