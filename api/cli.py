@@ -6,6 +6,7 @@ stack trace only with ``--debug`` (or MMATS_DEBUG=1).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 import traceback
@@ -14,7 +15,7 @@ from typing import NoReturn
 import click
 import psycopg
 
-from db.config import ConfigError, load_settings, redact_url
+from db.config import ConfigError, load_settings, redact_text, redact_url
 from db.connect import connect, database_url, embedded_server
 from db.errors import MmatsError, describe
 from db.migrate import MigrationError
@@ -108,16 +109,27 @@ def db_url_cmd(show_password: bool) -> None:
 def db_psql(args: tuple[str, ...]) -> NoReturn:
     """Open psql on the database (extra arguments go to psql)."""
     import shutil
-    from urllib.parse import unquote, urlsplit, urlunsplit
+    from urllib.parse import parse_qsl, unquote, urlencode, urlsplit, urlunsplit
 
     from db.runtime import pg_bin_dir
 
     url = database_url()
-    parts = urlsplit(url)
+    try:
+        parts = urlsplit(url)
+        password = parts.password
+    except ValueError as exc:
+        raise MmatsError(f"MMATS_DATABASE_URL is not a valid URL ({exc}): "
+                         f"{redact_url(url)}") from None
     env = dict(os.environ)
-    if parts.password:
-        env["PGPASSWORD"] = unquote(parts.password)
-        url = urlunsplit(parts._replace(netloc=parts.netloc.replace(f":{parts.password}@", "@")))
+    # the password goes to psql in PGPASSWORD, never on its command line (ps shows that)
+    if password:
+        env["PGPASSWORD"] = unquote(password)
+        parts = parts._replace(netloc=parts.netloc.replace(f":{password}@", "@"))
+    query = parse_qsl(parts.query, keep_blank_values=True)
+    if any(key == "password" for key, _ in query):
+        env["PGPASSWORD"] = next(value for key, value in query if key == "password")
+        parts = parts._replace(query=urlencode([(k, v) for k, v in query if k != "password"]))
+    url = urlunsplit(parts)
     psql = str(pg_bin_dir() / "psql")
     if not os.path.exists(psql):
         psql = shutil.which("psql") or psql
@@ -213,10 +225,22 @@ def main(argv: list[str] | None = None) -> NoReturn:
         sys.exit(130)
 
 
+def _known_urls() -> list[str]:
+    """The database URLs an error may quote (the variable as set, the configured one)."""
+    urls = [os.environ.get("MMATS_DATABASE_URL") or ""]
+    with contextlib.suppress(Exception):  # no configured URL: the variable is all there is
+        urls.append(database_url(start=False))
+    return [u for u in urls if u]
+
+
 def _fail(message: str, debug: bool) -> NoReturn:
+    """One line on stderr, exit status 1; neither the line nor the --debug trace shows a
+    database password (libpq and the driver quote a bad URL, or a piece of its password
+    as a host name)."""
+    urls = _known_urls()
     if debug:
-        traceback.print_exc()
-    click.echo(f"error: {message}", err=True)
+        click.echo(redact_text(traceback.format_exc(), *urls).rstrip("\n"), err=True)
+    click.echo(f"error: {redact_text(message, *urls)}", err=True)
     sys.exit(1)
 
 

@@ -8,10 +8,11 @@ environment, and it is never printed with its password (see ``redact_url``).
 from __future__ import annotations
 
 import os
+import re
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import unquote
 
 
 class ConfigError(ValueError):
@@ -59,17 +60,107 @@ def load_settings(env: dict[str, str] | None = None) -> Settings:
     if url_value is not None and not isinstance(url_value, str):
         raise ConfigError("database.url must be a string")
     if url_value is not None and not url_value.startswith(("postgresql://", "postgres://")):
+        hint = ""
+        if not _SCHEME.match(url_value) and "=" in url_value:
+            hint = " (a key=value connection string: write it as a postgresql:// URL)"
         raise ConfigError(
             f"MMATS_DATABASE_URL must start with postgresql://, got {redact_url(url_value)!r}"
+            f"{hint}"
         )
     return Settings(home=Path(home_value).expanduser().resolve(), database_url=url_value,
                     config_file=config_file)
 
 
+_SCHEME = re.compile(r"[a-z][a-z0-9+.-]*://", re.IGNORECASE)
+# password=... in a URL's query string (up to & or #)
+_QUERY_PASSWORD = re.compile(r"(?P<key>(?:^|[?&;])(?:ssl)?password=)[^&#]*", re.IGNORECASE)
+# password=... in a libpq key=value string: a quoted value or a word (backslash escapes)
+_DSN_PASSWORD = re.compile(r"(?P<key>(?<![\w.-])(?:ssl)?password\s*=\s*)"
+                           r"(?P<value>'(?:[^'\\]|\\.)*'?|(?:\\.|\S)*)", re.IGNORECASE)
+# the same in a message, where the value ends at a quote too
+_TEXT_PASSWORD = re.compile(r"(?P<key>(?<![\w.-])(?:ssl)?password\s*=\s*)[^\s'\"&]*",
+                            re.IGNORECASE)
+# user:password@ anywhere (a URL without a scheme, a URL inside a message): up to the last @
+_USERINFO = re.compile(r"(?P<user>(?:[a-z][a-z0-9+.-]*://)?[^\s:/@'\"]+:(?!//))[^\s'\"]*@",
+                       re.IGNORECASE)
+# the same in a message: only in a URL (scheme://user:password@)
+_URL_USERINFO = re.compile(r"(?P<user>[a-z][a-z0-9+.-]*://[^\s:/@'\"]+:)[^\s'\"]*@",
+                           re.IGNORECASE)
+_MASK = "***"
+_MIN_FREE_LENGTH = 4  # shorter pieces are redacted only where they cannot be a word
+
+
+def _split_url(url: str) -> tuple[str, str, str]:
+    """(scheme://, userinfo, the rest) of a URL, by text alone (no parsing that can fail).
+    The userinfo runs to the *last* @ before the query, so a password with an unencoded @
+    (or /) is all userinfo; with no @ before the query, to the last @ after it (a
+    password with an unencoded ?)."""
+    scheme = _SCHEME.match(url)
+    assert scheme is not None
+    rest = url[scheme.end():]
+    query = rest.find("?")
+    at = rest.rfind("@", 0, query) if query >= 0 else rest.rfind("@")
+    if at < 0 and query >= 0:
+        at = rest.rfind("@")
+    if at < 0:
+        return scheme.group(0), "", rest
+    return scheme.group(0), rest[:at], rest[at:]
+
+
 def redact_url(url: str) -> str:
-    """The URL with any password replaced by ``***``."""
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
-    return urlunsplit(parts._replace(netloc=netloc))
+    """The URL (or libpq key=value string) with any password replaced by ``***``: in the
+    user info (``user:pw@``, even with an unencoded @ in the password), in a
+    ``password=`` query parameter, and in a ``password=`` key of a key=value string.
+    Never raises: a URL that does not parse is redacted as text."""
+    if not _SCHEME.match(url):
+        text = _DSN_PASSWORD.sub(lambda m: m.group("key") + _MASK, url)
+        return _USERINFO.sub(lambda m: m.group("user") + _MASK + "@", text)
+    scheme, userinfo, rest = _split_url(url)
+    user, colon, password = userinfo.partition(":")
+    if colon and password:
+        userinfo = f"{user}:{_MASK}"
+    return scheme + userinfo + _QUERY_PASSWORD.sub(lambda m: m.group("key") + _MASK, rest)
+
+
+def url_secrets(url: str) -> list[str]:
+    """Every piece of `url` that is (part of) its password, as written and decoded: the
+    whole password, and the pieces either side of each unencoded @ in it (a parser that
+    stops at the first @ reads the rest as the host name, and names it in its errors)."""
+    found: list[str] = []
+    if _SCHEME.match(url):
+        _scheme, userinfo, rest = _split_url(url)
+        _user, colon, password = userinfo.partition(":")
+        if colon and password:
+            found.append(password)
+            pieces = password.split("@")
+            for i in range(1, len(pieces)):
+                found.append("@".join(pieces[:i]))
+                found.append("@".join(pieces[i:]))
+        for m in _QUERY_PASSWORD.finditer(rest):
+            found.append(m.group(0)[len(m.group("key")):])
+    else:
+        for m in _DSN_PASSWORD.finditer(url):
+            value = m.group("value")
+            found.append(value)
+            unquoted = value[1:-1] if len(value) > 1 and value[0] == value[-1] == "'" else value
+            found.append(re.sub(r"\\(.)", r"\1", unquoted.lstrip("'")))
+    found += [unquote(f) for f in found]
+    unique = {f for f in found if f}
+    return sorted(unique, key=len, reverse=True)
+
+
+def redact_text(text: str, *urls: str | None) -> str:
+    """`text` (an error message, a traceback) with each of `urls` and every piece of their
+    passwords replaced: what a driver or libpq says about a bad URL can quote the URL, or
+    a piece of its password as a host name."""
+    for url in sorted({u for u in urls if u}, key=len, reverse=True):
+        if url in text:
+            text = text.replace(url, redact_url(url))
+        for secret in url_secrets(url):
+            if len(secret) >= _MIN_FREE_LENGTH:
+                text = text.replace(secret, _MASK)
+            else:  # a short piece only where it stands quoted, or before an @
+                text = re.sub(r"(?<=[\"'])" + re.escape(secret) + r"(?=[\"'])|"
+                              + re.escape(secret) + r"(?=@)", _MASK, text)
+    text = _TEXT_PASSWORD.sub(lambda m: m.group("key") + _MASK, text)
+    return _URL_USERINFO.sub(lambda m: m.group("user") + _MASK + "@", text)

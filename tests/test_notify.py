@@ -294,6 +294,32 @@ def test_config_builds_every_channel() -> None:
     assert log.redact(f"token {TOKEN} and {DISCORD}") == "token *** and ***"
 
 
+def test_log_redacts_fields_of_every_type_and_dict_keys(json_log: io.StringIO) -> None:
+    """Not only strings: an exception, bytes, a set, a dict key, a number holding a
+    registered secret are redacted too (json.dumps(default=str) would print them)."""
+    secret = "S3cr3t-log-field-value-!"
+    log.register_secret(secret)
+    log.register_secret("987654321")
+    log.event(log.get("test"), "fields", error=RuntimeError(f"auth failed for key {secret}"),
+              raw=secret.encode(), things={secret}, frozen=frozenset({f"x {secret}"}),
+              per_key={secret: 1}, nested={"errors": [ValueError(secret)], "n": 987654321},
+              attempts=3, ok=True, nothing=None, ratio=0.5, **{f"key {secret}": "v"})
+    text = json_log.getvalue()
+    assert secret not in text and "987654321" not in text
+    line = json.loads(text.splitlines()[-1])
+    assert line["error"] == "auth failed for key ***"
+    assert line["raw"] == "b'***'"
+    assert line["things"] == ["***"] and line["frozen"] == ["x ***"]
+    assert line["per_key"] == {"***": 1}
+    assert line["nested"] == {"errors": ["***"], "n": "***"}
+    assert (line["attempts"], line["ok"], line["nothing"], line["ratio"]) == (3, True, None, 0.5)
+    assert line["key ***"] == "v"
+    assert log.redact_value("detail", {secret: [b"ok"]}) == {"***": ["b'ok'"]}
+    # in text: a URL's password up to its last @, and password=... anywhere
+    assert log.redact("postgresql://u:Top@Pw1@h/db?password=Pw2 host=h password=Pw3") == (
+        "postgresql://u:***@h/db?password=*** host=h password=***")
+
+
 @pytest.mark.parametrize("change,fragment", [
     (lambda c: c.update(retries=3), "notifications.retries: unknown key"),
     (lambda c: c["channels"][0].update(token="x"),

@@ -19,6 +19,7 @@ from pathlib import Path
 import psycopg
 import pytest
 
+from db import config as db_config
 from db.runtime import EmbeddedServer
 
 pytestmark = pytest.mark.slow
@@ -172,3 +173,69 @@ def test_bad_database_url_is_one_line(env: dict[str, str]) -> None:
     assert len(unreachable.stderr.strip().splitlines()) == 1
     debug = mmats("--debug", "db", "status", env={**env, "MMATS_DATABASE_URL": "mysql://x/y"})
     assert "Traceback" in debug.stderr
+
+
+PW = "TopSecretPW1"
+
+
+@pytest.mark.parametrize(("url", "shown"), [
+    ("postgresql://u:secret@127.0.0.1:1/x", "postgresql://u:***@127.0.0.1:1/x"),
+    ("postgresql://postgres@127.0.0.1:5432/db", "postgresql://postgres@127.0.0.1:5432/db"),
+    (f"postgresql://postgres@127.0.0.1:5432/db?password={PW}",
+     "postgresql://postgres@127.0.0.1:5432/db?password=***"),
+    (f"postgresql://postgres@h/db?sslmode=disable&password={PW}&application_name=a",
+     "postgresql://postgres@h/db?sslmode=disable&password=***&application_name=a"),
+    (f"postgres://postgres:{PW}@[::1", "postgres://postgres:***@[::1"),
+    (f"postgresql://postgres:Top@{PW}@127.0.0.1:5432/db", "postgresql://postgres:***@127.0.0.1:5432/db"),
+    (f"postgresql://postgres:a/{PW}@127.0.0.1:5432/db", "postgresql://postgres:***@127.0.0.1:5432/db"),
+    (f"host=127.0.0.1 user=postgres password={PW} dbname=db",
+     "host=127.0.0.1 user=postgres password=*** dbname=db"),
+    (f"host=h password = 'Top {PW}' dbname=db", "host=h password = *** dbname=db"),
+    ("mysql://x/y", "mysql://x/y"),
+])
+def test_redact_url_hides_every_spelling_of_a_password(url: str, shown: str) -> None:
+    assert db_config.redact_url(url) == shown
+
+
+def test_redact_text_hides_the_url_and_pieces_of_its_password() -> None:
+    url = f"postgres://postgres:{PW}@[::1"
+    libpq = f'end of string reached looking for "]" in IPv6 host address in URI: "{url}"'
+    assert db_config.redact_text(libpq, url) == (
+        'end of string reached looking for "]" in IPv6 host address in URI: '
+        '"postgres://postgres:***@[::1"')
+    at_url = f"postgresql://postgres:Top@{PW}@127.0.0.1:5432/db"
+    resolver = f"failed to resolve host '{PW}@127.0.0.1': [Errno -2] Name or service not known"
+    assert db_config.redact_text(resolver, at_url) == (
+        "failed to resolve host '***@127.0.0.1': [Errno -2] Name or service not known")
+    short = "postgresql://postgres:Top@abc@127.0.0.1:5432/db"  # short pieces: before an @
+    assert db_config.redact_text("failed to resolve host 'abc@127.0.0.1', abc", short) == (
+        "failed to resolve host '***@127.0.0.1', abc")
+
+
+@pytest.mark.parametrize(("url", "commands"), [
+    (f"postgresql://postgres@127.0.0.1:1/x?password={PW}", [("db", "url")]),
+    (f"postgres://postgres:{PW}@[::1",
+     [("db", "url"), ("db", "status"), ("account", "list"), ("--debug", "account", "list")]),
+    (f"host=127.0.0.1 user=postgres password={PW} dbname=x",
+     [("db", "url"), ("db", "status"), ("account", "list"), ("--debug", "account", "list")]),
+    (f"postgresql://postgres:Top@{PW}@127.0.0.1:1/x",
+     [("db", "url"), ("db", "status"), ("account", "list"), ("--debug", "account", "list")]),
+])
+def test_no_command_prints_the_database_password(env: dict[str, str], url: str,
+                                                 commands: list[tuple[str, ...]]) -> None:
+    """Whatever the URL's spelling (password in the query, a key=value string, a URL that
+    does not parse, an unencoded @ in the password), output and errors show *** and an
+    error is one line with exit status 1, never a traceback (but with --debug)."""
+    for args in commands:
+        result = mmats(*args, env={**env, "MMATS_DATABASE_URL": url}, timeout=60)
+        output = result.stdout + result.stderr
+        assert PW not in output and "SecretPW" not in output, (args, output)
+        assert "***" in output, (args, output)
+        if "--debug" in args:
+            assert "Traceback" in result.stderr
+            continue
+        assert "Traceback" not in result.stderr, (args, output)
+        if result.returncode != 0:
+            assert result.returncode == 1, (args, output)
+            assert len(result.stderr.strip().splitlines()) == 1, (args, output)
+            assert result.stderr.startswith("error: "), (args, output)

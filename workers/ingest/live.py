@@ -69,7 +69,7 @@ from workers.ingest.instruments import (
     ensure_instrument,
     spec_for,
 )
-from workers.runtime.log import event, get, redact
+from workers.runtime.log import event, get, redact, redact_fields
 
 log = get("ingest.live")
 
@@ -825,7 +825,8 @@ class LiveIngest:
         """runtime.report_error, never raising: a failed report is logged instead."""
         try:
             conn = self._connection(group)
-            conn.execute(_REPORT, (self.name, kind, redact(message)[:2000], Jsonb(details)))
+            conn.execute(_REPORT, (self.name, kind, redact(message)[:2000],
+                                   Jsonb(redact_fields(details))))
         except Exception as exc:
             event(log, f"could not report {kind} ({message}): {exc}", logging.ERROR)
 

@@ -582,7 +582,7 @@ class Notifier:
             with self._conn_factory() as conn:
                 conn.execute("SELECT runtime.report_error(%s, %s, %s, %s, %s)",
                              (self.worker, NOTIFY_FAILED, log.redact(text)[:2000],
-                              item.message.account, Jsonb(details)))
+                              item.message.account, Jsonb(log.redact_fields(details))))
         except psycopg.Error as exc:
             log.event(_log, "cannot record the notification failure", logging.ERROR,
                       channel=channel.name, error=log.redact(str(exc)))

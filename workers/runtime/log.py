@@ -20,8 +20,12 @@ from typing import Any, TextIO
 REDACTED = "***"
 _SECRET_KEYS = re.compile(r"(secret|password|passphrase|token|api[_-]?key|private[_-]?key|"
                           r"authorization|master[_-]?key)", re.IGNORECASE)
-# URLs with a password (postgresql://user:pw@host)
-_URL_PASSWORD = re.compile(r"(?P<scheme>[a-z][a-z0-9+.-]*://[^:/@\s]+:)[^@\s]+@", re.IGNORECASE)
+# URLs with a password (postgresql://user:pw@host), up to the last @ (a password may hold
+# an unencoded @), and password=... (a URL's query, a libpq key=value string)
+_URL_PASSWORD = re.compile(r"(?P<scheme>[a-z][a-z0-9+.-]*://[^:/@\s]+:)[^\s'\"]*@",
+                           re.IGNORECASE)
+_PASSWORD_PARAM = re.compile(r"(?P<key>(?<![\w.-])(?:ssl)?password\s*=\s*)[^\s'\"&]+",
+                             re.IGNORECASE)
 
 _lock = threading.Lock()
 _secrets: set[str] = set()
@@ -41,19 +45,38 @@ def redact(text: str) -> str:
     for secret in secrets:
         if secret in text:
             text = text.replace(secret, REDACTED)
+    text = _PASSWORD_PARAM.sub(lambda m: m.group("key") + REDACTED, text)
     return _URL_PASSWORD.sub(lambda m: m.group("scheme") + REDACTED + "@", text)
 
 
 def redact_value(key: str, value: Any) -> Any:
-    if _SECRET_KEYS.search(key) and value not in (None, ""):
+    """`value` (of a field named `key`) fit to log or store: strings redacted, containers
+    walked (dict keys redacted too), numbers as they are, anything else (an exception,
+    bytes, a Decimal, ...) as its redacted ``str()``, so no value reaches JSON unredacted."""
+    if _SECRET_KEYS.search(key) and value is not None and not (
+            isinstance(value, str) and value == ""):
         return REDACTED
     if isinstance(value, str):
         return redact(value)
+    if value is None or isinstance(value, bool):
+        return value
+    if isinstance(value, int | float):  # a number stays one, unless it is a secret
+        return value if redact(str(value)) == str(value) else redact(str(value))
     if isinstance(value, dict):
-        return {k: redact_value(str(k), v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
+        return {redact(str(k)): redact_value(str(k), v) for k, v in value.items()}
+    if isinstance(value, list | tuple | set | frozenset):
         return [redact_value(key, v) for v in value]
-    return value
+    try:
+        text = str(value)
+    except Exception:  # a broken __str__ must not break logging
+        text = f"<unprintable {type(value).__name__}>"
+    return redact(text)
+
+
+def redact_fields(fields: dict[str, Any]) -> dict[str, Any]:
+    """Structured fields (a log line's, an error row's details) with keys and values
+    redacted."""
+    return {redact(str(k)): redact_value(str(k), v) for k, v in fields.items()}
 
 
 class JsonFormatter(logging.Formatter):
@@ -71,8 +94,7 @@ class JsonFormatter(logging.Formatter):
         }
         fields = getattr(record, "fields", None)
         if isinstance(fields, dict):
-            for key, value in fields.items():
-                line[key] = redact_value(key, value)
+            line.update(redact_fields(fields))
         if record.exc_info:
             line["exc"] = redact(self.formatException(record.exc_info))
         return json.dumps(line, default=str, ensure_ascii=False)

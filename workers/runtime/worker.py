@@ -104,7 +104,7 @@ class Worker:
             self._hb().execute(
                 "SELECT runtime.heartbeat(%s, %s, %s, %s, %s, %s)",
                 (self.name, self.kind, state, os.getpid(), socket.gethostname()[:255],
-                 Jsonb({**self.detail, **extra})))
+                 Jsonb(log.redact_fields({**self.detail, **extra}))))
         except psycopg.Error as exc:  # a heartbeat never stops the work
             log.event(self.log, "heartbeat failed", 30, error=str(exc).splitlines()[0])
             self._hb_conn = None
@@ -114,11 +114,13 @@ class Worker:
 
     def report(self, kind: str, message: str, *, account: str | None = None,
                **details: Any) -> None:
-        """An error worth a human's attention: logged, and a runtime.errors row."""
+        """An error worth a human's attention: logged, and a runtime.errors row (shown by
+        `mmats workers` and the notifier), both redacted like the log."""
         log.event(self.log, message, 40, kind=kind, account=account, **details)
         try:
             self._hb().execute("SELECT runtime.report_error(%s, %s, %s, %s, %s)",
-                               (self.name, kind, message, account, Jsonb(details)))
+                               (self.name, kind, log.redact(message), account,
+                                Jsonb(log.redact_fields(details))))
         except psycopg.Error as exc:
             log.event(self.log, "could not record the error", 40,
                       error=str(exc).splitlines()[0])
