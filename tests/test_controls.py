@@ -4,7 +4,7 @@ close_all and manual orders. Every outcome is read back from the database."""
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal as D
 
 import psycopg
@@ -32,10 +32,18 @@ def manual(conn: psycopg.Connection, **spec) -> dict:
     return conn.execute("SELECT trading.place_manual_order(%s)", (Jsonb(spec),)).fetchone()[0]
 
 
-def fill(conn: psycopg.Connection, order_id: int, fill_id: str, qty, price) -> dict:
+def fill(conn: psycopg.Connection, order_id: int, fill_id: str, qty, price, ts=None) -> dict:
+    """A fill dated in market time: ts, or else when the instrument's latest bar closed
+    (before any bar, a minute before T0). A position is judged on the bars closing after
+    its opening fill, so a fill dated now() would be newer than every bar of 2026-03-02."""
+    if ts is None:
+        ts = conn.execute(
+            "SELECT max(b.ts + market.timeframe_interval(b.timeframe)) FROM market.bars b"
+            " WHERE b.instrument_id = (SELECT instrument_id FROM trading.orders"
+            " WHERE order_id = %s)", (order_id,)).fetchone()[0] or T0 - timedelta(minutes=1)
     return conn.execute("SELECT trading.apply_fill(%s)", (Jsonb({
         "order_id": order_id, "broker_fill_id": fill_id, "quantity": str(qty),
-        "price": str(price)}),)).fetchone()[0]
+        "price": str(price), "ts": ts.isoformat()}),)).fetchone()[0]
 
 
 def hold(conn: psycopg.Connection, account: str, symbol: str, qty: int, price: int) -> None:
@@ -369,3 +377,46 @@ def test_closing_orders_fill_to_flat(conn):
     assert (r["position"], r["realized_pnl"]) == (0, 100)
     assert conn.execute("SELECT cash FROM trading.accounts").fetchone()[0] == D(10100)
     assert conn.execute("SELECT exit_trigger::text FROM trading.trades").fetchone()[0] == "close"
+
+
+@pytest.mark.parametrize("how", ["close_all", "hard"])
+def test_close_all_closes_the_accounts_own_row_beside_a_strategys_row(conn, acct, how):
+    # An independent account holds s1's row (10 bought at 100) and its own row (a manual
+    # buy of 10 at 90); marked at 95, s1's row (-50) is the riskier and is closed first.
+    # s1's closing order reduces s1's row only: the account's row gets its own close.
+    s1 = conn.execute("SELECT strategy_id FROM trading.strategies WHERE name = 's1'").fetchone()[0]
+    buy_filled(conn)
+    hold(conn, "P", "BTCUSD", 10, 90)
+    conn.execute("INSERT INTO market.bars SELECT instrument_id, '1m', %s, 95, 95, 95, 95, 1"
+                 " FROM market.instruments WHERE symbol = 'BTCUSD'", (T0 + timedelta(minutes=1),))
+    if how == "close_all":
+        assert len(conn.execute("SELECT trading.close_all('P')").fetchone()[0]["order_ids"]) == 2
+    else:
+        r = conn.execute("SELECT risk.trip_breaker('P', 'HARD', 'flatten')").fetchone()[0]
+        assert r["open_orders"] == 2
+    trig = "close" if how == "close_all" else "breaker"
+    closes = conn.execute("SELECT order_id, strategy_id, side::text, quantity FROM trading.orders"
+                          " WHERE trigger = %s ORDER BY order_id", (trig,)).fetchall()
+    assert [c[1:] for c in closes] == [(s1, "sell", 10), (None, "sell", 10)]
+    for oid, *_ in closes:
+        assert fill(conn, oid, f"c-{oid}", 10, 95)["status"] == "applied"
+    assert conn.execute("SELECT strategy_id, quantity FROM trading.positions"
+                        " ORDER BY position_id").fetchall() == [(s1, 0), (None, 0)]
+
+
+def test_a_manual_exit_beyond_the_accounts_own_row_counts_for_the_strategy_rows(conn, acct):
+    # A manual reduce-only sell reduces the account's own row first and the strategies'
+    # rows with the rest (trading.apply_fill): of a sell of 12, 5 close the account's row
+    # and 7 reach s1's row of 10, which then needs a close of 3 only.
+    s1 = conn.execute("SELECT strategy_id FROM trading.strategies WHERE name = 's1'").fetchone()[0]
+    buy_filled(conn)
+    hold(conn, "P", "BTCUSD", 5, 100)
+    m = manual(conn, account="P", symbol="BTCUSD", side="sell", quantity=12, type="limit",
+               limit_price=150, reduce_only=True)
+    assert m["status"] == "approved", m
+    ids = conn.execute("SELECT trading.close_all('P')").fetchone()[0]["order_ids"]
+    assert conn.execute("SELECT strategy_id, side::text, quantity FROM trading.orders"
+                        " WHERE trigger = 'close'").fetchall() == [(s1, "sell", 3)]
+    assert fill(conn, m["order_id"], "m", 12, 150)["status"] == "applied"
+    assert fill(conn, ids[0], "c", 3, 150)["status"] == "applied"
+    assert conn.execute("SELECT sum(quantity) FROM trading.positions").fetchone()[0] == 0

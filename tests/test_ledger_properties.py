@@ -18,6 +18,7 @@ quoted in yen in the dollar account, converted at USDJPY bars that move at rando
 from __future__ import annotations
 
 import itertools
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal as D
 from typing import Any
 
@@ -172,8 +173,11 @@ def test_ledger_invariants(conn: psycopg.Connection, n_instruments: int,
             for q, price, comm in parts:
                 if q <= 0:
                     continue
+                # dated on the bars' clock: the next bar closes after it, so it marks it
+                at = datetime(2026, 2, 1, tzinfo=UTC) + timedelta(minutes=next(_minutes))
                 spec = {"order_id": r["order_id"], "broker_fill_id": f"{name}-{len(applied)}",
-                        "quantity": str(q), "price": str(price), "commission": str(comm)}
+                        "quantity": str(q), "price": str(price), "commission": str(comm),
+                        "ts": at.isoformat()}
                 res = conn.execute("SELECT trading.apply_fill(%s)", (Jsonb(spec),)).fetchone()[0]
                 assert res["status"] == "applied", res
                 applied.append(spec)

@@ -62,10 +62,18 @@ def signal(conn: psycopg.Connection, **fields) -> dict:
     return conn.execute("SELECT trading.submit_signal(%s)", (Jsonb(fields),)).fetchone()[0]
 
 
-def fill(conn: psycopg.Connection, order_id: int, fill_id: str, qty, price) -> dict:
+def fill(conn: psycopg.Connection, order_id: int, fill_id: str, qty, price, ts=None) -> dict:
+    """A fill dated in market time: ts, or else when the instrument's latest bar closed
+    (before any bar, a minute before T0). A position is judged on the bars closing after
+    its opening fill, so a fill dated now() would be newer than every bar of 2026-03-02."""
+    if ts is None:
+        ts = conn.execute(
+            "SELECT max(b.ts + market.timeframe_interval(b.timeframe)) FROM market.bars b"
+            " WHERE b.instrument_id = (SELECT instrument_id FROM trading.orders"
+            " WHERE order_id = %s)", (order_id,)).fetchone()[0] or T0 - M
     return conn.execute("SELECT trading.apply_fill(%s)", (Jsonb({
         "order_id": order_id, "broker_fill_id": fill_id, "quantity": str(qty),
-        "price": str(price)}),)).fetchone()[0]
+        "price": str(price), "ts": ts.isoformat()}),)).fetchone()[0]
 
 
 def open_position(conn: psycopg.Connection, account: str, symbol: str, qty: int = 10,
@@ -775,16 +783,21 @@ def test_one_insert_of_many_instruments_decides_as_one_insert_per_instrument(con
 
 
 def test_a_position_is_judged_only_on_bars_newer_than_its_own_mark(conn):
-    # A has been marked through 10:05; B, opened since on another account, has no mark.
-    # A batch brings a late bar for the gap at 10:02 (low 90) and the next bar (low 99):
-    # the late bar is older than A's mark, so only B's stop (95) fires on it.
+    # A has been marked through 10:05; B, on another account, has no mark: its fill, of
+    # 10:02:30, is reported only now. A batch brings a late bar for the gap at 10:02 (low
+    # 90, closing after B's fill) and the next bar (low 99): the late bar is older than
+    # A's mark, so only B's stop (95) fires on it.
     add_instrument(conn)
     a, b = add_account(conn, "A"), add_account(conn, "B")
     inst = conn.execute("SELECT instrument_id FROM market.instruments").fetchone()[0]
     open_position(conn, "A", "BTCUSD", stop_loss=95)
     for k in (0, 1, 3, 4):
         bar(conn, inst, T0 + k * M, 100, 101, 99, 100)
-    open_position(conn, "B", "BTCUSD", stop_loss=95)
+    conn.execute("SELECT trading.assign_strategy('B', 's1', 1, 'fixed_quantity', %s)",
+                 (Jsonb({"quantity": 10}),))
+    r = signal(conn, account="B", strategy="s1", symbol="BTCUSD", action="buy", price=100,
+               stop_loss=95)
+    assert fill(conn, r["order_id"], "fb", 10, 100, ts=T0 + 2.5 * M)["status"] == "applied"
     assert [position(conn, x, inst)["marked_at"] for x in (a, b)] == [T0 + 5 * M, None]
     conn.execute("INSERT INTO market.bars (instrument_id, timeframe, ts, open, high, low, close,"
                  " volume) VALUES (%s, '1m', %s, 100, 100, 90, 96, 1),"
@@ -792,3 +805,50 @@ def test_a_position_is_judged_only_on_bars_newer_than_its_own_mark(conn):
     assert exits(conn, a) == []
     assert exits(conn, b) == [("sell", D(10), True, "stop_loss", D(95), "market")]
     assert [position(conn, x, inst)["marked_at"] for x in (a, b)] == [T0 + 6 * M] * 2
+
+
+def test_a_stop_on_the_accounts_own_row_fires_beside_a_strategys_open_close(conn, paper):
+    # An independent account: s1's row (10, no stop) has its close on the way; the
+    # account's own row (a manual buy of 10, stop 90) is hit. s1's close reduces s1's row
+    # only, so the stop sends the account's row its own exit.
+    inst = paper[1]
+    bar(conn, inst, T0, 100, 100, 100, 100)
+    open_position(conn, "P", "BTCUSD")
+    m = conn.execute("SELECT trading.place_manual_order(%s)", (Jsonb({
+        "account": "P", "symbol": "BTCUSD", "side": "buy", "quantity": 10,
+        "stop_loss": 90}),)).fetchone()[0]
+    assert m["status"] == "approved", m
+    assert fill(conn, m["order_id"], "m", 10, 100)["status"] == "applied"
+    r = signal(conn, account="P", strategy="s1", symbol="BTCUSD", action="close")
+    assert (r["status"], r["side"], r["quantity"]) == ("approved", "sell", 10)
+    bar(conn, inst, T0 + M, 95, 95, 85, 86)          # low 85 under the stop (90)
+    assert exits(conn) == [("sell", D(10), True, "stop_loss", D(90), "market")]
+    assert conn.execute("SELECT strategy_id FROM trading.orders WHERE trigger = 'stop_loss'"
+                        ).fetchone()[0] is None
+
+
+def test_a_bar_that_closed_before_the_entry_neither_fires_nor_marks(conn, paper):
+    # Bought at 100 at 10:05:10 with a stop at 95 (a fill sets no mark). Bars inserted
+    # afterwards that closed before the fill (a backfill after a reconnect, an import of
+    # history) are not the position's: no stop, no mark. The bar holding the fill is.
+    acc, inst = paper
+    conn.execute("SELECT trading.assign_strategy('P', 's1', 1, 'fixed_quantity', %s)",
+                 (Jsonb({"quantity": 10}),))
+    r = signal(conn, account="P", strategy="s1", symbol="BTCUSD", action="buy", price=100,
+               stop_loss=95)
+    at = T0 + 5 * M + timedelta(seconds=10)
+    assert fill(conn, r["order_id"], "f", 10, 100, ts=at)["status"] == "applied"
+    assert position(conn, acc, inst)["marked_at"] is None
+    bar(conn, inst, T0 - 10 * M, 96, 97, 90, 91)     # 09:50, closed 15 minutes before
+    bar(conn, inst, T0 + 4 * M, 96, 97, 90, 91)      # 10:04, closed 10 seconds before
+    assert exits(conn) == []
+    p = position(conn, acc, inst)
+    assert (p["last_price"], p["marked_at"]) == (D(100), None)
+    bar(conn, inst, T0 + 5 * M, 100, 100, 94, 96)    # 10:05-10:06 holds the fill: judged
+    assert exits(conn) == [("sell", D(10), True, "stop_loss", D(95), "market")]
+    p = position(conn, acc, inst)
+    assert (p["last_price"], p["marked_at"]) == (D(96), T0 + 6 * M)
+    bar(conn, inst, T0 + 3 * M, 90, 90, 80, 81)      # older than the mark: ignored
+    p = position(conn, acc, inst)
+    assert (p["last_price"], p["marked_at"]) == (D(96), T0 + 6 * M)
+    assert len(exits(conn)) == 1
