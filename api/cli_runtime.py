@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import math
 import os
+import re
 import signal
 import time
 from collections.abc import Mapping
@@ -20,6 +22,9 @@ from db.errors import MmatsError
 from workers.runtime import config as runtime_config
 from workers.runtime import log
 
+# the CHECK workers_name_format of runtime.workers (db/sql/schema.sql)
+WORKER_NAME = re.compile(r"[a-z][a-z0-9_.:-]{0,63}")
+
 
 def _config_path(value: str | None) -> Path:
     if value:
@@ -36,13 +41,17 @@ def run_command(config_file: str | None) -> None:
 
     path = _config_path(config_file)
     cfg = runtime_config.load(path)
+    kinds = kinds_for(cfg)
+    if not kinds:  # before anything is written
+        raise MmatsError(f"{path}: nothing to run (no [[feeds]], [[strategies]] or brokers)")
     url = database_url()
     with connect(url, autocommit=True) as conn:
-        for line in apply_config(conn, cfg):
+        try:
+            lines = apply_config(conn, cfg, symbols=True, notifications=True)
+        except runtime_config.RuntimeConfigError as exc:
+            raise runtime_config.RuntimeConfigError(f"{path}: {exc}") from None
+        for line in lines:
             click.echo(line)
-    kinds = kinds_for(cfg)
-    if not kinds:
-        raise MmatsError(f"{path}: nothing to run (no [[feeds]], [[strategies]] or brokers)")
     for acc in cfg.accounts:
         click.echo(f"account {acc.name}: {acc.environment.upper()} environment, {acc.mode} mode, "
                    f"broker {acc.broker}" + (f" ({acc.endpoint} endpoint)"
@@ -100,6 +109,10 @@ def worker_command(kind: str, config_file: str | None, name: str | None) -> None
     """Run one worker in the foreground (JSON logs on stderr)."""
     from workers.runtime.supervisor import build_worker
 
+    if name is not None and not WORKER_NAME.fullmatch(name):
+        # runtime.workers' own rule (workers_name_format): a name it refuses never beats
+        raise MmatsError(f"--name {name!r}: a worker's name is a lowercase letter, then up to "
+                         "63 of a-z 0-9 _ . : -")
     cfg = runtime_config.load(_config_path(config_file))
     log.setup(name or kind, file=cfg.log_file)
     worker = build_worker(kind, cfg, database_url(), name=name)
@@ -195,13 +208,18 @@ def prepare_replay(conn: psycopg.Connection, *, strategy: str, symbols: list[str
         raise MmatsError(f"--to {end.isoformat()} must be after --from {start.isoformat()}")
     if not (cash.is_finite() and cash > 0):
         raise MmatsError(f"--cash must be a number > 0, got {cash}")
+    for option, value in (("--commission", commission), ("--spread", spread)):
+        # the paper broker's range (as [accounts.paper] of a session file would check it)
+        runtime_config._dec(str(value), option, Decimal(0), Decimal("0.1"))
     pace = _speed(speed)
     try:
         Slippage.parse(slippage)
         loader = StrategyLoader([Path(d).resolve() for d in strategy_dirs])
         report = loader.reload_if_changed()
-        if report.errors and strategy not in loader.names():
-            raise StrategyLoadError("; ".join(str(e) for e in report.errors))
+        # (the loader reports a broken file once: on its first load, when it is built)
+        errors = report.errors or list(loader.errors.values())
+        if errors and strategy not in loader.names():
+            raise StrategyLoadError("; ".join(str(e) for e in errors))
         instance = loader.create(strategy, params)  # a bad name or parameter fails here
     except (StrategyLoadError, ParamError, SimulatorError) as exc:
         raise MmatsError(str(exc)) from None
@@ -232,18 +250,20 @@ def prepare_replay(conn: psycopg.Connection, *, strategy: str, symbols: list[str
                 # a replay step's bars are one INSERT: no bar of that time can come later
                 "bar_grace_seconds = 0",
                 "strategy_dirs = [" + ", ".join(
-                    '"' + str(Path(d).resolve()).replace("\\", "\\\\").replace('"', '\\"')
-                    + '"' for d in strategy_dirs) + "]", "",
-                "[router]", f"visibility_seconds = {visibility_seconds}", "poll_ms = 20", "",
-                "[[accounts]]", f'name = "{account}"', 'environment = "paper"',
-                'mode = "operator"', f"cash = \"{cash}\"", f'currency = "{currency[0]}"',
+                    _toml_str(str(Path(d).resolve())) for d in strategy_dirs) + "]", "",
+                "[router]", f"visibility_seconds = {int(visibility_seconds)}", "poll_ms = 20", "",
+                "[[accounts]]", f"name = {_toml_str(account)}", 'environment = "paper"',
+                'mode = "operator"', f"cash = {_toml_str(str(cash))}",
+                f"currency = {_toml_str(str(currency[0]))}",
                 'broker = "paper"', f"allow_short = {'true' if allow_short else 'false'}",
-                "[accounts.paper]", f'commission = "{commission}"', f'slippage = "{slippage}"',
-                f'spread = "{spread}"', "",
-                "[[strategies]]", f'account = "{account}"', f'name = "{strategy}"',
-                "symbols = [" + ", ".join(f'"{p[2]}@{venue}"' for p in pairs) + "]",
-                f'timeframe = "{timeframe}"',
-                "[strategies.params]", *[f"{k} = {_toml_value(v)}" for k, v in params.items()],
+                "[accounts.paper]", f"commission = {_toml_str(str(commission))}",
+                f"slippage = {_toml_str(slippage)}", f"spread = {_toml_str(str(spread))}", "",
+                "[[strategies]]", f"account = {_toml_str(account)}",
+                f"name = {_toml_str(strategy)}",
+                "symbols = [" + ", ".join(_toml_str(f"{p[2]}@{venue}") for p in pairs) + "]",
+                f"timeframe = {_toml_str(timeframe)}",
+                "[strategies.params]",
+                *[f"{_toml_str(str(k))} = {_toml_value(v)}" for k, v in params.items()],
                 "", session.to_toml()])
             folder = home / "sessions"
             folder.mkdir(parents=True, exist_ok=True)
@@ -266,12 +286,37 @@ def prepare_replay(conn: psycopg.Connection, *, strategy: str, symbols: list[str
     return path
 
 
+_TOML_ESCAPES = {'"': '\\"', "\\": "\\\\", "\b": "\\b", "\t": "\\t", "\n": "\\n",
+                 "\f": "\\f", "\r": "\\r"}
+
+
+def _toml_str(text: str) -> str:
+    """`text` as a TOML basic string: quotes, backslashes and every control character
+    (U+0000..U+001F, U+007F) escaped; text that is not Unicode (a lone surrogate from
+    undecodable arguments) is refused."""
+    out = []
+    for ch in text:
+        code = ord(ch)
+        if ch in _TOML_ESCAPES:
+            out.append(_TOML_ESCAPES[ch])
+        elif code < 0x20 or code == 0x7F:
+            out.append(f"\\u{code:04X}")
+        elif 0xD800 <= code <= 0xDFFF:
+            raise MmatsError(f"{text!r} is not valid text (undecodable bytes)")
+        else:
+            out.append(ch)
+    return '"' + "".join(out) + '"'
+
+
 def _toml_value(v: object) -> str:
     if isinstance(v, bool):
         return "true" if v else "false"
-    if isinstance(v, int | float):
-        return repr(v)
-    return '"' + str(v).replace("\\", "\\\\").replace('"', '\\"') + '"'
+    if isinstance(v, int):
+        return str(v)
+    if isinstance(v, float):
+        return repr(v) if math.isfinite(v) else ("nan" if math.isnan(v) else
+                                                  ("inf" if v > 0 else "-inf"))
+    return _toml_str(str(v))
 
 
 class EventTail:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -55,6 +56,9 @@ class ParamSpec:
         assert isinstance(value, int | float | bool | str)
         if self.choices is not None and value not in self.choices:
             raise ParamError(f"parameter {name} must be one of {list(self.choices)}, got {value!r}")
+        if isinstance(value, float) and not math.isfinite(value):
+            # NaN compares False with every bound: it would pass them all
+            raise ParamError(f"parameter {name} must be a finite number, got {value!r}")
         if isinstance(value, int | float) and not isinstance(value, bool):
             if self.minimum is not None and value < self.minimum:
                 raise ParamError(f"parameter {name} must be >= {self.minimum:g}, got {value}")

@@ -79,3 +79,57 @@ def test_two_entries_of_one_venue_share_its_feed_unless_they_disagree() -> None:
     with pytest.raises(rc.RuntimeConfigError, match=r"^\[\[feeds\]\] #2: venue binance is "
                        r"already fed by \[\[feeds\]\] #1 with another endpoint or credential"):
         build_worker("ingest", rc.parse(tomllib.loads(clash)), "postgresql://unused")
+
+
+OANDA_FEED = ('[[feeds]]\nmarket = "forex"\nvenue = "oanda"\nsymbols = ["EUR/USD"]\n'
+              'timeframes = ["1m"]\ncredential_account = "{account}"\ncredential = "k"\n')
+
+
+@pytest.fixture
+def oanda_keys(db_url: str, monkeypatch: pytest.MonkeyPatch) -> str:
+    """A paper account with OANDA practice keys, a live account with live keys (the
+    database refuses live keys on a paper account and testnet keys on a live one)."""
+    from workers import credentials
+
+    key = credentials.generate_key()
+    monkeypatch.setenv(credentials.ENV_VAR, key.encoded())
+    with psycopg.connect(db_url, autocommit=True) as conn:
+        for name, environment, endpoint in (("paper-1", "paper", "testnet"),
+                                            ("live-1", "live", "live")):
+            conn.execute("SELECT trading.create_account(%s, %s)", (name, environment))
+            credentials.store(conn, key, name, "k", "oanda", endpoint,
+                              {"access_token": f"token-of-{name}", "account_id": "101-1"})
+    return db_url
+
+
+def test_a_paper_account_s_practice_token_is_never_sent_to_the_live_endpoint(
+        oanda_keys: str) -> None:
+    """An OANDA [[feeds]] entry naming a paper account's practice keys and no endpoint
+    opened OANDA's LIVE environment with them (the entry's endpoint defaulted to live)."""
+    from workers.runtime.live_ingest import _feed
+
+    def feed(account: str, extra: str = "") -> object:
+        cfg = rc.parse(tomllib.loads(OANDA_FEED.format(account=account) + extra))
+        return _feed(oanda_keys, cfg.feeds[0])[0]
+
+    assert feed("paper-1").environment == "practice"  # type: ignore[attr-defined]
+    assert feed("paper-1", 'endpoint = "testnet"').environment == "practice"  # type: ignore[attr-defined]
+    assert feed("live-1").environment == "live"  # type: ignore[attr-defined]
+    with pytest.raises(rc.RuntimeConfigError, match=(
+            r"^\[\[feeds\]\] #1 \(oanda\): endpoint 'live' may not use credential 'k' of paper "
+            r"account paper-1 \(testnet keys\)")) as info:
+        feed("paper-1", 'endpoint = "live"')
+    assert "\n" not in str(info.value) and "token-of" not in str(info.value)
+    # the ingest worker makes the same check (alpaca feeds too), naming the entry
+    two = (FEED_BTC + OANDA_FEED.format(account="paper-1") + 'endpoint = "live"\n')
+    with pytest.raises(rc.RuntimeConfigError, match=r"^\[\[feeds\]\] #2 \(oanda\): endpoint"):
+        build_worker("ingest", rc.parse(tomllib.loads(two)), oanda_keys)
+    alpaca = OANDA_FEED.format(account="paper-1").replace('"oanda"', '"alpaca"').replace(
+        '"forex"', '"stock"') + 'endpoint = "live"\n'
+    with pytest.raises(rc.RuntimeConfigError, match=r"^\[\[feeds\]\] #1 \(alpaca\): endpoint "
+                       r"'live' may not use credential 'k' of paper account paper-1"):
+        build_worker("ingest", rc.parse(tomllib.loads(alpaca)), oanda_keys)
+
+
+FEED_BTC = ('[[feeds]]\nmarket = "crypto"\nvenue = "ccxt:binance"\nsymbols = ["BTC/USDT"]\n'
+            'timeframes = ["1m"]\n')

@@ -94,3 +94,85 @@ def test_bar_grace_defaults_to_three_seconds_and_is_passed_to_the_strategy_worke
     assert cfg.bar_grace_seconds == 0.5
     worker = build_worker("strategies", cfg, "postgresql://unused")  # (connects at start)
     assert worker.bar_grace_seconds == 0.5  # type: ignore[attr-defined]
+
+
+STRAT = '[[strategies]]\naccount = "a"\nname = "s"\nsymbols = ["X"]\n'
+
+
+@pytest.mark.parametrize(("text", "message"), [
+    # a quoted boolean was read by truthiness: "false" turned shorting on
+    (ACC + 'allow_short = "false"',
+     r"\[\[accounts\]\] #1 \(a\): allow_short must be true or false .*got 'false'$"),
+    (ACC + 'freeze_on_mismatch = "false"',
+     r"\[\[accounts\]\] #1 \(a\): freeze_on_mismatch must be true or false"),
+    (ACC + "allow_short = 1", r"\[\[accounts\]\] #1 \(a\): allow_short must be true or false"),
+    # tables the runtime does not know were silently ignored
+    ('[routr]\nvisibility_seconds = 5\n' + ACC, r"unknown table or key 'routr' at the top level"),
+    ('[[strategy]]\nname = "s"\n' + ACC, r"unknown table or key 'strategy' at the top level"),
+    ('[notification]\nevents = ["fill"]\n', r"unknown table or key 'notification'"),
+    ('[[acounts]]\nname = "a"\n', r"unknown table or key 'acounts'"),
+    # keys of the wrong type were dropped
+    (ACC + 'broker = "ccxt"\nexchange = 5\ncredential = "k"',
+     r"#1 \(a\): exchange must be a non-empty string, got 5"),
+    (ACC + "credential = 7", r"#1 \(a\): credential must be a non-empty string, got 7"),
+    (FEED + "credential = 7", r"\[\[feeds\]\] #1: credential must be a non-empty string"),
+    (FEED + 'credential = "k"\ncredential_account = 7',
+     r"\[\[feeds\]\] #1: credential_account must be a non-empty string"),
+    ('[runtime]\nlog_file = 5', r"\[runtime\]: log_file must be a non-empty string, got 5"),
+    # a fraction of a second was cut off
+    ("[router]\nvisibility_seconds = 1.9",
+     r"\[router\] visibility_seconds must be a whole number, got 1.9"),
+    ("[router]\npoll_ms = 20.5", r"\[router\] poll_ms must be a whole number"),
+    ("[router]\nbatch = 1.5", r"\[router\] batch must be a whole number"),
+    ("[router]\nmax_retries = 2.5", r"\[router\] max_retries must be a whole number"),
+    # the paper broker's slippage rule failed only inside the worker (restarted forever)
+    (ACC + '[accounts.paper]\nslippage = "bogus:zz"',
+     r"#1 \(a\) paper: slippage 'bogus:zz': expected none, bps:N"),
+    (ACC + '[accounts.paper]\nslippage = "bps:x"', r"#1 \(a\) paper: slippage 'bps:x'"),
+    ('[[feeds]]\nmarket = "crypto"\nvenue = "nope:zz"\nsymbols = ["X"]\ntimeframes = ["1m"]',
+     r"\[\[feeds\]\] #1: venue 'nope:zz' is not ccxt:<exchange id>, alpaca or oanda"),
+    (ACC + STRAT.replace('"X"', '"A@B@C"'), r"symbol 'A@B@C' must be SYMBOL or SYMBOL@VENUE"),
+    ('[runtime]\nlog_file = "/nonexistent/dir/x.log"',
+     r"\[runtime\] log_file '/nonexistent/dir/x.log': its folder does not exist"),
+])
+def test_wrong_types_unknown_tables_and_bad_values_are_refused(text, message):
+    with pytest.raises(rc.RuntimeConfigError, match=message) as info:
+        _parse(text)
+    assert "\n" not in str(info.value)
+
+
+def test_booleans_are_read_as_written():
+    acc = _parse(ACC + "allow_short = true\nfreeze_on_mismatch = false").accounts[0]
+    assert (acc.allow_short, acc.freeze_on_mismatch) == (True, False)
+    assert _parse(ACC).accounts[0].allow_short is False
+    assert _parse("[router]\nvisibility_seconds = 7").router.visibility_seconds == 7
+
+
+def test_a_feed_with_keys_defaults_to_the_keys_endpoint():
+    """A [[feeds]] entry naming a credential and no endpoint read from the LIVE endpoint
+    (with a paper account's practice token); now it is resolved from the stored keys."""
+    oanda = ('[[feeds]]\nmarket = "forex"\nvenue = "oanda"\nsymbols = ["EUR/USD"]\n'
+             'timeframes = ["1m"]\ncredential_account = "paper-1"\ncredential = "k"\n')
+    assert _parse(oanda).feeds[0].endpoint is None
+    assert _parse(oanda + 'endpoint = "testnet"').feeds[0].endpoint == "testnet"
+    assert _parse(FEED).feeds[0].endpoint == "live"  # public data, no keys
+
+
+def test_unreadable_files_are_one_line_naming_the_file(tmp_path):
+    bad = tmp_path / "bad.toml"
+    bad.write_bytes(b"\xff\xfe[runtime]\n")
+    with pytest.raises(rc.RuntimeConfigError, match=r"bad.toml: not UTF-8 text") as info:
+        rc.load(bad)
+    assert "\n" not in str(info.value)
+    replay = tmp_path / "replay.toml"
+    replay.write_text('[replay]\nsession = "x"\n', encoding="utf-8")
+    with pytest.raises(rc.RuntimeConfigError,
+                       match=r"replay.toml: \[replay\] table is incomplete or malformed"):
+        rc.load(replay)
+    logged = tmp_path / "logged.toml"
+    logged.write_text('[runtime]\nlog_file = "logs/x.log"\n', encoding="utf-8")
+    with pytest.raises(rc.RuntimeConfigError, match=r"logged.toml: \[runtime\] log_file .*"
+                       r"its folder does not exist"):
+        rc.load(logged)
+    (tmp_path / "logs").mkdir()
+    assert rc.load(logged).log_file == str(tmp_path / "logs" / "x.log")

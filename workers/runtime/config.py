@@ -9,6 +9,7 @@ one of 1m, 5m, ...`). Secrets never belong here: a broker's keys are stored with
 
 from __future__ import annotations
 
+import os
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -25,6 +26,7 @@ TIMEFRAMES = ("1m", "5m", "15m", "1h", "4h", "1d", "1w")
 ENVIRONMENTS = ("paper", "live")
 BROKERS = ("paper", "ccxt", "alpaca", "oanda")
 ENDPOINTS = ("paper", "testnet", "live")
+TABLES = ("runtime", "accounts", "strategies", "feeds", "router", "notifications", "replay")
 
 
 class RuntimeConfigError(MmatsError):
@@ -80,7 +82,9 @@ class FeedConfig:
     venue: str  # ccxt:binance | alpaca | oanda | replay
     symbols: tuple[str, ...]
     timeframes: tuple[str, ...]
-    endpoint: str = "live"
+    # paper | testnet | live; None: the named credential's own endpoint (resolved when
+    # the feed opens), live for a feed that needs no keys
+    endpoint: str | None = None
     credential_account: str | None = None
     credential: str | None = None
     # bars of history fetched for a series with nothing stored yet (page by page)
@@ -144,6 +148,21 @@ def _str(table: Mapping[str, Any], key: str, where: str, default: str | None = N
     return value
 
 
+def _bool(table: Mapping[str, Any], key: str, where: str, default: bool = False) -> bool:
+    value = table.get(key, default)
+    if not isinstance(value, bool):
+        raise RuntimeConfigError(f"{where}: {key} must be true or false (a TOML boolean, "
+                                 f"unquoted), got {value!r}")
+    return value
+
+
+def _opt_str(table: Mapping[str, Any], key: str, where: str) -> str | None:
+    """An optional key that, when given, is a non-empty string."""
+    if key not in table:
+        return None
+    return _str(table, key, where)
+
+
 def _strings(table: Mapping[str, Any], key: str, where: str) -> tuple[str, ...]:
     value = table.get(key)
     if isinstance(value, str):
@@ -166,6 +185,12 @@ def _costs(table: Mapping[str, Any], where: str) -> PaperCosts:
     slippage = table.get("slippage", "none")
     if not isinstance(slippage, str):
         raise RuntimeConfigError(f"{where}: slippage must be a string like 'bps:5'")
+    from workers.backtest.simulator import SimulatorError, Slippage
+
+    try:
+        Slippage.parse(slippage)  # the paper broker's own rule
+    except SimulatorError as exc:
+        raise RuntimeConfigError(f"{where}: {exc}") from None
     latency = table.get("latency_ms", 0)
     if isinstance(latency, bool) or not isinstance(latency, int) or not 0 <= latency <= 60_000:
         raise RuntimeConfigError(f"{where}: latency_ms must be an integer 0..60000")
@@ -200,11 +225,11 @@ def _account(table: Mapping[str, Any], n: int) -> AccountConfig:
             "(use endpoint = 'testnet' or 'paper', or make it a live account)")
     if broker == "paper" and environment == "live":
         raise RuntimeConfigError(f"{where}: a live account needs a real broker, not 'paper'")
-    exchange = table.get("exchange")
-    if broker == "ccxt" and not (isinstance(exchange, str) and exchange):
+    exchange = _opt_str(table, "exchange", where)
+    if broker == "ccxt" and exchange is None:
         raise RuntimeConfigError(f"{where}: broker 'ccxt' needs exchange = '<ccxt id>'")
-    credential = table.get("credential")
-    if broker != "paper" and not (isinstance(credential, str) and credential):
+    credential = _opt_str(table, "credential", where)
+    if broker != "paper" and credential is None:
         raise RuntimeConfigError(f"{where}: broker {broker!r} needs credential = '<label>' "
                                  "(stored with `mmats creds set`)")
     paper = table.get("paper", {})
@@ -215,10 +240,9 @@ def _account(table: Mapping[str, Any], n: int) -> AccountConfig:
         mode=_str(table, "mode", where, "advisory", ("advisory", "operator")),
         cash=_dec(table.get("cash", 10000), f"{where}: cash", Decimal(0)),
         currency=_str(table, "currency", where, "USD").upper(),
-        broker=broker, exchange=exchange if isinstance(exchange, str) else None,
-        endpoint=endpoint, credential=credential if isinstance(credential, str) else None,
-        allow_short=bool(table.get("allow_short", False)),
-        freeze_on_mismatch=bool(table.get("freeze_on_mismatch", False)),
+        broker=broker, exchange=exchange, endpoint=endpoint, credential=credential,
+        allow_short=_bool(table, "allow_short", where),
+        freeze_on_mismatch=_bool(table, "freeze_on_mismatch", where),
         costs=_costs(paper, f"{where} paper"))
 
 
@@ -235,10 +259,14 @@ def _strategy(table: Mapping[str, Any], n: int, accounts: set[str]) -> StrategyC
     sizing_params = table.get("sizing_params", {})
     if not isinstance(params, dict) or not isinstance(sizing_params, dict):
         raise RuntimeConfigError(f"{where}: params and sizing_params must be tables")
+    symbols = []
+    for s in _strings(table, "symbols", where):
+        symbol, at, venue = s.partition("@")
+        if not symbol or (at and not venue) or "@" in venue:
+            raise RuntimeConfigError(f"{where}: symbol {s!r} must be SYMBOL or SYMBOL@VENUE")
+        symbols.append(symbol.upper() + at + venue)
     return StrategyConfig(
-        account=account, name=name,
-        symbols=tuple(s.upper() if "@" not in s else s.split("@")[0].upper() + "@" +
-                      s.split("@")[1] for s in _strings(table, "symbols", where)),
+        account=account, name=name, symbols=tuple(symbols),
         timeframe=_str(table, "timeframe", where, "1m", TIMEFRAMES), params=params,
         allocation=_dec(table.get("allocation", 1), f"{where}: allocation", Decimal(0),
                         Decimal(1)),
@@ -255,20 +283,28 @@ def _feed(table: Mapping[str, Any], n: int) -> FeedConfig:
     if bad:
         raise RuntimeConfigError(f"{where}: timeframe {bad[0]!r} is not one of "
                                  f"{', '.join(TIMEFRAMES)}")
-    credential = table.get("credential")
-    cred_account = table.get("credential_account")
+    venue = _str(table, "venue", where)
+    kind, colon, exchange = venue.partition(":")
+    if not ((kind == "ccxt" and colon and exchange) or venue in ("alpaca", "oanda")):
+        raise RuntimeConfigError(f"{where}: venue {venue!r} is not ccxt:<exchange id>, alpaca "
+                                 "or oanda")
+    credential = _opt_str(table, "credential", where)
+    cred_account = _opt_str(table, "credential_account", where)
+    # a feed reading with stored keys reads from their endpoint unless told otherwise
+    # (never a practice token sent to a live endpoint); the check that a live endpoint
+    # gets live keys of a live account is made when the feed opens (the keys are stored)
+    endpoint = (_str(table, "endpoint", where, None, ENDPOINTS) if "endpoint" in table
+                else None if credential is not None else "live")
     return FeedConfig(market=_str(table, "market", where, None, ("crypto", "stock", "forex")),
-                      venue=_str(table, "venue", where), symbols=_strings(table, "symbols", where),
-                      timeframes=timeframes,
-                      endpoint=_str(table, "endpoint", where, "live", ENDPOINTS),
-                      credential=credential if isinstance(credential, str) else None,
-                      credential_account=cred_account if isinstance(cred_account, str) else None,
+                      venue=venue, symbols=_strings(table, "symbols", where),
+                      timeframes=timeframes, endpoint=endpoint,
+                      credential=credential, credential_account=cred_account,
                       history_bars=_count(table.get("history_bars", 500),
                                           f"{where} history_bars", 100_000))
 
 
-def _count(value: object, where: str, most: int) -> int:
-    number = _dec(value, where, Decimal(0), Decimal(most))
+def _count(value: object, where: str, most: int, least: int = 0) -> int:
+    number = _dec(value, where, Decimal(least), Decimal(most))
     if number != number.to_integral_value():
         raise RuntimeConfigError(f"{where} must be a whole number, got {value!r}")
     return int(number)
@@ -278,21 +314,22 @@ def _router(table: Mapping[str, Any]) -> RouterConfig:
     where = "[router]"
     _only(table, {"visibility_seconds", "poll_ms", "batch", "status_poll_seconds",
                   "max_retries"}, where)
-    vt = int(_dec(table.get("visibility_seconds", 30), f"{where} visibility_seconds", Decimal(1),
-                  Decimal(86400)))
     return RouterConfig(
-        visibility_seconds=vt,
-        poll_ms=int(_dec(table.get("poll_ms", 50), f"{where} poll_ms", Decimal(1),
-                         Decimal(60000))),
-        batch=int(_dec(table.get("batch", 50), f"{where} batch", Decimal(1), Decimal(1000))),
+        visibility_seconds=_count(table.get("visibility_seconds", 30),
+                                  f"{where} visibility_seconds", 86400, 1),
+        poll_ms=_count(table.get("poll_ms", 50), f"{where} poll_ms", 60000, 1),
+        batch=_count(table.get("batch", 50), f"{where} batch", 1000, 1),
         status_poll_seconds=float(_dec(table.get("status_poll_seconds", 2),
                                        f"{where} status_poll_seconds", Decimal("0.01"))),
-        max_retries=int(_dec(table.get("max_retries", 8), f"{where} max_retries", Decimal(1),
-                             Decimal(100))))
+        max_retries=_count(table.get("max_retries", 8), f"{where} max_retries", 100, 1))
 
 
 def parse(raw: Mapping[str, Any], source: Path | None = None) -> RuntimeConfig:
     """The runtime configuration from a parsed TOML document."""
+    unknown = [k for k in raw if k not in TABLES]
+    if unknown:
+        raise RuntimeConfigError(f"unknown table or key {unknown[0]!r} at the top level "
+                                 f"(known: {', '.join(TABLES)})")
     accounts_raw = raw.get("accounts", [])
     strategies_raw = raw.get("strategies", [])
     feeds_raw = raw.get("feeds", [])
@@ -327,14 +364,26 @@ def parse(raw: Mapping[str, Any], source: Path | None = None) -> RuntimeConfig:
     if not isinstance(dirs, list) or not all(isinstance(d, str) for d in dirs):
         raise RuntimeConfigError("[runtime] strategy_dirs must be a list of folder paths")
     base = source.parent if source is not None else Path.cwd()
-    log_file = section.get("log_file")
+    log_file = None
+    if "log_file" in section:
+        log_file = base / _str(section, "log_file", "[runtime]")
+        if not log_file.parent.is_dir():
+            raise RuntimeConfigError(f"[runtime] log_file {str(log_file)!r}: its folder "
+                                     "does not exist")
+        if log_file.is_dir():
+            raise RuntimeConfigError(f"[runtime] log_file {str(log_file)!r} is a folder")
+        if not os.access(log_file if log_file.exists() else log_file.parent, os.W_OK):
+            raise RuntimeConfigError(f"[runtime] log_file {str(log_file)!r} is not writable")
     replay = None
     if "replay" in raw:
-        from workers.runtime.replay import ReplaySession
+        from workers.runtime.replay import ReplayError, ReplaySession
 
         if not isinstance(raw["replay"], dict):
             raise RuntimeConfigError("[replay] must be a table")
-        replay = ReplaySession.from_table(raw["replay"])
+        try:
+            replay = ReplaySession.from_table(raw["replay"])
+        except ReplayError as exc:
+            raise RuntimeConfigError(str(exc)) from None
     return RuntimeConfig(
         accounts=accounts, strategies=strategies, feeds=feeds, router=_router(router),
         notifications=notifications,
@@ -344,7 +393,7 @@ def parse(raw: Mapping[str, Any], source: Path | None = None) -> RuntimeConfig:
         bar_grace_seconds=float(_dec(section.get("bar_grace_seconds", 3),
                                      "[runtime] bar_grace_seconds", Decimal(0),
                                      Decimal(3600))),
-        log_file=str((base / log_file).resolve()) if isinstance(log_file, str) else None,
+        log_file=str(log_file.resolve()) if log_file is not None else None,
         source=source, replay=replay)
 
 
@@ -357,6 +406,11 @@ def load(path: str | Path) -> RuntimeConfig:
             raw = tomllib.load(fh)
     except tomllib.TOMLDecodeError as exc:
         raise RuntimeConfigError(f"{p}: invalid TOML: {exc}") from None
+    except UnicodeDecodeError as exc:
+        raise RuntimeConfigError(f"{p}: not UTF-8 text (byte {exc.start}): a TOML file is "
+                                 "UTF-8") from None
+    except OSError as exc:
+        raise RuntimeConfigError(f"{p}: cannot be read: {exc.strerror or exc}") from None
     try:
         return parse(raw, p.resolve())
     except RuntimeConfigError as exc:

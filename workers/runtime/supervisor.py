@@ -32,18 +32,90 @@ KINDS = ("ingest", "strategies", "router", "reconciler", "notifier")
 
 
 # ---------------------------------------------------------------------- set-up
-def apply_config(conn: psycopg.Connection, config: RuntimeConfig) -> list[str]:
-    """Create the configured accounts that do not exist and assign the strategies (as
-    the owner: run before the workers start). Returns what it did, one line each."""
-    done: list[str] = []
+def _known_symbol(conn: psycopg.Connection, config: RuntimeConfig, symbol: str) -> str | None:
+    """Why a strategy's symbol cannot be traded, or None: it is in market.instruments
+    (once: a bare symbol on several venues must name one), or a [[feeds]] entry of this
+    configuration will store it (its instrument is created by the ingest worker)."""
+    from workers.runtime.live_ingest import _venue
+
+    name, _, venue = symbol.partition("@")
+    rows = conn.execute("SELECT venue FROM market.instruments WHERE symbol = %s "
+                        "AND (%s::text IS NULL OR venue = %s)",
+                        (name, venue or None, venue or None)).fetchall()
+    if len(rows) > 1:
+        return (f"symbol {symbol!r} is on several venues ({', '.join(sorted(r[0] for r in rows))})"
+                "; name one as SYMBOL@VENUE")
+    if rows or any(name in {s.upper() for s in feed.symbols} and venue in ("", _venue(feed))
+                   for feed in config.feeds):
+        return None
+    return (f"symbol {symbol!r} is not in market.instruments and no [[feeds]] entry "
+            "provides it (import its bars or add it to a feed)")
+
+
+def check_config(conn: psycopg.Connection, config: RuntimeConfig, *, symbols: bool = True,
+                 notifications: bool = True) -> list[type[Any]]:
+    """What `apply_config` and the workers will need, resolved and checked against the
+    database without writing anything: the strategies and their parameters, the existing
+    accounts' environments and (unless told not to) the strategies' symbols and the
+    [notifications] table (with the secrets' environment variables of this process, which
+    the workers inherit). Returns the strategy classes, one per [[strategies]] entry.
+    Errors are one line naming the entry."""
+    from strategies.loader import StrategyLoadError
+    from strategies.params import ParamError
+
     loader = StrategyLoader(list(config.strategy_dirs))
     report = loader.reload_if_changed()
     if report.errors:
         raise RuntimeConfigError(str(report.errors[0]))
+    classes: list[type[Any]] = []
+    for n, cfg in enumerate(config.strategies, 1):
+        where = f"[[strategies]] #{n} ({cfg.name} on {cfg.account})"
+        try:
+            cls = loader.get(cfg.name)
+            cls(dict(cfg.params))  # unknown or out-of-range parameters fail here
+        except (StrategyLoadError, ParamError) as exc:
+            broken = "" if cfg.name in loader.names() or not loader.errors else (
+                f"; a strategy file did not load: {next(iter(loader.errors.values()))}")
+            raise RuntimeConfigError(f"{where}: {exc}{broken}") from None
+        except Exception as exc:  # a user strategy's own check of its parameters
+            first = (str(exc).splitlines() or [""])[0]
+            raise RuntimeConfigError(f"{where}: {type(exc).__name__}: {first}") from None
+        for symbol in cfg.symbols if symbols else ():
+            problem = _known_symbol(conn, config, symbol)
+            if problem:
+                raise RuntimeConfigError(f"{where}: {problem}")
+        classes.append(cls)
     for acc in config.accounts:
-        row = conn.execute("SELECT environment::text, mode::text FROM trading.accounts "
-                           "WHERE name = %s", (acc.name,)).fetchone()
-        if row is None:
+        row = conn.execute("SELECT environment::text FROM trading.accounts WHERE name = %s",
+                           (acc.name,)).fetchone()
+        if row is not None and row[0] != acc.environment:
+            raise RuntimeConfigError(
+                f"[[accounts]] {acc.name}: the account exists as a {row[0]} account, the "
+                f"configuration says {acc.environment}")
+    if notifications and config.notifications:
+        from workers.notify.notifier import NotifyConfigError, parse_config
+
+        try:
+            parse_config(dict(config.notifications))
+        except NotifyConfigError as exc:
+            raise RuntimeConfigError(f"[notifications]: {exc}") from None
+    return classes
+
+
+def apply_config(conn: psycopg.Connection, config: RuntimeConfig, *, symbols: bool = False,
+                 notifications: bool = False) -> list[str]:
+    """Create the configured accounts that do not exist and assign the strategies (as
+    the owner: run before the workers start). Everything is checked first
+    (`check_config`; `mmats run` checks the symbols and notifications too) and written in
+    one transaction: on any error nothing is written. Returns what it did, one line each."""
+    classes = check_config(conn, config, symbols=symbols, notifications=notifications)
+    done: list[str] = []
+    with conn.transaction():
+        for acc in config.accounts:
+            row = conn.execute("SELECT 1 FROM trading.accounts WHERE name = %s",
+                               (acc.name,)).fetchone()
+            if row is not None:
+                continue
             fee = acc.costs.commission if acc.broker == "paper" else 0
             maker = acc.costs.maker_fee if acc.costs.maker_fee is not None else fee
             conn.execute("SELECT trading.create_account(%s, %s, %s, %s, %s, "
@@ -52,18 +124,13 @@ def apply_config(conn: psycopg.Connection, config: RuntimeConfig) -> list[str]:
                           acc.allow_short, fee, maker))
             done.append(f"account {acc.name} created ({acc.environment}, {acc.mode}, "
                         f"{acc.cash} {acc.currency})")
-        elif row[0] != acc.environment:
-            raise RuntimeConfigError(
-                f"[[accounts]] {acc.name}: the account exists as a {row[0]} account, the "
-                f"configuration says {acc.environment}")
-    for cfg in config.strategies:
-        cls = loader.get(cfg.name)
-        conn.execute("SELECT trading._strategy(%s, %s)", (cls.name, cls.version))
-        conn.execute("SELECT trading.assign_strategy(%s, %s, %s, %s, %s)",
-                     (cfg.account, cls.name, cfg.allocation, cfg.sizing_method,
-                      Jsonb(dict(cfg.sizing_params))))
-        done.append(f"strategy {cls.name} {cls.version} on {cfg.account}: "
-                    f"{', '.join(cfg.symbols)} {cfg.timeframe}")
+        for cfg, cls in zip(config.strategies, classes, strict=True):
+            conn.execute("SELECT trading._strategy(%s, %s)", (cls.name, cls.version))
+            conn.execute("SELECT trading.assign_strategy(%s, %s, %s, %s, %s)",
+                         (cfg.account, cls.name, cfg.allocation, cfg.sizing_method,
+                          Jsonb(dict(cfg.sizing_params))))
+            done.append(f"strategy {cls.name} {cls.version} on {cfg.account}: "
+                        f"{', '.join(cfg.symbols)} {cfg.timeframe}")
     return done
 
 
