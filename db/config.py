@@ -162,5 +162,10 @@ def redact_text(text: str, *urls: str | None) -> str:
             else:  # a short piece only where it stands quoted, or before an @
                 text = re.sub(r"(?<=[\"'])" + re.escape(secret) + r"(?=[\"'])|"
                               + re.escape(secret) + r"(?=@)", _MASK, text)
+    return redact_passwords(text)
+
+
+def redact_passwords(text: str) -> str:
+    """`text` with every password=... and the password of every scheme://user:pw@ masked."""
     text = _TEXT_PASSWORD.sub(lambda m: m.group("key") + _MASK, text)
     return _URL_USERINFO.sub(lambda m: m.group("user") + _MASK + "@", text)

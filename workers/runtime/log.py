@@ -17,16 +17,11 @@ import threading
 from datetime import UTC, datetime
 from typing import Any, TextIO
 
+from db.config import redact_passwords
+
 REDACTED = "***"
 _SECRET_KEYS = re.compile(r"(secret|password|passphrase|token|api[_-]?key|private[_-]?key|"
                           r"authorization|master[_-]?key)", re.IGNORECASE)
-# URLs with a password (postgresql://user:pw@host), up to the last @ (a password may hold
-# an unencoded @), and password=... (a URL's query, a libpq key=value string)
-_URL_PASSWORD = re.compile(r"(?P<scheme>[a-z][a-z0-9+.-]*://[^:/@\s]+:)[^\s'\"]*@",
-                           re.IGNORECASE)
-_PASSWORD_PARAM = re.compile(r"(?P<key>(?<![\w.-])(?:ssl)?password\s*=\s*)[^\s'\"&]+",
-                             re.IGNORECASE)
-
 _lock = threading.Lock()
 _secrets: set[str] = set()
 
@@ -45,8 +40,8 @@ def redact(text: str) -> str:
     for secret in secrets:
         if secret in text:
             text = text.replace(secret, REDACTED)
-    text = _PASSWORD_PARAM.sub(lambda m: m.group("key") + REDACTED, text)
-    return _URL_PASSWORD.sub(lambda m: m.group("scheme") + REDACTED + "@", text)
+    # and passwords in URLs (up to the last @: a password may hold one) and password=...
+    return redact_passwords(text)
 
 
 def redact_value(key: str, value: Any) -> Any:
