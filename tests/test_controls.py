@@ -4,14 +4,13 @@ close_all and manual orders. Every outcome is read back from the database."""
 
 from __future__ import annotations
 
-from datetime import UTC, datetime, timedelta
+from datetime import timedelta
 from decimal import Decimal as D
 
 import psycopg
 import pytest
 from psycopg.types.json import Jsonb
-
-T0 = datetime(2026, 3, 2, 10, 0, tzinfo=UTC)
+from test_protection import T0, fill  # fills dated in market time
 
 
 def add_instrument(conn: psycopg.Connection, symbol: str) -> int:
@@ -30,20 +29,6 @@ def add_account(conn: psycopg.Connection, name: str, environment: str = "paper",
 
 def manual(conn: psycopg.Connection, **spec) -> dict:
     return conn.execute("SELECT trading.place_manual_order(%s)", (Jsonb(spec),)).fetchone()[0]
-
-
-def fill(conn: psycopg.Connection, order_id: int, fill_id: str, qty, price, ts=None) -> dict:
-    """A fill dated in market time: ts, or else when the instrument's latest bar closed
-    (before any bar, a minute before T0). A position is judged on the bars closing after
-    its opening fill, so a fill dated now() would be newer than every bar of 2026-03-02."""
-    if ts is None:
-        ts = conn.execute(
-            "SELECT max(b.ts + market.timeframe_interval(b.timeframe)) FROM market.bars b"
-            " WHERE b.instrument_id = (SELECT instrument_id FROM trading.orders"
-            " WHERE order_id = %s)", (order_id,)).fetchone()[0] or T0 - timedelta(minutes=1)
-    return conn.execute("SELECT trading.apply_fill(%s)", (Jsonb({
-        "order_id": order_id, "broker_fill_id": fill_id, "quantity": str(qty),
-        "price": str(price), "ts": ts.isoformat()}),)).fetchone()[0]
 
 
 def hold(conn: psycopg.Connection, account: str, symbol: str, qty: int, price: int) -> None:
