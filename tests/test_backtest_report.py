@@ -372,6 +372,20 @@ def test_a_long_series_is_drawn_decimated(report: dict[str, Any]) -> None:
 # --------------------------------------------------------------------------- decimation
 
 
+
+def test_a_drawdown_without_a_stored_series_starts_from_the_cash() -> None:
+    # as metrics.py measures it: the peak starts at the starting cash, so a loss from the
+    # very first point is a drawdown (a walk-forward's stitched curve has no stored series)
+    equity = {"equity": [9000, 9500, 8800, 9900]}
+    assert rpt._drawdown_values(equity, "10000") == pytest.approx([0.1, 0.05, 0.12, 0.01])
+    assert rpt._drawdown_values(equity) == pytest.approx([0, 0, 700 / 9500, 0])
+
+
+def test_a_shuffle_says_its_paths_end_alike() -> None:
+    base = {"paths": 100, "seed": 1, "trades": 5, "starting_cash": 10000, "ruin_level": 0.5}
+    assert "every path ends at the same return" in rpt._mc_summary({**base, "method": "shuffle"})
+    assert "same return" not in rpt._mc_summary({**base, "method": "bootstrap"})
+
 def test_decimate_keeps_global_extremes_of_a_spiky_series() -> None:
     rng = np.random.default_rng(1)
     y = rng.normal(0, 1, 1_000_000)

@@ -16,6 +16,7 @@ import pytest
 from click.testing import CliRunner
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from psycopg.types.json import Jsonb
 
 from api.cli_walkforward import walk_forward_command
 from db.errors import MmatsError
@@ -406,6 +407,25 @@ def test_a_drawdown_objective_picks_the_least_drawdown(bars: psycopg.Connection)
         spread += train[0][1] != train[-1][1]
     assert spread > 0  # the candidates' drawdowns differ, so the choice was a real one
 
+
+
+def test_the_walk_forward_report_carries_its_test_runs_sanity_notes(
+        bars: psycopg.Connection) -> None:
+    """The report of a walk-forward lists each test window's sanity warnings (it said
+    "passed" whatever its runs' checks had found)."""
+    from workers.backtest.results import walk_forward_report
+
+    conn = bars
+    wf_id = run_walk_forward(conn, config(), train_share=0.5, param_ranges={"fast": [5],
+                                                                             "slow": [20]})
+    tests = conn.execute("SELECT window_no, test_run_id FROM backtest.walk_forward_windows"
+                         " WHERE walk_forward_id = %s ORDER BY window_no", (wf_id,)).fetchall()
+    assert walk_forward_report(conn, wf_id)["sanity"] == []
+    no, run = tests[1]
+    conn.execute("UPDATE backtest.runs SET notes = jsonb_set(notes, '{sanity}', %s)"
+                 " WHERE run_id = %s", (Jsonb(["equity below zero at 2024-03-05"]), run))
+    assert walk_forward_report(conn, wf_id)["sanity"] == [
+        f"window {no}: equity below zero at 2024-03-05"]
 
 def test_a_failure_marks_the_walk_forward_failed(bars: psycopg.Connection) -> None:
     class Stop(Exception):

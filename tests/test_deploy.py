@@ -167,7 +167,8 @@ def test_no_literal_secrets(compose: dict[str, Any]) -> None:
     for name, service in compose["services"].items():
         for key, value in env_of(service).items():
             if SECRET_KEY.search(key):
-                assert re.fullmatch(r"\$\{\w+(:\?[^}]*)?\}", value), (
+                # required (${VAR:?message}), or optional with no default (${VAR:-})
+                assert re.fullmatch(r"\$\{\w+(:\?[^}]*|:-)?\}", value), (
                     f"{name}.{key} must come from the environment, as ${{VAR:?message}}")
             assert not re.search(r"://[^/@\s]*:[^/@\s]*@", value), f"{name}.{key}: password in URL"
     text = COMPOSE_FILE.read_text()
@@ -195,6 +196,11 @@ def test_interpolation_requires_the_secrets(compose: dict[str, Any]) -> None:
         del env[secret]
         with pytest.raises(ValueError, match=secret):
             interpolate_all(compose, env)
+    # the runtime service's key (profile "trading") must not stop a plain `up`: compose
+    # interpolates every service, whatever its profile
+    env = filled_env()
+    del env["MMATS_MASTER_KEY"]
+    assert env_of(interpolate_all(compose, env)["services"]["runtime"])["MMATS_MASTER_KEY"] == ""
 
 
 def test_docker_compose_config_if_available(tmp_path: Path) -> None:

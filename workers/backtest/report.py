@@ -371,15 +371,17 @@ def _line(ts: Any, values: Any, *, invert: bool = False) -> _Line | None:
     return _Line(x, y[idx])
 
 
-def _drawdown_values(equity: Mapping[str, Any]) -> Any:
-    """The drawdown series, computed from equity when the report has none."""
+def _drawdown_values(equity: Mapping[str, Any], cash: object = None) -> Any:
+    """The drawdown series, computed from equity when the report has none: from the
+    running peak, which starts at the starting cash (as metrics.py measures it)."""
     dd = equity.get("drawdown")
     if dd is not None:
         return dd
     eq = _floats(equity.get("equity"))
     if eq.size == 0:
         return None
-    peak = np.fmax.accumulate(eq)
+    start = _floats([cash])[0] if cash is not None else math.nan  # fmax skips a NaN
+    peak = np.fmax.accumulate(np.fmax(eq, start))
     with np.errstate(divide="ignore", invalid="ignore"):
         return np.where(peak > 0, 1.0 - eq / peak, 0.0)
 
@@ -678,7 +680,8 @@ def _points_note(values: Any) -> str:
 
 def _drawdown_section(report: Mapping[str, Any]) -> str:
     equity = _mapping(report.get("equity"))
-    dd = _line(equity.get("ts"), _drawdown_values(equity), invert=True)
+    cash = _mapping(report.get("run")).get("cash")
+    dd = _line(equity.get("ts"), _drawdown_values(equity, cash), invert=True)
     if dd is None:
         return ""
     svg = _chart_svg("drawdown", lambda ax: _plot_drawdown(ax, dd), "drawdown chart")
@@ -959,11 +962,15 @@ def _mc_runs(report: Mapping[str, Any]) -> list[Mapping[str, Any]]:
 
 
 def _mc_summary(mc: Mapping[str, Any]) -> str:
-    return (f"{format_value('paths', mc.get('paths'))} paths, seed {_plain(mc.get('seed'))}, "
+    text = (f"{format_value('paths', mc.get('paths'))} paths, seed {_plain(mc.get('seed'))}, "
             f"{format_value('trades', mc.get('trades'))} trades, starting cash "
             f"{format_value('starting_cash', mc.get('starting_cash'))}; a path is ruined "
             f"when its equity touches {format_value('ruin_level', mc.get('ruin_level'))} "
             "of the starting cash")
+    if mc.get("method") == "shuffle":  # the same trades in another order: the same sum
+        text += ("; shuffling reorders the same trades, so every path ends at the same "
+                 "return: what varies is the drawdown on the way")
+    return text
 
 
 def _mc_table_rows(mc: Mapping[str, Any]) -> list[list[str]]:
@@ -1218,7 +1225,8 @@ def _pdf_equity(report: Mapping[str, Any]) -> Figure:
     equity = _mapping(report["equity"])
     line = _line(equity.get("ts"), equity.get("equity"))
     bench = _line(equity.get("ts"), equity.get("benchmark"))
-    dd = _line(equity.get("ts"), _drawdown_values(equity), invert=True)
+    cash = _mapping(report.get("run")).get("cash")
+    dd = _line(equity.get("ts"), _drawdown_values(equity, cash), invert=True)
     fig = _page("Equity vs buy-and-hold, and drawdown")
     top, bottom = fig.subplots(2, 1, gridspec_kw={"height_ratios": [2, 1]})
     if line is not None:

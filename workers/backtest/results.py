@@ -298,8 +298,13 @@ def walk_forward_report(conn: psycopg.Connection, wf_id: int) -> dict[str, Any]:
     settings = wf.get("settings") or {}
     costs = settings.get("backtest") or {}
     trades: list[Any] = []
-    for w in wf["windows"]:  # the out-of-sample trades, window by window
+    sanity: list[str] = []
+    for w in wf["windows"]:  # the out-of-sample trades and sanity notes, window by window
         if w.get("test_run_id") is not None:
+            row = conn.execute("SELECT notes FROM backtest.runs WHERE run_id = %s",
+                               (w["test_run_id"],)).fetchone()
+            notes = (row[0] if row else None) or {}
+            sanity += [f"window {w.get('window')}: {n}" for n in notes.get("sanity", [])]
             trades += [dict(zip(("symbol", "market", "strategy", "side", "quantity",
                                  "entry_time", "entry_price", "exit_time", "exit_price", "pnl",
                                  "commission", "exit_trigger"), r, strict=True))
@@ -322,5 +327,5 @@ def walk_forward_report(conn: psycopg.Connection, wf_id: int) -> dict[str, Any]:
                         "parameters that scored best on the training span before it, starting "
                         "with the equity the previous test window ended with."],
         "metrics": stitched.get("metrics", {}), "equity": equity, "walk_forward": wf,
-        "sanity": [], "trades": trades, "open_positions": [], "montecarlo": None})  # type: ignore[no-any-return]
+        "sanity": sanity, "trades": trades, "open_positions": [], "montecarlo": None})  # type: ignore[no-any-return]
 
