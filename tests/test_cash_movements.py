@@ -134,6 +134,66 @@ def test_a_deposit_is_no_daily_gain_and_financing_is_a_daily_loss(
              "DAILY_LOSS: limit=100.01, loss=100.0200")
 
 
+
+def _bar(conn: psycopg.Connection, iid: int, aid: int, ts: str, close: str) -> None:
+    conn.execute("SELECT trading.on_bar(%s, '1h', %s, %s, %s, %s, %s, %s)",
+                 (iid, ts, close, close, close, close, aid))
+
+
+def _breaker(conn: psycopg.Connection) -> tuple[str, str | None]:
+    return conn.execute("SELECT b.mode::text, b.reason FROM risk.breaker_state b").fetchone() \
+        or ("OK", None)
+
+
+def test_a_withdrawal_keeps_the_drawdown_fraction(conn: psycopg.Connection) -> None:
+    """50 AAA bought at 100, now 70: equity 8 500, 15 % below the peak of 10 000. A
+    withdrawal of 4 000 leaves 4 500, still 15 % below the peak, which scales with it to
+    10 000 x 4 500 / 8 500 = 5 294.117647058824. Before 0004_08 the peak moved by the
+    amount, to 6 000: 25 %, and a MAX_DRAWDOWN of 20 % tripped by itself."""
+    aaa = stock(conn, "AAA")
+    stock(conn, "BBB")
+    stock(conn, "CCC")
+    aid = account(conn)
+    set_limit(conn, "MAX_DRAWDOWN", "0.2", params={"mode": "SOFT"})
+    hold(conn, "AAA", "0.05")  # 50 at 100: cash 5 000
+    _bar(conn, aaa, aid, "2026-03-03T10:00:00Z", "70")
+    assert _breaker(conn)[0] == "OK"
+    book(conn, kind="withdrawal", amount="-4000", broker_ref="w-1")
+    assert conn.execute("SELECT cash, peak_equity FROM trading.accounts").fetchone() == (
+        D(1000), D("5294.117647058824"))
+    _bar(conn, aaa, aid, "2026-03-03T11:00:00Z", "70")
+    assert _breaker(conn)[0] == "OK"
+    [(dd,)] = conn.execute("SELECT drawdown FROM trading.equity_snapshots"
+                           " WHERE ts = '2026-03-03T12:00:00Z'").fetchall()
+    assert round(dd, 6) == D("0.15")
+    approved(conn, signal(conn, "BBB", size="0.001", ts="2026-03-03T12:00:01Z"))
+    set_limit(conn, "MAX_DRAWDOWN", "0.15")
+    rejected(conn, signal(conn, "CCC", size="0.001", ts="2026-03-03T12:00:01Z"),
+             "MAX_DRAWDOWN", "MAX_DRAWDOWN: limit=0.15, drawdown=0.1500, "
+             "peak=5294.117647058824, equity=4500.00")
+
+
+def test_a_withdrawal_keeps_the_days_loss_as_a_fraction_and_in_money(
+        conn: psycopg.Connection) -> None:
+    """The day starts at 10 000 and loses 800 (50 AAA from 100 to 84): 8 %. A withdrawal of
+    4 000 leaves 5 200: still 8 % of the day's start scaled with it (10 000 x 5 200 /
+    9 200), still 800 in money. Before 0004_08 the fraction was 800 / 6 000 = 13.3 %, and
+    a DAILY_LOSS of 10 % tripped by itself."""
+    aaa = stock(conn, "AAA")
+    aid = account(conn)
+    set_limit(conn, "DAILY_LOSS", "0.1", params={"mode": "SOFT", "unit": "fraction"})
+    hold(conn, "AAA", "0.05")
+    _bar(conn, aaa, aid, "2026-03-03T00:00:00Z", "100")  # the day's first snapshot: 10 000
+    _bar(conn, aaa, aid, "2026-03-03T01:00:00Z", "84")   # 9 200
+    book(conn, kind="withdrawal", amount="-4000", broker_ref="w-1")
+    assert conn.execute("SELECT day_start_equity, day_start_scaled FROM trading.accounts"
+                        ).fetchone() == (D(6000), D("5652.173913043478"))
+    _bar(conn, aaa, aid, "2026-03-03T02:00:00Z", "84")
+    assert _breaker(conn)[0] == "OK"
+    set_limit(conn, "DAILY_LOSS", "799", params={"mode": "SOFT"})  # in money: 800 lost
+    _bar(conn, aaa, aid, "2026-03-03T03:00:00Z", "84")
+    assert _breaker(conn) == ("SOFT", "DAILY_LOSS: limit=799, loss=800.0000")
+
 def test_a_withdrawal_overnight_is_not_the_next_days_loss(conn: psycopg.Connection) -> None:
     """50 AAA at 100 and 5 000 cash; the day's last snapshot (21:00) says 10 000. 3 000
     withdrawn at 23:30: the next day starts at 7 000, so its first bar, at an unchanged

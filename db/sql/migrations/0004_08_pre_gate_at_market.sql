@@ -16,6 +16,14 @@
 -- 3. MAX_VOLATILITY passed when the ATR could not be computed (fewer bars than the
 --    period, or none of the limit's timeframe): a configured limit that silently never
 --    applied. It now refuses, saying the measure is missing, as MIN_VOLUME does.
+-- 4. A deposit or withdrawal moved the peak equity and the day's starting equity by its
+--    amount (trading.book_cash, 0004_07). The loss in money stayed the same, but as a
+--    fraction of a smaller peak it grew: a withdrawal of 4 000 from an equity of 8 500,
+--    15 % below a peak of 10 000, left it 25 % below 6 000 and tripped a MAX_DRAWDOWN of
+--    20 % by itself (a deposit hid a drawdown the same way). The peak now scales with the
+--    equity at the booking (10 000 x 4 500 / 8 500: still 15 %), and so does a new
+--    accounts.day_start_scaled, the day's start for DAILY_LOSS as a fraction; as an amount
+--    the day's start still moves by the amount.
 SET LOCAL ROLE mmats_owner;
 
 -- (as in 0003_02, with the instrument gross on hedge accounts and MAX_VOLATILITY refusing
@@ -139,8 +147,10 @@ BEGIN
         WHEN 'DAILY_LOSS' THEN
             IF acc.day_start_equity IS NOT NULL AND acc.trading_day = (at AT TIME ZONE 'UTC')::date THEN
                 measure := acc.day_start_equity - eq.equity;
-                IF l.params ->> 'unit' = 'fraction' AND acc.day_start_equity > 0 THEN
-                    measure := measure / acc.day_start_equity;
+                IF l.params ->> 'unit' = 'fraction' THEN  -- of the day's start, flow-scaled
+                    measure := CASE WHEN COALESCE(acc.day_start_scaled, acc.day_start_equity) > 0
+                        THEN (COALESCE(acc.day_start_scaled, acc.day_start_equity) - eq.equity)
+                             / COALESCE(acc.day_start_scaled, acc.day_start_equity) END;
                 END IF;
                 IF measure >= l.value THEN
                     code := l.limit_type;
@@ -639,5 +649,215 @@ BEGIN
         jsonb_build_object('reason_code', f_code, 'reason', f_reason, 'order_id', oid) || extra);
     RETURN jsonb_build_object('signal_id', sig_id, 'status', f_status, 'reason_code', f_code,
                               'reason', f_reason, 'order_id', oid) || extra;
+END
+$$;
+
+-- the day's starting equity for DAILY_LOSS as a fraction: scaled by each deposit and
+-- withdrawal of the day (day_start_equity moves by their amounts). Added without a
+-- default, as in 0004_07 (PostgreSQL 15 refuses one on a table whose row type a
+-- SQL-standard function body uses).
+ALTER TABLE trading.accounts ADD COLUMN day_start_scaled numeric;
+UPDATE trading.accounts SET day_start_scaled = day_start_equity;
+ALTER TABLE trading.accounts ADD CONSTRAINT accounts_day_start_scaled_is_number
+    CHECK (day_start_scaled > '-Infinity' AND day_start_scaled < 'Infinity');
+
+-- (as in 0004_07) a deposit or withdrawal scales the peak and the day's start for
+-- fractions with the equity, and moves the day's start in money by its amount
+CREATE OR REPLACE FUNCTION trading.book_cash(movement jsonb) RETURNS jsonb
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    what CONSTANT text := 'book_cash';
+    acc trading.accounts;
+    inst market.instruments;
+    prior trading.cash_movements;
+    k trading.cash_kind;
+    kind_txt text;
+    amt numeric;
+    ccy text;
+    ref text;
+    at timestamptz;
+    descr text;
+    sym text;
+    rate numeric;
+    moved numeric;
+    id bigint;
+    eq numeric;
+    scale numeric;
+BEGIN
+    IF movement IS NULL OR jsonb_typeof(movement) <> 'object' THEN
+        RAISE EXCEPTION 'book_cash takes a JSON object, got %', COALESCE(movement::text, 'NULL')
+            USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    kind_txt := lower(trading._text(movement, 'kind', what, 20));
+    IF kind_txt IS NULL THEN
+        RAISE EXCEPTION 'book_cash.kind is required: one of %',
+            array_to_string(enum_range(NULL::trading.cash_kind)::text[], ', ')
+            USING ERRCODE = 'invalid_parameter_value';
+    ELSIF NOT kind_txt = ANY (enum_range(NULL::trading.cash_kind)::text[]) THEN
+        RAISE EXCEPTION 'book_cash.kind must be one of %, got %',
+            array_to_string(enum_range(NULL::trading.cash_kind)::text[], ', '),
+            to_json(kind_txt)::text
+            USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    k := kind_txt::trading.cash_kind;
+    amt := trading._num(movement, 'amount', what);
+    IF amt IS NULL OR amt = 0 THEN
+        RAISE EXCEPTION 'book_cash.amount is required and must not be zero'
+            USING ERRCODE = 'invalid_parameter_value';
+    ELSIF k = 'deposit' AND amt < 0 OR k = 'withdrawal' AND amt > 0 THEN
+        RAISE EXCEPTION 'book_cash.amount of a % must be %, got %', k,
+            CASE k WHEN 'deposit' THEN 'positive' ELSE 'negative' END, amt
+            USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    ref := trading._text(movement, 'broker_ref', what, 128);
+    IF ref IS NULL OR ref !~ '^[[:print:]]{1,128}$' THEN
+        RAISE EXCEPTION 'book_cash.broker_ref is required: 1 to 128 printable characters, got %',
+            COALESCE(to_json(ref)::text, 'none')
+            USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    descr := trading._text(movement, 'description', what, 200);
+    at := COALESCE(trading._ts(movement, 'ts', what), now());
+    sym := trading._text(movement, 'symbol', what, 64);
+
+    acc := trading._account(trading._text(movement, 'account', what, 64), true);
+    ccy := upper(COALESCE(trading._text(movement, 'currency', what, 12), acc.base_currency));
+    IF ccy !~ '^[A-Z0-9]{2,12}$' THEN
+        RAISE EXCEPTION 'book_cash.currency must be 2 to 12 letters or digits, got %',
+            to_json(ccy)::text USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    IF sym IS NOT NULL THEN
+        sym := upper(sym);
+        IF sym !~ '^[[:print:]]{1,64}$' THEN
+            RAISE EXCEPTION 'book_cash.symbol must be printable characters, got %',
+                to_json(sym)::text USING ERRCODE = 'invalid_parameter_value';
+        END IF;
+        -- the instrument when the symbol names exactly one; money is booked either way
+        -- (a dividend of a stock MMATS holds no bars of is still the account's cash)
+        SELECT * INTO inst FROM market.instruments i
+        WHERE i.symbol = sym AND i.venue !~ '^replay[0-9]+$'
+          AND NOT EXISTS (SELECT 1 FROM market.instruments j
+                          WHERE j.symbol = sym AND j.venue !~ '^replay[0-9]+$'
+                            AND j.instrument_id <> i.instrument_id);
+    END IF;
+
+    SELECT * INTO prior FROM trading.cash_movements m
+    WHERE m.account_id = acc.account_id AND m.broker_ref = ref;
+    IF FOUND THEN
+        IF (prior.kind, prior.amount, prior.currency) IS DISTINCT FROM (k, amt, ccy) THEN
+            RAISE EXCEPTION 'book_cash: broker_ref % of account % is already booked as % % %, not % % %',
+                to_json(ref)::text, acc.name, prior.kind, prior.amount, prior.currency, k, amt, ccy
+                USING ERRCODE = 'unique_violation';
+        END IF;
+        RETURN jsonb_build_object('status', 'duplicate', 'movement_id', prior.movement_id,
+                                  'currency', ccy, 'amount_account', prior.amount_account,
+                                  'cash', acc.cash);
+    END IF;
+
+    rate := CASE WHEN ccy = acc.base_currency THEN 1
+                 ELSE trading._fx_or_fail(ccy, acc.base_currency, at) END;
+    INSERT INTO trading.cash_movements AS m (account_id, kind, amount, currency, fx,
+        broker_ref, symbol, instrument_id, ts, description)
+    VALUES (acc.account_id, k, amt, ccy, rate, ref, sym, inst.instrument_id, at, descr)
+    RETURNING m.movement_id, m.amount_account INTO id, moved;
+
+    -- a deposit or withdrawal is no gain or loss: the marks the risk rules measure from
+    -- move with it. The day's start moves by the amount (a loss in money stays that loss);
+    -- the peak and the day's start for fractions scale with the equity, so that a
+    -- drawdown or a day's loss as a fraction of the capital stays what it was (a
+    -- withdrawal of 4 000 from 8 500, 15 % below a peak of 10 000, left 25 % below 6 000;
+    -- to 12 decimals, trailing zeros trimmed)
+    IF k IN ('deposit', 'withdrawal') THEN
+        SELECT e.equity INTO eq FROM trading.account_equity(acc.account_id) e;
+        scale := CASE WHEN eq > 0 AND eq + moved > 0 THEN (eq + moved) / eq END;
+    END IF;
+    UPDATE trading.accounts a
+    SET cash = a.cash + moved,
+        peak_equity = CASE WHEN k NOT IN ('deposit', 'withdrawal') THEN a.peak_equity
+                           WHEN scale IS NOT NULL
+                           THEN trim_scale(round(a.peak_equity * (eq + moved) / eq, 12))
+                           ELSE a.peak_equity + moved END,
+        day_start_equity = CASE WHEN k IN ('deposit', 'withdrawal') THEN a.day_start_equity + moved
+                                ELSE a.day_start_equity END,
+        day_start_scaled = CASE WHEN k NOT IN ('deposit', 'withdrawal') THEN a.day_start_scaled
+                                WHEN scale IS NOT NULL
+                                THEN trim_scale(round(a.day_start_scaled * (eq + moved) / eq, 12))
+                                ELSE a.day_start_scaled + moved END,
+        flows_since_snapshot = CASE WHEN k IN ('deposit', 'withdrawal')
+                                    THEN a.flows_since_snapshot + moved
+                                    ELSE a.flows_since_snapshot END
+    WHERE a.account_id = acc.account_id;
+
+    PERFORM audit.record('cash.booked', 'trading.cash_movements', id::text, jsonb_build_object(
+        'account', acc.name, 'kind', k, 'amount', amt, 'currency', ccy, 'fx', rate,
+        'amount_account', moved, 'broker_ref', ref, 'symbol', sym, 'ts', at));
+    RETURN jsonb_build_object('status', 'booked', 'movement_id', id, 'currency', ccy,
+                              'amount_account', moved, 'cash', acc.cash + moved);
+END
+$$;
+
+-- (as in 0004_07) a new day starts day_start_scaled with day_start_equity; DAILY_LOSS as
+-- a fraction is measured from it
+CREATE OR REPLACE FUNCTION trading.snapshot_equity(account bigint, at timestamptz) RETURNS numeric
+LANGUAGE plpgsql AS $$
+DECLARE
+    acc trading.accounts;
+    e record;
+    peak numeric;
+    day date := (at AT TIME ZONE 'UTC')::date;
+    day_start numeric;
+    day_scaled numeric;
+    l risk.limits;
+    loss numeric;
+BEGIN
+    SELECT * INTO acc FROM trading.accounts a WHERE a.account_id = account FOR UPDATE;
+    SELECT * INTO e FROM trading.account_equity(account);
+    peak := GREATEST(COALESCE(acc.peak_equity, e.equity), e.equity);
+    -- a new day starts from the equity the previous day ended with (the last snapshot
+    -- before this one), so that the first bar of the day counts towards its loss (with
+    -- daily bars every bar is the first of its day), plus the deposits and withdrawals
+    -- booked since that snapshot (they are no gain or loss of the new day)
+    IF acc.trading_day = day THEN
+        day_start := acc.day_start_equity;
+        day_scaled := COALESCE(acc.day_start_scaled, day_start);
+    ELSE
+        SELECT s.equity + acc.flows_since_snapshot INTO day_start FROM trading.equity_snapshots s
+        WHERE s.account_id = account AND s.ts < at ORDER BY s.ts DESC LIMIT 1;
+        day_start := COALESCE(day_start, e.equity);
+        day_scaled := day_start;
+    END IF;
+    -- (only when something changed: every bar of every held instrument comes here, and
+    -- a new row version per bar makes every later read of the account slower)
+    IF (acc.peak_equity, acc.trading_day, acc.day_start_equity, acc.flows_since_snapshot,
+        acc.day_start_scaled)
+       IS DISTINCT FROM (peak, day, day_start, 0, day_scaled) THEN
+        UPDATE trading.accounts a SET peak_equity = peak, trading_day = day,
+                                      day_start_equity = day_start, flows_since_snapshot = 0,
+                                      day_start_scaled = day_scaled
+        WHERE a.account_id = account;
+    END IF;
+    INSERT INTO trading.equity_snapshots AS s (account_id, ts, cash, positions_value, equity, peak_equity, drawdown)
+    VALUES (account, at, e.cash, e.positions_value, e.equity, peak,
+            CASE WHEN peak > 0 THEN LEAST(GREATEST((peak - e.equity) / peak, 0), 1) ELSE 0 END)
+    ON CONFLICT (account_id, ts) DO UPDATE SET cash = EXCLUDED.cash,
+        positions_value = EXCLUDED.positions_value, equity = EXCLUDED.equity,
+        peak_equity = EXCLUDED.peak_equity, drawdown = EXCLUDED.drawdown;
+    FOR l IN SELECT * FROM risk.effective_limits(account) x
+             WHERE x.limit_type IN ('MAX_DRAWDOWN', 'DAILY_LOSS') AND x.scope = 'global' LOOP
+        IF l.limit_type = 'MAX_DRAWDOWN' AND peak > 0 AND (peak - e.equity) / peak >= l.value THEN
+            PERFORM risk._trip(acc, COALESCE(upper(l.params ->> 'mode'), 'HARD')::risk.breaker_mode,
+                format('MAX_DRAWDOWN: limit=%s, drawdown=%s', l.value, round((peak - e.equity) / peak, 4)),
+                'MAX_DRAWDOWN');
+        ELSIF l.limit_type = 'DAILY_LOSS' THEN
+            loss := day_start - e.equity;
+            IF l.params ->> 'unit' = 'fraction' THEN
+                loss := CASE WHEN day_scaled > 0 THEN (day_scaled - e.equity) / day_scaled END;
+            END IF;
+            IF loss >= l.value THEN
+                PERFORM risk._trip(acc, COALESCE(upper(l.params ->> 'mode'), 'HARD')::risk.breaker_mode,
+                    format('DAILY_LOSS: limit=%s, loss=%s', l.value, round(loss, 4)), 'DAILY_LOSS');
+            END IF;
+        END IF;
+    END LOOP;
+    RETURN e.equity;
 END
 $$;
