@@ -17,6 +17,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -502,6 +503,96 @@ def test_a_refused_signal_rolls_back_the_whole_bar_and_the_worker_goes_on(
     assert errors(owner, "STRATEGY_ERROR") == []
 
 
+def test_a_resumed_entry_after_more_bars_than_the_cache_holds_skips_no_bar(
+        owner: psycopg.Connection, tmp_path: Path, btc: int,
+        make_worker: Callable[..., StrategyWorker]) -> None:
+    """20 bars stored while no worker ran, a cache of 6 (a worker down for ~42 hours on
+    1m bars with the default 2,000): the cache drops no bar the entry has not run, the
+    worker catches up in chunks of the cache's size, every bar reaches the strategy once,
+    in order, with its warm-up and nothing after it."""
+    write_strategy(tmp_path, "recorder")
+    cfg = entry("adv", "recorder")
+    setup(owner, tmp_path, [paper("adv")], [cfg])
+    cursor = "strategy:adv:recorder:1m"
+    make_worker([cfg]).close()
+    assert cursor_at(owner, cursor) == ts(4)
+    add_bars(owner, [(btc, i, str(100 + i)) for i in range(5, 25)])
+
+    w = make_worker([cfg], history_bars=6)
+    cache = w.caches[(btc, "1m")]
+    assert cache.limit == 6
+    pump(w, lambda: cursor_at(owner, cursor) == ts(24))
+    assert [g["ts"] for g in signals(owner, "adv")] == [close_of(i) - ONE_US
+                                                         for i in range(5, 25)]
+    calls = strategy_of(w, cursor).calls
+    assert [now for now, _seen in calls] == [close_of(i) for i in range(5, 25)]
+    for now, seen in calls:
+        i = int((now - MINUTE - T0) / MINUTE)
+        md = seen["BTCUSD"]
+        assert md["bar_ts"] == ts(i) and md["hist_last"] == 100 + i  # nothing after i
+        assert md["len"] >= min(i + 1, 6)  # and the cache's bars before it
+    assert len(cache.bars) <= 6 + 6 // 4 + 6  # read and dropped in chunks: memory bounded
+    assert w.counts["bars"] == 20
+    assert errors(owner) == []
+
+
+def test_a_resumed_entry_sharing_a_cache_with_a_new_one_skips_no_bar(
+        owner: psycopg.Connection, tmp_path: Path, btc: int,
+        make_worker: Callable[..., StrategyWorker]) -> None:
+    """A new entry listed first shares its cache with an entry resuming 10 bars back: the
+    cache is loaded from the oldest resume point of the entries reading it."""
+    write_strategy(tmp_path, "echo")
+    write_strategy(tmp_path, "recorder")
+    new, old = entry("adv", "echo"), entry("adv", "recorder")
+    setup(owner, tmp_path, [paper("adv")], [new, old])
+    cursor = "strategy:adv:recorder:1m"
+    make_worker([old]).close()
+    assert cursor_at(owner, cursor) == ts(4)
+    add_bars(owner, [(btc, i, str(100 + i)) for i in range(5, 15)])  # stored while down
+
+    w = make_worker([new, old], history_bars=3)
+    pump(w, lambda: cursor_at(owner, cursor) == ts(14))
+    assert [g["ts"] for g in signals(owner, "adv", "recorder")] == [
+        close_of(i) - ONE_US for i in range(5, 15)]
+    assert [now for now, _seen in strategy_of(w, cursor).calls] == [
+        close_of(i) for i in range(5, 15)]
+    assert signals(owner, "adv", "echo") == []  # new: it starts with the next bar
+    add_bars(owner, [(btc, 15, "115")])
+    pump(w, lambda: cursor_at(owner, cursor) == ts(15))
+    assert [g["ts"] for g in signals(owner, "adv", "echo")] == [close_of(15) - ONE_US]
+    assert errors(owner) == []
+
+
+def test_a_catch_up_in_chunks_keeps_the_bars_of_one_time_together_and_waits_for_none(
+        owner: psycopg.Connection, tmp_path: Path, btc: int, eth: int,
+        make_worker: Callable[..., StrategyWorker]) -> None:
+    """Two symbols caught up in chunks: each chunk takes every bar closing up to the
+    chunk's end, so a time is never split; ETH's gap at 9..12 across a chunk's end is a
+    gap (its next bar is stored, only not read yet), not a bar to wait for."""
+    write_strategy(tmp_path, "recorder")
+    cfg = entry("adv", "recorder", "BTCUSD", "ETHUSD")
+    setup(owner, tmp_path, [paper("adv")], [cfg])
+    cursor = "strategy:adv:recorder:1m"
+    make_worker([cfg]).close()
+    gap = range(9, 13)
+    add_bars(owner, [(btc, i, str(100 + i)) for i in range(5, 25)]
+             + [(eth, i, str(50 + i)) for i in range(5, 25) if i not in gap])
+
+    w = make_worker([cfg], history_bars=6, bar_grace_seconds=30.0)
+    pump(w, lambda: cursor_at(owner, cursor) == ts(24), timeout=10.0)  # no grace waited
+    calls = strategy_of(w, cursor).calls
+    assert [(now, sorted(seen)) for now, seen in calls] == [
+        (close_of(i), ["BTCUSD"] if i in gap else ["BTCUSD", "ETHUSD"])
+        for i in range(5, 25)]
+    for now, seen in calls:
+        i = int((now - MINUTE - T0) / MINUTE)
+        assert seen["BTCUSD"]["hist_last"] == 100 + i
+        if i not in gap:
+            assert seen["ETHUSD"]["hist_last"] == 50 + i
+    assert errors(owner) == []
+    assert w.counts.get("late_bars", 0) == 0
+
+
 # ---------------------------------------------------------------------------- 4. isolation
 def test_a_raising_strategy_is_reported_capped_disabled_and_isolated(
         owner: psycopg.Connection, tmp_path: Path, btc: int,
@@ -531,6 +622,121 @@ def test_a_raising_strategy_is_reported_capped_disabled_and_isolated(
     assert [g["ts"] for g in signals(owner, "adv", "recorder")] == [
         close_of(i) - ONE_US for i in range(5, 13)]
     assert cursor_at(owner, "strategy:adv:raiser:1m") == ts(12)
+
+
+SLOW_FIRST = """
+        import time
+        if len(self.calls) == 1:  # the first call only: over its budget
+            time.sleep(@SLEEP@)
+        return [self.signal(context, s, "buy", size=0.1, reasoning="late" if len(self.calls) == 1
+                            else "in time") for s in sorted(context.data)]
+"""
+
+
+def returned(w: StrategyWorker, strategy: Any, timeout: float = 5.0) -> None:
+    """Until the strategy's call over its budget has returned."""
+    deadline = time.monotonic() + timeout
+    while w.guard.busy(strategy) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert not w.guard.busy(strategy), "its call did not return"
+
+
+def beats(owner: psycopg.Connection, name: str = "strategies") -> int:
+    row = owner.execute("SELECT beats FROM runtime.workers WHERE name = %s", (name,)).fetchone()
+    return 0 if row is None else int(row[0])
+
+
+def test_a_slow_strategy_does_not_hold_back_another_market(
+        owner: psycopg.Connection, tmp_path: Path, btc: int, eth: int,
+        make_worker: Callable[..., StrategyWorker]) -> None:
+    """Each on_bar call has a time budget: the slow one is skipped for its bar (its late
+    signal never submitted, reported, the worker heartbeating while it waits), the other
+    market's strategy gets its bar at once, and the slow one gets no bar until its call
+    has returned — never two calls of one strategy at a time."""
+    write_strategy(tmp_path, "slowpoke", SLOW_FIRST.replace("@SLEEP@", "1.0"))
+    write_strategy(tmp_path, "quick")
+    slow, fast = entry("adv", "slowpoke", "BTCUSD"), entry("adv2", "quick", "ETHUSD")
+    setup(owner, tmp_path, [paper("adv"), paper("adv2")], [slow, fast])
+    w = make_worker([slow, fast], strategy_timeout_seconds=0.2, heartbeat_seconds=0.02)
+    w.state = "running"  # (as run() sets it once started)
+    before = beats(owner)
+    started = time.monotonic()
+    add_bars(owner, [(btc, 5, "105"), (eth, 5, "55")])
+    pump(w, lambda: len(signals(owner, "adv2")) == 1)
+    assert time.monotonic() - started < 0.9, "ETHUSD's strategy waited for BTCUSD's"
+    assert beats(owner) - before >= 3  # it kept heartbeating while it waited
+    assert cursor_at(owner, "strategy:adv:slowpoke:1m") == ts(5)  # skipped for that bar
+    (late,) = errors(owner, "STRATEGY_ERROR")
+    assert late["message"] == ("slowpoke 1: StrategyTimeout: on_bar took longer than its "
+                               "0.2 s budget: bar skipped (1 in a row)")
+    assert late["account_id"] == account_id(owner, "adv")
+
+    add_bars(owner, [(btc, 6, "106"), (eth, 6, "56")])  # slowpoke still runs bar 5
+    pump(w, lambda: len(signals(owner, "adv2")) == 2)
+    assert time.monotonic() - started < 0.9
+    slowpoke = strategy_of(w, "strategy:adv:slowpoke:1m")
+    assert [now for now, _seen in slowpoke.calls] == [close_of(5)]  # not called again
+    busy = errors(owner, "STRATEGY_ERROR")[1]["message"]
+    assert "still running from a call over its 0.2 s budget" in busy, busy
+    assert "(2 in a row)" in busy
+
+    returned(w, slowpoke)  # its call of bar 5 returns
+    add_bars(owner, [(btc, 7, "107"), (eth, 7, "57")])
+    pump(w, lambda: len(signals(owner, "adv")) == 1)
+    assert [now for now, _seen in slowpoke.calls] == [close_of(5), close_of(7)]
+    # its late signal of bar 5 is dropped; bar 7 is in time
+    assert [(g["ts"], g["reasoning"]) for g in signals(owner, "adv")] == [
+        (close_of(7) - ONE_US, "in time")]
+    assert [g["ts"] for g in signals(owner, "adv2")] == [close_of(i) - ONE_US
+                                                          for i in (5, 6, 7)]
+    assert not w.guard.is_disabled(slowpoke) and w.counts["errors"] == 2
+
+
+def test_a_strategy_over_its_budget_bar_after_bar_is_disabled(
+        owner: psycopg.Connection, tmp_path: Path, btc: int,
+        make_worker: Callable[..., StrategyWorker]) -> None:
+    """Calls over the budget, and bars skipped while the last one still runs, count as
+    errors toward the disable after 5 in a row; no call ever overlaps another; a call
+    over its budget can no longer read the ledger through the worker's session."""
+    write_strategy(tmp_path, "stuck", """
+        import time
+        self.overlaps = getattr(self, "overlaps", 0) + getattr(self, "active", 0)
+        self.active = 1
+        try:
+            time.sleep(0.25)
+            self.reads = getattr(self, "reads", [])
+            try:
+                self.reads.append(context.account.cash)
+            except RuntimeError as exc:
+                self.reads.append(str(exc))
+        finally:
+            self.active = 0
+        return [self.signal(context, "BTCUSD", "buy", size=0.1)]
+    """)
+    write_strategy(tmp_path, "recorder")
+    bad, good = entry("adv", "stuck"), entry("adv", "recorder")
+    setup(owner, tmp_path, [paper("adv")], [bad, good])
+    w = make_worker([bad, good], strategy_timeout_seconds=0.1)
+
+    def ran(i: int) -> bool:
+        return cursor_at(owner, "strategy:adv:recorder:1m") == ts(i)
+
+    for i in range(5, 12):
+        add_bars(owner, [(btc, i, str(100 + i))])
+        pump(w, partial(ran, i))
+    stuck = strategy_of(w, "strategy:adv:stuck:1m")
+    assert w.guard.is_disabled(stuck)
+    reported = [e["message"] for e in errors(owner, "STRATEGY_ERROR")]
+    assert len(reported) == 4, reported  # the first three, then the one that disabled it
+    assert all("StrategyTimeout" in m for m in reported)
+    assert "(5 in a row) -> strategy disabled" in reported[3]
+    returned(w, stuck)  # its last call
+    assert stuck.overlaps == 0 and 1 <= len(stuck.calls) <= 5
+    assert set(stuck.reads) == {"the bar's time budget is over: the ledger is no longer "
+                                "readable from its context"}
+    assert signals(owner, "adv", "stuck") == []
+    assert cursor_at(owner, "strategy:adv:stuck:1m") == ts(11)
+    assert len(signals(owner, "adv", "recorder")) == 7
 
 
 # ---------------------------------------------------------------------------- 5. hot reload
@@ -664,6 +870,28 @@ def test_series_cache_keeps_at_most_its_limit_and_stays_consistent(
         assert list(series.columns["close"]) == [float(b.close) for b in cache.bars]
         assert series.market_data(n - 1).bar.close == Decimal(139)
         assert cache.refresh(c) == 0
+
+
+def test_series_cache_drops_no_bar_after_the_oldest_resume_point(
+        owner: psycopg.Connection, btc: int, db_url: str) -> None:
+    """Past its limit a cache drops its oldest bars, but never one after `keep_after` (an
+    entry has not run it) nor the `limit` bars before it (its warm-up)."""
+    add_bars(owner, [(btc, i, str(100 + i)) for i in range(5, 40)])
+    with psycopg.connect(db_url) as c:
+        cache = SeriesCache(btc, "BTCUSD", "1m", limit=8)
+        cache.load(c, ts(19), 8)
+        assert [b.ts for b in cache.bars] == [ts(i) for i in range(12, 20)]
+        cache.keep_after = to_us(ts(19))  # the entry ran up to bar 19
+        assert cache.refresh(c) == 20
+        assert [b.ts for b in cache.bars] == [ts(i) for i in range(12, 40)]
+        cache.keep_after = to_us(ts(35))  # it ran up to 35: 28..35 its warm-up
+        cache.extend([(ts(40), Decimal(140), Decimal(140), Decimal(140), Decimal(140), 1)])
+        assert [b.ts for b in cache.bars] == [ts(i) for i in range(28, 41)]
+        assert list(cache.ts_us) == [to_us(b.ts) for b in cache.bars]
+        assert list(cache.series(()).columns["close"]) == [float(b.close) for b in cache.bars]
+        cache.keep_after = -1  # an entry that has run none of them
+        cache.extend([(ts(41), Decimal(141), Decimal(141), Decimal(141), Decimal(141), 1)])
+        assert len(cache.bars) == 14
 
 
 # ---------------------------------------------------------------------------- 8. paper wait

@@ -13,11 +13,20 @@ with the close as its reference price — as the backtest engine stamps it — s
 bars give the same orders. For a paper account the worker first waits until the paper
 broker has settled the bar (the fills at its open), as a backtest fills before it calls
 the strategy.
+
+Bars stored while no worker ran are caught up from the oldest resume point of the
+entries reading each series, in chunks of the series' history size: however many there
+are, no bar is skipped and memory stays bounded. Each on_bar call runs on the strategy's
+own thread with a time budget (STRATEGY_TIMEOUT_SECONDS): a call over it is skipped for
+its bar (whatever it returns later is dropped), reported as a strategy error and counted
+toward the disable; the strategy gets no bar, and is told no event, until that call has
+returned, so a slow or stuck strategy holds back neither the others nor the heartbeat.
 """
 
 from __future__ import annotations
 
 import json
+import threading
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -52,6 +61,11 @@ from workers.runtime.config import StrategyConfig
 from workers.runtime.worker import Worker, connect
 
 _ONE_US = timedelta(microseconds=1)
+# each on_bar call's time budget: a call over it is skipped for its bar (its late result
+# dropped), reported as a strategy error and counted toward the disable after repeated
+# errors; the strategy gets no bar until that call returns. (A constant: [runtime] of
+# the configuration has no key for it; StrategyWorker(strategy_timeout_seconds=) sets it.)
+STRATEGY_TIMEOUT_SECONDS = 10.0
 IDLE = psycopg.pq.TransactionStatus.IDLE
 _ACCOUNT = """
 SELECT e.cash, e.equity, p.symbols, p.quantities, p.average_prices, p.last_prices
@@ -82,7 +96,9 @@ _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 class SeriesCache:
     """One instrument's bars of one timeframe, as exact Bars and float columns, grown as
-    bars arrive (at most `limit` kept: the oldest are dropped in chunks)."""
+    bars arrive (about `limit` kept: the oldest are dropped in chunks, but never a bar
+    after `keep_after` — the oldest resume point of the entries reading the cache — nor
+    the `limit` bars before it, their warm-up: no entry loses a bar it has not run)."""
 
     def __init__(self, instrument_id: int, symbol: str, timeframe: str, limit: int,
                  tick: Decimal | None = None) -> None:
@@ -96,6 +112,13 @@ class SeriesCache:
         self.timeframe = timeframe
         self.limit = limit
         self.bars: list[Bar] = []
+        # the oldest resume point (microseconds) of the entries reading this cache, set
+        # by the worker before each refresh (-1: an entry has run none of them yet);
+        # None: no entry pins any bar
+        self.keep_after: int | None = None
+        # a capped refresh left bars of this series in the database after the last one
+        # held (they come with the next chunk): the series is not at its end
+        self.ahead = False
         self._ts = np.empty(1024, dtype=np.int64)
         self._cols = np.empty((5, 1024), dtype=np.float64)
         self._n = 0
@@ -148,13 +171,30 @@ class SeriesCache:
             self._cols[:, k] = (self._float(o), self._float(h), self._float(low),
                                 self._float(c), float(v))
         self._n = need
-        if self._n > self.limit + max(self.limit // 4, 1):
+        chunk = max(self.limit // 4, 1)
+        if self._n > self.limit + chunk:
             drop = self._n - self.limit
-            del self.bars[:drop]
-            self._ts[:self.limit] = self._ts[drop:self._n].copy()
-            self._cols[:, :self.limit] = self._cols[:, drop:self._n].copy()
-            self._n = self.limit
+            if self.keep_after is not None:
+                # the first bar an entry has not run yet, and its warm-up, stay
+                first = int(np.searchsorted(self._ts[:self._n], self.keep_after, side="right"))
+                drop = min(drop, first - self.limit)
+            if drop >= chunk:
+                self._drop(drop)
         self._series = None
+
+    def _drop(self, drop: int) -> None:
+        """The oldest `drop` bars out, into new buffers: the arrays and the list a
+        strategy was shown are never written below their length (a strategy still
+        running from a bar over its time budget sees no later bar there)."""
+        n = self._n - drop
+        cap = max(1024, 2 * n)
+        ts = np.empty(cap, dtype=np.int64)
+        ts[:n] = self._ts[drop:self._n]
+        cols = np.empty((5, cap), dtype=np.float64)
+        cols[:, :n] = self._cols[:, drop:self._n]
+        self._ts, self._cols = ts, cols
+        self.bars = self.bars[drop:]
+        self._n = n
 
     def _float(self, price: Decimal) -> float:
         if self.tick is not None:
@@ -207,6 +247,15 @@ class SeriesCache:
         return MarketData.at(self.symbol, columns, i, keys, lambda: bar_at(i))
 
 
+class _Gate:
+    """Open while the worker waits for one on_bar call."""
+
+    __slots__ = ("open",)
+
+    def __init__(self) -> None:
+        self.open = True
+
+
 @dataclass
 class Assignment:
     """One strategy on one account, its symbols and timeframe, resolved."""
@@ -247,11 +296,19 @@ class StrategyWorker(Worker):
                  heartbeat_seconds: float = 5.0, history_bars: int = 2000,
                  paper_wait_seconds: float = 15.0, poll_ms: int = 100,
                  bar_grace_seconds: float = 3.0,
-                 reload_seconds: float = 2.0) -> None:
+                 reload_seconds: float = 2.0,
+                 strategy_timeout_seconds: float = STRATEGY_TIMEOUT_SECONDS) -> None:
         super().__init__(url, name, heartbeat_seconds=heartbeat_seconds)
         self.configs = list(strategies)
         self.loader = StrategyLoader(list(strategy_dirs))
         self.guard = StrategyGuard()
+        if not strategy_timeout_seconds > 0:
+            raise ValueError("strategy_timeout_seconds must be > 0, got "
+                             f"{strategy_timeout_seconds}")
+        self.strategy_timeout_seconds = strategy_timeout_seconds
+        # a strategy's on_bar runs on a thread of its own (its time budget): it reads the
+        # ledger through the worker's session only while the worker waits for it
+        self._ledger_lock = threading.Lock()
         self.history_bars = history_bars
         self.paper_wait_seconds = paper_wait_seconds
         # how long an entry with several symbols waits for a symbol's bar of time t once
@@ -266,6 +323,9 @@ class StrategyWorker(Worker):
         self.conn: psycopg.Connection | None = None
         self.listen: psycopg.Connection | None = None
         self._dirty: set[tuple[int, str]] = set()
+        # caches whose refresh was capped at a chunk (a long catch-up): refreshed again
+        # once the chunk's bars have run
+        self._backlog: set[tuple[int, str]] = set()
         self._settled: dict[str, datetime] = {}  # paper resume points last seen
         self._last_reload = 0.0
         self.counts = {"bars": 0, "signals": 0, "errors": 0}
@@ -296,6 +356,7 @@ class StrategyWorker(Worker):
                 self.report("STRATEGY_SETUP_FAILED",
                             f"{cfg.name} on {cfg.account}: {str(exc).splitlines()[0]}",
                             account=cfg.account if known else None)
+        self._load_caches()
         self.conn.commit()
         self._dirty = set(self.caches)  # catch up on bars stored while no worker ran
         self.detail = {"assignments": [a.cursor for a in self.assignments]}
@@ -354,15 +415,15 @@ class StrategyWorker(Worker):
                              (account_id, a.strategy_id)).fetchone()
         assert erow is not None
         a.last_fill, a.last_change = int(erow[0] or 0), erow[1]
-        warmup = max(strategy.warmup_bars(), 1)
+        # the caches are loaded once every entry is resolved (start): from the oldest
+        # resume point of the entries sharing each one
+        limit = max(self.history_bars, max(strategy.warmup_bars(), 1) * 3)
         for iid, symbol, _venue in instruments:
             key = (iid, cfg.timeframe)
             if key not in self.caches:
-                cache = SeriesCache(iid, symbol, cfg.timeframe, max(self.history_bars, warmup * 3),
-                                    ticks.get(iid))
-                until = a.last if a.last is not None else datetime.now().astimezone()
-                cache.load(c, until, max(self.history_bars, warmup * 3))
-                self.caches[key] = cache
+                self.caches[key] = SeriesCache(iid, symbol, cfg.timeframe, limit, ticks.get(iid))
+            else:
+                self.caches[key].limit = max(self.caches[key].limit, limit)
         if a.last is None:  # a new assignment starts with the next bar stored from now on
             row = c.execute("SELECT max(ts) FROM market.bars WHERE instrument_id = ANY(%s) "
                             "AND timeframe = %s", ([i[0] for i in instruments],
@@ -374,6 +435,25 @@ class StrategyWorker(Worker):
         a.resumed = a.last
         return a
 
+    def _load_caches(self) -> None:
+        """Each cache's history up to the oldest resume point of the entries reading it
+        (a new entry's is the last bar stored): the bars after it come with the first
+        refreshes, so an entry that resumes further back than another one sharing the
+        cache loses none of them."""
+        until: dict[tuple[int, str], datetime] = {}
+        now = datetime.now().astimezone()
+        for a in self.assignments:
+            for iid, _s, _v in a.instruments:
+                key = (iid, a.config.timeframe)
+                at = a.last if a.last is not None else now
+                until[key] = min(until.get(key, at), at)
+        for key in list(self.caches):
+            if key not in until:  # only an entry that failed its setup read it
+                del self.caches[key]
+                continue
+            cache = self.caches[key]
+            cache.load(self._c, until[key], cache.limit)
+
     @property
     def _c(self) -> psycopg.Connection:
         assert self.conn is not None
@@ -382,7 +462,10 @@ class StrategyWorker(Worker):
     # ------------------------------------------------------------------ the loop
     def step(self) -> None:
         assert self.listen is not None
-        for note in self.listen.notifies(timeout=self.poll_ms / 1000, stop_after=1):
+        # (a catch-up in chunks goes on without waiting, unless an entry waits its grace:
+        # then no further chunk is held in memory until that wait is over)
+        wait = 0.0 if self._backlog and not self._grace else self.poll_ms / 1000
+        for note in self.listen.notifies(timeout=wait, stop_after=1):
             self._note(note.channel, note.payload)
         for note in self.listen.notifies(timeout=0.0, stop_after=1000):
             self._note(note.channel, note.payload)
@@ -392,6 +475,9 @@ class StrategyWorker(Worker):
             for a in self.assignments:
                 if a.cursor in waiting:
                     self._dirty.update((iid, a.config.timeframe) for iid, _s, _v in a.instruments)
+        if self._backlog and not self._grace:
+            self._dirty |= self._backlog
+            self._backlog = set()
         if self._dirty:
             dirty, self._dirty = self._dirty, set()
             self.process(dirty)
@@ -458,25 +544,52 @@ class StrategyWorker(Worker):
             self._run_step(steps[close_us])
 
     def _refresh(self, keys: list[tuple[int, str]]) -> int:
-        """The new bars of every cache in `keys`, in one query."""
+        """The new bars of every cache in `keys`, in one query, at most a chunk of each
+        cache's `limit` bars: when one has more, every cache takes only the bars closing
+        up to the close of that one's last bar of the chunk (the steps of those closes are
+        complete, the ones after wait for the next chunk), and those left behind are
+        marked `ahead` and refreshed again once these have run (`_backlog`). No cache
+        drops a bar that an entry reading it has not run yet (`keep_after`)."""
         caches = [self.caches[k] for k in keys]
         if not caches:
             return 0
-        after = min((c.last or _EPOCH) for c in caches)
+        pins: dict[tuple[int, str], int] = {}
+        for a in self.assignments:
+            at = to_us(a.last) if a.last is not None else -1
+            for iid, _s, _v in a.instruments:
+                key = (iid, a.config.timeframe)
+                pins[key] = min(pins.get(key, at), at)
+        chunks = [max(c.limit, 1) for c in caches]
         rows = self._c.execute(
-            "SELECT b.instrument_id, b.timeframe::text, b.ts, b.open, b.high, b.low, b.close, "
-            "b.volume FROM market.bars b "
-            "JOIN unnest(%s::bigint[], %s::market.timeframe[]) AS k(i, tf) "
-            "  ON b.instrument_id = k.i AND b.timeframe = k.tf "
-            "WHERE b.ts > %s ORDER BY b.instrument_id, b.timeframe, b.ts",
-            ([k[0] for k in keys], [k[1] for k in keys], after)).fetchall()
-        grouped: dict[tuple[int, str], list[tuple[Any, ...]]] = {}
+            "SELECT k.n, b.ts, b.open, b.high, b.low, b.close, b.volume "
+            "FROM unnest(%s::bigint[], %s::market.timeframe[], %s::timestamptz[], %s::int[]) "
+            "  WITH ORDINALITY AS k(i, tf, after, lim, n), "
+            "LATERAL (SELECT ts, open, high, low, close, volume FROM market.bars "
+            "         WHERE instrument_id = k.i AND timeframe = k.tf AND ts > k.after "
+            "         ORDER BY ts LIMIT k.lim + 1) b "
+            "ORDER BY k.n, b.ts",
+            ([k[0] for k in keys], [k[1] for k in keys], [c.last or _EPOCH for c in caches],
+             chunks)).fetchall()
+        grouped: list[list[tuple[Any, ...]]] = [[] for _ in keys]
         for row in rows:
-            grouped.setdefault((int(row[0]), str(row[1])), []).append(row[2:])
+            grouped[int(row[0]) - 1].append(row[1:])
+        # the close up to which every cache is complete: that of the last bar of a chunk
+        # of a cache with more bars than a chunk
+        horizon = min((to_us(new[chunk - 1][0]) + TIMEFRAME_US[key[1]]
+                       for key, new, chunk in zip(keys, grouped, chunks, strict=True)
+                       if len(new) > chunk), default=None)
         added = 0
-        for key, cache in zip(keys, caches, strict=True):
-            last = cache.last
-            new = [r for r in grouped.get(key, ()) if last is None or r[0] > last]
+        for key, cache, new in zip(keys, caches, grouped, strict=True):
+            if horizon is not None:
+                tf_us = TIMEFRAME_US[key[1]]
+                kept = [r for r in new if to_us(r[0]) + tf_us <= horizon]
+                cache.ahead = len(kept) < len(new)
+                if cache.ahead:
+                    self._backlog.add(key)
+                new = kept
+            else:
+                cache.ahead = False
+            cache.keep_after = pins.get(key)
             cache.extend(new)
             added += len(new)
             if new:
@@ -532,8 +645,10 @@ class StrategyWorker(Worker):
         for t in times:
             missing = []
             for iid, _s, _v in a.instruments:
-                ts = self.caches[(iid, a.config.timeframe)].ts_us
-                if not len(ts) or ts[-1] > t or prev is None or ts[-1] < prev:
+                cache = self.caches[(iid, a.config.timeframe)]
+                ts = cache.ts_us
+                if (not len(ts) or ts[-1] > t or cache.ahead or prev is None
+                        or ts[-1] < prev):
                     continue  # a later bar (t is a gap for it), or not current
                 k = int(np.searchsorted(ts, t))
                 if k < len(ts) and ts[k] == t:
@@ -573,14 +688,22 @@ class StrategyWorker(Worker):
         for a, t_us, members, _data in prepared:
             if a.environment == "paper":
                 self._wait_for_paper(a, [m[0] for m in members], from_us(t_us))
-        self._deliver_events([a for a, _t, _m, _d in prepared])
+        # (a strategy still running from a call over its budget is told nothing: it is
+        # never called concurrently with itself; its events wait for a later bar)
+        self._deliver_events([a for a, _t, _m, _d in prepared
+                              if not self.guard.busy(a.strategy)])
         decided = []
         for a, t_us, members, data in prepared:
             close = from_us(t_us + a.tf_us)
+            gate = _Gate()
             context = StrategyContext(Environment(a.environment), close, data,
-                                      partial(self._account_state, a), dict(a.strategy.params),
-                                      self.log)
-            result = self.guard.run_isolated(a.strategy, context)
+                                      partial(self._account_state, a, gate),
+                                      dict(a.strategy.params), self.log)
+            result = self.guard.run_isolated(
+                a.strategy, context, timeout=self.strategy_timeout_seconds,
+                waiting=lambda: self.beat(self.state), tick=min(self.heartbeat_seconds, 1.0))
+            with self._ledger_lock:  # a call over its budget reads the ledger no more
+                gate.open = False
             if result.error is not None:
                 self.counts["errors"] += 1
                 a.errors += 1
@@ -784,16 +907,21 @@ class StrategyWorker(Worker):
         for note in self.listen.notifies(timeout=timeout, stop_after=1):
             self._note(note.channel, note.payload)
 
-    def _account_state(self, a: Assignment) -> AccountState:
+    def _account_state(self, a: Assignment, gate: _Gate) -> AccountState:
         """The ledger's view of the account now, in one query. Nothing of the step is
         written yet when a strategy asks, so a failure here (the strategy's error) is
-        rolled back without loss."""
-        try:
-            row = self._c.execute(_ACCOUNT, {"account": a.account_id,
-                                             "strategy": a.strategy_id}).fetchone()
-        except psycopg.Error:
-            self._c.rollback()
-            raise
+        rolled back without loss. Only while the worker waits for the call (`gate`): a
+        call over its time budget no longer shares the worker's session."""
+        with self._ledger_lock:
+            if not gate.open:
+                raise RuntimeError("the bar's time budget is over: the ledger is no longer "
+                                   "readable from its context")
+            try:
+                row = self._c.execute(_ACCOUNT, {"account": a.account_id,
+                                                 "strategy": a.strategy_id}).fetchone()
+            except psycopg.Error:
+                self._c.rollback()
+                raise
         if row is None:
             return AccountState(cash=Decimal(0), equity=Decimal(0), currency=a.currency,
                                 positions={})
