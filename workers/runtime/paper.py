@@ -10,7 +10,18 @@ Its order book is the ledger itself (a paper account's orders in status `submitt
   that triggered it, at the level or at the open when the bar gapped through it;
 - any other order (a manual or breaker close) fills at the next bar's open;
 - buying cash limits the opening part of an order (the rest is cancelled with the reason);
-- commission, spread and slippage are the account's `paper` settings.
+- commission, spread and slippage are the account's `paper` settings;
+- time in force (`trading.time_in_force`: GTC, IOC, FOK, GTD; there is no DAY, the schema
+  refuses it): an IOC or FOK order is judged on its first eligible bar only (the first bar
+  that may fill it under the rules above: bar t+1 for an order from bar t, whatever its
+  type; a stop that bar does not touch is not marketable either). IOC fills what that bar
+  allows and the rest is cancelled; FOK fills its whole quantity there or is cancelled.
+  A GTD order may fill on any bar that opens before its `expire_at` (a bar straddling the
+  expiry may fill it: the bar does not say when inside it a price traded); the first bar
+  that opens at or after `expire_at` expires it instead of matching it
+  (`trading.expire_order`, called by `settle` itself: the router books fills and
+  cancels). The rule is `tif_outcome` and `expires_on`, which take only the simulator's
+  types (a backtest can apply them as they are).
 
 Fill ids are deterministic (`paper-<order>-<bar time>`), so settling a bar twice (after a
 crash) applies nothing twice.
@@ -46,7 +57,8 @@ _REDUCE_CAP = Decimal("Infinity")  # (an order that may open: no cap)
 _OPEN_ORDERS = """
 SELECT o.order_id, o.client_order_id, o.side::text, o.order_type::text, o.quantity,
        o.filled_quantity, o.limit_price, o.stop_price, o.reduce_only, o.trigger::text,
-       o.trigger_price, s.ts AS signal_ts, o.created_at, o.position_leg::text, o.triggered_at
+       o.trigger_price, s.ts AS signal_ts, o.created_at, o.position_leg::text, o.triggered_at,
+       o.time_in_force::text, o.expire_at
 FROM trading.orders o LEFT JOIN trading.signals s ON s.signal_id = o.signal_id
 WHERE o.account_id = %(account)s AND o.instrument_id = %(instrument)s
   AND o.status IN ('submitted', 'partially_filled')
@@ -58,6 +70,12 @@ SELECT ts, open, high, low, close, volume FROM market.bars
 WHERE instrument_id = %(instrument)s AND timeframe = %(tf)s AND ts > %(after)s
   AND ts <= %(until)s
 ORDER BY ts
+"""
+
+_FIRST_BAR_AFTER = """
+SELECT ts, open, high, low, close, volume FROM market.bars
+WHERE instrument_id = %(instrument)s AND timeframe = %(tf)s AND ts > %(after)s
+ORDER BY ts LIMIT 1
 """
 
 _LATEST_BAR = """
@@ -80,6 +98,43 @@ SELECT a.cash,
 FROM trading.accounts a, market.instruments i
 WHERE a.account_id = %(account)s AND i.instrument_id = %(instrument)s
 """
+
+
+# trading.time_in_force (the schema has no DAY: place_manual_order refuses it)
+TIMES_IN_FORCE = frozenset({"GTC", "IOC", "FOK", "GTD"})
+IMMEDIATE = frozenset({"IOC", "FOK"})  # judged on their first eligible bar only
+
+
+def expires_on(expire_at_us: int | None, bar: SimBar) -> bool:
+    """Whether a GTD order (its `expire_at` in epoch microseconds; None for the other
+    times in force) expires on `bar` instead of being matched: the first bar that opens at
+    or after `expire_at` cannot fill it. (A bar opening before it may, even one that closes
+    after it: a bar does not say when inside it a price traded.)"""
+    return expire_at_us is not None and bar.ts_us >= expire_at_us
+
+
+def tif_outcome(tif: str, wanted: Decimal, fill: SimFill | None,
+                bar: SimBar) -> tuple[SimFill | None, str | None]:
+    """What time in force makes of an order's match on a bar: the fill to book (None:
+    nothing) and why the rest is cancelled (None: it goes on resting, or the fill's own
+    reason stands). `wanted` is the quantity the order still asks for; `fill` is what the
+    simulator gives on `bar` (None: the bar does not reach its price). For IOC and FOK
+    `bar` must be the order's first eligible bar: they are never judged on another."""
+    if tif not in TIMES_IN_FORCE:
+        raise ValueError(f"time in force {tif!r}: expected GTC, IOC, FOK or GTD")
+    if tif not in IMMEDIATE:
+        return fill, None
+    when = from_us(bar.ts_us).isoformat()
+    if fill is None or fill.quantity <= 0:
+        cause = "not marketable" if fill is None else (fill.reason or "nothing fillable")
+        return None, (f"{tif}_NOT_FILLED: {cause} on its first bar ({when}); "
+                      f"{wanted} cancelled")
+    if tif == "FOK" and fill.quantity < wanted:
+        return None, (f"FOK_NOT_FILLED: its first bar ({when}) fills {fill.quantity} of "
+                      f"{wanted} ({fill.reason or 'limited'}); all of it cancelled")
+    # (an IOC filled in part: what kept the rest from filling, the cash or a reduce-only
+    # cap, is why the rest is cancelled, as for any order)
+    return fill, None
 
 
 @dataclass(frozen=True)
@@ -113,6 +168,8 @@ class PaperFill:
     opens: bool  # the fill opened or added to a position (protection is judged on its bar)
     cancel: str | None = None
     commission_currency: str | None = None  # the instrument's quote currency
+    # a GTD order expired on this bar (already done by `settle`: nothing left to apply)
+    expired: bool = False
 
 
     def payload(self) -> dict[str, Any]:
@@ -192,8 +249,13 @@ class PaperBroker:
                 ready.append((row, [self._firing_bar(conn, inst, row[14], bar_rows)]))
             else:
                 after_us = to_us(after)
-                ready.append((row, [k for k, r in enumerate(bar_rows[:given])
-                                    if to_us(r[0]) > after_us]))
+                candidates = [k for k, r in enumerate(bar_rows[:given])
+                              if to_us(r[0]) > after_us]
+                if candidates and row[15] in IMMEDIATE:
+                    # judged on its first eligible bar only (looked up and added when the
+                    # bars given start after it)
+                    candidates = [self._first_bar(conn, inst, after, bar_rows, candidates[0])]
+                ready.append((row, candidates))
         if not any(candidates for _row, candidates in ready):
             return out  # (an order from a signal on the latest bar waits for the next)
         latest = bar_rows[given - 1][0]
@@ -208,8 +270,16 @@ class PaperBroker:
         cash, held = Decimal(cash), Decimal(held)
         fx = Decimal(1) if fx is None else Decimal(fx)
         for row, candidates in ready:
+            tif, expire_at = row[15], row[16]
+            expire_us = None if expire_at is None else to_us(expire_at)
             for k in candidates:
                 bar = bars[k]
+                if expires_on(expire_us, bar):
+                    # (applied here: the router books only fills and cancels)
+                    conn.execute("SELECT trading.expire_order(%s)", (row[1],))
+                    out.append(PaperFill(row[0], row[1], None, False, expired=True))
+                    self._seen_at.pop(row[0], None)
+                    break
                 order = self._sim_order(row, held)
                 # (a reduce-only order on a net position may close what is held, no more;
                 # one on a hedge leg is judged by the ledger, which knows the legs)
@@ -222,13 +292,20 @@ class PaperBroker:
                                          "reduces is already closed"))
                     self._seen_at.pop(row[0], None)
                     break
+                wanted = order.quantity
                 capped = order.quantity > cap
                 if capped:
                     order = replace(order, quantity=cap)
-                fill = self.sim.match(order, bar, inst.rules, cash=cash, fx=fx)
-                if fill is None:
+                fill, cancel = tif_outcome(tif, wanted, self.sim.match(
+                    order, bar, inst.rules, cash=cash, fx=fx), bar)
+                if fill is None and cancel is None:
                     continue
-                cancel = (fill.reason or "not enough cash") if fill.unfilled > 0 else None
+                if fill is None:  # (IOC or FOK: nothing fills, all of it is cancelled)
+                    out.append(PaperFill(row[0], row[1], None, False, cancel))
+                    self._seen_at.pop(row[0], None)
+                    break
+                if cancel is None and fill.unfilled > 0:
+                    cancel = fill.reason or "not enough cash"
                 if capped and cancel is None:
                     cancel = (f"REDUCE_ONLY_CAPPED: only {cap} was left to close of "
                               f"{Decimal(row[4]) - Decimal(row[5])}")
@@ -243,6 +320,21 @@ class PaperBroker:
                 self._seen_at.pop(row[0], None)
                 break
         return out
+
+    def _first_bar(self, conn: psycopg.Connection, inst: PaperInstrument, after: datetime,
+                   bar_rows: list[tuple[Any, ...]], first_given: int) -> int:
+        """The index in `bar_rows` of an order's first eligible bar (the first stored bar
+        opening after `after`): `first_given` when it is that bar, else that older bar,
+        looked up and added (the router settled no bar between)."""
+        row = conn.execute(_FIRST_BAR_AFTER, {"instrument": inst.instrument_id,
+                                              "tf": inst.timeframe, "after": after}).fetchone()
+        if row is None or row[0] >= bar_rows[first_given][0]:
+            return first_given
+        for k, r in enumerate(bar_rows):
+            if r[0] == row[0]:
+                return k
+        bar_rows.append(row)
+        return len(bar_rows) - 1
 
     def _firing_bar(self, conn: psycopg.Connection, inst: PaperInstrument,
                     triggered_at: datetime | None, bar_rows: list[tuple[Any, ...]]) -> int:
