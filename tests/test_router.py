@@ -409,6 +409,96 @@ def test_a_stop_fired_while_the_router_was_behind_fills_on_the_bar_that_fired_it
     assert positions(conn, acc) == []
 
 
+def test_an_order_queued_before_two_bars_fills_at_the_first_bars_open(
+        conn: psycopg.Connection, make_router: Callable[..., Router]) -> None:
+    """The router is down while the signal of bar T0 is queued and bars T1 and T2 are
+    stored. The restarted router takes the order into the paper book before it settles
+    the pending bars: it fills at T1's open, as a backtest fills it, not at the open of
+    the latest bar (T2)."""
+    iid, acc, oid, _coid = paper_signal(conn)
+    add_bar(conn, iid, T1, "101", "101", "101", "101")
+    add_bar(conn, iid, T2, "105", "105", "105", "105")
+    router = make_router(paper_routed(acc, "paper1", COSTS), poll_ms=20)
+    router.step()
+    router.step()
+    (f,) = fills(conn, acc)
+    assert (f["order_id"], f["price"], f["ts"]) == (oid, Decimal(101), T1), \
+        "a backtest fills at T1's open"
+    assert f["broker_fill_id"] == f"paper-{oid}-{to_us(T1)}"
+    assert order_row(conn, oid)["state"] == "filled"
+    assert positions(conn, acc) == [(iid, Decimal(50), Decimal(101))]
+    assert queued(conn) == []
+
+
+def _buy_with_stop(conn: psycopg.Connection) -> tuple[int, int, int]:
+    """BTC/USD at 100 (bar T0), paper1 and its approved buy on bar T0 with a stop at 95:
+    (instrument, account, order id)."""
+    iid = instrument(conn, "BTC/USD", "crypto", "100")
+    acc = paper_account(conn, "paper1")
+    r = one(conn, "SELECT trading.submit_signal(%s)", Jsonb({
+        "account": "paper1", "strategy": "alpha", "symbol": "BTC/USD", "action": "buy",
+        "size": 0.5, "stop_loss": 95, "ts": SIGNAL_TS.isoformat()}))
+    assert r["status"] == "approved", r
+    return iid, acc, int(r["order_id"])
+
+
+def _stopped_out_on_t2(conn: psycopg.Connection, acc: int, entry: int) -> None:
+    """What a backtest of these bars gives: long 50 at T1's open (100), stopped out at 95
+    on T2, the bar through the stop; nothing held on T3 and nothing left in the queue."""
+    got = [(f["price"], f["ts"]) for f in fills(conn, acc)]
+    assert got == [(Decimal(100), T1), (Decimal(95), T2)], got
+    (stop,) = dicts(conn, "SELECT order_id, triggered_at, status::text AS state"
+                          " FROM trading.orders WHERE account_id = %s"
+                          " AND trigger = 'stop_loss'", acc)
+    assert (stop["triggered_at"], stop["state"]) == (T2 + timedelta(minutes=1), "filled")
+    assert [f["order_id"] for f in fills(conn, acc)] == [entry, stop["order_id"]]
+    assert fills(conn, acc)[-1]["broker_fill_id"] == f"paper-{stop['order_id']}-{to_us(T2)}"
+    assert one(conn, "SELECT exit_time FROM trading.trades WHERE account_id = %s", acc) == T2
+    assert positions(conn, acc) == []
+    assert queued(conn) == []
+
+
+def test_a_stop_hit_on_a_later_bar_of_a_catch_up_fires_on_that_bar(
+        conn: psycopg.Connection, make_router: Callable[..., Router]) -> None:
+    """The order is in the paper book; the router falls behind and T1 (which fills the
+    entry), T2 (through the stop) and T3 are stored before it settles them. The bars
+    trigger judged T2 when it was stored, before the position existed: the router judges
+    the new position on the bars after its fill and fills the stop on T2. Before, only
+    the bar of the fill was judged, and the stop never fired."""
+    iid, acc, entry = _buy_with_stop(conn)
+    router = make_router(paper_routed(acc, "paper1", COSTS))
+    router.drain()  # in the paper book, nothing filled
+    t3 = T2 + timedelta(minutes=1)
+    add_bar(conn, iid, T1, "100", "101", "99", "100")   # the entry at 100
+    add_bar(conn, iid, T2, "99", "99", "94", "96")      # through the stop at 95
+    add_bar(conn, iid, t3, "100", "102", "100", "101")  # back above it
+    router.settle_bars(iid, "1m", t3)
+    _stopped_out_on_t2(conn, acc, entry)
+    assert one(conn, "SELECT at FROM runtime.cursors WHERE name = %s",
+               f"paper:{iid}:1m") == t3
+
+    # the same bars again, by this router and by a restarted one: nothing changes
+    before = ledger(conn)
+    router.settle_bars(iid, "1m", t3)
+    make_router(paper_routed(acc, "paper1", COSTS)).settle_bars(iid, "1m", t3)
+    assert ledger(conn) == before
+
+
+def test_an_order_queued_while_behind_is_stopped_out_on_a_later_bar_of_the_catch_up(
+        conn: psycopg.Connection, make_router: Callable[..., Router]) -> None:
+    """Both at once: the router is down while the order is queued and T1, T2 and T3 are
+    stored. Taking the order into the paper book settles it on T1 (the entry) and judges
+    its stop on T2 and T3, in that one transaction: the stop fills on T2."""
+    iid, acc, entry = _buy_with_stop(conn)
+    add_bar(conn, iid, T1, "100", "101", "99", "100")
+    add_bar(conn, iid, T2, "99", "99", "94", "96")
+    add_bar(conn, iid, T2 + timedelta(minutes=1), "100", "102", "100", "101")
+    router = make_router(paper_routed(acc, "paper1", COSTS), poll_ms=20)
+    router.step()
+    router.step()
+    _stopped_out_on_t2(conn, acc, entry)
+
+
 def _second_exit(conn: psycopg.Connection, like: int, coid: str) -> int:
     """A second reduce-only order just like order `like`, queued: the state the race
     between a strategy's close and a bar's stop used to leave (fixed in 0004_03); built

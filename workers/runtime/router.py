@@ -423,11 +423,12 @@ class Router(Worker):
     def _accept_paper_many(self, batch: list[tuple[RoutedAccount, Order, int]]) -> None:
         """Paper orders enter the paper book (the ledger) in one transaction: each
         acknowledged (`trading.acknowledge_order` passes an order never sent through the
-        gate, which may cancel it), then
-        each account's orders on each instrument settled on the latest bar (a protective
-        order fills on the bar that fired it), the messages archived. No broker call lies
-        between, so nothing is gained by committing each step, and a crash leaves the
-        messages to be read again."""
+        gate, which may cancel it), then each account's orders on each instrument settled
+        bar by bar on the bars that may fill them (`_accepted_bars`: an order queued while
+        the router was behind fills on the first bar after its signal, as in a backtest,
+        not on the latest one; a protective order fills on the bar that fired it), the
+        messages archived. No broker call lies between, so nothing is gained by committing
+        each step, and a crash leaves the messages to be read again."""
         accepted = []
         for routed, order, msg_id in batch:
             try:
@@ -472,16 +473,18 @@ class Router(Worker):
                             continue
                         booked.append((routed, order, msg))
                     settled: set[tuple[int, int]] = set()
-                    latest: dict[int, list[tuple[Any, ...]]] = {}
+                    window: dict[int, list[tuple[Any, ...]]] = {}
                     for routed, order, _msg in booked:
                         key = (routed.account_id, order.instrument_id)
                         inst = self._instrument(order.instrument_id)
                         if inst is None or key in settled:
                             continue
                         settled.add(key)
-                        if inst.instrument_id not in latest:
-                            latest[inst.instrument_id] = bars_after(self._c, inst, None)
-                        self._settle_paper(routed, inst, latest[inst.instrument_id])
+                        if inst.instrument_id not in window:
+                            window[inst.instrument_id] = self._accepted_bars(inst, [
+                                o.order_id for _r, o, _m in booked
+                                if o.instrument_id == inst.instrument_id])
+                        self._settle_paper(routed, inst, window[inst.instrument_id])
                     self._c.execute("SELECT trading.archive_order_message(m) "
                                     "FROM unnest(%s::bigint[]) AS m",
                                     ([msg for _r, _o, msg in accepted],))
@@ -669,24 +672,77 @@ class Router(Worker):
 
     def _settle_paper(self, routed: RoutedAccount, inst: PaperInstrument,
                       rows: list[tuple[Any, ...]]) -> None:
-        """Settle an account's paper orders bar by bar: fills, cancels of what cash could
-        not buy, and protection judged on the bar a position was opened on."""
+        """Settle an account's paper orders bar by bar, as a backtest does: fills, cancels
+        of what cash could not buy, then protection. The bars trigger judged each bar
+        when it was stored, with the positions held then: from the bar of a fill on,
+        `trading.on_bar` judges this account's positions again on every bar of the batch
+        (a position opened on one bar of a catch-up has its stop judged on the later
+        ones; since 0004_09 a position is judged only on bars closing after its mark or
+        its opening fill, so a bar already judged is not judged twice), and the
+        protective orders it fires fill on the bar that fired them before the next bar."""
+        judging = False
+        for bar_row in rows:
+            judging = self._settle_bar(routed, inst, bar_row) or judging
+            if judging and self._protect_paper(routed, inst, bar_row):
+                self._settle_bar(routed, inst, bar_row)  # the exits it fired fill on it
+
+    def _settle_bar(self, routed: RoutedAccount, inst: PaperInstrument,
+                    bar_row: tuple[Any, ...]) -> bool:
+        """What an account's open paper orders do on one bar; True when a fill was
+        applied (a position was opened or changed on it)."""
         broker = routed.broker
         assert isinstance(broker, PaperBroker)
-        for bar_row in rows:
-            opened = False
-            for outcome in broker.settle(self._c, inst, [bar_row]):
-                if outcome.fill is not None:
-                    if not self._apply_paper_fill(routed, outcome):
-                        break  # (the rest of this bar was judged with that fill in it)
-                    opened = opened or outcome.opens
-                if outcome.cancel is not None:
-                    self._call("cancel_order", outcome.client_order_id, outcome.cancel[:500])
-            if opened:
-                ts, o, h, low, c, _v = bar_row
-                self._exec("SELECT trading.on_bar(%s, %s, %s, %s, %s, %s, %s, %s)",
-                                (inst.instrument_id, inst.timeframe, ts, o, h, low, c,
-                                 routed.account_id))
+        filled = False
+        for outcome in broker.settle(self._c, inst, [bar_row]):
+            if outcome.fill is not None:
+                if not self._apply_paper_fill(routed, outcome):
+                    break  # (the rest of this bar was judged with that fill in it)
+                filled = True
+            if outcome.cancel is not None:
+                self._call("cancel_order", outcome.client_order_id, outcome.cancel[:500])
+        return filled
+
+    def _protect_paper(self, routed: RoutedAccount, inst: PaperInstrument,
+                       bar_row: tuple[Any, ...]) -> bool:
+        """`trading.on_bar` for this account's positions on one bar, and the protective
+        orders it fires taken into the paper book in the same transaction (no other
+        router can take them from the queue meanwhile; their messages are archived when
+        read, the orders settled by then). True when it fired any."""
+        ts, o, h, low, c, _v = bar_row
+        inside = self._c.info.transaction_status != IDLE
+        for attempt in range(1, 6):
+            booked: list[Order] = []
+            cancelled: list[tuple[Order, dict[str, Any]]] = []
+            try:
+                with self._c.transaction():
+                    row = self._c.execute(
+                        "SELECT trading.on_bar(%s, %s, %s, %s, %s, %s, %s, %s)",
+                        (inst.instrument_id, inst.timeframe, ts, o, h, low, c,
+                         routed.account_id)).fetchone()
+                    fired = [int(i) for i in (row[0] if row and row[0] else [])]
+                    orders = self._orders(fired)
+                    for order_id in fired:
+                        order = orders.get(order_id)
+                        if order is None or order.status != "created":
+                            continue
+                        answer = self._call("acknowledge_order", order.client_order_id,
+                                            f"paper-{order.client_order_id}")
+                        if isinstance(answer, dict) and answer.get("status") == "cancelled":
+                            cancelled.append((order, answer))
+                        else:
+                            order.status = "submitted"
+                            booked.append(order)
+                break
+            except (psycopg.errors.DeadlockDetected, psycopg.errors.SerializationFailure):
+                if inside or attempt == 5:
+                    raise  # inside a transaction block: its owner repeats the whole of it
+                time.sleep(0.005 * attempt * random.random())
+        for order, gate in cancelled:
+            self._cancelled(order, gate)
+        for order in booked:
+            self._emit("order.acknowledged", order,
+                       broker_order_id=f"paper-{order.client_order_id}")
+        return bool(booked)
 
     def _apply_paper_fill(self, routed: RoutedAccount, fill: PaperFill) -> bool:
         """Apply a paper fill; False when the ledger refuses it. The paper broker then
@@ -717,6 +773,28 @@ class Router(Worker):
                                                "quantity": str(fill.fill.quantity),
                                                "price": str(fill.fill.price)})
         return True
+
+    def _accepted_bars(self, inst: PaperInstrument,
+                       order_ids: list[int]) -> list[tuple[Any, ...]]:
+        """The bars on which orders just taken into the paper book are settled: those
+        after the paper resume point (or, with none, `_first_needed`), or after the
+        earliest of the orders' signals (creations) when that is older, as `settle_many`
+        settles them: an order queued while the router was behind fills on the first bar
+        after its signal, not on the latest one. The latest bar at least, so an order
+        no bar fills yet is seen while it is the latest (`PaperBroker._ready_after`)."""
+        row = self._c.execute(
+            "SELECT (SELECT at FROM runtime.cursors WHERE name = %s), "
+            "min(COALESCE(s.ts, o.created_at)) FROM trading.orders o "
+            "LEFT JOIN trading.signals s ON s.signal_id = o.signal_id "
+            "WHERE o.order_id = ANY(%s)",
+            (f"paper:{inst.instrument_id}:{inst.timeframe}", order_ids)).fetchone()
+        resume, first = row if row is not None else (None, None)
+        after = resume or self._first_needed(inst)
+        if first is not None:
+            first -= timedelta(microseconds=1)
+            after = first if after is None else min(after, first)
+        rows = [] if after is None else bars_after(self._c, inst, after)
+        return rows or bars_after(self._c, inst, None)
 
     def _first_needed(self, inst: PaperInstrument) -> datetime | None:
         """With no resume point yet: just before the oldest open paper order's time (the
