@@ -13,6 +13,7 @@ Outputs are keyed by the canonical name, and `name.output` for multi-output indi
 from __future__ import annotations
 
 import functools
+import re
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 
@@ -100,6 +101,10 @@ _KINDS: dict[str, _Kind] = {
 }
 KNOWN: tuple[str, ...] = tuple(sorted(_KINDS))
 MAX_PERIOD = 100_000
+# a parameter as written in a name: digits (a sign only for the range check to refuse it),
+# a decimal one with an optional fraction; no exponent, "+", blanks or "_" as float() takes
+_WHOLE = re.compile(r"-?[0-9]+")
+_DECIMAL = re.compile(r"-?[0-9]+(?:\.[0-9]+)?")
 _INPUTS = ("high", "low", "close")
 
 
@@ -164,8 +169,14 @@ def _parse_param(name: str, param: _Param, text: str) -> float:
         value = float(text)
     except ValueError:
         raise IndicatorError(f"{name}: {param.label} must be a number, got {text!r}") from None
-    if param.integer and (not value.is_integer() or "." in text):
-        raise IndicatorError(f"{name}: {param.label} must be a whole number, got {text!r}")
+    if param.integer and not _WHOLE.fullmatch(text):
+        raise IndicatorError(
+            f"{name}: {param.label} must be a whole number in digits (e.g. 20), got {text!r}"
+        )
+    if not param.integer and not _DECIMAL.fullmatch(text):
+        raise IndicatorError(
+            f"{name}: {param.label} must be a plain decimal number (e.g. 2 or 2.5), got {text!r}"
+        )
     if not np.isfinite(value) or value < param.minimum or value > MAX_PERIOD:
         raise IndicatorError(
             f"{name}: {param.label} must be between {param.minimum:g} and {MAX_PERIOD}, got {text}"

@@ -1,7 +1,9 @@
 """Crash isolation for the runner: one failing strategy never stops the others.
 
 `StrategyGuard.run_isolated(strategy, context)` calls `on_bar`, catches whatever it
-raises (or a malformed return value), records it as a StrategyError and, after
+raises (SystemExit too; only KeyboardInterrupt goes through), or a malformed return value
+(a signal signed with another strategy's name or version among them), records it as a
+StrategyError and, after
 `max_consecutive_errors` failures in a row, disables that strategy instance until
 `enable()` is called. A successful bar resets the count.
 
@@ -24,7 +26,7 @@ from weakref import WeakKeyDictionary, finalize
 
 from strategies.base import IStrategy, SignalOutput
 from strategies.market import StrategyContext
-from strategies.signal import TradeSignal
+from strategies.signal import SignalError, TradeSignal
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,12 +74,13 @@ class _Health:
 
 
 class _Job:
-    __slots__ = ("call", "context", "done", "error", "signals")
+    __slots__ = ("call", "context", "done", "error", "signals", "strategy")
 
     def __init__(self, call: Callable[[StrategyContext], SignalOutput],
-                 context: StrategyContext) -> None:
+                 context: StrategyContext, strategy: type[IStrategy]) -> None:
         self.call: Callable[[StrategyContext], SignalOutput] | None = call
         self.context: StrategyContext | None = context
+        self.strategy = strategy
         self.done = threading.Event()
         self.signals: list[TradeSignal] = []
         self.error: BaseException | None = None
@@ -85,7 +88,7 @@ class _Job:
     def run(self) -> None:
         assert self.call is not None and self.context is not None
         try:
-            self.signals = _as_list(self.call(self.context))
+            self.signals = _as_list(self.call(self.context), self.strategy)
         except BaseException as exc:  # isolating arbitrary strategy code
             self.error = exc
         finally:
@@ -101,8 +104,8 @@ class _Runner:
         threading.Thread(target=self._loop, name=name, daemon=True).start()
 
     def submit(self, call: Callable[[StrategyContext], SignalOutput],
-               context: StrategyContext) -> _Job:
-        job = _Job(call, context)
+               context: StrategyContext, strategy: type[IStrategy]) -> _Job:
+        job = _Job(call, context, strategy)
         self._jobs.put(job)
         return job
 
@@ -157,8 +160,10 @@ class StrategyGuard:
         fn = call or strategy.on_bar
         if timeout is None:
             try:
-                signals = _as_list(fn(context))
-            except Exception as exc:  # isolating arbitrary strategy code
+                signals = _as_list(fn(context), type(strategy))
+            except KeyboardInterrupt:
+                raise
+            except BaseException as exc:  # isolating arbitrary strategy code, sys.exit too
                 return RunResult(error=self._failed(strategy, context, health, exc))
             health.consecutive = 0
             return RunResult(signals=signals)
@@ -173,7 +178,7 @@ class StrategyGuard:
             health.runner = _Runner(f"strategy-{type(strategy).name}")
             # the runner's thread ends with the strategy instance (a reload replaces it)
             finalize(strategy, health.runner.stop)
-        job = health.runner.submit(fn, context)
+        job = health.runner.submit(fn, context, type(strategy))
         deadline = time.monotonic() + timeout
         while not job.done.wait(max(0.0, min(deadline - time.monotonic(), tick))):
             if time.monotonic() >= deadline:
@@ -184,6 +189,8 @@ class StrategyGuard:
                         f"on_bar took longer than its {timeout:g} s budget: bar skipped")))
             if waiting is not None:
                 waiting()
+        if isinstance(job.error, KeyboardInterrupt):
+            raise job.error
         if job.error is not None:
             return RunResult(error=self._failed(strategy, context, health, job.error))
         health.consecutive = 0
@@ -220,14 +227,25 @@ class StrategyGuard:
         return error
 
 
-def _as_list(output: object) -> list[TradeSignal]:
+def _as_list(output: object, strategy: type[IStrategy]) -> list[TradeSignal]:
+    """The signals of a call's return value; a malformed one raises (the call's error)."""
     if output is None:
         return []
     if isinstance(output, TradeSignal):
-        return [output]
-    if isinstance(output, list) and all(isinstance(s, TradeSignal) for s in output):
-        return list(output)
-    raise TypeError(
-        f"on_bar returned {type(output).__name__}, expected TradeSignal, "
-        "a list of TradeSignal or None"
-    )
+        signals = [output]
+    elif isinstance(output, list) and all(isinstance(s, TradeSignal) for s in output):
+        signals = list(output)
+    else:
+        raise TypeError(
+            f"on_bar returned {type(output).__name__}, expected TradeSignal, "
+            "a list of TradeSignal or None"
+        )
+    for sig in signals:
+        # the runners submit a signal as it is: signed by another strategy, it would count
+        # as that one's (its votes, its allotted capital, its positions)
+        if sig.strategy != strategy.name or sig.version != strategy.version:
+            raise SignalError(
+                f"on_bar returned a signal of {sig.strategy} {sig.version}, not of "
+                f"{strategy.name} {strategy.version}: refused (make it with self.signal)"
+            )
+    return signals

@@ -4,6 +4,11 @@ Each user file is imported under its own module name (`mmats_user_strategies__<s
 of its path>`), so two folders may both hold a `trend.py`. `reload_if_changed()` re-imports
 the files whose content changed; when a new version fails to load, the last good one stays
 registered and the failure is reported as one line naming the file and the problem.
+
+Only regular files are loaded; a symbolic link is followed only to a file inside its own
+folder (one to a file elsewhere, or to nothing, is refused with a one-line error naming
+the link). A file refused only because another file already defines its strategy name is
+tried again at every reload, so it loads once that other file is gone or renamed.
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ import importlib
 import importlib.util
 import inspect
 import pkgutil
+import re
 import sys
 import traceback
 from collections.abc import Iterable, Mapping
@@ -28,6 +34,15 @@ EXAMPLES_PACKAGE = "strategies.examples"
 
 class StrategyLoadError(Exception):
     """A strategy file or name that cannot be used; str() is one line naming the file."""
+
+
+class _NameTaken(StrategyLoadError):
+    """A file whose only fault is a strategy name another file already defines."""
+
+
+# what the trading core accepts (trading.strategies, backtest.runs: db/sql/schema.sql)
+_NAME_RULE = re.compile(r"[A-Za-z][A-Za-z0-9_.-]{0,63}")
+_VERSION_RULE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+-]{0,31}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,6 +67,8 @@ class ReloadReport:
 class _FileState:
     digest: str
     names: list[str]
+    # a version refused only for a name another file defines: tried again at each reload
+    waiting: tuple[ModuleType, list[type[IStrategy]]] | None = None
 
 
 class StrategyLoader:
@@ -60,6 +77,7 @@ class StrategyLoader:
         self._registry: dict[str, LoadedStrategy] = {}
         self._files: dict[Path, _FileState] = {}
         self.errors: dict[str, str] = {}  # origin -> the latest one-line error
+        self._refused: set[str] = set()  # listed files refused before reading them
         if examples:
             self._load_examples()
         self.reload_if_changed()
@@ -99,34 +117,88 @@ class StrategyLoader:
     def reload_if_changed(self) -> ReloadReport:
         """Import new or edited user files, drop deleted ones; report what changed."""
         report = ReloadReport()
-        present = {p.resolve() for d in self.user_dirs for p in _py_files(d, report)}
+        present = self._present(report)
         for path in sorted(set(self._files) - present):
             report.removed.extend(self._unregister_file(path))
-            self.errors.pop(str(path), None)
+            sys.modules.pop(_module_name(path), None)
+            if str(path) not in self._refused:  # (now a refused link: its error stays)
+                self.errors.pop(str(path), None)
         for path in sorted(present):
-            source = path.read_bytes()
-            digest = hashlib.sha256(source).hexdigest()
             state = self._files.get(path)
+            try:
+                source = path.read_bytes()
+            except OSError as exc:  # deleted since the listing, unreadable, ...
+                self._error(report, str(path),
+                            f"{path}: cannot be read: {exc.strerror or type(exc).__name__}")
+                if state is None:
+                    self._files[path] = _FileState("", [])
+                else:  # the last good version stays; the file is read afresh next time
+                    state.digest, state.waiting = "", None
+                continue
+            digest = hashlib.sha256(source).hexdigest()
             if state is not None and state.digest == digest:
                 continue
             try:
-                classes = _strategy_classes(_import_file(path, source), str(path))
+                module = _import_file(path, source)
+                classes = _strategy_classes(module, str(path))
                 self._check_duplicates(classes, path)
             except StrategyLoadError as exc:
                 self.errors[str(path)] = str(exc)
                 report.errors.append(str(exc))
+                waiting = (module, classes) if isinstance(exc, _NameTaken) else None
                 if state is not None:
                     state.digest = digest  # report a broken version once, keep the last good
+                    state.waiting = waiting
                 else:
-                    self._files[path] = _FileState(digest, [])
+                    self._files[path] = _FileState(digest, [], waiting)
                 continue
-            old = self._unregister_file(path)
-            self._register(classes, str(path))
-            self._files[path] = _FileState(digest, [c.name for c in classes])
-            self.errors.pop(str(path), None)
-            report.loaded.extend(c.name for c in classes)
-            report.removed.extend(n for n in old if n not in report.loaded)
+            self._install(path, digest, module, classes, report)
+        for path in sorted(present):  # a name conflict that a removal or an edit ended
+            state = self._files.get(path)
+            if state is None or state.waiting is None:
+                continue
+            module, classes = state.waiting
+            try:
+                self._check_duplicates(classes, path)
+            except StrategyLoadError as exc:  # (another file may define the name now)
+                self._error(report, str(path), str(exc))
+                continue
+            self._install(path, state.digest, module, classes, report)
         return report
+
+    def _present(self, report: ReloadReport) -> set[Path]:
+        """The user files to load (resolved paths); refuses, once each, what is not a
+        regular file inside its folder."""
+        present: set[Path] = set()
+        refused: set[str] = set()
+        for directory in self.user_dirs:
+            for listed, resolved, problem in _py_files(directory, report):
+                if problem is None:
+                    present.add(resolved)
+                    continue
+                key = str(listed)
+                refused.add(key)
+                self._error(report, key, f"{key}: {problem}")
+        for key in self._refused - refused:
+            self.errors.pop(key, None)
+        self._refused = refused
+        return present
+
+    def _error(self, report: ReloadReport, key: str, text: str) -> None:
+        """Record a one-line error of a file (keyed by its path); reported when new."""
+        if self.errors.get(key) != text:
+            report.errors.append(text)
+        self.errors[key] = text
+
+    def _install(self, path: Path, digest: str, module: ModuleType,
+                 classes: list[type[IStrategy]], report: ReloadReport) -> None:
+        old = self._unregister_file(path)
+        self._register(classes, str(path))
+        sys.modules[module.__name__] = module
+        self._files[path] = _FileState(digest, [c.name for c in classes])
+        self.errors.pop(str(path), None)
+        report.loaded.extend(c.name for c in classes)
+        report.removed.extend(n for n in old if n not in report.loaded)
 
     def _check_duplicates(self, classes: list[type[IStrategy]], path: Path) -> None:
         own = set(self._files[path].names) if path in self._files else set()
@@ -137,7 +209,7 @@ class StrategyLoader:
             seen.add(cls.name)
             if cls.name in self._registry and cls.name not in own:
                 other = self._registry[cls.name].origin
-                raise StrategyLoadError(
+                raise _NameTaken(
                     f"{path}: strategy name {cls.name!r} is already defined by {other}"
                 )
 
@@ -158,11 +230,42 @@ class StrategyLoader:
         return names
 
 
-def _py_files(directory: Path, report: ReloadReport) -> list[Path]:
+def _py_files(directory: Path,
+              report: ReloadReport) -> list[tuple[Path, Path, str | None]]:
+    """(as listed, resolved, why it is refused or None) of each `*.py` of the folder that is
+    a regular file or a link to one: a link to a file outside the folder, or to nothing,
+    is refused; a folder named `x.py` is not a strategy file."""
     if not directory.is_dir():
         report.errors.append(f"{directory}: strategy folder not found")
         return []
-    return [p for p in sorted(directory.glob("*.py")) if not p.name.startswith("_")]
+    try:
+        home = directory.resolve()
+        listed = sorted(directory.absolute().glob("*.py"))
+    except OSError as exc:
+        report.errors.append(f"{directory}: strategy folder cannot be read: {exc.strerror}")
+        return []
+    files: list[tuple[Path, Path, str | None]] = []
+    for path in listed:
+        if path.name.startswith("_"):
+            continue
+        try:
+            resolved = path.resolve()
+            link = path.is_symlink()
+            regular = path.is_file()
+        except (OSError, RuntimeError) as exc:  # a link loop (RuntimeError before 3.13), ...
+            why = getattr(exc, "strerror", None) or _one_line(exc)
+            files.append((path, path, f"cannot be read: {why}"))
+            continue
+        if link and not resolved.exists():
+            files.append((path, resolved, f"symbolic link to {resolved}, which does not exist"))
+        elif not regular:
+            continue  # a folder, a pipe, ...
+        elif link and not resolved.is_relative_to(home):
+            files.append((path, resolved, f"symbolic link to {resolved}, outside the strategy "
+                          f"folder {home}: refused (copy the file into the folder)"))
+        else:
+            files.append((path, resolved, None))
+    return files
 
 
 def _module_name(path: Path) -> str:
@@ -175,7 +278,8 @@ def _import_file(path: Path, source: bytes) -> ModuleType:
     """The module of `source` (the bytes just read from `path` and hashed). Compiled here
     rather than through the import system's bytecode cache: that cache is checked by the
     file's mtime and size, so an edit within the same second that keeps the size (v1 ->
-    v2) would run the old code."""
+    v2) would run the old code. sys.modules is left as it was: the caller installs the
+    module once its strategies are registered."""
     name = _module_name(path)
     spec = importlib.util.spec_from_file_location(name, path)
     if spec is None or spec.loader is None:
@@ -186,14 +290,17 @@ def _import_file(path: Path, source: bytes) -> ModuleType:
     try:
         exec(compile(source, str(path), "exec", dont_inherit=True), module.__dict__)
     except SyntaxError as exc:
-        _restore(name, previous)
         raise StrategyLoadError(f"{path}:{exc.lineno}: syntax error: {exc.msg}") from None
-    except Exception as exc:  # whatever the file raises at import time
-        _restore(name, previous)
+    except KeyboardInterrupt:
+        raise
+    except BaseException as exc:  # whatever the file raises at import time, sys.exit too
         line = _line_in(path, exc)
         raise StrategyLoadError(
             f"{path}{line}: import failed: {type(exc).__name__}: {_one_line(exc)}"
         ) from None
+    finally:
+        # the module enters sys.modules when it is registered (the last good one stays)
+        _restore(name, previous)
     return module
 
 
@@ -240,6 +347,21 @@ def _strategy_classes(module: ModuleType, origin: str) -> list[type[IStrategy]]:
         name = getattr(cls, "name", None)
         if not isinstance(name, str) or not name.strip():
             raise StrategyLoadError(f"{origin}: class {cls.__name__} has no `name` (a string)")
+        if not _NAME_RULE.fullmatch(name):
+            raise StrategyLoadError(
+                f"{origin}: class {cls.__name__}: name {name!r} is not valid (1-64 characters:"
+                " a letter, then letters, digits, _ . -)"
+            )
+        version = getattr(cls, "version", None)
+        if not isinstance(version, str):
+            raise StrategyLoadError(
+                f"{origin}: class {cls.__name__}: version must be a string, got {version!r}"
+            )
+        if not _VERSION_RULE.fullmatch(version):
+            raise StrategyLoadError(
+                f"{origin}: class {cls.__name__}: version {version!r} is not valid (1-32"
+                " characters: a letter or digit, then letters, digits, _ . + -)"
+            )
         concrete.append(cls)
     if not concrete:
         raise StrategyLoadError(f"{origin}: no concrete IStrategy subclass found")

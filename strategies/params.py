@@ -72,11 +72,16 @@ class ParamSpec:
             return list(self.choices)
         if self.low is None or self.high is None or self.step is None:
             return [self.default]
-        count = round((self.high - self.low) / self.step) + 1
+        # the steps that fit in [low, high] (the epsilon keeps one that float arithmetic
+        # puts a hair above high, 0.1 + 0.2 > 0.3; rounding would add one past it)
+        count = math.floor((self.high - self.low) / self.step + 1e-9) + 1
         values = [self.low + i * self.step for i in range(count)]
         if isinstance(self.default, int):
-            return sorted({round(v) for v in values})
-        return [round(v, 10) for v in values]
+            grid: list[float] = sorted({round(v) for v in values})
+        else:
+            grid = [round(v, 10) for v in values]
+        # (a rounded value may still fall outside the search space or the domain)
+        return [v for v in grid if self.low <= v <= self.high and self._inside(v)]
 
 
 def resolve_params(

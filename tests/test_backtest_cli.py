@@ -187,3 +187,42 @@ def test_limits_file_applies_to_the_run_account(run, btc_url: str, tmp_path: Pat
     line = one_error_line(run("backtest", "--strategy", "sma_crossover", *BTC,
                               "--limits", str(bad)))
     assert "limit 1: needs a type" in line
+
+
+USER_STRATEGY = '''
+from strategies import IStrategy
+
+
+class S(IStrategy):
+    name = {name!r}
+
+    def get_required_indicators(self):
+        return []
+
+    def initialize(self, config):
+        {init}
+
+    def on_bar(self, context):
+        {body}
+'''
+
+
+@pytest.mark.parametrize(("name", "init", "body", "says"), [
+    ("init_raises", "raise RuntimeError('no API key configured')", "return None",
+     "error: init_raises: initialize failed: RuntimeError: no API key configured"),
+    ("my strategy", "pass", "return None", "error: no strategy named 'my strategy'"),
+    ("exits_in_on_bar", "pass", "raise SystemExit(3)", None),
+])
+def test_a_misbehaving_user_strategy_is_one_error_line_or_a_recorded_error(
+        run, tmp_path: Path, name: str, init: str, body: str, says: str | None) -> None:
+    (tmp_path / "s.py").write_text(USER_STRATEGY.format(name=name, init=init, body=body))
+    result = run("backtest", "--quiet", "--strategy", name, "--symbol", "BTC/USDT",
+                 "--timeframe", "1m", "--from", "2024-01-01", "--to", "2024-01-01T01:00",
+                 "--strategy-dir", str(tmp_path))
+    if says is not None:
+        assert one_error_line(result).startswith(says), result.stderr
+        return
+    # sys.exit in on_bar: the run completes, the error recorded like any other
+    assert result.returncode == 0 and "Traceback" not in result.stderr, result
+    assert re.search(r"^run \d+ ", result.stdout, re.MULTILINE), result.stdout
+    assert "exits_in_on_bar 1.0.0: SystemExit: 3 (1 in a row)" in result.stdout + result.stderr

@@ -36,7 +36,7 @@ _ids = itertools.count(1)
 STRATEGY_BODY = '''
 import json
 
-from strategies import IStrategy, ParamSpec
+from strategies import IStrategy, ParamSpec, TradeSignal
 
 
 class Scripted(IStrategy):
@@ -63,6 +63,12 @@ class Scripted(IStrategy):
         for symbol, action, kw in PLAN.get(n - self.params["shift"], []):
             if action == "raise":
                 raise ValueError(f"boom on call {n}")
+            if action == "exit":
+                raise SystemExit(3)
+            if action == "foreign":  # signed with another strategy's name
+                out.append(TradeSignal(strategy="sma_crossover", version=self.version,
+                                       symbol=symbol, action="buy", ts=context.now))
+                continue
             out.append(self.signal(context, symbol, action, **kw))
         return out or None
 '''
@@ -571,7 +577,43 @@ def test_a_signal_for_a_symbol_not_yet_traded_is_not_sized_from_the_future(conn,
         assert fills(conn, run_id) == []
 
 
+def test_sys_exit_or_a_foreign_signal_in_on_bar_is_a_strategy_error(conn, tmp_path):
+    sym = add_instrument(conn)
+    add_bars(conn, sym, flat(100, 4))
+    script = Script(tmp_path, {0: [(sym, "exit", {})], 1: [(sym, "foreign", {})],
+                               2: [(sym, "buy", {})]})
+    run_id = run(conn, script.config([sym], 4))
+    report = load_report(conn, run_id)
+    assert report["run"]["status"] == "finished"
+    assert report["strategy_errors"] == [
+        f"{script.name} 1.0.0: SystemExit: 3 (1 in a row)",
+        f"{script.name} 1.0.0: SignalError: on_bar returned a signal of sma_crossover 1.0.0, "
+        f"not of {script.name} 1.0.0: refused (make it with self.signal) (2 in a row)"]
+    assert len(script.calls()) == 4
+    # only its own signal reached the trading core
+    assert scalar(conn, "SELECT array_agg(s.name) FROM trading.signals g JOIN backtest.runs r"
+                  " USING (account_id) JOIN trading.strategies s USING (strategy_id)"
+                  " WHERE r.run_id = %s", run_id) == [script.name]
+
+
 # ----------------------------------------------------------------------------- bad input
+
+
+def test_a_strategy_whose_initialize_raises_is_a_one_line_error(conn, tmp_path):
+    sym = add_instrument(conn)
+    add_bars(conn, sym, flat(100, 3))
+    script = Script(tmp_path, {})
+    (tmp_path / f"{script.name}.py").write_text(
+        (tmp_path / f"{script.name}.py").read_text()
+        + "\n    def initialize(self, config):\n"
+          "        raise RuntimeError('no API key configured\\nsecond line')\n")
+    before = counts(conn)
+    with pytest.raises(BacktestError) as err:
+        run(conn, script.config([sym], 3))
+    assert str(err.value) == (
+        f"{script.name}: initialize failed: RuntimeError: no API key configured")
+    assert counts(conn) == before  # no run, no account, no order
+
 
 
 def test_bad_input_is_a_one_line_error_and_writes_nothing(conn, tmp_path):

@@ -159,6 +159,48 @@ def test_donchian_breakout_short_side_and_no_repeat_entries() -> None:
     assert float(trace[0][1].stop_loss or 0) > 8
 
 
+def test_donchian_breakout_enters_without_a_stop_that_would_be_at_or_below_zero() -> None:
+    # a cheap, volatile instrument: 3 ATRs below the close is below zero
+    close = [1.0, 1.0, 1.0, 1.6, 1.0, 1.0, 1.7]
+    high = [max(c, 1.0) for c in close]
+    low = [0.5 if c > 1 else 1.0 for c in close]
+    strategy = DonchianBreakout({"channel": 2, "exit_channel": 2, "atr_period": 1,
+                                 "stop_atr": 3.0})
+    trace = replay(strategy, {"X": bars(close, high, low)}, fills=False)
+    assert actions(trace) == [(3, "X", "buy"), (6, "X", "buy")]
+    entry = trace[0][1]
+    # ATR_1 at bar 3 = its true range 1.6 - 0.5 = 1.1: the stop 1.6 - 3.3 = -1.7
+    assert entry.stop_loss is None and float(entry.trailing_stop or 0) == pytest.approx(3.3)
+    assert entry.reasoning == (
+        "close 1.6 > DONCHIAN_2.upper 1; no stop_loss: close - 3 ATR = -1.7 <= 0")
+    # a stop above zero is still given
+    trace = replay(DonchianBreakout({"channel": 2, "exit_channel": 2, "atr_period": 1,
+                                     "stop_atr": 1.0}), {"X": bars(close, high, low)})
+    assert float(trace[0][1].stop_loss or 0) == pytest.approx(0.5)
+    assert "no stop_loss" not in trace[0][1].reasoning
+
+
+def test_momentum_rotation_closes_a_held_symbol_without_a_bar_at_the_rebalance() -> None:
+    strategy = MomentumRotation({"lookback": 1, "top_n": 1, "rebalance_every": 1})
+    strategy.initialize({})
+    b = BarSeries("B", bars([100, 110]), strategy.get_required_indicators())
+    # A was bought at an earlier rebalance and has no bar now (a holiday on its venue, a
+    # halt): the runner leaves it out of context.data
+    account = AccountState(cash=Decimal(0), equity=Decimal(1000),
+                           positions={"A": PositionState(Decimal(5), Decimal(100))})
+    ctx = StrategyContext(Environment.BACKTEST, T0 + timedelta(days=1), {"B": b.market_data(1)},
+                          account)
+    out = strategy.on_bar(ctx)
+    assert isinstance(out, list)
+    assert [(s.symbol, s.action, s.reasoning) for s in out] == [
+        ("A", "close", "out of the top 1: no bar at the rebalance")]
+    # B is bought once A's close has filled
+    flat = StrategyContext(Environment.BACKTEST, T0 + timedelta(days=1), {"B": b.market_data(1)},
+                           AccountState(cash=Decimal(1000), equity=Decimal(1000)))
+    bought = strategy.on_bar(flat)
+    assert isinstance(bought, list) and [(s.symbol, s.action) for s in bought] == [("B", "buy")]
+
+
 def test_momentum_rotation_holds_the_top_n_and_rotates_every_k_bars() -> None:
     a = [100, 101, 102, 103, 104, 105, 105, 105, 105]  # steady riser, then stalls
     b = [100, 100, 100, 100, 100, 100, 100, 100, 100]  # flat: never above min_return 0

@@ -132,6 +132,8 @@ def test_parse_names() -> None:
         "MACD_12_26_9.hist",
     )
     assert parse_indicator("BBANDS_20_2.5").name == "BBANDS_20_2.5"
+    assert parse_indicator("BBANDS_20_2.0").name == "BBANDS_20_2"
+    assert parse_indicator("sma_020").name == "SMA_20"
     assert parse_indicator("BBANDS_20_2").keys[0] == "BBANDS_20_2.upper"
 
 
@@ -144,6 +146,17 @@ def test_parse_names() -> None:
         ("SMA_0", "SMA_0: period must be between 1 and 100000, got 0"),
         ("RSI_1", "RSI_1: period must be between 2 and 100000"),
         ("SMA_2.5", "period must be a whole number"),
+        # what float() takes, a name does not: a whole number is digits only
+        ("SMA_2e1", "SMA_2e1: period must be a whole number in digits (e.g. 20), got '2E1'"),
+        ("SMA_+20", "period must be a whole number in digits (e.g. 20), got '+20'"),
+        ("SMA_ 20", "period must be a whole number in digits (e.g. 20), got ' 20'"),
+        ("SMA_20.0", "period must be a whole number in digits"),
+        ("SMA_\u0662\u0660", "period must be a whole number in digits"),  # Arabic-Indic 20
+        ("SMA_inf", "period must be a whole number in digits"),
+        ("BBANDS_20_2e0", "deviations must be a plain decimal number (e.g. 2 or 2.5), got '2E0'"),
+        ("BBANDS_20_+2", "deviations must be a plain decimal number"),
+        ("BBANDS_20_2.", "deviations must be a plain decimal number"),
+        ("BBANDS_20_nan", "deviations must be a plain decimal number"),
         ("EMA_abc", "period must be a number, got 'ABC'"),
         ("MACD_26_12_9", "the fast period must be below the slow period"),
         ("BBANDS_20_-1", "deviations must be between 0"),

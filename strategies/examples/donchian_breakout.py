@@ -3,8 +3,10 @@
 Idea: a close above the highest high of the previous `channel` bars is a breakout; trends
 that start that way tend to continue. The entry carries a stop_loss `stop_atr` ATRs below
 the close and a trailing stop `trail_atr` ATRs behind the best price (both kept by the
-database on every bar). A long is also closed when the close falls below the lowest low of
-the previous `exit_channel` bars. With `allow_short`, the mirror image on the downside.
+database on every bar); a long whose stop would be at or below zero (an ATR that large
+against the price) is entered without the stop_loss, as its reasoning says. A long is
+also closed when the close falls below the lowest low of the previous `exit_channel`
+bars. With `allow_short`, the mirror image on the downside.
 
 The channel compared with the close is the one of the bars BEFORE the current one (the
 current bar's own high is always inside its channel).
@@ -88,14 +90,19 @@ class DonchianBreakout(IStrategy):
         stop, trail = self.float_param("stop_atr") * atr, self.float_param("trail_atr") * atr
         size = self.float_param("size")
         if not position.is_long and close > upper:
+            reasoning = f"close {close:.6g} > {entry}.upper {upper:.6g}"
+            stop_loss = close - stop
+            if stop_loss <= 0:  # a stop price must be > 0: entered without one
+                reasoning += (f"; no stop_loss: close - {self.float_param('stop_atr'):g} ATR"
+                              f" = {stop_loss:.6g} <= 0")
             return self.signal(
                 context,
                 symbol,
                 "buy",
                 size=size,
-                stop_loss=close - stop,
+                stop_loss=stop_loss if stop_loss > 0 else None,
                 trailing_stop=trail or None,
-                reasoning=f"close {close:.6g} > {entry}.upper {upper:.6g}",
+                reasoning=reasoning,
                 metadata={"atr": atr},
             )
         if self.bool_param("allow_short") and not position.is_short and close < lower:

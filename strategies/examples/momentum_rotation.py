@@ -3,8 +3,9 @@
 Idea: relative momentum persists over weeks to months (Jegadeesh & Titman). Every
 `rebalance_every` bars the strategy ranks the symbols it trades by their return over the
 last `lookback` bars (ROC), buys the best `top_n` (each with 1/top_n of the allotted
-capital) and closes whatever else it holds. An absolute-momentum filter keeps out winners
-whose return is not above `min_return` (e.g. 0: never hold a falling market).
+capital) and closes whatever else it holds (a held symbol without a bar at the rebalance
+too). An absolute-momentum filter keeps out winners whose return is not above
+`min_return` (e.g. 0: never hold a falling market).
 
 A rotation sells before it buys: when a rebalance closes positions, the new winners are
 bought on the first bar after those closes have filled (their cash is then free; bought on
@@ -83,7 +84,10 @@ class MomentumRotation(IStrategy):
         winners = [s for s in ranked[:top_n] if returns[s] > self.float_param("min_return")]
         signals: list[TradeSignal] = []
         buys: list[TradeSignal] = []
-        for symbol in sorted(context.data):
+        # the held symbols as well: one without a bar now (a holiday on its venue, a halt)
+        # is not in context.data, and is out of the ranking
+        held_now = {s for s, p in context.account.positions.items() if not p.is_flat}
+        for symbol in sorted(set(context.data) | held_now):
             held = not context.account.position(symbol).is_flat
             if symbol in winners:
                 rank = ranked.index(symbol) + 1
@@ -99,15 +103,10 @@ class MomentumRotation(IStrategy):
                 )
             elif held:
                 self._closing.add(symbol)
-                r = returns.get(symbol, math.nan)
-                signals.append(
-                    self.signal(
-                        context,
-                        symbol,
-                        "close",
-                        reasoning=f"out of the top {top_n}: return {r:+.2%}",
-                    )
-                )
+                r = returns.get(symbol)
+                why = "no bar at the rebalance" if r is None else f"return {r:+.2%}"
+                signals.append(self.signal(context, symbol, "close",
+                                           reasoning=f"out of the top {top_n}: {why}"))
         if self._closing:
             self._buys = buys  # after the closes have filled
         else:

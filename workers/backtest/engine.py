@@ -127,15 +127,24 @@ class Engine:
     # ------------------------------------------------------------------ set-up
     def _load_strategy(self) -> IStrategy:
         loader = StrategyLoader(self.config.strategy_dirs)
-        report = loader.reload_if_changed()
+        loader.reload_if_changed()
         try:
             strategy = loader.create(self.config.strategy, self.config.params)
         except (StrategyLoadError, ParamError) as exc:
-            errors = "; ".join(str(e) for e in report.errors) if report.errors else ""
+            # every file the loader refused (reported by whichever load first met it)
+            errors = "; ".join(loader.errors.values())
             raise BacktestError(f"{exc}{' (' + errors + ')' if errors else ''}") from None
-        strategy.initialize({"environment": Environment.BACKTEST.value,
-                             "symbols": list(self.config.symbols),
-                             "timeframe": self.config.timeframe})
+        try:
+            strategy.initialize({"environment": Environment.BACKTEST.value,
+                                 "symbols": list(self.config.symbols),
+                                 "timeframe": self.config.timeframe})
+        except KeyboardInterrupt:
+            raise
+        except BaseException as exc:  # the strategy's own code, sys.exit too: one line
+            lines = str(exc).strip().splitlines()
+            raise BacktestError(
+                f"{self.config.strategy}: initialize failed: {type(exc).__name__}: "
+                f"{lines[0] if lines else '(no message)'}") from None
         return strategy
 
     def _load(self, symbol: str) -> SymbolData:
