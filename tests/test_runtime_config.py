@@ -96,6 +96,21 @@ def test_bar_grace_defaults_to_three_seconds_and_is_passed_to_the_strategy_worke
     assert worker.bar_grace_seconds == 0.5  # type: ignore[attr-defined]
 
 
+
+def test_the_strategy_budget_defaults_to_ten_seconds_and_is_passed_to_the_worker():
+    from workers.runtime.supervisor import build_worker
+
+    assert _parse(ACC).strategy_timeout_seconds == 10.0
+    cfg = _parse('[runtime]\nstrategy_timeout_seconds = 2.5\n' + ACC + '[[strategies]]\n'
+                 'account = "a"\nname = "s"\nsymbols = ["X"]')
+    worker = build_worker("strategies", cfg, "postgresql://unused")  # (connects at start)
+    assert worker.strategy_timeout_seconds == 2.5  # type: ignore[attr-defined]
+    for bad, says in (("0", "must be >= 0.01"), ("-1", "must be >= 0.01"),
+                      ('"soon"', "must be a number")):
+        with pytest.raises(rc.RuntimeConfigError, match=rf"\[runtime\] "
+                           rf"strategy_timeout_seconds {says}"):
+            _parse(f"[runtime]\nstrategy_timeout_seconds = {bad}\n")
+
 STRAT = '[[strategies]]\naccount = "a"\nname = "s"\nsymbols = ["X"]\n'
 
 

@@ -110,6 +110,7 @@ class RuntimeConfig:
     strategy_dirs: tuple[Path, ...] = ()
     heartbeat_seconds: float = 5.0
     bar_grace_seconds: float = 3.0  # a multi-symbol entry's wait for a bar of the same time
+    strategy_timeout_seconds: float = 10.0  # each on_bar call's time budget
     log_file: str | None = None
     source: Path | None = None
     replay: ReplaySession | None = None  # a replay session's feed (`mmats paper`)
@@ -358,7 +359,8 @@ def parse(raw: Mapping[str, Any], source: Path | None = None) -> RuntimeConfig:
     notifications = raw.get("notifications", {})
     if not all(isinstance(t, dict) for t in (section, router, notifications)):
         raise RuntimeConfigError("[runtime], [router] and [notifications] must be tables")
-    _only(section, {"strategy_dirs", "heartbeat_seconds", "bar_grace_seconds", "log_file"},
+    _only(section, {"strategy_dirs", "heartbeat_seconds", "bar_grace_seconds",
+                    "strategy_timeout_seconds", "log_file"},
           "[runtime]")
     dirs = section.get("strategy_dirs", [])
     if not isinstance(dirs, list) or not all(isinstance(d, str) for d in dirs):
@@ -393,6 +395,9 @@ def parse(raw: Mapping[str, Any], source: Path | None = None) -> RuntimeConfig:
         bar_grace_seconds=float(_dec(section.get("bar_grace_seconds", 3),
                                      "[runtime] bar_grace_seconds", Decimal(0),
                                      Decimal(3600))),
+        strategy_timeout_seconds=float(_dec(section.get("strategy_timeout_seconds", 10),
+                                            "[runtime] strategy_timeout_seconds",
+                                            Decimal("0.01"), Decimal(3600))),
         log_file=str(log_file.resolve()) if log_file is not None else None,
         source=source, replay=replay)
 

@@ -17,8 +17,8 @@ the strategy.
 Bars stored while no worker ran are caught up from the oldest resume point of the
 entries reading each series, in chunks of the series' history size: however many there
 are, no bar is skipped and memory stays bounded. Each on_bar call runs on the strategy's
-own thread with a time budget (STRATEGY_TIMEOUT_SECONDS): a call over it is skipped for
-its bar (whatever it returns later is dropped), reported as a strategy error and counted
+own thread with a time budget ([runtime] strategy_timeout_seconds): a call over it is
+skipped for its bar (whatever it returns later is dropped), reported as a strategy error and counted
 toward the disable; the strategy gets no bar, and is told no event, until that call has
 returned, so a slow or stuck strategy holds back neither the others nor the heartbeat.
 """
@@ -63,8 +63,8 @@ from workers.runtime.worker import Worker, connect
 _ONE_US = timedelta(microseconds=1)
 # each on_bar call's time budget: a call over it is skipped for its bar (its late result
 # dropped), reported as a strategy error and counted toward the disable after repeated
-# errors; the strategy gets no bar until that call returns. (A constant: [runtime] of
-# the configuration has no key for it; StrategyWorker(strategy_timeout_seconds=) sets it.)
+# errors; the strategy gets no bar until that call returns. The default of
+# [runtime] strategy_timeout_seconds (workers.runtime.config).
 STRATEGY_TIMEOUT_SECONDS = 10.0
 IDLE = psycopg.pq.TransactionStatus.IDLE
 _ACCOUNT = """

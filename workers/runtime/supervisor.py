@@ -167,7 +167,8 @@ def build_worker(kind: str, config: RuntimeConfig, url: str, *,
                                      "nothing to run")
         return StrategyWorker(url, config.strategies, strategy_dirs=config.strategy_dirs,
                               name=name or "strategies", heartbeat_seconds=hb,
-                              bar_grace_seconds=config.bar_grace_seconds)
+                              bar_grace_seconds=config.bar_grace_seconds,
+                              strategy_timeout_seconds=config.strategy_timeout_seconds)
     if kind == "router":
         with psycopg.connect(url, autocommit=True) as conn:
             accounts = routed_accounts(conn, config)
