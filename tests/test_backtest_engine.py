@@ -596,6 +596,22 @@ def test_sys_exit_or_a_foreign_signal_in_on_bar_is_a_strategy_error(conn, tmp_pa
                   " WHERE r.run_id = %s", run_id) == [script.name]
 
 
+
+def test_sys_exit_in_on_order_filled_is_a_strategy_error(conn, tmp_path):
+    sym = add_instrument(conn)
+    add_bars(conn, sym, flat(100, 4))
+    script = Script(tmp_path, {0: [(sym, "buy", {})]})
+    path = tmp_path / f"{script.name}.py"
+    path.write_text(path.read_text().replace(
+        "    def on_bar(self, context):",
+        "    def on_order_filled(self, event):\n        raise SystemExit(4)\n\n"
+        "    def on_bar(self, context):", 1))
+    run_id = run(conn, script.config([sym], 4))
+    report = load_report(conn, run_id)
+    assert report["run"]["status"] == "finished"
+    assert [e for e in report["strategy_errors"] if "on_order_filled" in e], report
+    assert len(script.calls()) == 4
+
 # ----------------------------------------------------------------------------- bad input
 
 

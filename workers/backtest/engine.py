@@ -407,7 +407,9 @@ class Engine:
     def _event(self, hook: Callable[[Any], None], event: object) -> None:
         try:
             hook(event)
-        except Exception as exc:  # a strategy's callback must not stop the run
+        except KeyboardInterrupt:
+            raise
+        except BaseException as exc:  # a strategy's callback (sys.exit too) must not stop the run
             self._strategy_error(f"{type(exc).__name__} in {hook.__name__}: {exc}")
 
     def _account_state(self) -> AccountState:

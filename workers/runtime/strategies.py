@@ -825,7 +825,9 @@ class StrategyWorker(Worker):
     def _hook(self, a: Assignment, hook: Any, event: object) -> None:
         try:
             hook(event)
-        except Exception as exc:  # a strategy's callback must not stop the others
+        except KeyboardInterrupt:
+            raise
+        except BaseException as exc:  # a callback (sys.exit too) must not stop the others
             self.counts["errors"] += 1
             a.errors += 1
             if a.errors <= 3:
