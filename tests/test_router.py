@@ -567,6 +567,33 @@ def test_a_paper_fill_the_ledger_refuses_cancels_its_order_and_is_reported(
     assert fills(conn, acc) == []
 
 
+def test_a_manual_limit_in_a_replayed_session_fills_on_its_first_next_bar(
+        conn: psycopg.Connection, make_router: Callable[..., Router]) -> None:
+    """A replayed session: the bars are historic, the manual order is made now (its
+    created_at is wall-clock, long after T0). The paper broker takes T0, the latest bar
+    when the order entered the paper book, as its time, so T1 is its first eligible bar;
+    the router passed T1 over (it started after created_at) and the GTC limit at 99 that
+    T1 reached filled on T2 at 97."""
+    iid = instrument(conn, "BTC/USD", "crypto", "100")
+    acc = paper_account(conn, "paper1")
+    r = one(conn, "SELECT trading.place_manual_order(%s)", Jsonb(
+        {"account": "paper1", "symbol": "BTC/USD", "side": "buy", "quantity": "1",
+         "type": "limit", "limit_price": "99"}))
+    assert r["status"] == "approved", r
+    oid = int(r["order_id"])
+    assert order_row(conn, oid)["created_at"] > T2 + timedelta(days=1)
+    router = make_router(paper_routed(acc, "paper1", COSTS))
+    router.drain()
+    assert order_row(conn, oid)["state"] == "submitted"
+    for ts, o, h, low, c in ((T1, "100", "101", "98", "100"), (T2, "97", "97", "97", "97")):
+        add_bar(conn, iid, ts, o, h, low, c)
+        router.settle_bars(iid, "1m", ts)
+    (f,) = fills(conn, acc)
+    assert (f["order_id"], f["price"], f["ts"]) == (oid, Decimal(99), T1), \
+        "its first eligible bar (T1) reached 99"
+    assert order_row(conn, oid)["state"] == "filled"
+
+
 # ---------------------------------------------------------------------------- Alpaca
 @pytest.fixture
 def aapl(conn: psycopg.Connection) -> int:

@@ -798,17 +798,28 @@ class Router(Worker):
 
     def _first_needed(self, inst: PaperInstrument) -> datetime | None:
         """With no resume point yet: just before the oldest open paper order's time (the
-        bars after it may fill it), or None (the latest bar only)."""
-        ids = [a.account_id for a in self._paper]
-        row = self._c.execute(
-            "SELECT min(COALESCE(s.ts, o.created_at)) FROM trading.orders o "
+        bars after it may fill it), or None (the latest bar only). An order with no
+        signal is timed as its paper broker times it (`PaperBroker._ready_after`): in a
+        replayed session, by the latest bar when it entered the paper book, older than
+        its creation (wall-clock now); the bar after that one may fill it."""
+        brokers = {a.account_id: a.broker for a in self._paper}
+        rows = self._c.execute(
+            "SELECT o.order_id, o.account_id, COALESCE(s.ts, o.created_at), s.ts IS NULL "
+            "FROM trading.orders o "
             "LEFT JOIN trading.signals s ON s.signal_id = o.signal_id "
             "WHERE o.account_id = ANY(%s) AND o.instrument_id = %s "
             "AND o.status IN ('submitted', 'partially_filled')",
-            (ids, inst.instrument_id)).fetchone()
-        if row is None or row[0] is None:
-            return None
-        return row[0] - timedelta(microseconds=1)
+            (list(brokers), inst.instrument_id)).fetchall()
+        first = None
+        for order_id, account_id, at, unsignalled in rows:
+            at -= timedelta(microseconds=1)
+            broker = brokers.get(int(account_id))
+            if unsignalled and isinstance(broker, PaperBroker):
+                seen = broker._seen_at.get(int(order_id))
+                if seen is not None:
+                    at = min(at, seen + broker.latency)
+            first = at if first is None else min(first, at)
+        return first
 
     def _catch_up(self) -> None:
         """Settle the bars no notification told us about: those stored while no router
