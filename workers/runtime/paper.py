@@ -230,6 +230,12 @@ class PaperBroker:
             self._seen_at[order_id] = seen
         return seen + self.latency
 
+    def ready_after(self, order_id: int) -> datetime | None:
+        """The time after which a bar may fill an order without a signal, as this broker
+        has recorded it (None: not seen yet): what _ready_after answers once it has."""
+        seen = self._seen_at.get(order_id)
+        return None if seen is None else seen + self.latency
+
     # ------------------------------------------------------------------ settling bars
     def settle(self, conn: psycopg.Connection, inst: PaperInstrument,
                bar_rows: list[tuple[Any, ...]]) -> list[PaperFill]:

@@ -815,9 +815,9 @@ class Router(Worker):
             at -= timedelta(microseconds=1)
             broker = brokers.get(int(account_id))
             if unsignalled and isinstance(broker, PaperBroker):
-                seen = broker._seen_at.get(int(order_id))
-                if seen is not None:
-                    at = min(at, seen + broker.latency)
+                ready = broker.ready_after(int(order_id))
+                if ready is not None:
+                    at = min(at, ready)
             first = at if first is None else min(first, at)
         return first
 

@@ -682,7 +682,7 @@ DECLARE
     moved numeric;
     id bigint;
     eq numeric;
-    scale numeric;
+    scales boolean := false;  -- a flow the equity can scale by (both sides of it > 0)
 BEGIN
     IF movement IS NULL OR jsonb_typeof(movement) <> 'object' THEN
         RAISE EXCEPTION 'book_cash takes a JSON object, got %', COALESCE(movement::text, 'NULL')
@@ -768,18 +768,18 @@ BEGIN
     -- to 12 decimals, trailing zeros trimmed)
     IF k IN ('deposit', 'withdrawal') THEN
         SELECT e.equity INTO eq FROM trading.account_equity(acc.account_id) e;
-        scale := CASE WHEN eq > 0 AND eq + moved > 0 THEN (eq + moved) / eq END;
+        scales := COALESCE(eq > 0 AND eq + moved > 0, false);
     END IF;
     UPDATE trading.accounts a
     SET cash = a.cash + moved,
         peak_equity = CASE WHEN k NOT IN ('deposit', 'withdrawal') THEN a.peak_equity
-                           WHEN scale IS NOT NULL
+                           WHEN scales
                            THEN trim_scale(round(a.peak_equity * (eq + moved) / eq, 12))
                            ELSE a.peak_equity + moved END,
         day_start_equity = CASE WHEN k IN ('deposit', 'withdrawal') THEN a.day_start_equity + moved
                                 ELSE a.day_start_equity END,
         day_start_scaled = CASE WHEN k NOT IN ('deposit', 'withdrawal') THEN a.day_start_scaled
-                                WHEN scale IS NOT NULL
+                                WHEN scales
                                 THEN trim_scale(round(a.day_start_scaled * (eq + moved) / eq, 12))
                                 ELSE a.day_start_scaled + moved END,
         flows_since_snapshot = CASE WHEN k IN ('deposit', 'withdrawal')
