@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
+from datetime import UTC, datetime, timedelta
 from typing import Any, ClassVar, Literal
 
 from strategies._decimal import Number, to_decimal
@@ -85,7 +86,14 @@ class IStrategy(ABC):
     def on_order_rejected(self, event: OrderRejected) -> None:  # noqa: B027 - optional hook
         pass
 
+    def timer_interval(self) -> timedelta | None:
+        """How often `on_timer` runs (None, the default: never). See `timer_due`."""
+        return None
+
     def on_timer(self, context: StrategyContext) -> SignalOutput:
+        """The scheduled decision: called, after `on_bar`, at the first bar close of each
+        new period of `timer_interval()` (e.g. a daily rebalance on hourly bars), with the
+        same context; its signals go the same way as `on_bar`'s."""
         return None
 
     def on_news_sentiment(self, event: NewsSentiment) -> None:  # noqa: B027 - optional hook
@@ -128,3 +136,37 @@ class IStrategy(ABC):
             reasoning=reasoning,
             metadata=metadata or {},
         )
+
+
+# Periods of a strategy's timer are counted from Monday 1970-01-05 00:00 UTC: a daily
+# timer's periods start at midnight UTC, a weekly one's on Mondays, an hourly one's on the
+# hour.
+TIMER_ORIGIN = datetime(1970, 1, 5, tzinfo=UTC)
+
+
+class TimerIntervalError(ValueError):
+    """A strategy's timer_interval() is not None or a positive timedelta."""
+
+
+def check_timer_interval(strategy: IStrategy) -> timedelta | None:
+    """The strategy's timer interval, checked: None or a positive whole number of seconds
+    (a malformed one raises TimerIntervalError naming the strategy)."""
+    interval = strategy.timer_interval()
+    if interval is None:
+        return None
+    if (not isinstance(interval, timedelta) or interval <= timedelta(0)
+            or interval % timedelta(seconds=1)):
+        raise TimerIntervalError(f"strategy {type(strategy).name}: timer_interval() returned "
+                         f"{interval!r}, expected None or a positive timedelta of whole seconds")
+    return interval
+
+
+def timer_due(interval: timedelta | None, previous: datetime | None, close: datetime) -> bool:
+    """Whether a bar closing at `close` runs the timer: it is the first bar close of a new
+    period of `interval` after the previous bar close the strategy saw (`previous`; None:
+    this is its first bar, and no timer runs). A gap of several periods (a weekend, an
+    outage) runs it once, at the first bar after the gap. Backtest, paper and live apply
+    this same rule to the same bars, so a timer's signals are the same in all three."""
+    if interval is None or previous is None:
+        return False
+    return (close - TIMER_ORIGIN) // interval > (previous - TIMER_ORIGIN) // interval

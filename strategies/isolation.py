@@ -88,7 +88,8 @@ class _Job:
     def run(self) -> None:
         assert self.call is not None and self.context is not None
         try:
-            self.signals = _as_list(self.call(self.context), self.strategy)
+            self.signals = _as_list(self.call(self.context), self.strategy,
+                                    getattr(self.call, "__name__", "on_bar"))
         except BaseException as exc:  # isolating arbitrary strategy code
             self.error = exc
         finally:
@@ -160,7 +161,8 @@ class StrategyGuard:
         fn = call or strategy.on_bar
         if timeout is None:
             try:
-                signals = _as_list(fn(context), type(strategy))
+                signals = _as_list(fn(context), type(strategy),
+                                   getattr(fn, "__name__", "on_bar"))
             except KeyboardInterrupt:
                 raise
             except BaseException as exc:  # isolating arbitrary strategy code, sys.exit too
@@ -186,7 +188,8 @@ class StrategyGuard:
                 health.running, health.running_since = job, context.now
                 return RunResult(timed_out=True, error=self._failed(
                     strategy, context, health, StrategyTimeout(
-                        f"on_bar took longer than its {timeout:g} s budget: bar skipped")))
+                        f"{getattr(fn, '__name__', 'on_bar')} took longer than its "
+                        f"{timeout:g} s budget: bar skipped")))
             if waiting is not None:
                 waiting()
         if isinstance(job.error, KeyboardInterrupt):
@@ -227,7 +230,8 @@ class StrategyGuard:
         return error
 
 
-def _as_list(output: object, strategy: type[IStrategy]) -> list[TradeSignal]:
+def _as_list(output: object, strategy: type[IStrategy],
+             hook: str = "on_bar") -> list[TradeSignal]:
     """The signals of a call's return value; a malformed one raises (the call's error)."""
     if output is None:
         return []
@@ -237,7 +241,7 @@ def _as_list(output: object, strategy: type[IStrategy]) -> list[TradeSignal]:
         signals = list(output)
     else:
         raise TypeError(
-            f"on_bar returned {type(output).__name__}, expected TradeSignal, "
+            f"{hook} returned {type(output).__name__}, expected TradeSignal, "
             "a list of TradeSignal or None"
         )
     for sig in signals:
@@ -245,7 +249,7 @@ def _as_list(output: object, strategy: type[IStrategy]) -> list[TradeSignal]:
         # as that one's (its votes, its allotted capital, its positions)
         if sig.strategy != strategy.name or sig.version != strategy.version:
             raise SignalError(
-                f"on_bar returned a signal of {sig.strategy} {sig.version}, not of "
+                f"{hook} returned a signal of {sig.strategy} {sig.version}, not of "
                 f"{strategy.name} {strategy.version}: refused (make it with self.signal)"
             )
     return signals

@@ -226,3 +226,24 @@ def test_a_misbehaving_user_strategy_is_one_error_line_or_a_recorded_error(
     assert result.returncode == 0 and "Traceback" not in result.stderr, result
     assert re.search(r"^run \d+ ", result.stdout, re.MULTILINE), result.stdout
     assert "exits_in_on_bar 1.0.0: SystemExit: 3 (1 in a row)" in result.stdout + result.stderr
+
+
+def test_the_readme_strategy_example_runs_and_trades_on_its_timer(
+        run, btc_url: str, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    readme = (REPO / "README.md").read_text()
+    code = readme.split("<!-- strategy-example -->", 1)[1].split("```python", 1)[1]
+    (tmp_path / "hourly_dip.py").write_text(code.split("```", 1)[0])
+    result = run("backtest", "--quiet", "--strategy", "hourly_dip", "--strategy-dir",
+                 str(tmp_path), *BTC, "--label", "readme-example")
+    assert result.returncode == 0, result.stderr
+    with psycopg.connect(btc_url) as conn:
+        stamps = [ts for (ts,) in conn.execute(
+            "SELECT g.ts FROM trading.signals g JOIN backtest.runs r USING (account_id)"
+            " WHERE r.label = 'readme-example' ORDER BY g.signal_id")]
+        trades = conn.execute(
+            "SELECT count(*) FROM backtest.trades t JOIN backtest.runs r USING (run_id)"
+            " WHERE r.label = 'readme-example'").fetchone()
+    # on_bar says nothing: every signal is the timer's, decided at the top of an hour
+    assert stamps, "the example never signalled on this day of data"
+    assert all((ts.minute, ts.second, ts.microsecond) == (59, 59, 999999) for ts in stamps)
+    assert trades is not None and trades[0] >= 1

@@ -811,3 +811,109 @@ def test_a_spread_given_for_symbol_at_venue_is_charged(conn, tmp_path):
     run_id = run(conn, script.config([f"{sym}@test"], 4, spread={f"{sym}@TEST": D("0.01")}))
     # bought at bar 1's open 100 + half the spread 0.5
     assert [f[2] for f in fills(conn, run_id)] == [D("100.50")]
+
+
+# ----------------------------------------------------------------------------- on_timer
+TIMER_HOOKS = '''
+    def timer_interval(self):
+        from datetime import timedelta
+        return TIMER
+
+    def on_timer(self, context):
+        n = sum(1 for line in open(LOG) if '"timer"' in line) if os.path.exists(LOG) else 0
+        with open(LOG, "a") as f:
+            f.write(json.dumps({"timer": n, "now": context.now.isoformat(),
+                                "symbols": sorted(context.data)}) + "\\n")
+        for symbol, action, kw in TIMER_PLAN.get(n, []):
+            return self.signal(context, symbol, action, **kw)
+        return None
+
+    def on_bar(self, context):'''
+
+
+def timer_script(folder: Path, interval: str, plan: dict[int, Any]) -> Script:
+    script = Script(folder, {})
+    path = folder / f"{script.name}.py"
+    text = path.read_text().replace("import json\n", "import json\nimport os\n", 1)
+    text = text.replace("    def on_bar(self, context):", TIMER_HOOKS, 1)
+    path.write_text(f"from datetime import timedelta\nTIMER = {interval}\n"
+                    f"TIMER_PLAN = {plan!r}\n" + text)
+    return script
+
+
+def timer_calls(script: Script) -> list[dict[str, Any]]:
+    return [c for c in script.calls() if "timer" in c]
+
+
+def test_on_timer_runs_at_the_first_bar_close_of_each_period_and_its_signals_trade(
+        conn, tmp_path):
+    sym = add_instrument(conn)
+    add_bars(conn, sym, flat(100, 40))  # closes 10:01 .. 10:40
+    script = timer_script(tmp_path, "timedelta(minutes=15)",
+                          {0: [(sym, "buy", {})], 1: [(sym, "close", {})]})
+    run_id = run(conn, script.config([sym], 40))
+    # 10:15 and 10:30 begin new quarter hours; the first bar (10:01) has no bar before it
+    assert [c["now"] for c in timer_calls(script)] == [
+        (T0 + 15 * M).isoformat(), (T0 + 30 * M).isoformat()]
+    # after on_bar of the same bar: the bar's on_bar line comes first in the log
+    lines = script.calls()
+    k = next(i for i, c in enumerate(lines) if "timer" in c)
+    assert lines[k - 1]["now"] == lines[k]["now"] and "n" in lines[k - 1]
+    # a timer's market order fills at the next bar's open, like one of on_bar's
+    assert [(side, ts) for side, _q, _p, _c, ts in fills(conn, run_id)] == [
+        ("buy", T0 + 15 * M), ("sell", T0 + 30 * M)]
+    assert load_report(conn, run_id)["strategy_errors"] == []
+
+
+def test_on_timer_runs_once_after_a_gap_of_several_periods(conn, tmp_path):
+    sym = add_instrument(conn)
+    add_bars(conn, sym, flat(100, 10))  # closes 10:01 .. 10:10
+    add_bars(conn, sym, flat(100, 10), t0=T0 + 50 * M)  # closes 10:51 .. 11:00
+    script = timer_script(tmp_path, "timedelta(minutes=15)", {})
+    run(conn, script.config([sym], 60))
+    # 10:15, 10:30 and 10:45 passed in the gap: one call, at the first bar after it; then 11:00
+    assert [c["now"] for c in timer_calls(script)] == [
+        (T0 + 51 * M).isoformat(), (T0 + 60 * M).isoformat()]
+
+
+def test_the_timer_counts_from_the_last_warm_up_bar(conn, tmp_path):
+    sym = add_instrument(conn)
+    add_bars(conn, sym, flat(100, 20), t0=T0 - 5 * M)  # warm-up closes up to 10:00
+    script = timer_script(tmp_path, "timedelta(minutes=1)", {})
+    run(conn, script.config([sym], 3))
+    # the period's first bar (close 10:01) begins a new minute after the warm-up's 10:00
+    assert [c["now"] for c in timer_calls(script)] == [
+        (T0 + k * M).isoformat() for k in (1, 2, 3)]
+
+
+@pytest.mark.parametrize("interval, says", [
+    ("5", "timer_interval() returned 5, expected None or a positive timedelta"),
+    ("timedelta(0)", "timer_interval() returned datetime.timedelta(0), expected None"),
+    ("timedelta(milliseconds=1500)", "expected None or a positive timedelta of whole seconds"),
+])
+def test_a_malformed_timer_interval_is_a_one_line_error_before_anything_runs(
+        conn, tmp_path, interval, says):
+    sym = add_instrument(conn)
+    add_bars(conn, sym, flat(100, 3))
+    script = timer_script(tmp_path, interval, {})
+    before = counts(conn)
+    with pytest.raises(BacktestError) as err:
+        run(conn, script.config([sym], 3))
+    assert says in str(err.value) and "\n" not in str(err.value)
+    assert str(err.value).startswith(f"strategy {script.name}: ")
+    assert counts(conn) == before
+
+
+def test_an_on_timer_that_raises_is_a_strategy_error_and_the_run_goes_on(conn, tmp_path):
+    sym = add_instrument(conn)
+    add_bars(conn, sym, flat(100, 5))
+    script = timer_script(tmp_path, "timedelta(minutes=1)", {})
+    path = tmp_path / f"{script.name}.py"
+    path.write_text(path.read_text().replace(
+        "    def on_timer(self, context):\n",
+        "    def on_timer(self, context):\n        raise KeyError('no quote')\n", 1))
+    run_id = run(conn, script.config([sym], 5))
+    report = load_report(conn, run_id)
+    assert report["run"]["status"] == "finished"
+    assert len([e for e in report["strategy_errors"] if "KeyError" in e]) == 4, report
+    assert len(script.calls()) == 5  # every on_bar still ran

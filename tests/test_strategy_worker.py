@@ -1189,3 +1189,62 @@ def test_a_second_entry_of_a_strategy_on_the_same_account_and_timeframe_is_refus
     add_bars(owner, [(btc, 5, "105"), (eth, 5, "55")])
     pump(w)
     assert sorted(g["symbol"] for g in signals(owner, "adv")) == ["BTCUSD"]
+
+
+# ---------------------------------------------------------------------------- on_timer
+TIMED = """
+    def timer_interval(self):
+        from datetime import timedelta
+        return timedelta(minutes=3)
+
+    def on_timer(self, context):
+        self.timers = getattr(self, "timers", []) + [context.now]
+        return [self.signal(context, s, "buy", size=0.1, reasoning="timer")
+                for s in sorted(context.data)]
+"""
+
+
+def timed_strategy(folder: Path, name: str, methods: str) -> None:
+    """A strategy whose on_bar returns nothing, with `methods` added to its class."""
+    path = write_strategy(folder, name, "return None")
+    path.write_text(path.read_text() + methods)
+
+
+def test_on_timer_runs_at_the_first_bar_close_of_each_period_across_a_restart(
+        owner: psycopg.Connection, tmp_path: Path, btc: int,
+        make_worker: Callable[..., StrategyWorker]) -> None:
+    """As a backtest runs it: after on_bar, at the first bar close of each new 3-minute
+    period (00:06, 00:09: T0 is midnight), its signals recorded like on_bar's; the
+    schedule goes on from the resume point after a restart, so no period runs twice."""
+    timed_strategy(tmp_path, "timed", TIMED)
+    cfg = entry("adv", "timed")
+    setup(owner, tmp_path, [paper("adv")], [cfg])
+    cursor = "strategy:adv:timed:1m"
+    w = make_worker([cfg])
+    add_bars(owner, [(btc, 5, "105"), (btc, 6, "106")])  # closes 00:06, 00:07
+    pump(w, lambda: cursor_at(owner, cursor) == ts(6))
+    assert strategy_of(w, cursor).timers == [close_of(5)]
+    w.close()
+    w2 = make_worker([cfg])
+    add_bars(owner, [(btc, 7, "107"), (btc, 8, "108"), (btc, 9, "109")])  # 00:08 .. 00:10
+    pump(w2, lambda: cursor_at(owner, cursor) == ts(9))
+    assert strategy_of(w2, cursor).timers == [close_of(8)]
+    assert [(g["ts"], g["reasoning"], g["status"]) for g in signals(owner, "adv")] == [
+        (close_of(5) - ONE_US, "timer", "advisory"), (close_of(8) - ONE_US, "timer", "advisory")]
+    assert errors(owner) == []
+
+
+def test_a_malformed_timer_interval_is_a_configuration_error_naming_the_strategy(
+        owner: psycopg.Connection, tmp_path: Path, btc: int,
+        make_worker: Callable[..., StrategyWorker]) -> None:
+    timed_strategy(tmp_path, "badtimer", TIMED.replace("timedelta(minutes=3)", "'3m'"))
+    write_strategy(tmp_path, "quick")
+    bad, good = entry("adv", "badtimer"), entry("adv2", "quick")
+    setup(owner, tmp_path, [paper("adv"), paper("adv2")], [bad, good])
+    w = make_worker([bad, good])
+    add_bars(owner, [(btc, 5, "105")])
+    pump(w, lambda: len(signals(owner, "adv2")) == 1)
+    messages = [e["message"] for e in errors(owner)]
+    assert any("strategy badtimer: timer_interval() returned '3m'" in m for m in messages), \
+        messages
+    assert signals(owner, "adv") == []

@@ -8,7 +8,8 @@ The database is called when state changes, not on every bar. Per bar the engine
      target, trailing stop or breakeven could have been touched on this bar (a
      conservative check in Python decides when to ask; the database decides what fires),
      and fills the protective orders it creates on this bar;
-  3. calls the strategy (its account view reads the ledger only if the strategy looks);
+  3. calls the strategy (its account view reads the ledger only if the strategy looks),
+     then its `on_timer` when this is the first bar close of a new timer period;
   4. submits its signals through `trading.submit_signal`, after marking the held
      positions to this bar so that sizing sees the current equity.
 Each call is `backtest.step(run, ops)`: one transaction, one round trip.
@@ -33,7 +34,7 @@ import psycopg
 from psycopg.types.json import Jsonb, set_json_loads
 
 from db.queries import query
-from strategies.base import IStrategy
+from strategies.base import IStrategy, TimerIntervalError, check_timer_interval, timer_due
 from strategies.events import OrderFilled, OrderRejected
 from strategies.isolation import StrategyGuard
 from strategies.loader import StrategyLoader, StrategyLoadError
@@ -123,6 +124,10 @@ class Engine:
         self.mark_every_bar = False
         self._account_cache: tuple[int, AccountState] | None = None
         self._now_us = 0
+        # the bar close before the period's first (the latest warm-up bar's): the timer's
+        # first period is the one that bar closes in, as for a strategy worker resuming
+        warm = [int(sd.close_us[sd.first - 1]) for sd in self.symbols if sd.first > 0]
+        self._prev_close_us: int | None = max(warm) if warm else None
 
     # ------------------------------------------------------------------ set-up
     def _load_strategy(self) -> IStrategy:
@@ -144,6 +149,17 @@ class Engine:
             lines = str(exc).strip().splitlines()
             raise BacktestError(
                 f"{self.config.strategy}: initialize failed: {type(exc).__name__}: "
+                f"{lines[0] if lines else '(no message)'}") from None
+        try:
+            self.timer = check_timer_interval(strategy)
+        except TimerIntervalError as exc:
+            raise BacktestError(str(exc)) from None
+        except KeyboardInterrupt:
+            raise
+        except BaseException as exc:  # raised by the strategy's own timer_interval
+            lines = str(exc).strip().splitlines()
+            raise BacktestError(
+                f"{self.config.strategy}: timer_interval failed: {type(exc).__name__}: "
                 f"{lines[0] if lines else '(no message)'}") from None
         return strategy
 
@@ -398,7 +414,15 @@ class Engine:
         result = self.guard.run_isolated(self.strategy, context)
         if result.error is not None:
             self._strategy_error(str(result.error))
-        return result.signals
+        signals = result.signals
+        previous, self._prev_close_us = self._prev_close_us, t_us
+        if timer_due(self.timer, None if previous is None else from_us(previous),
+                     from_us(t_us)):
+            timed = self.guard.run_isolated(self.strategy, context, call=self.strategy.on_timer)
+            if timed.error is not None:
+                self._strategy_error(str(timed.error))
+            signals = signals + timed.signals
+        return signals
 
     def _strategy_error(self, text: str) -> None:
         if len(self.counts.strategy_errors) < 100:

@@ -40,7 +40,7 @@ import numpy.typing as npt
 import psycopg
 from psycopg.types.json import Jsonb, set_json_loads
 
-from strategies.base import IStrategy
+from strategies.base import IStrategy, check_timer_interval, timer_due
 from strategies.events import OrderFilled, OrderRejected
 from strategies.indicators import parse_indicator
 from strategies.isolation import StrategyGuard
@@ -277,6 +277,7 @@ class Assignment:
     resumed: datetime | None = None  # `last` when this worker took the entry up
     last_fill: int = 0  # the strategy's events told so far (on_order_filled / _rejected)
     last_change: datetime | None = None
+    timer: timedelta | None = None  # its timer_interval() (on_timer), checked
 
     @property
     def tf_us(self) -> int:
@@ -380,6 +381,7 @@ class StrategyWorker(Worker):
         strategy = self.loader.create(cfg.name, dict(cfg.params))
         strategy.initialize({"environment": environment, "symbols": list(cfg.symbols),
                              "timeframe": cfg.timeframe})
+        timer = check_timer_interval(strategy)
         cls = type(strategy)
         srow = c.execute("SELECT strategy_id FROM trading.strategies WHERE name = %s "
                          "AND version = %s", (cls.name, cls.version)).fetchone()
@@ -403,7 +405,8 @@ class StrategyWorker(Worker):
         crow = c.execute("SELECT at FROM runtime.cursors WHERE name = %s", (cursor,)).fetchone()
         a = Assignment(cfg, account_id, account, environment, aggregation, currency, strategy,
                        int(srow[0]), instruments, cursor,
-                       crow[0] if crow else None, tuple(strategy.get_required_indicators()))
+                       crow[0] if crow else None, tuple(strategy.get_required_indicators()),
+                       timer=timer)
         # the events told so far: from where the last worker left off (its resume point
         # of events, moved with each step's signals), so that fills and refusals while no
         # worker ran are told before the next bar; a new entry starts from now
@@ -512,11 +515,13 @@ class StrategyWorker(Worker):
                 fresh = self.loader.create(name, dict(a.config.params))
                 fresh.initialize({"environment": a.environment, "symbols": list(a.config.symbols),
                                   "timeframe": a.config.timeframe})
+                timer = check_timer_interval(fresh)
             except Exception as exc:
                 self.report("STRATEGY_LOAD_FAILED", f"{name}: {str(exc).splitlines()[0]}")
                 continue
             if type(fresh).version == type(a.strategy).version:
                 a.strategy = fresh
+                a.timer = timer
                 a.indicators = tuple(fresh.get_required_indicators())
                 a.errors = 0
                 warmup = max(fresh.warmup_bars(), 1) * 3
@@ -702,15 +707,28 @@ class StrategyWorker(Worker):
             result = self.guard.run_isolated(
                 a.strategy, context, timeout=self.strategy_timeout_seconds,
                 waiting=lambda: self.beat(self.state), tick=min(self.heartbeat_seconds, 1.0))
+            results = [result]
+            # its timer, as a backtest runs it: after on_bar, on the first bar close of a
+            # new period (not while on_bar still runs over its budget: it would be refused)
+            if not result.timed_out and timer_due(
+                    a.timer, None if a.last is None else a.last + timedelta(microseconds=a.tf_us),
+                    close):
+                results.append(self.guard.run_isolated(
+                    a.strategy, context, call=a.strategy.on_timer,
+                    timeout=self.strategy_timeout_seconds,
+                    waiting=lambda: self.beat(self.state),
+                    tick=min(self.heartbeat_seconds, 1.0)))
             with self._ledger_lock:  # a call over its budget reads the ledger no more
                 gate.open = False
-            if result.error is not None:
-                self.counts["errors"] += 1
-                a.errors += 1
-                if a.errors <= 3 or result.error.disabled:
-                    self.report("STRATEGY_ERROR", str(result.error), account=a.account)
-            decided.append((a, from_us(t_us), close, {m[1]: m for m in members},
-                            list(result.signals)))
+            signals = []
+            for r in results:
+                signals += r.signals
+                if r.error is not None:
+                    self.counts["errors"] += 1
+                    a.errors += 1
+                    if a.errors <= 3 or r.error.disabled:
+                        self.report("STRATEGY_ERROR", str(r.error), account=a.account)
+            decided.append((a, from_us(t_us), close, {m[1]: m for m in members}, signals))
         if self._c.info.transaction_status != IDLE:
             self._c.commit()  # (reads only so far)
         try:
