@@ -47,6 +47,20 @@ def data_import(file: str, symbol: str, market: str, timeframe: str, venue: str 
             click.echo(f"  ... {len(rep.bad_rows) - MAX_BAD_SHOWN} more")
 
 
+@data_group.command("news")
+@click.argument("file", type=click.Path(dir_okay=False))
+@click.option("--tz", default="UTC", show_default=True,
+              help="IANA zone in which times without an offset are read")
+@click.option("--venue", default=None, help="the venue of every row's symbol")
+def data_news(file: str, tz: str, venue: str | None) -> None:
+    """Import news sentiment (CSV: time, score, source[, symbol, venue, headline, extra]),
+    told to strategies by on_news_sentiment; all or nothing, idempotent."""
+    from workers.ingest.news import import_news
+
+    with connect(database_url(), autocommit=True) as conn:
+        click.echo(import_news(conn, file, tz=tz, venue=venue).summary())
+
+
 def coverage(conn: psycopg.Connection, indent: str = "") -> str:
     """What is stored, one line per instrument and timeframe (times in UTC)."""
     rows = conn.execute(query("bar_coverage")).fetchall()

@@ -917,3 +917,58 @@ def test_an_on_timer_that_raises_is_a_strategy_error_and_the_run_goes_on(conn, t
     assert report["run"]["status"] == "finished"
     assert len([e for e in report["strategy_errors"] if "KeyError" in e]) == 4, report
     assert len(script.calls()) == 5  # every on_bar still ran
+
+
+# ----------------------------------------------------------------------------- news
+NEWS_HOOK = '''
+    def on_news_sentiment(self, event):
+        with open(LOG, "a") as f:
+            f.write(json.dumps({"news": event.headline, "symbol": event.symbol,
+                                "score": event.score, "ts": event.ts.isoformat()}) + "\\n")
+        if event.score < -0.5:
+            raise RuntimeError("panic")
+
+    def on_bar(self, context):'''
+
+
+def add_news(conn: psycopg.Connection, symbol: str | None, ts: datetime, score: str,
+             headline: str) -> None:
+    conn.execute("INSERT INTO market.news_sentiment (ts, instrument_id, score, source, headline)"
+                 " VALUES (%s, (SELECT instrument_id FROM market.instruments WHERE symbol = %s),"
+                 " %s, 'test', %s)", (ts, symbol, score, headline))
+
+
+def test_news_is_told_before_the_on_bar_of_the_first_bar_closing_at_or_after_it(
+        conn, tmp_path):
+    sym, other = add_instrument(conn), add_instrument(conn)
+    add_bars(conn, sym, flat(100, 5))  # closes 10:01 .. 10:05
+    add_news(conn, sym, T0 - M, "0.9", "before the period")
+    add_news(conn, sym, T0 + 2 * M + timedelta(seconds=30), "0.4", "mid bar")
+    add_news(conn, None, T0 + 3 * M, "-0.1", "market-wide, at a close")
+    add_news(conn, other, T0 + 3 * M, "0.2", "another symbol")
+    add_news(conn, sym, T0 + 4 * M, "-0.8", "raises")
+    add_news(conn, sym, T0 + 10 * M, "0.3", "after the period")
+    script = Script(tmp_path, {})
+    path = tmp_path / f"{script.name}.py"
+    path.write_text(path.read_text().replace("    def on_bar(self, context):", NEWS_HOOK, 1))
+    run_id = run(conn, script.config([sym], 5))
+    told = [(c.get("news"), c.get("now")) for c in script.calls()]
+    assert told == [
+        (None, (T0 + M).isoformat()), (None, (T0 + 2 * M).isoformat()),
+        ("mid bar", None), ("market-wide, at a close", None), (None, (T0 + 3 * M).isoformat()),
+        ("raises", None), (None, (T0 + 4 * M).isoformat()), (None, (T0 + 5 * M).isoformat())]
+    symbols = [c["symbol"] for c in script.calls() if "news" in c]
+    assert symbols == [sym, None, sym]
+    report = load_report(conn, run_id)
+    assert report["run"]["status"] == "finished"
+    assert [e for e in report["strategy_errors"] if "panic" in e], report
+
+
+def test_a_strategy_without_a_news_hook_reads_no_news(conn, tmp_path):
+    sym = add_instrument(conn)
+    add_bars(conn, sym, flat(100, 3))
+    add_news(conn, sym, T0 + M, "0.5", "ignored")
+    script = Script(tmp_path, {})
+    from workers.backtest.engine import Engine
+    engine = Engine(conn, script.config([sym], 3))
+    assert engine.news == []

@@ -222,7 +222,7 @@ def test_strategy_reads_market_data(mconn: psycopg.Connection) -> None:
 @pytest.mark.parametrize("table", ["market.bars", "market.instruments", "trading.orders",
                                    "trading.fills", "trading.positions", "trading.signals",
                                    "trading.accounts", "risk.limits", "audit.events",
-                                   "audit.chain_head"])
+                                   "audit.chain_head", "market.news_sentiment"])
 def test_strategy_cannot_write(mconn: psycopg.Connection, table: str) -> None:
     before = count_rows(mconn)
     stmts = write_statements(mconn, table)

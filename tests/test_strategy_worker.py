@@ -1248,3 +1248,50 @@ def test_a_malformed_timer_interval_is_a_configuration_error_naming_the_strategy
     assert any("strategy badtimer: timer_interval() returned '3m'" in m for m in messages), \
         messages
     assert signals(owner, "adv") == []
+
+
+# ---------------------------------------------------------------------------- news
+NEWS = """
+    def on_news_sentiment(self, event):
+        self.news = getattr(self, "news", []) + [(event.headline, event.symbol, event.ts,
+                                                  len(self.calls))]
+"""
+
+
+def add_news(conn: psycopg.Connection, instrument: int | None, at: datetime,
+             headline: str) -> None:
+    conn.execute("INSERT INTO market.news_sentiment (ts, instrument_id, score, source, headline)"
+                 " VALUES (%s, %s, 0.5, 'test', %s)", (at, instrument, headline))
+
+
+def test_news_is_told_before_its_bar_once_across_a_restart_and_late_news_next(
+        owner: psycopg.Connection, tmp_path: Path, btc: int, eth: int,
+        make_worker: Callable[..., StrategyWorker]) -> None:
+    """As a backtest tells it: the news of its symbols and the market's, known by a bar's
+    close, before that bar's on_bar; none twice after a restart; a row stored after its
+    time's bar ran is told before the next bar."""
+    timed_strategy(tmp_path, "reader", NEWS)
+    cfg = entry("adv", "reader", "BTCUSD")
+    setup(owner, tmp_path, [paper("adv")], [cfg])
+    cursor = "strategy:adv:reader:1m"
+    add_news(owner, btc, close_of(3), "old news")  # before the resume point (bar 4)
+    w = make_worker([cfg])
+    add_news(owner, btc, ts(5) + timedelta(seconds=20), "btc in bar 5")
+    add_news(owner, None, close_of(5), "market at 5's close")
+    add_news(owner, eth, close_of(5), "eth")  # not one of its symbols
+    add_news(owner, btc, close_of(7), "btc at 7")
+    add_bars(owner, [(btc, 5, "105"), (btc, 6, "106")])
+    pump(w, lambda: cursor_at(owner, cursor) == ts(6))
+    first = strategy_of(w, cursor)
+    # (the last field: on_bar calls before it was told)
+    assert first.news == [("btc in bar 5", "BTCUSD", ts(5) + timedelta(seconds=20), 0),
+                          ("market at 5's close", None, close_of(5), 0)]
+    w.close()
+    add_news(owner, btc, close_of(6) - timedelta(seconds=1), "late: bar 6 already ran")
+    w2 = make_worker([cfg])
+    add_bars(owner, [(btc, 7, "107")])
+    pump(w2, lambda: cursor_at(owner, cursor) == ts(7))
+    second = strategy_of(w2, cursor)
+    assert [(h, n) for h, _s, _t, n in second.news] == [
+        ("late: bar 6 already ran", 0), ("btc at 7", 0)]
+    assert errors(owner) == []

@@ -8,8 +8,10 @@ The database is called when state changes, not on every bar. Per bar the engine
      target, trailing stop or breakeven could have been touched on this bar (a
      conservative check in Python decides when to ask; the database decides what fires),
      and fills the protective orders it creates on this bar;
-  3. calls the strategy (its account view reads the ledger only if the strategy looks),
-     then its `on_timer` when this is the first bar close of a new timer period;
+  3. tells the strategy the news sentiment stored up to the bar's close (if it has an
+     `on_news_sentiment`), calls it (its account view reads the ledger only if the
+     strategy looks), then its `on_timer` when this is the first bar close of a new
+     timer period;
   4. submits its signals through `trading.submit_signal`, after marking the held
      positions to this bar so that sizing sees the current equity.
 Each call is `backtest.step(run, ops)`: one transaction, one round trip.
@@ -35,7 +37,7 @@ from psycopg.types.json import Jsonb, set_json_loads
 
 from db.queries import query
 from strategies.base import IStrategy, TimerIntervalError, check_timer_interval, timer_due
-from strategies.events import OrderFilled, OrderRejected
+from strategies.events import NewsSentiment, OrderFilled, OrderRejected
 from strategies.isolation import StrategyGuard
 from strategies.loader import StrategyLoader, StrategyLoadError
 from strategies.market import AccountState, Environment, PositionState, StrategyContext
@@ -128,6 +130,8 @@ class Engine:
         # first period is the one that bar closes in, as for a strategy worker resuming
         warm = [int(sd.close_us[sd.first - 1]) for sd in self.symbols if sd.first > 0]
         self._prev_close_us: int | None = max(warm) if warm else None
+        self.news = self._load_news()
+        self._news_next = 0
 
     # ------------------------------------------------------------------ set-up
     def _load_strategy(self) -> IStrategy:
@@ -162,6 +166,22 @@ class Engine:
                 f"{self.config.strategy}: timer_interval failed: {type(exc).__name__}: "
                 f"{lines[0] if lines else '(no message)'}") from None
         return strategy
+
+    def _load_news(self) -> list[tuple[int, NewsSentiment]]:
+        """The period's news about the run's symbols or the whole market, in time order
+        (none is read for a strategy without on_news_sentiment)."""
+        if type(self.strategy).on_news_sentiment is IStrategy.on_news_sentiment:
+            return []
+        rows = self.conn.execute(
+            "SELECT n.ts, i.symbol, n.score, n.source, n.headline, n.extra"
+            " FROM market.news_sentiment n LEFT JOIN market.instruments i USING (instrument_id)"
+            " WHERE (n.instrument_id = ANY(%s) OR n.instrument_id IS NULL)"
+            " AND n.ts >= %s AND n.ts < %s ORDER BY n.ts, n.news_id",
+            ([sd.inst.instrument_id for sd in self.symbols], self.config.start,
+             self.config.end)).fetchall()
+        return [(to_us(ts), NewsSentiment(symbol=symbol, score=float(score), source=source,
+                                          ts=ts, headline=headline, extra=extra))
+                for ts, symbol, score, source, headline, extra in rows]
 
     def _load(self, symbol: str) -> SymbolData:
         inst = instrument(self.conn, symbol)
@@ -404,6 +424,11 @@ class Engine:
 
     # ------------------------------------------------------------------ strategy
     def _call_strategy(self, t_us: int, members: list[tuple[int, int]]) -> list[TradeSignal]:
+        news, k = self.news, self._news_next
+        while k < len(news) and news[k][0] <= t_us:  # known by the bar's close
+            self._event(self.strategy.on_news_sentiment, news[k][1])
+            k += 1
+        self._news_next = k
         data = {}
         for k, i in members:
             series = self.symbols[k].series

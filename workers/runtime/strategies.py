@@ -41,7 +41,7 @@ import psycopg
 from psycopg.types.json import Jsonb, set_json_loads
 
 from strategies.base import IStrategy, check_timer_interval, timer_due
-from strategies.events import OrderFilled, OrderRejected
+from strategies.events import NewsSentiment, OrderFilled, OrderRejected
 from strategies.indicators import parse_indicator
 from strategies.isolation import StrategyGuard
 from strategies.loader import StrategyLoader
@@ -278,6 +278,10 @@ class Assignment:
     last_fill: int = 0  # the strategy's events told so far (on_order_filled / _rejected)
     last_change: datetime | None = None
     timer: timedelta | None = None  # its timer_interval() (on_timer), checked
+    # the news told so far (on_news_sentiment): every row up to `news_at`, and every row
+    # stored by then (ids up to `news_seq`); a row stored later is told with the next bar
+    news_at: datetime | None = None
+    news_seq: int = 0
 
     @property
     def tf_us(self) -> int:
@@ -287,6 +291,16 @@ class Assignment:
     def events_cursor(self) -> str:
         """Its resume point of events: seq = the last fill told, at = the last refusal."""
         return "events" + self.cursor[len("strategy"):]
+
+    @property
+    def news_cursor(self) -> str:
+        """Its resume point of news: at = told up to this time, seq = the last row stored
+        by then."""
+        return "news" + self.cursor[len("strategy"):]
+
+    @property
+    def wants_news(self) -> bool:
+        return type(self.strategy).on_news_sentiment is not IStrategy.on_news_sentiment
 
 
 class StrategyWorker(Worker):
@@ -435,6 +449,16 @@ class StrategyWorker(Worker):
             a.last = last
             if last is not None:
                 c.execute("SELECT runtime.advance_cursor(%s, NULL, %s)", (cursor, last))
+        # the news told so far: from the last worker's resume point of news; a new entry
+        # from its resume point of bars on (the news of the bars it has seen are old news)
+        nrow = c.execute("SELECT seq, at FROM runtime.cursors WHERE name = %s",
+                         (a.news_cursor,)).fetchone()
+        if nrow is None:
+            nrow = c.execute("SELECT (SELECT COALESCE(max(news_id), 0) FROM "
+                             "market.news_sentiment), COALESCE(%s::timestamptz + %s, now())",
+                             (a.last, timedelta(microseconds=a.tf_us))).fetchone()
+        assert nrow is not None
+        a.news_seq, a.news_at = int(nrow[0] or 0), nrow[1]
         a.resumed = a.last
         return a
 
@@ -695,8 +719,12 @@ class StrategyWorker(Worker):
                 self._wait_for_paper(a, [m[0] for m in members], from_us(t_us))
         # (a strategy still running from a call over its budget is told nothing: it is
         # never called concurrently with itself; its events wait for a later bar)
-        self._deliver_events([a for a, _t, _m, _d in prepared
-                              if not self.guard.busy(a.strategy)])
+        told = [a for a, _t, _m, _d in prepared if not self.guard.busy(a.strategy)]
+        self._deliver_events(told)
+        told_ids = {id(a) for a in told}
+        for a, t_us, _m, _d in prepared:
+            if id(a) in told_ids and a.wants_news:
+                self._deliver_news(a, from_us(t_us + a.tf_us))
         decided = []
         for a, t_us, members, data in prepared:
             close = from_us(t_us + a.tf_us)
@@ -794,6 +822,10 @@ class StrategyWorker(Worker):
             names += [a.cursor, a.events_cursor]
             seqs += [None, a.last_fill]
             ats += [bar_ts, a.last_change]
+            if a.wants_news:
+                names.append(a.news_cursor)
+                seqs.append(a.news_seq)
+                ats.append(a.news_at)
         self._c.execute("SELECT runtime.advance_cursor(n, s, t) FROM unnest(%s::text[], "
                         "%s::bigint[], %s::timestamptz[]) AS x(n, s, t)", (names, seqs, ats))
 
@@ -839,6 +871,28 @@ class StrategyWorker(Worker):
                 self._hook(a, a.strategy.on_order_rejected, OrderRejected(
                     symbol=symbol, reason_code=str(code), reason=str(reason or ""), ts=ts,
                     signal_id=signal_id, order_id=int(order_id)))
+
+    def _deliver_news(self, a: Assignment, close: datetime) -> None:
+        """The news about its symbols or the whole market known by the bar's close and
+        not told yet, in time order, before it sees the bar (as a backtest tells them)."""
+        rows = self._c.execute(
+            "WITH top AS (SELECT COALESCE(max(news_id), 0) AS m FROM market.news_sentiment) "
+            "SELECT top.m, n.ts, i.symbol, n.score, n.source, n.headline, n.extra "
+            "FROM top LEFT JOIN LATERAL (SELECT * FROM market.news_sentiment x "
+            "  WHERE (x.instrument_id = ANY(%(ids)s) OR x.instrument_id IS NULL) "
+            "    AND x.ts <= %(close)s AND (x.ts > %(at)s OR x.news_id > %(seq)s)) n ON true "
+            "LEFT JOIN market.instruments i ON i.instrument_id = n.instrument_id "
+            "ORDER BY n.ts, n.news_id",
+            {"ids": [iid for iid, _s, _v in a.instruments], "close": close,
+             "at": a.news_at or datetime.min.replace(tzinfo=UTC), "seq": a.news_seq},
+        ).fetchall()
+        for _top, ts, symbol, score, source, headline, extra in rows:
+            if ts is not None:
+                self._hook(a, a.strategy.on_news_sentiment, NewsSentiment(
+                    symbol=symbol, score=float(score), source=source, ts=ts,
+                    headline=headline, extra=extra))
+        a.news_at = close if a.news_at is None else max(a.news_at, close)
+        a.news_seq = max(a.news_seq, int(rows[0][0]) if rows else 0)
 
     def _hook(self, a: Assignment, hook: Any, event: object) -> None:
         try:
