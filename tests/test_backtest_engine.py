@@ -723,6 +723,7 @@ def test_backtest_step_refuses_an_order_of_another_account(conn, tmp_path):
     add_bars(conn, sym, flat(100, 3))
     n = next(_ids)
     conn.execute("SELECT trading.create_account(%s, 'paper', 'operator', 10000)", (f"p{n}",))
+    conn.execute("SELECT trading.assign_strategy(%s, %s)", (f"p{n}", f"other_{n}"))
     answer = scalar(conn, "SELECT trading.submit_signal(%s)", Jsonb({
         "account": f"p{n}", "strategy": f"other_{n}", "symbol": sym, "action": "buy",
         "size": "0.1", "ts": (T0 + 3 * M).isoformat()}))

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import psycopg
 import pytest
+from assigned import ensure_assigned
 from psycopg.types.json import Jsonb
 from test_protection import T0, M, add_account, add_instrument, bar, exits, fill, open_position
 
@@ -105,6 +106,7 @@ def test_a_new_fill_never_reads_the_account_s_earlier_fills(conn, paper):
 def test_protection_on_the_wrong_side_is_refused(conn, action, protection):
     add_account(conn, "S", allow_short=True)
     add_instrument(conn)
+    ensure_assigned(conn, {"account": "S", "strategy": "s"})
     r = conn.execute("SELECT trading.submit_signal(%s)", (Jsonb({
         "account": "S", "strategy": "s", "symbol": "BTCUSD", "action": action, "price": 100,
         "size": "0.1", **protection}),)).fetchone()[0]

@@ -148,8 +148,11 @@ def add_bar(conn: psycopg.Connection, iid: int, ts: datetime, o: str, h: str, lo
 
 def paper_account(conn: psycopg.Connection, name: str, environment: str = "paper",
                   cash_: int = 10000) -> int:
-    return int(one(conn, "SELECT trading.create_account(%s, %s, 'operator', %s)",
-                   name, environment, cash_))
+    acc = int(one(conn, "SELECT trading.create_account(%s, %s, 'operator', %s)",
+                  name, environment, cash_))
+    # the strategy these tests signal as, given the account's capital (the defaults)
+    conn.execute("SELECT trading.assign_strategy(%s, 'alpha')", (name,))
+    return acc
 
 
 def live_account(conn: psycopg.Connection, name: str) -> int:

@@ -12,6 +12,7 @@ from typing import Any
 
 import psycopg
 import pytest
+from assigned import ensure_assigned
 from psycopg.types.json import Jsonb
 
 BAR_TS = "2024-01-02T00:00:00Z"
@@ -54,6 +55,7 @@ def make_account(conn: psycopg.Connection, name: str = "acct", mode: str = "oper
 def submit(conn: psycopg.Connection, **signal: Any) -> dict[str, Any]:
     body = {"account": "acct", "strategy": "alpha", "symbol": "BTCUSD", "ts": TS}
     body.update(signal)
+    ensure_assigned(conn, body)
     return scalar(conn, "SELECT trading.submit_signal(%s)", Jsonb(body))
 
 

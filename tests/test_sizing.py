@@ -11,6 +11,7 @@ from typing import Any
 
 import psycopg
 import pytest
+from assigned import ensure_assigned
 from psycopg.types.json import Jsonb
 
 BAR_TS = "2024-01-02T00:00:00Z"
@@ -56,6 +57,7 @@ def assign(conn: psycopg.Connection, method: str, params: dict[str, Any] | None 
 def submit(conn: psycopg.Connection, **signal: Any) -> dict[str, Any]:
     body = {"account": "acct", "strategy": "alpha", "symbol": "BTCUSD", "ts": TS}
     body.update(signal)
+    ensure_assigned(conn, body)
     return scalar(conn, "SELECT trading.submit_signal(%s)", Jsonb(body))
 
 
