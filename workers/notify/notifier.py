@@ -6,14 +6,19 @@ trading never waits on it. The audit chain serialises its inserts (each takes th
 head's row lock until commit), so event ids become visible in order and "after event N"
 misses nothing.
 
-Each channel has its own bounded queue and sender thread: a slow or dead channel delays
-only itself. A message is retried with exponential backoff; after `max_attempts` it is
-dropped for that channel and the outage is recorded once with
-`runtime.report_error(kind='NOTIFY_FAILED')` (once per outage, not per message: a dead
-bot must not flood the error table). NOTIFY_FAILED errors are never notified, so a failing
-channel cannot feed itself. The cursor moves past an event once every channel has
-delivered or given up its message; after a crash the unsettled events are sent again (at
-least once), never skipped.
+Each channel has its own bounded queue, sender thread and cursor (`<cursor>:<channel>` in
+`runtime.cursors`; the `<cursor>` row is the lowest of them): a slow or dead channel
+delays only itself, and a restart repeats nothing to the healthy ones. A full queue stops
+that channel's reading where it is (backpressure: nothing is dropped, the channel reads
+on as it drains). A message is retried with exponential backoff; a refusal (HTTP 4xx but
+429) is not retried; after `max_attempts` it is dropped for that channel and the outage is
+recorded once with `runtime.report_error(kind='NOTIFY_FAILED')` (once per outage, not per
+message: a dead bot must not flood the error table). A receiver's rate limit ("retry after
+N s") pauses the channel that long and is not counted as an attempt. NOTIFY_FAILED errors
+are never notified, so a failing channel cannot feed itself. A channel's cursor moves past
+an event once it has delivered or given up its message (at every poll, and when the
+notifier closes); after a crash the unsettled events are sent again (at least once),
+never skipped.
 """
 
 from __future__ import annotations
@@ -37,6 +42,7 @@ from psycopg.types.json import Jsonb, set_json_loads
 
 from db.errors import MmatsError
 from workers.notify.channels import (
+    PARSE_MODES,
     Channel,
     ChannelError,
     DiscordChannel,
@@ -288,7 +294,9 @@ class _Item:
 
 
 class _Sender:
-    """One channel's queue and thread: retries, backoff, giving up, reporting outages."""
+    """One channel: its queue and thread (retries, backoff, rate limits, giving up,
+    reporting outages), how far it has read (`read_to`), what it holds (`pending`: queued
+    or being sent) and its own cursor (`<cursor>:<channel name>`)."""
 
     def __init__(self, notifier: Notifier, subscription: Subscription, queue_size: int) -> None:
         self.notifier = notifier
@@ -296,6 +304,10 @@ class _Sender:
         self.events = subscription.events
         self.queue: queue.Queue[_Item | None] = queue.Queue(
             maxsize=subscription.queue_size or queue_size)
+        self.cursor_name = f"{notifier.cursor_name}:{self.channel.name}"
+        self.read_to = 0                  # every event up to here is queued, sent or not ours
+        self.cursor: int | None = None    # the stored cursor (None: not stored yet)
+        self.pending: set[int] = set()    # queued or being sent (under notifier._cond)
         self.delivered = 0
         self.dropped = 0
         self._failing = False
@@ -307,14 +319,39 @@ class _Sender:
     def name(self) -> str:
         return self.channel.name
 
-    def offer(self, item: _Item) -> None:
-        """Queue the message, or give it up at once if the queue is full (never block
-        the reader, and with it the other channels)."""
-        try:
-            self.queue.put_nowait(item)
-        except queue.Full:
-            self._give_up(item, f"queue full ({self.queue.maxsize} messages waiting)", 0)
-            self.notifier._settle(item.event_id)
+    def room(self) -> int:
+        """Free places in the queue (only the reader puts, so it can only grow meanwhile)."""
+        return max(0, self.queue.maxsize - self.queue.qsize())
+
+    def position(self) -> int:
+        """How far this channel's cursor may go: before the first message it still holds,
+        else as far as it has read."""
+        with self.notifier._cond:
+            return min(self.pending) - 1 if self.pending else self.read_to
+
+    def take(self, events: Sequence[AuditEvent], end: int,
+             messages: dict[int, Message]) -> bool:
+        """Queue this channel's events of a read that covered everything up to `end`, as
+        far as its queue has room: a full queue stops its reading there (backpressure,
+        nothing dropped). True if it took all of them."""
+        if self.notifier._closing.is_set():
+            return False
+        room = self.room()
+        for event in events:
+            if event.event_id <= self.read_to or event.event_type not in self.events:
+                continue
+            if room == 0:
+                self.read_to = event.event_id - 1  # read again once the queue has room
+                return False
+            message = messages.get(event.event_id)
+            if message is None:
+                message = messages[event.event_id] = format_event(event)
+            with self.notifier._cond:
+                self.pending.add(event.event_id)
+            self.queue.put_nowait(_Item(event.event_id, message))
+            room -= 1
+        self.read_to = max(self.read_to, end)
+        return True
 
     def _run(self) -> None:
         while True:
@@ -323,28 +360,42 @@ class _Sender:
                 return  # unsettled: sent again after a restart
             if self._deliver(item) is None:
                 return
-            self.notifier._settle(item.event_id)
+            self.notifier._settle(self, item.event_id)
 
     def _delay(self, attempt: int, exc: BaseException) -> float:
         n = self.notifier
         delay = min(n.backoff_max, n.backoff * 2 ** (attempt - 1))
         asked = exc.retry_after if isinstance(exc, ChannelError) else None
-        if asked is not None:
-            delay = max(delay, min(asked, n.backoff_max))
+        if asked is not None:  # the receiver's own wait, honoured in full
+            delay = max(delay, min(asked, n.retry_after_max))
         return delay
 
     def _deliver(self, item: _Item) -> bool | None:
         """True: delivered; False: given up; None: the notifier is closing."""
         n = self.notifier
         error = "no attempt made"
-        for attempt in range(1, n.max_attempts + 1):
+        attempt = 0
+        while attempt < n.max_attempts:
             try:
                 self.channel.send(item.message)
             except Exception as exc:  # a channel's bug must not kill its thread
                 error = log.redact(f"{type(exc).__name__}: {exc}" if not
                                    isinstance(exc, ChannelError) else str(exc))
-                if attempt == n.max_attempts:
-                    break
+                if isinstance(exc, ChannelError) and exc.rate_limited:
+                    # "too many requests, wait N s": the whole channel waits that long
+                    # (every message behind this one too); not an attempt
+                    wait = max(min(exc.retry_after or 0.0, n.retry_after_max), n.backoff)
+                    log.event(_log, "notification channel rate limited, pausing",
+                              logging.WARNING, channel=self.name, event_id=item.event_id,
+                              retry_in=wait, error=error)
+                    n._sleep(wait)
+                    if n._closing.is_set():
+                        return None
+                    continue
+                attempt += 1
+                if attempt >= n.max_attempts or (isinstance(exc, ChannelError)
+                                                 and exc.permanent):
+                    break  # a refusal (4xx) is not retried: the same request fails again
                 delay = self._delay(attempt, exc)
                 log.event(_log, "notification failed, retrying", logging.WARNING,
                           channel=self.name, event_id=item.event_id, attempt=attempt,
@@ -361,7 +412,7 @@ class _Sender:
                 log.event(_log, "notification channel recovered", channel=self.name,
                           dropped=self.dropped)
             return True
-        self._give_up(item, error, n.max_attempts)
+        self._give_up(item, error, attempt)
         return False
 
     def _give_up(self, item: _Item, error: str, attempts: int) -> None:
@@ -378,14 +429,20 @@ class _Sender:
 
 # --------------------------------------------------------------------------- notifier
 class Notifier:
-    """Reads audit events after its cursor and delivers them to its channels.
+    """Reads audit events after its cursors and delivers them to its channels.
 
     `channels` are Channels (sent the notifier's `events`) or Subscriptions (each with
     its own events). `sleep` waits between retries (inject a no-op in tests); by default
-    it returns early when the notifier closes. With no cursor stored yet, the notifier
-    starts at the newest event (history is not replayed) unless `replay` is true. Only
-    events of accounts in `environments` are sent (a backtest's thousands of fills are
-    not news); events about no account (a feed's error) always are.
+    it returns early when the notifier closes. Each channel has its own cursor
+    (`<cursor_name>:<channel name>`), so a dead channel holds back only itself; the
+    `cursor_name` cursor is the lowest of them. With no cursor stored yet, the notifier
+    starts at the newest event (history is not replayed) unless `replay` is true; a
+    channel without a cursor of its own starts where the shared cursor is when no channel
+    has one yet (an upgrade from one shared cursor), else as a new channel. Only events of
+    accounts in `environments` are sent (a backtest's thousands of fills are not news);
+    events about no account (a feed's error) always are. A receiver's "too many
+    requests, retry after N s" pauses its channel N s (at most `retry_after_max`), not
+    counted as an attempt.
     """
 
     def __init__(self, conn_factory: ConnFactory, channels: Sequence[Channel | Subscription],
@@ -393,8 +450,8 @@ class Notifier:
                  worker: str = "notifier", poll_interval: float = 2.0,
                  sleep: Sleep | None = None, max_attempts: int = 5, backoff: float = 1.0,
                  backoff_max: float = 60.0, queue_size: int = 1000, batch_size: int = 500,
-                 replay: bool = False, environments: Iterable[str] = ("paper", "live")
-                 ) -> None:
+                 replay: bool = False, environments: Iterable[str] = ("paper", "live"),
+                 retry_after_max: float = 3600.0) -> None:
         default = resolve_events(events)
         subs = [c if isinstance(c, Subscription) else Subscription(c, default)
                 for c in channels]
@@ -404,6 +461,10 @@ class Notifier:
             raise NotifyConfigError(f"two notification channels are named {duplicate!r}")
         if max_attempts < 1 or queue_size < 1 or batch_size < 1:
             raise NotifyConfigError("max_attempts, queue_size and batch_size must be >= 1")
+        too_long = next((n for n in names if len(f"{cursor_name}:{n}") > 200), None)
+        if too_long is not None:
+            raise NotifyConfigError(f"channel name {too_long[:40]!r}...: too long for its "
+                                    "cursor (cursor and channel name: 200 characters)")
         self._conn_factory = conn_factory
         self.cursor_name = cursor_name
         self.worker = worker
@@ -411,6 +472,7 @@ class Notifier:
         self.max_attempts = max_attempts
         self.backoff = backoff
         self.backoff_max = backoff_max
+        self.retry_after_max = retry_after_max
         self.batch_size = batch_size
         self.replay = replay
         self.environments = tuple(environments)
@@ -420,11 +482,11 @@ class Notifier:
                                     f"(known: {', '.join(ENVIRONMENTS)})")
         self._closing = threading.Event()
         self._sleep: Sleep = sleep if sleep is not None else self._closing.wait
+        self._cond = threading.Condition()
+        self._reading = threading.RLock()  # one reader at a time: it alone fills the queues
         self._senders = [_Sender(self, s, queue_size) for s in subs]
         self.events = frozenset(t for s in subs for t in s.events)
-        self._cond = threading.Condition()
-        self._pending: dict[int, int] = {}
-        self._read_to: int | None = None
+        self._read_to: int | None = None  # the furthest any channel has read
         self._cursor: int | None = None
         self._more = False
         self._started = False
@@ -448,15 +510,27 @@ class Notifier:
                 sender.thread.start()
 
     def close(self, timeout: float = 5.0) -> None:
-        """Stop the senders; what they have not settled is sent again after a restart."""
+        """Stop the senders, then move each channel's cursor over what it delivered or
+        gave up (a graceful stop repeats nothing); what they have not settled is sent
+        again after a restart."""
         self._closing.set()
-        for sender in self._senders:
-            # a full queue: the sender checks _closing after its next message
-            with contextlib.suppress(queue.Full):
-                sender.queue.put_nowait(None)
+        with self._reading:  # after the poll in progress, if any
+            for sender in self._senders:
+                # a full queue: the sender checks _closing after its next message
+                with contextlib.suppress(queue.Full):
+                    sender.queue.put_nowait(None)
         for sender in self._senders:
             if sender.thread.is_alive():
                 sender.thread.join(timeout)
+        if self._read_to is None:
+            return
+        try:
+            with self._reading, self._connect() as conn:
+                self._advance(conn)
+        except psycopg.Error as exc:  # a crash-like stop: at least once, never skipped
+            log.event(_log, "cannot move the notifier's cursors at close", logging.ERROR,
+                      error=log.redact(str(exc).splitlines()[0] if str(exc) else
+                                       type(exc).__name__))
 
     def __enter__(self) -> Notifier:
         self.start()
@@ -487,83 +561,136 @@ class Notifier:
         return conn
 
     def poll_once(self) -> int:
-        """Read the next batch of events, hand their messages to the channels' queues and
-        move the cursor over what is settled. Returns how many events were read."""
+        """Read the next events of each channel whose queue has room, hand them to the
+        queues and move the cursors over what is settled. Returns how many events were
+        read."""
         self.start()
-        with self._connect() as conn:
+        with self._reading, self._connect() as conn:
             if self._read_to is None:
-                self._read_to = self._initial_position(conn)
+                self._position(conn)
             upto_row = conn.execute("SELECT COALESCE(max(event_id), 0) FROM audit.events"
                                     ).fetchone()
             upto = int(upto_row[0]) if upto_row else 0
-            rows = conn.execute(_READ, {"after": self._read_to, "upto": upto,
-                                        "types": sorted(self.events),
-                                        "environments": list(self.environments),
-                                        "limit": self.batch_size}).fetchall()
-            self._more = len(rows) == self.batch_size
-            for row in rows:
-                self._dispatch(AuditEvent(
-                    event_id=row[0], ts=row[1], event_type=row[2], entity=row[3],
-                    entity_id=row[4], payload=row[5] or {}, account=row[6],
-                    environment=row[7], symbol=row[8], strategy=row[9], detail=row[10] or {}))
-            self._read_to = int(rows[-1][0]) if self._more else max(self._read_to, upto)
+            read = self._pump(conn, upto, self._senders)
             self._advance(conn)
-        return len(rows)
+        return read
 
-    def _initial_position(self, conn: psycopg.Connection) -> int:
-        row = conn.execute("SELECT seq FROM runtime.cursors WHERE name = %s",
-                           (self.cursor_name,)).fetchone()
-        if row is not None and row[0] is not None:
-            self._cursor = int(row[0])
-            return self._cursor
-        if self.replay:
-            return 0
-        newest = conn.execute("SELECT COALESCE(max(event_id), 0) FROM audit.events").fetchone()
-        return int(newest[0]) if newest else 0
+    def _pump(self, conn: psycopg.Connection, upto: int, senders: Sequence[_Sender]) -> int:
+        """Read for `senders` (those with room), each from where it stopped, up to event
+        `upto`; channels at the same place share one read."""
+        groups: dict[int, list[_Sender]] = {}
+        for sender in senders:
+            if sender.room() > 0 and sender.read_to < upto:
+                groups.setdefault(sender.read_to, []).append(sender)
+        seen: set[int] = set()
+        more = False
+        messages: dict[int, Message] = {}
+        for after, group in sorted(groups.items()):
+            types = sorted({t for s in group for t in s.events})
+            rows = conn.execute(_READ, {"after": after, "upto": upto, "types": types,
+                                        "environments": list(self.environments),
+                                        "limit": self.batch_size}).fetchall() if types else []
+            full = len(rows) == self.batch_size
+            end = int(rows[-1][0]) if full else upto
+            events = [AuditEvent(
+                event_id=row[0], ts=row[1], event_type=row[2], entity=row[3],
+                entity_id=row[4], payload=row[5] or {}, account=row[6], environment=row[7],
+                symbol=row[8], strategy=row[9], detail=row[10] or {}) for row in rows]
+            seen.update(e.event_id for e in events)
+            for sender in group:
+                took_all = sender.take(events, end, messages)
+                more = more or (full and took_all)
+            self._read_to = max(self._read_to or 0, end)
+        self._more = more
+        return len(seen)
 
-    def _dispatch(self, event: AuditEvent) -> None:
-        targets = [s for s in self._senders if event.event_type in s.events]
-        if not targets:
-            return
-        message = format_event(event)
-        with self._cond:
-            self._pending[event.event_id] = len(targets)
-        item = _Item(event.event_id, message)
-        for sender in targets:
-            sender.offer(item)
-
-    def _settle(self, event_id: int) -> None:
-        with self._cond:
-            left = self._pending.get(event_id, 0) - 1
-            if left > 0:
-                self._pending[event_id] = left
+    def _position(self, conn: psycopg.Connection) -> None:
+        """Each channel's starting point: its own cursor; without one, the shared cursor
+        when no channel has its own yet (one shared cursor before), else the newest event
+        (or the first, with `replay`)."""
+        names = [s.cursor_name for s in self._senders]
+        stored = {name: int(seq) for name, seq in conn.execute(
+            "SELECT name, seq FROM runtime.cursors WHERE name = ANY(%s) AND seq IS NOT NULL",
+            ([self.cursor_name, *names],)).fetchall()}
+        newest_row = conn.execute("SELECT COALESCE(max(event_id), 0) FROM audit.events"
+                                  ).fetchone()
+        newest = int(newest_row[0]) if newest_row else 0
+        shared = stored.get(self.cursor_name)
+        own = any(name in stored for name in names)
+        fresh = 0 if self.replay else newest
+        for sender in self._senders:
+            if sender.cursor_name in stored:
+                sender.cursor = sender.read_to = stored[sender.cursor_name]
+            elif shared is not None and not own:
+                sender.read_to = shared
             else:
-                self._pending.pop(event_id, None)
-                self._cond.notify_all()
+                sender.read_to = fresh
+        self._cursor = shared
+        positions = [s.read_to for s in self._senders]
+        self._read_to = max(positions) if positions else (shared if shared is not None
+                                                          else fresh)
+
+    def _settle(self, sender: _Sender, event_id: int) -> None:
+        with self._cond:
+            sender.pending.discard(event_id)
+            self._cond.notify_all()
 
     def _advance(self, conn: psycopg.Connection) -> None:
+        """Move each channel's cursor to its position, and the shared one to the lowest."""
         if self._read_to is None:
             return
-        with self._cond:
-            target = min(self._pending) - 1 if self._pending else self._read_to
-        if self._cursor is None or target > self._cursor:
+        now = datetime.now(UTC)
+        positions: list[int] = []
+        for sender in self._senders:
+            target = sender.position()
+            if sender.cursor is None or target > sender.cursor:
+                conn.execute("SELECT runtime.advance_cursor(%s, %s, %s)",
+                             (sender.cursor_name, target, now))
+                sender.cursor = target
+            positions.append(sender.cursor)
+        lowest = min(positions) if positions else self._read_to
+        if self._cursor is None or lowest > self._cursor:
             conn.execute("SELECT runtime.advance_cursor(%s, %s, %s)",
-                         (self.cursor_name, target, datetime.now(UTC)))
-            self._cursor = target
+                         (self.cursor_name, lowest, now))
+            self._cursor = lowest
+
+    def _behind(self) -> list[_Sender]:
+        """Channels a full queue stopped before the furthest point read."""
+        upto = self._read_to or 0
+        return [s for s in self._senders if s.read_to < upto]
 
     def flush(self, timeout: float | None = 30.0) -> bool:
-        """Wait until every message read so far is delivered or given up, then move the
-        cursor. False if `timeout` (seconds) ran out first."""
-        with self._cond:
-            done = self._cond.wait_for(lambda: not self._pending, timeout)
-        with self._connect() as conn:
+        """Wait until every message read so far is delivered or given up (the channels a
+        full queue held back are fed as their queues drain), then move the cursors.
+        False if `timeout` (seconds) ran out first."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        done = False
+        while True:
+            behind = self._behind()
+            if any(s.room() > 0 for s in behind) and self._read_to is not None:
+                with self._reading, self._connect() as conn:
+                    self._pump(conn, self._read_to, behind)
+                behind = self._behind()
+            with self._cond:
+                done = not behind and not any(s.pending for s in self._senders)
+            left = None if deadline is None else deadline - time.monotonic()
+            if done or (left is not None and left <= 0):
+                break
+            with self._cond:
+                self._cond.wait(0.05 if left is None else min(0.05, left))
+        with self._reading, self._connect() as conn:
             self._advance(conn)
         return done
 
     @property
     def cursor(self) -> int | None:
-        """The last event id the stored cursor has passed (None before the first poll)."""
+        """The last event id every channel's stored cursor has passed (None before the
+        first poll)."""
         return self._cursor
+
+    def cursors(self) -> dict[str, int | None]:
+        """Each channel's stored cursor (None before it is first stored)."""
+        return {s.name: s.cursor for s in self._senders}
 
     def stats(self) -> dict[str, dict[str, int]]:
         """Per channel: messages delivered, dropped, waiting."""
@@ -599,12 +726,12 @@ class NotifierConfig:
 
 _TOP_KEYS = {"events", "channels", "poll_interval", "max_attempts", "backoff", "backoff_max",
              "queue_size", "batch_size", "cursor", "replay", "environments"}
-_COMMON_KEYS = {"type", "name", "events", "timeout", "queue_size"}
+_COMMON_KEYS = {"type", "name", "events", "timeout", "deadline", "queue_size"}
 _CHANNEL_KEYS = {
     "telegram": {"chat_id", "token_env", "parse_mode"},
     "discord": {"webhook_env"},
     "webhook": {"url", "url_env", "secret_env", "signature_header"},
-    "email": {"host", "port", "from", "to", "username", "password_env", "starttls",
+    "email": {"host", "port", "from", "to", "username", "password_env", "starttls", "ssl",
               "subject_prefix"},
 }
 
@@ -666,22 +793,25 @@ def build_channel(spec: Mapping[str, Any], where: str, env: Mapping[str, str],
                                 f"(known: {known})")
     name = _text(spec, "name", where, default_name) or default_name
     timeout = float(_number(spec, "timeout", where, 5.0, minimum=0.1))
+    deadline = float(_number(spec, "deadline", where, max(30.0, timeout), minimum=timeout))
     if kind == "telegram":
         chat = spec.get("chat_id")
         if isinstance(chat, bool) or not isinstance(chat, str | int) or chat == "":
             raise NotifyConfigError(f"{where}.chat_id: " + (
                 "is required" if chat is None else f"must be text or a number, got {chat!r}"))
         parse_mode = _text(spec, "parse_mode", where)
-        if parse_mode not in (None, "HTML", "MarkdownV2", "Markdown"):
+        if parse_mode not in (None, *PARSE_MODES):
             raise NotifyConfigError(f"{where}.parse_mode: must be HTML, MarkdownV2 or "
                                     f"Markdown, got {parse_mode!r}")
         token = _secret(spec, "token_env", where, env)
         assert token is not None
-        return TelegramChannel(name, token, str(chat), parse_mode=parse_mode, timeout=timeout)
+        return TelegramChannel(name, token, str(chat), parse_mode=parse_mode, timeout=timeout,
+                               deadline=deadline)
     if kind == "discord":
         url = _secret(spec, "webhook_env", where, env)
         assert url is not None
-        return DiscordChannel(name, url, timeout=timeout, sleep=sleep or time.sleep)
+        return DiscordChannel(name, url, timeout=timeout, sleep=sleep or time.sleep,
+                              deadline=deadline)
     if kind == "webhook":
         if ("url" in spec) == ("url_env" in spec):
             raise NotifyConfigError(f"{where}.url: give exactly one of url and url_env "
@@ -696,13 +826,21 @@ def build_channel(spec: Mapping[str, Any], where: str, env: Mapping[str, str],
                                                         required=False),
                               signature_header=_text(spec, "signature_header", where,
                                                      "X-MMATS-Signature") or "",
-                              timeout=timeout, url_is_secret=plain is None)
+                              timeout=timeout, url_is_secret=plain is None,
+                              deadline=deadline)
     # email
     host = _text(spec, "host", where, required=True)
     starttls = spec.get("starttls", False)
     if not isinstance(starttls, bool):
         raise NotifyConfigError(f"{where}.starttls: must be true or false, got {starttls!r}")
-    port = int(_number(spec, "port", where, 587 if starttls else 25, integer=True, minimum=1))
+    use_ssl = spec.get("ssl", False)
+    if not isinstance(use_ssl, bool):
+        raise NotifyConfigError(f"{where}.ssl: must be true or false, got {use_ssl!r}")
+    if starttls and use_ssl:
+        raise NotifyConfigError(f"{where}.ssl: give starttls = true (port 587) or ssl = true "
+                                "(implicit TLS, port 465), not both")
+    port = int(_number(spec, "port", where, 465 if use_ssl else 587 if starttls else 25,
+                       integer=True, minimum=1))
     sender = _text(spec, "from", where, required=True)
     to = spec.get("to")
     recipients = [to] if isinstance(to, str) else to
@@ -714,9 +852,13 @@ def build_channel(spec: Mapping[str, Any], where: str, env: Mapping[str, str],
     password = _secret(spec, "password_env", where, env, required=False)
     if username and password is None:
         raise NotifyConfigError(f"{where}.password_env: is required with username")
+    if username and not (starttls or use_ssl):
+        raise NotifyConfigError(f"{where}.username: a login needs starttls = true or ssl = "
+                                "true (the password would be sent in clear)")
     assert host is not None and sender is not None
     return EmailChannel(name, host, port, sender, recipients, username=username,
-                        password=password, starttls=starttls, timeout=timeout,
+                        password=password, starttls=starttls, use_ssl=use_ssl,
+                        timeout=timeout, deadline=deadline,
                         subject_prefix=_text(spec, "subject_prefix", where, "[MMATS]") or "")
 
 

@@ -3,8 +3,10 @@
 Every line is one JSON object: `ts` (UTC, ISO 8601), `level`, `worker`, `event`, the
 message, and any `extra` fields. Secret values are redacted wherever they appear, in the
 message, in fields and in tracebacks: credentials register themselves with
-`register_secret` the moment they are decrypted, and keys that name secrets (`api_key`,
-`secret`, `password`, `token`, ...) are masked whatever their value.
+`register_secret` the moment they are decrypted, every worker registers its database URL
+with `register_url` (its password, and the pieces of it a driver can quote as a host name
+when the password holds an unencoded @), and keys that name secrets (`api_key`, `secret`,
+`password`, `token`, ...) are masked whatever their value.
 """
 
 from __future__ import annotations
@@ -17,13 +19,14 @@ import threading
 from datetime import UTC, datetime
 from typing import Any, TextIO
 
-from db.config import redact_passwords
+from db.config import ConfigError, load_settings, redact_passwords, redact_text
 
 REDACTED = "***"
 _SECRET_KEYS = re.compile(r"(secret|password|passphrase|token|api[_-]?key|private[_-]?key|"
                           r"authorization|master[_-]?key)", re.IGNORECASE)
 _lock = threading.Lock()
 _secrets: set[str] = set()
+_urls: set[str] = set()
 
 
 def register_secret(value: str | None) -> None:
@@ -34,9 +37,22 @@ def register_secret(value: str | None) -> None:
             _secrets.add(value)
 
 
+def register_url(url: str | None) -> None:
+    """Redact `url` (a database URL) and every piece of its password from every log line
+    from now on: libpq names a password's tail as the host when the password holds an
+    unencoded @ ("failed to resolve host 'tail@127.0.0.1'"). Short pieces are redacted
+    only where they cannot be an ordinary word (quoted, or before an @)."""
+    if url:
+        with _lock:
+            _urls.add(url)
+
+
 def redact(text: str) -> str:
     with _lock:
         secrets = sorted(_secrets, key=len, reverse=True)
+        urls = list(_urls)
+    if urls:
+        text = redact_text(text, *urls)
     for secret in secrets:
         if secret in text:
             text = text.replace(secret, REDACTED)
@@ -95,9 +111,19 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(line, default=str, ensure_ascii=False)
 
 
+def _configured_database_url() -> str | None:
+    try:
+        return load_settings().database_url
+    except (ConfigError, ValueError, OSError):  # reported where the URL is used
+        return None
+
+
 def setup(worker: str, *, level: str = "INFO", stream: TextIO | None = None,
-          file: str | None = None) -> logging.Logger:
-    """Route the `mmats` loggers to JSON lines on `stream` (stderr) and, if given, `file`."""
+          file: str | None = None, database_url: str | None = None) -> logging.Logger:
+    """Route the `mmats` loggers to JSON lines on `stream` (stderr) and, if given, `file`.
+    The database URL (`database_url`, else the configured one: MMATS_DATABASE_URL or
+    mmats.toml) is registered for redaction first (`register_url`)."""
+    register_url(database_url or _configured_database_url())
     root = logging.getLogger("mmats")
     root.setLevel(level.upper())
     for handler in list(root.handlers):

@@ -38,6 +38,8 @@ class Worker:
 
     def __init__(self, url: str, name: str, *, heartbeat_seconds: float = 5.0) -> None:
         self.url = url
+        # what libpq says about a bad URL can quote a piece of its password as a host name
+        log.register_url(url)
         self.name = name
         self.heartbeat_seconds = heartbeat_seconds
         self.stop_event = threading.Event()
