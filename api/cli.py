@@ -7,6 +7,7 @@ stack trace only with ``--debug`` (or MMATS_DEBUG=1).
 from __future__ import annotations
 
 import contextlib
+import io
 import os
 import sys
 import traceback
@@ -15,6 +16,7 @@ from typing import NoReturn
 import click
 import psycopg
 
+from api.table import printable
 from db.config import ConfigError, load_settings, redact_text, redact_url
 from db.connect import connect, database_url, embedded_server
 from db.errors import MmatsError, describe
@@ -203,12 +205,22 @@ def main(argv: list[str] | None = None) -> NoReturn:
     except click.exceptions.Exit as exc:
         sys.exit(exc.exit_code)
     except click.ClickException as exc:
-        exc.show()
+        shown = io.StringIO()
+        exc.show(file=shown)  # (it may quote an argument: made safe like every message)
+        for line in shown.getvalue().splitlines():
+            click.echo(printable(line), err=True)
         sys.exit(exc.exit_code)
     except click.exceptions.Abort:
         click.echo("aborted", err=True)
         sys.exit(130)
     except (MmatsError, ConfigError, ServerError, MigrationError) as exc:
+        _fail(str(exc), debug)
+    except ValueError as exc:
+        # a backtest's one-line refusal (BacktestError), wherever it comes from (the demo
+        # runs backtests too); any other ValueError is a bug: its traceback
+        from workers.backtest.config import BacktestError
+        if not isinstance(exc, BacktestError):
+            raise
         _fail(str(exc), debug)
     except psycopg.Error as exc:
         try:
@@ -236,11 +248,12 @@ def _known_urls() -> list[str]:
 def _fail(message: str, debug: bool) -> NoReturn:
     """One line on stderr, exit status 1; neither the line nor the --debug trace shows a
     database password (libpq and the driver quote a bad URL, or a piece of its password
-    as a host name)."""
+    as a host name). Control characters in the message (a newline, a terminal escape
+    sequence from a name or a file) are shown as escapes, e.g. \\x1b."""
     urls = _known_urls()
     if debug:
         click.echo(redact_text(traceback.format_exc(), *urls).rstrip("\n"), err=True)
-    click.echo(f"error: {redact_text(message, *urls)}", err=True)
+    click.echo(f"error: {printable(redact_text(message, *urls))}", err=True)
     sys.exit(1)
 
 

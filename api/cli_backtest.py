@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
+import tempfile
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -12,7 +14,7 @@ from typing import Any
 import click
 import psycopg
 
-from api.table import table
+from api.table import printable, table
 from db.connect import connect, database_url
 from db.errors import MmatsError
 from db.queries import query
@@ -65,13 +67,42 @@ def print_summary(report: Mapping[str, Any], indent: str = "") -> None:
         click.echo(f"{indent}  strategy errors: {len(errors)} (first: {errors[0]})")
 
 
-def write_json(report: Mapping[str, Any], path: str) -> None:
+def check_output(flag: str, path: str | None) -> None:
+    """Refuse, before anything runs or is stored, an output file that cannot be written:
+    a folder, a file in a folder that does not exist or where no file can be created."""
+    if path is None:
+        return
     target = Path(path)
-    if not target.parent.exists():
-        raise MmatsError(f"--json {path}: folder {target.parent} does not exist")
+    where = f"{flag} {printable(path)}"
+    if not path.strip():
+        raise MmatsError(f"{flag}: the file name is empty")
+    if target.is_dir():
+        raise MmatsError(f"{where}: it is a folder, not a file")
+    folder = target.parent
+    if not folder.is_dir():
+        what = "is not a folder" if folder.exists() else "does not exist"
+        raise MmatsError(f"{where}: folder {printable(str(folder))} {what}")
+    try:  # the real test: create (and remove) a file there, as the writer will
+        fd, name = tempfile.mkstemp(dir=folder, prefix=f".{target.name}.", suffix=".check")
+        os.close(fd)
+        os.unlink(name)
+    except OSError as exc:
+        raise MmatsError(f"{where}: cannot create a file in {printable(str(folder))}: "
+                         f"{exc.strerror or exc}") from None
+
+
+def write_json(report: Mapping[str, Any], path: str, flag: str = "--json") -> None:
+    """Write the JSON via a temp file renamed over the target (never half-written)."""
+    check_output(flag, path)
+    target = Path(path)
     tmp = target.with_name(f".{target.name}.tmp")
-    tmp.write_text(json.dumps(report, indent=1, allow_nan=False))
-    tmp.replace(target)
+    try:
+        tmp.write_text(json.dumps(report, indent=1, allow_nan=False))
+        tmp.replace(target)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise MmatsError(f"{flag} {printable(path)}: cannot write it: "
+                         f"{exc.strerror or exc}") from None
 
 
 class _Progress:
@@ -143,7 +174,8 @@ def backtest_options(f: Any) -> Any:
         click.option("--allow-short", is_flag=True, help="sell signals may open shorts"),
         click.option("--limits", default=None, type=click.Path(dir_okay=False),
                      help="risk limits for the run's account (TOML or JSON)"),
-        click.option("--strategy-dir", multiple=True, type=click.Path(file_okay=False),
+        click.option("--strategy-dir", multiple=True,
+                     type=click.Path(file_okay=False, exists=True),
                      help="a folder of user strategies"),
     ]):
         f = option(f)
@@ -165,6 +197,8 @@ def backtest_command(json_file: str | None, html_file: str | None, quiet: bool,
     from workers.backtest.run import run_backtest
 
     config = build_config(**options)
+    check_output("--json", json_file)
+    check_output("--html", html_file)
     progress = None if quiet else _Progress("replay")
     with connect(database_url(), autocommit=True) as conn:
         try:
@@ -210,13 +244,18 @@ def _load(conn: psycopg.Connection, run_id: int) -> dict[str, Any]:
 def _write_report(report: Mapping[str, Any], html: str | None, pdf: str | None) -> None:
     from workers.backtest.report import write_html, write_pdf
 
+    flag, path = "--html", html
     try:
         if html:
             click.echo(f"  HTML report written to {write_html(report, html)}")
+        flag, path = "--pdf", pdf
         if pdf:
             click.echo(f"  PDF report written to {write_pdf(report, pdf)}")
     except ValueError as exc:
         raise MmatsError(str(exc)) from None
+    except OSError as exc:
+        raise MmatsError(f"{flag} {printable(str(path))}: cannot write the report: "
+                         f"{exc.strerror or exc}") from None
 
 
 @click.command("report")
@@ -233,6 +272,8 @@ def report_command(run_id: int | None, walk_forward: int | None, html_file: str 
 
     if (run_id is None) == (walk_forward is None):
         raise MmatsError("name a run (mmats report RUN) or a walk-forward (--walk-forward ID)")
+    for flag, path in (("--html", html_file), ("--pdf", pdf_file), ("--json", json_file)):
+        check_output(flag, path)
     with connect(database_url()) as conn:
         if walk_forward is not None:
             try:
@@ -297,7 +338,7 @@ def montecarlo_command(run_id: int, paths: int, seed: int, method: str, ruin_lev
 
 
 @click.command("strategies")
-@click.option("--strategy-dir", multiple=True, type=click.Path(file_okay=False))
+@click.option("--strategy-dir", multiple=True, type=click.Path(file_okay=False, exists=True))
 def strategies_command(strategy_dir: tuple[str, ...]) -> None:
     """The strategies MMATS can load: the examples and your folders."""
     from strategies.loader import StrategyLoader
@@ -310,7 +351,10 @@ def strategies_command(strategy_dir: tuple[str, ...]) -> None:
         params = ", ".join(f"{k}={v.default}" for k, v in cls.parameters.items())
         rows.append((name, cls.version, params, cls.description))
     click.echo(table(["name", "version", "parameters (defaults)", "description"], rows))
-    for error in report.errors:
-        click.echo(f"error: {error}", err=True)
-    if report.errors:
+    # every file that did not load (the loader's first scan, made when it was built, found
+    # them: the report of the second scan has only what changed since)
+    errors = [*dict.fromkeys([*map(str, loader.errors.values()), *map(str, report.errors)])]
+    for error in errors:
+        click.echo(f"error: {printable(error)}", err=True)
+    if errors:
         sys.exit(1)

@@ -139,6 +139,7 @@ def worker_command(kind: str, config_file: str | None, name: str | None) -> None
 @click.option("--spread", default="0", show_default=True)
 @click.option("--allow-short", is_flag=True)
 @click.option("--strategy-dir", "strategy_dirs", multiple=True,
+              type=click.Path(file_okay=False, exists=True),
               help="a folder of your own strategies (repeatable)")
 @click.option("--quiet", is_flag=True, help="no line per signal, order and fill")
 def paper_command(feed: str, strategy: str, symbols: tuple[str, ...], timeframe: str, start: str,

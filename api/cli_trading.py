@@ -17,13 +17,30 @@ from db.errors import MmatsError
 ENVIRONMENTS = ["backtest", "paper", "live"]
 
 
+MAX_NUMBER = Decimal("1e18")  # the trading core's bound on money and quantities
+MAX_NUMBER_LENGTH = 64
+
+
+def shortened(value: str, limit: int = 40) -> str:
+    """`value` quoted for a message, cut to `limit` characters."""
+    return repr(value if len(value) <= limit else value[:limit] + "...")
+
+
 def _decimal(value: str, what: str) -> Decimal:
+    """A number given on the command line: finite, below 10^18 in size (the database's
+    own bound), and at most MAX_NUMBER_LENGTH characters long."""
+    if len(value.strip()) > MAX_NUMBER_LENGTH:
+        raise MmatsError(f"{what} {shortened(value)} is too long ({len(value):,} characters; "
+                         f"a number has at most {MAX_NUMBER_LENGTH})")
     try:
-        d = Decimal(value)
+        d = Decimal(value.strip())
     except InvalidOperation:
-        raise MmatsError(f"{what} must be a number, got {value!r}") from None
+        raise MmatsError(f"{what} must be a number, got {shortened(value)}") from None
     if not d.is_finite():
-        raise MmatsError(f"{what} must be a finite number, got {value!r}")
+        raise MmatsError(f"{what} must be a finite number, got {shortened(value)}")
+    if abs(d) >= MAX_NUMBER:
+        raise MmatsError(f"{what} {shortened(value)} is out of range: it must be less than "
+                         "10^18 in size")
     return d
 
 
@@ -56,12 +73,13 @@ def account_create(name: str, environment: str, mode: str, cash: str, currency: 
                    position_mode: str, aggregation: str, allow_short: bool,
                    taker_fee: str) -> None:
     """Create an account (a live account starts in advisory mode)."""
+    starting = _decimal(cash, "--cash")
     account_id = _call(
         "SELECT trading.create_account(%s, %s, %s, %s, %s, %s, %s, %s, %s)",
-        (name, environment, mode, _decimal(cash, "--cash"), currency, position_mode,
+        (name, environment, mode, starting, currency, position_mode,
          aggregation, allow_short, _decimal(taker_fee, "--taker-fee")))
-    click.echo(f"account {name} created (id {account_id}): {environment}, {mode}, "
-               f"{cash} {currency.upper()}, {position_mode}, {aggregation}")
+    click.echo(f"account {printable(name)} created (id {account_id}): {environment}, {mode}, "
+               f"{starting:f} {printable(currency.upper())}, {position_mode}, {aggregation}")
 
 
 _ACCOUNTS = """
@@ -195,7 +213,7 @@ def _params(pairs: tuple[str, ...]) -> dict[str, object]:
     return out
 
 
-@risk_group.command("set")
+@risk_group.command("set", context_settings={"ignore_unknown_options": True})
 @click.argument("limit_type")
 @click.argument("value")
 @click.option("--scope", default="global", show_default=True,
@@ -210,12 +228,13 @@ def _params(pairs: tuple[str, ...]) -> dict[str, object]:
 def risk_set(limit_type: str, value: str, scope: str, scope_key: str | None,
              account: str | None, environment: str | None, params: tuple[str, ...]) -> None:
     """Set a limit (kept with its history). See `mmats risk types`."""
+    number = _decimal(value, "VALUE")  # (a negative VALUE is a value, not an option)
     limit_id = _call("SELECT risk.set_limit(%s, %s, %s, %s, %s, %s, %s::jsonb)",
-                     (limit_type, _decimal(value, "VALUE"), scope, scope_key, account,
+                     (limit_type, number, scope, scope_key, account,
                       environment, json.dumps(_params(params))))
-    where = f"{scope}" + (f":{scope_key}" if scope_key else "")
-    click.echo(f"limit {limit_type.upper()} = {value} ({where}"
-               f"{', account ' + account if account else ''}"
+    where = printable(f"{scope}" + (f":{scope_key}" if scope_key else ""))
+    click.echo(f"limit {printable(limit_type.upper())} = {number:f} ({where}"
+               f"{', account ' + printable(account) if account else ''}"
                f"{', ' + environment + ' accounts' if environment else ''}) set, id {limit_id}")
 
 

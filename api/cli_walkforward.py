@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
-from api.cli_backtest import backtest_options, build_config, write_json
+from api.cli_backtest import backtest_options, build_config, check_output, write_json
 from api.table import table
 from db.connect import connect, database_url
 from db.errors import MmatsError
@@ -139,6 +139,7 @@ def walk_forward_command(train_share: float, step: str, anchored: bool, objectiv
     )
 
     config = build_config(params=None, **options)
+    check_output("--json", json_file)
     strategy = config.strategy
     try:
         ranges = parse_param_ranges(params)

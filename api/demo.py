@@ -40,7 +40,7 @@ def _demo_backtest(conn: psycopg.Connection, spec: tuple[Any, ...], reports: Pat
 
     label, strategy, symbols, tf, start, end, params, commission, short = spec
     previous = conn.execute(query("backtest_last_fingerprint"), {"label": label}).fetchone()
-    config = BacktestConfig(strategy=strategy, symbols=symbols, timeframe=tf,
+    config = BacktestConfig(strategy=strategy, symbols=_at_venue(symbols), timeframe=tf,
                             start=parse_time(start, "from"), end=parse_time(end, "to"),
                             params=params, commission=Decimal(commission), allow_short=short,
                             label=label)
@@ -58,6 +58,15 @@ def _demo_backtest(conn: psycopg.Connection, spec: tuple[Any, ...], reports: Pat
                f"{m.get('trades', 0)} trades (buy & hold {_pct(m.get('buy_and_hold_return'))})"
                f" in {run['elapsed_seconds']:.1f} s{same}")
     click.echo(f"        report {path}")
+
+
+def _at_venue(symbols: tuple[str, ...]) -> tuple[str, ...]:
+    """The sample symbols at the sample data's venue (`BTC/USDT@crypto`): a live feed
+    configured later adds the same symbol on an exchange's venue."""
+    from workers.ingest.samples import sample_datasets
+
+    venues = {ds.symbol: ds.venue for ds in sample_datasets()}
+    return tuple(f"{s}@{venues[s]}" if venues.get(s) else s for s in symbols)
 
 
 def _pct(value: object, sign: bool = True) -> str:
@@ -92,15 +101,17 @@ def _demo_paper_session(url: str) -> None:
                f"{end} UTC at {speed}x real time; ingest, strategy worker and router run as "
                "processes (bars -> signals -> order queue -> paper fills):")
     result = run_replay_session(
-        strategy=strategy, symbols=[symbol], timeframe=tf, start=parse_time(start, "from"),
-        end=parse_time(end, "to"), speed=speed, params=params, cash=Decimal(10000),
+        strategy=strategy, symbols=list(_at_venue((symbol,))), timeframe=tf,
+        start=parse_time(start, "from"), end=parse_time(end, "to"), speed=speed,
+        params=params, cash=Decimal(10000),
         commission=Decimal(commission), echo=lambda line: click.echo("   " + line.strip()
                                                                     if line.startswith("  ")
                                                                     else "   " + line))
     s = result["summary"]
     with connect(url, autocommit=True) as conn:
         run_id = run_backtest(conn, BacktestConfig(
-            strategy=strategy, symbols=(symbol,), timeframe=tf, start=parse_time(start, "from"),
+            strategy=strategy, symbols=_at_venue((symbol,)), timeframe=tf,
+            start=parse_time(start, "from"),
             end=parse_time(end, "to"), params=params, commission=Decimal(commission),
             label="demo-paper-parity"))
         same = (conn.execute(_TRADES, (result["account"],)).fetchall()

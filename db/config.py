@@ -30,12 +30,20 @@ class Settings:
         return self.database_url is None
 
 
+DATABASE_KEYS = ("home", "url")  # the keys of the file's [database] table
+
+
 def _read_toml(path: Path) -> dict[str, object]:
     try:
         with path.open("rb") as fh:
             return tomllib.load(fh)
     except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"{path}: invalid TOML: {exc}") from exc
+        raise ConfigError(f"{path}: invalid TOML: {str(exc).splitlines()[0]}") from exc
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {exc.object[exc.start:exc.start + 1]!r} "
+                          f"at offset {exc.start}): a TOML file is UTF-8") from exc
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read it: {exc.strerror or exc}") from exc
 
 
 def load_settings(env: dict[str, str] | None = None) -> Settings:
@@ -49,8 +57,15 @@ def load_settings(env: dict[str, str] | None = None) -> Settings:
         section = raw.get("database", {})
         if not isinstance(section, dict):
             raise ConfigError(f"{config_path}: [database] must be a table")
+        unknown = sorted(set(section) - set(DATABASE_KEYS))
+        if unknown:
+            raise ConfigError(f"{config_path}: unknown key {', '.join(map(repr, unknown))} in "
+                              f"[database] (known: {', '.join(DATABASE_KEYS)})")
         file_values = section
     elif env.get("MMATS_CONFIG"):
+        if config_path.is_dir():
+            raise ConfigError(f"MMATS_CONFIG names {config_path}, which is a folder, not a "
+                              "TOML file")
         raise ConfigError(f"MMATS_CONFIG names {config_path}, which does not exist")
 
     home_value = env.get("MMATS_HOME") or file_values.get("home") or ".mmats"

@@ -148,6 +148,17 @@ def test_report_pdf_montecarlo_and_runs(run, tmp_path: Path) -> None:  # type: i
     ((*BTC, "--params", "speed=3"), "speed"),
     ((*BTC, "--slippage", "lots"), "slippage 'lots'"),
     ((*BTC, "--commission", "0.5"), "taker_fee must be a fraction below 0.1"),
+    # bounds: a cash the trading core cannot hold used to fail late, naming fill.quantity,
+    # and leave a failed run; a slippage without bound ran to 0 fills or -100 %
+    ((*BTC, "--cash", "1e400"), "--cash '1e400' is out of range: it must be less than 10^18"),
+    ((*BTC, "--cash", "1" * 400), "--cash '" + "1" * 40 + "...' is too long"),
+    ((*BTC, "--slippage", "bps:20000"), "slippage 'bps:20000': at most bps:1000"),
+    ((*BTC, "--slippage", "atr:1e400"), "slippage 'atr:1e400': at most atr:10"),
+    # output files are checked before the run starts (nothing is stored)
+    ((*BTC, "--html", "/proc/x.html"), "--html /proc/x.html: cannot create a file in /proc"),
+    ((*BTC, "--json", "/nonexistent/dir/x.json"),
+     "--json /nonexistent/dir/x.json: folder /nonexistent/dir does not exist"),
+    ((*BTC, "--json", "/tmp"), "--json /tmp: it is a folder, not a file"),
 ])
 def test_bad_input_is_one_line_and_writes_nothing(run, btc_url: str, args: tuple[str, ...],  # type: ignore[no-untyped-def]
                                                   fragment: str) -> None:
@@ -155,6 +166,24 @@ def test_bad_input_is_one_line_and_writes_nothing(run, btc_url: str, args: tuple
     line = one_error_line(run("backtest", "--quiet", "--strategy", "sma_crossover", *args))
     assert fragment in line, line
     assert runs(btc_url) == before
+
+
+def test_a_missing_strategy_folder_is_refused(run, btc_url: str) -> None:  # type: ignore[no-untyped-def]
+    before = runs(btc_url)
+    result = run("backtest", "--quiet", "--strategy", "sma_crossover", *BTC,
+                 "--strategy-dir", "/nonexistent/strategies")
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "'/nonexistent/strategies' does not exist" in result.stderr
+    assert runs(btc_url) == before
+
+
+def test_report_output_that_cannot_be_written_is_one_line(run, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    result = run("backtest", "--quiet", "--strategy", "sma_crossover", *BTC)
+    run_id = re.search(r"^run (\d+)", result.stdout, re.MULTILINE).group(1)  # type: ignore[union-attr]
+    line = one_error_line(run("report", run_id, "--html", "/proc/x.html"))
+    assert "--html /proc/x.html: cannot create a file in /proc" in line
+    line = one_error_line(run("report", run_id, "--pdf", str(tmp_path / "no" / "r.pdf")))
+    assert f"folder {tmp_path / 'no'} does not exist" in line
 
 
 def test_hostile_text_is_refused_or_stored_as_text(run, btc_url: str) -> None:  # type: ignore[no-untyped-def]
@@ -247,3 +276,14 @@ def test_the_readme_strategy_example_runs_and_trades_on_its_timer(
     assert stamps, "the example never signalled on this day of data"
     assert all((ts.minute, ts.second, ts.microsecond) == (59, 59, 999999) for ts in stamps)
     assert trades is not None and trades[0] >= 1
+
+
+def test_mmats_strategies_names_every_file_that_did_not_load(run, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """The loader scans its folders when it is built: the command's own second scan found
+    nothing new, so a broken file printed nothing and the command exited 0."""
+    (tmp_path / "broken.py").write_text("def oops(:\n")
+    result = run("strategies", "--strategy-dir", str(tmp_path))
+    assert result.returncode == 1
+    lines = [ln for ln in result.stderr.splitlines() if ln.startswith("error: ")]
+    assert len(lines) == 1 and "broken.py" in lines[0] and "syntax error" in lines[0], result
+    assert "sma_crossover" in result.stdout  # the examples are still listed

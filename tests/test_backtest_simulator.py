@@ -215,8 +215,9 @@ def test_spread_and_slippage_add_up_and_round_once_to_a_coarse_tick():
 
 
 def test_a_price_never_rounds_below_one_tick():
-    # bps:20000 = 200 % of 100 against a seller: -100 -> one tick (0.01)
-    costs = Costs(slippage=Slippage.parse("bps:20000"))
+    # bps:20000 = 200 % of 100 against a seller: -100 -> one tick (0.01); (parse refuses
+    # more than bps:1000, the model itself does not)
+    costs = Costs(slippage=Slippage("bps", D(20000)))
     assert price(order("sell"), costs=costs) == D("0.01")
 
 
@@ -347,6 +348,7 @@ def test_round_down():
     (None, "none", D(0)), ("", "none", D(0)), ("none", "none", D(0)), ("0", "none", D(0)),
     ("bps:5", "bps", D(5)), (" bps:2.5 ", "bps", D("2.5")), ("atr:0.1", "atr", D("0.1")),
     ("volume:3", "volume", D(3)), ("bps:0", "bps", D(0)),
+    ("bps:1000", "bps", D(1000)), ("atr:10", "atr", D(10)), ("volume:100", "volume", D(100)),
 ])
 def test_slippage_parse(text, kind, value):
     s = Slippage.parse(text)
@@ -363,6 +365,12 @@ def test_slippage_parse(text, kind, value):
     ("bps:-1", "the value must be a number >= 0"),
     ("atr:nan", "the value must be a number >= 0"),
     ("volume:Infinity", "the value must be a number >= 0"),
+    # no upper bound used to run a 200 % slippage to -100 %, or atr:1e400 to no fills
+    ("bps:20000", "at most bps:1000 (1000 basis points, 10 % of the price)"),
+    ("bps:1000.01", "at most bps:1000"),
+    ("atr:1e400", "at most atr:10 (10 times the ATR)"),
+    ("atr:10.5", "at most atr:10"),
+    ("volume:1e6", "at most volume:100"),
 ])
 def test_slippage_parse_errors_are_one_line(text, says):
     with pytest.raises(SimulatorError) as err:

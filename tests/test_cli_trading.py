@@ -60,10 +60,27 @@ def test_account_create_and_list(run, db_url: str) -> None:  # type: ignore[no-u
     (("risk", "set", "MAX_EXPOSURE", "0.4", "--scope", "market", "--key", "gold"),
      "a market limit needs scope_key crypto, forex or stock"),
     (("risk", "trip", "nobody", "--mode", "SOFT", "--reason", "x"), "unknown account 'nobody'"),
+    # numbers the database could not hold (10^18 or more) are refused by the CLI, naming
+    # the flag, with the value shortened
+    (("account", "create", "c3", "--environment", "paper", "--cash", "1e400"),
+     "error: --cash '1e400' is out of range: it must be less than 10^18 in size"),
+    (("account", "create", "c3", "--environment", "paper", "--cash", "1" + "0" * 18),
+     "--cash '1000000000000000000' is out of range"),
+    (("account", "create", "c3", "--environment", "paper", "--taker-fee", "-1e20"),
+     "--taker-fee '-1e20' is out of range"),
+    (("risk", "set", "MAX_OPEN_POSITIONS", "1e400"), "VALUE '1e400' is out of range"),
+    (("risk", "set", "MAX_OPEN_POSITIONS", "9" * 400),
+     f"VALUE '{'9' * 40}...' is too long (400 characters; a number has at most 64)"),
+    # a negative VALUE is a value (click used to read it as an unknown option '-1')
+    (("risk", "set", "MAX_POSITION_SIZE", "-1"),
+     "MAX_POSITION_SIZE must be a fraction between 0 and 1, got -1"),
+    (("risk", "set", "MAX_POSITION_SIZE", "-1", "--scope", "global"),
+     "MAX_POSITION_SIZE must be a fraction between 0 and 1, got -1"),
 ])
 def test_bad_input_is_one_line(run, db_url: str, args, fragment: str) -> None:  # type: ignore[no-untyped-def]
     line = one_error_line(run(*args))
     assert fragment in line
+    assert len(line) < 250
     with psycopg.connect(db_url) as conn:  # nothing was written
         assert conn.execute("SELECT count(*) FROM trading.accounts").fetchone() == (0,)
         assert conn.execute("SELECT count(*) FROM risk.limits").fetchone() == (0,)
@@ -124,6 +141,17 @@ def test_stored_text_is_shown_with_its_control_characters_escaped(run) -> None: 
     assert run("account", "book", "alpha", "fee", "-1", "--description", desc).returncode == 0
     listed = run("account", "movements", "alpha").stdout
     assert "\r" not in listed and "fee\\r\\nbooked withdrawal" in listed
+
+def test_error_messages_show_control_characters_escaped(run) -> None:  # type: ignore[no-untyped-def]
+    """A name with a terminal escape sequence (OSC 0: set the window title) comes back in
+    the error line escaped, so it cannot retitle or clear the terminal."""
+    line = one_error_line(run("account", "advisory", "x\x1b]0;pwned\x07"))
+    assert "\x1b" not in line and "\x07" not in line
+    assert "unknown account 'x\\x1b]0;pwned\\x07'" in line
+    usage = run("account", "create", "x", "--environment", "p\x1b[2J")
+    assert usage.returncode == 2 and "\x1b" not in usage.stderr
+    assert "'p\\x1b[2J' is not one of" in usage.stderr
+
 
 def test_operator_mode_in_two_steps(run, db_url: str) -> None:  # type: ignore[no-untyped-def]
     assert run("account", "create", "alpha", "--environment", "paper").returncode == 0

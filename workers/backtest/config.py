@@ -70,7 +70,11 @@ class BacktestConfig:
             raise BacktestError(
                 f"--to {self.end.isoformat()} must be after --from {self.start.isoformat()}")
         if not self.cash.is_finite() or self.cash <= 0:
-            raise BacktestError(f"--cash must be a number > 0, got {self.cash}")
+            shown = str(self.cash) if len(str(self.cash)) <= 40 else _shortened(str(self.cash))
+            raise BacktestError(f"--cash must be a number > 0, got {shown}")
+        if self.cash >= MAX_NUMBER:
+            raise BacktestError(f"--cash {_shortened(str(self.cash))} is out of range: it must "
+                                "be less than 10^18")
         if self.equity_points < 2:
             raise BacktestError("equity_points must be at least 2")
         for key in self.spread:
@@ -130,13 +134,29 @@ def parse_time(text: str, what: str) -> datetime:
     return ts.replace(tzinfo=UTC) if ts.tzinfo is None else ts.astimezone(UTC)
 
 
+MAX_NUMBER = Decimal("1e18")  # the trading core's bound on money and quantities
+MAX_NUMBER_LENGTH = 64
+
+
+def _shortened(text: str, limit: int = 40) -> str:
+    return repr(text if len(text) <= limit else text[:limit] + "...")
+
+
 def parse_decimal(text: str, what: str) -> Decimal:
+    """A finite number below 10^18 in size (the database's bound), at most
+    MAX_NUMBER_LENGTH characters long."""
+    if len(text.strip()) > MAX_NUMBER_LENGTH:
+        raise BacktestError(f"{what} {_shortened(text)} is too long ({len(text):,} "
+                            f"characters; a number has at most {MAX_NUMBER_LENGTH})")
     try:
         value = Decimal(text.strip())
     except InvalidOperation:
-        raise BacktestError(f"{what} must be a number, got {text!r}") from None
+        raise BacktestError(f"{what} must be a number, got {_shortened(text)}") from None
     if not value.is_finite():
-        raise BacktestError(f"{what} must be a finite number, got {text!r}")
+        raise BacktestError(f"{what} must be a finite number, got {_shortened(text)}")
+    if abs(value) >= MAX_NUMBER:
+        raise BacktestError(f"{what} {_shortened(text)} is out of range: it must be less "
+                            "than 10^18 in size")
     return value
 
 

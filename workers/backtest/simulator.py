@@ -40,6 +40,14 @@ _BPS = Decimal("0.0001")
 _MAX_IMPACT = Decimal("0.1")
 
 
+# the largest slippage each model takes: beyond these a backtest only measures its costs
+_SLIPPAGE_LIMITS = {
+    "bps": (Decimal(1000), "1000 basis points, 10 % of the price"),
+    "atr": (Decimal(10), "10 times the ATR"),
+    "volume": (Decimal(100), "a coefficient of 100; the impact is capped at 10 % anyway"),
+}
+
+
 class SimulatorError(ValueError):
     """A cost model or order the simulator cannot take; the message is one line."""
 
@@ -92,12 +100,16 @@ class Slippage:
         if not sep or kind not in ("bps", "atr", "volume"):
             raise SimulatorError(
                 f"slippage {text!r}: expected none, bps:N, atr:F or volume:K (e.g. bps:5)")
+        shown = repr(text if len(text) <= 40 else text[:40] + "...")
         try:
-            value = Decimal(raw)
+            value = Decimal(raw) if len(raw) <= 64 else Decimal("x")
         except ArithmeticError:
-            raise SimulatorError(f"slippage {text!r}: {raw!r} is not a number") from None
+            raise SimulatorError(f"slippage {shown}: {raw[:40]!r} is not a number") from None
         if not value.is_finite() or value < 0:
-            raise SimulatorError(f"slippage {text!r}: the value must be a number >= 0")
+            raise SimulatorError(f"slippage {shown}: the value must be a number >= 0")
+        limit, unit = _SLIPPAGE_LIMITS[kind]
+        if value > limit:
+            raise SimulatorError(f"slippage {shown}: at most {kind}:{limit} ({unit})")
         return cls(kind, value)  # type: ignore[arg-type]
 
     def __str__(self) -> str:

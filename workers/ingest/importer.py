@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import re
 import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -118,8 +119,10 @@ def refusal(file: str, parsed: ParsedBars, bad: list[BadRow]) -> ImportRefused:
         "(--skip-bad imports the good rows and quarantines the bad ones)")
 
 
-def _copy_rows(cur: psycopg.Cursor, staging: sql.Identifier, parsed: ParsedBars) -> None:
-    """COPY text format written by Arrow (the values are validated numbers and times)."""
+def _copy_rows(cur: psycopg.Cursor, staging: sql.Identifier, parsed: ParsedBars,
+               file: str) -> None:
+    """COPY text format written by Arrow (the values are validated numbers and times); a
+    value the database still refuses is named by its line in the file."""
     stmt = sql.SQL("COPY {} (line, ts, open, high, low, close, volume) FROM STDIN").format(
         staging)
     table = pa.table({
@@ -127,11 +130,29 @@ def _copy_rows(cur: psycopg.Cursor, staging: sql.Identifier, parsed: ParsedBars)
         "ts": pa.array(parsed.ts_us, pa.int64()).cast(pa.timestamp("us", tz="UTC")),
         **{c: parsed.values[c] for c in ("open", "high", "low", "close", "volume")}})
     options = pcsv.WriteOptions(include_header=False, delimiter="\t", quoting_style="none")
-    with cur.copy(stmt) as copy:
-        for lo in range(0, table.num_rows, COPY_CHUNK):
-            buf = io.BytesIO()
-            pcsv.write_csv(table.slice(lo, COPY_CHUNK), buf, options)
-            copy.write(buf.getbuffer())
+    try:
+        with cur.copy(stmt) as copy:
+            for lo in range(0, table.num_rows, COPY_CHUNK):
+                buf = io.BytesIO()
+                pcsv.write_csv(table.slice(lo, COPY_CHUNK), buf, options)
+                copy.write(buf.getbuffer())
+    except psycopg.errors.DataError as exc:
+        raise _copy_refusal(exc, file, parsed) from None
+
+
+def _copy_refusal(exc: psycopg.errors.DataError, file: str, parsed: ParsedBars) -> ImportRefused:
+    """COPY's context says `COPY staging, line N, column low: "..."` (N counts the rows
+    sent, from 1): the file's line (or row) and column."""
+    problem = (exc.diag.message_primary or str(exc) or type(exc).__name__).splitlines()[0]
+    where = ""
+    found = re.search(r"line (\d+)(?:, column (\w+))?", exc.diag.context or "")
+    if found and 0 < int(found.group(1)) <= len(parsed.numbers):
+        where = (f" {parsed.label} {int(parsed.numbers[int(found.group(1)) - 1])} "
+                 f"({parsed.convention()}):")
+        if found.group(2):
+            where += f" {found.group(2)}"
+    return ImportRefused(f"cannot import {shown(file, 300)}:{where} the database refuses the "
+                         f"value: {problem}; nothing was imported")
 
 
 def _utc(us: int) -> datetime:
@@ -141,13 +162,14 @@ def _utc(us: int) -> datetime:
 
 def import_file(conn: psycopg.Connection, path: str | Path, *, symbol: str, market: str,
                 timeframe: str, venue: str | None = None, tz: str = "UTC",
-                skip_bad: bool = False) -> ImportReport:
-    """Import one CSV / CSV.gz / Parquet file of bars. See the module docstring."""
+                skip_bad: bool = False, now: datetime | None = None) -> ImportReport:
+    """Import one CSV / CSV.gz / Parquet file of bars. See the module docstring. A bar
+    that had not closed by `now` (default: the clock) is a bad row."""
     t0 = time.perf_counter()
     spec = spec_for(symbol, market, venue)
     check_timeframe(timeframe)
     file = str(path)
-    parsed = parse_file(path, tz, timeframe)
+    parsed = parse_file(path, tz, timeframe, now)
     if parsed.bad and not skip_bad:
         raise refusal(file, parsed, parsed.bad)
     digest = _sha256(Path(path))
@@ -159,7 +181,7 @@ def import_file(conn: psycopg.Connection, path: str | Path, *, symbol: str, mark
                     (instrument_id,))
         cur.execute("SET LOCAL timezone = 'UTC'")
         cur.execute(sql.SQL(_STAGING).format(staging))
-        _copy_rows(cur, staging, parsed)
+        _copy_rows(cur, staging, parsed, file)
         conflicts = []
         overlap = bool(len(parsed.ts_us)) and cur.execute(_OVERLAP, (
             instrument_id, timeframe, _utc(int(parsed.ts_us.min())),

@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import csv
 import gzip
+import io
 import re
 import zlib
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
+from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import numpy as np
@@ -42,9 +44,19 @@ _ALIASES = {
 _UNIX_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _LATEST_US = (datetime(2200, 1, 1, tzinfo=UTC) - _UNIX_EPOCH) // timedelta(microseconds=1)
 _NUMBER = r"[+-]?(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d{1,4})?"
+# a number's text is at most this long: 40 significant digits with sign, point, exponent
+# and a few leading zeros (PostgreSQL's numeric would refuse 16,384 decimal places, and
+# Decimal arithmetic on millions of digits overflows)
+MAX_NUMBER_LENGTH = 64
+# a bar must have closed by now, give or take this much (the live ingest's rule)
+CLOSE_TOLERANCE = timedelta(minutes=1)
 _NOT_FINITE = {"nan", "+nan", "-nan", "inf", "+inf", "-inf", "infinity", "+infinity",
                "-infinity"}
-_AWARE = r"[T ]\d{1,2}:\d{2}(?::\d{2}(?:[.,]\d+)?)?\s*(?:Z|[+-]\d{2}(?::?\d{2})?)"
+_AWARE = (r"[T ]\d{1,2}:\d{2}(?::\d{2}(?:[.,]\d+)?)?\s*"
+          r"(?:Z|[+-]\d{2}(?::?\d{2})?|(?i:UTC|GMT)(?:[+-]\d{2}(?::?\d{2})?)?)")
+# a trailing UTC or GMT (with an optional offset) is read as that offset from UTC
+_UTC_OFFSET_SUFFIX = r"\s*(?i:UTC|GMT)([+-]\d{2}(?::?\d{2})?)$"
+_UTC_SUFFIX = r"\s*(?i:UTC|GMT)$"
 _EPOCH = r"\d{9,19}(?:\.\d+)?"
 
 
@@ -118,10 +130,15 @@ def _read_csv(path: Path) -> tuple[pd.DataFrame, np.ndarray | None]:
                 column_types={f"c{i}": pa.string() for i in range(len(names))},
                 strings_can_be_null=False, quoted_strings_can_be_null=False))
     except (pa.ArrowException, ValueError) as exc:
-        detail = str(exc).splitlines()[0][:120] if str(exc) else type(exc).__name__
-        raise FileError(f"cannot read {shown(str(path), 300)} as CSV: {detail}") from exc
-    if len(set(names)) != len(names):
-        names = [f"{name}#{i}" for i, name in enumerate(names)]
+        where = _csv_problem(data, len(names))
+        if where is None:
+            detail = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            where = printable(detail[:120])
+        raise FileError(f"cannot read {shown(str(path), 300)} as CSV: {where}") from exc
+    _check_header(names, path)
+    if len(set(names)) != len(names):  # (repeats of a column the import does not read)
+        names = [name if name not in names[:i] else f"{name}#{i}"
+                 for i, name in enumerate(names)]
     frame = table.rename_columns(names).to_pandas()
     numbers = None
     if re.search(rb"\n[ \t\r]*\n", data) or re.match(rb"[^\n]*\n[ \t\r]*\n", data):
@@ -129,6 +146,67 @@ def _read_csv(path: Path) -> tuple[pd.DataFrame, np.ndarray | None]:
         numbers = np.array([i + 1 for i, ln in enumerate(lines) if ln.strip()][1:],
                            dtype=np.int64)[: len(frame)]
     return frame, numbers
+
+
+def printable(text: str) -> str:
+    """`text` with every control character (newline, escape, NUL) shown as its escape."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
+def _csv_problem(data: bytes, columns: int) -> str | None:
+    """Where and why a CSV that Arrow refused is not a table of `columns` columns: the
+    first line that is not UTF-8 text or has another number of fields (None if no such
+    line is found). Line numbers count from the header, line 1."""
+    for n, raw in enumerate(data.split(b"\n"), 1):
+        try:
+            raw.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            return (f"line {n}: not UTF-8 text (byte {raw[exc.start:exc.start + 1]!r} at "
+                    f"character {exc.start + 1})")
+    reader = csv.reader(io.StringIO(data.decode("utf-8"), newline=""))
+    start = 1
+    limit = csv.field_size_limit()
+    csv.field_size_limit(max(limit, len(data) + 1))
+    try:
+        for row in reader:
+            if row and len(row) != columns:
+                line = ",".join(row)
+                text = line if len(line) <= 80 else line[:80] + "..."
+                hint = (" (a quoted field runs across lines: a quote that is never closed?)"
+                        if reader.line_num > start else "")
+                return (f"line {start}: {len(row)} field{'s' if len(row) != 1 else ''}, but "
+                        f"the header has {columns}{hint}: {printable(text)}")
+            start = reader.line_num + 1
+    except csv.Error as exc:
+        return f"line {start}: {printable(str(exc))}"
+    finally:
+        csv.field_size_limit(limit)
+    return None
+
+
+_ALIAS_KEYS = {alias for aliases in _ALIASES.values() for alias in aliases}
+
+
+def _check_header(names: list[str], path: Path) -> None:
+    """Refuse a header that names a column the import reads twice (which one is meant?)."""
+    seen: dict[str, str] = {}
+    for name in names:
+        key = _key(name)
+        if key in seen and key in _ALIAS_KEYS:
+            same = "appears twice" if seen[key] == name else f"is the same as {shown(seen[key])}"
+            raise FileError(f"cannot import {shown(str(path), 300)}: column {shown(name)} "
+                            f"{same} in the header")
+        seen[key] = name
+
+
+# Parquet column types read as text: numbers, decimals, text, booleans
+def _textual(t: pa.DataType) -> bool:
+    return (pa.types.is_integer(t) or pa.types.is_floating(t) or pa.types.is_decimal(t)
+            or pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_boolean(t)
+            or pa.types.is_null(t) or pa.types.is_binary(t) or pa.types.is_large_binary(t)
+            or pa.types.is_dictionary(t))
 
 
 def _read_parquet(path: Path) -> pd.DataFrame:
@@ -139,9 +217,26 @@ def _read_parquet(path: Path) -> pd.DataFrame:
     except (pa.ArrowException, OSError, ValueError) as exc:
         detail = str(exc).splitlines()[0][:120] if str(exc) else type(exc).__name__
         raise FileError(f"cannot read {shown(str(path), 300)} as Parquet: {detail}") from exc
+    _check_header([str(c) for c in table.column_names], path)
     cols: dict[str, object] = {}
+    unusable: dict[str, str] = {}
     for name, col in zip(table.column_names, table.columns, strict=True):
         t = col.type
+        if not (pa.types.is_timestamp(t) or pa.types.is_date(t)):
+            problem = None if _textual(t) else f"has type {t}"
+            if problem is None:
+                try:
+                    col = col.cast(pa.string())
+                except (pa.ArrowException, ValueError):
+                    problem = (f"has type {t} that is not UTF-8 text"
+                               if pa.types.is_binary(t) or pa.types.is_large_binary(t)
+                               else f"has type {t}")
+            if problem is not None:
+                unusable[name] = problem
+                # (kept as text for a quarantined row's raw values)
+                cols[name] = pd.Series([printable(repr(v))[:200] for v in col.to_pylist()],
+                                       dtype=object)
+                continue
         if pa.types.is_timestamp(t):
             s = col.to_pandas()
             if t.tz is None:
@@ -152,8 +247,10 @@ def _read_parquet(path: Path) -> pd.DataFrame:
             cols[name] = pd.to_datetime(col.to_pandas())
         else:
             # floats: Arrow prints the shortest repr that round-trips; decimals as they are
-            cols[name] = col.cast(pa.string()).to_pandas().fillna("")
-    return pd.DataFrame(cols)
+            cols[name] = col.to_pandas().fillna("")
+    frame = pd.DataFrame(cols)
+    frame.attrs["unusable"] = unusable
+    return frame
 
 
 def read_frame(path: Path) -> tuple[pd.DataFrame, str, np.ndarray]:
@@ -183,6 +280,11 @@ def map_columns(frame: pd.DataFrame, path: Path) -> dict[str, str]:
             if alias in keys:
                 found[std] = keys[alias]
                 break
+    unusable = frame.attrs.get("unusable", {})
+    for std, col in found.items():
+        if col in unusable:
+            raise FileError(f"cannot import {shown(str(path), 300)}: column {shown(str(col))} "
+                            f"({std}) {unusable[col]}: expected numbers, text or times")
     missing = [c for c in REQUIRED if c not in found]
     if missing:
         have = ", ".join(repr(str(c))[:40] for c in list(frame.columns)[:12]) or "none"
@@ -201,55 +303,120 @@ def _localize(naive: pd.Series, zone: ZoneInfo) -> pd.Series:
 
 
 def parse_times(col: pd.Series, zone: ZoneInfo) -> tuple[pd.Series, pd.Series]:
-    """(UTC times with NaT where unusable, reason per NaT row)."""
+    """(UTC times with NaT where unusable, reason per NaT row). A time after the year 2200
+    is unusable, whichever way it is written."""
     n = len(col)
     reasons = pd.Series([None] * n, dtype=object)
+    nat = np.iinfo(np.int64).min
+    texts: np.ndarray | None = None
     if isinstance(col.dtype, pd.DatetimeTZDtype):
-        return col.dt.tz_convert("UTC"), reasons
-    if pd.api.types.is_datetime64_dtype(col.dtype):
+        us = _as_us(col)
+    elif pd.api.types.is_datetime64_dtype(col.dtype):
         naive = col
         out = _localize(naive, zone)
         dst = (out.isna() & naive.notna()).to_numpy()
         reasons[dst] = f"local time does not exist or is ambiguous in {zone.key} (DST change)"
         reasons[naive.isna().to_numpy()] = "time is empty"
-        return out, reasons
-    s = _strings(col)
+        us = _as_us(out)
+    else:
+        texts = s = _strings(col)
+        us, unit = _parse_texts(s, zone, reasons)
+        if unit is not None:
+            late = us > _LATEST_US
+            for i in np.flatnonzero(late).tolist():
+                reasons.iat[i] = (f"time {shown(s[i])} is out of range (after the year 2200 "
+                                  f"in {unit}, the column's unit)")
+            us[late] = nat
+    late = (us > _LATEST_US) & reasons.isna().to_numpy()
+    for i in np.flatnonzero(late).tolist():
+        when = shown(str(texts[i])) if texts is not None else _stamp(int(us[i]))
+        reasons.iat[i] = f"time {when} is out of range (after the year 2200)"
+    us[late] = nat
+    out = pd.Series(pd.to_datetime(us, unit="us", utc=True))
+    unparsed = out.isna().to_numpy() & reasons.isna().to_numpy()
+    for i in np.flatnonzero(unparsed).tolist():
+        if texts is None:
+            reasons.iat[i] = "time is empty"
+        else:
+            reasons.iat[i] = ("time is empty" if texts[i] == ""
+                              else f"time {shown(texts[i])} is not a date/time")
+    return out, reasons
+
+
+def _stamp(us: int) -> str:
+    return str(np.datetime_as_string(np.datetime64(us, "us"), unit="s")).replace("T", " ") + \
+        " UTC"
+
+
+def _parse_texts(s: np.ndarray, zone: ZoneInfo,
+                 reasons: pd.Series) -> tuple[np.ndarray, str | None]:
+    """Times written as text, as UTC microseconds (NaT as int64 min), and the unit if the
+    column holds epoch numbers."""
+    n = len(s)
     empty = s == ""
     us = np.full(n, np.iinfo(np.int64).min, dtype=np.int64)  # NaT
     epoch = _match(s, _EPOCH)
     if epoch.sum() > (~empty).sum() // 2:
         us[epoch], unit = _epoch_us(s[epoch])
-        late = epoch & (us > _LATEST_US)
-        for i in np.flatnonzero(late).tolist():
-            reasons.iat[i] = (f"time {shown(s[i])} is out of range (after the year 2200 in "
-                              f"{unit}, the column's unit)")
-        us[late] = np.iinfo(np.int64).min
-    else:
-        aware = _match(s, ".*" + _AWARE) & ~empty
-        naive_mask = ~aware & ~empty
-        if aware.any():
-            parsed = pd.to_datetime(pd.Series(s[aware]), format="ISO8601", errors="coerce",
-                                    utc=True)
-            us[aware] = _as_us(parsed)
-        if naive_mask.any():
-            part = pd.Series(s[naive_mask])
-            naive = pd.to_datetime(part, format="ISO8601", errors="coerce")
-            if naive.isna().sum() > len(part) // 2:
+        return us, unit
+    aware = _match(s, ".*" + _AWARE) & ~empty
+    naive_mask = ~aware & ~empty
+    if aware.any():
+        us[aware] = _aware_us(pd.Series(s[aware]))
+    if naive_mask.any():
+        idx = np.flatnonzero(naive_mask)
+        part = pd.Series(s[naive_mask])
+        naive = pd.to_datetime(part, format="ISO8601", errors="coerce")
+        if naive.isna().sum() > len(part) // 2:
+            try:
                 naive = pd.to_datetime(part, errors="coerce", format="mixed")
-            local = _localize(naive.astype("datetime64[us]"), zone)
-            dst = (local.isna() & naive.notna()).to_numpy()
-            if dst.any():
-                idx = np.flatnonzero(naive_mask)[dst]
-                for i in idx:
-                    reasons.iat[i] = (f"local time {s[i]} does not exist or is ambiguous in "
-                                      f"{zone.key} (DST change)")
-            us[naive_mask] = _as_us(local)
-    out = pd.Series(pd.to_datetime(us, unit="us", utc=True))
-    unparsed = out.isna().to_numpy() & reasons.isna().to_numpy()
-    for i in np.flatnonzero(unparsed).tolist():
-        reasons.iat[i] = ("time is empty" if empty[i]
-                          else f"time {shown(s[i])} is not a date/time")
-    return out, reasons
+            except (ValueError, TypeError, OverflowError):  # some with a zone, some not
+                naive = pd.Series([_one_time(x) for x in part], dtype=object)
+        if isinstance(naive.dtype, pd.DatetimeTZDtype):  # a zone pandas reads: all aware
+            us[idx] = _as_us(naive)
+            return us, None
+        if naive.dtype == object:  # per value: aware ones as they are, naive ones local
+            has_zone = np.array([isinstance(t, pd.Timestamp) and t.tzinfo is not None
+                                 for t in naive], dtype=bool)
+            if has_zone.any():
+                zoned: list[Any] = [naive.iat[i] for i in np.flatnonzero(has_zone).tolist()]
+                us[idx[has_zone]] = _as_us(pd.Series(zoned).astype("datetime64[us, UTC]"))
+            naive = pd.to_datetime(pd.Series([None if z else t for z, t in
+                                              zip(has_zone, naive, strict=True)],
+                                             dtype=object), errors="coerce")
+            idx, naive = idx[~has_zone], naive[~has_zone].reset_index(drop=True)
+        local = _localize(naive.astype("datetime64[us]"), zone)
+        dst = (local.isna() & naive.notna()).to_numpy()
+        for i in idx[dst]:
+            reasons.iat[i] = (f"local time {printable(s[i])} does not exist or is ambiguous in "
+                              f"{zone.key} (DST change)")
+        us[idx] = _as_us(local)
+    return us, None
+
+
+def _aware_us(part: pd.Series) -> np.ndarray:
+    """Times with a zone (Z, an offset, UTC or GMT) as UTC microseconds."""
+    arr = pc.replace_substring_regex(pa.array(part, pa.string()), _UTC_OFFSET_SUFFIX, r"\1")
+    arr = pc.replace_substring_regex(arr, _UTC_SUFFIX, "+00:00")
+    iso = pd.Series(arr.to_numpy(zero_copy_only=False), dtype=object)
+    parsed = pd.to_datetime(iso, format="ISO8601", errors="coerce", utc=True)
+    if parsed.isna().any():  # e.g. Thu, 01 Feb 2024 00:01:00 GMT
+        bad = parsed.isna().to_numpy()
+        try:
+            again = pd.to_datetime(iso[bad], format="mixed", errors="coerce", utc=True)
+        except (ValueError, TypeError, OverflowError):
+            again = pd.Series([_one_time(x, utc=True) for x in iso[bad]],
+                              index=iso.index[bad], dtype="datetime64[us, UTC]")
+        parsed = parsed.astype("datetime64[us, UTC]")
+        parsed[bad] = again.astype("datetime64[us, UTC]")
+    return _as_us(parsed)
+
+
+def _one_time(text: str, utc: bool = False) -> object:
+    try:
+        return pd.to_datetime(text, utc=utc)
+    except (ValueError, TypeError, OverflowError):
+        return pd.NaT
 
 
 def _epoch_us(texts: np.ndarray) -> tuple[np.ndarray, str]:
@@ -298,11 +465,15 @@ def _check_values(vals: dict[str, pa.Array], reasons: np.ndarray) -> None:
     """Set a reason for every row whose numbers break a bar rule (first reason wins)."""
     floats: dict[str, np.ndarray] = {}
     for name, arr in vals.items():
-        ok = _np(pc.match_substring_regex(arr, f"^(?:{_NUMBER})$"))
+        short = _np(pc.less_equal(pc.utf8_length(arr), MAX_NUMBER_LENGTH))
+        ok = short & _np(pc.match_substring_regex(arr, f"^(?:{_NUMBER})$"))
         for i in np.flatnonzero(~ok).tolist():
             if reasons[i] is None:
                 text = _at(arr, i)
-                if text == "":
+                if not short[i]:
+                    reasons[i] = (f"{name} {shown(text, 40)} is too long ({len(text):,} "
+                                  f"characters; a number has at most {MAX_NUMBER_LENGTH})")
+                elif text == "":
                     reasons[i] = f"{name} is empty"
                 elif text.lower() in _NOT_FINITE:
                     reasons[i] = f"{name} is {text} (not a finite number)"
@@ -374,9 +545,11 @@ def _match(arr: np.ndarray, pattern: str) -> np.ndarray:
         zero_copy_only=False)
 
 
-def parse_file(path: str | Path, tz: str = "UTC", timeframe: str | None = None) -> ParsedBars:
+def parse_file(path: str | Path, tz: str = "UTC", timeframe: str | None = None,
+               now: datetime | None = None) -> ParsedBars:
     """The file's bars; with `timeframe`, a row whose time is not the open time of such a
-    bar is bad (the live ingest's rule)."""
+    bar, or whose bar had not closed by `now` (default: the clock) give or take
+    CLOSE_TOLERANCE, is bad (the live ingest's rules)."""
     zone = _zone(tz)
     p = Path(path)
     frame, label, numbers_all = read_frame(p)
@@ -396,6 +569,7 @@ def parse_file(path: str | Path, tz: str = "UTC", timeframe: str | None = None) 
     ts_us = _us_with_nat(times)
     if timeframe is not None:
         _check_alignment(ts_us, timeframe, reasons)
+        _check_closed(ts_us, timeframe, reasons, now or datetime.now(UTC))
     good = pd.isna(reasons)
     duplicates = _check_duplicates(ts_us, vals, good, reasons, numbers_all, times, label)
     good = pd.isna(reasons)
@@ -422,6 +596,23 @@ def _check_alignment(ts_us: np.ndarray, timeframe: str, reasons: np.ndarray) -> 
         if problems[us] is not None:
             stamp = np.datetime_as_string(np.datetime64(us, "us"), unit="auto")
             reasons[i] = f"time {str(stamp).replace('T', ' ')} UTC is {problems[us]}"
+
+
+def _check_closed(ts_us: np.ndarray, timeframe: str, reasons: np.ndarray,
+                  now: datetime) -> None:
+    """A reason for every still good row whose bar had not closed by `now` (a bar in the
+    future would stop the live ingest, which resumes after the latest stored bar)."""
+    step = TIMEFRAME_SECONDS[timeframe] * 1_000_000
+    limit = (now + CLOSE_TOLERANCE - _UNIX_EPOCH) // timedelta(microseconds=1)
+    todo = pd.isna(reasons) & (ts_us != np.iinfo(np.int64).min) & (ts_us > limit - step)
+    shown_now = f"{now.astimezone(UTC):%Y-%m-%d %H:%M:%S} UTC"
+    for i in np.flatnonzero(todo).tolist():
+        us = int(ts_us[i])
+        if us > limit - CLOSE_TOLERANCE // timedelta(microseconds=1):
+            reasons[i] = f"time {_stamp(us)} is in the future (now {shown_now})"
+        else:
+            reasons[i] = (f"the {timeframe} bar at {_stamp(us)} has not closed yet (it closes "
+                          f"at {_stamp(us + step)}; now {shown_now})")
 
 
 def _us_with_nat(times: pd.Series) -> np.ndarray:
