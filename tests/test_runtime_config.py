@@ -22,7 +22,14 @@ def test_the_example_configuration_parses_and_needs_every_worker():
                                                                      "live")
     assert cfg.account("paper-1").costs.slippage == "bps:2"
     assert cfg.strategies[0].symbols == ("BTC/USDT@binance", "ETH/USDT@binance")
-    assert kinds_for(cfg) == ["ingest", "strategies", "router", "reconciler", "notifier"]
+    assert kinds_for(cfg) == ["ingest", "strategies", "router", "reconciler"]
+    # its notifications, uncommented (they need MMATS_TELEGRAM_TOKEN), add the notifier
+    text = EXAMPLE.read_text().replace("\n# [", "\n[").replace("\n# events", "\nevents")
+    for key in ("type", "chat_id", "token_env"):
+        text = text.replace(f"\n# {key} ", f"\n{key} ")
+    assert "[notifications]\nevents" in text
+    assert kinds_for(rc.parse(tomllib.loads(text))) == [
+        "ingest", "strategies", "router", "reconciler", "notifier"]
     # a new series starts with history to warm up on (a strategy's slow average)
     assert [f.history_bars for f in cfg.feeds] == [500]
     assert _parse(FEED + "history_bars = 0").feeds[0].history_bars == 0
@@ -191,3 +198,9 @@ def test_unreadable_files_are_one_line_naming_the_file(tmp_path):
         rc.load(logged)
     (tmp_path / "logs").mkdir()
     assert rc.load(logged).log_file == str(tmp_path / "logs" / "x.log")
+
+
+def test_the_cli_s_database_table_may_share_the_file():
+    """`MMATS_CONFIG` defaults to ./mmats.toml, the file the runtime reads too: its
+    [database] table (db.config's) is not the runtime's mistake."""
+    assert _parse('[database]\nhome = ".mmats"\n' + ACC).accounts[0].name == "a"

@@ -1295,3 +1295,27 @@ def test_news_is_told_before_its_bar_once_across_a_restart_and_late_news_next(
     assert [(h, n) for h, _s, _t, n in second.news] == [
         ("late: bar 6 already ran", 0), ("btc at 7", 0)]
     assert errors(owner) == []
+
+
+def test_an_entry_whose_symbol_does_not_exist_yet_starts_once_it_does(
+        owner: psycopg.Connection, tmp_path: Path, btc: int,
+        make_worker: Callable[..., StrategyWorker]) -> None:
+    """On a new database `mmats run` starts the strategy worker beside the ingest worker,
+    which creates the instruments: an entry whose symbol is not there yet is tried again
+    (it was dropped for the life of the process), reported once, and starts with the next
+    bar stored after it resolves."""
+    write_strategy(tmp_path, "recorder")
+    cfg = entry("adv", "recorder", "SOLUSD")
+    setup(owner, tmp_path, [paper("adv")], [cfg])
+    w = make_worker([cfg], setup_retry_seconds=0.05)
+    for _ in range(5):
+        pump(w)
+    (failed,) = errors(owner, "STRATEGY_SETUP_FAILED")
+    assert "symbol 'SOLUSD': unknown" in failed["message"]
+    sol = add_instrument(owner, "SOLUSD")
+    add_bars(owner, [(sol, 0, "20")])  # stored before the entry resolves: not replayed
+    pump(w, lambda: any(a.cursor == "strategy:adv:recorder:1m" for a in w.assignments))
+    add_bars(owner, [(sol, 1, "21")])
+    pump(w, lambda: len(signals(owner, "adv")) == 1)
+    assert [g["ts"] for g in signals(owner, "adv")] == [close_of(1) - ONE_US]
+    assert len(errors(owner, "STRATEGY_SETUP_FAILED")) == 1

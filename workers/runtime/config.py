@@ -327,10 +327,11 @@ def _router(table: Mapping[str, Any]) -> RouterConfig:
 
 def parse(raw: Mapping[str, Any], source: Path | None = None) -> RuntimeConfig:
     """The runtime configuration from a parsed TOML document."""
-    unknown = [k for k in raw if k not in TABLES]
+    # ([database] is the CLI's, read by db.config: one mmats.toml may hold both)
+    unknown = [k for k in raw if k not in TABLES and k != "database"]
     if unknown:
         raise RuntimeConfigError(f"unknown table or key {unknown[0]!r} at the top level "
-                                 f"(known: {', '.join(TABLES)})")
+                                 f"(known: {', '.join((*TABLES, 'database'))})")
     accounts_raw = raw.get("accounts", [])
     strategies_raw = raw.get("strategies", [])
     feeds_raw = raw.get("feeds", [])

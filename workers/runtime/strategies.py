@@ -312,6 +312,7 @@ class StrategyWorker(Worker):
                  paper_wait_seconds: float = 15.0, poll_ms: int = 100,
                  bar_grace_seconds: float = 3.0,
                  reload_seconds: float = 2.0,
+                 setup_retry_seconds: float = 10.0,
                  strategy_timeout_seconds: float = STRATEGY_TIMEOUT_SECONDS) -> None:
         super().__init__(url, name, heartbeat_seconds=heartbeat_seconds)
         self.configs = list(strategies)
@@ -343,6 +344,12 @@ class StrategyWorker(Worker):
         self._backlog: set[tuple[int, str]] = set()
         self._settled: dict[str, datetime] = {}  # paper resume points last seen
         self._last_reload = 0.0
+        # entries whose setup failed (an unknown symbol, account or strategy), tried again
+        # every setup_retry_seconds; each failure is reported once per message
+        self._unresolved: list[StrategyConfig] = []
+        self._setup_errors: dict[int, str] = {}
+        self._last_setup = time.monotonic()
+        self.setup_retry_seconds = setup_retry_seconds
         self.counts = {"bars": 0, "signals": 0, "errors": 0}
 
     # ------------------------------------------------------------------ life
@@ -357,24 +364,67 @@ class StrategyWorker(Worker):
             self.report("STRATEGY_LOAD_FAILED", str(error))
         seen: set[tuple[str, str, str]] = set()
         for cfg in self.configs:
+            key = (cfg.account, cfg.name, cfg.timeframe)
+            if key in seen:  # one resume point per strategy, account and timeframe
+                self._setup_failed(cfg, ValueError(
+                    f"a second entry for {cfg.name} {cfg.timeframe} on {cfg.account}: give "
+                    "one entry all its symbols"))
+                continue
             try:
-                key = (cfg.account, cfg.name, cfg.timeframe)
-                if key in seen:  # one resume point per strategy, account and timeframe
-                    raise ValueError(f"a second entry for {cfg.name} {cfg.timeframe} on "
-                                     f"{cfg.account}: give one entry all its symbols")
                 self.assignments.append(self._resolve(cfg))
                 seen.add(key)
             except Exception as exc:  # one bad entry must not stop the others
-                self.conn.rollback()
-                known = self.conn.execute("SELECT 1 FROM trading.accounts WHERE name = %s",
-                                          (cfg.account,)).fetchone() is not None
-                self.report("STRATEGY_SETUP_FAILED",
-                            f"{cfg.name} on {cfg.account}: {str(exc).splitlines()[0]}",
-                            account=cfg.account if known else None)
+                self._setup_failed(cfg, exc)
+                # (tried again: its symbols may be created by the ingest worker, which
+                # starts beside this one on a new database, or its account by `mmats run`)
+                self._unresolved.append(cfg)
         self._load_caches()
         self.conn.commit()
         self._dirty = set(self.caches)  # catch up on bars stored while no worker ran
         self.detail = {"assignments": [a.cursor for a in self.assignments]}
+
+    def _setup_failed(self, cfg: StrategyConfig, exc: BaseException) -> None:
+        self._rollback()
+        message = f"{cfg.name} on {cfg.account}: {str(exc).splitlines()[0]}"
+        if self._setup_errors.get(id(cfg)) == message:
+            return  # (said already: a retry that fails the same way says nothing new)
+        self._setup_errors[id(cfg)] = message
+        known = self._c.execute("SELECT 1 FROM trading.accounts WHERE name = %s",
+                                (cfg.account,)).fetchone() is not None
+        self.report("STRATEGY_SETUP_FAILED", message, account=cfg.account if known else None)
+        self._c.commit()
+
+    def _rollback(self) -> None:
+        if self._c.info.transaction_status != IDLE:
+            self._c.rollback()
+
+    def _retry_setup(self) -> None:
+        """The entries whose setup failed, tried again: one that resolves now starts
+        from the next bar stored, as a new entry does."""
+        for cfg in list(self._unresolved):
+            if any((a.account, a.config.name, a.config.timeframe)
+                   == (cfg.account, cfg.name, cfg.timeframe) for a in self.assignments):
+                self._unresolved.remove(cfg)  # (another entry for it is set up: said at start)
+                continue
+            known_keys = set(self.caches)
+            try:
+                a = self._resolve(cfg)
+            except Exception as exc:
+                self._setup_failed(cfg, exc)
+                continue
+            for iid, _s, _v in a.instruments:
+                key = (iid, a.config.timeframe)
+                if key not in known_keys:
+                    cache = self.caches[key]
+                    cache.load(self._c, a.last if a.last is not None
+                               else datetime.now().astimezone(), cache.limit)
+                self._dirty.add(key)
+            self._c.commit()
+            self.assignments.append(a)
+            self._unresolved.remove(cfg)
+            self._setup_errors.pop(id(cfg), None)
+            self.detail["assignments"] = [x.cursor for x in self.assignments]
+            log.event(self.log, "strategy entry set up", strategy=cfg.name, account=cfg.account)
 
     def close(self) -> None:
         for c in (self.conn, self.listen, self._hb_conn):
@@ -511,6 +561,9 @@ class StrategyWorker(Worker):
         if time.monotonic() - self._last_reload > self.reload_seconds:
             self._last_reload = time.monotonic()
             self._reload()
+        if self._unresolved and time.monotonic() - self._last_setup > self.setup_retry_seconds:
+            self._last_setup = time.monotonic()
+            self._retry_setup()
         self.detail["counts"] = dict(self.counts)
 
     def _note(self, channel: str, payload: str) -> None:
