@@ -46,6 +46,10 @@ def _decimal(value: str, what: str) -> Decimal:
 
 def _call(sql: str, params: tuple[object, ...]) -> object:
     with connect(database_url()) as conn:
+        # the database's warnings (a limit on a symbol nothing is called yet) are shown
+        conn.add_notice_handler(lambda d: click.echo(
+            f"warning: {printable(d.message_primary or '')}", err=True)
+            if d.severity_nonlocalized == "WARNING" else None)
         row = conn.execute(sql, params).fetchone()
     return row[0] if row else None
 

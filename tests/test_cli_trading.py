@@ -208,3 +208,13 @@ def test_book_cash_and_list_the_movements(run, db_url: str) -> None:  # type: ig
         "error: AMOUNT must be a finite number, got 'NaN'")
     assert one_error_line(run("account", "movements", "nobody")) == (
         "error: unknown account 'nobody' (see `mmats account list`)")
+
+
+def test_risk_set_shows_the_database_s_warning(run) -> None:  # type: ignore[no-untyped-def]
+    """A limit on a symbol nothing is called yet is kept (the feed may create it later),
+    and the database says so (0004_11): the command shows it on stderr."""
+    r = run("risk", "set", "MAX_EXPOSURE", "0.2", "--scope", "symbol", "--key", "BTCUSDT")
+    assert r.returncode == 0, r.stderr
+    assert r.stderr.strip() == ("warning: no instrument is called 'BTCUSDT' yet: this "
+                                "MAX_EXPOSURE limit applies to none until one is")
+    assert "set, id" in r.stdout

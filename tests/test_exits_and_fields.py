@@ -279,3 +279,35 @@ def test_a_paper_withdrawal_cannot_take_cash_promised_to_an_approved_buy(conn, b
     r = one(conn, "SELECT trading.book_cash(%s)", Jsonb(
         {"account": "p", "kind": "withdrawal", "amount": "-50", "broker_ref": "w2"}))
     assert r["status"] == "booked"
+
+
+# ---------------------------------------------------------------- limits that cannot apply
+@pytest.mark.parametrize("call, says", [
+    ("risk.set_limit('MAX_OPEN_POSITIONS', 2.5, account => 'p')",
+     "MAX_OPEN_POSITIONS counts positions: a whole number, got 2.5"),
+    ("risk.set_limit('DAILY_LOSS', 500, params => '{\"unit\": \"fraction\"}', account => 'p')",
+     "DAILY_LOSS as a fraction must be between 0 and 1, got 500"),
+    ("risk.set_limit('TRADING_HOURS', 1, params => '{\"strat\": \"09:00\"}', account => 'p')",
+     'TRADING_HOURS params: unknown field(s) "strat"'),
+    ("risk.set_limit('MAX_ORDER_VALUE', 1e400, account => 'p')", "must be less than 10^18"),
+])
+def test_a_limit_that_could_never_apply_is_refused(conn, btc, call, says):
+    """0004_10 stored each of these; none would ever have refused an order as meant."""
+    account(conn)
+    before = one(conn, "SELECT count(*) FROM risk.limits")
+    with pytest.raises(psycopg.errors.InvalidParameterValue) as err:
+        conn.execute(f"SELECT {call}")
+    assert says in str(err.value).splitlines()[0], str(err.value)
+    assert one(conn, "SELECT count(*) FROM risk.limits") == before
+
+
+def test_a_limit_on_a_symbol_nothing_is_called_yet_is_kept_with_a_warning(conn, btc):
+    account(conn)
+    notices: list[str] = []
+    conn.add_notice_handler(lambda d: notices.append(d.message_primary or ""))
+    conn.execute("SELECT risk.set_limit('MAX_EXPOSURE', 0.2, 'symbol', 'BTCUSDT', account => 'p')")
+    assert notices == ["no instrument is called 'BTCUSDT' yet: this MAX_EXPOSURE limit applies "
+                       "to none until one is"]
+    conn.execute("SELECT risk.set_limit('MAX_EXPOSURE', 0.2, 'symbol', 'btcusd', account => 'p')")
+    assert len(notices) == 1  # a symbol that exists: nothing to say
+    assert one(conn, "SELECT count(*) FROM risk.limits WHERE scope = 'symbol'") == 2

@@ -8980,6 +8980,9 @@ GRANT SELECT ON market.news_sentiment TO mmats_readonly, mmats_api, mmats_strate
 -- 7. trading.book_cash refuses a withdrawal from a paper or backtest account beyond the
 --    cash not promised to open buy orders (approved buys were left unfunded, cash went
 --    negative at their fill).
+-- 8. risk.set_limit stored limits that could never apply: MAX_OPEN_POSITIONS 2.5, DAILY_LOSS
+--    500 in unit fraction, TRADING_HOURS {"strat": "09:00"} (a misspelt parameter, never
+--    read); refused. A symbol or strategy scope nothing is called yet is a warning.
 SET LOCAL ROLE mmats_owner;
 
 -- A JSON document's fields are all among `known`, or this raises naming the others.
@@ -9691,6 +9694,119 @@ BEGIN
         'amount_account', moved, 'broker_ref', ref, 'symbol', sym, 'ts', at));
     RETURN jsonb_build_object('status', 'booked', 'movement_id', id, 'currency', ccy,
                               'amount_account', moved, 'cash', acc.cash + moved);
+END
+$$;
+
+-- (as in 0002_03) a value that cannot apply is refused: a count not whole, a flag not 0 or 1,
+-- a fraction above 1 in unit fraction, an unknown parameter; an unknown symbol or strategy
+-- is a warning
+CREATE OR REPLACE FUNCTION risk.set_limit(limit_type text, value numeric, scope text DEFAULT 'global',
+                               scope_key text DEFAULT NULL, account text DEFAULT NULL,
+                               environment text DEFAULT NULL, params jsonb DEFAULT '{}')
+RETURNS bigint
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    acc_id bigint;
+    lt risk.limit_types;
+    id bigint;
+BEGIN
+    SELECT * INTO lt FROM risk.limit_types t WHERE t.limit_type = upper(set_limit.limit_type);
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'unknown limit type %; known: %', quote_literal(set_limit.limit_type),
+            (SELECT string_agg(t.limit_type, ', ' ORDER BY t.limit_type) FROM risk.limit_types t)
+            USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    IF value IS NULL OR value = 'NaN' OR value < 0
+       OR (lt.unit = 'fraction' AND value > 1) THEN
+        RAISE EXCEPTION '% must be %, got %', lt.limit_type,
+            CASE WHEN lt.unit = 'fraction' THEN 'a fraction between 0 and 1' ELSE '>= 0' END,
+            COALESCE(value::text, 'NULL') USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    IF value >= 1e18 THEN
+        RAISE EXCEPTION '% must be less than 10^18, got %', lt.limit_type, left(value::text, 40)
+            USING ERRCODE = 'invalid_parameter_value';
+    ELSIF lt.unit = 'count' AND value <> trunc(value) THEN
+        RAISE EXCEPTION '% counts positions: a whole number, got %', lt.limit_type, value
+            USING ERRCODE = 'invalid_parameter_value';
+    ELSIF params ->> 'unit' = 'fraction' AND value > 1 THEN
+        RAISE EXCEPTION '% as a fraction must be between 0 and 1, got % (unit amount is money)',
+            lt.limit_type, value USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    IF account IS NOT NULL THEN
+        acc_id := (trading._account(account)).account_id;
+    END IF;
+    IF scope NOT IN ('global', 'market', 'strategy', 'symbol') THEN
+        RAISE EXCEPTION 'scope must be global, market, strategy or symbol, got %', quote_literal(scope)
+            USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    IF scope = 'market' AND (scope_key IS NULL OR scope_key NOT IN ('crypto', 'forex', 'stock')) THEN
+        RAISE EXCEPTION 'a market limit needs scope_key crypto, forex or stock, got %',
+            COALESCE(quote_literal(scope_key), 'NULL') USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    IF scope = 'global' AND scope_key IS NOT NULL THEN
+        RAISE EXCEPTION 'a global limit takes no scope_key, got %', quote_literal(scope_key)
+            USING ERRCODE = 'invalid_parameter_value';
+    ELSIF scope <> 'global' AND scope_key IS NULL THEN
+        RAISE EXCEPTION 'a % limit needs a scope_key (the %)', scope,
+            CASE scope WHEN 'symbol' THEN 'symbol' ELSE 'strategy name' END
+            USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    IF jsonb_typeof(COALESCE(params, '{}')) <> 'object' THEN
+        RAISE EXCEPTION 'limit params must be a JSON object' USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    -- a misspelt parameter was stored and never read ({"strat": "09:00"}: no hours)
+    PERFORM trading._known_fields(COALESCE(params, '{}'),
+        '{tz,start,end,days,timeframe,lookback,period,mode,unit,note}', lt.limit_type || ' params');
+    -- a key nothing has yet applies to nothing until it does: said, and kept (limits may
+    -- be set before the feed creates the instrument or the strategy first signals)
+    IF scope = 'symbol' AND NOT EXISTS (SELECT 1 FROM market.instruments i
+                                        WHERE i.symbol = upper(scope_key)) THEN
+        RAISE WARNING 'no instrument is called % yet: this % limit applies to none until one is',
+            quote_literal(upper(scope_key)), lt.limit_type;
+    ELSIF scope = 'strategy' AND NOT EXISTS (SELECT 1 FROM trading.strategies t
+                                             WHERE t.name = scope_key) THEN
+        RAISE WARNING 'no strategy is called % yet: this % limit applies to none until one is',
+            quote_literal(scope_key), lt.limit_type;
+    END IF;
+    -- the params the checks read must parse now: a bad one found later would raise on every
+    -- order (TRADING_HOURS tz) or on every bar (MAX_DRAWDOWN mode, in the bars trigger)
+    BEGIN
+        IF params ? 'tz' THEN PERFORM now() AT TIME ZONE (params ->> 'tz'); END IF;
+        IF params ? 'start' THEN PERFORM (params ->> 'start')::time; END IF;
+        IF params ? 'end' THEN PERFORM (params ->> 'end')::time; END IF;
+        IF params ? 'days' AND (jsonb_typeof(params -> 'days') <> 'array' OR EXISTS (
+               SELECT 1 FROM jsonb_array_elements(params -> 'days') d WHERE d::text !~ '^[1-7]$')) THEN
+            RAISE EXCEPTION 'days must be an array of ISO weekdays 1 (Monday) to 7';
+        END IF;
+        IF params ? 'timeframe' THEN PERFORM (params ->> 'timeframe')::market.timeframe; END IF;
+        IF (params ? 'lookback' AND (params ->> 'lookback')::integer < 3)
+           OR (params ? 'period' AND (params ->> 'period')::integer < 1) THEN
+            RAISE EXCEPTION 'lookback must be a whole number >= 3 and period >= 1';
+        END IF;
+        IF params ? 'mode' AND upper(params ->> 'mode') NOT IN ('SOFT', 'HARD', 'FREEZE') THEN
+            RAISE EXCEPTION 'mode must be SOFT, HARD or FREEZE';
+        END IF;
+        IF params ? 'unit' AND params ->> 'unit' NOT IN ('amount', 'fraction') THEN
+            RAISE EXCEPTION 'unit must be amount or fraction';
+        END IF;
+    EXCEPTION WHEN OTHERS THEN
+        RAISE EXCEPTION '% params %: %', lt.limit_type, params, SQLERRM
+            USING ERRCODE = 'invalid_parameter_value';
+    END;
+    INSERT INTO risk.limits AS l (account_id, environment, scope, scope_key, limit_type, value,
+                                  params, updated_by)
+    VALUES (acc_id, environment::trading.environment, scope::risk.limit_scope,
+            CASE WHEN scope = 'symbol' THEN upper(scope_key) ELSE scope_key END,
+            lt.limit_type, value, COALESCE(params, '{}'), session_user)
+    ON CONFLICT ON CONSTRAINT limits_unique DO UPDATE
+        SET value = EXCLUDED.value, params = EXCLUDED.params, enabled = true,
+            updated_at = now(), updated_by = session_user
+    RETURNING l.limit_id INTO id;
+    PERFORM audit.record('risk.limit_set', 'risk.limits', id::text,
+        jsonb_build_object('limit_type', lt.limit_type, 'value', value, 'scope', scope,
+                           'scope_key', scope_key, 'account', account,
+                           'environment', environment, 'params', params));
+    RETURN id;
 END
 $$;
 
