@@ -135,13 +135,16 @@ def _read(path: Path) -> tuple[dict[str, str], list[_Row]]:
     return mapping, rows
 
 
-def _instruments(conn: psycopg.Connection) -> dict[tuple[str, str], int]:
-    return {(s, v): int(i) for i, s, v in conn.execute(
-        "SELECT instrument_id, symbol, venue FROM market.instruments").fetchall()}
+def _instruments(conn: psycopg.Connection) -> dict[str, list[tuple[str, int]]]:
+    """Each symbol's (venue, instrument id) pairs: one read for the whole file."""
+    by_symbol: dict[str, list[tuple[str, int]]] = {}
+    for i, s, v in conn.execute("SELECT instrument_id, symbol, venue FROM market.instruments"):
+        by_symbol.setdefault(s, []).append((v, int(i)))
+    return by_symbol
 
 
 def _check(row: _Row, mapping: dict[str, str], when: Any, when_reason: str | None,
-           known: dict[tuple[str, str], int], venue: str | None) -> tuple[Any, ...]:
+           known: dict[str, list[tuple[str, int]]], venue: str | None) -> tuple[Any, ...]:
     """The row's values for the insert, or ValueError saying what is wrong with it."""
     def cell(name: str) -> str:
         return row.cells[mapping[name]].strip() if name in mapping else ""
@@ -169,8 +172,7 @@ def _check(row: _Row, mapping: dict[str, str], when: Any, when_reason: str | Non
     where = cell("venue").lower() or venue
     instrument: int | None = None
     if symbol:
-        matches = [(v, i) for (s, v), i in known.items()
-                   if s == symbol and (where is None or v == where)]
+        matches = [(v, i) for v, i in known.get(symbol, []) if where is None or v == where]
         if not matches:
             at = f" on venue {shown(where)}" if where else ""
             raise ValueError(f"unknown symbol {shown(symbol)}{at} (import its bars first; "
