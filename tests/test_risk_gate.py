@@ -418,6 +418,47 @@ def test_max_correlation_counts_an_unfilled_entry(conn: psycopg.Connection) -> N
              "MAX_CORRELATION: limit=0.8, correlation=1.0000, with=XXX")
 
 
+def test_max_correlation_from_the_cache(conn: psycopg.Connection) -> None:
+    """MAX_CORRELATION answers from risk.correlation_cache while a row holds the latest bar
+    of both instruments (with the signal's instrument either the lower id or the higher),
+    computes a pair it lacks, computes again once a new bar arrives, and names the first
+    instrument held (by id) above the limit."""
+    base = [0.01, -0.02, 0.015, 0.005, -0.01, 0.02] * 5
+    for sym, start in (("AAA", 100), ("BBB", 50), ("CCC", 80), ("DDD", 70)):
+        _series(conn, sym, base, start)  # the same returns: every pair correlates 1
+    ids = {s: i for s, i in conn.execute("SELECT symbol, instrument_id FROM market.instruments")}
+    assert ids["AAA"] < ids["BBB"] < ids["CCC"] < ids["DDD"]
+    account(conn, cash=1000000)
+    hold(conn, "BBB", "0.001")
+    hold(conn, "DDD", "0.001")
+    set_limit(conn, "MAX_CORRELATION", "0.8")
+    for sym in ("AAA", "CCC"):
+        rejected(conn, signal(conn, sym, size="0.001"), "MAX_CORRELATION",
+                 "MAX_CORRELATION: limit=0.8, correlation=1.0000, with=BBB")
+    conn.execute("SELECT risk.return_correlation(%s, %s, '1d', 30, %s)",
+                 (ids["DDD"], ids["CCC"], TS))  # (a pair the first check need not reach)
+    pairs = {(ids[a], ids[b]) for a, b in (("AAA", "BBB"), ("BBB", "CCC"), ("CCC", "DDD"))}
+    assert pairs <= set(conn.execute(
+        "SELECT a, b FROM risk.correlation_cache WHERE value > 0.9999").fetchall())
+    # a row holding both latest bars is taken as it is, whichever id is the lower
+    conn.execute("UPDATE risk.correlation_cache SET value = 0.5")
+    approved(conn, signal(conn, "CCC", size="0.001"))  # an entry not yet filled
+    # AAA against BBB (cached: 0.5), CCC (not cached: 1) and DDD
+    rejected(conn, signal(conn, "AAA", size="0.001"), "MAX_CORRELATION",
+             "MAX_CORRELATION: limit=0.8, correlation=1.0000, with=CCC")
+    # a new bar for every instrument: each row is stale, computed again
+    for sym in ids:
+        last = conn.execute("SELECT close FROM market.bars WHERE instrument_id = %s"
+                            " ORDER BY ts DESC LIMIT 1", (ids[sym],)).fetchone()[0]
+        bar(conn, ids[sym], BAR_TS + timedelta(hours=12), str(last * Decimal("1.01")))
+    rejected(conn, signal(conn, "AAA", size="0.001"), "MAX_CORRELATION",
+             "MAX_CORRELATION: limit=0.8, correlation=1.0000, with=BBB")
+    assert conn.execute(
+        "SELECT count(*) FROM risk.correlation_cache WHERE a = %s AND b = %s AND value > 0.9999"
+        " AND a_ts = %s AND b_ts = a_ts", (ids["AAA"], ids["BBB"],
+                                           BAR_TS + timedelta(hours=12))).fetchone()[0] == 1
+
+
 def test_max_correlation_needs_history(conn: psycopg.Connection) -> None:
     """With fewer than three common returns there is no correlation to refuse on."""
     _series(conn, "XXX", [0.01, -0.02], 100)
