@@ -1116,6 +1116,46 @@ def test_confirm_runs_waits_for_a_difference_to_persist(
     assert len(desk.events("POSITION_MISMATCH")) == 1
 
 
+def test_a_fill_the_router_applies_during_the_round_is_no_mismatch_and_no_freeze(
+        desk: Desk, http: responses.RequestsMock, alpaca: tuple[int, RoutedAccount]) -> None:
+    """The router applies a fill while the reconciler is between the broker's positions and
+    cash (read before the fill) and the ledger's (read after): the two views are of
+    different moments, not a disagreement. It was POSITION_MISMATCH and BALANCE_MISMATCH
+    and, with freeze_on_mismatch, a FREEZE of the account, although broker and ledger
+    agree in the next round."""
+    account_id, _ = alpaca
+    acc = routed(account_id, "alp-1", AlpacaBroker(ALPACA_CREDS, "paper"), freeze=True)
+    client = desk.order("alp-1")  # buy 5 AAPL at 100, submitted
+    fill = alpaca_fill(1, qty="5")
+
+    def open_orders_while_the_router_applies_the_fill(
+            _request: Any) -> tuple[int, dict[str, str], str]:
+        if desk.order_row(client)[0] != "filled":  # the router, concurrently
+            desk.conn.execute("SELECT trading.apply_fill(%s)", (Jsonb({
+                "client_order_id": client, "broker_fill_id": fill["id"], "quantity": "5",
+                "price": "100", "commission": "0", "ts": fill["transaction_time"]}),))
+        return 200, {}, "[]"
+
+    # the first round's answers were given just before the fill, the second's after it
+    http.get(f"{ALPACA}/positions", json=[])
+    http.get(f"{ALPACA}/positions", json=[alpaca_position("AAPL", "5")])
+    http.get(f"{ALPACA}/account", json=alpaca_account("10000"))
+    http.get(f"{ALPACA}/account", json=alpaca_account("9500"))
+    http.add_callback(responses.GET, f"{ALPACA}/orders",
+                      callback=open_orders_while_the_router_applies_the_fill)
+    http.get(f"{ALPACA}/account/activities/FILL", json=[fill])
+    http.get(f"{ALPACA}/account/activities", json=[])
+    worker = reconciler(desk, acc)
+    try:
+        runs = [worker.reconcile_all()[0] for _ in range(2)]
+    finally:
+        worker.close()
+    assert [(r.adopted, r.mismatches, r.skipped) for r in runs] == [(0, [], None)] * 2
+    assert desk.position(account_id) == 5
+    assert desk.events() == []
+    assert desk.breaker(account_id) == "OK"
+
+
 # ---------------------------------------------------------------------- scope and grants
 def test_paper_accounts_are_not_reconciled(desk: Desk, http: responses.RequestsMock) -> None:
     account_id = desk.account("paper-1")

@@ -49,6 +49,8 @@ the ledger, so it is skipped):
    pays for a position out of cash; a margin venue (OANDA: `margin_venues`) does not, its
    balance moves only with realized P&L and costs, so there the ledger's cash *plus its
    open positions at cost* is what the balance is compared with.
+   The ledger is also read before the broker is asked: a broker answer that agrees with
+   the ledger of then is no mismatch (a fill landed between the two reads).
 
 Every mismatch becomes a critical risk event through `risk.report_mismatch`, *once per
 episode*: it is reported when first seen (or seen `confirm_runs` times in a row, for
@@ -404,6 +406,11 @@ class Reconciler(Worker):
         created_at: datetime = row[0]
         since = (run.started_at - self.first_lookback if cursor is None
                  else cursor - self.fill_overlap)
+        margin = broker.venue in self.margin_venues
+        # the ledger as it was before the broker was asked: a fill the router (or this
+        # round) applies between the broker's answers and the ledger's read below makes
+        # the two views of different moments, which is no disagreement
+        before = self._ledger_positions(account_id)[0], self._ledger_cash(account_id, margin)[0]
         positions = broker.positions()
         balances = broker.balances()
         open_at_broker = broker.open_orders()
@@ -417,9 +424,9 @@ class Reconciler(Worker):
         self._adopt_fills(account_id, run, orders, fills, found)
         self._book_movements(account_id, run, movements, created_at, found)
         found.extend(self._unknown_broker_orders(orders, open_at_broker, broker.venue))
-        found.extend(self._position_mismatches(account_id, positions))
-        found.extend(self._balance_mismatches(account_id, balances,
-                                              margin=broker.venue in self.margin_venues))
+        found.extend(self._position_mismatches(account_id, positions, before[0]))
+        found.extend(self._balance_mismatches(account_id, balances, margin=margin,
+                                              before=before[1]))
         run.mismatches = [self._with_fills_unread(run, m) for m in found]
         self._report_new(routed, run)
 
@@ -797,14 +804,22 @@ class Reconciler(Worker):
         return out
 
     # ------------------------------------------------------------------ 4. positions
-    def _position_mismatches(self, account_id: int,
-                             positions: Iterable[BrokerPosition]) -> list[Mismatch]:
+    def _ledger_positions(self, account_id: int
+                          ) -> tuple[dict[str, Decimal], dict[str, Decimal]]:
+        """The ledger's net quantity and quantity step per symbol."""
         ledger: dict[str, Decimal] = {}
         steps: dict[str, Decimal] = {}
         for symbol, quantity, step in self._c.execute(_LEDGER_POSITIONS,
                                                       (account_id,)).fetchall():
             ledger[symbol] = Decimal(quantity)
             steps[symbol] = Decimal(step)
+        return ledger, steps
+
+    def _position_mismatches(self, account_id: int, positions: Iterable[BrokerPosition],
+                             before: Mapping[str, Decimal] | None = None) -> list[Mismatch]:
+        """`before`: the ledger's quantities read before the broker's positions; a broker
+        quantity that agrees with them is no mismatch (a fill landed in between)."""
+        ledger, steps = self._ledger_positions(account_id)
         broker: dict[str, Decimal] = {}
         for p in positions:
             broker[p.symbol] = broker.get(p.symbol, Decimal(0)) + p.quantity
@@ -819,6 +834,10 @@ class Reconciler(Worker):
             difference = held - booked
             if difference == 0 or (step > 0 and abs(difference) < step):
                 continue  # less than one lot: rounding, not a position
+            if before is not None:
+                earlier = held - before.get(symbol, Decimal(0))
+                if earlier == 0 or (step > 0 and abs(earlier) < step):
+                    continue  # the broker's answer is of the ledger before a fill
             out.append(Mismatch(
                 "POSITION_MISMATCH", f"{symbol}:{_plain(difference)}",
                 f"{symbol}: the broker holds {_plain(held)}, the ledger {_plain(booked)} "
@@ -828,14 +847,20 @@ class Reconciler(Worker):
         return out
 
     # ------------------------------------------------------------------ 5. cash
-    def _balance_mismatches(self, account_id: int, balances: Sequence[Balance], *,
-                            margin: bool) -> list[Mismatch]:
+    def _ledger_cash(self, account_id: int, margin: bool) -> tuple[Decimal, str, str]:
+        """(what the broker's balance is compared with, the account currency, its basis)"""
         row = self._c.execute(_ACCOUNT, (account_id,)).fetchone()
         assert row is not None, f"account {account_id} is not in the ledger"
         cash, currency, at_cost = Decimal(row[0]), str(row[1]), Decimal(row[2])
-        basis = "cash"
         if margin and at_cost != 0:
-            cash, basis = cash + at_cost, "cash + open positions at cost"
+            return cash + at_cost, currency, "cash + open positions at cost"
+        return cash, currency, "cash"
+
+    def _balance_mismatches(self, account_id: int, balances: Sequence[Balance], *,
+                            margin: bool, before: Decimal | None = None) -> list[Mismatch]:
+        """`before`: the ledger's cash read before the broker's balances; a balance that
+        agrees with it is no mismatch (a fill landed in between)."""
+        cash, currency, basis = self._ledger_cash(account_id, margin)
         at_broker = [b for b in balances if b.currency.upper() == currency]
         if not at_broker:
             return [Mismatch(
@@ -847,7 +872,8 @@ class Reconciler(Worker):
         total = sum((b.total for b in at_broker), Decimal(0))
         difference = total - cash
         tolerance = max(self.balance_tolerance, self.balance_relative_tolerance * abs(cash))
-        if abs(difference) <= tolerance:
+        if abs(difference) <= tolerance or (before is not None
+                                            and abs(total - before) <= tolerance):
             return []
         return [Mismatch(
             "BALANCE_MISMATCH", currency,
