@@ -737,3 +737,29 @@ def test_rules_of_an_inactive_asset_reject(http: responses.RequestsMock,
     with pytest.raises(Reject, match="asset OLD: not tradable") as caught:
         broker.instrument_rules("OLD")
     assert caught.value.code == "INSTRUMENT_NOT_TRADABLE"
+
+
+@pytest.mark.parametrize("message", ["cannot open a long buy while a short sell order is open",
+                                     "cannot open a short sell while a long buy order is open"])
+def test_an_opposite_side_order_refusal_rejects_the_order_not_the_account(
+        http: responses.RequestsMock, broker: AlpacaBroker, message: str) -> None:
+    """Alpaca refuses one order (HTTP 403, code 40310000) while an order of the other side
+    is open for the symbol. That is a refusal of this order, like insufficient buying
+    power: a Stop would stop the whole account over it."""
+    http.post(f"{PAPER}/orders", status=403, json={"code": 40310000, "message": message})
+    with pytest.raises(Reject) as caught:
+        broker.place_order(market())
+    assert not isinstance(caught.value, Stop)
+    assert caught.value.code == "OPPOSITE_SIDE_ORDER_OPEN"
+    assert message in str(caught.value)
+
+
+def test_a_short_sale_fill_activity_is_a_sell(http: responses.RequestsMock,
+                                              broker: AlpacaBroker) -> None:
+    """FILL activities of a short sale say side `sell_short` (Alpaca's user-docs #139);
+    a BrokerFill's side is buy or sell."""
+    short = activity_json(1, qty="3", cum_qty="3")
+    short["side"] = "sell_short"
+    http.get(f"{PAPER}/account/activities/FILL", json=[short])
+    fills = broker.fills_since(datetime(2024, 3, 1, 15, 0, tzinfo=UTC))
+    assert [(f.side, f.quantity) for f in fills] == [("sell", Decimal("3"))]

@@ -1591,3 +1591,142 @@ def test_transfers_are_not_read_where_ccxt_cannot_list_them(
     assert broker.cash_movements_since(recent()) == ()
     assert reason in (broker.transfers_not_read() or "")
     assert len(http.calls) == 0
+
+
+# --- finding an order by client id where the venue has no fetch-by-client-id ------------
+
+
+def kraken_order(txid: int, cl_ord_id: str | None, status: str = "closed") -> dict[str, Any]:
+    """One order of POST /0/private/ClosedOrders (or OpenOrders), as Kraken documents it."""
+    return {"refid": None, "userref": None, "cl_ord_id": cl_ord_id, "status": status,
+            "reason": None, "opentm": 1718000000.1 + txid, "closetm": 1718000001.2 + txid,
+            "starttm": 0, "expiretm": 0,
+            "descr": {"pair": "XBTUSD", "type": "buy", "ordertype": "limit",
+                      "price": "30010.0", "price2": "0", "leverage": "none",
+                      "order": "buy 0.02000000 XBTUSD @ limit 30010.0", "close": ""},
+            "vol": "0.02000000", "vol_exec": "0.02000000" if status == "closed" else "0",
+            "cost": "600.20000", "fee": "0.96000", "price": "30010.0",
+            "stopprice": "0.00000", "limitprice": "0.00000", "misc": "", "oflags": "fciq"}
+
+
+def test_kraken_order_status_by_client_id_finds_an_order_older_than_the_last_50(
+        http: responses.RequestsMock, kraken: CcxtBroker) -> None:
+    """Kraken enforces cl_ord_id uniqueness over OPEN orders only, and ClosedOrders answers
+    the 50 newest closed orders. A re-delivered order that filled 60 orders ago must still
+    be found by its client id (ClosedOrders takes a cl_ord_id filter): reporting it
+    OrderNotFound makes the router place it a second time."""
+    history = {f"O{i:05d}-AAAAA-BBBBBB": kraken_order(i, f"other-{i}") for i in range(1, 60)}
+    history["OQCLML-BW3P3-BUCMWZ"] = kraken_order(0, "mm7-42")
+
+    def orders_endpoint(request: Any) -> tuple[int, dict[str, str], str]:
+        form = sent(request_call(request))
+        wanted = form.get("cl_ord_id")
+        found = {k: v for k, v in history.items() if wanted in (None, v["cl_ord_id"])}
+        newest = dict(sorted(found.items(), key=lambda kv: -kv[1]["closetm"])[:50])
+        key = "open" if request.url.endswith("/OpenOrders") else "closed"
+        if key == "open":
+            newest = {}
+        return 200, {}, json.dumps({"error": [], "result": {key: newest,
+                                                             "count": len(found)}})
+
+    http.add_callback(responses.POST, f"{KRAKEN}/private/OpenOrders", callback=orders_endpoint)
+    http.add_callback(responses.POST, f"{KRAKEN}/private/ClosedOrders",
+                      callback=orders_endpoint)
+
+    order = kraken.order_status(client_order_id="mm7-42", symbol="BTC/USD")
+
+    assert order.broker_order_id == "OQCLML-BW3P3-BUCMWZ"
+    assert order.status == "filled" and order.filled_quantity == Decimal("0.02")
+    assert order.client_order_id == "mm7-42"
+
+
+def bybit_order(order_id: str, link_id: str, status: str, created_ms: int) -> dict[str, Any]:
+    """One order of GET /v5/order/history (or /v5/order/realtime), spot, as Bybit documents."""
+    filled = {"Filled": "0.002", "PartiallyFilledCanceled": "0.001"}.get(status, "0")
+    return {"orderId": order_id, "orderLinkId": link_id, "blockTradeId": "",
+            "symbol": "BTCUSDT", "price": "66000", "qty": "0.002", "side": "Buy",
+            "isLeverage": "0", "positionIdx": 0, "orderStatus": status,
+            "cancelType": "CancelByUser" if "Cancel" in status else "UNKNOWN",
+            "rejectReason": "EC_NoError", "avgPrice": "66000" if filled != "0" else "",
+            "leavesQty": "0", "leavesValue": "0", "cumExecQty": filled,
+            "cumExecValue": str(Decimal(filled) * 66000), "cumExecFee": "0.000001",
+            "timeInForce": "GTC", "orderType": "Limit", "stopOrderType": "", "orderIv": "",
+            "triggerPrice": "0.00", "takeProfit": "0.00", "stopLoss": "0.00",
+            "tpTriggerBy": "", "slTriggerBy": "", "triggerDirection": 0,
+            "triggerBy": "", "lastPriceOnCreated": "", "reduceOnly": False,
+            "closeOnTrigger": False, "smpType": "None", "smpGroup": 0, "smpOrderId": "",
+            "tpslMode": "", "tpLimitPrice": "", "slLimitPrice": "", "placeType": "",
+            "createdTime": str(created_ms), "updatedTime": str(created_ms + 500)}
+
+
+def test_bybit_order_status_by_client_id_finds_any_closed_order(
+        http: responses.RequestsMock, bybit: CcxtBroker) -> None:
+    """GET /v5/order/history answers 20 orders unless asked for more, newest first, and
+    takes orderLinkId and orderStatus filters. An order that was partly filled and then
+    cancelled, or one that filled before the last 20 fills, must be found by its client
+    id; OrderNotFound would make the router place it again."""
+    history = [bybit_order(f"17{i:08d}", f"other-{i}", "Filled", T_ORDER + i * 1000)
+               for i in range(1, 30)]
+    history.append(bybit_order("1672217748277652", "mm7-42", "PartiallyFilledCanceled",
+                               T_ORDER))
+    history.append(bybit_order("1672217748277653", "mm7-43", "Filled", T_ORDER + 1))
+
+    def order_list(request: Any) -> tuple[int, dict[str, str], str]:
+        q = {k: v[0] for k, v in parse_qs(urlsplit(request.url).query).items()}
+        found = [] if request.url.split("?")[0].endswith("/realtime") else [
+            o for o in history if q.get("orderLinkId") in (None, o["orderLinkId"])
+            and q.get("orderStatus") in (None, o["orderStatus"])]
+        found = sorted(found, key=lambda o: -int(o["createdTime"]))[:int(q.get("limit", 20))]
+        return 200, {}, json.dumps({"retCode": 0, "retMsg": "OK", "result": {
+            "nextPageCursor": "", "category": "spot", "list": found},
+            "retExtInfo": {}, "time": 1})
+
+    http.add_callback(responses.GET, f"{BYBIT}/order/realtime", callback=order_list)
+    http.add_callback(responses.GET, f"{BYBIT}/order/history", callback=order_list)
+
+    cancelled = bybit.order_status(client_order_id="mm7-42", symbol="BTC/USDT")
+    filled = bybit.order_status(client_order_id="mm7-43", symbol="BTC/USDT")
+
+    assert cancelled.broker_order_id == "1672217748277652"
+    assert cancelled.status == "cancelled" and cancelled.filled_quantity == Decimal("0.001")
+    assert filled.broker_order_id == "1672217748277653" and filled.status == "filled"
+    assert filled.filled_quantity == Decimal("0.002")
+
+
+def test_bybit_order_status_by_broker_id_on_a_unified_account(
+        http: responses.RequestsMock, bybit: CcxtBroker) -> None:
+    """The router polls an order by the venue's id. On a Bybit unified account ccxt's
+    fetch_order refuses to run (ArgumentsRequired: it sees only the last 500 orders)
+    unless told otherwise; the order is then looked up in the open, then the closed
+    orders by orderId. A partly filled order Bybit cancelled (PartiallyFilledCanceled,
+    which ccxt calls 'closed') is cancelled with its fill, not filled."""
+    http.get(f"{BYBIT}/user/query-api", json={"retCode": 0, "retMsg": "", "result": {
+        "id": "13770661", "note": "mmats", "apiKey": "test-bybit-key-7a1b", "readOnly": 0,
+        "secret": "", "permissions": {"Spot": ["SpotTrade"], "Wallet": ["AccountTransfer"]},
+        "ips": ["*"], "type": 1, "deadlineDay": 83, "expiredAt": "2024-09-01T00:00:00Z",
+        "createdAt": "2024-06-09T10:00:00Z", "unified": 0, "uta": 1, "userID": 24617703,
+        "inviterID": 0, "vipLevel": "No VIP", "mktMakerLevel": "0", "affiliateID": 0,
+        "rsaPublicKey": "", "isMaster": True, "parentUid": "0", "kycLevel": "LEVEL_DEFAULT",
+        "kycRegion": ""}, "retExtInfo": {}, "time": 1})
+    http.get(f"{BYBIT}/account/info", json={"retCode": 0, "retMsg": "OK", "result": {
+        "marginMode": "REGULAR_MARGIN", "updatedTime": "1697078946000",
+        "unifiedMarginStatus": 6, "dcpStatus": "OFF", "timeWindow": 10, "smpGroup": 0,
+        "isMasterTrader": False, "spotHedgingStatus": "OFF"}, "retExtInfo": {}, "time": 1})
+    order = bybit_order("1672217748277652", "mm7-42", "PartiallyFilledCanceled", T_ORDER)
+
+    def order_list(request: Any) -> tuple[int, dict[str, str], str]:
+        q = {k: v[0] for k, v in parse_qs(urlsplit(request.url).query).items()}
+        found = [] if request.url.split("?")[0].endswith("/realtime") else [
+            o for o in [order] if q.get("orderId") in (None, o["orderId"])]
+        return 200, {}, json.dumps({"retCode": 0, "retMsg": "OK", "result": {
+            "nextPageCursor": "", "category": "spot", "list": found},
+            "retExtInfo": {}, "time": 1})
+
+    http.add_callback(responses.GET, f"{BYBIT}/order/realtime", callback=order_list)
+    http.add_callback(responses.GET, f"{BYBIT}/order/history", callback=order_list)
+
+    found = bybit.order_status(broker_order_id="1672217748277652", symbol="BTC/USDT")
+
+    assert found.broker_order_id == "1672217748277652" and found.client_order_id == "mm7-42"
+    assert found.status == "cancelled" and found.filled_quantity == Decimal("0.001")
+    assert found.quantity == Decimal("0.002")

@@ -94,6 +94,9 @@ _REJECT_REASONS = (
     ("cannot be sold short", "NOT_SHORTABLE"),
     ("not tradable", "INSTRUMENT_NOT_TRADABLE"),
     ("wash trade", "WASH_TRADE"),
+    # 403 code 40310000 while an order of the other side is open for the symbol
+    ("cannot open a long buy while", "OPPOSITE_SIDE_ORDER_OPEN"),
+    ("cannot open a short sell while", "OPPOSITE_SIDE_ORDER_OPEN"),
     ("not cancelable", "ORDER_NOT_CANCELABLE"),
     # DELETE /v2/orders/{id} of a finished order: 422 {"code": 42210000, "message":
     # "order is already in \"filled\" state"} (42210000 is reused for other refusals)
@@ -350,7 +353,9 @@ def fill_from_activity(activity: Mapping[str, Any]) -> BrokerFill:
     return BrokerFill(
         fill_id=str(activity["id"]), broker_order_id=str(activity["order_id"]),
         client_order_id=None, symbol=str(activity["symbol"]),
-        side=cast(Side, activity["side"]), quantity=dec0(activity["qty"]),
+        # a short sale's FILL activity says side "sell_short"
+        side="sell" if activity["side"] == "sell_short" else cast(Side, activity["side"]),
+        quantity=dec0(activity["qty"]),
         price=dec0(activity["price"]), commission=Decimal(0), commission_currency="USD",
         ts=parse_ts(activity["transaction_time"]))
 

@@ -136,6 +136,15 @@ DUPLICATE_MARKERS = ("duplicate order sent", "orderlinkedid is duplicate",
 # Venues whose unified fetch_order finds an order by client id (`clientOrderId` param);
 # elsewhere the open and closed orders are searched.
 FETCH_ORDER_BY_CLIENT_ID = frozenset({"binance", "okx"})
+# ... and the param that makes that search a query for the one id, where the venue takes
+# one: its order lists answer only their newest entries (Bybit 20, Kraken 50), and Kraken
+# refuses a taken cl_ord_id only while the first order is open, so an order searched for
+# among the newest alone would be placed again once older.
+CLIENT_ID_FILTER = {"bybit": "orderLinkId", "kraken": "clientOrderId"}
+# Venues where ccxt's fetch_order refuses to run (Bybit's unified accounts: ArgumentsRequired,
+# it sees only the last 500 orders): an order is looked up by `orderId` in the open, then
+# the closed and cancelled orders.
+FETCH_ORDER_BY_SEARCH = frozenset({"bybit"})
 
 # How venues page "my trades since T". Most answer with the NEWEST trades of the window
 # asked for (OKX's fills history, Bybit's and Coinbase's execution lists, Kraken's trades
@@ -651,6 +660,10 @@ class CcxtBroker:
             self._market(symbol, "order_status")
         if broker_order_id is None and client_order_id is not None:
             return self._by_client_id(client_order_id, symbol, "order_status")
+        if self.exchange_id in FETCH_ORDER_BY_SEARCH:
+            return self._to_order(self._search_orders(
+                {"orderId": broker_order_id}, "id", str(broker_order_id), symbol,
+                "order_status"))
         fetched = self._call("order_status", symbol,
                              lambda: self._exchange.fetch_order(broker_order_id, symbol))
         return self._to_order(fetched)
@@ -668,16 +681,34 @@ class CcxtBroker:
         return _with_client_id(result, client_order_id)
 
     def _search_client_id(self, cid: str, symbol: str | None, action: str) -> dict[str, Any]:
-        lists: list[Callable[[], list[dict[str, Any]]]] = [
-            lambda: self._exchange.fetch_open_orders(symbol)]
-        if self._exchange.has.get("fetchClosedOrders"):
-            lists.append(lambda: self._exchange.fetch_closed_orders(symbol))
-        for fetch in lists:
+        key = CLIENT_ID_FILTER.get(self.exchange_id)
+        return self._search_orders({key: cid} if key else {}, "clientOrderId", cid, symbol,
+                                   action)
+
+    def _search_orders(self, query: dict[str, Any], field: str, value: str,
+                       symbol: str | None, action: str) -> dict[str, Any]:
+        """The order whose ccxt `field` is `value`, from the open orders, then the closed
+        and cancelled ones, each list asked with the venue's filter `query`."""
+        has = self._exchange.has
+        # closed orders: filled ones and cancelled ones (ccxt's fetch_closed_orders lists
+        # filled orders only on Bybit and Coinbase; a cancelled one may have fills)
+        methods = ["fetch_open_orders"]
+        if has.get("fetchCanceledAndClosedOrders") is True:
+            methods.append("fetch_canceled_and_closed_orders")
+        else:
+            methods += [m for m, h in (("fetch_closed_orders", "fetchClosedOrders"),
+                                       ("fetch_canceled_orders", "fetchCanceledOrders"))
+                        if has.get(h)]
+        def lister(method: str) -> Callable[[], list[dict[str, Any]]]:
+            return lambda: getattr(self._exchange, method)(symbol, None, None, dict(query))
+
+        for fetch in map(lister, methods):
             for candidate in self._call(action, symbol, fetch):
-                if candidate.get("clientOrderId") == cid:
+                if str(candidate.get(field)) == value:
                     return candidate
         where = f"{action} {symbol}" if symbol else action
-        raise errors.OrderNotFound(f"{where}: no order with client id {cid}", venue=self.venue)
+        what = "client id" if field == "clientOrderId" else field
+        raise errors.OrderNotFound(f"{where}: no order with {what} {value}", venue=self.venue)
 
     def open_orders(self, symbol: str | None = None) -> Sequence[BrokerOrder]:
         if symbol is not None:
@@ -937,6 +968,12 @@ class CcxtBroker:
             cost = optional_decimal(raw.get("cost"))
             average = cost / filled if cost else None
         status = broker_status(raw.get("status"), filled)
+        reason = _reason(raw) if status in ("rejected", "expired") else None
+        if status == "filled" and amount is not None and filled < amount:
+            # closed with a remainder that will never fill: ccxt calls Bybit's
+            # PartiallyFilledCanceled (a market order out of liquidity) 'closed'
+            status = "cancelled"
+            reason = _reason(raw) or f"closed with {filled} of {amount} filled"
         client_id = raw.get("clientOrderId") or (fallback.client_order_id if fallback else None)
         fills = tuple(self._to_fill(t, client_order_id=client_id,
                                     fallback_ms=raw.get("timestamp"))
@@ -949,8 +986,7 @@ class CcxtBroker:
             side=raw.get("side") or (fallback.side if fallback else "buy"),
             quantity=amount if amount is not None else (quantity or Decimal(0)),
             filled_quantity=filled, average_price=average, status=status,
-            reason=_reason(raw) if status in ("rejected", "expired") else None,
-            fills=fills, raw=dict(info) if isinstance(info, dict) else {})
+            reason=reason, fills=fills, raw=dict(info) if isinstance(info, dict) else {})
 
 
 def precision_step(precision: Any, mode: int) -> Decimal:
