@@ -11,6 +11,7 @@ import json
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
+from email.utils import format_datetime
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
@@ -109,6 +110,28 @@ def test_bars_are_exact_decimals_in_mmats_units(http: responses.RequestsMock) ->
     assert second.ts == T0 + MINUTE
     assert isinstance(feed, MarketDataFeed) and feed.market == "crypto"
     assert feed.venue == "ccxt:binance"
+
+
+@pytest.mark.parametrize("venue_lag, kept", [
+    (timedelta(seconds=5), 2),    # the venue's clock 2 s before bar 2's close: still open
+    (timedelta(seconds=3), 3),    # the venue at bar 2's close to the second: closed
+    (timedelta(seconds=-30), 3),  # the venue ahead: this machine's clock decides
+    (None, 3),                    # no Date header: this machine's clock decides
+])
+def test_a_bar_still_open_by_the_venues_clock_is_not_closed(
+        http: responses.RequestsMock, venue_lag: timedelta | None, kept: int) -> None:
+    """This machine's clock runs ahead of the venue's: 3 s past bar 2's close here, and
+    the venue's HTTP Date says how far the venue is. A bar open at the venue is still
+    forming there (part of its trades) and would be stored for good."""
+    clock = Clock(T0 + 3 * MINUTE + timedelta(seconds=3))
+    feed = binance_feed(http, clock)
+    headers = {} if venue_lag is None else {
+        "Date": format_datetime(clock.now - venue_lag, usegmt=True)}
+    http.get(f"{BINANCE}/klines", json=[kline(0), kline(1), kline(2)], headers=headers)
+
+    bars = feed.fetch_bars("BTC/USDT", "1m", T0)
+
+    assert [b.ts for b in bars] == [T0 + i * MINUTE for i in range(kept)]
 
 
 def test_until_is_exclusive_and_ends_the_paging(http: responses.RequestsMock) -> None:

@@ -8,7 +8,11 @@ beyond the window it covered: Coinbase and OKX answer only the window [since, si
 limit bars] and omit candles without trades, so a quiet night, an outage or a backfill
 from before the listing is an empty window, and the next page starts one window later.
 The bar still open at `now` is dropped, duplicates are dropped, and only bars whose open
-time lies in [since, until) are returned, oldest first.
+time lies in [since, until) are returned, oldest first. `now` is the earlier of this
+machine's clock and the venue's (the HTTP `Date` header of the newest page, to the second,
+where the venue sends one): a clock running ahead of the venue's would otherwise take the
+bar still forming at the venue for closed, store it with part of its trades, and keep it
+(a stored bar is never replaced).
 
 A malformed row (no open time, a null or non-numeric price, too few fields) is refused
 alone with one log line naming the venue, symbol, timeframe, bar time and problem; the
@@ -25,9 +29,10 @@ ccxt's own limiter. Errors are mapped like the broker's (`map_ccxt_error`).
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from datetime import UTC, datetime
 from decimal import Decimal
+from email.utils import parsedate_to_datetime
 from typing import Any
 
 import ccxt
@@ -106,8 +111,11 @@ class CcxtFeed:
                 break  # only bars already seen, or the window reached the end: no more
             else:  # an empty window (no trades, an outage, before the listing): go on
                 cursor += window
+        # (the venue's clock, where it says: a bar still open there is not closed)
+        venue_ms = venue_clock_ms(getattr(self._exchange, "last_response_headers", None))
+        closed_by = min(now_ms, venue_ms) if venue_ms is not None else now_ms
         closed = (r for ts, r in sorted(rows.items())
-                  if start <= ts < end and ts + step_ms <= now_ms)
+                  if start <= ts < end and ts + step_ms <= closed_by)
         return [bar for r in closed if (bar := self._bar(symbol, timeframe, r)) is not None]
 
     def _timeframe_ms(self, symbol: str, timeframe: str) -> int:
@@ -174,3 +182,20 @@ class CcxtFeed:
 
     def _refuse(self, symbol: str, timeframe: str, when: str, problem: str) -> None:
         self._refused.refuse(symbol, timeframe, when, problem)
+
+
+def venue_clock_ms(headers: Mapping[str, str] | None) -> int | None:
+    """The venue's time from an HTTP response's `Date` header (whole seconds, so never
+    later than the venue's clock), in ms; None without a readable one."""
+    if not headers:
+        return None
+    try:
+        value = headers.get("Date") or headers.get("date")
+        if not value:
+            return None
+        at = parsedate_to_datetime(str(value))
+    except (TypeError, ValueError, IndexError, AttributeError):
+        return None
+    if at.tzinfo is None:  # (RFC 7231 dates are GMT; "-0000" parses naive)
+        at = at.replace(tzinfo=UTC)
+    return datetime_to_ms(at)
