@@ -973,3 +973,35 @@ def test_a_strategy_without_a_news_hook_reads_no_news(conn, tmp_path):
     from workers.backtest.engine import Engine
     engine = Engine(conn, script.config([sym], 3))
     assert engine.news == []
+
+
+def test_a_bar_closing_after_the_end_is_not_replayed(conn, tmp_path):
+    # weekly bars open on Mondays: the one opening Mon 2024-01-29 closes Mon 02-05, after
+    # --to 2024-02-01 (exclusive). Its prices are of February: a run to February (and a
+    # walk-forward's training span ending where a monthly test window starts) must not see it
+    sym = add_instrument(conn)
+    inst = scalar(conn, "SELECT instrument_id FROM market.instruments WHERE symbol = %s", sym)
+    t0 = datetime(2024, 1, 1, tzinfo=UTC)
+    week = timedelta(weeks=1)
+    with conn.cursor() as cur:
+        cur.executemany(
+            "INSERT INTO market.bars (instrument_id, timeframe, ts, open, high, low, close,"
+            " volume) VALUES (%s, '1w', %s, %s, %s, %s, %s, 1000)",
+            [(inst, t0 + k * week, *[100 + 10 * k] * 4) for k in range(6)])
+    script = Script(tmp_path, {})
+    end = datetime(2024, 2, 1, tzinfo=UTC)
+    cfg = BacktestConfig(strategy=script.name, symbols=(sym,), timeframe="1w", start=t0,
+                         end=end, strategy_dirs=(script.folder,))
+    report = load_report(conn, run(conn, cfg))
+    # the strategy is called at the closes Jan 8, 15, 22 and 29, never on Feb 5
+    assert [c["now"] for c in script.calls()] == [
+        (t0 + k * week).isoformat() for k in range(1, 5)]
+    assert report["equity"]["ts"][-1] == (t0 + 4 * week).isoformat()
+    assert report["run"]["bars"] == 4
+    # bought and held from the first open 100 to the last close by the end, 130
+    assert report["metrics"]["buy_and_hold_return"] == pytest.approx(0.3)
+    # a period in which no bar closes is refused, not run on the straddling bar
+    short = BacktestConfig(strategy=script.name, symbols=(sym,), timeframe="1w",
+                           start=t0 + 4 * week, end=end, strategy_dirs=(script.folder,))
+    with pytest.raises(BacktestError, match="closes by 2024-02-01"):
+        run(conn, short)

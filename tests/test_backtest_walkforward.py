@@ -14,7 +14,7 @@ from typing import Any
 import psycopg
 import pytest
 from click.testing import CliRunner
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from psycopg.types.json import Jsonb
 
@@ -59,6 +59,9 @@ def _next_boundary(ts: datetime, months: int) -> datetime:
 
 
 @settings(max_examples=300, deadline=None)
+# the first training span may fit exactly: Apr 2000 x 3 = 90 days back to the start, Jan 2
+@example(start=datetime(2000, 1, 2, tzinfo=UTC), days=120.0, share=0.75, step="monthly",
+         anchored=False)
 @given(start=st.datetimes(min_value=datetime(2000, 1, 1), max_value=datetime(2030, 1, 1),
                           timezones=st.just(UTC)),
        days=st.floats(min_value=1, max_value=2000),
@@ -93,7 +96,8 @@ def test_windows_never_train_on_test_data(start: datetime, days: float, share: f
             assert abs(w.train.total_seconds() - ratio * w.test.total_seconds()) <= 1
         else:  # a span that would reach before the data starts at the data (shorter)
             assert w.train.total_seconds() <= ratio * w.test.total_seconds() + 1
-            assert k > 0  # never the first window: that one is chosen to fit
+            # never the first window, which is chosen to fit (it may fit exactly, from start)
+            assert k > 0 or abs(w.train.total_seconds() - ratio * w.test.total_seconds()) <= 1
     assert plan[-1].test_end == end  # the test windows tile the rest of the period
     # test windows are disjoint and ordered (with exact ratios a 31-day month after a
     # 28-day one may train from a little earlier than the window before: no leak either)
@@ -541,3 +545,29 @@ def test_cli(bars: psycopg.Connection, db_url: str, tmp_path: Path) -> None:
         assert isinstance(result.exception, MmatsError), (bad, result.output, result.exception)
         message = str(result.exception)
         assert fragment in message and "\n" not in message, (bad, message)
+
+
+def test_a_window_whose_only_bar_closes_after_its_end_has_no_bars(
+        conn: psycopg.Connection) -> None:
+    # weekly bars open on Mondays; the last test window, 2024-06-01 to 06-05, holds only
+    # the opening of the bar of Mon 06-03, which closes 06-10 (prices after --to): a run
+    # replays no such bar, so the window has no test bars and is dropped up front
+    conn.execute(
+        "INSERT INTO market.instruments (symbol, venue, market, base_currency, quote_currency,"
+        " price_tick, quantity_step, min_quantity, calendar_id)"
+        " VALUES ('WKUSD', 'test', 'crypto', 'WK', 'USD', 0.01, 0.001, 0, 'CRYPTO_24X7')")
+    inst = conn.execute(
+        "SELECT instrument_id FROM market.instruments WHERE symbol = 'WKUSD'").fetchone()[0]  # type: ignore[index]
+    first = datetime(2024, 1, 1, tzinfo=UTC)
+    with conn.cursor() as cur:
+        cur.executemany(
+            "INSERT INTO market.bars (instrument_id, timeframe, ts, open, high, low, close,"
+            " volume) VALUES (%s, '1w', %s, 100, 100, 100, 100, 1000)",
+            [(inst, first + timedelta(weeks=k)) for k in range(23)])  # to the bar of 06-03
+    cfg = config(symbols=("WKUSD",), timeframe="1w", start=utc(2024, 2, 1),
+                 end=utc(2024, 6, 5))
+    plan = windows(cfg.start, cfg.end, train_share=0.5)
+    assert plan[-1].test_start == utc(2024, 6, 1)
+    kept, notes, markets = wf._check_bars(conn, cfg, plan)
+    assert kept == plan[:-1] and markets == ["crypto"]
+    assert notes == [f"window {plan[-1].number} dropped: no 1w bars of WKUSD from 2024-06-01 on"]

@@ -10,7 +10,7 @@ from __future__ import annotations
 import io
 from collections.abc import Iterable
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 
 import numpy as np
@@ -147,8 +147,12 @@ def load_symbol(conn: psycopg.Connection, inst: Instrument, timeframe: str, star
             f"{end:%Y-%m-%d %H:%M} UTC ({have})")
     args["from"] = first_ts
     name = "backtest_bars_text" if off_tick else "backtest_bars_ticks"
+    # only the bars that close by `end` (exclusive for their open times): a bar opening
+    # before `end` but closing after it (a weekly bar at a month's end) holds later prices
+    closed_by = end - timedelta(microseconds=TIMEFRAME_US[timeframe] - 1)
     buf = io.BytesIO()
-    with conn.cursor().copy(query(name), {**args, "tick": inst.rules.price_tick}) as copy:
+    with conn.cursor().copy(query(name), {**args, "end": closed_by,
+                                          "tick": inst.rules.price_tick}) as copy:
         for chunk in copy:
             buf.write(chunk)
     buf.seek(0)
@@ -159,4 +163,8 @@ def load_symbol(conn: psycopg.Connection, inst: Instrument, timeframe: str, star
     ts_us = frame["ts"].to_numpy(dtype=np.int64)
     prices = tuple(frame[c].to_numpy() for c in ("o", "h", "l", "c"))
     first = int(np.searchsorted(ts_us, to_us(start)))
+    if first >= len(ts_us):
+        raise BacktestError(
+            f"no {timeframe} bar of {inst.symbol} both opens at or after "
+            f"{start:%Y-%m-%d %H:%M} and closes by {end:%Y-%m-%d %H:%M} UTC")
     return SymbolData(inst, timeframe, ts_us, prices, frame["v"].to_numpy(np.float64), first)

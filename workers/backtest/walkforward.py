@@ -568,7 +568,10 @@ FROM unnest(%(n)s::int[], %(kind)s::text[], %(s)s::timestamptz[], %(e)s::timesta
 WHERE NOT EXISTS (SELECT 1 FROM market.bars b
                   WHERE b.instrument_id = %(instrument)s
                     AND b.timeframe = %(timeframe)s::market.timeframe
-                    AND b.ts >= w.s AND b.ts < w.e)
+                    AND b.ts >= w.s AND b.ts < w.e
+                    -- a bar closing after the window's end is not the window's (the runs
+                    -- replay only the bars that close by their end)
+                    AND b.ts + market.timeframe_interval(b.timeframe) <= w.e)
 ORDER BY w.n, w.kind
 """
 
