@@ -276,3 +276,41 @@ def test_day_is_not_a_time_in_force_the_ledger_takes(conn: psycopg.Connection) -
     paper_account(conn, "paper1")
     with pytest.raises(psycopg.errors.InvalidParameterValue, match="GTC, IOC, FOK or GTD"):
         place(conn, time_in_force="DAY")
+
+
+# ---------------------------------------------------------------------------- stop-limit
+def test_a_stop_limit_triggered_without_filling_rests_as_a_limit(
+        conn: psycopg.Connection, make_router: Callable[..., Router]) -> None:
+    """Found by review: a buy stop-limit (stop 105, limit 106) whose bar gapped over both
+    (T1 opens 108, never back to 106) triggered and rested, as at a venue; the next bars
+    were judged as if it had never triggered, so T2, trading at 104-105 below the stop,
+    did not fill the resting limit at 106. It fills there at T2's open. The bars are
+    settled one per call, so what T1 did is known from the stored bars."""
+    iid = instrument(conn, "BTC/USD", "crypto", "100")
+    acc = paper_account(conn, "paper1")
+    sl = place(conn, type="stop_limit", stop_price="105", limit_price="106")
+    untouched = place(conn, type="stop_limit", stop_price="110", limit_price="111")
+    router = make_router(paper_routed(acc, "paper1", COSTS))
+    router.drain()
+    bar_by_bar(conn, router, iid, (T1, "108", "108.5", "107.5", "108"),  # triggered, rests
+               (T2, "104.5", "104.8", "104", "104.2"))                   # below the stop
+    assert got(conn, acc) == [(sl, Decimal(1), Decimal("104.5"), T2)]
+    assert state(conn, sl)[:2] == ("filled", 1)
+    (f,) = fills(conn, acc)
+    assert f["liquidity"] == "maker"
+    # a stop-limit whose stop no bar reached is still a stop: 104-108.5 never reach 110
+    assert state(conn, untouched)[:2] == ("submitted", 0)
+
+
+def test_a_stop_limit_reached_and_filled_later_in_one_catch_up(
+        conn: psycopg.Connection, make_router: Callable[..., Router]) -> None:
+    """The same when the router settles both bars at once (catching up after a pause)."""
+    iid = instrument(conn, "BTC/USD", "crypto", "100")
+    acc = paper_account(conn, "paper1")
+    sl = place(conn, type="stop_limit", stop_price="105", limit_price="106")
+    router = make_router(paper_routed(acc, "paper1", COSTS))
+    router.drain()
+    add_bar(conn, iid, T1, "108", "108.5", "107.5", "108")
+    add_bar(conn, iid, T2, "104.5", "104.8", "104", "104.2")
+    router.settle_bars(iid, "1m", T2)
+    assert got(conn, acc) == [(sl, Decimal(1), Decimal("104.5"), T2)]

@@ -72,6 +72,15 @@ WHERE instrument_id = %(instrument)s AND timeframe = %(tf)s AND ts > %(after)s
 ORDER BY ts
 """
 
+# whether a bar before `before` and after the order became fillable reached its stop: a
+# stop-limit triggered there and, not filled, rests as a limit from then on
+_STOP_REACHED = """
+SELECT EXISTS (SELECT 1 FROM market.bars
+               WHERE instrument_id = %(instrument)s AND timeframe = %(tf)s
+                 AND ts > %(after)s AND ts < %(before)s
+                 AND CASE WHEN %(side)s = 'buy' THEN high >= %(stop)s ELSE low <= %(stop)s END)
+"""
+
 _FIRST_BAR_AFTER = """
 SELECT ts, open, high, low, close, volume FROM market.bars
 WHERE instrument_id = %(instrument)s AND timeframe = %(tf)s AND ts > %(after)s
@@ -248,11 +257,11 @@ class PaperBroker:
         # each order with the bars that may fill it (by index into bar_rows)
         given = len(bar_rows)
         bar_rows = list(bar_rows)  # (a protective order's firing bar may be added, older)
-        ready = []
+        ready: list[tuple[tuple[Any, ...], list[int], datetime | None]] = []
         for row in orders:
             after = self._ready_after(conn, inst, row)
             if after is None:
-                ready.append((row, [self._firing_bar(conn, inst, row[14], bar_rows)]))
+                ready.append((row, [self._firing_bar(conn, inst, row[14], bar_rows)], None))
             else:
                 after_us = to_us(after)
                 candidates = [k for k, r in enumerate(bar_rows[:given])
@@ -261,8 +270,8 @@ class PaperBroker:
                     # judged on its first eligible bar only (looked up and added when the
                     # bars given start after it)
                     candidates = [self._first_bar(conn, inst, after, bar_rows, candidates[0])]
-                ready.append((row, candidates))
-        if not any(candidates for _row, candidates in ready):
+                ready.append((row, candidates, after))
+        if not any(candidates for _row, candidates, _after in ready):
             return out  # (an order from a signal on the latest bar waits for the next)
         latest = bar_rows[given - 1][0]
         atr = self._atr(conn, inst, latest) if self.sim.costs.slippage.kind == "atr" \
@@ -275,9 +284,14 @@ class PaperBroker:
         # account's: a USD account trading USD/JPY pays yen converted at the rate
         cash, held = Decimal(cash), Decimal(held)
         fx = Decimal(1) if fx is None else Decimal(fx)
-        for row, candidates in ready:
+        for row, candidates, after in ready:
             tif, expire_at = row[15], row[16]
             expire_us = None if expire_at is None else to_us(expire_at)
+            # a stop-limit whose stop an earlier bar reached is a limit order now
+            stop_limit = row[3] == "stop_limit" and bool(candidates)
+            triggered = (stop_limit and after is not None
+                         and self._stop_reached(conn, inst, row, after,
+                                                bar_rows[candidates[0]][0]))
             for k in candidates:
                 bar = bars[k]
                 if expires_on(expire_us, bar):
@@ -287,6 +301,8 @@ class PaperBroker:
                     self._seen_at.pop(row[0], None)
                     break
                 order = self._sim_order(row, held)
+                if triggered:
+                    order = replace(order, order_type="limit")
                 # (a reduce-only order on a net position may close what is held, no more;
                 # one on a hedge leg is judged by the ledger, which knows the legs)
                 cap = _REDUCE_CAP if not (order.reduce_only and row[13] == "net") else (
@@ -305,6 +321,10 @@ class PaperBroker:
                 fill, cancel = tif_outcome(tif, wanted, self.sim.match(
                     order, bar, inst.rules, cash=cash, fx=fx), bar)
                 if fill is None and cancel is None:
+                    stop = order.stop_price
+                    if stop_limit and not triggered and stop is not None:
+                        # reached and resting beyond its limit: a limit order from now on
+                        triggered = bar.high >= stop if order.side == "buy" else bar.low <= stop
                     continue
                 if fill is None:  # (IOC or FOK: nothing fills, all of it is cancelled)
                     out.append(PaperFill(row[0], row[1], None, False, cancel))
@@ -326,6 +346,15 @@ class PaperBroker:
                 self._seen_at.pop(row[0], None)
                 break
         return out
+
+    def _stop_reached(self, conn: psycopg.Connection, inst: PaperInstrument,
+                      row: tuple[Any, ...], after: datetime, before: datetime) -> bool:
+        """Whether a stored bar after `after` and before `before` reached this stop-limit's
+        stop (it triggered there: a venue keeps it as a limit order until it fills). From
+        the stored bars, so a restarted router knows it too."""
+        return bool(conn.execute(_STOP_REACHED, {  # type: ignore[index]
+            "instrument": inst.instrument_id, "tf": inst.timeframe, "after": after,
+            "before": before, "side": row[2], "stop": row[7]}).fetchone()[0])
 
     def _first_bar(self, conn: psycopg.Connection, inst: PaperInstrument, after: datetime,
                    bar_rows: list[tuple[Any, ...]], first_given: int) -> int:
