@@ -243,6 +243,20 @@ def test_only_owner_may_call_audit_record(mconn: psycopg.Connection, role: str) 
     assert mconn.execute("SELECT count(*) FROM audit.events").fetchone() == before
 
 
+@pytest.mark.parametrize("role", ["mmats_strategy", "mmats_router", "mmats_api",
+                                  "mmats_readonly"])
+def test_every_role_granted_breaker_mode_can_call_it(mconn: psycopg.Connection,
+                                                      role: str) -> None:
+    """risk.breaker_mode reads risk.breaker_state with its caller's rights: before 0004_12
+    the strategy and router roles were granted the function and refused the table."""
+    acc = mconn.execute("SELECT trading.create_account('brk_' || %s, 'paper', 'operator',"
+                        " 1000)", (role,)).fetchone()[0]
+    mconn.execute("SELECT risk.trip_breaker('brk_' || %s, 'SOFT', 'test')", (role,))
+    with as_role(mconn, role):
+        assert mconn.execute("SELECT risk.breaker_mode(%s)::text",
+                             (acc,)).fetchone() == ("SOFT",)
+
+
 def test_strategy_cannot_read_the_ledger(mconn: psycopg.Connection) -> None:
     # it may read the account state its context is built from (accounts, positions,
     # its signals), not the order book, the fills, the limits or the audit log

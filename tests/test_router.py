@@ -1486,3 +1486,62 @@ def test_a_restarted_router_fills_a_manual_order_at_the_first_open_after_it(
     restarted.settle_bars(iid, "1m", t1 + timedelta(minutes=2))
     (f,) = fills(conn, acc)
     assert (f["price"], f["ts"]) == (Decimal(131), t1 + timedelta(minutes=1))
+
+
+# ---------------------------------------------------------------------------- re-gating
+# An order in flight that never reached its venue, when the account's breaker trips or
+# the account is downgraded before the router's next attempt (found by review): the retry
+# placed it all the same, after a FREEZE too, because `trading.mark_in_flight` judges only
+# orders not yet in flight (and the router could not read the breaker before 0004_12).
+# Alpaca is answered at the HTTP level (`responses`), the ledger is
+# the real database (helpers and fixtures from test_router).
+def lost_first_attempt(conn: psycopg.Connection, http: responses.RequestsMock,
+                       make_router: Callable[..., Router], side: str = "buy"
+                       ) -> tuple[Router, int, int, str]:
+    """An Alpaca order whose first POST never reached the venue (connection refused): it
+    stays in flight, its message delayed. (router, account, order id, client id)"""
+    acc = paper_account(conn, "alp")
+    oid, coid = manual(conn, "alp", "AAPL", "10", side)
+    http.get(BY_CLIENT_ID, status=404, json=NOT_FOUND)
+    http.post(f"{ALPACA}/orders", body=requests.ConnectionError("connection refused"))
+    router = make_router(alpaca_routed(acc, "alp"))
+    router.drain()
+    assert order_row(conn, oid)["state"] == "in_flight"
+    # the venue is reachable again
+    http.replace(responses.POST, f"{ALPACA}/orders", json=alpaca_order(
+        coid, side=side, status="filled", filled_qty="10", filled_avg_price="187.3",
+        filled_at=now_text()))
+    http.get(ACTIVITIES, json=[activity(1, "10", "10", "187.3")])
+    return router, acc, oid, coid
+
+
+@pytest.mark.parametrize(("trip", "code"), [
+    ("SELECT risk.trip_breaker('alp', 'FREEZE', 'kill switch')", "BREAKER_FREEZE"),
+    ("SELECT risk.trip_breaker('alp', 'SOFT', 'operator')", "BREAKER_SOFT"),
+    ("SELECT trading.set_advisory('alp')", "ACCOUNT_ADVISORY"),
+])
+def test_an_order_in_flight_not_at_the_venue_is_not_sent_again_once_the_gate_closed(
+        conn: psycopg.Connection, http: responses.RequestsMock, aapl: int,
+        make_router: Callable[..., Router], trip: str, code: str) -> None:
+    router, acc, oid, _coid = lost_first_attempt(conn, http, make_router)
+    posts = len(calls(http, "POST"))
+    conn.execute(trip)
+    reveal(conn)
+    router.drain()
+    assert len(calls(http, "POST")) == posts, "the order was sent after the gate closed"
+    o = order_row(conn, oid)
+    assert o["state"] == "cancelled" and o["reason"].startswith(code), o
+    assert fills(conn, acc) == []
+    assert queued(conn) == [] and [m["message"]["order_id"] for m in archived(conn)] == [oid]
+    assert router.counts["cancelled"] == 1 and router.counts["rejected"] == 0
+
+
+def test_an_order_in_flight_is_placed_again_while_the_gate_is_open(
+        conn: psycopg.Connection, http: responses.RequestsMock, aapl: int,
+        make_router: Callable[..., Router]) -> None:
+    router, acc, oid, _coid = lost_first_attempt(conn, http, make_router)
+    reveal(conn)
+    router.drain()
+    o = order_row(conn, oid)
+    assert o["state"] == "filled"
+    assert len(fills(conn, acc)) == 1 and queued(conn) == []

@@ -142,6 +142,15 @@ def backoff_seconds(attempt: int, *, base: float = 0.5, cap: float = 60.0,
     return max(delay, minimum or 0.0)
 
 
+class _GateClosed(Exception):
+    """An order in flight that the venue does not have, whose account may no longer send
+    it (its breaker, or its downgrade, since it first went out): cancelled, not placed."""
+
+    def __init__(self, result: dict[str, Any]) -> None:
+        super().__init__(str(result.get("reason")))
+        self.result = result
+
+
 class _PlaceRefused(Exception):
     """The venue's refusal of `place_order` (a Stop or a Reject): the only broker answer
     that rejects an order (the same errors from a query say nothing of its fate)."""
@@ -343,6 +352,9 @@ class Router(Worker):
         # a message seen before (or an order already in flight) may have reached the
         # venue: look it up by client order id before placing it
         lookup = order.status == "in_flight" or read_ct > 1
+        # an order in flight when read passed the gate on an earlier delivery: one the
+        # venue turns out not to have is placed again only if the gate would pass it now
+        regate = order.status == "in_flight"
         if order.status == "created":
             try:
                 check_environment(routed, order.environment)
@@ -354,10 +366,14 @@ class Router(Worker):
                 return
         try:
             if order.status == "in_flight":
-                answer = self._find_or_place(routed, order, lookup=lookup)
+                answer = self._find_or_place(routed, order, lookup=lookup, regate=regate)
             else:
                 answer = self._status(routed, order)
             self._settle(routed, order, answer, msg_id)
+        except _GateClosed as gate:
+            self._alarmed.pop(order.order_id, None)
+            self._cancelled(order, gate.result)
+            self._archive(msg_id)
         except _PlaceRefused as refused:  # the venue would not take the order
             self._alarmed.pop(order.order_id, None)
             self._reject(order, refused.error)
@@ -500,9 +516,11 @@ class Router(Worker):
                        broker_order_id=f"paper-{order.client_order_id}")
 
     def _find_or_place(self, routed: RoutedAccount, order: Order, *,
-                       lookup: bool = True) -> BrokerOrder:
+                       lookup: bool = True, regate: bool = False) -> BrokerOrder:
         """The order at the broker: found by its client id (a message delivered again
-        after a crash or a timeout), or placed now."""
+        after a crash or a timeout), or placed now. With `regate` (an order that went in
+        flight on an earlier delivery) one the broker does not have is placed again only
+        if the ledger's gate would let it go now (`_gate_closed`)."""
         broker = _venue(routed)
         if lookup:
             try:
@@ -510,10 +528,44 @@ class Router(Worker):
                                            symbol=order.symbol)
             except errors.OrderNotFound:
                 pass
+            if regate:
+                closed = self._gate_closed(order)
+                if closed is not None:
+                    raise _GateClosed(closed)
         try:
             return broker.place_order(order.request())
         except (errors.Stop, errors.Reject) as exc:
             raise _PlaceRefused(exc) from exc
+
+    def _gate_closed(self, order: Order) -> dict[str, Any] | None:
+        """`trading._gate`'s rule for an order already in flight (which mark_in_flight no
+        longer judges): any order under a FREEZE, an opening one under SOFT or HARD or
+        once the account is advisory, may not go; it is cancelled with that reason (the
+        answer is what `_cancelled` reports), or None when it may go."""
+        row = self._c.execute("SELECT a.mode::text, a.name FROM trading.accounts a "
+                              "WHERE a.account_id = %s", (order.account_id,)).fetchone()
+        if row is None:
+            return None
+        mode, name = row
+        breaker = self._breaker(order.account_id)
+        if breaker == "FREEZE" or (breaker in ("SOFT", "HARD") and not order.reduce_only):
+            code = f"BREAKER_{breaker}"
+            why = (f"{code}: account {name} has its breaker at {breaker}: the order, in "
+                   "flight but not at the broker, was not sent again")
+        elif mode == "advisory" and not order.reduce_only:
+            code = "ACCOUNT_ADVISORY"
+            why = (f"{code}: account {name} is in advisory mode: the order, in flight but "
+                   "not at the broker, was not sent again")
+        else:
+            return None
+        result = self._call("cancel_order", order.client_order_id, why)
+        return {**(result if isinstance(result, dict) else {}), "reason_code": code,
+                "reason": why}
+
+    def _breaker(self, account_id: int) -> str:
+        """The account's breaker mode (mmats_router may read it since migration 0004_12)."""
+        row = self._c.execute("SELECT risk.breaker_mode(%s)::text", (account_id,)).fetchone()
+        return "OK" if row is None else str(row[0])
 
     def _status(self, routed: RoutedAccount, order: Order) -> BrokerOrder:
         return _venue(routed).order_status(broker_order_id=order.broker_order_id,

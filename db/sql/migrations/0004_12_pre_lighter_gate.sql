@@ -15,7 +15,14 @@
 -- 4. trading.account_equity reads the positions in one pass; trading._known_fields
 --    answers a document whose fields are all known with one operation.
 -- The decisions, their codes and reasons are unchanged.
+-- 5. risk.breaker_mode, granted to mmats_strategy and mmats_router since 0002_07, reads
+--    risk.breaker_state with the caller's rights, and neither role could read that table:
+--    the function refused them. They may read the breaker state now (the router checks it
+--    before sending again an order in flight that its venue does not have).
 SET LOCAL ROLE mmats_owner;
+
+GRANT SELECT ON risk.breaker_state TO mmats_strategy, mmats_router;
+GRANT USAGE ON SCHEMA risk TO mmats_strategy;
 
 -- (as in 0004_08, with MAX_CORRELATION in one statement, the exposures read once and the
 -- equity given by the caller)
