@@ -7,6 +7,7 @@ own process, restarted with backoff when it dies, stopped gracefully on SIGTERM.
 from __future__ import annotations
 
 import os
+import random
 import signal
 import subprocess
 import sys
@@ -21,6 +22,7 @@ import psycopg
 from psycopg.types.json import Jsonb
 
 from strategies.loader import StrategyLoader
+from workers.ingest.backoff import BackoffPolicy
 from workers.runtime import log
 from workers.runtime.config import RuntimeConfig, RuntimeConfigError
 from workers.runtime.paper import PaperBroker
@@ -217,8 +219,9 @@ def kinds_for(config: RuntimeConfig) -> list[str]:
 class Child:
     kind: str
     process: subprocess.Popen[bytes] | None = None
-    restarts: int = 0
+    restarts: int = 0  # consecutive crashes: reset once a worker has run healthily
     next_start: float = 0.0
+    started_at: float = 0.0
     exit_codes: list[int] = field(default_factory=list)
 
 
@@ -228,7 +231,9 @@ class Supervisor:
     def __init__(self, config_file: Path, kinds: Sequence[str], *,
                  env: dict[str, str] | None = None, log_dir: Path | None = None,
                  restart: bool = True, finished: Callable[[str, int], bool] | None = None,
-                 restart_base: float = 0.5) -> None:
+                 restart_base: float = 0.5, restart_cap: float = 30.0,
+                 healthy_seconds: float = 60.0, rng: random.Random | None = None,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self.config_file = config_file
         self.children = {k: Child(k) for k in kinds}
         self.env = dict(os.environ if env is None else env)
@@ -236,6 +241,13 @@ class Supervisor:
         self.restart = restart
         self.finished = finished  # (kind, exit code) -> True: it is done, do not restart
         self.restart_base = restart_base
+        # half of each restart's window is randomised (as the router's retries), so
+        # workers that crashed together do not come back in step
+        self.backoff = BackoffPolicy(base=restart_base, cap=max(restart_cap, restart_base),
+                                     jitter=0.5)
+        self.healthy_seconds = healthy_seconds  # a run this long resets the backoff
+        self.rng = rng or random.Random()
+        self.clock = clock
         self.stop_event = threading.Event()
         self.log = log.get("supervisor")
         self._logs: list[Any] = []
@@ -253,6 +265,7 @@ class Supervisor:
         child.process = subprocess.Popen(self.command(child.kind), env=self.env,
                                          stdin=subprocess.DEVNULL, stdout=out,
                                          stderr=subprocess.STDOUT)
+        child.started_at = self.clock()
         log.event(self.log, "worker started", worker_kind=child.kind, pid=child.process.pid,
                   restarts=child.restarts)
 
@@ -263,7 +276,7 @@ class Supervisor:
     def poll(self) -> bool:
         """Restart what died; True while any worker runs (or will be restarted)."""
         alive = False
-        now = time.monotonic()
+        now = self.clock()
         for child in self.children.values():
             p = child.process
             if p is not None and p.poll() is None:
@@ -278,8 +291,10 @@ class Supervisor:
                     log.event(self.log, "worker ended", worker_kind=child.kind, code=code)
                     child.next_start = float("inf")
                     continue
+                if now - child.started_at >= self.healthy_seconds:
+                    child.restarts = 0  # it ran healthily: this crash starts small again
                 child.restarts += 1
-                delay = min(30.0, self.restart_base * 2 ** min(child.restarts - 1, 6))
+                delay = self.restart_delay(child.restarts)
                 child.next_start = now + delay
                 log.event(self.log, "worker died, restarting", 40, worker_kind=child.kind,
                           code=code, delay=delay)
@@ -288,6 +303,12 @@ class Supervisor:
                 if now >= child.next_start and not self.stop_event.is_set():
                     self.spawn(child)
         return alive
+
+    def restart_delay(self, restarts: int) -> float:
+        """Seconds before the restart after `restarts` consecutive crashes: exponential
+        from `restart_base` up to the cap, the upper half of each window at random."""
+        lo, hi = self.backoff.bounds(max(restarts - 1, 0))
+        return lo + (hi - lo) * self.rng.random()
 
     def stop(self, timeout: float = 15.0) -> None:
         """SIGTERM to every worker, SIGKILL to those still running after `timeout`."""
