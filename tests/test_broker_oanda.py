@@ -292,6 +292,44 @@ def test_a_duplicate_client_id_rejection_looks_the_order_up(
     assert len(posted(http)) == 1
 
 
+@pytest.mark.parametrize(("side", "quantity", "symbol"), [
+    ("buy", "1500", "EUR/USD"),    # the other side
+    ("sell", "1000", "EUR/USD"),   # another size
+    ("sell", "1500", "GBP/USD"),   # another instrument
+])
+def test_a_resent_client_id_naming_another_order_is_refused_not_taken_for_it(
+        http: responses.RequestsMock, broker: OandaBroker, side: str, quantity: str,
+        symbol: str) -> None:
+    # OANDA holds order 6372 (sell 1500 EUR_USD) under cid-market-1: a request under the
+    # same client id for anything else is not that order
+    http.get(f"{PRACTICE}/orders/@cid-market-1", json=load("order_details_filled"))
+    http.get(f"{PRACTICE}/transactions/6373", json=load("transaction_fill"))
+    summary(http)
+    request = OrderRequest("cid-market-1", symbol, side, Decimal(quantity))  # type: ignore[arg-type]
+    with pytest.raises(Reject, match="already names sell 1500 EUR/USD order 6372") as info:
+        broker.place_order(request)
+    assert info.value.code == "CLIENT_ORDER_ID_CONFLICT"
+    assert posted(http) == []
+    # the same order, sent again with its size spelt differently, is still found
+    again = broker.place_order(market_sell(quantity="1500.00"))
+    assert again.broker_order_id == "6372"
+
+
+def test_a_duplicate_client_id_rejection_naming_another_order_is_refused(
+        http: responses.RequestsMock, broker: OandaBroker) -> None:
+    # the lookup misses, the create is refused as a duplicate, and the order the id names
+    # (a buy limit of 2500) is not the one asked for (a buy limit of 5000)
+    not_found(http, "@cid-limit-1")
+    http.get(f"{PRACTICE}/orders/@cid-limit-1", json=load("order_details_pending"))
+    summary(http)
+    http.post(f"{PRACTICE}/orders", json=load("order_reject_duplicate_client_id"), status=400)
+    with pytest.raises(Reject, match="already names buy 2500 EUR/USD order 6390") as info:
+        broker.place_order(OrderRequest("cid-limit-1", "EUR/USD", "buy", Decimal("5000"),
+                                        "limit", limit_price=Decimal("1.0845")))
+    assert info.value.code == "CLIENT_ORDER_ID_CONFLICT"
+    assert len(posted(http)) == 1
+
+
 # ---------------------------------------------------------------- error mapping
 
 @pytest.mark.parametrize(("status", "error"), [

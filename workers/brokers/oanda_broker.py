@@ -548,9 +548,7 @@ class OandaBroker:
         body = order_body(order)
         existing = self._find_by_client_id(order.client_order_id)
         if existing is not None:
-            log.event(_log, "oanda order already placed", client_order_id=order.client_order_id,
-                      broker_order_id=existing.broker_order_id, status=existing.status)
-            return existing
+            return self._existing(order, existing)
         currency = self._home_currency()
         what = f"place_order {order.symbol}"
         try:
@@ -560,9 +558,23 @@ class OandaBroker:
         except Reject as err:
             if err.code != DUPLICATE_CLIENT_ID:
                 raise
-            return self.order_status(client_order_id=order.client_order_id, symbol=order.symbol)
+            return self._existing(order, self.order_status(
+                client_order_id=order.client_order_id, symbol=order.symbol))
         with response_shape(what):
             return order_from_creation(response, order, currency)
+
+    def _existing(self, order: OrderRequest, found: BrokerOrder) -> BrokerOrder:
+        """The order a re-sent request's client id names, if it is the same order (symbol,
+        side and size); another order under that id is refused, never taken for it."""
+        if (found.symbol, found.side, found.quantity) != (order.symbol, order.side,
+                                                          order.quantity):
+            raise Reject(f"place_order {order.symbol}: client id {order.client_order_id} "
+                         f"already names {found.side} {found.quantity} {found.symbol} order "
+                         f"{found.broker_order_id}", venue=VENUE,
+                         code="CLIENT_ORDER_ID_CONFLICT")
+        log.event(_log, "oanda order already placed", client_order_id=order.client_order_id,
+                  broker_order_id=found.broker_order_id, status=found.status)
+        return found
 
     def cancel_order(self, broker_order_id: str, symbol: str) -> BrokerOrder:
         """Cancel a pending order. An order that can no longer be cancelled (filled,
