@@ -221,11 +221,24 @@ def test_a_price_never_rounds_below_one_tick():
     assert price(order("sell"), costs=costs) == D("0.01")
 
 
-def test_limit_fills_pay_the_spread_but_no_slippage():
-    # limit buy 97 touched: + half the spread 0.002 x 97 / 2 = 0.097 -> 97.097 -> 97.10;
-    # the bps:50 slippage does not apply to a resting limit order
+def test_limit_orders_trade_at_the_quote_never_beyond_their_limit():
+    # bar mid prices 100 / 105 / 95 / 102, spread 0.002: the ask is 0.1 % above them, the
+    # bid 0.1 % below. A buy limit at 97 is reached (ask low 95.095) and fills at 97, not
+    # 97 + half the spread (it was 97.10: past the limit, which no venue does); the bps:50
+    # slippage does not apply to a resting limit order
     costs = Costs(spread=D("0.002"), slippage=Slippage.parse("bps:50"))
-    assert price(order("buy", "limit", limit="97"), costs=costs) == D("97.10")
+    assert price(order("buy", "limit", limit="97"), costs=costs) == D("97")
+    assert price(order("sell", "limit", limit="104"), costs=costs) == D("104")
+    # a bar that touches the limit with its mid but not with its quote does not fill it
+    # (ask low 95 x 1.001 = 95.095 > 95.05; bid high 105 x 0.999 = 104.895 < 104.95)
+    assert fill(order("buy", "limit", limit="95.05"), costs=costs) is None
+    assert fill(order("sell", "limit", limit="104.95"), costs=costs) is None
+    # marketable at the open: the open's quote, 100.1 ask and 99.9 bid, within the limits
+    assert price(order("buy", "limit", limit="101"), costs=costs) == D("100.1")
+    assert price(order("sell", "limit", limit="99"), costs=costs) == D("99.9")
+    # a limit between the open's mid and its quote: the ask 100.1 is past a 100.05 limit
+    # at the open, and the bar comes down to it: filled at the limit
+    assert price(order("buy", "limit", limit="100.05"), costs=costs) == D("100.05")
     # the same costs on a market buy: 100 + 0.1 + 0.5 = 100.6
     assert price(order("buy"), costs=costs) == D("100.6")
 

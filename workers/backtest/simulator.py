@@ -11,11 +11,15 @@ Rules (the README's "Simulated broker" section quotes them):
   stop: at the stop, or at the open when the bar gaps through it (a worse price).
   A stop-limit becomes a limit at its limit price once the stop is touched: within the
   limit there, it trades at once at that price (taker); beyond it, it rests (maker).
-- Costs: the spread (a fraction of the price; half of it on each side), then slippage
-  against the trader (fixed basis points, a fraction of the ATR, or volume impact:
-  coefficient x order quantity / bar volume, capped at 10 %); the price is then rounded
+- Costs: the spread (a fraction of the price; half of it on each side: the bar's prices
+  are mid prices), then slippage against the trader (fixed basis points, a fraction of
+  the ATR, or volume impact: coefficient x order quantity / bar volume, capped at 10 %);
+  the price is then rounded
   to the instrument's tick against the trader. Commission is a fraction of the notional:
-  maker for a resting limit's fills, taker for everything else.
+  maker for a resting limit's fills, taker for everything else. A limit order trades
+  at the quote, a buy at the ask (the bar's prices plus half the spread), a sell at the
+  bid: it fills when that quote reaches its limit, at the limit or better, never beyond
+  it, and takes no slippage.
 - Cash: a buy that opens or adds exposure never needs more cash than exists; if the fill
   price left too little, the affordable part (rounded down to the quantity step) fills
   and the rest is cancelled. Orders that close or reduce a position always fill in full,
@@ -28,7 +32,7 @@ Everything is exact (Decimal); floats enter only as the ATR (a model of volatili
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from decimal import ROUND_CEILING, ROUND_FLOOR, Decimal
 from typing import Literal
 
@@ -196,6 +200,13 @@ def touched_price(order: SimOrder, bar: SimBar) -> tuple[Decimal, bool] | None:
     return (lim, True) if bar.high >= lim else None
 
 
+def _quote_bar(bar: SimBar, side: Side, spread: Decimal) -> SimBar:
+    """The prices `side` trades at on `bar`: the ask (a buy), the bid (a sell)."""
+    k = 1 + spread / 2 if side == "buy" else 1 - spread / 2
+    return replace(bar, open=bar.open * k, high=bar.high * k, low=bar.low * k,
+                   close=bar.close * k)
+
+
 def _limit_fill(side: Side, limit: Decimal, bar: SimBar) -> tuple[Decimal, bool] | None:
     if side == "buy":
         if bar.low > limit:
@@ -237,11 +248,25 @@ class Simulator:
 
         `cash` is the account's cash before the fill (in the account currency); `fx`
         converts the instrument's quote currency into it."""
-        touched = touched_price(order, bar)
-        if touched is None:
-            return None
-        raw, maker = touched
-        price = self.fill_price(order, raw, maker, bar, rules)
+        if order.order_type == "limit" and order.trigger_price is None and self.costs.spread:
+            # a limit order trades against the quote: a buy's ask (half the spread above the
+            # bar's prices), a sell's bid; it fills when that quote reaches the limit, never
+            # beyond it (a buy limit at 97 on a bar whose low is 97 is not reached when the
+            # ask is 97.10)
+            touched = touched_price(order, _quote_bar(bar, order.side, self.costs.spread))
+            if touched is None:
+                return None
+            raw, maker = touched
+            price = _round_to_tick(raw, rules.price_tick, order.side)
+            if order.limit_price is not None:  # (the tick never takes it past the limit)
+                price = (min(price, order.limit_price) if order.side == "buy"
+                         else max(price, order.limit_price))
+        else:
+            touched = touched_price(order, bar)
+            if touched is None:
+                return None
+            raw, maker = touched
+            price = self.fill_price(order, raw, maker, bar, rules)
         fee = self.costs.maker_fee if maker else self.costs.taker_fee
         quantity = order.quantity
         unfilled = _ZERO
