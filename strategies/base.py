@@ -62,12 +62,14 @@ class IStrategy(ABC):
 
     def warmup_bars(self) -> int:
         """Bars to feed before the first useful bar: every required indicator is defined
-        on the current bar and on the one before it (crossings need both)."""
+        on the current bar and on the one before it (crossings need both), and a
+        recursive one (EMA, RSI, ATR, MACD) has settled there: its value is that of a
+        long history, as a strategy worker computes it, not of where the data starts."""
         # imported here so that the interface itself loads without TA-Lib
         from strategies.indicators import parse_indicator
 
-        lookbacks = [parse_indicator(n).lookback for n in self.get_required_indicators()]
-        return max(lookbacks, default=0) + 2
+        warmups = [parse_indicator(n).warmup for n in self.get_required_indicators()]
+        return max(warmups, default=0) + 2
 
     def get_risk_parameters(self) -> dict[str, Any]:
         """What the strategy asks of the risk gate (the database has the last word)."""

@@ -13,6 +13,7 @@ Outputs are keyed by the canonical name, and `name.output` for multi-output indi
 from __future__ import annotations
 
 import functools
+import math
 import re
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
@@ -44,6 +45,22 @@ class _Kind:
     compute: Compute
     example: str
     lookback: Callable[[tuple[float, ...]], int] = lambda p: int(p[0]) - 1
+    # bars after the first value until a recursive smoothing has forgotten its seed
+    settle: Callable[[tuple[float, ...]], int] = lambda p: 0
+
+
+# what is left of the seed (the first value, an average of the first bars) in a recursive
+# indicator once it has settled: its weight (1 - alpha)^k after k more bars
+_SEED_WEIGHT = 1e-3
+
+
+def _settling(alpha: float) -> int:
+    """Bars for an exponential smoothing of factor `alpha` to weigh its seed <= _SEED_WEIGHT
+    (TA-Lib seeds EMA, RSI and ATR with a simple average: values computed from a start
+    only a lookback before differ from those of a long history, as a live worker has)."""
+    if alpha >= 1.0:
+        return 0
+    return math.ceil(math.log(_SEED_WEIGHT) / math.log1p(-alpha))
 
 
 def _period(label: str = "period", minimum: int = 2) -> _Param:
@@ -61,7 +78,11 @@ _KINDS: dict[str, _Kind] = {
         (_period(minimum=1),), ("",), lambda d, p: (talib.SMA(d["close"], int(p[0])),), "SMA_20"
     ),
     "EMA": _Kind(
-        (_period(minimum=1),), ("",), lambda d, p: (talib.EMA(d["close"], int(p[0])),), "EMA_50"
+        (_period(minimum=1),),
+        ("",),
+        lambda d, p: (talib.EMA(d["close"], int(p[0])),),
+        "EMA_50",
+        settle=lambda p: _settling(2.0 / (int(p[0]) + 1)),
     ),
     "RSI": _Kind(
         (_period(),),
@@ -69,6 +90,7 @@ _KINDS: dict[str, _Kind] = {
         lambda d, p: (talib.RSI(d["close"], int(p[0])),),
         "RSI_14",
         lambda p: int(p[0]),
+        lambda p: _settling(1.0 / int(p[0])),  # Wilder's smoothing
     ),
     "ROC": _Kind(
         (_period(minimum=1),),
@@ -83,6 +105,7 @@ _KINDS: dict[str, _Kind] = {
         lambda d, p: (talib.ATR(d["high"], d["low"], d["close"], int(p[0])),),
         "ATR_14",
         lambda p: int(p[0]),
+        lambda p: _settling(1.0 / int(p[0])),  # Wilder's smoothing
     ),
     "MACD": _Kind(
         (_period("fast"), _period("slow"), _period("signal", 1)),
@@ -90,6 +113,8 @@ _KINDS: dict[str, _Kind] = {
         lambda d, p: tuple(talib.MACD(d["close"], int(p[0]), int(p[1]), int(p[2]))),
         "MACD_12_26_9",
         lambda p: int(p[1]) + int(p[2]) - 2,
+        # the slow EMA settles, then the signal line (an EMA of the MACD line)
+        lambda p: _settling(2.0 / (int(p[1]) + 1)) + _settling(2.0 / (int(p[2]) + 1)),
     ),
     "BBANDS": _Kind(
         (_period(), _Param("deviations", 0.0, integer=False)),
@@ -126,6 +151,14 @@ class Indicator:
     def lookback(self) -> int:
         """How many bars come before the first defined value (its index)."""
         return _KINDS[self.kind].lookback(self.params)
+
+    @property
+    def warmup(self) -> int:
+        """How many bars come before the first value that does not depend on where the
+        series starts: the lookback, plus for a recursive smoothing (EMA, RSI, ATR, MACD)
+        the bars until its seed weighs no more than _SEED_WEIGHT."""
+        spec = _KINDS[self.kind]
+        return spec.lookback(self.params) + spec.settle(self.params)
 
     def compute(self, ohlcv: Mapping[str, FloatArray]) -> dict[str, FloatArray]:
         values = _KINDS[self.kind].compute(ohlcv, self.params)

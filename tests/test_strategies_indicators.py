@@ -233,3 +233,35 @@ def test_bar_series_refuses_unordered_bars() -> None:
     bars = _bars([1, 2])
     with pytest.raises(ValueError, match="increasing time order"):
         BarSeries("X", [bars[1], bars[0]])
+
+
+@pytest.mark.parametrize("name", ["EMA_50", "RSI_14", "ATR_14", "MACD_12_26_9", "EMA_3",
+                                  "SMA_20", "BBANDS_20_2", "DONCHIAN_20", "ROC_10"])
+def test_warmup_is_long_enough_for_the_smoothing_to_forget_its_start(name: str) -> None:
+    # a backtest loads warmup_bars() bars before --from; a strategy worker holds thousands:
+    # the recursive indicators (EMA, Wilder's RSI and ATR, MACD) at the period's first bar
+    # must be those of a long history, or backtest and paper/live see different values
+    from strategies.base import IStrategy
+
+    class Needs(IStrategy):
+        name = "needs"
+
+        def get_required_indicators(self) -> list[str]:
+            return [name]
+
+        def on_bar(self, context):  # type: ignore[no-untyped-def]
+            return None
+
+    rng = np.random.default_rng(7)
+    close = 100 + np.cumsum(rng.normal(0, 1, 4000))
+    high, low = close + rng.uniform(0, 2, 4000), close - rng.uniform(0, 2, 4000)
+    first = 3500  # the period's first bar
+    warm = Needs().warmup_bars()
+    full = compute_indicators([name], ohlc(list(close), list(high), list(low)))
+    short = compute_indicators([name], ohlc(list(close[first - warm:first + 1]),
+                                            list(high[first - warm:first + 1]),
+                                            list(low[first - warm:first + 1])))
+    for key, column in full.items():
+        scale = max(abs(float(column[first])), 1.0)
+        assert abs(short[key][-1] - column[first]) <= 1e-3 * scale, (key, warm)
+        assert abs(short[key][-2] - column[first - 1]) <= 1e-3 * scale, (key, warm)
