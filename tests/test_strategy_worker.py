@@ -1319,3 +1319,25 @@ def test_an_entry_whose_symbol_does_not_exist_yet_starts_once_it_does(
     pump(w, lambda: len(signals(owner, "adv")) == 1)
     assert [g["ts"] for g in signals(owner, "adv")] == [close_of(1) - ONE_US]
     assert len(errors(owner, "STRATEGY_SETUP_FAILED")) == 1
+
+
+def test_hot_reload_of_a_new_version_is_reported_not_silently_ignored(
+        owner: psycopg.Connection, tmp_path: Path, btc: int,
+        make_worker: Callable[..., StrategyWorker]) -> None:
+    # an edit that bumps the version cannot run (that version is not assigned to the
+    # account): the old code keeps running, and the worker says so
+    write_strategy(tmp_path, "echo", says="v1")
+    cfg = entry("adv", "echo")
+    setup(owner, tmp_path, [paper("adv")], [cfg])
+    w = make_worker([cfg])
+    cursor = "strategy:adv:echo:1m"
+    add_bars(owner, [(btc, 5, "105")])
+    pump(w, lambda: cursor_at(owner, cursor) == ts(5))
+    write_strategy(tmp_path, "echo", says="v2", version="2")
+    w._reload()
+    add_bars(owner, [(btc, 6, "106")])
+    pump(w, lambda: cursor_at(owner, cursor) == ts(6))
+    assert [g["reasoning"] for g in signals(owner, "adv")] == ["v1", "v1"]
+    (failed,) = errors(owner, "STRATEGY_LOAD_FAILED")
+    assert "echo" in failed["message"] and "version 2" in failed["message"]
+    assert "version 1" in failed["message"]

@@ -607,6 +607,13 @@ class StrategyWorker(Worker):
                     cache.limit = max(cache.limit, warmup)
                 self.guard.enable(fresh)
                 log.event(self.log, "strategy reloaded", strategy=name, account=a.account)
+            else:  # that version is not the one assigned: the old code keeps running
+                self.report("STRATEGY_LOAD_FAILED",
+                            f"{name} on {a.account}: the edited file is version "
+                            f"{type(fresh).version}, the account runs version "
+                            f"{type(a.strategy).version}: the edit is not loaded (the old "
+                            "code keeps running; assign the new version and restart, e.g. "
+                            "`mmats run`)", account=a.account)
 
     def process(self, dirty: set[tuple[int, str]]) -> None:
         """Run the strategies over every bar that arrived, in time order: the entries
