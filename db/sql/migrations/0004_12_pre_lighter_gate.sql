@@ -19,6 +19,17 @@
 --    risk.breaker_state with the caller's rights, and neither role could read that table:
 --    the function refused them. They may read the breaker state now (the router checks it
 --    before sending again an order in flight that its venue does not have).
+-- 6. trading._protect judged a bar of a coarser timeframe on its whole range even when part
+--    of its period came before a position's mark: a 1h bar arriving after the 1m bars of
+--    its hour fired a stop on a dip before the fill, and moved a trailing stop's anchor to
+--    a high from before it. A coarser bar is now judged only when it opens at or after the
+--    mark (the instrument's finest timeframe as before).
+-- 7. trading.snapshot_equity dated a bar closing at 00:00 UTC in the new day (the last
+--    bar's loss counted in the next day, and DAILY_LOSS missed a breach on the day it
+--    happened), and a late bar of an earlier day moved the account's day back, so that the
+--    next bar started the current day afresh from the latest equity, its losses forgotten.
+--    A snapshot at `at` belongs to the day of `at` less a microsecond, and the day never
+--    goes back.
 SET LOCAL ROLE mmats_owner;
 
 GRANT SELECT ON risk.breaker_state TO mmats_strategy, mmats_router;
@@ -854,5 +865,325 @@ BEGIN
         RAISE EXCEPTION '%: unknown field(s) % (known: %)', what, unknown,
             array_to_string(known, ', ') USING ERRCODE = 'invalid_parameter_value';
     END IF;
+END
+$$;
+
+-- (as in 0004_09, a coarser bar judged only when its whole period is after the mark)
+CREATE OR REPLACE FUNCTION trading._protect(instruments bigint[], bars market.bars[], account bigint,
+                                 OUT order_ids bigint[], OUT touched bigint[],
+                                 OUT marked_until timestamptz)
+LANGUAGE plpgsql AS $$
+DECLARE
+    locked bigint[];   -- the accounts locked, in id order: only their positions are judged
+    hits jsonb;
+    hit record;
+    acc trading.accounts;
+    inst market.instruments;
+    trig trading.order_trigger;
+    fire_price numeric;
+    exit_qty numeric;
+BEGIN
+    order_ids := '{}';
+    touched := '{}';
+    -- the accounts first, in id order, as submit_signal and apply_fill lock them: an exit
+    -- they are deciding for one of these positions is then committed (and counted below
+    -- as already on its way) or not yet begun, never half-seen
+    locked := ARRAY(
+        SELECT a.account_id FROM trading.accounts a
+        WHERE a.account_id IN (
+            SELECT x.account_id FROM trading.positions x JOIN trading.accounts ac USING (account_id)
+            WHERE x.instrument_id = ANY (_protect.instruments) AND x.quantity <> 0
+              AND (_protect.account IS NULL AND ac.environment IN ('live', 'paper')
+                   OR x.account_id = _protect.account))
+        ORDER BY a.account_id FOR UPDATE);
+    IF cardinality(locked) = 0 THEN
+        RETURN;  -- nobody holds these instruments: nothing to judge or mark
+    END IF;
+
+    -- one statement judges every position (locked, in account and position order) on
+    -- the bars it has not seen, and marks it; the hits come back to be turned into orders
+    -- below. (Every part reads the positions as they were before the marks.) A hit is
+    -- the first bar after a position's last mark whose low/high touches its stop (as
+    -- breakeven and the trailing distance move it over the earlier bars of the batch) or
+    -- its target.
+    WITH pos AS MATERIALIZED (
+        SELECT x.*, (x.leg = 'long' OR (x.leg = 'net' AND x.quantity > 0)) AS is_long,
+               -- judged and marked from its last mark on, or, never marked, from its
+               -- opening fill's time (a bar closing after it, the bar holding the fill
+               -- included): never on a bar that closed before it was held
+               COALESCE(x.marked_at, x.opened_at, '-infinity') AS mark
+        FROM trading.positions x
+        WHERE x.instrument_id = ANY (_protect.instruments) AND x.quantity <> 0
+          AND x.account_id = ANY (locked)
+        ORDER BY x.account_id, x.position_id
+        FOR UPDATE OF x),
+    -- each instrument's finest timeframe: a bar of a coarser one is judged only when its
+    -- whole period is after a position's mark (it opens at or after it); its range would
+    -- otherwise bring back prices the finer bars were judged on already, or prices from
+    -- before the position was held (a 1h bar arriving after the 1m bars of its hour
+    -- fired a stop on a dip before the fill)
+    fine AS MATERIALIZED (
+        SELECT i.id AS instrument_id, market.finest_timeframe(i.id) AS tf
+        FROM unnest(_protect.instruments) i(id)),
+    raw AS MATERIALIZED (
+        SELECT u.instrument_id, u.open AS o, u.high AS h, u.low AS l, u.close AS c,
+               u.ts, u.ts + market.timeframe_interval(u.timeframe) AS ct,
+               market.timeframe_interval(u.timeframe) AS span,
+               (f.tf IS NULL OR u.timeframe = f.tf) AS fine  -- (no bar stored: all are)
+        FROM unnest(_protect.bars) u LEFT JOIN fine f USING (instrument_id)
+        WHERE u.instrument_id = ANY (_protect.instruments)),
+    -- bars closing at the same time: the one of the finest timeframe
+    b AS MATERIALIZED (
+        SELECT DISTINCT ON (r.instrument_id, r.ct) r.instrument_id, r.o, r.h, r.l, r.c, r.ct,
+               r.ts, r.fine
+        FROM raw r ORDER BY r.instrument_id, r.ct, r.span),
+    -- per (instrument, last mark), over all the bars newer than the mark: the highest
+    -- high, the lowest low, the last close (of the finest timeframe among the bars
+    -- closing last) and its time. A position with no newer bar is left as it is.
+    span AS MATERIALIZED (
+        SELECT k.instrument_id, k.mark, max(r.h) AS hi, min(r.l) AS lo, max(r.ct) AS ct,
+               (array_agg(r.c ORDER BY r.ct DESC, r.span))[1] AS c
+        FROM (SELECT DISTINCT p.instrument_id, p.mark FROM pos p) k
+        JOIN raw r ON r.instrument_id = k.instrument_id AND r.ct > k.mark
+                  AND (r.fine OR r.ts >= k.mark)
+        GROUP BY k.instrument_id, k.mark),
+    -- the positions these bars could reach: their range must meet the target or the
+    -- furthest the stop can be moved within the batch (breakeven can lift a long's stop
+    -- to the entry at most, the trailing distance to the batch's high less the
+    -- distance; a short's mirror image). Only these are judged bar by bar.
+    guarded AS (
+        SELECT p.* FROM pos p
+        JOIN span r ON r.instrument_id = p.instrument_id AND r.mark = p.mark
+        WHERE CASE WHEN p.is_long
+                   THEN r.lo <= GREATEST(
+                            CASE WHEN p.breakeven IS NOT NULL
+                                 THEN GREATEST(COALESCE(p.stop_loss, 0), p.average_price)
+                                 ELSE p.stop_loss END,
+                            GREATEST(p.trail_anchor, r.hi) - p.trailing_stop)
+                        OR r.hi >= p.take_profit
+                   ELSE r.hi >= LEAST(
+                            CASE WHEN p.breakeven IS NOT NULL
+                                 THEN LEAST(COALESCE(p.stop_loss, p.average_price), p.average_price)
+                                 ELSE p.stop_loss END,
+                            LEAST(p.trail_anchor, r.lo) + p.trailing_stop)
+                        OR r.lo <= p.take_profit END),
+    -- the bars each position has not seen, with the highest high and lowest low before
+    -- each: the same for every position of an instrument marked at the same time, so
+    -- computed once per (instrument, last mark)
+    seen AS MATERIALIZED (
+        SELECT b.*, k.mark,
+               max(b.h) OVER earlier AS high_before, min(b.l) OVER earlier AS low_before
+        FROM (SELECT DISTINCT g.instrument_id, g.mark FROM guarded g) k
+        JOIN b ON b.instrument_id = k.instrument_id AND b.ct > k.mark
+                AND (b.fine OR b.ts >= k.mark)
+        WINDOW earlier AS (PARTITION BY k.instrument_id, k.mark ORDER BY b.ct
+                           ROWS BETWEEN UNBOUNDED PRECEDING AND 1 PRECEDING)),
+    w AS (
+        SELECT p.position_id, p.is_long, p.stop_loss, p.take_profit, p.trailing_stop,
+               p.average_price, p.trail_anchor, n.o, n.h, n.l, n.c, n.ct,
+               CASE WHEN p.is_long THEN n.high_before ELSE n.low_before END AS best_before,
+               -- breakeven reached by an earlier bar of the batch
+               COALESCE(CASE WHEN p.is_long THEN n.high_before >= p.breakeven
+                             ELSE n.low_before <= p.breakeven END, false) AS be_before
+        FROM guarded p JOIN seen n ON n.instrument_id = p.instrument_id AND n.mark = p.mark),
+    s AS (
+        SELECT w.*,
+               CASE WHEN w.be_before
+                    THEN CASE WHEN w.is_long THEN GREATEST(COALESCE(w.stop_loss, 0), w.average_price)
+                              ELSE LEAST(COALESCE(w.stop_loss, w.average_price), w.average_price) END
+                    ELSE w.stop_loss END AS sl,
+               CASE WHEN w.is_long THEN GREATEST(w.trail_anchor, w.best_before)
+                    ELSE LEAST(w.trail_anchor, w.best_before) END AS anchor
+        FROM w),
+    t AS (
+        SELECT s.*,
+               CASE WHEN s.trailing_stop IS NULL OR s.anchor IS NULL THEN s.sl
+                    WHEN s.is_long THEN GREATEST(COALESCE(s.sl, 0), s.anchor - s.trailing_stop)
+                    ELSE LEAST(COALESCE(s.sl, 'Infinity'), s.anchor + s.trailing_stop) END AS raw_stop
+        FROM s),
+    v AS (
+        SELECT t.*, CASE WHEN t.raw_stop <= 0 OR t.raw_stop = 'Infinity' THEN t.sl ELSE t.raw_stop END AS stop
+        FROM t),
+    first_hit AS (
+        SELECT DISTINCT ON (v.position_id) v.* FROM v
+        WHERE (v.stop IS NOT NULL AND ((v.is_long AND v.l <= v.stop) OR (NOT v.is_long AND v.h >= v.stop)))
+           OR (v.take_profit IS NOT NULL
+               AND ((v.is_long AND v.h >= v.take_profit) OR (NOT v.is_long AND v.l <= v.take_profit)))
+        ORDER BY v.position_id, v.ct),
+    -- the marks: the last close, the trailing anchor, breakeven's move of the stop
+    marked AS (
+        UPDATE trading.positions x SET
+            last_price = r.c, marked_at = r.ct,
+            trail_anchor = CASE WHEN x.trailing_stop IS NULL THEN x.trail_anchor
+                                WHEN p.is_long THEN GREATEST(x.trail_anchor, r.hi)
+                                ELSE LEAST(x.trail_anchor, r.lo) END,
+            stop_loss = CASE WHEN x.breakeven IS NOT NULL
+                                  AND CASE WHEN p.is_long THEN r.hi >= x.breakeven
+                                           ELSE r.lo <= x.breakeven END
+                             THEN CASE WHEN p.is_long THEN GREATEST(COALESCE(x.stop_loss, 0), x.average_price)
+                                       ELSE LEAST(COALESCE(x.stop_loss, x.average_price), x.average_price) END
+                             ELSE x.stop_loss END,
+            breakeven = CASE WHEN CASE WHEN p.is_long THEN r.hi >= x.breakeven
+                                       ELSE r.lo <= x.breakeven END
+                             THEN NULL ELSE x.breakeven END
+        FROM pos p JOIN span r ON r.instrument_id = p.instrument_id AND r.mark = p.mark
+        WHERE x.position_id = p.position_id
+        RETURNING x.account_id, r.ct)
+    SELECT (SELECT jsonb_agg(jsonb_build_object(
+                'position_id', p.position_id, 'account_id', p.account_id,
+                'instrument_id', p.instrument_id, 'strategy_id', p.strategy_id,
+                'entry_strategy_id', p.entry_strategy_id, 'leg', p.leg, 'quantity', p.quantity,
+                'is_long', f.is_long, 'stop_loss', f.stop_loss, 'take_profit', f.take_profit,
+                'average_price', f.average_price, 'o', f.o, 'h', f.h, 'l', f.l, 'c', f.c,
+                'ct', f.ct, 'sl', f.sl, 'be_before', f.be_before, 'stop', f.stop)
+                ORDER BY p.instrument_id, p.account_id, p.position_id)
+            FROM first_hit f JOIN pos p USING (position_id)),
+           (SELECT COALESCE(array_agg(DISTINCT m.account_id ORDER BY m.account_id), '{}')
+            FROM marked m),
+           (SELECT max(m.ct) FROM marked m)
+    INTO hits, touched, marked_until;
+
+    -- the hits, in instrument, account and position order (as the per-instrument calls of
+    -- before made them)
+    FOR hit IN
+        SELECT * FROM jsonb_to_recordset(COALESCE(hits, '[]')) AS x(
+            position_id bigint, account_id bigint, instrument_id bigint, strategy_id bigint,
+            entry_strategy_id bigint, leg trading.position_leg, quantity numeric,
+            is_long boolean, stop_loss numeric, take_profit numeric, average_price numeric,
+            o numeric, h numeric, l numeric, c numeric, ct timestamptz, sl numeric,
+            be_before boolean, stop numeric)
+        ORDER BY x.instrument_id, x.account_id, x.position_id
+    LOOP
+        IF hit.stop IS NOT NULL AND ((hit.is_long AND hit.l <= hit.stop) OR (NOT hit.is_long AND hit.h >= hit.stop)) THEN
+            -- at the entry price because breakeven moved it there (in this batch or before)
+            trig := CASE WHEN hit.stop = hit.sl AND hit.sl = hit.average_price
+                          AND (hit.be_before OR hit.stop_loss = hit.average_price) THEN 'breakeven'
+                         WHEN hit.stop = hit.sl THEN 'stop_loss'
+                         ELSE 'trailing_stop' END;
+            fire_price := CASE WHEN hit.is_long THEN LEAST(hit.o, hit.stop) ELSE GREATEST(hit.o, hit.stop) END;
+        ELSE
+            trig := 'take_profit';
+            fire_price := CASE WHEN hit.is_long THEN GREATEST(hit.o, hit.take_profit) ELSE LEAST(hit.o, hit.take_profit) END;
+        END IF;
+        SELECT * INTO acc FROM trading.accounts x WHERE x.account_id = hit.account_id;
+        -- exits already on their way to this row (its strategy's close, an earlier stop)
+        -- count first: the orders whose fills trading.apply_fill books to this row (as in
+        -- trading._close_positions: the row's own strategy, NULL for the account's own
+        -- row, on an independent account; its own leg; a manual exit's excess over the
+        -- account's row, oldest strategy row first)
+        SELECT abs(hit.quantity) - (
+                   COALESCE(sum(e.rest) FILTER (WHERE e.row_strategy IS NOT DISTINCT FROM hit.strategy_id), 0)
+                   + CASE WHEN acc.aggregation = 'independent' AND hit.strategy_id IS NOT NULL THEN
+                         LEAST(abs(hit.quantity), GREATEST(0,
+                             COALESCE(sum(e.rest) FILTER (WHERE e.row_strategy IS NULL), 0)
+                             - (SELECT COALESCE(sum(abs(y.quantity)), 0) FROM trading.positions y
+                                WHERE y.account_id = hit.account_id AND y.instrument_id = hit.instrument_id
+                                  AND y.leg = hit.leg
+                                  AND sign(trading._signed_qty(y)) = CASE WHEN hit.is_long THEN 1 ELSE -1 END
+                                  AND (y.strategy_id IS NULL OR y.position_id < hit.position_id))))
+                         ELSE 0 END)
+        INTO exit_qty
+        FROM (SELECT CASE WHEN acc.aggregation = 'independent' THEN x.strategy_id END AS row_strategy,
+                     x.quantity - x.filled_quantity AS rest
+              FROM trading.orders x
+              WHERE x.account_id = hit.account_id AND x.instrument_id = hit.instrument_id AND x.reduce_only
+                AND x.side = CASE WHEN hit.is_long THEN 'sell' ELSE 'buy' END::trading.order_side
+                AND CASE WHEN acc.position_mode = 'oneway' THEN 'net'::trading.position_leg
+                         WHEN x.position_leg <> 'net' THEN x.position_leg
+                         WHEN x.side = 'buy' THEN 'short'::trading.position_leg
+                         ELSE 'long'::trading.position_leg END = hit.leg
+                AND x.status IN ('created', 'in_flight', 'submitted', 'partially_filled')) e;
+        IF inst.instrument_id IS DISTINCT FROM hit.instrument_id THEN
+            SELECT * INTO inst FROM market.instruments i WHERE i.instrument_id = hit.instrument_id;
+        END IF;
+        IF acc.mode = 'operator' AND risk.breaker_mode(acc.account_id) <> 'FREEZE' AND exit_qty > 0 THEN
+            order_ids := order_ids || trading._emit_order(acc, inst,
+                COALESCE(hit.strategy_id, hit.entry_strategy_id), NULL,
+                CASE WHEN hit.is_long THEN 'sell' ELSE 'buy' END::trading.order_side, exit_qty, trig,
+                hit.c, reduce_only => true, leg => hit.leg, trigger_price => fire_price,
+                triggered_at => hit.ct);
+        ELSIF acc.mode = 'advisory' THEN
+            INSERT INTO risk.events (account_id, severity, event_type, message, details)
+            VALUES (hit.account_id, 'warning', upper(trig::text),
+                    format('%s hit on %s at %s (advisory account: no order)', trig, inst.symbol,
+                           fire_price),
+                    jsonb_build_object('position_id', hit.position_id, 'price', fire_price, 'bar_close', hit.ct));
+        END IF;
+    END LOOP;
+END
+$$;
+
+-- (as in 0004_08, the day of a bar closing at midnight is the day before; the day never goes
+-- back)
+CREATE OR REPLACE FUNCTION trading.snapshot_equity(account bigint, at timestamptz) RETURNS numeric
+LANGUAGE plpgsql AS $$
+DECLARE
+    acc trading.accounts;
+    e record;
+    peak numeric;
+    -- the day whose end `at` is or falls in: a bar closing at 00:00 UTC is the last of
+    -- the day before (its loss was that day's; a signal on it is dated 23:59:59.999999)
+    day date := ((at - interval '1 microsecond') AT TIME ZONE 'UTC')::date;
+    day_start numeric;
+    day_scaled numeric;
+    l risk.limits;
+    loss numeric;
+BEGIN
+    SELECT * INTO acc FROM trading.accounts a WHERE a.account_id = account FOR UPDATE;
+    -- a late bar of an earlier day (another instrument's, after a reconnect) is measured
+    -- in the account's current day: the day never goes back (going back and forth again
+    -- started the current day afresh from the latest equity, forgetting its losses)
+    IF acc.trading_day IS NOT NULL AND day < acc.trading_day THEN
+        day := acc.trading_day;
+    END IF;
+    SELECT * INTO e FROM trading.account_equity(account);
+    peak := GREATEST(COALESCE(acc.peak_equity, e.equity), e.equity);
+    -- a new day starts from the equity the previous day ended with (the last snapshot
+    -- before this one), so that the first bar of the day counts towards its loss (with
+    -- daily bars every bar is the first of its day), plus the deposits and withdrawals
+    -- booked since that snapshot (they are no gain or loss of the new day)
+    IF acc.trading_day = day THEN
+        day_start := acc.day_start_equity;
+        day_scaled := COALESCE(acc.day_start_scaled, day_start);
+    ELSE
+        SELECT s.equity + acc.flows_since_snapshot INTO day_start FROM trading.equity_snapshots s
+        WHERE s.account_id = account AND s.ts < at ORDER BY s.ts DESC LIMIT 1;
+        day_start := COALESCE(day_start, e.equity);
+        day_scaled := day_start;
+    END IF;
+    -- (only when something changed: every bar of every held instrument comes here, and
+    -- a new row version per bar makes every later read of the account slower)
+    IF (acc.peak_equity, acc.trading_day, acc.day_start_equity, acc.flows_since_snapshot,
+        acc.day_start_scaled)
+       IS DISTINCT FROM (peak, day, day_start, 0, day_scaled) THEN
+        UPDATE trading.accounts a SET peak_equity = peak, trading_day = day,
+                                      day_start_equity = day_start, flows_since_snapshot = 0,
+                                      day_start_scaled = day_scaled
+        WHERE a.account_id = account;
+    END IF;
+    INSERT INTO trading.equity_snapshots AS s (account_id, ts, cash, positions_value, equity, peak_equity, drawdown)
+    VALUES (account, at, e.cash, e.positions_value, e.equity, peak,
+            CASE WHEN peak > 0 THEN LEAST(GREATEST((peak - e.equity) / peak, 0), 1) ELSE 0 END)
+    ON CONFLICT (account_id, ts) DO UPDATE SET cash = EXCLUDED.cash,
+        positions_value = EXCLUDED.positions_value, equity = EXCLUDED.equity,
+        peak_equity = EXCLUDED.peak_equity, drawdown = EXCLUDED.drawdown;
+    FOR l IN SELECT * FROM risk.effective_limits(account) x
+             WHERE x.limit_type IN ('MAX_DRAWDOWN', 'DAILY_LOSS') AND x.scope = 'global' LOOP
+        IF l.limit_type = 'MAX_DRAWDOWN' AND peak > 0 AND (peak - e.equity) / peak >= l.value THEN
+            PERFORM risk._trip(acc, COALESCE(upper(l.params ->> 'mode'), 'HARD')::risk.breaker_mode,
+                format('MAX_DRAWDOWN: limit=%s, drawdown=%s', l.value, round((peak - e.equity) / peak, 4)),
+                'MAX_DRAWDOWN');
+        ELSIF l.limit_type = 'DAILY_LOSS' THEN
+            loss := day_start - e.equity;
+            IF l.params ->> 'unit' = 'fraction' THEN
+                loss := CASE WHEN day_scaled > 0 THEN (day_scaled - e.equity) / day_scaled END;
+            END IF;
+            IF loss >= l.value THEN
+                PERFORM risk._trip(acc, COALESCE(upper(l.params ->> 'mode'), 'HARD')::risk.breaker_mode,
+                    format('DAILY_LOSS: limit=%s, loss=%s', l.value, round(loss, 4)), 'DAILY_LOSS');
+            END IF;
+        END IF;
+    END LOOP;
+    RETURN e.equity;
 END
 $$;
