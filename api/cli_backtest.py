@@ -236,9 +236,18 @@ def _load(conn: psycopg.Connection, run_id: int) -> dict[str, Any]:
     from workers.backtest.results import load_report
 
     try:
-        return load_report(conn, run_id)
+        report = load_report(conn, run_id)
     except LookupError as exc:
         raise MmatsError(str(exc)) from None
+    run = report["run"]
+    # a run still replaying or one that failed has no (or only part of its) results: its
+    # summary, report or Monte Carlo would show half a run as if it were the whole
+    if run.get("status") == "running":
+        raise MmatsError(f"run {run_id} is still running: it has no results yet")
+    if run.get("status") != "finished":
+        why = printable(str(run.get("error") or "no error recorded"))
+        raise MmatsError(f"run {run_id} {run.get('status')} ({why}): it has no results to show")
+    return report
 
 
 def _write_report(report: Mapping[str, Any], html: str | None, pdf: str | None) -> None:
@@ -280,6 +289,14 @@ def report_command(run_id: int | None, walk_forward: int | None, html_file: str 
                 report = walk_forward_report(conn, walk_forward)
             except LookupError as exc:
                 raise MmatsError(str(exc)) from None
+            wf = report["walk_forward"]
+            if wf.get("status") == "running":
+                raise MmatsError(f"walk-forward {walk_forward} is still running: "
+                                 "it has no results yet")
+            if wf.get("status") != "finished":
+                why = printable(str(wf.get("error") or "no error recorded"))
+                raise MmatsError(f"walk-forward {walk_forward} {wf.get('status')} ({why}): "
+                                 "it has no results to show")
             if not (html_file or pdf_file or json_file):
                 raise MmatsError("a walk-forward report needs --html, --pdf or --json")
         else:

@@ -4,6 +4,7 @@ and the README's example queries against a real run."""
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import subprocess
@@ -287,3 +288,77 @@ def test_mmats_strategies_names_every_file_that_did_not_load(run, tmp_path: Path
     lines = [ln for ln in result.stderr.splitlines() if ln.startswith("error: ")]
     assert len(lines) == 1 and "broken.py" in lines[0] and "syntax error" in lines[0], result
     assert "sma_crossover" in result.stdout  # the examples are still listed
+
+
+def test_report_and_montecarlo_of_a_run_not_finished_are_one_line(run, btc_url: str,  # type: ignore[no-untyped-def]
+                                                                 tmp_path: Path) -> None:
+    """A run still replaying, or one that failed, has no results: `report` printed a
+    traceback (its summary formats the missing bar count), `report --html` wrote a report
+    of nothing and `montecarlo` said 'no closed trades' as if the run had made none."""
+    with psycopg.connect(btc_url, autocommit=True) as conn:
+        make = ("SELECT backtest.create_run('sma_crossover', '1.0.0', '{}', '{BTC/USDT}', '1m',"
+                " '2024-01-01', '2024-01-02', 10000, 'USDT')")
+        (running,) = conn.execute(make).fetchone()  # type: ignore[misc]
+        (failed,) = conn.execute(make).fetchone()  # type: ignore[misc]
+        conn.execute("SELECT backtest.finish_run(%s, 'failed', NULL, NULL, 0.5, "
+                     "'RuntimeError: boom', '{}')", (failed,))
+    html = tmp_path / "r.html"
+    for args in ((), ("--html", str(html)), ("--json", str(tmp_path / "r.json"))):
+        line = one_error_line(run("report", str(running), *args))
+        assert line == f"error: run {running} is still running: it has no results yet"
+        line = one_error_line(run("report", str(failed), *args))
+        assert line == (f"error: run {failed} failed (RuntimeError: boom): "
+                        "it has no results to show")
+    assert not html.exists() and not (tmp_path / "r.json").exists()
+    line = one_error_line(run("montecarlo", str(running)))
+    assert line == f"error: run {running} is still running: it has no results yet"
+    line = one_error_line(run("montecarlo", str(failed)))
+    assert "failed (RuntimeError: boom)" in line
+
+
+def test_monthly_returns_put_a_midnight_close_in_the_month_it_ends(run, btc_url: str,  # type: ignore[no-untyped-def]
+                                                                   tmp_path: Path) -> None:
+    """The equity points are bar closes: the 1d bar of 31 March closes at 1 April 00:00.
+    A first-quarter run showed an April cell in the heatmap (March's last bar's return),
+    and March's return left that bar out."""
+    with psycopg.connect(btc_url, autocommit=True) as conn:
+        for ds in sample_datasets():
+            if ds.symbol == "AAPL" and not conn.execute(
+                    "SELECT 1 FROM market.instruments WHERE symbol = 'AAPL'").fetchone():
+                import_file(conn, ds.path, symbol=ds.symbol, market=ds.market,
+                            timeframe=ds.timeframe, venue=ds.venue)
+    out = tmp_path / "q1.json"
+    result = run("backtest", "--quiet", "--strategy", "sma_crossover", "--symbol", "AAPL",
+                 "--timeframe", "1d", "--from", "2010-01-01", "--to", "2010-04-01",
+                 "--params", "fast=3,slow=8", "--json", str(out))
+    assert result.returncode == 0, result.stderr
+    data: dict[str, Any] = json.loads(out.read_text())
+    months = data["monthly_returns"]
+    assert [(m["year"], m["month"]) for m in months] == [(2010, 1), (2010, 2), (2010, 3)]
+    ts, equity = data["equity"]["ts"], data["equity"]["equity"]
+    assert ts[-1] == "2010-04-01T00:00:00+00:00"  # the close of 31 March's bar
+    # March: the run's last point against February's last (a close on 1 March or before)
+    feb_end = max(i for i, t in enumerate(ts) if t <= "2010-03-01T00:00:00+00:00")
+    assert months[2]["return"] == pytest.approx(equity[-1] / equity[feb_end] - 1, rel=1e-12)
+    total = math.prod(1 + m["return"] for m in months) - 1
+    assert total == pytest.approx(data["metrics"]["total_return"], rel=1e-9)
+
+
+def test_report_of_a_walk_forward_not_finished_is_one_line(run, btc_url: str,  # type: ignore[no-untyped-def]
+                                                           tmp_path: Path) -> None:
+    """A running or failed walk-forward was written as a report with no metrics, no
+    windows and a "Sanity check passed" banner, nothing saying it never finished."""
+    with psycopg.connect(btc_url, autocommit=True) as conn:
+        make = ("SELECT backtest.create_walk_forward('sma_crossover', '{BTC/USDT}', '1m', "
+                "'2024-01-01', '2024-01-07', 'sharpe')")
+        (running,) = conn.execute(make).fetchone()  # type: ignore[misc]
+        (failed,) = conn.execute(make).fetchone()  # type: ignore[misc]
+        conn.execute("SELECT backtest.finish_walk_forward(%s, 'failed', %s)", (failed, json.dumps(
+            {"error": "BacktestError: window 1: no bars", "windows": [], "stitched": None})))
+    html = tmp_path / "wf.html"
+    line = one_error_line(run("report", "--walk-forward", str(running), "--html", str(html)))
+    assert line == f"error: walk-forward {running} is still running: it has no results yet"
+    line = one_error_line(run("report", "--walk-forward", str(failed), "--html", str(html)))
+    assert line == (f"error: walk-forward {failed} failed (BacktestError: window 1: no bars): "
+                    "it has no results to show")
+    assert not html.exists()

@@ -13,7 +13,7 @@ import hashlib
 import itertools
 import json
 from collections.abc import Mapping, Sequence
-from datetime import datetime
+from datetime import datetime, timedelta
 from decimal import Decimal
 from typing import Any
 
@@ -25,6 +25,7 @@ from db.queries import query
 from workers.backtest.data import instrument
 from workers.backtest.engine import Engine
 from workers.backtest.metrics import (
+    EPOCH,
     EquityCurve,
     TradeRecord,
     compute_metrics,
@@ -230,7 +231,11 @@ def load_report(conn: psycopg.Connection, run_id: int) -> dict[str, Any]:
     if eq:
         metrics.setdefault("start", eq[0][0].isoformat())
         metrics.setdefault("end", eq[-1][0].isoformat())
-        curve = EquityCurve(times=np.array([int(r[0].timestamp() * 1_000_000) for r in eq]),
+        # the points are bar closes: a close at midnight ends the day and month before it
+        # (2024-02-01 00:00 is January's last equity, not February's first), so each point
+        # is dated one microsecond before its close for the calendar grouping
+        us = timedelta(microseconds=1)
+        curve = EquityCurve(times=np.array([(r[0] - EPOCH) // us - 1 for r in eq]),
                             equity=np.array(equity["equity"]),
                             exposure=np.array([r[4] for r in eq], dtype=bool))
         months = monthly_returns(curve, float(cash))
