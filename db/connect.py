@@ -22,7 +22,18 @@ def database_url(settings: Settings | None = None, *, start: bool = True) -> str
 
 
 def connect(url: str, **kwargs: object) -> psycopg.Connection:
-    return psycopg.connect(url, application_name="mmats", **kwargs)  # type: ignore[arg-type]
+    """A session whose times are UTC, whatever the server's TimeZone or PGTZ say (a server
+    in New York printed `mmats runs` dates of the day before, unlabelled)."""
+    conn = psycopg.connect(url, application_name="mmats", **kwargs)  # type: ignore[arg-type]
+    utc(conn)
+    return conn
+
+
+def utc(conn: psycopg.Connection) -> None:
+    """Set the session's time zone to UTC (committed, so it holds outside a transaction)."""
+    conn.execute("SET TIME ZONE 'UTC'")
+    if not conn.autocommit:
+        conn.commit()
 
 
 def conninfo_to_uri(conninfo: str) -> str:

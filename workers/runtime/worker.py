@@ -14,6 +14,7 @@ from typing import Any
 import psycopg
 from psycopg.types.json import Jsonb
 
+from db.connect import utc
 from workers.runtime import log
 
 ROLES = {"strategies": "mmats_strategy", "router": "mmats_router",
@@ -24,6 +25,7 @@ def connect(url: str, role: str | None, *, autocommit: bool = True) -> psycopg.C
     """A session that acts as `role` (the worker's database role), whatever user logged
     in: what the role may not do, the worker cannot do either."""
     conn = psycopg.connect(url, autocommit=autocommit, application_name="mmats-worker")
+    utc(conn)
     if role:
         conn.execute(psycopg.sql.SQL("SET ROLE {}").format(psycopg.sql.Identifier(role)))
         if not autocommit:
