@@ -9864,8 +9864,7 @@ GRANT EXECUTE ON FUNCTION trading.apply_fill(jsonb) TO mmats_router, mmats_api;
 -- The decisions, their codes and reasons are unchanged.
 -- 5. risk.breaker_mode, granted to mmats_strategy and mmats_router since 0002_07, reads
 --    risk.breaker_state with the caller's rights, and neither role could read that table:
---    the function refused them. They may read the breaker state now (the router checks it
---    before sending again an order in flight that its venue does not have).
+--    the function refused them. They may read the breaker state now.
 -- 6. trading._protect judged a bar of a coarser timeframe on its whole range even when part
 --    of its period came before a position's mark: a 1h bar arriving after the 1m bars of
 --    its hour fired a stop on a dip before the fill, and moved a trailing stop's anchor to
@@ -9877,6 +9876,10 @@ GRANT EXECUTE ON FUNCTION trading.apply_fill(jsonb) TO mmats_router, mmats_api;
 --    next bar started the current day afresh from the latest equity, its losses forgotten.
 --    A snapshot at `at` belongs to the day of `at` less a microsecond, and the day never
 --    goes back.
+-- 8. trading.mark_in_flight let an order already in flight through unjudged: the router,
+--    sending again an order whose first sending never reached its broker, sent it after a
+--    FREEZE, a SOFT or HARD breaker or a downgrade to advisory. The gate (trading._gate)
+--    now judges every sending, the first and any later one.
 SET LOCAL ROLE mmats_owner;
 
 GRANT SELECT ON risk.breaker_state TO mmats_strategy, mmats_router;
@@ -11032,5 +11035,20 @@ BEGIN
         END IF;
     END LOOP;
     RETURN e.equity;
+END
+$$;
+
+-- (as in 0004_07, the gate judging an order sent again while in flight too)
+CREATE OR REPLACE FUNCTION trading._advance_to_broker(order_ref text, new_status trading.order_status,
+                                           broker_order_id text DEFAULT NULL)
+RETURNS jsonb
+LANGUAGE plpgsql AS $$
+DECLARE
+    lk record := trading._locked_order(order_ref);
+BEGIN
+    RETURN COALESCE(CASE WHEN (lk.o).status = 'created'
+                              OR (new_status = 'in_flight' AND (lk.o).status = 'in_flight')
+                         THEN trading._gate(lk.acc, lk.o) END,
+                    trading._set_status(lk.acc, lk.o, new_status, NULL, broker_order_id));
 END
 $$;

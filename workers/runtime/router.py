@@ -520,7 +520,7 @@ class Router(Worker):
         """The order at the broker: found by its client id (a message delivered again
         after a crash or a timeout), or placed now. With `regate` (an order that went in
         flight on an earlier delivery) one the broker does not have is placed again only
-        if the ledger's gate would let it go now (`_gate_closed`)."""
+        if the ledger's gate lets it go again (`trading.mark_in_flight`)."""
         broker = _venue(routed)
         if lookup:
             try:
@@ -528,44 +528,14 @@ class Router(Worker):
                                            symbol=order.symbol)
             except errors.OrderNotFound:
                 pass
-            if regate:
-                closed = self._gate_closed(order)
-                if closed is not None:
-                    raise _GateClosed(closed)
+            if regate:  # sent again: the ledger's gate judges it again (mark_in_flight)
+                result = self._call("mark_in_flight", order.client_order_id)
+                if isinstance(result, dict) and result.get("status") == "cancelled":
+                    raise _GateClosed(result)
         try:
             return broker.place_order(order.request())
         except (errors.Stop, errors.Reject) as exc:
             raise _PlaceRefused(exc) from exc
-
-    def _gate_closed(self, order: Order) -> dict[str, Any] | None:
-        """`trading._gate`'s rule for an order already in flight (which mark_in_flight no
-        longer judges): any order under a FREEZE, an opening one under SOFT or HARD or
-        once the account is advisory, may not go; it is cancelled with that reason (the
-        answer is what `_cancelled` reports), or None when it may go."""
-        row = self._c.execute("SELECT a.mode::text, a.name FROM trading.accounts a "
-                              "WHERE a.account_id = %s", (order.account_id,)).fetchone()
-        if row is None:
-            return None
-        mode, name = row
-        breaker = self._breaker(order.account_id)
-        if breaker == "FREEZE" or (breaker in ("SOFT", "HARD") and not order.reduce_only):
-            code = f"BREAKER_{breaker}"
-            why = (f"{code}: account {name} has its breaker at {breaker}: the order, in "
-                   "flight but not at the broker, was not sent again")
-        elif mode == "advisory" and not order.reduce_only:
-            code = "ACCOUNT_ADVISORY"
-            why = (f"{code}: account {name} is in advisory mode: the order, in flight but "
-                   "not at the broker, was not sent again")
-        else:
-            return None
-        result = self._call("cancel_order", order.client_order_id, why)
-        return {**(result if isinstance(result, dict) else {}), "reason_code": code,
-                "reason": why}
-
-    def _breaker(self, account_id: int) -> str:
-        """The account's breaker mode (mmats_router may read it since migration 0004_12)."""
-        row = self._c.execute("SELECT risk.breaker_mode(%s)::text", (account_id,)).fetchone()
-        return "OK" if row is None else str(row[0])
 
     def _status(self, routed: RoutedAccount, order: Order) -> BrokerOrder:
         return _venue(routed).order_status(broker_order_id=order.broker_order_id,
