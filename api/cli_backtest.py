@@ -239,15 +239,18 @@ def _load(conn: psycopg.Connection, run_id: int) -> dict[str, Any]:
         report = load_report(conn, run_id)
     except LookupError as exc:
         raise MmatsError(str(exc)) from None
-    run = report["run"]
-    # a run still replaying or one that failed has no (or only part of its) results: its
-    # summary, report or Monte Carlo would show half a run as if it were the whole
-    if run.get("status") == "running":
-        raise MmatsError(f"run {run_id} is still running: it has no results yet")
-    if run.get("status") != "finished":
-        why = printable(str(run.get("error") or "no error recorded"))
-        raise MmatsError(f"run {run_id} {run.get('status')} ({why}): it has no results to show")
+    _require_finished(f"run {run_id}", report["run"])
     return report
+
+
+def _require_finished(what: str, row: Mapping[str, Any]) -> None:
+    """A run (or walk-forward) still going or one that failed has no results, or part of
+    them: its summary, report or Monte Carlo would show half a run as if it were whole."""
+    if row.get("status") == "running":
+        raise MmatsError(f"{what} is still running: it has no results yet")
+    if row.get("status") != "finished":
+        why = printable(str(row.get("error") or "no error recorded"))
+        raise MmatsError(f"{what} {row.get('status')} ({why}): it has no results to show")
 
 
 def _write_report(report: Mapping[str, Any], html: str | None, pdf: str | None) -> None:
@@ -289,14 +292,7 @@ def report_command(run_id: int | None, walk_forward: int | None, html_file: str 
                 report = walk_forward_report(conn, walk_forward)
             except LookupError as exc:
                 raise MmatsError(str(exc)) from None
-            wf = report["walk_forward"]
-            if wf.get("status") == "running":
-                raise MmatsError(f"walk-forward {walk_forward} is still running: "
-                                 "it has no results yet")
-            if wf.get("status") != "finished":
-                why = printable(str(wf.get("error") or "no error recorded"))
-                raise MmatsError(f"walk-forward {walk_forward} {wf.get('status')} ({why}): "
-                                 "it has no results to show")
+            _require_finished(f"walk-forward {walk_forward}", report["walk_forward"])
             if not (html_file or pdf_file or json_file):
                 raise MmatsError("a walk-forward report needs --html, --pdf or --json")
         else:

@@ -248,24 +248,23 @@ class Simulator:
 
         `cash` is the account's cash before the fill (in the account currency); `fx`
         converts the instrument's quote currency into it."""
-        if order.order_type == "limit" and order.trigger_price is None and self.costs.spread:
-            # a limit order trades against the quote: a buy's ask (half the spread above the
-            # bar's prices), a sell's bid; it fills when that quote reaches the limit, never
-            # beyond it (a buy limit at 97 on a bar whose low is 97 is not reached when the
-            # ask is 97.10)
-            touched = touched_price(order, _quote_bar(bar, order.side, self.costs.spread))
-            if touched is None:
-                return None
-            raw, maker = touched
+        # a limit order trades against the quote: a buy's ask (half the spread above the
+        # bar's prices), a sell's bid; it fills when that quote reaches the limit, never
+        # beyond it (a buy limit at 97 on a bar whose low is 97 is not reached when the ask
+        # is 97.10)
+        quoted = order.order_type == "limit" and order.trigger_price is None \
+            and bool(self.costs.spread)
+        touched = touched_price(
+            order, _quote_bar(bar, order.side, self.costs.spread) if quoted else bar)
+        if touched is None:
+            return None
+        raw, maker = touched
+        if quoted:
+            assert order.limit_price is not None  # (the tick never takes it past the limit)
             price = _round_to_tick(raw, rules.price_tick, order.side)
-            if order.limit_price is not None:  # (the tick never takes it past the limit)
-                price = (min(price, order.limit_price) if order.side == "buy"
-                         else max(price, order.limit_price))
+            price = (min(price, order.limit_price) if order.side == "buy"
+                     else max(price, order.limit_price))
         else:
-            touched = touched_price(order, bar)
-            if touched is None:
-                return None
-            raw, maker = touched
             price = self.fill_price(order, raw, maker, bar, rules)
         fee = self.costs.maker_fee if maker else self.costs.taker_fee
         quantity = order.quantity

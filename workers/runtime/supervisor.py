@@ -240,7 +240,6 @@ class Supervisor:
         self.log_dir = log_dir
         self.restart = restart
         self.finished = finished  # (kind, exit code) -> True: it is done, do not restart
-        self.restart_base = restart_base
         # half of each restart's window is randomised (as the router's retries), so
         # workers that crashed together do not come back in step
         self.backoff = BackoffPolicy(base=restart_base, cap=max(restart_cap, restart_base),
