@@ -15,17 +15,21 @@ import shutil
 import tempfile
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import psycopg
 import pytest
+import responses
 from psycopg import sql
 from psycopg.conninfo import make_conninfo
 
 from db import migrate
 from db.connect import conninfo_to_uri
 from db.runtime import EmbeddedServer
+from workers.runtime.config import RouterConfig
+from workers.runtime.router import RoutedAccount, Router
 
 REPO = Path(__file__).resolve().parent.parent
 TEST_SERVER_SETTINGS = {
@@ -146,3 +150,34 @@ def empty_db_url(server_url: str) -> Iterator[str]:
         yield as_uri(url_for(server_url, name))
     finally:
         _drop(server_url, name)
+
+
+# ---------------------------------------------------------------- brokers and the router
+@pytest.fixture
+def http() -> Iterator[responses.RequestsMock]:
+    """Every HTTP request answered by `responses`: an unregistered URL raises
+    ConnectionError, so nothing reaches the network (modules that must prove every
+    registered answer was asked for define their own, assert_all_requests_are_fired)."""
+    with responses.RequestsMock(assert_all_requests_are_fired=False) as mock:
+        yield mock
+
+
+@pytest.fixture
+def make_router(db_url: str) -> Iterator[Callable[..., Router]]:
+    """Routers started on this test's database (a second one is a restarted
+    router), polling fast; `config` overrides RouterConfig's fields."""
+    made: list[Router] = []
+
+    def make(*accounts: RoutedAccount, **config: Any) -> Router:
+        settings = {"visibility_seconds": 1, "poll_ms": 20, "status_poll_seconds": 30.0,
+                    **config}
+        router = Router(db_url, {a.account_id: a for a in accounts},
+                        config=RouterConfig(**settings))
+        router.start()
+        made.append(router)
+        return router
+
+    yield make
+    for router in made:
+        router.close()
+        router.beat("stopped", force=True)  # also closes the error-reporting session

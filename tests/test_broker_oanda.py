@@ -8,7 +8,6 @@ Bodies follow the shapes oandapyV20 ships as example responses
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
@@ -42,13 +41,6 @@ CREDENTIALS = {"account_id": ACCOUNT, "access_token": TOKEN}
 
 def load(name: str) -> Any:
     return json.loads((FIXTURES / f"{name}.json").read_text())
-
-
-@pytest.fixture
-def http() -> Iterator[responses.RequestsMock]:
-    # an unregistered URL raises ConnectionError: nothing can reach the network
-    with responses.RequestsMock(assert_all_requests_are_fired=False) as mock:
-        yield mock
 
 
 @pytest.fixture

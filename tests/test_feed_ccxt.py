@@ -8,7 +8,6 @@ decides which bar is still open; the injected sleep records the pauses between p
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from email.utils import format_datetime
@@ -49,12 +48,6 @@ def query(call: Any) -> dict[str, str]:
 
 def ohlcv_calls(http: responses.RequestsMock, path: str) -> list[dict[str, str]]:
     return [query(c) for c in http.calls if str(urlsplit(c.request.url).path).endswith(path)]
-
-
-@pytest.fixture
-def http() -> Iterator[responses.RequestsMock]:
-    with responses.RequestsMock(assert_all_requests_are_fired=False) as rsps:
-        yield rsps
 
 
 class Clock:

@@ -8,7 +8,6 @@ candle server below answers `from` + `count` the way OANDA does, from a syntheti
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
@@ -41,12 +40,6 @@ SATURDAY = datetime(2024, 3, 16, 12, 0, tzinfo=UTC)
 NOW = datetime(2024, 3, 13, 10, 17, 30, tzinfo=UTC)
 FIRST = datetime(2024, 3, 13, 9, 30, tzinfo=UTC)  # the synthetic series' first candle
 STEP = timedelta(minutes=5)
-
-
-@pytest.fixture
-def http() -> Iterator[responses.RequestsMock]:
-    with responses.RequestsMock(assert_all_requests_are_fired=False) as mock:
-        yield mock
 
 
 def oanda_time(ts: datetime) -> str:

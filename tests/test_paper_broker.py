@@ -10,7 +10,7 @@ backtest). Assertions are on rows: orders (status, reason), fills and positions.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from datetime import timedelta
 from decimal import Decimal
 from typing import Any
@@ -35,29 +35,10 @@ from test_router import (
 
 from workers.backtest.data import to_us
 from workers.backtest.simulator import InstrumentRules, SimBar, SimFill
-from workers.runtime.config import RouterConfig
 from workers.runtime.paper import PaperBroker, PaperInstrument, expires_on, tif_outcome
-from workers.runtime.router import RoutedAccount, Router
+from workers.runtime.router import Router
 
 T3 = T0 + timedelta(minutes=3)
-
-
-@pytest.fixture
-def make_router(db_url: str) -> Iterator[Callable[..., Router]]:
-    """Routers started on this test's database, as tests/test_router.py makes them."""
-    made: list[Router] = []
-
-    def make(*accounts: RoutedAccount) -> Router:
-        router = Router(db_url, {a.account_id: a for a in accounts}, config=RouterConfig(
-            visibility_seconds=1, poll_ms=20, status_poll_seconds=30.0))
-        router.start()
-        made.append(router)
-        return router
-
-    yield make
-    for router in made:
-        router.close()
-        router.beat("stopped", force=True)
 
 
 def place(conn: psycopg.Connection, **spec: Any) -> int:

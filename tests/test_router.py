@@ -40,7 +40,7 @@ from workers.brokers import errors
 from workers.brokers.alpaca_broker import AlpacaBroker
 from workers.brokers.oanda_broker import OandaBroker
 from workers.ingest.instruments import ensure_instrument, spec_for
-from workers.runtime.config import AccountConfig, PaperCosts, RouterConfig
+from workers.runtime.config import AccountConfig, PaperCosts
 from workers.runtime.paper import PaperBroker
 from workers.runtime.router import RoutedAccount, Router, backoff_seconds, check_environment
 
@@ -232,33 +232,6 @@ def calls(http: responses.RequestsMock, method: str, path_end: str = "") -> list
 
 def sent(call: Any) -> dict[str, Any]:
     return dict(json.loads(call.request.body))
-
-
-@pytest.fixture
-def http() -> Iterator[responses.RequestsMock]:
-    # an unregistered URL raises ConnectionError: nothing reaches the network
-    with responses.RequestsMock(assert_all_requests_are_fired=False) as mock:
-        yield mock
-
-
-@pytest.fixture
-def make_router(db_url: str) -> Iterator[Callable[..., Router]]:
-    """Routers started on this test's database (a second one is a restarted router)."""
-    made: list[Router] = []
-
-    def make(*accounts: RoutedAccount, **config: Any) -> Router:
-        settings = {"visibility_seconds": 1, "poll_ms": 20, "status_poll_seconds": 30.0,
-                    **config}
-        router = Router(db_url, {a.account_id: a for a in accounts},
-                        config=RouterConfig(**settings))
-        router.start()
-        made.append(router)
-        return router
-
-    yield make
-    for router in made:
-        router.close()
-        router.beat("stopped", force=True)  # also closes the error-reporting session
 
 
 class Crash:
