@@ -407,6 +407,34 @@ def test_a_drawdown_at_a_bar_close_between_signals_trips_the_breaker(conn, tmp_p
     assert breaker(conn, run_id) == ("HARD", "MAX_DRAWDOWN: limit=0.1, drawdown=0.2000")
 
 
+def test_an_entry_a_hard_breaker_cancelled_never_fills(conn, tmp_path):
+    """Migration 0004_13: a HARD breaker cancels the open entries. An entry the strategy
+    sent on the bar whose close trips the breaker (on another symbol, whose protection the
+    step judges after the signals) is cancelled by the ledger; the engine drops it instead
+    of filling it at the next open (the ledger would refuse a fill of a cancelled order)."""
+    a, b = add_instrument(conn), add_instrument(conn)
+    add_bars(conn, a, [*flat(100, 3), *flat(50, 4)])
+    add_bars(conn, b, flat(10, 7))
+    plan = {0: [(a, "buy", {"size": "0.5"})],
+            **{n: [(a, "hold", {}), (b, "buy", {"size": "0.5"})] for n in range(2, 7)}}
+    script = Script(tmp_path, plan)
+    run_id = run(conn, script.config([a, b], 7,
+                                     limits=(LimitSpec("MAX_DRAWDOWN", D("0.1")),)))
+    assert breaker(conn, run_id)[0] == "HARD"
+    states = conn.execute(
+        "SELECT i.symbol, o.side::text, o.status::text, o.trigger::text, o.reason"
+        " FROM trading.orders o JOIN backtest.runs r ON r.account_id = o.account_id"
+        " JOIN market.instruments i USING (instrument_id)"
+        " WHERE r.run_id = %s ORDER BY o.order_id", (run_id,)).fetchall()
+    # b's first buy was still waiting for its fill when a's fall to 50 tripped HARD; b's
+    # later buys were refused by the breaker (no order)
+    assert [s[:4] for s in states] == [(a, "buy", "filled", "signal"),
+                                       (b, "buy", "cancelled", "signal"),
+                                       (a, "sell", "filled", "breaker")]
+    assert states[1][4].startswith("breaker HARD: MAX_DRAWDOWN")
+    assert all(p["symbol"] != b for p in load_report(conn, run_id)["open_positions"])
+
+
 # ----------------------------------------------------------------------------- reversal, end
 
 

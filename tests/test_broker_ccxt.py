@@ -12,7 +12,6 @@ import hashlib
 import itertools
 import json
 import re
-from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
@@ -76,12 +75,6 @@ def json_body(call: Any) -> Any:
 
 def calls_to(http: responses.RequestsMock, path: str) -> list[Any]:
     return [c for c in http.calls if str(urlsplit(c.request.url).path).endswith(path)]
-
-
-@pytest.fixture
-def http() -> Iterator[responses.RequestsMock]:
-    with responses.RequestsMock(assert_all_requests_are_fired=False) as rsps:
-        yield rsps
 
 
 @pytest.fixture
@@ -225,8 +218,8 @@ def test_stop_limit_order_sends_trigger_and_limit_prices(http: responses.Request
 def test_duplicate_client_order_id_returns_the_existing_order(
         http: responses.RequestsMock, binance: CcxtBroker) -> None:
     http.post(f"{BINANCE}/order", status=400, json=binance_error(-2010, "Duplicate order sent."))
-    http.get(f"{BINANCE}/order", json=binance_order(status="PARTIALLY_FILLED",
-                                                    executedQty="0.00050000",
+    http.get(f"{BINANCE}/order", json=binance_order(status="PARTIALLY_FILLED", side="BUY",
+                                                    type="MARKET", executedQty="0.00050000",
                                                     cummulativeQuoteQty="32000.06500000"))
 
     found = binance.place_order(MARKET_BUY)
@@ -239,6 +232,19 @@ def test_duplicate_client_order_id_returns_the_existing_order(
     assert found.client_order_id == "mm7-42"
     assert found.status == "partially_filled"
     assert found.filled_quantity == Decimal("0.0005")
+
+
+@pytest.mark.parametrize("other", [{"side": "SELL"}, {"origQty": "0.00200000"},
+                                   {"symbol": "ETHUSDT"}])
+def test_a_duplicate_client_order_id_naming_another_order_is_refused(
+        http: responses.RequestsMock, binance: CcxtBroker, other: dict[str, str]) -> None:
+    """Binance already holds mm7-42 for another order (another side, size or market): it is
+    refused, never taken for this one (whose fills would be booked from it)."""
+    http.post(f"{BINANCE}/order", status=400, json=binance_error(-2010, "Duplicate order sent."))
+    http.get(f"{BINANCE}/order", json=binance_order(**{"side": "BUY", "type": "MARKET", **other}))
+    with pytest.raises(errors.Reject, match="client id mm7-42 already names") as refused:
+        binance.place_order(MARKET_BUY)
+    assert refused.value.code == "CLIENT_ORDER_ID_CONFLICT"
 
 
 # --- errors -----------------------------------------------------------------------------

@@ -697,8 +697,9 @@ def test_a_queued_order_the_account_may_no_longer_send_is_cancelled_at_the_gate(
     order went out."""
     account(conn, "acc1")
     fill(conn, order(conn, "acc1", "BTCUSD", "buy", "2"), "f0", "2", "100")
-    opening = order(conn, "acc1", "BTCUSD", "buy", "1")
     closing = one(conn, "SELECT trading.close_position('acc1', 'BTCUSD')")["order_ids"][0]
+    # (after the close: close_position cancels the open entries, 0004_13)
+    opening = order(conn, "acc1", "BTCUSD", "buy", "1")
     conn.execute("SELECT risk.trip_breaker('acc1', 'SOFT', 'daily loss near the limit')")
 
     def gate(oid: int) -> dict:

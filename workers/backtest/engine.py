@@ -114,6 +114,7 @@ class Engine:
         self.account = ""
         self.cash = config.cash
         self.positions: dict[int, _Watch] = {}
+        self.breaker = "OK"  # the account's, as the ledger last said
         self.pending: dict[int, list[SimOrder]] = {k: [] for k in range(len(self.symbols))}
         self.deferred: list[dict[str, Any]] = []  # fills and cancels for the next step
         self.deferred_symbols: set[int] = set()  # the symbols they move
@@ -586,6 +587,11 @@ class Engine:
         if self.counts.steps in _ANALYZE_AT:
             self.conn.execute(query("backtest_refresh_statistics"))
         self._apply_state(answer["account"])
+        breaker = str(answer["account"].get("breaker") or "OK")
+        if breaker != self.breaker:
+            self.breaker = breaker
+            if breaker == "HARD":
+                self._drop_cancelled()
         created = {int(o["order_id"]): o for o in answer["orders"]}
         for op, res in zip(ops, answer["results"], strict=True):
             if "_signal" in op:
@@ -599,6 +605,14 @@ class Engine:
                                                 Decimal(o["quantity"]),
                                                 reduce_only=bool(o["reduce_only"])))
         return answer
+
+    def _drop_cancelled(self) -> None:
+        """Forget the pending orders the ledger cancelled on its own (a HARD breaker
+        cancels the open entries): they never fill."""
+        still_open = {int(r[0]) for r in self.conn.execute(query("backtest_open_orders"),
+                                                           {"run": self.run_id})}
+        for k, orders in self.pending.items():
+            self.pending[k] = [o for o in orders if o.order_id in still_open]
 
     def _apply_state(self, state: dict[str, Any]) -> None:
         self.cash = Decimal(state["cash"])

@@ -622,10 +622,21 @@ class CcxtBroker:
                 float(limit) if limit is not None else None, params)
         except ccxt.BaseError as exc:
             if is_duplicate_client_id(exc):
-                return self._by_client_id(order.client_order_id, order.symbol, "place_order")
+                return self._existing(order, quantity)
             raise self._error(exc, "place_order", order.symbol) from exc
         placed = self._to_order(created, fallback=order, quantity=quantity)
         return _with_client_id(placed, order.client_order_id)
+
+    def _existing(self, order: OrderRequest, quantity: Decimal) -> BrokerOrder:
+        """The order a re-sent request's client id names, if it is the same order (symbol,
+        side and the size as sent); another order under that id is refused, never taken
+        for it."""
+        found = self._by_client_id(order.client_order_id, order.symbol, "place_order")
+        if (found.symbol, found.side, found.quantity) != (order.symbol, order.side, quantity):
+            raise self._refuse("place_order", order.symbol, "CLIENT_ORDER_ID_CONFLICT",
+                               f"client id {order.client_order_id} already names {found.side} "
+                               f"{found.quantity} {found.symbol} order {found.broker_order_id}")
+        return found
 
     def _order_params(self, order: OrderRequest, cid: str,
                       stop: Decimal | None) -> dict[str, Any]:

@@ -14,6 +14,13 @@ One message is one order. The router
 3. records the broker's answer (`acknowledge_order`, `apply_fill`, `reject_order`,
    `cancel_order`) and archives the message only after the database holds the outcome.
 
+A trader's cancel of an order at its venue (`trading.request_cancel`) marks the order
+cancel-requested and queues a message for it: the router asks the venue to cancel
+(`cancel_order`, after looking up an order still in flight) and records the answer, the
+cancellation or the fills that came first; an order in flight that the venue does not have
+is never sent again (the gate cancels it, CANCEL_REQUESTED). An order in the paper book
+(broker id `paper-...`) is cancelled by the ledger at once: that book is the ledger.
+
 A network error never marks an order failed: it stays in flight, the message is retried
 with backoff, and the broker's own report (looked up by client order id) settles it.
 Only the venue's refusal of `place_order` rejects the order, with the broker's reason;
@@ -61,7 +68,7 @@ _ORDER = """
 SELECT o.order_id, o.account_id, o.client_order_id, o.broker_order_id, o.side::text,
        o.order_type::text, o.time_in_force::text, o.quantity, o.limit_price, o.stop_price,
        o.reduce_only, o.status::text, o.filled_quantity, o.trigger::text, i.instrument_id,
-       i.symbol, i.venue, a.name, a.environment::text, o.created_at
+       i.symbol, i.venue, a.name, a.environment::text, o.created_at, o.cancel_requested_at
 FROM trading.orders o JOIN market.instruments i USING (instrument_id)
 JOIN trading.accounts a ON a.account_id = o.account_id
 WHERE o.order_id = %s
@@ -97,6 +104,7 @@ class Order:
     account: str
     environment: str
     created_at: datetime
+    cancel_requested_at: datetime | None = None  # trading.request_cancel: ask the venue
 
     def request(self) -> OrderRequest:
         return OrderRequest(self.client_order_id, self.symbol, self.side,  # type: ignore[arg-type]
@@ -367,6 +375,11 @@ class Router(Worker):
         try:
             if order.status == "in_flight":
                 answer = self._find_or_place(routed, order, lookup=lookup, regate=regate)
+                if order.cancel_requested_at is not None and answer.status not in _TERMINAL:
+                    answer = _venue(routed).cancel_order(answer.broker_order_id, order.symbol)
+            elif order.cancel_requested_at is not None and order.broker_order_id is not None:
+                # trading.request_cancel: the venue cancels it, or says what filled first
+                answer = _venue(routed).cancel_order(order.broker_order_id, order.symbol)
             else:
                 answer = self._status(routed, order)
             self._settle(routed, order, answer, msg_id)
@@ -524,10 +537,22 @@ class Router(Worker):
         broker = _venue(routed)
         if lookup:
             try:
-                return broker.order_status(client_order_id=order.client_order_id,
-                                           symbol=order.symbol)
+                found = broker.order_status(client_order_id=order.client_order_id,
+                                            symbol=order.symbol)
             except errors.OrderNotFound:
                 pass
+            else:
+                # a venue rounds a size down, never up; another order under this client
+                # id (a manual id reused, another database) is refused, never taken for it
+                if (found.symbol, found.side) != (order.symbol, order.side) \
+                        or found.quantity > order.quantity:
+                    raise _PlaceRefused(errors.Reject(
+                        f"order {order.client_order_id}: the venue's order under this client "
+                        f"id is {found.side} {found.quantity} {found.symbol} "
+                        f"({found.broker_order_id}), not this order's {order.side} "
+                        f"{order.quantity} {order.symbol}", venue=order.venue,
+                        code="CLIENT_ORDER_ID_CONFLICT"))
+                return found
             if regate:  # sent again: the ledger's gate judges it again (mark_in_flight)
                 result = self._call("mark_in_flight", order.client_order_id)
                 if isinstance(result, dict) and result.get("status") == "cancelled":
@@ -559,8 +584,9 @@ class Router(Worker):
         recorded = self._order(order.order_id)
         missing = recorded is None or answer.filled_quantity > recorded.filled_quantity
         if answer.status == "cancelled" and not missing:
-            self._call("cancel_order", order.client_order_id,
-                       answer.reason or "cancelled by the broker")
+            self._call("cancel_order", order.client_order_id, answer.reason or (
+                "cancelled at the venue as requested" if order.cancel_requested_at is not None
+                else "cancelled by the broker"))
         elif answer.status == "expired" and not missing:
             self._call("expire_order", order.client_order_id)
         elif answer.status == "rejected":
