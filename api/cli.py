@@ -185,6 +185,9 @@ def _register_subcommands() -> None:
     cli.add_command(cli_data.data_group)
     cli.add_command(cli_trading.account_group)
     cli.add_command(cli_trading.risk_group)
+    cli.add_command(cli_trading.orders_group)
+    cli.add_command(cli_trading.positions_command)
+    cli.add_command(cli_trading.close_command)
     cli.add_command(demo.demo)
     for command in (cli_backtest.backtest_command, cli_backtest.runs_command,
                     cli_backtest.report_command, cli_backtest.montecarlo_command,

@@ -8,6 +8,7 @@ import uuid
 from decimal import Decimal, InvalidOperation
 
 import click
+import psycopg
 from psycopg.types.json import Jsonb
 
 from api.table import printable, table
@@ -313,3 +314,184 @@ def risk_reset(account: str, confirmation: str | None) -> None:
     result = _call("SELECT risk.reset_breaker(%s, %s)", (account, confirmation))
     assert isinstance(result, dict)
     click.echo(f"breaker on {account} reset (was {result['previous']})")
+
+
+# --------------------------------------------------------------------------- orders
+OPEN_STATUSES = ("created", "in_flight", "submitted", "partially_filled")
+
+
+def _number(value: Decimal | None) -> str:
+    """A quantity or price without trailing zeros ('' when there is none)."""
+    if value is None:
+        return ""
+    return f"{value.normalize():f}" if value else "0"
+
+
+def _ids(values: object) -> list[int]:
+    assert isinstance(values, list)
+    return [int(v) for v in values]
+
+
+def _check_account(conn: psycopg.Connection, name: str) -> None:
+    if conn.execute("SELECT 1 FROM trading.accounts WHERE name = %s", (name,)).fetchone() is None:
+        raise MmatsError(f"unknown account {shortened(name)} (see `mmats account list`)")
+
+
+_ORDERS = """
+SELECT o.order_id, a.name, i.symbol, o.side::text, o.order_type::text, o.quantity,
+       o.filled_quantity, o.limit_price, o.stop_price, o.status::text,
+       o.cancel_requested_at IS NOT NULL, o.trigger::text, o.client_order_id, o.created_at
+FROM trading.orders o
+JOIN trading.accounts a USING (account_id)
+JOIN market.instruments i USING (instrument_id)
+WHERE (%(account)s::text IS NULL OR a.name = %(account)s)
+  AND (NOT %(open)s OR o.status::text = ANY (%(statuses)s))
+ORDER BY o.created_at DESC, o.order_id DESC
+LIMIT %(limit)s
+"""
+
+
+@click.group("orders", invoke_without_command=True)
+@click.option("--account", default=None, help="only this account's orders")
+@click.option("--open", "only_open", is_flag=True,
+              help="only open orders (created, in flight, submitted, partially filled)")
+@click.option("--limit", default=50, show_default=True, type=click.IntRange(1, 100000))
+@click.pass_context
+def orders_group(ctx: click.Context, account: str | None, only_open: bool, limit: int) -> None:
+    """The latest orders, newest first; `mmats orders cancel ORDER` cancels one."""
+    if ctx.invoked_subcommand is not None:
+        return
+    with connect(database_url()) as conn:
+        if account is not None:
+            _check_account(conn, account)
+        rows = conn.execute(_ORDERS, {"account": account, "open": only_open,
+                                      "statuses": list(OPEN_STATUSES), "limit": limit}
+                            ).fetchall()
+    if not rows:
+        click.echo(f"no {'open ' if only_open else ''}orders"
+                   + (f" on {printable(account)}" if account else ""))
+        return
+    out = [(oid, acc, sym, side, otype, _number(qty), _number(filled), _number(lp), _number(sp),
+            "cancel requested" if requested and status in OPEN_STATUSES else status,
+            trig, coid, f"{at:%Y-%m-%d %H:%M:%S}")
+           for oid, acc, sym, side, otype, qty, filled, lp, sp, status, requested, trig, coid, at
+           in rows]
+    click.echo(table(("id", "account", "symbol", "side", "type", "quantity", "filled", "limit",
+                      "stop", "status", "trigger", "client order id", "created (UTC)"),
+                     out, right=(0, 5, 6, 7, 8)))
+
+
+@orders_group.command("cancel")
+@click.argument("order")
+@click.option("--reason", default=None, help="why (kept with the order; 1 to 500 characters)")
+def orders_cancel(order: str, reason: str | None) -> None:
+    """Cancel ORDER (its id or client order id): at once when it never left the database,
+    else the router asks its venue, and the order stays open until the venue confirms."""
+    result = _call("SELECT trading.request_cancel(%s, %s)", (order, reason))
+    assert isinstance(result, dict)
+    oid = result["order_id"]
+    if result["status"] == "cancelled":
+        click.echo(f"order {oid} cancelled (was {printable(result.get('previous', '?'))})")
+    elif result["status"] == "unchanged":
+        click.echo(f"order {oid} was already cancelled")
+    else:
+        click.echo(f"order {oid}: cancel requested; the router asks its venue to cancel it, "
+                   f"and it stays {printable(result.get('order_status', 'open'))} until the "
+                   "venue confirms")
+
+
+# --------------------------------------------------------------------------- positions
+_POSITIONS = """
+SELECT a.name, i.symbol, p.leg::text, s.name,
+       CASE WHEN p.leg = 'short' THEN -p.quantity ELSE p.quantity END,
+       p.average_price, p.last_price,
+       CASE WHEN p.leg = 'short' THEN -p.quantity ELSE p.quantity END
+           * (COALESCE(p.last_price, p.average_price) - p.average_price),
+       i.quote_currency, p.stop_loss, p.take_profit
+FROM trading.positions p
+JOIN trading.accounts a USING (account_id)
+JOIN market.instruments i USING (instrument_id)
+LEFT JOIN trading.strategies s USING (strategy_id)
+WHERE p.quantity <> 0 AND (%(account)s::text IS NULL OR a.name = %(account)s)
+ORDER BY a.name, i.symbol, p.leg, p.position_id
+"""
+
+
+@click.command("positions")
+@click.option("--account", default=None, help="only this account's positions")
+def positions_command(account: str | None) -> None:
+    """Open positions, marked at their last price (P&L in the instrument's quote currency)."""
+    with connect(database_url()) as conn:
+        if account is not None:
+            _check_account(conn, account)
+        rows = conn.execute(_POSITIONS, {"account": account}).fetchall()
+    if not rows:
+        click.echo("no open positions" + (f" on {printable(account)}" if account else ""))
+        return
+    out = [(acc, sym, leg, strat or "", _number(qty), _number(avg), _number(last),
+            f"{pnl:,.2f}", ccy, _number(sl), _number(tp))
+           for acc, sym, leg, strat, qty, avg, last, pnl, ccy, sl, tp in rows]
+    click.echo(table(("account", "symbol", "leg", "strategy", "quantity", "avg price",
+                      "last price", "unrealised P&L", "ccy", "stop loss", "take profit"),
+                     out, right=(4, 5, 6, 7, 9, 10)))
+
+
+# --------------------------------------------------------------------------- close
+_CANCEL_STATES = """
+SELECT order_id, status::text, cancel_requested_at IS NOT NULL FROM trading.orders
+WHERE order_id = ANY (%s) ORDER BY order_id
+"""
+
+
+def _closed(where: str, result: object) -> None:
+    """What a close did: the closing orders, and the entry orders cancelled (or whose cancel
+    the router will ask the venue for)."""
+    assert isinstance(result, dict)
+    closing = _ids(result.get("order_ids") or [])
+    cancelled = _ids(result.get("cancelled_order_ids") or [])
+    if closing:
+        click.echo(f"{where}: closing order{'s' if len(closing) > 1 else ''} "
+                   + ", ".join(map(str, closing)))
+    else:
+        click.echo(f"{where}: no open position, no closing order")
+    if not cancelled:
+        click.echo(f"{where}: no open entry orders to cancel")
+        return
+    with connect(database_url()) as conn:
+        states = conn.execute(_CANCEL_STATES, (cancelled,)).fetchall()
+    done = [str(i) for i, status, _ in states if status == "cancelled"]
+    asked = [str(i) for i, status, requested in states if status != "cancelled" and requested]
+    if done:
+        click.echo(f"{where}: cancelled entry order{'s' if len(done) > 1 else ''} "
+                   + ", ".join(done))
+    if asked:
+        click.echo(f"{where}: cancel requested for entry order{'s' if len(asked) > 1 else ''} "
+                   + ", ".join(asked) + " (open until the venue confirms)")
+
+
+@click.command("close")
+@click.argument("account")
+@click.argument("symbol", required=False)
+@click.option("--venue", default=None, help="the instrument's venue, when the symbol is ambiguous")
+@click.option("--all", "close_all", is_flag=True,
+              help="close every position of ACCOUNT (and cancel its open entry orders)")
+@click.option("--yes", is_flag=True, help="do not ask for confirmation (with --all)")
+def close_command(account: str, symbol: str | None, venue: str | None, close_all: bool,
+                  yes: bool) -> None:
+    """Close ACCOUNT's position in SYMBOL, or all of them with --all; the account's open
+    entry orders (of that instrument) are cancelled too."""
+    if (symbol is None) == (not close_all):
+        raise click.UsageError("give either SYMBOL or --all (exactly one)")
+    if close_all and venue is not None:
+        raise click.UsageError("--venue goes with SYMBOL, not with --all")
+    if symbol is not None:
+        result = _call("SELECT trading.close_position(%s, %s, %s)", (account, symbol, venue))
+        assert isinstance(result, dict)
+        _closed(f"{printable(account)} {printable(result.get('symbol', symbol))}", result)
+        return
+    if not yes:
+        if not sys.stdin.isatty():
+            raise MmatsError(f"closing every position of {shortened(account)} needs --yes")
+        click.confirm(f"close every position of {printable(account)} and cancel its open "
+                      "entry orders?", abort=True)
+    _closed(printable(account), _call("SELECT trading.close_all(%s)", (account,)))
