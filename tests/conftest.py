@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
+import sys
 import tempfile
 import time
 import uuid
@@ -181,3 +183,18 @@ def make_router(db_url: str) -> Iterator[Callable[..., Router]]:
     for router in made:
         router.close()
         router.beat("stopped", force=True)  # also closes the error-reporting session
+
+
+# ---------------------------------------------------------------- the command line
+@pytest.fixture
+def run(db_url: str) -> Callable[..., subprocess.CompletedProcess[str]]:
+    """`mmats ARGS...` as a user runs it (a subprocess, no standard input) on this test's
+    database: the CompletedProcess, output captured as text."""
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith("MMATS_")},
+           "MMATS_DATABASE_URL": db_url}
+
+    def _run(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-c", "from api.cli import main; main()", *args],
+                              env=env, capture_output=True, text=True, timeout=60,
+                              stdin=subprocess.DEVNULL)
+    return _run

@@ -4,40 +4,19 @@ trading.request_cancel, close_position and close_all)."""
 
 from __future__ import annotations
 
-import os
 import re
 import subprocess
-import sys
 from datetime import UTC, datetime
 from typing import Any
 
 import psycopg
 import pytest
 from psycopg.types.json import Jsonb
+from test_cli_trading import one_error_line
 
 from workers.ingest.instruments import ensure_instrument, spec_for
 
 T0 = datetime(2024, 1, 2, tzinfo=UTC)
-
-
-@pytest.fixture
-def run(db_url: str):  # type: ignore[no-untyped-def]
-    env = {**{k: v for k, v in os.environ.items() if not k.startswith("MMATS_")},
-           "MMATS_DATABASE_URL": db_url}
-
-    def _run(*args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([sys.executable, "-c", "from api.cli import main; main()", *args],
-                              env=env, capture_output=True, text=True, timeout=60,
-                              stdin=subprocess.DEVNULL)
-    return _run
-
-
-def one_error_line(result: subprocess.CompletedProcess[str]) -> str:
-    assert result.returncode == 1, result
-    assert "Traceback" not in result.stderr
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
-    return lines[0]
 
 
 def ok(result: subprocess.CompletedProcess[str]) -> str:

@@ -2,25 +2,11 @@
 
 from __future__ import annotations
 
-import os
 import re
 import subprocess
-import sys
 
 import psycopg
 import pytest
-
-
-@pytest.fixture
-def run(db_url: str):  # type: ignore[no-untyped-def]
-    env = {**{k: v for k, v in os.environ.items() if not k.startswith("MMATS_")},
-           "MMATS_DATABASE_URL": db_url}
-
-    def _run(*args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([sys.executable, "-c", "from api.cli import main; main()", *args],
-                              env=env, capture_output=True, text=True, timeout=60,
-                              stdin=subprocess.DEVNULL)
-    return _run
 
 
 def one_error_line(result: subprocess.CompletedProcess[str]) -> str:
