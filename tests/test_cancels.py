@@ -138,6 +138,25 @@ def test_a_fill_that_beat_the_cancel_is_booked(
     assert positions(conn, acc) == [(aapl, Decimal(10), Decimal("187.15"))]
 
 
+def test_a_venue_that_no_longer_knows_the_order_is_asked_for_it(
+        conn: psycopg.Connection, http: responses.RequestsMock, aapl: int,
+        make_router: Callable[..., Router]) -> None:
+    """The venue answers the cancel with "order not found" (HTTP 404; Binance says -2011
+    "Unknown order sent." of an order that has filled): the router reads the order and
+    books the fill that beat the cancel, instead of alarming on every poll."""
+    acc, oid, coid, router = working_at_alpaca(conn, http, make_router)
+    request_cancel(conn, oid)
+    http.delete(f"{ALPACA}/orders/{OID}", status=404,
+                json={"code": 40410000, "message": "order not found"})
+    http.get(f"{ALPACA}/orders/{OID}", json=alpaca_order(
+        coid, status="filled", filled_qty="10", filled_avg_price="187.3",
+        filled_at=now_text()))
+    http.get(ACTIVITIES, json=[activity(1, "10", "10", "187.3")])
+    router.drain()
+    assert order_row(conn, oid)["state"] == "filled"
+    assert positions(conn, acc) == [(aapl, Decimal(10), Decimal("187.3"))]
+
+
 def test_an_order_in_flight_the_venue_does_not_have_is_not_sent_again(
         conn: psycopg.Connection, http: responses.RequestsMock, aapl: int,
         make_router: Callable[..., Router]) -> None:

@@ -376,10 +376,9 @@ class Router(Worker):
             if order.status == "in_flight":
                 answer = self._find_or_place(routed, order, lookup=lookup, regate=regate)
                 if order.cancel_requested_at is not None and answer.status not in _TERMINAL:
-                    answer = _venue(routed).cancel_order(answer.broker_order_id, order.symbol)
+                    answer = self._cancel_at_venue(routed, order, answer.broker_order_id)
             elif order.cancel_requested_at is not None and order.broker_order_id is not None:
-                # trading.request_cancel: the venue cancels it, or says what filled first
-                answer = _venue(routed).cancel_order(order.broker_order_id, order.symbol)
+                answer = self._cancel_at_venue(routed, order, order.broker_order_id)
             else:
                 answer = self._status(routed, order)
             self._settle(routed, order, answer, msg_id)
@@ -561,6 +560,20 @@ class Router(Worker):
             return broker.place_order(order.request())
         except (errors.Stop, errors.Reject) as exc:
             raise _PlaceRefused(exc) from exc
+
+    def _cancel_at_venue(self, routed: RoutedAccount, order: Order,
+                         broker_order_id: str) -> BrokerOrder:
+        """trading.request_cancel: the venue cancels the order, or says what happened to it
+        first. A venue that refuses to cancel an order it has finished (Binance answers a
+        filled one with -2011 "Unknown order sent.") is asked for the order instead, so the
+        fills that beat the cancel are booked; a network error is retried as any."""
+        venue = _venue(routed)
+        try:
+            return venue.cancel_order(broker_order_id, order.symbol)
+        except (errors.OrderNotFound, errors.Reject):
+            return venue.order_status(broker_order_id=broker_order_id,
+                                      client_order_id=order.client_order_id,
+                                      symbol=order.symbol)
 
     def _status(self, routed: RoutedAccount, order: Order) -> BrokerOrder:
         return _venue(routed).order_status(broker_order_id=order.broker_order_id,
