@@ -25,6 +25,7 @@ import importlib.util
 import os
 import pwd
 import secrets
+import shutil
 import socket
 import stat
 import subprocess
@@ -265,8 +266,9 @@ class EmbeddedServer:
             pwd.getpwnam(self._run_user)
         except KeyError:
             result = subprocess.run(
-                ["useradd", "--system", "--no-create-home", "--shell", "/usr/sbin/nologin",
-                 self._run_user], capture_output=True, text=True, check=False)
+                [_system_tool("useradd"), "--system", "--no-create-home",
+                 "--shell", "/usr/sbin/nologin", self._run_user],
+                capture_output=True, text=True, check=False)
             if result.returncode != 0:
                 raise ServerError(f"running as root, MMATS needs the system user "
                                   f"{self._run_user}; useradd failed: {result.stderr.strip()}"
@@ -287,6 +289,18 @@ class EmbeddedServer:
         entry = pwd.getpwnam(self._run_user)
         for path in paths:
             os.chown(path, entry.pw_uid, entry.pw_gid)
+
+
+def _system_tool(name: str, extra: tuple[str, ...] = ("/usr/sbin", "/sbin")) -> str:
+    """The path of an administrator's tool such as useradd: on PATH, or in the sbin
+    folders a minimal root PATH (/usr/bin:/bin, as cron and env -i give) leaves out."""
+    found = shutil.which(name) or shutil.which(name, path=os.pathsep.join(extra))
+    if found is None:
+        raise ServerError(f"running as root, MMATS needs {name} to create the system user "
+                          f"{ROOT_RUN_USER} and finds it neither on PATH nor in "
+                          f"{', '.join(extra)}; create the user yourself or run as a "
+                          f"normal user")
+    return found
 
 
 def _grant_traverse(path: Path, uid: int, gid: int) -> list[str]:

@@ -239,3 +239,22 @@ def test_no_command_prints_the_database_password(env: dict[str, str], url: str,
             assert result.returncode == 1, (args, output)
             assert len(result.stderr.strip().splitlines()) == 1, (args, output)
             assert result.stderr.startswith("error: "), (args, output)
+
+
+def test_useradd_is_found_outside_a_minimal_path(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Root with PATH=/usr/bin:/bin (env -i, cron) has no sbin on PATH: the first start
+    failed with FileNotFoundError 'useradd' in every test. The tool is looked up in the
+    sbin folders too, and its absence is one clear line."""
+    from db.runtime import ServerError, _system_tool
+    sbin = tmp_path / "sbin"
+    sbin.mkdir()
+    tool = sbin / "useradd"
+    tool.write_text("#!/bin/sh\n")
+    tool.chmod(0o755)
+    monkeypatch.setenv("PATH", str(tmp_path / "bin"))
+    assert _system_tool("useradd", extra=(str(sbin),)) == str(tool)
+    with pytest.raises(ServerError) as err:
+        _system_tool("useradd", extra=(str(tmp_path / "nowhere"),))
+    message = str(err.value)
+    assert "\n" not in message and "useradd" in message and "mmats-pg" in message
