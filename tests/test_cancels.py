@@ -117,16 +117,22 @@ def test_a_cancel_of_an_order_working_at_the_venue_is_sent_there(
     assert "order.cancel_requested" in events and events[-1] == "order.cancelled"
 
 
+@pytest.mark.parametrize("status,answer", [
+    # the order filled meanwhile: Alpaca refuses the DELETE
+    (422, {"code": 42210000, "message": 'order is already in "filled" state'}),
+    # the venue no longer knows the order (Binance says -2011 "Unknown order sent." of
+    # one that has filled)
+    (404, {"code": 40410000, "message": "order not found"}),
+], ids=["already-filled", "not-found"])
 def test_a_fill_that_beat_the_cancel_is_booked(
         conn: psycopg.Connection, http: responses.RequestsMock, aapl: int,
-        make_router: Callable[..., Router]) -> None:
-    """Alpaca refuses the DELETE of an order that has filled meanwhile (HTTP 422): the
-    order is read again and its fill applied; the ledger holds the position the venue
+        make_router: Callable[..., Router], status: int, answer: dict[str, object]) -> None:
+    """The venue refuses the cancel: the router reads the order again and applies its
+    fill, instead of alarming on every poll; the ledger holds the position the venue
     holds."""
     acc, oid, coid, router = working_at_alpaca(conn, http, make_router)
     request_cancel(conn, oid)
-    http.delete(f"{ALPACA}/orders/{OID}", status=422,
-                json={"code": 42210000, "message": 'order is already in "filled" state'})
+    http.delete(f"{ALPACA}/orders/{OID}", status=status, json=answer)
     http.get(f"{ALPACA}/orders/{OID}", json=alpaca_order(
         coid, status="filled", filled_qty="10", filled_avg_price="187.15",
         filled_at=now_text()))
@@ -136,25 +142,6 @@ def test_a_fill_that_beat_the_cancel_is_booked(
     o = order_row(conn, oid)
     assert (o["state"], o["filled_quantity"]) == ("filled", Decimal(10))
     assert positions(conn, acc) == [(aapl, Decimal(10), Decimal("187.15"))]
-
-
-def test_a_venue_that_no_longer_knows_the_order_is_asked_for_it(
-        conn: psycopg.Connection, http: responses.RequestsMock, aapl: int,
-        make_router: Callable[..., Router]) -> None:
-    """The venue answers the cancel with "order not found" (HTTP 404; Binance says -2011
-    "Unknown order sent." of an order that has filled): the router reads the order and
-    books the fill that beat the cancel, instead of alarming on every poll."""
-    acc, oid, coid, router = working_at_alpaca(conn, http, make_router)
-    request_cancel(conn, oid)
-    http.delete(f"{ALPACA}/orders/{OID}", status=404,
-                json={"code": 40410000, "message": "order not found"})
-    http.get(f"{ALPACA}/orders/{OID}", json=alpaca_order(
-        coid, status="filled", filled_qty="10", filled_avg_price="187.3",
-        filled_at=now_text()))
-    http.get(ACTIVITIES, json=[activity(1, "10", "10", "187.3")])
-    router.drain()
-    assert order_row(conn, oid)["state"] == "filled"
-    assert positions(conn, acc) == [(aapl, Decimal(10), Decimal("187.3"))]
 
 
 def test_an_order_in_flight_the_venue_does_not_have_is_not_sent_again(
