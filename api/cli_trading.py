@@ -449,10 +449,15 @@ def _closed(where: str, result: object) -> None:
     assert isinstance(result, dict)
     closing = _ids(result.get("order_ids") or [])
     cancelled = _ids(result.get("cancelled_order_ids") or [])
+    waiting = _ids(result.get("waiting_order_ids") or [])
     if closing:
         click.echo(f"{where}: closing order{'s' if len(closing) > 1 else ''} "
                    + ", ".join(map(str, closing)))
-    else:
+    if waiting:
+        click.echo(f"{where}: closing order{'s' if len(waiting) > 1 else ''} "
+                   + ", ".join(map(str, waiting)) + " being cancelled at the venue: "
+                   "the position is closed again once the venue confirms")
+    if not closing and not waiting:
         click.echo(f"{where}: no open position, no closing order")
     if not cancelled:
         click.echo(f"{where}: no open entry orders to cancel")

@@ -309,6 +309,97 @@ def test_soft_cancels_nothing(conn: psycopg.Connection) -> None:
         "submitted", "submitted", "created"]
 
 
+def _exit_at_the_venue(conn: psycopg.Connection) -> tuple[int, int]:
+    """A paper account routed to a venue, holding 10 AAPL, with a closing limit sell of 10
+    working there (not in the paper book), whose cancel the trader has requested:
+    (account, the exit's order id)."""
+    instrument(conn, "AAPL", "stock", "187")
+    acc = paper_account(conn, "alp", cash_=100_000)
+    _, coid = manual(conn, "alp", "AAPL", "10")
+    one(conn, "SELECT trading.apply_fill(%s)", Jsonb({
+        "client_order_id": coid, "broker_fill_id": "f-1", "quantity": "10",
+        "price": "187", "ts": now_text()}))
+    r = one(conn, "SELECT trading.place_manual_order(%s)", Jsonb({
+        "account": "alp", "symbol": "AAPL", "side": "sell", "quantity": "10",
+        "type": "limit", "limit_price": "200"}))
+    exit_ = int(r["order_id"])
+    conn.execute("SELECT trading.acknowledge_order(%s, 'alpaca-1')", (str(exit_),))
+    assert order_row(conn, exit_)["reduce_only"]
+    assert request_cancel(conn, exit_)["status"] == "cancel_requested"
+    return acc, exit_
+
+
+def venue_cancelled(conn: psycopg.Connection, order_id: int) -> None:
+    """The router records the venue's confirmation of the cancel."""
+    conn.execute("SET ROLE mmats_router")
+    try:
+        one(conn, "SELECT trading.cancel_order(%s, 'cancelled at the venue as requested')",
+            str(order_id))
+    finally:
+        conn.execute("RESET ROLE")
+
+
+def open_closes(conn: psycopg.Connection, acc: int) -> list[tuple[object, ...]]:
+    return [tuple(r) for r in conn.execute(
+        "SELECT side::text, quantity, trigger::text FROM trading.orders WHERE account_id = %s"
+        " AND reduce_only AND status IN ('created', 'in_flight', 'submitted', 'partially_filled')"
+        " ORDER BY order_id", (acc,)).fetchall()]
+
+
+def test_a_close_waits_for_an_exit_being_cancelled_then_closes(
+        conn: psycopg.Connection) -> None:
+    """The exit may still fill at the venue, so a second closing order now could sell 20
+    of 10; a close marks it instead, and its confirmed cancel closes the position. Before,
+    the close said 'no open position' and, once the cancel was confirmed, nothing closed
+    the 10."""
+    acc, exit_ = _exit_at_the_venue(conn)
+    r = as_api(conn, "SELECT trading.close_position('alp', 'AAPL')")
+    assert (r["order_ids"], r["waiting_order_ids"]) == ([], [exit_])  # type: ignore[index]
+    assert order_row(conn, exit_)["close_requested_at"] is not None
+    venue_cancelled(conn, exit_)
+    assert order_row(conn, exit_)["state"] == "cancelled"
+    assert open_closes(conn, acc) == [("sell", Decimal(10), "close")]
+
+
+def test_hard_closes_again_what_an_exit_s_cancel_left_open(conn: psycopg.Connection) -> None:
+    acc, exit_ = _exit_at_the_venue(conn)
+    as_api(conn, "SELECT risk.trip_breaker('alp', 'HARD', 'desk says stop')")
+    assert open_closes(conn, acc) == [("sell", Decimal(10), "manual")]  # the exit, still counted
+    venue_cancelled(conn, exit_)
+    assert open_closes(conn, acc) == [("sell", Decimal(10), "breaker")]
+    # a closing order cannot be cancelled by hand while the breaker is HARD
+    (close_id,) = [r[0] for r in conn.execute(
+        "SELECT order_id FROM trading.orders WHERE account_id = %s AND trigger = 'breaker'",
+        (acc,)).fetchall()]
+    with pytest.raises(psycopg.errors.ObjectNotInPrerequisiteState,
+                       match="whose breaker is HARD: it is not cancelled until"):
+        request_cancel(conn, close_id)
+    conn.execute("RESET ROLE")
+    assert order_row(conn, close_id)["state"] == "created"
+
+
+@pytest.mark.parametrize("breaker", [None, "SOFT", "FREEZE"])
+def test_without_hard_or_a_close_the_trader_s_cancel_of_an_exit_stands(
+        conn: psycopg.Connection, breaker: str | None) -> None:
+    acc, exit_ = _exit_at_the_venue(conn)
+    if breaker:
+        as_api(conn, "SELECT risk.trip_breaker('alp', %s, 'checks')", breaker)
+    venue_cancelled(conn, exit_)
+    assert order_row(conn, exit_)["state"] == "cancelled"
+    assert open_closes(conn, acc) == []
+
+
+def test_a_backtest_s_orders_are_not_cancelled_by_hand(conn: psycopg.Connection,
+                                                       aapl: int) -> None:
+    paper_account(conn, "bt", environment="backtest")
+    oid, coid = manual(conn, "bt", "AAPL", "10")
+    with pytest.raises(psycopg.errors.ObjectNotInPrerequisiteState,
+                       match=f"order {coid} belongs to backtest account bt"):
+        request_cancel(conn, oid)
+    conn.execute("RESET ROLE")
+    assert order_row(conn, oid)["state"] == "created"
+
+
 def test_client_order_ids_carry_the_database_s_tag(conn: psycopg.Connection,
                                                    aapl: int) -> None:
     acc = paper_account(conn, "alp")

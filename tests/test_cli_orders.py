@@ -306,3 +306,13 @@ def test_close_needs_a_symbol_or_all(run, conn: psycopg.Connection, args: tuple[
     assert closing_orders(conn) == []
     assert [status(conn, i) for i in ids.values()] == [
         ("created", False), ("submitted", False), ("submitted", False)]
+
+
+def test_close_says_it_waits_for_an_exit_being_cancelled(run, conn: psycopg.Connection) -> None:  # type: ignore[no-untyped-def]
+    """Before, it said 'no open position, no closing order' of a position of 10."""
+    from test_cancels import _exit_at_the_venue
+    _acc, exit_ = _exit_at_the_venue(conn)
+    out = ok(run("close", "alp", "AAPL"))
+    assert out == (f"alp AAPL: closing order {exit_} being cancelled at the venue: the "
+                   "position is closed again once the venue confirms\n"
+                   "alp AAPL: no open entry orders to cancel\n")

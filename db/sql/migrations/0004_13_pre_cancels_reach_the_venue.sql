@@ -20,6 +20,11 @@
 --    breaker then closed it again, at a second spread and commission). They now cancel
 --    the open orders that are not reduce-only (of that instrument for close_position), by
 --    trading.request_cancel's rules. SOFT and FREEZE cancel nothing.
+--    A closing order whose cancel was requested is still counted by the closes, since the
+--    venue may fill it yet: close_position and close_all mark it (close_requested_at) and
+--    say so (waiting_order_ids), and once it is cancelled its position is closed again,
+--    as it is for any such order while the breaker is HARD. A closing order cannot be
+--    cancelled by hand while the breaker is HARD, nor a backtest's order (its run's).
 -- 4. backtest._state says the account's breaker, so that the backtest engine drops the
 --    orders the ledger cancelled on its own (a HARD breaker's).
 -- 5. Client order ids were mm<account>-<n>, n from a sequence: a second database trading
@@ -91,6 +96,10 @@ ALTER TABLE trading.orders ADD COLUMN cancel_requested_at timestamptz;
 COMMENT ON COLUMN trading.orders.cancel_requested_at IS
     'when a cancel was requested (trading.request_cancel) while the order was at its venue; the venue''s answer, recorded by the router, settles it';
 
+ALTER TABLE trading.orders ADD COLUMN close_requested_at timestamptz;
+COMMENT ON COLUMN trading.orders.close_requested_at IS
+    'a closing order whose cancel was requested when close_position or close_all ran: once it is cancelled, its position is closed again';
+
 -- A cancel of an order its caller has found and locked (trading._locked_order): at once
 -- when the order never left the database, else marked and queued for the router.
 CREATE FUNCTION trading._request_cancel(acc trading.accounts, o trading.orders, reason text)
@@ -139,6 +148,15 @@ BEGIN
     IF reason IS NOT NULL AND (length(reason) NOT BETWEEN 1 AND 500 OR reason ~ '[^[:print:]]') THEN
         RAISE EXCEPTION 'a cancel''s reason must be 1 to 500 printable characters'
             USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    IF (lk.acc).environment = 'backtest' THEN
+        RAISE EXCEPTION 'order % belongs to backtest account %: a backtest''s orders are its run''s, not cancelled by hand',
+            (lk.o).client_order_id, (lk.acc).name USING ERRCODE = 'object_not_in_prerequisite_state';
+    ELSIF (lk.o).reduce_only AND (lk.acc).mode = 'operator'
+          AND (lk.o).status IN ('created', 'in_flight', 'submitted', 'partially_filled')
+          AND risk.breaker_mode((lk.acc).account_id) = 'HARD' THEN
+        RAISE EXCEPTION 'order % closes a position of account %, whose breaker is HARD: it is not cancelled until risk.reset_breaker()',
+            (lk.o).client_order_id, (lk.acc).name USING ERRCODE = 'object_not_in_prerequisite_state';
     END IF;
     RETURN trading._request_cancel(lk.acc, lk.o, reason);
 END
@@ -230,6 +248,72 @@ BEGIN
 END
 $$;
 
+-- A closing order whose cancel was requested, now cancelled: its position is closed again
+-- when the breaker is HARD or a close asked for it (close_requested_at), unless FREEZE
+-- stops every order. The new closing orders' ids.
+CREATE FUNCTION trading._close_again(acc trading.accounts, o trading.orders) RETURNS bigint[]
+LANGUAGE plpgsql AS $$
+DECLARE
+    brk risk.breaker_mode := risk.breaker_mode(acc.account_id);
+    ids bigint[];
+BEGIN
+    IF acc.mode <> 'operator' OR acc.environment = 'backtest' OR brk = 'FREEZE'
+       OR NOT (brk = 'HARD' OR o.close_requested_at IS NOT NULL) THEN
+        RETURN '{}';
+    END IF;
+    ids := trading._close_positions(acc, o.instrument_id,
+                                    CASE WHEN brk = 'HARD' THEN 'breaker' ELSE 'close' END::trading.order_trigger);
+    PERFORM audit.record('control.close_after_cancel', 'trading.orders', o.order_id::text,
+        jsonb_build_object('breaker', brk, 'close_requested_at', o.close_requested_at,
+                           'orders', to_jsonb(ids)));
+    RETURN ids;
+END
+$$;
+REVOKE ALL ON FUNCTION trading._close_again(trading.accounts, trading.orders) FROM PUBLIC;
+
+-- (as in 0004_07, a closing order cancelled on request closes its position again:
+-- trading._close_again)
+CREATE OR REPLACE FUNCTION trading._set_status(acc trading.accounts, o trading.orders,
+                                               new_status trading.order_status, reason text,
+                                               broker_order_id text DEFAULT NULL)
+RETURNS jsonb
+LANGUAGE plpgsql AS $$
+BEGIN
+    IF o.status = new_status AND new_status <> 'partially_filled' THEN
+        RETURN jsonb_build_object('status', 'unchanged', 'order_id', o.order_id, 'order_status', o.status);
+    END IF;
+    UPDATE trading.orders x SET status = new_status,
+        reason = COALESCE(_set_status.reason, x.reason),
+        broker_order_id = COALESCE(_set_status.broker_order_id, x.broker_order_id),
+        submitted_at = CASE WHEN new_status IN ('in_flight', 'submitted') THEN COALESCE(x.submitted_at, now())
+                            ELSE x.submitted_at END
+    WHERE x.order_id = o.order_id;
+    PERFORM audit.record('order.' || new_status::text, 'trading.orders', o.order_id::text,
+        jsonb_build_object('from', o.status, 'reason', reason, 'broker_order_id', broker_order_id));
+    IF new_status = 'cancelled' AND o.reduce_only AND o.cancel_requested_at IS NOT NULL THEN
+        PERFORM trading._close_again(acc, o);
+    END IF;
+    RETURN jsonb_build_object('status', new_status, 'order_id', o.order_id, 'previous', o.status);
+END
+$$;
+
+-- The closing orders of an account (of one instrument, or all when NULL) whose cancel was
+-- requested: marked so that their cancellation closes their position again
+-- (trading._close_again); their ids.
+CREATE FUNCTION trading._close_after_cancel(acc trading.accounts, instrument bigint)
+RETURNS bigint[]
+LANGUAGE sql AS $$
+    WITH marked AS (
+        UPDATE trading.orders x SET close_requested_at = COALESCE(x.close_requested_at, now())
+        WHERE x.account_id = acc.account_id AND x.reduce_only
+          AND x.cancel_requested_at IS NOT NULL
+          AND x.status IN ('created', 'in_flight', 'submitted', 'partially_filled')
+          AND (instrument IS NULL OR x.instrument_id = instrument)
+        RETURNING x.order_id)
+    SELECT COALESCE(array_agg(m.order_id ORDER BY m.order_id), '{}') FROM marked m
+$$;
+REVOKE ALL ON FUNCTION trading._close_after_cancel(trading.accounts, bigint) FROM PUBLIC;
+
 ------------------------------------------------------------------------------ controls
 -- (as in 0002_05, the instrument's open entries cancelled too)
 CREATE OR REPLACE FUNCTION trading.close_position(account text, symbol text, venue text DEFAULT NULL)
@@ -240,15 +324,18 @@ DECLARE
     inst market.instruments := market._instrument(symbol, venue);
     ids bigint[];
     cancelled bigint[];
+    waiting bigint[];
 BEGIN
     ids := trading._close_positions(acc, inst.instrument_id, 'close');
+    waiting := trading._close_after_cancel(acc, inst.instrument_id);
     cancelled := trading._cancel_entries(acc, inst.instrument_id,
                                          'close_position: the position was closed');
     PERFORM audit.record('control.close_position', 'trading.accounts', acc.account_id::text,
         jsonb_build_object('symbol', inst.symbol, 'orders', to_jsonb(ids),
-                           'cancelled', to_jsonb(cancelled)));
+                           'cancelled', to_jsonb(cancelled), 'waiting', to_jsonb(waiting)));
     RETURN jsonb_build_object('account', acc.name, 'symbol', inst.symbol, 'order_ids', to_jsonb(ids),
-                              'cancelled_order_ids', to_jsonb(cancelled));
+                              'cancelled_order_ids', to_jsonb(cancelled),
+                              'waiting_order_ids', to_jsonb(waiting));
 END
 $$;
 
@@ -259,13 +346,17 @@ DECLARE
     acc trading.accounts := trading._account(account, true);
     ids bigint[];
     cancelled bigint[];
+    waiting bigint[];
 BEGIN
     ids := trading._close_positions(acc, NULL, 'close');
+    waiting := trading._close_after_cancel(acc, NULL);
     cancelled := trading._cancel_entries(acc, NULL, 'close_all: every position was closed');
     PERFORM audit.record('control.close_all', 'trading.accounts', acc.account_id::text,
-                         jsonb_build_object('orders', to_jsonb(ids), 'cancelled', to_jsonb(cancelled)));
+                         jsonb_build_object('orders', to_jsonb(ids), 'cancelled', to_jsonb(cancelled),
+                                            'waiting', to_jsonb(waiting)));
     RETURN jsonb_build_object('account', acc.name, 'order_ids', to_jsonb(ids),
-                              'cancelled_order_ids', to_jsonb(cancelled));
+                              'cancelled_order_ids', to_jsonb(cancelled),
+                              'waiting_order_ids', to_jsonb(waiting));
 END
 $$;
 
