@@ -451,3 +451,18 @@ def test_a_lookup_finding_another_order_under_the_client_id_rejects_this_one(
     assert (o["state"], o["reason_code"]) == ("rejected", "CLIENT_ORDER_ID_CONFLICT")
     assert "is sell 3 MSFT" in o["reason"]
     assert fills(conn, acc) == [] and positions(conn, acc) == []
+
+
+def test_hard_cancels_the_entries_an_account_left_at_a_venue_before_it_went_advisory(
+        conn: psycopg.Connection, aapl: int) -> None:
+    """Repeated rejections made the account advisory while a buy limit it had sent was
+    working at its venue: HARD asks the venue to cancel it (and sends no close)."""
+    acc = paper_account(conn, "alp")
+    entry = limit_buy(conn, "alp", "AAPL", "5", "150")
+    conn.execute("SELECT trading.acknowledge_order(%s, 'alpaca-7')", (str(entry),))
+    conn.execute("SELECT trading.set_advisory('alp')")
+    as_api(conn, "SELECT risk.trip_breaker('alp', 'HARD', 'desk says stop')")
+    o = order_row(conn, entry)
+    assert (o["state"], o["cancel_requested_at"] is not None) == ("submitted", True)
+    assert [m["message"].get("cancel") for m in queued(conn)][-1] is True
+    assert open_closes(conn, acc) == []

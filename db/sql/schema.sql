@@ -11416,7 +11416,7 @@ BEGIN
 END
 $$;
 
--- (as in 0002_06, HARD cancels the open entries too)
+-- (as in 0002_06, HARD cancels the open entries too, an advisory account's as well)
 CREATE OR REPLACE FUNCTION risk._trip(acc trading.accounts, mode risk.breaker_mode, reason text,
                                       event_type text DEFAULT 'BREAKER_TRIPPED')
 RETURNS risk.breaker_mode
@@ -11437,8 +11437,12 @@ BEGIN
     VALUES (acc.account_id, mode, reason, now(), session_user)
     ON CONFLICT (account_id) DO UPDATE SET mode = EXCLUDED.mode, reason = EXCLUDED.reason,
         tripped_at = EXCLUDED.tripped_at, tripped_by = EXCLUDED.tripped_by;
-    IF mode = 'HARD' AND acc.mode = 'operator' THEN
-        ids := trading._close_positions(acc, NULL, 'breaker');
+    IF mode = 'HARD' THEN
+        -- an advisory account sends no closes, but the entries it left at a venue (while
+        -- it was an operator) are cancelled all the same
+        IF acc.mode = 'operator' THEN
+            ids := trading._close_positions(acc, NULL, 'breaker');
+        END IF;
         cancelled := trading._cancel_entries(acc, NULL, format('breaker HARD: %s', reason));
     END IF;
     INSERT INTO risk.events (account_id, severity, event_type, message, details)
