@@ -418,3 +418,21 @@ def test_macro_expansion() -> None:
         expand_macros("SELECT $__unknownMacro(x)", False)
     with pytest.raises(AssertionError, match="unknown template variable"):
         substitute_variables("SELECT '$nope'", {})
+
+
+def test_orders_on_their_way_show_a_pending_cancel(conn: psycopg.Connection) -> None:
+    """An order whose cancel the venue has yet to confirm is still open; the panel says the
+    cancel was requested (before, it looked like any other working order)."""
+    seed(conn)
+    conn.execute("UPDATE trading.orders SET cancel_requested_at = now() "
+                 "WHERE client_order_id = 'c-1'")
+    dashboard = load_dashboard(GRAFANA / "dashboards" / "mmats-runtime.json")
+    (query,) = [q for q in panel_queries(dashboard)
+                if "Orders on their way" in q.where and "o.order_id" in q.sql]
+    cur_sql = to_sql(query.sql, {}, has_timescaledb(conn))
+    with conn.transaction():
+        conn.execute("SET LOCAL ROLE mmats_readonly")
+        cur = conn.execute(cur_sql.encode())
+        names = [c.name for c in cur.description or []]
+        rows = cur.fetchall()
+    assert [r[names.index("status")] for r in rows] == ["created (cancel requested)"]

@@ -682,6 +682,40 @@ def test_every_interesting_event_names_account_and_environment(
         "Worker ingest reported FEED_STALE: no bars for 5m."]
 
 
+def test_cancels_and_what_hard_cancelled_are_told(
+        conn: psycopg.Connection, factory: Callable[[], psycopg.Connection],
+        advisory: None) -> None:
+    """Before, `events = ["cancel"]` (or order.cancelled) was refused as unknown, and a HARD
+    trip's message left out the entry orders it cancelled."""
+    conn.execute("SELECT trading.create_account(name => 'beta', environment => 'paper', "
+                 "mode => 'operator', cash => 10000)")
+    venue = submit(conn, account="beta", size=0.1)
+    conn.execute("SELECT trading.acknowledge_order(%s, 'venue-1')", (str(venue["order_id"]),))
+    conn.execute("SELECT trading.request_cancel(%s, 'changed my mind')",
+                 (str(venue["order_id"]),))
+    conn.execute("SELECT trading.cancel_order(%s, 'cancelled at the venue as requested')",
+                 (str(venue["order_id"]),))
+    entry = submit(conn, minute=2, account="beta", size=0.1)
+    conn.execute("SELECT risk.trip_breaker('beta', 'HARD', 'desk says stop')")
+    recorder = Recorder()
+    with Notifier(factory, [recorder], replay=True, events=["cancel", "breaker"]) as notifier:
+        notifier.poll_once()
+        assert notifier.flush(10)
+    texts = [(m.event, m.text) for m in recorder.sent]
+    v, e = venue["order_id"], entry["order_id"]
+    assert texts == [
+        ("order.cancel_requested", f"Account beta (paper): cancel of order {v} (BTCUSD, "
+         "submitted) requested: changed my mind; the order stays open until its venue "
+         "confirms."),
+        ("order.cancelled", f"Account beta (paper): order {v} (BTCUSD) cancelled (was "
+         "submitted): cancelled at the venue as requested."),
+        ("order.cancelled", f"Account beta (paper): order {e} (BTCUSD) cancelled (was "
+         "created): breaker HARD: desk says stop."),
+        ("risk.breaker_tripped", "Account beta (paper): circuit breaker tripped to HARD (was "
+         "OK): desk says stop; 1 entry order(s) cancelled."),
+    ]
+
+
 def test_backtest_events_are_not_news(conn: psycopg.Connection,
                                       factory: Callable[[], psycopg.Connection],
                                       advisory: None) -> None:

@@ -61,6 +61,8 @@ CATEGORIES: dict[str, tuple[str, ...]] = {
     "signal": ("signal.advisory",),
     "approved": ("signal.approved",),
     "order": ("order.created",),
+    # not among the defaults: every cancellation is one, the gate's and the simulator's too
+    "cancel": ("order.cancel_requested", "order.cancelled"),
     "fill": ("fill.applied",),
     "breaker": ("risk.breaker_tripped", "risk.breaker_reset"),
     "rejection": ("signal.rejected", "order.rejected"),
@@ -249,6 +251,15 @@ def format_event(event: AuditEvent) -> Message:
         text = (f"{who}: order {event.entity_id} ({symbol}) rejected by the broker: "
                 f"{_code_reason(p.get('reason_code'), p.get('reason'))}"
                 + (f" ({streak} consecutive rejections)." if streak else "."))
+    elif kind == "order.cancel_requested":
+        subject = f"{tag}: cancel of order {event.entity_id} requested"
+        text = (f"{who}: cancel of order {event.entity_id} ({symbol}, {p.get('status')}) "
+                f"requested: {p.get('reason') or 'no reason given'}; the order stays open "
+                "until its venue confirms.")
+    elif kind == "order.cancelled":
+        subject = f"{tag}: order {event.entity_id} cancelled"
+        text = (f"{who}: order {event.entity_id} ({symbol}) cancelled (was {p.get('from')}): "
+                f"{p.get('reason') or 'no reason given'}.")
     elif kind == "fill.applied":
         subject = f"{tag}: filled {p.get('side')} {_num(p.get('quantity'))} {symbol}"
         extras = _join([f"commission {_num(p['commission'])}"
@@ -261,9 +272,11 @@ def format_event(event: AuditEvent) -> Message:
     elif kind == "risk.breaker_tripped":
         subject = f"{tag}: circuit breaker {p.get('mode')}"
         closing = p.get("closing_orders") or []
+        cancelled = p.get("cancelled_orders") or []
+        done = _join([f"closing with {len(closing)} order(s)" if closing else None,
+                      f"{len(cancelled)} entry order(s) cancelled" if cancelled else None])
         text = (f"{who}: circuit breaker tripped to {p.get('mode')} (was "
-                f"{p.get('previous')}): {p.get('reason')}"
-                + (f"; closing with {len(closing)} order(s)." if closing else "."))
+                f"{p.get('previous')}): {p.get('reason')}" + (f"; {done}." if done else "."))
     elif kind == "risk.breaker_reset":
         subject = f"{tag}: circuit breaker reset"
         text = f"{who}: circuit breaker reset to OK (was {p.get('previous')})."
