@@ -798,6 +798,39 @@ def test_an_order_that_never_reached_the_broker(
     assert desk.events() == []
 
 
+def test_an_order_that_never_reached_the_broker_whose_cancel_was_asked_is_cancelled(
+        desk: Desk, http: responses.RequestsMock, alpaca: tuple[int, RoutedAccount]) -> None:
+    """In flight past the timeout, unknown at Alpaca, and the trader asked to cancel it
+    (trading.request_cancel): cancelled CANCEL_REQUESTED, as the router's gate cancels it.
+    Before, it was rejected ORDER_NOT_FOUND, a rejection that counts toward the streak:
+    here (a streak of one allowed) it tripped the breaker SOFT and made the account
+    advisory."""
+    account_id, acc = alpaca
+    desk.conn.execute("UPDATE trading.accounts SET max_consecutive_rejections = 1 "
+                      "WHERE account_id = %s", (account_id,))
+    client = desk.order("alp-1", status="in_flight")
+    asked = desk.one("SELECT trading.request_cancel(%s)", client)
+    assert asked["status"] == "cancel_requested", asked
+    alpaca_answers(http)
+    http.get(f"{ALPACA}/orders:by_client_order_id", status=404,
+             json={"code": 40410000, "message": "order not found"})
+    worker = reconciler(desk, acc, in_flight_timeout=timedelta(0))
+    try:
+        [run] = worker.reconcile_all()
+    finally:
+        worker.close()
+    status, filled, code, reason = desk.order_row(client)
+    assert (status, filled, code) == ("cancelled", 0, "CANCEL_REQUESTED")
+    assert reason is not None and reason.startswith("CANCEL_REQUESTED: a cancel was requested")
+    assert run.settled == 1 and run.mismatches == []
+    assert desk.one("SELECT consecutive_rejections FROM trading.accounts WHERE account_id = %s",
+                    account_id) == 0
+    assert desk.one("SELECT mode::text FROM trading.accounts WHERE account_id = %s",
+                    account_id) == "operator"
+    assert desk.breaker(account_id) == "OK"
+    assert desk.events() == [] and desk.errors() == []
+
+
 # ---------------------------------------------------------------------- (e') per-market fills
 BINANCE = "https://api.binance.com/api/v3"
 BINANCE_SAPI = "https://api.binance.com/sapi/v1"

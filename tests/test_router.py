@@ -20,6 +20,7 @@ import json
 import random
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
@@ -541,6 +542,106 @@ def test_a_paper_fill_the_ledger_refuses_cancels_its_order_and_is_reported(
     (reported,) = errors_of(conn, "PAPER_FILL_REFUSED")
     assert f"order {coid} cancelled" in reported
     assert fills(conn, acc) == []
+
+
+class CancelledWhileSettling(PaperBroker):
+    """A paper broker during whose settlement of a bar a trader cancels an order: the
+    trader's `trading.request_cancel` commits (on another connection) after the broker
+    read the book, before the router applies the bar's fills."""
+
+    def __init__(self, trader: psycopg.Connection, *args: Any) -> None:
+        super().__init__(*args)
+        self.trader = trader
+        self.cancel: str | None = None  # the client order id to cancel on the next read
+
+    def open_orders(self, conn: psycopg.Connection, inst: Any) -> list[tuple[Any, ...]]:
+        rows = super().open_orders(conn, inst)
+        if self.cancel is not None:
+            answer = one(self.trader, "SELECT trading.request_cancel(%s)", self.cancel)
+            assert answer["status"] == "cancelled", answer
+            self.cancel = None
+        return rows
+
+
+def _two_buy_limits(conn: psycopg.Connection) -> tuple[int, int, tuple[int, str], tuple[int, str]]:
+    """BTC/USD at 100 (bar T0), an operator paper account and two manual buy limits of 50
+    at 90 on it, made now (a replayed session: T1 is their first bar); then a fee of 4000
+    booked: the 6000 left of its 10000 buys one (4509 with commission) and a part of the
+    other. (instrument, account, A, B)."""
+    iid = instrument(conn, "BTC/USD", "crypto", "100")
+    acc = paper_account(conn, "paper1")
+    made = []
+    for _ in range(2):
+        r = one(conn, "SELECT trading.place_manual_order(%s)", Jsonb(
+            {"account": "paper1", "symbol": "BTC/USD", "side": "buy", "quantity": "50",
+             "type": "limit", "limit_price": "90"}))
+        assert r["status"] == "approved", r
+        made.append((int(r["order_id"]), order_row(conn, r["order_id"])["client_order_id"]))
+    one(conn, "SELECT trading.book_cash(%s)", Jsonb(
+        {"account": "paper1", "kind": "fee", "amount": "-4000", "broker_ref": "fee-1"}))
+    assert cash(conn, acc) == 6000
+    return iid, acc, made[0], made[1]
+
+
+def test_a_paper_order_cancelled_while_its_bar_settles_leaves_the_others_to_fill(
+        conn: psycopg.Connection, make_router: Callable[..., Router]) -> None:
+    """Found by review: A's cancel lands between the paper broker's read of the book and
+    the fills. Before, A's refused fill ("order ... is cancelled: it takes no fills") was
+    reported as PAPER_FILL_REFUSED and the rest of the bar was dropped: B, whose limit
+    the bar reached, did not fill on it. Now A is skipped quietly and the bar is judged
+    again without A: B fills in full (judged with A's fill in it, cash bought 16 of 50)."""
+    iid, acc, (a, a_coid), (b, _b_coid) = _two_buy_limits(conn)
+    broker = CancelledWhileSettling(conn, acc, "paper1", COSTS)
+    router = make_router(RoutedAccount(acc, AccountConfig(
+        name="paper1", environment="paper", mode="operator", costs=COSTS), broker, "paper"))
+    router.drain()
+    assert [order_row(conn, o)["state"] for o in (a, b)] == ["submitted", "submitted"]
+    add_bar(conn, iid, T1, "95", "96", "88", "92")  # reaches both limits
+    broker.cancel = a_coid
+    router.settle_bars(iid, "1m", T1)
+
+    assert broker.cancel is None  # (the cancel did land in between)
+    o = order_row(conn, a)
+    assert (o["state"], o["filled_quantity"], o["reason"]) == ("cancelled", 0, "cancel requested")
+    (f,) = fills(conn, acc)
+    assert (f["order_id"], f["quantity"], f["price"], f["ts"]) == (b, Decimal(50), Decimal(90), T1)
+    assert order_row(conn, b)["state"] == "filled"
+    assert cash(conn, acc) == Decimal(1491)  # 6000 - 4500 - 9
+    assert runtime_errors(conn) == []
+
+
+def test_a_paper_fill_the_ledger_refuses_leaves_the_others_of_its_bar_to_fill(
+        conn: psycopg.Connection, make_router: Callable[..., Router],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A fill the ledger refuses (here: A's, made more than A has left) still cancels A
+    and is reported; the bar is judged again without it, and B fills on it in full
+    (before, the rest of the bar was dropped: B did not fill on it)."""
+    from workers.runtime.paper import PaperFill
+
+    iid, acc, (a, _a_coid), (b, _b_coid) = _two_buy_limits(conn)
+    router = make_router(paper_routed(acc, "paper1", COSTS))
+    router.drain()
+    add_bar(conn, iid, T1, "95", "96", "88", "92")
+    settle = PaperBroker.settle
+
+    def too_much_for_a(self: PaperBroker, *args: Any) -> list[PaperFill]:
+        out = settle(self, *args)
+        for outcome in out:
+            if outcome.order_id == a and outcome.fill is not None:
+                outcome.fill = replace(outcome.fill, quantity=Decimal(51))
+        return out
+
+    monkeypatch.setattr(PaperBroker, "settle", too_much_for_a)
+    router.settle_bars(iid, "1m", T1)
+
+    o = order_row(conn, a)
+    assert (o["state"], o["filled_quantity"]) == ("cancelled", 0)
+    assert o["reason"].startswith("PAPER_FILL_REFUSED: fill quantity 51 exceeds the ")
+    (reported,) = errors_of(conn, "PAPER_FILL_REFUSED")
+    assert f"order {o['client_order_id']} cancelled" in reported
+    (f,) = fills(conn, acc)
+    assert (f["order_id"], f["quantity"], f["price"], f["ts"]) == (b, Decimal(50), Decimal(90), T1)
+    assert order_row(conn, b)["state"] == "filled"
 
 
 def test_a_manual_limit_in_a_replayed_session_fills_on_its_first_next_bar(

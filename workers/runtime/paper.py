@@ -239,6 +239,11 @@ class PaperBroker:
             self._seen_at[order_id] = seen
         return seen + self.latency
 
+    def forget(self, order_id: int) -> None:
+        """Drop the time recorded for an order whose outcome on a bar is booked (filled,
+        cancelled): it is never judged again."""
+        self._seen_at.pop(order_id, None)
+
     def ready_after(self, order_id: int) -> datetime | None:
         """The time after which a bar may fill an order without a signal, as this broker
         has recorded it (None: not seen yet): what _ready_after answers once it has."""
@@ -249,7 +254,11 @@ class PaperBroker:
     def settle(self, conn: psycopg.Connection, inst: PaperInstrument,
                bar_rows: list[tuple[Any, ...]]) -> list[PaperFill]:
         """What this account's open orders on `inst` do on the bars `bar_rows` (oldest
-        first), in the order the caller must apply them through the ledger."""
+        first), in the order the caller must apply them through the ledger: each is judged
+        with the cash and position the fills before it leave, so outcomes after one that
+        is not applied are stale (the caller judges the bar again). The caller `forget`s
+        an order once its outcome is booked; until then the order is timed as before
+        (an order without a signal keeps the bar it was first seen after)."""
         out: list[PaperFill] = []
         orders = self.open_orders(conn, inst)
         if not orders or not bar_rows:
@@ -312,7 +321,6 @@ class PaperBroker:
                     out.append(PaperFill(row[0], row[1], None, False,
                                          "REDUCE_ONLY_NOTHING_TO_CLOSE: the position it "
                                          "reduces is already closed"))
-                    self._seen_at.pop(row[0], None)
                     break
                 wanted = order.quantity
                 capped = order.quantity > cap
@@ -328,7 +336,6 @@ class PaperBroker:
                     continue
                 if fill is None:  # (IOC or FOK: nothing fills, all of it is cancelled)
                     out.append(PaperFill(row[0], row[1], None, False, cancel))
-                    self._seen_at.pop(row[0], None)
                     break
                 if cancel is None and fill.unfilled > 0:
                     cancel = fill.reason or "not enough cash"
@@ -343,7 +350,6 @@ class PaperBroker:
                     out.append(PaperFill(row[0], row[1], fill, opens, cancel, quote))
                 else:
                     out.append(PaperFill(row[0], row[1], None, False, cancel))
-                self._seen_at.pop(row[0], None)
                 break
         return out
 

@@ -11,7 +11,9 @@ the ledger, so it is skipped):
    broker does not list as open are looked up one by one and settled as the router
    would: acknowledged, their missing fills applied, then cancelled / expired / rejected
    with the broker's reason. An order in flight for longer than `in_flight_timeout`
-   that the broker does not know never reached it: it is rejected with ORDER_NOT_FOUND.
+   that the broker does not know never reached it: it is rejected with ORDER_NOT_FOUND,
+   or cancelled (CANCEL_REQUESTED, as the router's gate cancels it) when the trader had
+   asked to cancel it (`trading.request_cancel`).
    One the broker acknowledged once and no longer knows is ORDER_MISSING_AT_BROKER.
 2. **Fills** since the last reconciliation (a cursor `reconcile:<account>` in
    runtime.cursors, minus an overlap for executions a venue publishes late; 24 hours
@@ -107,7 +109,7 @@ MARGIN_VENUES = frozenset({"oanda"})
 _LEDGER_ORDERS = """
 SELECT o.order_id, o.client_order_id, o.broker_order_id, o.status::text, o.quantity,
        o.filled_quantity, i.symbol, o.created_at,
-       extract(epoch FROM now() - o.updated_at)::float8
+       extract(epoch FROM now() - o.updated_at)::float8, o.cancel_requested_at
 FROM trading.orders o JOIN market.instruments i USING (instrument_id)
 WHERE o.account_id = %(account)s
   AND (o.status = ANY(%(open)s) OR o.client_order_id = ANY(%(clients)s)
@@ -165,6 +167,7 @@ class LedgerOrder:
     symbol: str
     created_at: datetime
     age_seconds: float  # since its last status change
+    cancel_requested_at: datetime | None = None  # the trader asked to cancel it
 
     @property
     def is_open(self) -> bool:
@@ -561,6 +564,9 @@ class Reconciler(Worker):
         if order.status == "in_flight":
             if order.age_seconds < self.in_flight_timeout.total_seconds():
                 return  # the router may be placing it right now
+            if order.cancel_requested_at is not None:
+                self._cancel_requested(broker, run, order, found)
+                return
             reason = (f"never reached {broker.venue}: unknown there after "
                       f"{order.age_seconds:.0f} s in flight (reconciliation)")
             if self._ledger_call(found, order, "reject_order", order.client_order_id,
@@ -577,6 +583,22 @@ class Reconciler(Worker):
             {"client_order_id": order.client_order_id,
              "broker_order_id": order.broker_order_id, "ledger_status": order.status,
              "symbol": order.symbol, "venue": broker.venue}))
+
+    def _cancel_requested(self, broker: Broker, run: AccountRun, order: LedgerOrder,
+                          found: list[Mismatch]) -> None:
+        """An order in flight that never reached its venue, whose cancel the trader asked
+        for: cancelled (CANCEL_REQUESTED), not rejected, as the router cancels such an
+        order (`trading.mark_in_flight`: the gate lets no order whose cancel was requested
+        go again). A rejection would count toward the account's consecutive rejections,
+        whose streak trips the breaker and downgrades the account."""
+        if not self._ledger_call(found, order, "mark_in_flight", order.client_order_id):
+            return
+        _filled, order.status = self._order_state(order.order_id)
+        if order.status == "cancelled":
+            run.settled += 1
+            log.event(self.log, "order cancelled as requested: it never reached the broker",
+                      account=run.account, client_order_id=order.client_order_id,
+                      symbol=order.symbol, venue=broker.venue)
 
     def _settle(self, broker: Broker, run: AccountRun, order: LedgerOrder,
                 answer: BrokerOrder, fills: Sequence[BrokerFill],
@@ -983,7 +1005,7 @@ class Reconciler(Worker):
                                                 "clients": clients,
                                                 "brokers": brokers}).fetchall()
         return [LedgerOrder(int(r[0]), r[1], r[2], r[3], Decimal(r[4]), Decimal(r[5]), r[6],
-                            r[7], float(r[8])) for r in rows]
+                            r[7], float(r[8]), r[9]) for r in rows]
 
     def _order_state(self, order_id: int) -> tuple[Decimal, str]:
         row = self._c.execute("SELECT filled_quantity, status::text FROM trading.orders "

@@ -750,17 +750,38 @@ class Router(Worker):
     def _settle_bar(self, routed: RoutedAccount, inst: PaperInstrument,
                     bar_row: tuple[Any, ...]) -> bool:
         """What an account's open paper orders do on one bar; True when a fill was
-        applied (a position was opened or changed on it)."""
+        applied (a position was opened or changed on it).
+
+        The paper broker judges the orders of an instrument one after the other, each with
+        the cash and the position the fills before it left. A fill that is not applied
+        (its order finished since the book was read: a trader's cancel in between; or the
+        ledger refused it) makes the outcomes after it wrong (a buy limited by cash that
+        fill was to spend, a reduce-only capped by a position it was to open), so they are
+        dropped and the bar is judged again from the ledger as it is now: the orders still
+        open fill on this bar as they would have without that one. Each order is settled
+        once per bar (an order judged again is skipped: its outcome is booked already)."""
         broker = routed.broker
         assert isinstance(broker, PaperBroker)
         filled = False
-        for outcome in broker.settle(self._c, inst, [bar_row]):
-            if outcome.fill is not None:
-                if not self._apply_paper_fill(routed, outcome):
-                    break  # (the rest of this bar was judged with that fill in it)
-                filled = True
-            if outcome.cancel is not None:
-                self._call("cancel_order", outcome.client_order_id, outcome.cancel[:500])
+        settled: set[int] = set()
+        outcomes = broker.settle(self._c, inst, [bar_row])
+        while outcomes:
+            stale = False
+            for outcome in outcomes:
+                if outcome.order_id in settled:
+                    continue
+                settled.add(outcome.order_id)
+                if outcome.fill is not None and not self._apply_paper_fill(routed, outcome):
+                    broker.forget(outcome.order_id)
+                    # (the rest of this bar was judged with that fill in it: judged again)
+                    stale = any(o.order_id not in settled for o in outcomes)
+                    break
+                filled = filled or outcome.fill is not None
+                if outcome.cancel is not None:
+                    self._call("cancel_order", outcome.client_order_id, outcome.cancel[:500])
+                broker.forget(outcome.order_id)  # (booked: its time is needed no more)
+            outcomes = [o for o in broker.settle(self._c, inst, [bar_row])
+                        if o.order_id not in settled] if stale else []
         return filled
 
     def _protect_paper(self, routed: RoutedAccount, inst: PaperInstrument,
@@ -806,9 +827,12 @@ class Router(Worker):
         return bool(booked)
 
     def _apply_paper_fill(self, routed: RoutedAccount, fill: PaperFill) -> bool:
-        """Apply a paper fill; False when the ledger refuses it. The paper broker then
-        cancels the order with the ledger's reason (it could never be filled as it is)
-        and says so: one order's refusal must not stop the router for every account."""
+        """Apply a paper fill; False when it is not applied. An order finished since the
+        paper broker read the book (cancelled by a trader meanwhile, `trading.request_cancel`)
+        takes no fill, and nothing is wrong: skipped, said in the log only. Any other
+        refusal of the ledger cancels the order with the ledger's reason (it could never
+        be filled as it is) and is reported: one order's refusal must not stop the router
+        for every account."""
         inside = self._c.info.transaction_status != IDLE
         try:
             if inside:  # a savepoint: the refusal must not abort the caller's transaction
@@ -818,6 +842,13 @@ class Router(Worker):
                 result = self._apply(fill.payload())
         except _REFUSED as exc:
             reason = str(exc).splitlines()[0]
+            row = self._c.execute("SELECT status::text FROM trading.orders WHERE order_id = %s",
+                                  (fill.order_id,)).fetchone()
+            if row is not None and row[0] in _TERMINAL:
+                log.event(self.log, "paper fill skipped: the order is finished", 20,
+                          account=routed.config.name, environment="paper",
+                          order_id=fill.order_id, status=row[0])
+                return False
             self._call("cancel_order", fill.client_order_id,
                        f"PAPER_FILL_REFUSED: {reason}"[:500])
             self.report("PAPER_FILL_REFUSED", f"{routed.config.name}: order "
