@@ -13,7 +13,7 @@ from psycopg.types.json import Jsonb
 
 from api.table import printable, table
 from db.connect import connect, database_url
-from db.errors import MmatsError
+from db.errors import MmatsError, describe
 
 ENVIRONMENTS = ["backtest", "paper", "live"]
 
@@ -22,7 +22,10 @@ MAX_NUMBER = Decimal("1e18")  # the trading core's bound on money and quantities
 MAX_NUMBER_LENGTH = 64
 
 
-def shortened(value: str, limit: int = 40) -> str:
+SHOWN_LENGTH = 40  # what a message shows of a value the user gave
+
+
+def shortened(value: str, limit: int = SHOWN_LENGTH) -> str:
     """`value` quoted for a message, cut to `limit` characters."""
     return repr(value if len(value) <= limit else value[:limit] + "...")
 
@@ -45,13 +48,33 @@ def _decimal(value: str, what: str) -> Decimal:
     return d
 
 
-def _call(sql: str, params: tuple[object, ...]) -> object:
-    with connect(database_url()) as conn:
+def _sql_literal(value: str) -> str:
+    """`value` as the database's messages quote it (quote_literal)."""
+    quoted = "'" + value.replace("'", "''").replace("\\", "\\\\") + "'"
+    return "E" + quoted if "\\" in value else quoted
+
+
+def _call(sql: str, params: tuple[object, ...], echoed: tuple[str | None, ...] = ()) -> object:
+    """`sql`'s one value. A refusal that quotes one of the `echoed` arguments (an ORDER,
+    a SYMBOL, a --venue as the user gave it) shows a long one `shortened`, so that the
+    error stays one readable line."""
+    url = database_url()
+    with connect(url) as conn:
         # the database's warnings (a limit on a symbol nothing is called yet) are shown
         conn.add_notice_handler(lambda d: click.echo(
             f"warning: {printable(d.message_primary or '')}", err=True)
             if d.severity_nonlocalized == "WARNING" else None)
-        row = conn.execute(sql, params).fetchone()
+        try:
+            row = conn.execute(sql, params).fetchone()
+        except psycopg.Error as exc:
+            message = shown = describe(exc, url)
+            for value in sorted({v for v in echoed if v is not None and len(v) > SHOWN_LENGTH},
+                                key=len, reverse=True):
+                shown = shown.replace(_sql_literal(value), shortened(value))
+                shown = shown.replace(value, shortened(value))
+            if shown == message:
+                raise
+            raise MmatsError(shown) from exc
     return row[0] if row else None
 
 
@@ -387,7 +410,7 @@ def orders_group(ctx: click.Context, account: str | None, only_open: bool, limit
 def orders_cancel(order: str, reason: str | None) -> None:
     """Cancel ORDER (its id or client order id): at once when it never left the database,
     else the router asks its venue, and the order stays open until the venue confirms."""
-    result = _call("SELECT trading.request_cancel(%s, %s)", (order, reason))
+    result = _call("SELECT trading.request_cancel(%s, %s)", (order, reason), echoed=(order,))
     assert isinstance(result, dict)
     oid = result["order_id"]
     if result["status"] == "cancelled":
@@ -490,7 +513,8 @@ def close_command(account: str, symbol: str | None, venue: str | None, close_all
     if close_all and venue is not None:
         raise click.UsageError("--venue goes with SYMBOL, not with --all")
     if symbol is not None:
-        result = _call("SELECT trading.close_position(%s, %s, %s)", (account, symbol, venue))
+        result = _call("SELECT trading.close_position(%s, %s, %s)", (account, symbol, venue),
+                       echoed=(account, symbol, venue))
         assert isinstance(result, dict)
         _closed(f"{printable(account)} {printable(result.get('symbol', symbol))}", result)
         return
@@ -499,4 +523,5 @@ def close_command(account: str, symbol: str | None, venue: str | None, close_all
             raise MmatsError(f"closing every position of {shortened(account)} needs --yes")
         click.confirm(f"close every position of {printable(account)} and cancel its open "
                       "entry orders?", abort=True)
-    _closed(printable(account), _call("SELECT trading.close_all(%s)", (account,)))
+    _closed(printable(account), _call("SELECT trading.close_all(%s)", (account,),
+                                      echoed=(account,)))

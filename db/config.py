@@ -95,14 +95,36 @@ _DSN_PASSWORD = re.compile(r"(?P<key>(?<![\w.-])(?:ssl)?password\s*=\s*)"
 # the same in a message, where the value ends at a quote too
 _TEXT_PASSWORD = re.compile(r"(?P<key>(?<![\w.-])(?:ssl)?password\s*=\s*)[^\s'\"&]*",
                             re.IGNORECASE)
-# user:password@ anywhere (a URL without a scheme, a URL inside a message): up to the last @
-_USERINFO = re.compile(r"(?P<user>(?:[a-z][a-z0-9+.-]*://)?[^\s:/@'\"]+:(?!//))[^\s'\"]*@",
+# user:password@ anywhere (a URL without a scheme, a URL inside a message): up to the last @.
+# Applied by `_mask_userinfo`, in linear time. The user starts a run of the characters a
+# user may have (from inside a run the match would be the same, found later: trying every
+# position of a long run made it quadratic); a scheme before it is kept as it is.
+_USERINFO = re.compile(r"(?P<user>(?<![^\s:/@'\"])[^\s:/@'\"]++:(?!//))[^\s'\"]*@",
                        re.IGNORECASE)
-# the same in a message: only in a URL (scheme://user:password@)
-_URL_USERINFO = re.compile(r"(?P<user>[a-z][a-z0-9+.-]*://[^\s:/@'\"]+:)[^\s'\"]*@",
-                           re.IGNORECASE)
+# the same in a message: only in a URL (scheme://user:password@). The match starts a run of
+# scheme characters: the scheme starts at its first letter (the digits, +, . or - before it
+# are kept as they are)
+_URL_USERINFO = re.compile(r"(?<![a-z0-9+.-])(?P<user>[0-9+.-]*+[a-z][a-z0-9+.-]*+://"
+                           r"[^\s:/@'\"]++:)[^\s'\"]*@", re.IGNORECASE)
+# where a user:password@ can be: a run without a space or a quote (its password runs to the
+# run's last @, so there is one at most in each)
+_WORD = re.compile(r"[^\s'\"]+")
 _MASK = "***"
 _MIN_FREE_LENGTH = 4  # shorter pieces are redacted only where they cannot be a word
+
+
+def _mask_userinfo(pattern: re.Pattern[str], text: str) -> str:
+    """`text` with the password of `pattern`'s user:password@ masked (`_USERINFO`,
+    `_URL_USERINFO`), in time linear in its length: each run without a space or a quote
+    is searched up to its last @ only (where such a match ends), once."""
+    def word(m: re.Match[str]) -> str:
+        run = m.group(0)
+        at = run.rfind("@")
+        if at < 0:
+            return run
+        head = pattern.sub(lambda u: u.group("user") + _MASK + "@", run[:at + 1], count=1)
+        return head + run[at + 1:]
+    return _WORD.sub(word, text)
 
 
 def _split_url(url: str) -> tuple[str, str, str]:
@@ -129,7 +151,7 @@ def redact_url(url: str) -> str:
     Never raises: a URL that does not parse is redacted as text."""
     if not _SCHEME.match(url):
         text = _DSN_PASSWORD.sub(lambda m: m.group("key") + _MASK, url)
-        return _USERINFO.sub(lambda m: m.group("user") + _MASK + "@", text)
+        return _mask_userinfo(_USERINFO, text)
     scheme, userinfo, rest = _split_url(url)
     user, colon, password = userinfo.partition(":")
     if colon and password:
@@ -183,4 +205,4 @@ def redact_text(text: str, *urls: str | None) -> str:
 def redact_passwords(text: str) -> str:
     """`text` with every password=... and the password of every scheme://user:pw@ masked."""
     text = _TEXT_PASSWORD.sub(lambda m: m.group("key") + _MASK, text)
-    return _URL_USERINFO.sub(lambda m: m.group("user") + _MASK + "@", text)
+    return _mask_userinfo(_URL_USERINFO, text)

@@ -205,6 +205,28 @@ def test_cancel_refusals_are_one_line(run, conn: psycopg.Connection) -> None:  #
     assert usage.returncode == 2 and "Missing argument 'ORDER'" in usage.stderr
 
 
+def test_long_arguments_are_shortened_in_the_error_line(run, conn: psycopg.Connection) -> None:  # type: ignore[no-untyped-def]
+    """Found by review: the error line quoted the whole argument (`mmats close ACCOUNT`
+    with a SYMBOL of 20,000 letters), and took seconds to redact."""
+    instrument(conn, "AAPL", "187")
+    account(conn, "alp")
+    letters = "Q" * 20_000
+    cut = f"'{'Q' * 40}...'"
+    for args, says in [
+            (("close", "alp", letters), f"error: unknown symbol {cut} hint: import its bars"),
+            (("close", "alp", "AAPL", "--venue", letters),
+             f"error: unknown symbol 'AAPL' on venue {cut} hint: "),
+            (("close", letters, "AAPL"), f"error: unknown account {cut} hint: "),
+            (("close", letters, "--all", "--yes"), f"error: unknown account {cut} hint: "),
+            (("orders", "cancel", letters), f"error: unknown order {cut} [SQLSTATE 23503]"),
+            (("orders", "cancel", "it's \\" + letters),
+             f"error: unknown order \"it's \\\\{'Q' * 34}...\" [SQLSTATE 23503]")]:
+        line = one_error_line(run(*args))
+        assert line.startswith(says), (args[:2], line[:300])
+        assert len(line) < 250, (args[:2], line[:300])
+    assert conn.execute("SELECT count(*) FROM trading.orders").fetchone() == (0,)
+
+
 # ------------------------------------------------------------------------- positions
 def test_positions_after_a_fill(run, conn: psycopg.Connection) -> None:  # type: ignore[no-untyped-def]
     instrument(conn, "AAPL", "187")

@@ -212,6 +212,25 @@ def test_redact_text_hides_the_url_and_pieces_of_its_password() -> None:
         "failed to resolve host '***@127.0.0.1', abc")
 
 
+def test_redacting_a_very_long_text_is_linear() -> None:
+    """Found by review: an error line quoting a long argument (`mmats close ACCOUNT` with
+    a SYMBOL of 20,000 letters: 3.8 s; 100,000: over a minute) was redacted in quadratic
+    time: the user:password@ patterns were tried from every letter of a long run, each
+    try reading the run to its end. Each of these took over a minute (but the one whose
+    200,000-letter scheme matched at its first letter); now well under a second."""
+    letters = "A" * 200_000
+    message = (f"unknown symbol '{letters}' on venue 'us': postgresql://u:{PW}@h/db "
+               f"password={PW}")
+    assert db_config.redact_passwords(message) == (
+        f"unknown symbol '{letters}' on venue 'us': postgresql://u:***@h/db password=***")
+    assert db_config.redact_passwords(f"{letters}://u:{PW}@h") == f"{letters}://u:***@h"
+    assert db_config.redact_url(f"{letters} user:{PW}@h") == f"{letters} user:***@h"
+    # a password runs to the last @ of its run: here there is none after the colons
+    colons = "@" + "a:" * 100_000
+    assert db_config.redact_url(colons) == colons
+    assert db_config.redact_passwords(colons.replace(":", "://")) == colons.replace(":", "://")
+
+
 @pytest.mark.parametrize(("url", "commands"), [
     (f"postgresql://postgres@127.0.0.1:1/x?password={PW}", [("db", "url")]),
     (f"postgres://postgres:{PW}@[::1",
