@@ -47,7 +47,10 @@ def constraint_comment(url: str, constraint: str, table: str | None) -> str | No
 def describe(exc: psycopg.Error, url: str | None = None) -> str:
     """One line: what was refused, where, why, and the SQLSTATE."""
     diag = exc.diag
-    primary = (diag.message_primary or str(exc)).splitlines()[0] if str(exc) else type(exc).__name__
+    # the primary message whole: a value it quotes may hold a newline (shown escaped by
+    # whoever prints it); str(exc) goes on with DETAIL and HINT lines, hence its first line
+    primary = diag.message_primary or (str(exc).splitlines()[0] if str(exc)
+                                       else type(exc).__name__)
     table = f"{diag.schema_name}.{diag.table_name}" if diag.table_name else None
     constraint = diag.constraint_name
     if url and diag.schema_name == "_timescaledb_internal" and diag.table_name:

@@ -195,6 +195,11 @@ def test_cancel_refusals_are_one_line(run, conn: psycopg.Connection) -> None:  #
         "error: unknown order 'nope'")
     assert one_error_line(run("orders", "cancel", "999999")).startswith(
         "error: unknown order '999999'")
+    # a value the database quotes, holding a newline: shown escaped, the line whole (it
+    # was cut at the newline, its quote left open, its SQLSTATE lost)
+    line = one_error_line(run("orders", "cancel", "NOPE\nerror: fake"))
+    assert line.startswith("error: unknown order 'NOPE\\nerror: fake'"), line
+    assert line.endswith("[SQLSTATE 23503]"), line
 
     oid, _ = order(conn, "alp", "AAPL", "1", limit="100")
     line = one_error_line(run("orders", "cancel", str(oid), "--reason",
