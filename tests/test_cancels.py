@@ -15,7 +15,6 @@ from decimal import Decimal
 
 import psycopg
 import pytest
-import requests
 import responses
 from psycopg.types.json import Jsonb
 from test_router import (
@@ -30,6 +29,7 @@ from test_router import (
     archived,
     calls,
     fills,
+    in_flight_at_alpaca,
     instrument,
     manual,
     now_text,
@@ -150,12 +150,7 @@ def test_an_order_in_flight_the_venue_does_not_have_is_not_sent_again(
     """The first POST was lost on the network (the order in flight, its fate unknown); the
     trader cancels; the venue's lookup by client id does not know it: the gate cancels it
     (CANCEL_REQUESTED) instead of placing it again."""
-    acc = paper_account(conn, "alp")
-    oid, _coid = manual(conn, "alp", "AAPL", "10")
-    http.post(f"{ALPACA}/orders", body=requests.ConnectionError("connection reset by peer"))
-    router = make_router(alpaca_routed(acc, "alp"), max_retries=1)
-    router.drain()
-    assert order_row(conn, oid)["state"] == "in_flight"
+    _acc, oid, _coid, router = in_flight_at_alpaca(conn, http, make_router, max_retries=1)
     posts = len(calls(http, "POST"))
 
     assert request_cancel(conn, oid)["status"] == "cancel_requested"
@@ -174,11 +169,7 @@ def test_an_order_in_flight_the_venue_does_not_have_is_not_sent_again(
 def test_an_order_found_in_flight_is_cancelled_at_the_venue(
         conn: psycopg.Connection, http: responses.RequestsMock, aapl: int,
         make_router: Callable[..., Router]) -> None:
-    acc = paper_account(conn, "alp")
-    oid, coid = manual(conn, "alp", "AAPL", "10")
-    http.post(f"{ALPACA}/orders", body=requests.ConnectionError("connection reset by peer"))
-    router = make_router(alpaca_routed(acc, "alp"))
-    router.drain()
+    _acc, oid, coid, router = in_flight_at_alpaca(conn, http, make_router)
     request_cancel(conn, coid)
     # the POST had reached Alpaca after all
     http.get(BY_CLIENT_ID, json=alpaca_order(coid, status="new"))
@@ -437,11 +428,7 @@ def test_a_lookup_finding_another_order_under_the_client_id_rejects_this_one(
     client id; Alpaca has another order under it (a sell of 3 MSFT, e.g. a manual id used
     twice): this order is rejected with CLIENT_ORDER_ID_CONFLICT, and none of that order's
     fills is booked for it."""
-    acc = paper_account(conn, "alp")
-    oid, coid = manual(conn, "alp", "AAPL", "10")
-    http.post(f"{ALPACA}/orders", body=requests.ConnectionError("connection reset by peer"))
-    router = make_router(alpaca_routed(acc, "alp"), max_retries=1)
-    router.drain()
+    acc, oid, coid, router = in_flight_at_alpaca(conn, http, make_router, max_retries=1)
     http.get(BY_CLIENT_ID, json=alpaca_order(coid, symbol="MSFT", side="sell", qty="3",
                                              status="filled", filled_qty="3",
                                              filled_avg_price="400", filled_at=now_text()))

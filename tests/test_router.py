@@ -792,15 +792,25 @@ def test_a_network_error_on_place_keeps_the_order_in_flight_and_is_never_placed_
     assert queued(conn) == [] and len(archived(conn)) == 1
 
 
+def in_flight_at_alpaca(conn: psycopg.Connection, http: responses.RequestsMock,
+                        make_router: Callable[..., Router],
+                        **router_args: Any) -> tuple[int, int, str, Router]:
+    """An operator account routed to Alpaca with a market buy of 10 AAPL whose POST was
+    lost on the network: the order in flight, its fate unknown (it may have reached
+    Alpaca). (account, order, client order id, router)."""
+    acc = paper_account(conn, "alp")
+    oid, coid = manual(conn, "alp", "AAPL", "10")
+    http.post(f"{ALPACA}/orders", body=requests.ConnectionError("connection reset by peer"))
+    router = make_router(alpaca_routed(acc, "alp"), **router_args)
+    router.drain()
+    assert order_row(conn, oid)["state"] == "in_flight"
+    return acc, oid, coid, router
+
+
 def test_an_auth_failure_on_the_lookup_of_an_order_in_flight_does_not_reject_it(
         conn: psycopg.Connection, http: responses.RequestsMock, aapl: int,
         make_router: Callable[..., Router]) -> None:
-    acc = paper_account(conn, "alp")
-    oid, _coid = manual(conn, "alp", "AAPL", "10")
-    http.post(f"{ALPACA}/orders", body=requests.ConnectionError("connection reset by peer"))
-    router = make_router(alpaca_routed(acc, "alp"))
-    router.drain()
-    assert order_row(conn, oid)["state"] == "in_flight"
+    _acc, oid, _coid, router = in_flight_at_alpaca(conn, http, make_router)
     # the key was rotated meanwhile: the venue answers the lookup with 401
     http.get(BY_CLIENT_ID, status=401,
              json={"code": 40110000, "message": "request is not authorized"})
@@ -1216,12 +1226,7 @@ def test_a_refused_lookup_of_an_order_in_flight_alarms_and_waits(
         conn: psycopg.Connection, http: responses.RequestsMock, aapl: int,
         make_router: Callable[..., Router], status: int, body: dict[str, Any],
         alarm: str) -> None:
-    acc = paper_account(conn, "alp")
-    oid, coid = manual(conn, "alp", "AAPL", "10")
-    http.post(f"{ALPACA}/orders", body=requests.ConnectionError("connection reset by peer"))
-    router = make_router(alpaca_routed(acc, "alp"))
-    router.drain()
-    assert order_row(conn, oid)["state"] == "in_flight"  # it may have reached Alpaca
+    _acc, oid, coid, router = in_flight_at_alpaca(conn, http, make_router)
     posts = len(calls(http, "POST"))
     http.get(BY_CLIENT_ID, status=status, json=body)
     reveal(conn)
@@ -1241,12 +1246,7 @@ def test_a_refusal_of_the_place_after_a_lookup_rejects_with_the_brokers_reason(
         make_router: Callable[..., Router]) -> None:
     """In flight, unknown to the venue (404 on the lookup), placed again, and refused:
     that refusal answers place_order, and rejects the order."""
-    acc = paper_account(conn, "alp")
-    oid, coid = manual(conn, "alp", "AAPL", "10")
-    http.post(f"{ALPACA}/orders", body=requests.ConnectionError("connection reset by peer"))
-    router = make_router(alpaca_routed(acc, "alp"))
-    router.drain()
-    assert order_row(conn, oid)["state"] == "in_flight"
+    _acc, oid, coid, router = in_flight_at_alpaca(conn, http, make_router)
     http.get(BY_CLIENT_ID, status=404, json=NOT_FOUND)
     http.replace(responses.POST, f"{ALPACA}/orders", status=403,
                  json={"code": 40310000, "message": "insufficient buying power"})
