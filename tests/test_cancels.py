@@ -380,15 +380,25 @@ def test_without_hard_or_a_close_the_trader_s_cancel_of_an_exit_stands(
     assert open_closes(conn, acc) == []
 
 
-def test_a_backtest_s_orders_are_not_cancelled_by_hand(conn: psycopg.Connection,
-                                                       aapl: int) -> None:
-    paper_account(conn, "bt", environment="backtest")
-    oid, coid = manual(conn, "bt", "AAPL", "10")
+def test_a_running_backtest_s_orders_are_not_cancelled_by_hand(conn: psycopg.Connection,
+                                                               aapl: int) -> None:
+    """Cancelled, the order was still in the engine's book: the simulator filled it and
+    the run failed on the ledger's refusal. A backtest account of no running run (one
+    made by hand in psql, or a run that ended) cancels as any other."""
+    run = int(one(conn, "SELECT backtest.create_run('sma_crossover', '1.0.0', '{}', '{AAPL}',"
+                        " '1m', '2024-01-01', '2024-01-02', 10000, 'USD')"))
+    oid, coid = manual(conn, f"bt-{run}", "AAPL", "10")
     with pytest.raises(psycopg.errors.ObjectNotInPrerequisiteState,
-                       match=f"order {coid} belongs to backtest account bt"):
+                       match=f"order {coid} belongs to backtest run {run}, still running"):
         request_cancel(conn, oid)
     conn.execute("RESET ROLE")
     assert order_row(conn, oid)["state"] == "created"
+    conn.execute("SELECT backtest.finish_run(%s, 'failed', NULL, NULL, 0.5, 'stopped', '{}')",
+                 (run,))
+    assert request_cancel(conn, oid)["status"] == "cancelled"
+    paper_account(conn, "bt", environment="backtest")
+    by_hand, _ = manual(conn, "bt", "AAPL", "10")
+    assert request_cancel(conn, by_hand)["status"] == "cancelled"
 
 
 def test_client_order_ids_carry_the_database_s_tag(conn: psycopg.Connection,

@@ -24,7 +24,7 @@
 --    venue may fill it yet: close_position and close_all mark it (close_requested_at) and
 --    say so (waiting_order_ids), and once it is cancelled its position is closed again,
 --    as it is for any such order while the breaker is HARD. A closing order cannot be
---    cancelled by hand while the breaker is HARD, nor a backtest's order (its run's).
+--    cancelled by hand while the breaker is HARD, nor an order of a backtest still running.
 -- 4. backtest._state says the account's breaker, so that the backtest engine drops the
 --    orders the ledger cancelled on its own (a HARD breaker's).
 -- 5. Client order ids were mm<account>-<n>, n from a sequence: a second database trading
@@ -144,14 +144,19 @@ CREATE FUNCTION trading.request_cancel(order_ref text, reason text DEFAULT NULL)
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
     lk record := trading._locked_order(order_ref);
+    running bigint;
 BEGIN
     IF reason IS NOT NULL AND (length(reason) NOT BETWEEN 1 AND 500 OR reason ~ '[^[:print:]]') THEN
         RAISE EXCEPTION 'a cancel''s reason must be 1 to 500 printable characters'
             USING ERRCODE = 'invalid_parameter_value';
     END IF;
     IF (lk.acc).environment = 'backtest' THEN
-        RAISE EXCEPTION 'order % belongs to backtest account %: a backtest''s orders are its run''s, not cancelled by hand',
-            (lk.o).client_order_id, (lk.acc).name USING ERRCODE = 'object_not_in_prerequisite_state';
+        SELECT r.run_id INTO running FROM backtest.runs r
+        WHERE r.account_id = (lk.acc).account_id AND r.status = 'running';
+    END IF;
+    IF running IS NOT NULL THEN
+        RAISE EXCEPTION 'order % belongs to backtest run %, still running: its orders are the run''s, not cancelled by hand',
+            (lk.o).client_order_id, running USING ERRCODE = 'object_not_in_prerequisite_state';
     ELSIF (lk.o).reduce_only AND (lk.acc).mode = 'operator'
           AND (lk.o).status IN ('created', 'in_flight', 'submitted', 'partially_filled')
           AND risk.breaker_mode((lk.acc).account_id) = 'HARD' THEN
