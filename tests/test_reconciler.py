@@ -831,6 +831,29 @@ def test_an_order_that_never_reached_the_broker_whose_cancel_was_asked_is_cancel
     assert desk.events() == [] and desk.errors() == []
 
 
+def test_a_cancel_request_does_not_restart_the_in_flight_timeout(
+        desk: Desk, http: responses.RequestsMock, alpaca: tuple[int, RoutedAccount]) -> None:
+    """In flight for ten minutes, unknown at Alpaca; the trader's cancel request just now
+    wrote to the row. Before, the timeout counted from that write (updated_at), and the
+    order waited another timeout in flight; it counts from when the order went in flight."""
+    _, acc = alpaca
+    client = desk.order("alp-1", status="in_flight")
+    desk.conn.execute("UPDATE trading.orders SET submitted_at = now() - interval '10 minutes'"
+                      " WHERE client_order_id = %s", (client,))
+    assert desk.one("SELECT trading.request_cancel(%s)", client)["status"] == "cancel_requested"
+    alpaca_answers(http)
+    http.get(f"{ALPACA}/orders:by_client_order_id", status=404,
+             json={"code": 40410000, "message": "order not found"})
+    worker = reconciler(desk, acc, in_flight_timeout=timedelta(minutes=5))
+    try:
+        [run] = worker.reconcile_all()
+    finally:
+        worker.close()
+    status, _filled, code, _reason = desk.order_row(client)
+    assert (status, code) == ("cancelled", "CANCEL_REQUESTED")
+    assert run.settled == 1
+
+
 # ---------------------------------------------------------------------- (e') per-market fills
 BINANCE = "https://api.binance.com/api/v3"
 BINANCE_SAPI = "https://api.binance.com/sapi/v1"

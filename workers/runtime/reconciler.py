@@ -109,7 +109,10 @@ MARGIN_VENUES = frozenset({"oanda"})
 _LEDGER_ORDERS = """
 SELECT o.order_id, o.client_order_id, o.broker_order_id, o.status::text, o.quantity,
        o.filled_quantity, i.symbol, o.created_at,
-       extract(epoch FROM now() - o.updated_at)::float8, o.cancel_requested_at
+       extract(epoch FROM now() - CASE WHEN o.status = 'in_flight'
+                                       THEN COALESCE(o.submitted_at, o.updated_at)
+                                       ELSE o.updated_at END)::float8,
+       o.cancel_requested_at
 FROM trading.orders o JOIN market.instruments i USING (instrument_id)
 WHERE o.account_id = %(account)s
   AND (o.status = ANY(%(open)s) OR o.client_order_id = ANY(%(clients)s)
@@ -166,7 +169,9 @@ class LedgerOrder:
     filled_quantity: Decimal
     symbol: str
     created_at: datetime
-    age_seconds: float  # since its last status change
+    # since its last status change; in flight: since it first went in flight (a cancel
+    # request or any other write to the row does not restart the in-flight timeout)
+    age_seconds: float
     cancel_requested_at: datetime | None = None  # the trader asked to cancel it
 
     @property
