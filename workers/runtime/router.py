@@ -768,18 +768,14 @@ class Router(Worker):
         while outcomes:
             stale = False
             for outcome in outcomes:
-                if outcome.order_id in settled:
-                    continue
                 settled.add(outcome.order_id)
+                broker.forget(outcome.order_id)  # (settled on this bar: its time is done)
                 if outcome.fill is not None and not self._apply_paper_fill(routed, outcome):
-                    broker.forget(outcome.order_id)
-                    # (the rest of this bar was judged with that fill in it: judged again)
-                    stale = any(o.order_id not in settled for o in outcomes)
+                    stale = True  # (the rest of this bar was judged with that fill in it)
                     break
                 filled = filled or outcome.fill is not None
                 if outcome.cancel is not None:
                     self._call("cancel_order", outcome.client_order_id, outcome.cancel[:500])
-                broker.forget(outcome.order_id)  # (booked: its time is needed no more)
             outcomes = [o for o in broker.settle(self._c, inst, [bar_row])
                         if o.order_id not in settled] if stale else []
         return filled
