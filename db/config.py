@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import re
 import tomllib
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import unquote
@@ -186,23 +187,40 @@ def url_secrets(url: str) -> list[str]:
     return sorted(unique, key=len, reverse=True)
 
 
+class TextRedactor:
+    """`redact_text` for a fixed set of URLs, prepared once (each URL's redacted form and
+    the pieces of its password, the short pieces' patterns compiled): a worker formats
+    every log line through one, so the URLs are not parsed again for every string."""
+
+    def __init__(self, urls: Iterable[str | None] = ()) -> None:
+        self._steps: list[tuple[str, str, re.Pattern[str] | None]] = []
+        for url in sorted({u for u in urls if u}, key=len, reverse=True):
+            self._steps.append((url, redact_url(url), None))
+            for secret in url_secrets(url):
+                if len(secret) >= _MIN_FREE_LENGTH:
+                    self._steps.append((secret, _MASK, None))
+                else:  # a short piece only where it stands quoted, or before an @
+                    self._steps.append((secret, _MASK, re.compile(
+                        r"(?<=[\"'])" + re.escape(secret) + r"(?=[\"'])|"
+                        + re.escape(secret) + r"(?=@)")))
+
+    def __call__(self, text: str) -> str:
+        for piece, replacement, pattern in self._steps:
+            if piece in text:  # a piece not in the text is nothing to replace
+                text = text.replace(piece, replacement) if pattern is None else (
+                    pattern.sub(replacement, text))
+        return redact_passwords(text)
+
+
 def redact_text(text: str, *urls: str | None) -> str:
     """`text` (an error message, a traceback) with each of `urls` and every piece of their
     passwords replaced: what a driver or libpq says about a bad URL can quote the URL, or
     a piece of its password as a host name."""
-    for url in sorted({u for u in urls if u}, key=len, reverse=True):
-        if url in text:
-            text = text.replace(url, redact_url(url))
-        for secret in url_secrets(url):
-            if len(secret) >= _MIN_FREE_LENGTH:
-                text = text.replace(secret, _MASK)
-            else:  # a short piece only where it stands quoted, or before an @
-                text = re.sub(r"(?<=[\"'])" + re.escape(secret) + r"(?=[\"'])|"
-                              + re.escape(secret) + r"(?=@)", _MASK, text)
-    return redact_passwords(text)
+    return TextRedactor(urls)(text)
 
 
 def redact_passwords(text: str) -> str:
     """`text` with every password=... and the password of every scheme://user:pw@ masked."""
-    text = _TEXT_PASSWORD.sub(lambda m: m.group("key") + _MASK, text)
-    return _mask_userinfo(_URL_USERINFO, text)
+    if "=" in text:  # each pattern needs its character: most text has neither
+        text = _TEXT_PASSWORD.sub(lambda m: m.group("key") + _MASK, text)
+    return _mask_userinfo(_URL_USERINFO, text) if "@" in text else text

@@ -73,3 +73,28 @@ def test_log_setup_registers_the_configured_database_url(
     assert "failed to resolve host '***@127.0.0.1'" in stream.getvalue()
     # short pieces are redacted only where they cannot be a word: quoted, or before an @
     assert log.redact("pa, a word; 'pa' quoted") == "pa, a word; '***' quoted"
+
+
+def test_a_secret_registered_between_lines_is_redacted_from_the_next_in_every_handler(
+        tmp_path) -> None:
+    # the redaction is prepared at each registration, and a record is formatted once for
+    # both of a worker's handlers (stderr and its log file)
+    root = logging.getLogger("mmats")
+    saved = (list(root.handlers), root.propagate, root.level)
+    stream, file = io.StringIO(), tmp_path / "worker.log"
+    secret = "kx-9f8e7d6c5b4a-between-lines"
+    try:
+        log.setup("router", stream=stream, file=str(file))
+        logger = log.get("router")
+        log.event(logger, "before", detail=f"key {secret}")
+        log.register_secret(secret)
+        log.event(logger, "after", detail=f"key {secret}", **{f"k {secret}": 1})
+    finally:
+        for handler in root.handlers:
+            handler.close()
+        root.handlers[:], root.propagate = saved[0], saved[1]
+        root.setLevel(saved[2])
+    for text in (stream.getvalue(), file.read_text(encoding="utf-8")):
+        before, after = (json.loads(line) for line in text.splitlines())
+        assert before["detail"] == f"key {secret}"  # not yet a secret when it was logged
+        assert after["detail"] == "key ***" and after["k ***"] == 1 and secret not in str(after)

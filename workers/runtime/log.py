@@ -19,7 +19,7 @@ import threading
 from datetime import UTC, datetime
 from typing import Any, TextIO
 
-from db.config import ConfigError, load_settings, redact_passwords, redact_text
+from db.config import ConfigError, TextRedactor, load_settings, redact_passwords
 
 REDACTED = "***"
 _SECRET_KEYS = re.compile(r"(secret|password|passphrase|token|api[_-]?key|private[_-]?key|"
@@ -27,6 +27,14 @@ _SECRET_KEYS = re.compile(r"(secret|password|passphrase|token|api[_-]?key|privat
 _lock = threading.Lock()
 _secrets: set[str] = set()
 _urls: set[str] = set()
+# what `redact` applies, prepared at each registration: (the URLs' redactor, the secrets
+# longest first); a log line redacts a dozen strings, each must not parse the URLs again
+_prepared: tuple[TextRedactor, tuple[str, ...]] = (TextRedactor(), ())
+
+
+def _prepare() -> None:  # under _lock
+    global _prepared
+    _prepared = (TextRedactor(_urls), tuple(sorted(_secrets, key=len, reverse=True)))
 
 
 def register_secret(value: str | None) -> None:
@@ -34,7 +42,9 @@ def register_secret(value: str | None) -> None:
     they would redact ordinary words)."""
     if value and len(value) >= 4:
         with _lock:
-            _secrets.add(value)
+            if value not in _secrets:
+                _secrets.add(value)
+                _prepare()
 
 
 def register_url(url: str | None) -> None:
@@ -44,15 +54,14 @@ def register_url(url: str | None) -> None:
     only where they cannot be an ordinary word (quoted, or before an @)."""
     if url:
         with _lock:
-            _urls.add(url)
+            if url not in _urls:
+                _urls.add(url)
+                _prepare()
 
 
 def redact(text: str) -> str:
-    with _lock:
-        secrets = sorted(_secrets, key=len, reverse=True)
-        urls = list(_urls)
-    if urls:
-        text = redact_text(text, *urls)
+    urls, secrets = _prepared
+    text = urls(text)
     for secret in secrets:
         if secret in text:
             text = text.replace(secret, REDACTED)
@@ -96,6 +105,15 @@ class JsonFormatter(logging.Formatter):
         self.worker = worker
 
     def format(self, record: logging.LogRecord) -> str:
+        # a record goes to each handler (stderr and the log file): format it once
+        done = record.__dict__.get("_mmats_line")
+        if done is not None and done[0] == self.worker:
+            return done[1]
+        text = self._format(record)
+        record.__dict__["_mmats_line"] = (self.worker, text)
+        return text
+
+    def _format(self, record: logging.LogRecord) -> str:
         line: dict[str, Any] = {
             "ts": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds"),
             "level": record.levelname.lower(),
