@@ -1,7 +1,7 @@
 """Benchmark: the backtest's signal cycle (submit_signal, then apply_fill of its order).
 
     python benchmarks/bench_signal_cycle.py [--bars N] [--warmup N] [--statements N]
-        [--json FILE]
+        [--floor [--floor-cycles N]] [--json FILE]
 
 The shape of a backtest's calls, without the engine: one backtest account in operator
 mode (trading.create_account(..., 'backtest', 'operator', 10000, ...), taker fee 0.1 %),
@@ -19,6 +19,15 @@ they reach with its calls per cycle and total and self time per call. With
 (track = all) and also prints the N statements (nested ones included) that take the
 most time per cycle. Uses MMATS_DATABASE_URL if set (without --statements), like the
 other benchmarks. Warm-up cycles are not counted.
+
+With --floor it also measures the least any design that keeps these rows could cost on
+this server: the rows the measured cycles wrote (inserted, updated or deleted, per table,
+from pg_stat_user_tables), the cost of one bare row write from PL/pgSQL (an INSERT of a
+narrow row into a table with a primary key only: no other index, no foreign key, no
+trigger, no logic), and one round trip carrying a signal document to a function that does
+nothing. floor per cycle = rows x bare write + one round trip (a backtest could send a
+fill and the next signal in one call), and the floor for --floor-cycles cycles (default
+54,736: the signals, each with its fill, of bench_backtest.py --bars 1000000).
 """
 
 from __future__ import annotations
@@ -194,12 +203,67 @@ def top_statements(conn: psycopg.Connection, cycles: int, n: int) -> list[dict]:
             for calls, total, q in rows]
 
 
+def rows_written(conn: psycopg.Connection) -> dict[str, int]:
+    """Rows inserted, updated or deleted per table since pg_stat_reset()."""
+    conn.execute("SELECT pg_stat_force_next_flush()")
+    conn.execute("SELECT pg_stat_clear_snapshot()")
+    rows = conn.execute(
+        "SELECT schemaname || '.' || relname, n_tup_ins + n_tup_upd + n_tup_del"
+        " FROM pg_stat_user_tables WHERE n_tup_ins + n_tup_upd + n_tup_del > 0"
+        " ORDER BY 2 DESC, 1").fetchall()
+    return {name: int(n) for name, n in rows}
+
+
+def bare_costs(conn: psycopg.Connection, doc: Jsonb, n: int = 20000) -> tuple[float, float]:
+    """(us per bare row write from PL/pgSQL, us per round trip of `doc` to a no-op
+    function), on a scratch schema dropped afterwards; the best of three runs each."""
+    conn.execute("DROP SCHEMA IF EXISTS floor_probe CASCADE")
+    conn.execute("CREATE SCHEMA floor_probe")
+    try:
+        conn.execute("CREATE TABLE floor_probe.t (id bigserial PRIMARY KEY, a bigint,"
+                     " b numeric, c text, d timestamptz DEFAULT now())")
+        conn.execute("CREATE FUNCTION floor_probe.write(k int) RETURNS void LANGUAGE plpgsql"
+                     " AS $$ BEGIN INSERT INTO floor_probe.t (a, b, c) VALUES (k, 1.5, 'x');"
+                     " END $$")
+        conn.execute("CREATE FUNCTION floor_probe.nothing(k int) RETURNS void"
+                     " LANGUAGE plpgsql AS $$ BEGIN END $$")
+        conn.execute("CREATE FUNCTION floor_probe.noop(d jsonb) RETURNS jsonb"
+                     " LANGUAGE plpgsql AS $$ BEGIN RETURN '{}'; END $$")
+
+        def timed(fn: str) -> float:
+            best = float("inf")
+            for _ in range(3):
+                t = time.perf_counter()
+                conn.execute(f"SELECT count(floor_probe.{fn}(g)) FROM generate_series(1, %s) g",
+                             (n,))
+                best = min(best, time.perf_counter() - t)
+            return best
+
+        write_us = (timed("write") - timed("nothing")) / n * 1e6
+        trips = max(1, n // 4)
+        best = float("inf")
+        for _ in range(3):
+            t = time.perf_counter()
+            for _ in range(trips):
+                conn.execute("SELECT floor_probe.noop(%s)", (doc,), prepare=True).fetchone()
+            best = min(best, time.perf_counter() - t)
+        return write_us, best / trips * 1e6
+    finally:
+        conn.execute("DROP SCHEMA floor_probe CASCADE")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--bars", type=int, default=3000, help="1m bars, one cycle each")
     ap.add_argument("--warmup", type=int, default=200, help="cycles before measuring")
     ap.add_argument("--statements", type=int, default=0, metavar="N",
                     help="own server with pg_stat_statements: print the N costliest statements")
+    ap.add_argument("--floor", action="store_true",
+                    help="also measure the floor: rows written per cycle x a bare row write"
+                         " + one round trip")
+    ap.add_argument("--floor-cycles", type=int, default=54736, metavar="N",
+                    help="cycles to state the floor for (default: the 1,000,000-bar"
+                         " backtest benchmark's 54,736)")
     ap.add_argument("--json", dest="json_path")
     args = ap.parse_args()
     rng = random.Random(7)
@@ -211,6 +275,7 @@ def main() -> None:
     outcomes: dict[str, int] = {}
     functions: list[dict] = []
     statements: list[dict] = []
+    written: dict[str, int] = {}
     scratch = statements_database if args.statements else fresh_database
     try:
         with scratch(home) as url, psycopg.connect(url, autocommit=True) as conn:
@@ -221,6 +286,9 @@ def main() -> None:
             k = run(conn, bars, 0, args.warmup, [], [], {})
             try:
                 conn.execute("SET track_functions = 'all'")
+                # the set-up's and warm-up's counts reach the shared statistics first
+                conn.execute("SELECT pg_stat_force_next_flush()")
+                conn.execute("SELECT 1")
                 conn.execute("SELECT pg_stat_reset()")
                 if args.statements:
                     conn.execute("SELECT pg_stat_statements_reset()")
@@ -241,6 +309,20 @@ def main() -> None:
                         figures[f"server_{name}_mean_ms"] = f["total_ms_per_call"]
             if args.statements:
                 statements = top_statements(conn, args.bars, args.statements)
+            if args.floor and tracked:
+                written = rows_written(conn)
+                write_us, trip_us = bare_costs(conn, signal("buy", bars[0]))
+                rows = sum(written.values()) / args.bars
+                floor_us = rows * write_us + trip_us
+                figures |= {
+                    "floor_rows_written_per_cycle": round(rows, 2),
+                    "floor_bare_row_write_us": round(write_us, 2),
+                    "floor_round_trip_us": round(trip_us, 2),
+                    "floor_per_cycle_us": round(floor_us, 1),
+                    "measured_per_cycle_us": round(wall / args.bars * 1e6, 1),
+                    "floor_cycles": args.floor_cycles,
+                    "floor_for_those_cycles_s": round(floor_us * args.floor_cycles / 1e6, 2),
+                }
             figures["audit_chain_intact"] = conn.execute(
                 "SELECT count(*) = 0 FROM audit.verify_chain()").fetchone()[0]
             figures["load_average_1m_at_end"] = round(os.getloadavg()[0], 2)
@@ -257,6 +339,10 @@ def main() -> None:
         for f in functions:
             print(f"{f['function']:<36} {f['calls_per_cycle']:>11} {f['total_ms_per_call']:>10}"
                   f" {f['self_ms_per_call']:>10} {f['total_ms_per_cycle']:>11}")
+    if written:
+        print(f"\nrows written per cycle, by table ({args.bars:,} cycles)")
+        for name, n in written.items():
+            print(f"  {name:<34} {n / args.bars:>6.2f}")
     if statements:
         print("\ncostliest nested statements (ms per cycle, calls per cycle, ms per call)")
         for s in statements:
@@ -264,7 +350,8 @@ def main() -> None:
                   f"{s['query']}")
     if args.json_path:
         Path(args.json_path).write_text(json.dumps(
-            figures | {"functions": functions, "statements": statements}, indent=2,
+            figures | {"functions": functions, "statements": statements,
+                       "rows_written": written}, indent=2,
             default=str) + "\n")
 
 
