@@ -380,25 +380,45 @@ def test_without_hard_or_a_close_the_trader_s_cancel_of_an_exit_stands(
     assert open_closes(conn, acc) == []
 
 
-def test_a_running_backtest_s_orders_are_not_cancelled_by_hand(conn: psycopg.Connection,
-                                                               aapl: int) -> None:
+def test_a_running_backtest_s_account_is_not_controlled_by_hand(conn: psycopg.Connection,
+                                                                aapl: int) -> None:
     """Cancelled, the order was still in the engine's book: the simulator filled it and
-    the run failed on the ledger's refusal. A backtest account of no running run (one
-    made by hand in psql, or a run that ended) cancels as any other."""
+    the run failed on the ledger's refusal; a close, a manual order or a HARD trip put
+    orders in the run that its engine never sent. A backtest account of no running run
+    (one made by hand in psql, or a run that ended) is controlled as any other."""
     run = int(one(conn, "SELECT backtest.create_run('sma_crossover', '1.0.0', '{}', '{AAPL}',"
                         " '1m', '2024-01-01', '2024-01-02', 10000, 'USD')"))
-    oid, coid = manual(conn, f"bt-{run}", "AAPL", "10")
-    with pytest.raises(psycopg.errors.ObjectNotInPrerequisiteState,
-                       match=f"order {coid} belongs to backtest run {run}, still running"):
-        request_cancel(conn, oid)
-    conn.execute("RESET ROLE")
+    acc = f"bt-{run}"
+    r = one(conn, "SELECT trading.submit_signal(%s)", Jsonb({  # the engine's own order
+        "account": acc, "strategy": "sma_crossover", "version": "1.0.0", "symbol": "AAPL",
+        "action": "buy", "size": 0.1, "ts": now_text(-1)}))
+    assert r["status"] == "approved", r
+    oid = int(r["order_id"])
+    coid = order_row(conn, oid)["client_order_id"]
+    orders_before = one(conn, "SELECT count(*) FROM trading.orders")
+    refused = f"account {acc} belongs to backtest run {run}, still running: its orders are the run's"
+    for what, query, args in [
+            (f"order {coid}", "SELECT trading.request_cancel(%s)", (str(oid),)),
+            ("close_position AAPL", "SELECT trading.close_position(%s, 'AAPL')", (acc,)),
+            ("close_all", "SELECT trading.close_all(%s)", (acc,)),
+            ("a HARD breaker trip", "SELECT risk.trip_breaker(%s, 'HARD', 'by hand')", (acc,)),
+            ("a manual order", "SELECT trading.place_manual_order(%s)", (Jsonb({
+                "account": acc, "symbol": "AAPL", "side": "buy", "quantity": "10"}),))]:
+        with pytest.raises(psycopg.errors.ObjectNotInPrerequisiteState,
+                           match=re.escape(f"{what}: {refused}")):
+            as_api(conn, query, *args)
     assert order_row(conn, oid)["state"] == "created"
+    assert one(conn, "SELECT count(*) FROM trading.orders") == orders_before
+    assert one(conn, "SELECT risk.breaker_mode(account_id) FROM trading.accounts"
+                     " WHERE name = %s", acc) == "OK"
     conn.execute("SELECT backtest.finish_run(%s, 'failed', NULL, NULL, 0.5, 'stopped', '{}')",
                  (run,))
     assert request_cancel(conn, oid)["status"] == "cancelled"
+    manual(conn, acc, "AAPL", "10")
     paper_account(conn, "bt", environment="backtest")
     by_hand, _ = manual(conn, "bt", "AAPL", "10")
     assert request_cancel(conn, by_hand)["status"] == "cancelled"
+    assert as_api(conn, "SELECT risk.trip_breaker('bt', 'SOFT', 'by hand')")["mode"] == "SOFT"
 
 
 def test_client_order_ids_carry_the_database_s_tag(conn: psycopg.Connection,

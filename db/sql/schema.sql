@@ -11192,6 +11192,28 @@ END
 $$;
 REVOKE ALL ON FUNCTION trading._request_cancel(trading.accounts, trading.orders, text) FROM PUBLIC;
 
+-- A running backtest's account is its engine's: the simulator holds its orders' book and
+-- the run's fingerprint is its trades, so nothing is placed, closed, cancelled or tripped
+-- there by hand (request_cancel, close_position, close_all, place_manual_order,
+-- risk.trip_breaker). A backtest account of no running run (made by hand in psql, or
+-- whose run has ended) is controlled as any other.
+CREATE FUNCTION trading._refuse_running_backtest(acc trading.accounts, what text) RETURNS void
+LANGUAGE plpgsql AS $$
+DECLARE
+    running bigint;
+BEGIN
+    IF acc.environment = 'backtest' THEN
+        SELECT r.run_id INTO running FROM backtest.runs r
+        WHERE r.account_id = acc.account_id AND r.status = 'running' ORDER BY r.run_id LIMIT 1;
+        IF running IS NOT NULL THEN
+            RAISE EXCEPTION '%: account % belongs to backtest run %, still running: its orders are the run''s, not placed, closed or cancelled by hand',
+                what, acc.name, running USING ERRCODE = 'object_not_in_prerequisite_state';
+        END IF;
+    END IF;
+END
+$$;
+REVOKE ALL ON FUNCTION trading._refuse_running_backtest(trading.accounts, text) FROM PUBLIC;
+
 -- The trader's cancel (order id or client order id). Answers {"status": "cancelled"} when
 -- done at once, {"status": "cancel_requested"} when the router will ask the venue,
 -- {"status": "unchanged"} for an order already cancelled; an order filled, rejected or
@@ -11200,20 +11222,13 @@ CREATE FUNCTION trading.request_cancel(order_ref text, reason text DEFAULT NULL)
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
     lk record := trading._locked_order(order_ref);
-    running bigint;
 BEGIN
     IF reason IS NOT NULL AND (length(reason) NOT BETWEEN 1 AND 500 OR reason ~ '[^[:print:]]') THEN
         RAISE EXCEPTION 'a cancel''s reason must be 1 to 500 printable characters'
             USING ERRCODE = 'invalid_parameter_value';
     END IF;
-    IF (lk.acc).environment = 'backtest' THEN
-        SELECT r.run_id INTO running FROM backtest.runs r
-        WHERE r.account_id = (lk.acc).account_id AND r.status = 'running';
-    END IF;
-    IF running IS NOT NULL THEN
-        RAISE EXCEPTION 'order % belongs to backtest run %, still running: its orders are the run''s, not cancelled by hand',
-            (lk.o).client_order_id, running USING ERRCODE = 'object_not_in_prerequisite_state';
-    ELSIF (lk.o).reduce_only AND (lk.acc).mode = 'operator'
+    PERFORM trading._refuse_running_backtest(lk.acc, format('order %s', (lk.o).client_order_id));
+    IF (lk.o).reduce_only AND (lk.acc).mode = 'operator'
           AND (lk.o).status IN ('created', 'in_flight', 'submitted', 'partially_filled')
           AND risk.breaker_mode((lk.acc).account_id) = 'HARD' THEN
         RAISE EXCEPTION 'order % closes a position of account %, whose breaker is HARD: it is not cancelled until risk.reset_breaker()',
@@ -11387,6 +11402,7 @@ DECLARE
     cancelled bigint[];
     waiting bigint[];
 BEGIN
+    PERFORM trading._refuse_running_backtest(acc, format('close_position %s', inst.symbol));
     ids := trading._close_positions(acc, inst.instrument_id, 'close');
     waiting := trading._close_after_cancel(acc, inst.instrument_id);
     cancelled := trading._cancel_entries(acc, inst.instrument_id,
@@ -11409,6 +11425,7 @@ DECLARE
     cancelled bigint[];
     waiting bigint[];
 BEGIN
+    PERFORM trading._refuse_running_backtest(acc, 'close_all');
     ids := trading._close_positions(acc, NULL, 'close');
     waiting := trading._close_after_cancel(acc, NULL);
     cancelled := trading._cancel_entries(acc, NULL, 'close_all: every position was closed');
@@ -11459,6 +11476,28 @@ BEGIN
         jsonb_build_object('mode', mode, 'previous', current, 'reason', reason,
                            'closing_orders', to_jsonb(ids), 'cancelled_orders', to_jsonb(cancelled)));
     RETURN mode;
+END
+$$;
+
+-- (as in 0002_06, refused on a running backtest's account: trading._refuse_running_backtest)
+CREATE OR REPLACE FUNCTION risk.trip_breaker(account text, mode text, reason text) RETURNS jsonb
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    acc trading.accounts := trading._account(account, true);
+    m risk.breaker_mode;
+BEGIN
+    IF upper(mode) NOT IN ('SOFT', 'HARD', 'FREEZE') THEN
+        RAISE EXCEPTION 'breaker mode must be SOFT, HARD or FREEZE, got %', quote_literal(mode)
+            USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    IF reason IS NULL OR btrim(reason) = '' THEN
+        RAISE EXCEPTION 'tripping the breaker needs a reason' USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    PERFORM trading._refuse_running_backtest(acc, format('a %s breaker trip', upper(mode)));
+    m := risk._trip(acc, upper(mode)::risk.breaker_mode, reason, 'BREAKER_MANUAL');
+    RETURN jsonb_build_object('account', acc.name, 'mode', m,
+        'open_orders', (SELECT count(*) FROM trading.orders o WHERE o.account_id = acc.account_id
+                        AND o.status IN ('created', 'in_flight', 'submitted', 'partially_filled')));
 END
 $$;
 
@@ -11526,6 +11565,7 @@ BEGIN
     END IF;
     acc := trading._account(trading._text(spec, 'account', 'order', 64), true);
     inst := market._instrument(trading._text(spec, 'symbol', 'order', 40), trading._text(spec, 'venue', 'order', 32));
+    PERFORM trading._refuse_running_backtest(acc, 'a manual order');
     IF acc.mode <> 'operator' THEN
         RAISE EXCEPTION 'account % is in advisory mode: it places no orders', acc.name
             USING ERRCODE = 'insufficient_privilege';
