@@ -107,6 +107,22 @@ def test_a_symbol_is_known_from_market_instruments_or_a_feed(db_url, tmp_path):
     assert _written(db_url) == []
 
 
+def test_a_replay_session_s_copy_counts_only_where_its_venue_is_named(db_url):
+    """Every `mmats paper` (and the demo's) copies its symbols onto venue replay<N>: a
+    bare symbol of a live configuration was then 'on several venues'."""
+    with psycopg.connect(db_url, autocommit=True) as conn:
+        for venue in ("binance", "replay1"):
+            conn.execute(
+                "INSERT INTO market.instruments (symbol, venue, market, base_currency, "
+                "quote_currency, price_tick, quantity_step, min_quantity, calendar_id) "
+                "VALUES ('BTC/USDT', %s, 'crypto', 'BTC', 'USDT', 0.01, 0.0001, 0, "
+                "'CRYPTO_24X7')", (venue,))
+        for symbol in ("BTC/USDT", "BTC/USDT@binance", "BTC/USDT@replay1"):
+            cfg = rc.parse(tomllib.loads(ACC + SMA.replace("BTC/USDT@binance", symbol)))
+            assert [c.name for c in check_config(conn, cfg)] == ["sma_crossover"]
+    assert _written(db_url) == []
+
+
 @pytest.mark.parametrize("name", ["Bad Name", "UPPER", "9lives", "x" * 65, "a\nb", ""])
 def test_worker_refuses_a_name_runtime_workers_would_refuse(db_url, tmp_path, name):
     """A name against workers_name_format ran a worker that never recorded a heartbeat."""

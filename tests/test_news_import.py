@@ -80,6 +80,21 @@ def test_times_without_an_offset_are_read_in_tz_and_venue_picks_the_instrument(
     assert venue == ("kraken",)
 
 
+def test_a_replay_session_s_copy_is_taken_only_where_its_venue_is_named(market, tmp_path):
+    # every `mmats paper` copies its symbols onto venue replay<N>: a bare symbol was then
+    # "on several venues (binance, replay1)"
+    market.execute(
+        "INSERT INTO market.instruments (symbol, venue, market, base_currency, quote_currency,"
+        " price_tick, quantity_step, min_quantity, calendar_id)"
+        " VALUES ('BTC/USDT', 'replay1', 'crypto', 'BTC', 'USDT', 0.01, 0.0001, 0, 'CRYPTO_24X7')")
+    import_news(market, write(tmp_path, "ts,symbol,score,source\n1704192300,BTC/USDT,0.1,x\n"))
+    import_news(market, write(tmp_path, "ts,symbol,score,source\n1704192300,BTC/USDT,0.2,x\n",
+                              "copy.csv"), venue="replay1")
+    venues = market.execute("SELECT i.venue, n.score FROM market.news_sentiment n"
+                            " JOIN market.instruments i USING (instrument_id) ORDER BY 2").fetchall()
+    assert venues == [("binance", Decimal("0.1")), ("replay1", Decimal("0.2"))]
+
+
 def test_epoch_seconds(market, tmp_path):
     import_news(market, write(tmp_path, "ts,score,source\n1704192300,0.1,x\n"))
     assert stored(market)[0][0] == datetime(2024, 1, 2, 10, 45, tzinfo=UTC)

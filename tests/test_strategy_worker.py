@@ -1321,6 +1321,22 @@ def test_an_entry_whose_symbol_does_not_exist_yet_starts_once_it_does(
     assert len(errors(owner, "STRATEGY_SETUP_FAILED")) == 1
 
 
+def test_a_bare_symbol_is_never_a_replay_session_s_copy(
+        owner: psycopg.Connection, tmp_path: Path, btc: int,
+        make_worker: Callable[..., StrategyWorker]) -> None:
+    # every `mmats paper` copies its symbols onto venue replay<N>: a live entry naming
+    # BTCUSD failed to start ("on several venues") after the first replay session
+    copy = add_instrument(owner, "BTCUSD", "replay1")
+    write_strategy(tmp_path, "recorder")
+    cfg, named = entry("adv", "recorder"), entry("adv2", "recorder", "BTCUSD@replay1")
+    setup(owner, tmp_path, [paper("adv"), paper("adv2")], [cfg, named])
+    w = make_worker([cfg, named])
+    pump(w, lambda: len(w.assignments) == 2)
+    assert errors(owner, "STRATEGY_SETUP_FAILED") == []
+    assert {a.cursor: [i[0] for i in a.instruments] for a in w.assignments} == {
+        "strategy:adv:recorder:1m": [btc], "strategy:adv2:recorder:1m": [copy]}
+
+
 def test_hot_reload_of_a_new_version_is_reported_not_silently_ignored(
         owner: psycopg.Connection, tmp_path: Path, btc: int,
         make_worker: Callable[..., StrategyWorker]) -> None:

@@ -48,6 +48,7 @@ _ALIASES = {
 }
 _REQUIRED = ("time", "score", "source")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+_REPLAY_VENUE = re.compile(r"replay[0-9]+")  # a replay session's copy of instruments
 MAX_SOURCE = 100
 MAX_HEADLINE = 500
 
@@ -172,7 +173,9 @@ def _check(row: _Row, mapping: dict[str, str], when: Any, when_reason: str | Non
     where = cell("venue").lower() or venue
     instrument: int | None = None
     if symbol:
-        matches = [(v, i) for v, i in known.get(symbol, []) if where is None or v == where]
+        # a replay session's copy (venue replay<N>) only when its venue is named
+        matches = [(v, i) for v, i in known.get(symbol, [])
+                   if v == where or (where is None and not _REPLAY_VENUE.fullmatch(v))]
         if not matches:
             at = f" on venue {shown(where)}" if where else ""
             raise ValueError(f"unknown symbol {shown(symbol)}{at} (import its bars first; "

@@ -457,7 +457,8 @@ class StrategyWorker(Worker):
             name, _, venue = symbol.partition("@")
             rows = c.execute("SELECT instrument_id, symbol, venue, price_tick "
                              "FROM market.instruments "
-                             "WHERE symbol = %s AND (%s::text IS NULL OR venue = %s)",
+                             "WHERE symbol = %s AND (venue = %s OR (%s::text IS NULL"
+                             " AND venue !~ '^replay[0-9]+$'))",  # a replay copy when named
                              (name, venue or None, venue or None)).fetchall()
             if len(rows) != 1:
                 problem = ("unknown" if not rows

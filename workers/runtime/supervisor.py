@@ -36,13 +36,14 @@ KINDS = ("ingest", "strategies", "router", "reconciler", "notifier")
 # ---------------------------------------------------------------------- set-up
 def _known_symbol(conn: psycopg.Connection, config: RuntimeConfig, symbol: str) -> str | None:
     """Why a strategy's symbol cannot be traded, or None: it is in market.instruments
-    (once: a bare symbol on several venues must name one), or a [[feeds]] entry of this
+    (once: a bare symbol on several venues must name one; a replay session's copy, venue
+    replay<N>, counts only when named), or a [[feeds]] entry of this
     configuration will store it (its instrument is created by the ingest worker)."""
     from workers.runtime.live_ingest import _venue
 
     name, _, venue = symbol.partition("@")
     rows = conn.execute("SELECT venue FROM market.instruments WHERE symbol = %s "
-                        "AND (%s::text IS NULL OR venue = %s)",
+                        "AND (venue = %s OR (%s::text IS NULL AND venue !~ '^replay[0-9]+$'))",
                         (name, venue or None, venue or None)).fetchall()
     if len(rows) > 1:
         return (f"symbol {symbol!r} is on several venues ({', '.join(sorted(r[0] for r in rows))})"
