@@ -16,7 +16,7 @@ from typing import Any
 import click
 import psycopg
 
-from db.config import load_settings
+from db.config import Settings, load_settings
 from db.connect import connect, database_url
 from db.errors import MmatsError
 from workers.runtime import config as runtime_config
@@ -33,6 +33,16 @@ def _config_path(value: str | None) -> Path:
     return Path(env) if env else Path("mmats.toml")
 
 
+def _settings(config_file: str | None) -> Settings:
+    """The database settings: a --config file's [database] table (and the environment's
+    MMATS_DATABASE_URL / MMATS_HOME over it), as MMATS_CONFIG would give them; without
+    --config, MMATS_CONFIG's or ./mmats.toml's. The workers `mmats run` starts get the
+    same --config, so they read the same."""
+    if config_file:
+        return load_settings({**os.environ, "MMATS_CONFIG": config_file})
+    return load_settings()
+
+
 @click.command("run")
 @click.option("--config", "config_file", help="the runtime configuration (default mmats.toml)")
 def run_command(config_file: str | None) -> None:
@@ -44,7 +54,8 @@ def run_command(config_file: str | None) -> None:
     kinds = kinds_for(cfg)
     if not kinds:  # before anything is written
         raise MmatsError(f"{path}: nothing to run (no [[feeds]], [[strategies]] or brokers)")
-    url = database_url()
+    settings = _settings(config_file)
+    url = database_url(settings)
     with connect(url, autocommit=True) as conn:
         try:
             lines = apply_config(conn, cfg, symbols=True, notifications=True)
@@ -56,10 +67,11 @@ def run_command(config_file: str | None) -> None:
         click.echo(f"account {acc.name}: {acc.environment.upper()} environment, {acc.mode} mode, "
                    f"broker {acc.broker}" + (f" ({acc.endpoint} endpoint)"
                                              if acc.broker != "paper" else ""))
-    click.echo(f"workers: {', '.join(kinds)} (logs: JSON lines on stderr of each; stop with "
+    log_dir = settings.home / "logs"
+    click.echo(f"workers: {', '.join(kinds)} (JSON logs in {log_dir}/<worker>.log; stop with "
                "Ctrl-C or SIGTERM)")
     # a replay's ingest worker ends (exit 0) when it has played every bar: not restarted
-    sup = Supervisor(path.resolve(), kinds, log_dir=load_settings().home / "logs",
+    sup = Supervisor(path.resolve(), kinds, log_dir=log_dir,
                      finished=lambda kind, code: (kind == "ingest" and code == 0
                                                   and cfg.replay is not None))
     signal.signal(signal.SIGTERM, lambda *_: sup.stop_event.set())
@@ -114,8 +126,9 @@ def worker_command(kind: str, config_file: str | None, name: str | None) -> None
         raise MmatsError(f"--name {name!r}: a worker's name is a lowercase letter, then up to "
                          "63 of a-z 0-9 _ . : -")
     cfg = runtime_config.load(_config_path(config_file))
-    log.setup(name or kind, file=cfg.log_file)
-    worker = build_worker(kind, cfg, database_url(), name=name)
+    settings = _settings(config_file)
+    log.setup(name or kind, file=cfg.log_file, database_url=settings.database_url)
+    worker = build_worker(kind, cfg, database_url(settings), name=name)
     worker.install_signal_handlers()
     worker.run()
 

@@ -107,6 +107,26 @@ def test_a_symbol_is_known_from_market_instruments_or_a_feed(db_url, tmp_path):
     assert _written(db_url) == []
 
 
+def test_the_database_table_of_a_config_file_given_with_config_is_the_one_used(
+        db_url, tmp_path):
+    """`--config FILE` read FILE's runtime tables but the database of MMATS_CONFIG (or
+    ./mmats.toml): here a server that is not there."""
+    elsewhere = tmp_path / "elsewhere.toml"
+    elsewhere.write_text(f'[database]\nurl = "{db_url}"\n' + ACC
+                         + SMA.replace("BTC/USDT@binance", "NOPE/USDT"), encoding="utf-8")
+    dead = tmp_path / "dead.toml"
+    dead.write_text('[database]\nurl = "postgresql://mmats@127.0.0.1:1/x?connect_timeout=2"\n',
+                    encoding="utf-8")
+    result = CliRunner().invoke(run_command, ["--config", str(elsewhere)],
+                                env={"MMATS_CONFIG": str(dead), "MMATS_DATABASE_URL": None,
+                                     "MMATS_HOME": str(tmp_path / "home")})
+    # the symbol is looked up in db_url's market.instruments: that database was reached
+    assert isinstance(result.exception, MmatsError), (result.exception, result.output)
+    assert "symbol 'NOPE/USDT' is not in market.instruments" in str(result.exception), str(
+        result.exception)
+    assert "127.0.0.1:1" not in str(result.exception) and ":1/x" not in result.output
+
+
 def test_a_replay_session_s_copy_counts_only_where_its_venue_is_named(db_url):
     """Every `mmats paper` (and the demo's) copies its symbols onto venue replay<N>: a
     bare symbol of a live configuration was then 'on several venues'."""
