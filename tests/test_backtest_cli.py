@@ -362,3 +362,26 @@ def test_report_of_a_walk_forward_not_finished_is_one_line(run, btc_url: str,  #
     assert line == (f"error: walk-forward {failed} failed (BacktestError: window 1: no bars): "
                     "it has no results to show")
     assert not html.exists()
+
+
+def test_a_run_on_a_symbol_two_venues_list_reads_back_its_own_venue(run, btc_url: str,  # type: ignore[no-untyped-def]
+                                                                     tmp_path: Path) -> None:
+    """The run stored the symbol alone; its report looked the symbol up again and refused
+    it ("exists on several venues"), after the run was stored: no JSON, exit 1, and no
+    report or Monte Carlo for that run ever."""
+    (ds,) = [d for d in sample_datasets() if d.symbol == "BTC/USDT"]
+    with psycopg.connect(btc_url, autocommit=True) as conn:
+        for venue in ("kraken", "okx"):
+            import_file(conn, ds.path, symbol="XBT/USDT", market=ds.market,
+                        timeframe=ds.timeframe, venue=venue)
+    out = tmp_path / "run.json"
+    result = run("backtest", "--quiet", "--strategy", "sma_crossover", "--symbol",
+                 "XBT/USDT@kraken", *BTC[2:], "--json", str(out))
+    assert result.returncode == 0, result.stderr
+    run_id = json.loads(out.read_text())["run_id"]
+    again = tmp_path / "again.json"
+    assert run("report", str(run_id), "--json", str(again)).returncode == 0
+    assert run("montecarlo", str(run_id), "--paths", "20").returncode == 0
+    report = json.loads(again.read_text())
+    assert report["metrics"] == json.loads(out.read_text())["metrics"]
+    assert len(report["prices"]["XBT/USDT"]["close"]) > 0

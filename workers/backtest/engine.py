@@ -212,7 +212,11 @@ class Engine:
             "params": Jsonb(self.strategy.params), "symbols": [s.symbol for s in self.symbols],
             "timeframe": self.config.timeframe, "start": self.config.start,
             "end": self.config.end, "cash": self.config.cash, "currency": self.currency,
-            "settings": Jsonb(self.config.settings()), "label": self.config.label,
+            # each symbol's venue beside it: a report reads the run's instruments back
+            # even when another venue lists the same symbol (then or later)
+            "settings": Jsonb(self.config.settings()
+                              | {"venues": [sd.inst.venue for sd in self.symbols]}),
+            "label": self.config.label,
             "walk_forward_id": self.config.walk_forward_id}).fetchone()
         assert row is not None
         self.run_id = int(row[0])

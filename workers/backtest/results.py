@@ -242,8 +242,10 @@ def load_report(conn: psycopg.Connection, run_id: int) -> dict[str, Any]:
     else:
         months = []
     prices = {}
-    for sym in symbols:
-        inst = instrument(conn, sym)
+    venues = (settings or {}).get("venues") or []
+    for k, sym in enumerate(symbols):
+        # the venue the run traded on (runs of before it was stored: the symbol alone)
+        inst = instrument(conn, f"{sym}@{venues[k]}" if k < len(venues) else sym)
         rows = conn.execute(query("backtest_prices"), {
             "instrument": inst.instrument_id, "timeframe": timeframe, "start": start, "end": end,
             "points": PRICE_POINTS}).fetchall()
