@@ -9,7 +9,7 @@ import tempfile
 import time
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import click
 import psycopg
@@ -18,6 +18,7 @@ from api.table import printable, table
 from db.connect import connect, database_url
 from db.errors import MmatsError
 from db.queries import query
+from workers.backtest.files import atomic_write, is_stream
 
 METRIC_LINES = (
     ("final_equity", "final equity", "money"), ("total_return", "total return", "pct"),
@@ -82,8 +83,13 @@ def check_output(flag: str, path: str | None) -> None:
     if not folder.is_dir():
         what = "is not a folder" if folder.exists() else "does not exist"
         raise MmatsError(f"{where}: folder {printable(str(folder))} {what}")
+    if is_stream(target):  # a device or a pipe: written in place
+        if not os.access(target, os.W_OK):
+            raise MmatsError(f"{where}: cannot write to it (permission denied)")
+        return
+    real = Path(os.path.realpath(target))
     try:  # the real test: create (and remove) a file there, as the writer will
-        fd, name = tempfile.mkstemp(dir=folder, prefix=f".{target.name}.", suffix=".check")
+        fd, name = tempfile.mkstemp(dir=real.parent, prefix=f".{real.name}.", suffix=".check")
         os.close(fd)
         os.unlink(name)
     except OSError as exc:
@@ -92,15 +98,17 @@ def check_output(flag: str, path: str | None) -> None:
 
 
 def write_json(report: Mapping[str, Any], path: str, flag: str = "--json") -> None:
-    """Write the JSON via a temp file renamed over the target (never half-written)."""
+    """Write the JSON via a temp file renamed over the target (never half-written; a
+    device or a named pipe is written in place: `files.atomic_write`)."""
     check_output(flag, path)
-    target = Path(path)
-    tmp = target.with_name(f".{target.name}.tmp")
+    text = json.dumps(report, indent=1, allow_nan=False).encode("utf-8")
+
+    def write(fh: IO[bytes]) -> None:
+        fh.write(text)
+
     try:
-        tmp.write_text(json.dumps(report, indent=1, allow_nan=False))
-        tmp.replace(target)
+        atomic_write(Path(path), write)
     except OSError as exc:
-        tmp.unlink(missing_ok=True)
         raise MmatsError(f"{flag} {printable(path)}: cannot write it: "
                          f"{exc.strerror or exc}") from None
 

@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import copy
 import math
+import os
 import re
+import stat
+import threading
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -503,5 +506,34 @@ def test_failed_write_removes_its_temp_file(tmp_path: Path) -> None:
         raise OSError("disk full")
 
     with pytest.raises(OSError, match="disk full"):
-        rpt._atomic_write(target, half)
+        rpt.atomic_write(target, half)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_symbolic_link_is_followed_and_a_pipe_or_device_written_in_place(
+        tmp_path: Path) -> None:
+    """A rename over the target replaced a symbolic link with a file (the file it named
+    unchanged) and a device or a named pipe with a file: --json /dev/full said 'written'
+    and /dev/full became a JSON file."""
+    def write(fh: IO[bytes]) -> None:
+        fh.write(b'{"ok": 1}')
+
+    real = tmp_path / "real.json"
+    real.write_text("old")
+    link = tmp_path / "link.json"
+    link.symlink_to(real)
+    rpt.atomic_write(link, write)
+    assert link.is_symlink() and real.read_bytes() == b'{"ok": 1}'
+
+    pipe = tmp_path / "pipe.json"
+    os.mkfifo(pipe)
+    got: list[bytes] = []
+    reader = threading.Thread(target=lambda: got.append(pipe.read_bytes()))
+    reader.start()
+    rpt.atomic_write(pipe, write)
+    reader.join(5)
+    assert got == [b'{"ok": 1}'] and stat.S_ISFIFO(pipe.stat().st_mode)
+
+    # (a device takes the same path as the pipe: not tried here, a regression would
+    # replace the machine's device with a file)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["link.json", "pipe.json", "real.json"]

@@ -396,7 +396,8 @@ def test_a_running_backtest_s_account_is_not_controlled_by_hand(conn: psycopg.Co
     oid = int(r["order_id"])
     coid = order_row(conn, oid)["client_order_id"]
     orders_before = one(conn, "SELECT count(*) FROM trading.orders")
-    refused = f"account {acc} belongs to backtest run {run}, still running: its orders are the run's"
+    refused = (f"account {acc} belongs to backtest run {run}, still running: "
+               "its orders are the run's")
     for what, query, args in [
             (f"order {coid}", "SELECT trading.request_cancel(%s)", (str(oid),)),
             ("close_position AAPL", "SELECT trading.close_position(%s, 'AAPL')", (acc,)),

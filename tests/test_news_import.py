@@ -90,8 +90,8 @@ def test_a_replay_session_s_copy_is_taken_only_where_its_venue_is_named(market, 
     import_news(market, write(tmp_path, "ts,symbol,score,source\n1704192300,BTC/USDT,0.1,x\n"))
     import_news(market, write(tmp_path, "ts,symbol,score,source\n1704192300,BTC/USDT,0.2,x\n",
                               "copy.csv"), venue="replay1")
-    venues = market.execute("SELECT i.venue, n.score FROM market.news_sentiment n"
-                            " JOIN market.instruments i USING (instrument_id) ORDER BY 2").fetchall()
+    venues = market.execute("SELECT i.venue, n.score FROM market.news_sentiment n JOIN"
+                            " market.instruments i USING (instrument_id) ORDER BY 2").fetchall()
     assert venues == [("binance", Decimal("0.1")), ("replay1", Decimal("0.2"))]
 
 

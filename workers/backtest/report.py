@@ -18,9 +18,7 @@ import io
 import itertools
 import json
 import math
-import os
 import re
-import tempfile
 import textwrap
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -39,6 +37,8 @@ from matplotlib.backends.backend_pdf import PdfPages
 from matplotlib.figure import Figure
 from matplotlib.ticker import FuncFormatter, PercentFormatter
 from numpy.typing import ArrayLike, NDArray
+
+from workers.backtest.files import atomic_write
 
 if TYPE_CHECKING:
     from matplotlib.typing import RcKeyType
@@ -1067,29 +1067,6 @@ def _target(path: str | Path) -> Path:
     return target
 
 
-def _atomic_write(target: Path, write: Callable[[IO[bytes]], None]) -> Path:
-    """Write via a temp file in the same folder and os.replace it over the target.
-
-    The rename is atomic within one file system, so readers see the old report or the
-    whole new one, and a failure part-way leaves no half-written report behind.
-    """
-    fd, tmp_name = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.",
-                                    suffix=".tmp")
-    tmp = Path(tmp_name)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            write(fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        # mkstemp makes the file 0600; a report is an ordinary, shareable document
-        tmp.chmod(0o644)
-        os.replace(tmp, target)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return target
-
-
 def write_html(report: Mapping[str, Any], path: str | Path) -> Path:
     """Render the report and write it to path atomically; returns the path."""
     target = _target(path)
@@ -1098,7 +1075,7 @@ def write_html(report: Mapping[str, Any], path: str | Path) -> Path:
     def write(fh: IO[bytes]) -> None:
         fh.write(page)
 
-    return _atomic_write(target, write)
+    return atomic_write(target, write)
 
 
 # --------------------------------------------------------------------------- PDF
@@ -1349,4 +1326,4 @@ def write_pdf(report: Mapping[str, Any], path: str | Path) -> Path:
             for build in pages:
                 pdf.savefig(build())
 
-    return _atomic_write(target, write)
+    return atomic_write(target, write)
