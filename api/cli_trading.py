@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import sys
 import uuid
-from decimal import Decimal, InvalidOperation
+from decimal import Decimal
 
 import click
 import psycopg
@@ -14,12 +14,11 @@ from psycopg.types.json import Jsonb
 from api.table import printable, table
 from db.connect import connect, database_url
 from db.errors import MmatsError, describe
+from db.numbers import parse_number
 
 ENVIRONMENTS = ["backtest", "paper", "live"]
 
 
-MAX_NUMBER = Decimal("1e18")  # the trading core's bound on money and quantities
-MAX_NUMBER_LENGTH = 64
 
 
 SHOWN_LENGTH = 40  # what a message shows of a value the user gave
@@ -31,21 +30,8 @@ def shortened(value: str, limit: int = SHOWN_LENGTH) -> str:
 
 
 def _decimal(value: str, what: str) -> Decimal:
-    """A number given on the command line: finite, below 10^18 in size (the database's
-    own bound), and at most MAX_NUMBER_LENGTH characters long."""
-    if len(value.strip()) > MAX_NUMBER_LENGTH:
-        raise MmatsError(f"{what} {shortened(value)} is too long ({len(value):,} characters; "
-                         f"a number has at most {MAX_NUMBER_LENGTH})")
-    try:
-        d = Decimal(value.strip())
-    except InvalidOperation:
-        raise MmatsError(f"{what} must be a number, got {shortened(value)}") from None
-    if not d.is_finite():
-        raise MmatsError(f"{what} must be a finite number, got {shortened(value)}")
-    if abs(d) >= MAX_NUMBER:
-        raise MmatsError(f"{what} {shortened(value)} is out of range: it must be less than "
-                         "10^18 in size")
-    return d
+    """A number given on the command line (`db.numbers.parse_number`'s bounds)."""
+    return parse_number(value, what, MmatsError)
 
 
 def _sql_literal(value: str) -> str:

@@ -385,3 +385,38 @@ def test_a_run_on_a_symbol_two_venues_list_reads_back_its_own_venue(run, btc_url
     report = json.loads(again.read_text())
     assert report["metrics"] == json.loads(out.read_text())["metrics"]
     assert len(report["prices"]["XBT/USDT"]["close"]) > 0
+
+
+def stored_rows(url: str) -> tuple[int, ...]:
+    with psycopg.connect(url) as conn:
+        row = conn.execute(
+            "SELECT (SELECT count(*) FROM backtest.runs), (SELECT count(*) FROM"
+            " backtest.walk_forwards), (SELECT count(*) FROM trading.accounts),"
+            " (SELECT count(*) FROM risk.limits), (SELECT count(*) FROM audit.events)").fetchone()
+    assert row is not None
+    return tuple(int(v) for v in row)
+
+
+@pytest.mark.parametrize(("content", "args", "says"), [
+    # a limit the trading core refuses was set after the run and its account were stored
+    (b'[[limit]]\ntype = "MAX_DRAWDOWN"\nvalue = 5\n', (),
+     "limit 1: MAX_DRAWDOWN must be a fraction between 0 and 1, got 5"),
+    (b'[[limit]]\ntype = "MAX_OPEN_POSITIONS"\nvalue = 3\n[[limit]]\ntype = "NOSUCH"\n'
+     b'value = 1\n', (), "limit 2: unknown limit type 'NOSUCH'"),
+    (b'\xff\xfe[[limit]]', (), "not UTF-8 text (byte b'\\xff' at offset 0)"),  # a traceback
+    (b'', ("--cash", "1e-16000"), "--cash '1e-16000' has more than 18 decimal places"),
+])
+@pytest.mark.parametrize("command", ["backtest", "walk-forward"])
+def test_a_refused_limits_file_or_cash_stores_nothing(run, btc_url: str, tmp_path: Path,  # type: ignore[no-untyped-def]
+                                                      content, args, says, command) -> None:
+    limits = tmp_path / "limits.toml"
+    limits.write_bytes(content)
+    before = stored_rows(btc_url)
+    extra = ("--param", "fast=5:10:5") if command == "walk-forward" else ()
+    line = one_error_line(run(command, "--strategy", "sma_crossover", "--symbol", "BTC/USDT",
+                              "--timeframe", "1m", "--from", "2024-01-01", "--to",
+                              "2024-01-07", "--limits", str(limits), *args, *extra))
+    assert says in line, line
+    if not args:
+        assert f"--limits {limits}" in line, line
+    assert stored_rows(btc_url) == before

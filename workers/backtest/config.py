@@ -7,10 +7,11 @@ import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from decimal import Decimal, InvalidOperation
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
+from db.numbers import MAX_NUMBER, parse_number
 from workers.backtest.simulator import Costs, SimulatorError, Slippage
 
 TIMEFRAMES = ("1m", "5m", "15m", "1h", "4h", "1d", "1w")
@@ -29,6 +30,7 @@ class LimitSpec:
     scope: str = "global"
     key: str | None = None
     params: Mapping[str, Any] = field(default_factory=dict)
+    where: str = "a limit"  # where it was given, for a refusal: "--limits FILE: limit N"
 
 
 @dataclass(frozen=True)
@@ -134,8 +136,6 @@ def parse_time(text: str, what: str) -> datetime:
     return ts.replace(tzinfo=UTC) if ts.tzinfo is None else ts.astimezone(UTC)
 
 
-MAX_NUMBER = Decimal("1e18")  # the trading core's bound on money and quantities
-MAX_NUMBER_LENGTH = 64
 
 
 def _shortened(text: str, limit: int = 40) -> str:
@@ -143,21 +143,8 @@ def _shortened(text: str, limit: int = 40) -> str:
 
 
 def parse_decimal(text: str, what: str) -> Decimal:
-    """A finite number below 10^18 in size (the database's bound), at most
-    MAX_NUMBER_LENGTH characters long."""
-    if len(text.strip()) > MAX_NUMBER_LENGTH:
-        raise BacktestError(f"{what} {_shortened(text)} is too long ({len(text):,} "
-                            f"characters; a number has at most {MAX_NUMBER_LENGTH})")
-    try:
-        value = Decimal(text.strip())
-    except InvalidOperation:
-        raise BacktestError(f"{what} must be a number, got {_shortened(text)}") from None
-    if not value.is_finite():
-        raise BacktestError(f"{what} must be a finite number, got {_shortened(text)}")
-    if abs(value) >= MAX_NUMBER:
-        raise BacktestError(f"{what} {_shortened(text)} is out of range: it must be less "
-                            "than 10^18 in size")
-    return value
+    """A number of the run's settings (`db.numbers.parse_number`'s bounds)."""
+    return parse_number(text, what, BacktestError)
 
 
 def parse_params(text: str | None) -> dict[str, object]:
@@ -217,9 +204,13 @@ def load_limits(path: str | Path) -> tuple[LimitSpec, ...]:
     each with `type`, `value` and optionally `scope`, `key`, `params`."""
     p = Path(path)
     try:
-        text = p.read_text()
+        text = p.read_bytes().decode("utf-8")
     except OSError as exc:
         raise BacktestError(f"--limits {p}: {exc.strerror or exc}") from None
+    except UnicodeDecodeError as exc:
+        raise BacktestError(f"--limits {p}: not UTF-8 text (byte "
+                            f"{exc.object[exc.start:exc.start + 1]!r} at offset {exc.start})"
+                            ) from None
     try:
         if p.suffix.lower() == ".json":
             items = json.loads(text)
@@ -252,4 +243,5 @@ def _limit(item: object, path: Path, n: int) -> LimitSpec:
         scope=str(item.get("scope", "global")),
         key=None if key is None else str(key),
         params=params,
+        where=where,
     )

@@ -35,6 +35,7 @@ import numpy as np
 import psycopg
 from psycopg.types.json import Jsonb, set_json_loads
 
+from db.errors import describe
 from db.queries import query
 from strategies.base import IStrategy, TimerIntervalError, check_timer_interval, timer_due
 from strategies.events import NewsSentiment, OrderFilled, OrderRejected
@@ -43,7 +44,7 @@ from strategies.loader import StrategyLoader, StrategyLoadError
 from strategies.market import AccountState, Environment, PositionState, StrategyContext
 from strategies.params import ParamError
 from strategies.signal import TradeSignal
-from workers.backtest.config import BacktestConfig, BacktestError
+from workers.backtest.config import BacktestConfig, BacktestError, LimitSpec
 from workers.backtest.data import SymbolData, from_us, instrument, load_symbol, to_us
 from workers.backtest.simulator import SimFill, SimOrder, Simulator
 
@@ -88,6 +89,24 @@ class RunCounts:
     protective_orders: int = 0
     strategy_errors: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)  # the engine's own consistency checks
+
+
+def check_limits(conn: psycopg.Connection, limits: Iterable[LimitSpec]) -> None:
+    """Each limit set as the trading core sets it, in a transaction rolled back: a
+    refusal (an unknown type, a value out of its range) names the limit and where it was
+    given, before a run, an account or a walk-forward is stored."""
+    limits = list(limits)
+    if not limits:
+        return
+    with conn.transaction(force_rollback=True):
+        for lim in limits:
+            try:
+                with conn.transaction():
+                    conn.execute(query("backtest_set_limit"), {
+                        "type": lim.limit_type, "value": lim.value, "scope": lim.scope,
+                        "key": lim.key, "account": None, "params": Jsonb(dict(lim.params))})
+            except psycopg.Error as exc:
+                raise BacktestError(f"{lim.where}: {describe(exc)}") from None
 
 
 def _f(value: Any) -> float | None:
@@ -206,6 +225,7 @@ class Engine:
         return currency
 
     def _create_run(self) -> None:
+        check_limits(self.conn, self.config.limits)
         cls = type(self.strategy)
         row = self.conn.execute(query("backtest_create_run"), {
             "strategy": cls.name, "version": cls.version,

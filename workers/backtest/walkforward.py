@@ -50,6 +50,7 @@ from strategies.market import ParamValue
 from strategies.params import ParamError
 from workers.backtest.config import BacktestConfig, BacktestError
 from workers.backtest.data import instrument, to_us
+from workers.backtest.engine import check_limits
 from workers.backtest.metrics import (
     EquityCurve,
     TradeRecord,
@@ -638,6 +639,7 @@ def run_walk_forward(conn: psycopg.Connection, base_config: BacktestConfig, *,
             progress(event)
 
     check_objective(objective)
+    check_limits(conn, base_config.limits)
     plan = windows(base_config.start, base_config.end, train_share=train_share, step=step,
                    anchored=anchored)
     cls = _strategy_class(base_config)
