@@ -182,3 +182,22 @@ def test_the_cli_prints_one_line_and_exits_1_on_a_bad_file(market, db_url, tmp_p
                           stdin=subprocess.DEVNULL, cwd=REPO)
     assert good.returncode == 0, good.stderr
     assert "3 rows: 3 new, 0 already stored" in good.stdout
+
+
+def test_the_same_item_with_another_score_is_refused_not_dropped(market, tmp_path):
+    # same time, symbol, source and headline: the second score was dropped in silence
+    # ("1 new, 1 already stored"), within a file and against what is stored
+    with pytest.raises(NewsImportError, match="line 3: the item of line 2 again .* "
+                                              r"\(0.1 against 0.9\); nothing was imported"):
+        import_news(market, write(tmp_path, "ts,symbol,score,source\n"
+                                            "1704192300,BTC/USDT,0.1,x\n1704192300,BTC/USDT,0.9,x\n"))
+    assert stored(market) == []
+    import_news(market, write(tmp_path, "ts,symbol,score,source\n1704192300,BTC/USDT,0.5,x\n"))
+    again = write(tmp_path, "ts,symbol,score,source\n1704192400,BTC/USDT,0.2,x\n"
+                            "1704192300,BTC/USDT,-0.9,x\n", "again.csv")
+    with pytest.raises(NewsImportError, match=r"line 3: this item is stored already with "
+                                              r"another score or extra \(0.5 against -0.9\)"):
+        import_news(market, again)
+    assert [r[2] for r in stored(market)] == [Decimal("0.5")]  # the good row not written
+    same = write(tmp_path, "ts,symbol,score,source\n1704192300,BTC/USDT,0.50,x\n", "same.csv")
+    assert import_news(market, same).inserted == 0  # the same item again: nothing to do

@@ -223,8 +223,35 @@ def import_news(conn: psycopg.Connection, path: str | Path, *, tz: str = "UTC",
         more = f" ({len(bad) - 1} more bad rows)" if len(bad) > 1 else ""
         raise NewsImportError(f"cannot import {shown(str(file), 300)}: line {line}: {reason}"
                               f"{more}; nothing was imported")
+    # the same item twice (time, instrument, source, headline) must say the same thing:
+    # a second score for it is a conflict, never silently dropped
+    first: dict[tuple[Any, ...], int] = {}
+    for k, v in enumerate(values):
+        key = (v[0], v[1], v[3], v[4])
+        seen = first.setdefault(key, k)
+        if seen != k and (values[seen][2], values[seen][5].obj) != (v[2], v[5].obj):
+            raise NewsImportError(
+                f"cannot import {shown(str(file), 300)}: line {rows[k].line}: the item of line "
+                f"{rows[seen].line} again (same time, symbol, source and headline) with "
+                f"another score or extra ({values[seen][2]} against {v[2]}); nothing was "
+                "imported")
     columns: list[Any] = list(zip(*values, strict=True)) if values else [()] * 6
     with conn.transaction():
+        clash = conn.execute(
+            "SELECT u.ord, n.score FROM unnest(%s::timestamptz[], %s::bigint[], %s::numeric[],"
+            " %s::text[], %s::text[], %s::jsonb[]) WITH ORDINALITY"
+            " u(ts, instrument_id, score, source, headline, extra, ord)"
+            " JOIN market.news_sentiment n ON n.ts = u.ts AND n.source = u.source"
+            " AND n.instrument_id IS NOT DISTINCT FROM u.instrument_id"
+            " AND n.headline IS NOT DISTINCT FROM u.headline"
+            " WHERE n.score <> u.score OR n.extra IS DISTINCT FROM u.extra"
+            " ORDER BY u.ord LIMIT 1", [list(c) for c in columns]).fetchone()
+        if clash is not None:
+            k = int(clash[0]) - 1
+            raise NewsImportError(
+                f"cannot import {shown(str(file), 300)}: line {rows[k].line}: this item is "
+                f"stored already with another score or extra ({clash[1]} against "
+                f"{values[k][2]}); nothing was imported")
         inserted = conn.execute(
             "WITH new AS (INSERT INTO market.news_sentiment (ts, instrument_id, score, source,"
             " headline, extra) SELECT * FROM unnest(%s::timestamptz[], %s::bigint[],"
