@@ -7,7 +7,6 @@ stack trace only with ``--debug`` (or MMATS_DEBUG=1).
 from __future__ import annotations
 
 import contextlib
-import io
 import os
 import sys
 import traceback
@@ -208,10 +207,12 @@ def main(argv: list[str] | None = None) -> NoReturn:
     except click.exceptions.Exit as exc:
         sys.exit(exc.exit_code)
     except click.ClickException as exc:
-        shown = io.StringIO()
-        exc.show(file=shown)  # (it may quote an argument: made safe like every message)
-        for line in shown.getvalue().splitlines():
-            click.echo(printable(line), err=True)
+        # one line too, like every refusal (click's own is a usage block and "Error:"):
+        # what was wrong, and where to read how the command is typed; exit status 2
+        message = " ".join(exc.format_message().split())
+        if isinstance(exc, click.UsageError) and exc.ctx is not None:
+            message = f"{message.rstrip('.')} (see `{exc.ctx.command_path} --help`)"
+        click.echo(f"error: {printable(message)}", err=True)
         sys.exit(exc.exit_code)
     except click.exceptions.Abort:
         click.echo("aborted", err=True)

@@ -420,3 +420,16 @@ def test_a_refused_limits_file_or_cash_stores_nothing(run, btc_url: str, tmp_pat
     if not args:
         assert f"--limits {limits}" in line, line
     assert stored_rows(btc_url) == before
+
+
+@pytest.mark.parametrize(("args", "says"), [
+    (("backtest", "--strategy", "x"),
+     "error: Missing option '--symbol' (see `mmats backtest --help`)"),
+    (("nosuch",), "error: No such command 'nosuch' (see `mmats --help`)"),
+    (("runs", "--limit", "many"), "error: Invalid value for '--limit': 'many' is not a valid"),
+])
+def test_a_mistyped_command_is_one_error_line_with_status_2(run, args, says) -> None:  # type: ignore[no-untyped-def]
+    # click's own usage block was three lines ("Usage: ...", "Try ...", "Error: ...")
+    result = run(*args)
+    assert result.returncode == 2 and result.stdout == ""
+    assert len(result.stderr.splitlines()) == 1 and result.stderr.startswith(says), result.stderr
