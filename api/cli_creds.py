@@ -9,9 +9,11 @@ command names the account's environment, so a live key is never mistaken for a p
 from __future__ import annotations
 
 import contextlib
+import getpass
 import json
 import os
 import sys
+import warnings
 from collections import Counter
 from collections.abc import Sequence
 
@@ -69,7 +71,8 @@ def _read_secret(fields: Sequence[str], from_env: Sequence[str], stdin_json: boo
             raise MmatsError(f"field {name} is given twice")
         value = os.environ.get(var)
         if not value:
-            raise MmatsError(f"--from-env {name}={var}: environment variable {var} is not set")
+            state = "is empty" if value == "" else "is not set"
+            raise MmatsError(f"--from-env {name}={var}: environment variable {var} {state}")
         log.register_secret(value)
         secret[name] = value
     to_prompt = list(fields) if (fields or from_env) else list(default_fields)
@@ -77,8 +80,17 @@ def _read_secret(fields: Sequence[str], from_env: Sequence[str], stdin_json: boo
         creds.check_field_name(name)
         if name in secret or to_prompt.count(name) > 1:
             raise MmatsError(f"field {name} is given twice")
+    piped = not sys.stdin.isatty()
     for name in to_prompt:
-        value = click.prompt(name, hide_input=True)
+        try:
+            with warnings.catch_warnings():  # piped in: no echo to hide, nothing to warn of
+                warnings.simplefilter("ignore", getpass.GetPassWarning)
+                value = click.prompt(name, hide_input=True)
+        except click.exceptions.Abort:
+            if not piped:
+                raise  # Ctrl-C or Ctrl-D at the terminal
+            raise MmatsError(f"--field {name}: standard input ended before its value (give "
+                             "one line per field, or use --from-env or --stdin-json)") from None
         log.register_secret(value)
         secret[name] = value
     if not secret:

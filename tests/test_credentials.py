@@ -451,6 +451,18 @@ def test_cli_refusals(db_url: str, conn: psycopg.Connection, accounts: None,
                     env={creds.ENV_VAR: "not-a-key"})
     assert isinstance(no_key.exception, MmatsError)
     assert str(no_key.exception).startswith("MMATS_MASTER_KEY must be a 32-byte key")
+    # stdin at its end: "aborted", exit 130, as if Ctrl-C had been pressed
+    ended = invoke(db_url, "set", "alpha", "main", "--venue", "binance", "--endpoint",
+                   "testnet", "--field", "api_key", "--field", "secret", input="k-0001\n",
+                   env=env)
+    assert isinstance(ended.exception, MmatsError), (ended.output, ended.exception)
+    assert str(ended.exception).startswith(
+        "--field secret: standard input ended before its value")
+    empty = invoke(db_url, "set", "alpha", "main", "--venue", "binance", "--endpoint",
+                   "testnet", "--from-env", "api_key=MMATS_TEST_EMPTY", env={
+                       **env, "MMATS_TEST_EMPTY": ""})
+    assert str(empty.exception) == ("--from-env api_key=MMATS_TEST_EMPTY: environment "
+                                    "variable MMATS_TEST_EMPTY is empty")
     assert secret_rows(conn) == []
 
 
