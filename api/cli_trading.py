@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import sys
 import uuid
 from decimal import Decimal
@@ -221,10 +222,24 @@ def _params(pairs: tuple[str, ...]) -> dict[str, object]:
         if not sep or not key:
             raise MmatsError(f"--param takes key=value, got {pair!r}")
         try:
-            out[key] = json.loads(value)
+            parsed = json.loads(value)
         except json.JSONDecodeError:
-            out[key] = value
+            parsed = value
+        if not _finite(parsed):  # NaN, Infinity, 1e400: no JSON the database reads
+            raise MmatsError(f"--param {printable(key)}: {shortened(value)} is not a finite "
+                             "number")
+        out[key] = parsed
     return out
+
+
+def _finite(value: object) -> bool:
+    if isinstance(value, float):
+        return math.isfinite(value)
+    if isinstance(value, list):
+        return all(_finite(v) for v in value)
+    if isinstance(value, dict):
+        return all(_finite(v) for v in value.values())
+    return True
 
 
 @risk_group.command("set", context_settings={"ignore_unknown_options": True})

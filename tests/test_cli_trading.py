@@ -62,6 +62,14 @@ def test_account_create_and_list(run, db_url: str) -> None:  # type: ignore[no-u
      "MAX_POSITION_SIZE must be a fraction between 0 and 1, got -1"),
     (("risk", "set", "MAX_POSITION_SIZE", "-1", "--scope", "global"),
      "MAX_POSITION_SIZE must be a fraction between 0 and 1, got -1"),
+    # "invalid input syntax for type json" before: NaN is no JSON
+    (("risk", "set", "MAX_VOLATILITY", "0.1", "--param", "period=NaN"),
+     "error: --param period: 'NaN' is not a finite number"),
+    (("risk", "set", "MAX_VOLATILITY", "0.1", "--param", "period=[1, 1e400]"),
+     "error: --param period: '[1, 1e400]' is not a finite number"),
+    # more digits than any money or quantity has
+    (("account", "create", "c4", "--environment", "paper", "--cash", "1e-16000"),
+     "error: --cash '1e-16000' has more than 18 decimal places"),
 ])
 def test_bad_input_is_one_line(run, db_url: str, args, fragment: str) -> None:  # type: ignore[no-untyped-def]
     line = one_error_line(run(*args))
