@@ -258,6 +258,10 @@ def risk_set(limit_type: str, value: str, scope: str, scope_key: str | None,
              account: str | None, environment: str | None, params: tuple[str, ...]) -> None:
     """Set a limit (kept with its history). See `mmats risk types`."""
     number = _decimal(value, "VALUE")  # (a negative VALUE is a value, not an option)
+    if scope_key is not None and not 1 <= len(scope_key) <= 64:  # (limits_scope_key_length,
+        # checked first: the database warns of an unknown key before its insert is refused)
+        raise MmatsError(f"--key {shortened(scope_key)}: a limit's scope key (a market, "
+                         "strategy or symbol) is 1-64 characters")
     limit_id = _call("SELECT risk.set_limit(%s, %s, %s, %s, %s, %s, %s::jsonb)",
                      (limit_type, number, scope, scope_key, account,
                       environment, json.dumps(_params(params))))

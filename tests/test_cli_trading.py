@@ -67,6 +67,12 @@ def test_account_create_and_list(run, db_url: str) -> None:  # type: ignore[no-u
      "error: --param period: 'NaN' is not a finite number"),
     (("risk", "set", "MAX_VOLATILITY", "0.1", "--param", "period=[1, 1e400]"),
      "error: --param period: '[1, 1e400]' is not a finite number"),
+    # the constraint's own sentence, not its name
+    (("account", "create", "c5", "--environment", "paper", "--currency", "US'D"),
+     "an account's currency is 2-12 upper-case letters or digits"),
+    (("risk", "set", "MAX_POSITION_SIZE", "0.1", "--scope", "strategy", "--key", "k" * 65),
+     "error: --key 'kkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkk...': a limit's scope key (a market, "
+     "strategy or symbol) is 1-64 characters"),
     # more digits than any money or quantity has
     (("account", "create", "c4", "--environment", "paper", "--cash", "1e-16000"),
      "error: --cash '1e-16000' has more than 18 decimal places"),

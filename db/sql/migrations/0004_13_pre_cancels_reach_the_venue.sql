@@ -605,3 +605,14 @@ BEGIN
     RETURN jsonb_build_object('status', 'approved', 'order_id', oid, 'reason_code', NULL, 'reason', NULL);
 END
 $$;
+
+------------------------------------------------------------------------------ messages
+-- The sentence a refused write shows instead of the constraint's name (db/errors.describe)
+COMMENT ON CONSTRAINT accounts_currency_format ON trading.accounts IS
+    'an account''s currency is 2-12 upper-case letters or digits (e.g. USD, USDT)';
+COMMENT ON CONSTRAINT limits_scope_key_length ON risk.limits IS
+    'a limit''s scope key (a market, strategy or symbol) is 1-64 characters';
+COMMENT ON CONSTRAINT credentials_label_check ON trading.credentials IS
+    'a credentials label is 1-64 characters: letters, digits and _ . -, starting with a letter or digit';
+COMMENT ON CONSTRAINT credentials_venue_check ON trading.credentials IS
+    'a venue is 1-32 characters: lower-case letters, digits and . _ -';
