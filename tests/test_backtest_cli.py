@@ -148,7 +148,7 @@ def test_report_pdf_montecarlo_and_runs(run, tmp_path: Path) -> None:  # type: i
     ((*BTC, "--params", "fast=30,slow=20"), "fast (30) must be below slow (20)"),
     ((*BTC, "--params", "speed=3"), "speed"),
     ((*BTC, "--slippage", "lots"), "slippage 'lots'"),
-    ((*BTC, "--commission", "0.5"), "taker_fee must be a fraction below 0.1"),
+    ((*BTC, "--commission", "0.5"), "--commission must be a fraction below 0.1"),
     # bounds: a cash the trading core cannot hold used to fail late, naming fill.quantity,
     # and leave a failed run; a slippage without bound ran to 0 fills or -100 %
     ((*BTC, "--cash", "1e400"), "--cash '1e400' is out of range: it must be less than 10^18"),

@@ -691,7 +691,7 @@ def test_bad_input_is_a_one_line_error_and_writes_nothing(conn, tmp_path):
     ({"end": T0}, "must be after --from"),
     ({"cash": D(0)}, "--cash must be a number > 0, got 0"),
     ({"symbols": ()}, "a backtest needs at least one --symbol"),
-    ({"commission": D("0.5")}, "taker_fee must be a fraction below 0.1, got 0.5"),
+    ({"commission": D("0.5")}, "--commission must be a fraction below 0.1, got 0.5"),
     # a spread for a symbol the run does not trade was stored as applied and never charged
     ({"spread": {"A-USD": D("0.01")}}, "--spread names A-USD, which is not a symbol of the "
      "run (A)"),

@@ -90,6 +90,8 @@ def test_hostile_strings_stay_data(tmp_path):
         rc.load(bad)
     with pytest.raises(rc.RuntimeConfigError, match=r"no such configuration file"):
         rc.load(tmp_path / "missing.toml")
+    with pytest.raises(rc.RuntimeConfigError, match=r": a folder, not a configuration file"):
+        rc.load(tmp_path)
 
 
 def test_bar_grace_defaults_to_three_seconds_and_is_passed_to_the_strategy_worker():

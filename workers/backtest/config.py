@@ -89,7 +89,13 @@ class BacktestConfig:
                 name, _, venue = key.partition("@")
                 self.costs_for(name, venue or None)
         except SimulatorError as exc:
-            raise BacktestError(str(exc)) from None
+            # the simulator names its fields; the user gave options
+            flags = {"taker_fee": "--commission", "maker_fee": "--maker-fee",
+                     "spread": "--spread"}
+            text = str(exc)
+            field_name = text.split(" ", 1)[0]
+            raise BacktestError(flags.get(field_name, field_name) + text[len(field_name):]
+                                ) from None
 
     def spread_for(self, symbol: str, venue: str | None = None) -> Decimal:
         """The spread of `symbol` (on `venue`): given for SYMBOL@venue, else for SYMBOL,

@@ -405,6 +405,8 @@ def parse(raw: Mapping[str, Any], source: Path | None = None) -> RuntimeConfig:
 
 def load(path: str | Path) -> RuntimeConfig:
     p = Path(path)
+    if p.is_dir():
+        raise RuntimeConfigError(f"{p}: a folder, not a configuration file")
     if not p.is_file():
         raise RuntimeConfigError(f"{p}: no such configuration file")
     try:
