@@ -309,6 +309,15 @@ def risk_show(account: str | None) -> None:
                    f"{printable(reason)}")
 
 
+@risk_group.command("remove")
+@click.argument("limit_id", type=click.IntRange(1))
+def risk_remove(limit_id: int) -> None:
+    """Remove a limit by its id (`mmats risk show`); its history stays."""
+    if not _call("SELECT risk.remove_limit(%s)", (limit_id,)):
+        raise MmatsError(f"no limit {limit_id} (`mmats risk show` lists them)")
+    click.echo(f"limit {limit_id} removed")
+
+
 @risk_group.command("types")
 def risk_types() -> None:
     """The limit types the risk gate knows."""

@@ -67,6 +67,10 @@ def test_account_create_and_list(run, db_url: str) -> None:  # type: ignore[no-u
      "error: --param period: 'NaN' is not a finite number"),
     (("risk", "set", "MAX_VOLATILITY", "0.1", "--param", "period=[1, 1e400]"),
      "error: --param period: '[1, 1e400]' is not a finite number"),
+    # a flag is on while it exists: 7 was accepted
+    (("risk", "set", "REQUIRE_STOP_LOSS", "7"),
+     "REQUIRE_STOP_LOSS is a flag: its value is 1 (remove the limit to turn it off), got 7"),
+    (("risk", "remove", "999999"), "error: no limit 999999 (`mmats risk show` lists them)"),
     # the constraint's own sentence, not its name
     (("account", "create", "c5", "--environment", "paper", "--currency", "US'D"),
      "an account's currency is 2-12 upper-case letters or digits"),
@@ -106,6 +110,14 @@ def test_limits_set_show_and_history(run, db_url: str) -> None:  # type: ignore[
             "h JOIN risk.limits l USING (limit_id) WHERE l.limit_type = 'MAX_POSITION_SIZE' "
             "ORDER BY history_id").fetchall()
     assert history == [("INSERT", None, "0.1"), ("UPDATE", "0.1", "0.05")]
+    (hours_id,) = re.findall(r"^\s*(\d+)\s+TRADING_HOURS", shown, re.MULTILINE)
+    removed = run("risk", "remove", hours_id)
+    assert removed.returncode == 0 and removed.stdout == f"limit {hours_id} removed\n"
+    assert "TRADING_HOURS" not in run("risk", "show", "--account", "alpha").stdout
+    with psycopg.connect(db_url) as conn:  # the history keeps it
+        assert conn.execute("SELECT operation FROM risk.limit_history WHERE limit_id = %s"
+                            " ORDER BY history_id", (int(hours_id),)).fetchall() == [
+            ("INSERT",), ("DELETE",)]
 
 
 def test_breaker_trip_and_reset_need_confirmation(run, db_url: str) -> None:  # type: ignore[no-untyped-def]

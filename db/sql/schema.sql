@@ -11672,3 +11672,22 @@ COMMENT ON CONSTRAINT credentials_label_check ON trading.credentials IS
     'a credentials label is 1-64 characters: letters, digits and _ . -, starting with a letter or digit';
 COMMENT ON CONSTRAINT credentials_venue_check ON trading.credentials IS
     'a venue is 1-32 characters: lower-case letters, digits and . _ -';
+
+------------------------------------------------------------------------------ flags
+-- A flag limit (REQUIRE_STOP_LOSS, TRADING_HOURS) is on while it exists: its value is 1
+-- (risk.limit_types says so); 7 was accepted and read as on. Removing the limit
+-- (risk.remove_limit, `mmats risk remove`) turns it off.
+CREATE FUNCTION risk._flag_value() RETURNS trigger
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+    IF NEW.value <> 1 AND EXISTS (SELECT 1 FROM risk.limit_types t
+                                  WHERE t.limit_type = NEW.limit_type AND t.unit = 'flag') THEN
+        RAISE EXCEPTION '% is a flag: its value is 1 (remove the limit to turn it off), got %',
+            NEW.limit_type, NEW.value USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    RETURN NEW;
+END
+$$;
+REVOKE ALL ON FUNCTION risk._flag_value() FROM PUBLIC;
+CREATE TRIGGER limits_flag_value BEFORE INSERT OR UPDATE OF value, limit_type ON risk.limits
+    FOR EACH ROW EXECUTE FUNCTION risk._flag_value();
