@@ -89,13 +89,12 @@ class BacktestConfig:
                 name, _, venue = key.partition("@")
                 self.costs_for(name, venue or None)
         except SimulatorError as exc:
+            if exc.field is None:
+                raise BacktestError(str(exc)) from None
             # the simulator names its fields; the user gave options
-            flags = {"taker_fee": "--commission", "maker_fee": "--maker-fee",
-                     "spread": "--spread"}
-            text = str(exc)
-            field_name = text.split(" ", 1)[0]
-            raise BacktestError(flags.get(field_name, field_name) + text[len(field_name):]
-                                ) from None
+            flag = {"taker_fee": "--commission", "maker_fee": "--maker-fee",
+                    "spread": "--spread"}[exc.field]
+            raise BacktestError(f"{flag} {exc.detail}") from None
 
     def spread_for(self, symbol: str, venue: str | None = None) -> Decimal:
         """The spread of `symbol` (on `venue`): given for SYMBOL@venue, else for SYMBOL,
@@ -140,8 +139,6 @@ def parse_time(text: str, what: str) -> datetime:
         raise BacktestError(
             f"{what} {text!r} is not a date or time (use YYYY-MM-DD or ISO-8601)") from None
     return ts.replace(tzinfo=UTC) if ts.tzinfo is None else ts.astimezone(UTC)
-
-
 
 
 def _shortened(text: str, limit: int = 40) -> str:

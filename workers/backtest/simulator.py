@@ -53,7 +53,14 @@ _SLIPPAGE_LIMITS = {
 
 
 class SimulatorError(ValueError):
-    """A cost model or order the simulator cannot take; the message is one line."""
+    """A cost model or order the simulator cannot take; the message is one line. A
+    refused cost names its `field` (taker_fee, maker_fee, spread) and says the rest in
+    `detail`, so a caller can name the option the user gave instead."""
+
+    def __init__(self, message: str, field: str | None = None, detail: str = "") -> None:
+        super().__init__(message)
+        self.field = field
+        self.detail = detail
 
 
 @dataclass(frozen=True, slots=True)
@@ -144,12 +151,14 @@ class Costs:
     def __post_init__(self) -> None:
         for name in ("taker_fee", "maker_fee", "spread"):
             value = getattr(self, name)
+            detail = ""
             if not value.is_finite() or not value < Decimal("0.1"):
-                raise SimulatorError(f"{name} must be a fraction below 0.1, got {value}")
-            if value < 0:  # the ledger books no negative commission: a rebate would be lost
-                raise SimulatorError(
-                    f"{name} must not be negative, got {value}"
-                    + (" (maker rebates are not modelled)" if name == "maker_fee" else ""))
+                detail = f"must be a fraction below 0.1, got {value}"
+            elif value < 0:  # the ledger books no negative commission: a rebate would be lost
+                detail = (f"must not be negative, got {value}"
+                          + (" (maker rebates are not modelled)" if name == "maker_fee" else ""))
+            if detail:
+                raise SimulatorError(f"{name} {detail}", field=name, detail=detail)
 
 
 @dataclass(frozen=True, slots=True)
