@@ -289,12 +289,24 @@ def test_environment_and_account_specific_limits(conn: psycopg.Connection,
     assert buy(conn, "bt", "0.01")["status"] == "approved"
 
 
-def test_account_limit_for_another_environment_account_only(conn: psycopg.Connection) -> None:
+def test_account_limit_for_another_environment_refused(conn: psycopg.Connection) -> None:
+    """An account keeps its environment: a live limit on a paper account would never
+    apply (it was stored and said "set"). Refused, nothing written; the account's own
+    environment, or none, is taken."""
     a = conn.execute("SELECT trading.create_account('a', 'paper', 'operator', 10000)"
                      ).fetchone()[0]
-    set_limit(conn, "MAX_LEVERAGE", "1", acct="a", env="live")  # never matches a paper account
+    before = conn.execute("SELECT count(*) FROM risk.limits").fetchone()[0]
+    with pytest.raises(psycopg.errors.InvalidParameterValue,
+                       match="a live limit for account a would never apply: it is a paper"
+                             " account"):
+        set_limit(conn, "MAX_LEVERAGE", "1", acct="a", env="live")
+    assert conn.execute("SELECT count(*) FROM risk.limits").fetchone()[0] == before
+    set_limit(conn, "MAX_LEVERAGE", "3", acct="a", env="paper")
+    assert effective(conn, a) == [("global", None, "MAX_LEVERAGE", Decimal("3"), a, "paper")]
     set_limit(conn, "MAX_LEVERAGE", "2", acct="a")
-    assert effective(conn, a) == [("global", None, "MAX_LEVERAGE", Decimal("2"), a, None)]
+    assert conn.execute("SELECT array_agg(environment::text ORDER BY environment NULLS FIRST)"
+                        " FROM risk.limits WHERE account_id = %s", (a,)).fetchone()[0] == [
+        None, "paper"]
 
 
 def test_limits_of_different_scopes_all_in_force(conn: psycopg.Connection) -> None:

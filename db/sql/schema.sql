@@ -11693,7 +11693,8 @@ CREATE TRIGGER limits_flag_value BEFORE INSERT OR UPDATE OF value, limit_type ON
     FOR EACH ROW EXECUTE FUNCTION risk._flag_value();
 
 -- ======== from 0004_14_pre_plans_kept.sql
--- 0004_14 (pre): trading._row_exits keeps its plan on PostgreSQL 15 to 17.
+-- 0004_14 (pre): trading._row_exits keeps its plan on PostgreSQL 15 to 17; a limit for an
+-- account and another environment is refused.
 --
 -- A LANGUAGE sql function whose body reads a table is not inlined into its caller, and
 -- before PostgreSQL 18 such a function plans its body again on every call. _row_exits
@@ -11737,3 +11738,27 @@ BEGIN
             AND o.status IN ('created', 'in_flight', 'submitted', 'partially_filled')) e);
 END
 $$;
+
+-- A limit for one account and another environment never applied (an account keeps its
+-- environment): risk.set_limit('MAX_DRAWDOWN', 0.1, account => 'paper1',
+-- environment => 'live') was stored and said "set" while paper1's drawdown went unchecked.
+-- It is refused now, naming the account's environment.
+CREATE FUNCTION risk._limit_environment() RETURNS trigger
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    acc trading.accounts;
+BEGIN
+    IF NEW.account_id IS NOT NULL AND NEW.environment IS NOT NULL THEN
+        SELECT * INTO acc FROM trading.accounts a WHERE a.account_id = NEW.account_id;
+        IF acc.environment <> NEW.environment THEN
+            RAISE EXCEPTION 'a % limit for account % would never apply: it is a % account (leave the environment out, or set it to %)',
+                NEW.environment, quote_ident(acc.name), acc.environment, acc.environment
+                USING ERRCODE = 'invalid_parameter_value';
+        END IF;
+    END IF;
+    RETURN NEW;
+END
+$$;
+REVOKE ALL ON FUNCTION risk._limit_environment() FROM PUBLIC;
+CREATE TRIGGER limits_environment BEFORE INSERT OR UPDATE OF account_id, environment ON risk.limits
+    FOR EACH ROW EXECUTE FUNCTION risk._limit_environment();
