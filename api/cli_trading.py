@@ -6,6 +6,7 @@ import json
 import math
 import sys
 import uuid
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 
 import click
@@ -33,6 +34,25 @@ def shortened(value: str, limit: int = SHOWN_LENGTH) -> str:
 def _decimal(value: str, what: str) -> Decimal:
     """A number given on the command line (`db.numbers.parse_number`'s bounds)."""
     return parse_number(value, what, MmatsError)
+
+
+def _past_time(value: str, what: str) -> str:
+    """A time given on the command line for something that has happened: ISO 8601 with
+    its offset, from 1970 on and not after tomorrow (a cash movement dated 9999 or 0001
+    was booked); returned as given, for the database to read."""
+    try:
+        ts = datetime.fromisoformat(value.strip())
+    except ValueError:
+        raise MmatsError(f"{what} {shortened(value)} is not a time: use ISO 8601 with its"
+                         " offset, e.g. 2024-03-01T10:00:00Z") from None
+    if ts.tzinfo is None:
+        raise MmatsError(f"{what} {shortened(value)} has no UTC offset: add one, e.g."
+                         f" {ts.isoformat()}Z")
+    if ts < datetime(1970, 1, 1, tzinfo=UTC):
+        raise MmatsError(f"{what} {value.strip()} is before 1970")
+    if ts > datetime.now(UTC) + timedelta(days=1):
+        raise MmatsError(f"{what} {value.strip()} is in the future: book what has happened")
+    return value.strip()
 
 
 def _sql_literal(value: str) -> str:
@@ -167,6 +187,8 @@ def account_book(name: str, kind: str, amount: str, currency: str | None, ref: s
     fee or financing charge (< 0), a dividend or interest. A deposit or withdrawal is not
     profit or loss: the drawdown and daily-loss rules do not see it."""
     value = _decimal(amount, "AMOUNT")
+    if ts is not None:
+        ts = _past_time(ts, "--ts")
     movement = {"account": name, "kind": kind, "amount": str(value), "currency": currency,
                 "broker_ref": ref or f"manual-{uuid.uuid4().hex[:12]}", "ts": ts,
                 "symbol": symbol, "description": description}

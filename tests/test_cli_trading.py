@@ -222,6 +222,26 @@ def test_book_cash_and_list_the_movements(run, db_url: str) -> None:  # type: ig
         "error: unknown account 'nobody' (see `mmats account list`)")
 
 
+@pytest.mark.parametrize(("ts", "error"), [
+    ("9999-01-01T00:00:00Z", "error: --ts 9999-01-01T00:00:00Z is in the future: book what has"
+                             " happened"),
+    ("0001-01-01T00:00:00Z", "error: --ts 0001-01-01T00:00:00Z is before 1970"),
+    ("2024-13-01", "error: --ts '2024-13-01' is not a time: use ISO 8601 with its offset, e.g."
+                   " 2024-03-01T10:00:00Z"),
+    ("2024-03-01T10:00:00", "error: --ts '2024-03-01T10:00:00' has no UTC offset: add one, e.g."
+                            " 2024-03-01T10:00:00Z"),
+])
+def test_book_cash_refuses_a_time_that_has_not_happened(  # type: ignore[no-untyped-def]
+        run, db_url: str, ts: str, error: str) -> None:
+    """--ts is when the money moved: the years 0001 and 9999 were booked. Refused by
+    the option's name, nothing booked."""
+    assert run("account", "create", "alpha", "--environment", "paper", "--cash", "1000"
+               ).returncode == 0
+    assert one_error_line(run("account", "book", "alpha", "deposit", "5", "--ts", ts)) == error
+    with psycopg.connect(db_url) as conn:
+        assert conn.execute("SELECT count(*) FROM trading.cash_movements").fetchone() == (0,)
+
+
 def test_risk_set_shows_the_database_s_warning(run) -> None:  # type: ignore[no-untyped-def]
     """A limit on a symbol nothing is called yet is kept (the feed may create it later),
     and the database says so (0004_11): the command shows it on stderr."""
