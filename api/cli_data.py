@@ -121,17 +121,26 @@ def data_gaps(symbol: str | None, timeframe: str | None, venue: str | None,
               type=click.Choice(["1m", "5m", "15m", "1h", "4h"]))
 @click.option("--start", default="2024-01-01", show_default=True, help="UTC date or time")
 @click.option("--bars", default=10_000, show_default=True, type=click.IntRange(1, 50_000_000))
-@click.option("--seed", default=42, show_default=True, type=int)
+@click.option("--seed", default=42, show_default=True, type=click.IntRange(min=0))
 @click.option("--out", "out", required=True, type=click.Path(dir_okay=False),
               help=".csv, .csv.gz or .parquet")
 def data_generate(symbol: str, market: str, timeframe: str, start: str, bars: int, seed: int,
                   out: str) -> None:
     """Write SYNTHETIC bars (not market data): deterministic for a seed."""
+    import pandas as pd
+
     from db.errors import MmatsError
     from workers.ingest.synthetic import generate, write
 
     try:
-        result = generate(symbol, market, timeframe=timeframe, start=start, bars=bars,
+        begin = pd.Timestamp(start.strip())
+    except ValueError as exc:
+        raise MmatsError(f"--start {start.strip()[:40]!r} is not a date or time (YYYY-MM-DD or"
+                         f" ISO 8601): {str(exc).splitlines()[0][:80]}") from None
+    if pd.isna(begin):
+        raise MmatsError(f"--start {start.strip()[:40]!r} is not a date or time")
+    try:
+        result = generate(symbol, market, timeframe=timeframe, start=begin, bars=bars,
                           seed=seed)
     except ValueError as exc:
         raise MmatsError(str(exc).splitlines()[0]) from exc

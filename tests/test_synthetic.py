@@ -114,3 +114,36 @@ def test_cli_generate(tmp_path):
                         "--start", "not a date", "--out", str(out)],
                        capture_output=True, text=True, env=dict(os.environ), timeout=60)
     assert r.returncode == 1 and r.stderr.startswith("error:") and "Traceback" not in r.stderr
+
+
+def test_generated_bars_are_bars_import_takes(tmp_path):
+    """generate wrote bars up to 2200-01-03 that bar import refuses (times from 2200 on);
+    it refuses them itself now, writing nothing. The bars up to the limit import."""
+    out = tmp_path / "late.csv"
+    try:
+        generate_file(out, "BTC/USDT", "crypto", start="2199-12-31", bars=5000)
+    except ValueError as exc:
+        assert str(exc) == ("the last bar would be at 2200-01-03 11:24 UTC, and bar import"
+                            " refuses times from 2200-01-01 on: start earlier or make fewer"
+                            " bars")
+    else:
+        raise AssertionError("bars after 2199 were generated")
+    assert not out.exists()
+    bars = generate("BTC/USDT", "crypto", start="2199-12-31", bars=1000)
+    assert str(bars.frame["timestamp"].iloc[-1]) < "2200-01-01"
+
+
+def test_cli_generate_names_the_option(tmp_path):
+    def run(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-c", "from api.cli import main; main()", "data",
+                               "generate", "--symbol", "ETH/USDT", "--market", "crypto",
+                               "--out", str(tmp_path / "g.csv"), *args],
+                              capture_output=True, text=True, env=dict(os.environ), timeout=60)
+    r = run("--start", "2024-13-01")
+    assert (r.returncode, r.stderr) == (1, "error: --start '2024-13-01' is not a date or time"
+                                           " (YYYY-MM-DD or ISO 8601): month must be in 1..12:"
+                                           " 2024-13-01\n")
+    r = run("--seed", "-1")
+    assert (r.returncode, r.stderr) == (2, "error: Invalid value for '--seed': -1 is not in the"
+                                           " range x>=0 (see `mmats data generate --help`)\n")
+    assert not (tmp_path / "g.csv").exists()

@@ -42,7 +42,9 @@ _ALIASES = {
     "volume": ("volume", "v", "vol"),
 }
 _UNIX_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
-_LATEST_US = (datetime(2200, 1, 1, tzinfo=UTC) - _UNIX_EPOCH) // timedelta(microseconds=1)
+# bar times from this one on are refused (a typo such as 20224-01-01, or a unit mix-up)
+LATEST_BAR_TIME = datetime(2200, 1, 1, tzinfo=UTC)
+_LATEST_US = (LATEST_BAR_TIME - _UNIX_EPOCH) // timedelta(microseconds=1)
 _NUMBER = r"[+-]?(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d{1,4})?"
 # a number's text is at most this long: 40 significant digits with sign, point, exponent
 # and a few leading zeros (PostgreSQL's numeric would refuse 16,384 decimal places, and

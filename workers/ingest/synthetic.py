@@ -17,7 +17,7 @@ Prices are rounded to the instrument's tick and written as exact decimal strings
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from decimal import Decimal
 from pathlib import Path
 
@@ -27,6 +27,9 @@ import pandas as pd
 from workers.ingest.calendars import in_session, sessions
 from workers.ingest.gaps import STEP_US
 from workers.ingest.instruments import CALENDAR, check_timeframe, spec_for
+from workers.ingest.parse import LATEST_BAR_TIME
+
+LATEST_US = int((LATEST_BAR_TIME - datetime(1970, 1, 1, tzinfo=UTC)).total_seconds()) * 1_000_000
 
 SUBSTEPS = 6
 ALPHA, BETA = 0.06, 0.93
@@ -133,6 +136,12 @@ def generate(symbol: str, market: str, *, timeframe: str = "1m",
     keep[0] = True
     kept = np.flatnonzero(keep)[:bars]
     last = kept[-1]
+    if grid[last] >= LATEST_US:
+        at = pd.Timestamp(int(grid[last]), unit="us", tz="UTC")
+        raise ValueError(
+            f"the last bar would be at {at:%Y-%m-%d %H:%M}"
+            f" UTC, and bar import refuses times from {LATEST_BAR_TIME:%Y-%m-%d} on: start earlier"
+            " or make fewer bars")
     missing = grid[: last + 1][~keep[: last + 1]]
     frame = pd.DataFrame({
         "timestamp": pd.to_datetime(grid[kept], unit="us", utc=True),
