@@ -166,6 +166,8 @@ def test_parse_param_range(text: str, expected: tuple[str, Any]) -> None:
     ("fast=0:1e9:1", "more than 10,000"),
     ("fast=1,,2", "an empty value in the list"),
     ("fast=1,nan", "is not a finite number"),
+    ("fast=NaN:5:1", "--param 'fast=NaN:5:1': 'NaN' is not a finite number"),
+    ("fast=1:inf:1", "--param 'fast=1:inf:1': 'inf' is not a finite number"),
 ])
 def test_parse_param_range_refuses(text: str, fragment: str) -> None:
     with pytest.raises(BacktestError) as err:

@@ -177,7 +177,10 @@ def _scalar(raw: str) -> ParamValue:
 
 
 def _number(raw: str, what: str) -> int | float:
-    value = _scalar(raw.strip())
+    try:
+        value = _scalar(raw.strip())
+    except BacktestError as exc:
+        raise BacktestError(f"{what}: {exc}") from None
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise BacktestError(f"{what}: {raw.strip()!r} is not a number")
     return value
