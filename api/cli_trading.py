@@ -108,6 +108,11 @@ def account_create(name: str, environment: str, mode: str, cash: str, currency: 
                    position_mode: str, aggregation: str, allow_short: bool,
                    taker_fee: str) -> None:
     """Create an account (a live account starts in advisory mode)."""
+    if environment == "live" and mode == "operator":
+        shown = printable(name[:64])
+        raise MmatsError("a live account starts in advisory mode: create it without --mode"
+                         f" operator, then switch it with `mmats account operator {shown}`"
+                         " (it needs credentials marked live)")
     starting = _decimal(cash, "--cash")
     account_id = _call(
         "SELECT trading.create_account(%s, %s, %s, %s, %s, %s, %s, %s, %s)",
@@ -152,7 +157,15 @@ def account_operator(name: str, token: str | None) -> None:
         click.echo(f"operator mode requested for {name}; within 5 minutes confirm with:\n"
                    f"  mmats account operator {name} --confirm {issued}")
         return
-    _call("SELECT trading.confirm_operator_mode(%s, %s)", (name, token))
+    try:
+        _call("SELECT trading.confirm_operator_mode(%s, %s)", (name, token))
+    except psycopg.errors.InsufficientPrivilege as exc:
+        if "no valid request for this token" not in str(exc):
+            raise
+        shown = printable(name)
+        raise MmatsError(f"operator mode for {shown}: no valid request for this token (request"
+                         f" one with `mmats account operator {shown}`; it expires after 5"
+                         " minutes)") from exc
     click.echo(f"account {name} is in operator mode: approved signals become orders")
 
 

@@ -36,7 +36,8 @@ def test_account_create_and_list(run, db_url: str) -> None:  # type: ignore[no-u
     (("account", "create", "x'; DROP TABLE trading.accounts; --", "--environment", "paper"),
      "an account name is 1-64 characters"),
     (("account", "create", "beta", "--environment", "live", "--mode", "operator"),
-     "a live account starts in advisory mode"),
+     "error: a live account starts in advisory mode: create it without --mode operator, then"
+     " switch it with `mmats account operator beta` (it needs credentials marked live)"),
     (("account", "create", "gamma", "--environment", "paper", "--cash", "NaN"),
      "--cash must be a finite number"),
     (("account", "create", "delta", "--environment", "paper", "--cash", "-1"),
@@ -167,8 +168,10 @@ def test_error_messages_show_control_characters_escaped(run) -> None:  # type: i
 
 def test_operator_mode_in_two_steps(run, db_url: str) -> None:  # type: ignore[no-untyped-def]
     assert run("account", "create", "alpha", "--environment", "paper").returncode == 0
-    assert "no valid request" in one_error_line(
-        run("account", "operator", "alpha", "--confirm", "guess"))
+    # the CLI's own command, not the SQL function (trading.request_operator_mode())
+    assert one_error_line(run("account", "operator", "alpha", "--confirm", "guess")) == (
+        "error: operator mode for alpha: no valid request for this token (request one with"
+        " `mmats account operator alpha`; it expires after 5 minutes)")
     requested = run("account", "operator", "alpha")
     token = re.search(r"--confirm ([0-9a-f]{64})", requested.stdout)
     assert token, requested.stdout
