@@ -128,22 +128,41 @@ SELECT a.name, a.environment::text, a.mode::text, a.base_currency, e.cash, e.equ
         WHERE p.account_id = a.account_id AND p.quantity <> 0),
        risk.breaker_mode(a.account_id)::text
 FROM trading.accounts a, LATERAL trading.account_equity(a.account_id) e
+WHERE (%(env)s::text IS NULL OR a.environment::text = %(env)s)
+  AND (%(runs)s OR NOT EXISTS (SELECT 1 FROM backtest.runs r WHERE r.account_id = a.account_id))
 ORDER BY a.name
+"""
+_RUN_ACCOUNTS = """
+SELECT count(*) FROM trading.accounts a JOIN backtest.runs r USING (account_id)
+WHERE %(env)s::text IS NULL OR a.environment::text = %(env)s
 """
 
 
 @account_group.command("list")
-def account_list() -> None:
-    """Accounts with their cash, equity, open positions and breaker."""
+@click.option("--environment", default=None, type=click.Choice(ENVIRONMENTS),
+              help="only accounts of this environment")
+@click.option("--all", "show_runs", is_flag=True,
+              help="the accounts of backtest and walk-forward runs too (one per run)")
+def account_list(environment: str | None, show_runs: bool) -> None:
+    """Accounts with their cash, equity, open positions and breaker. The account each
+    backtest run makes for itself is left out unless --all (`mmats runs` lists the runs)."""
+    args = {"env": environment, "runs": show_runs}
     with connect(database_url()) as conn:
-        rows = conn.execute(_ACCOUNTS).fetchall()
+        rows = conn.execute(_ACCOUNTS, args).fetchall()
+        counted = None if show_runs else conn.execute(_RUN_ACCOUNTS, args).fetchone()
+    hidden = counted[0] if counted else 0
+    note = (f"({hidden:,} account{'s' if hidden != 1 else ''} of backtest runs not shown:"
+            " --all lists them, `mmats runs` the runs)") if hidden else ""
     if not rows:
-        click.echo("no accounts (create one with `mmats account create`)")
+        click.echo(f"no {environment + ' ' if environment else ''}accounts (create one with"
+                   " `mmats account create`)" + (f"\n{note}" if note else ""))
         return
     out = [(n, env, m, ccy, f"{cash:,.2f}", f"{eq:,.2f}", pos, brk)
            for n, env, m, ccy, cash, eq, pos, brk in rows]
     click.echo(table(("account", "environment", "mode", "ccy", "cash", "equity", "positions",
                       "breaker"), out, right=(4, 5, 6)))
+    if note:
+        click.echo(note)
 
 
 @account_group.command("operator")

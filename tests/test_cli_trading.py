@@ -166,6 +166,35 @@ def test_error_messages_show_control_characters_escaped(run) -> None:  # type: i
     assert "'p\\x1b[2J' is not one of" in usage.stderr
 
 
+def test_account_list_leaves_out_the_accounts_of_runs(  # type: ignore[no-untyped-def]
+        run, db_url: str) -> None:
+    """Each backtest (and walk-forward window) makes an account, bt-<run>: after a few
+    hundred runs `account list` was those. They are left out and counted unless --all;
+    --environment filters; an account made by hand as a backtest one is listed."""
+    assert run("account", "create", "alpha", "--environment", "paper").returncode == 0
+    assert run("account", "create", "mine", "--environment", "backtest").returncode == 0
+    with psycopg.connect(db_url, autocommit=True) as conn:
+        conn.execute("INSERT INTO market.instruments (symbol, venue, market, base_currency,"
+                     " quote_currency, price_tick, quantity_step, min_quantity, calendar_id)"
+                     " VALUES ('AAA', 'test', 'stock', 'AAA', 'USD', 0.01, 1, 1, 'XNYS')")
+        runs = [conn.execute("SELECT backtest.create_run('sma_crossover', '1.0.0', '{}',"
+                             " '{AAA}', '1d', '2024-01-01', '2024-02-01', 10000, 'USD')"
+                             ).fetchone()[0] for _ in range(2)]
+    names = lambda out: [line.split()[0] for line in out.splitlines()[2:]  # noqa: E731
+                         if not line.startswith("(")]
+    listed = run("account", "list")
+    assert listed.returncode == 0, listed.stderr
+    assert names(listed.stdout) == ["alpha", "mine"]
+    assert listed.stdout.splitlines()[-1] == (
+        "(2 accounts of backtest runs not shown: --all lists them, `mmats runs` the runs)")
+    every = run("account", "list", "--all").stdout
+    assert names(every) == ["alpha", *(f"bt-{r}" for r in runs), "mine"]
+    assert not every.splitlines()[-1].startswith("(")
+    assert names(run("account", "list", "--environment", "paper").stdout) == ["alpha"]
+    assert run("account", "list", "--environment", "live").stdout.splitlines()[0] == (
+        "no live accounts (create one with `mmats account create`)")
+
+
 def test_operator_mode_in_two_steps(run, db_url: str) -> None:  # type: ignore[no-untyped-def]
     assert run("account", "create", "alpha", "--environment", "paper").returncode == 0
     # the CLI's own command, not the SQL function (trading.request_operator_mode())
