@@ -842,8 +842,9 @@ def test_limit_unique_including_nulls(c: psycopg.Connection, mod_url: str, r: di
     insert(c, LIMITS, base)
     refuse(c, mod_url, LIMITS, {**base, "value": D("0.2")}, "limits_unique", UNIQUE,
            watch=("risk.limit_history",))
-    # a different environment or scope key is a different limit
-    insert(c, LIMITS, {**base, "environment": "live"})
+    # a different environment or scope key is a different limit (an account's limit may
+    # name only the account's own environment: the fixture's account is a paper one)
+    insert(c, LIMITS, {**base, "environment": "paper" if account else "live"})
     insert(c, LIMITS, {**base, "scope": "market", "scope_key": "crypto"})
     refuse(c, mod_url, LIMITS, {**base, "scope": "market", "scope_key": "crypto"},
            "limits_unique", UNIQUE)
