@@ -202,7 +202,34 @@ def test_order_types_and_time_in_force_reach_alpaca(
     assert not unused & set(body), "a price the order type does not use was sent"
 
 
+@pytest.mark.parametrize(("changes", "expected"), [
+    # Alpaca refuses a sub-penny price from $1 ("sub-penny increment does not fulfill
+    # minimum pricing criteria"): a limit is never made worse, a stop goes to the nearest
+    ({"order_type": "limit", "limit_price": Decimal("187.455")}, {"limit_price": "187.45"}),
+    ({"order_type": "limit", "limit_price": Decimal("187.451"), "side": "sell"},
+     {"limit_price": "187.46"}),
+    ({"order_type": "stop", "stop_price": Decimal("180.125"), "side": "sell"},
+     {"stop_price": "180.13"}),
+    ({"order_type": "stop_limit", "stop_price": Decimal("180.1249"),
+      "limit_price": Decimal("180.0999"), "side": "sell"},
+     {"stop_price": "180.12", "limit_price": "180.10"}),
+    # below $1 the tick is $0.0001; a sell rounded up to $1 goes out in cents
+    ({"order_type": "limit", "limit_price": Decimal("0.123456")}, {"limit_price": "0.1234"}),
+    ({"order_type": "limit", "limit_price": Decimal("0.99995"), "side": "sell"},
+     {"limit_price": "1.00"}),
+])
+def test_an_off_tick_price_goes_out_on_the_tick(
+        http: responses.RequestsMock, broker: AlpacaBroker, changes: dict[str, Any],
+        expected: dict[str, str]) -> None:
+    http.post(f"{PAPER}/orders", json=order_json())
+    broker.place_order(market(**changes))
+    body = sent_json(http.calls[0])
+    assert {k: body[k] for k in expected} == expected
+
+
 @pytest.mark.parametrize(("changes", "problem"), [
+    ({"order_type": "limit", "limit_price": Decimal("0.00001")},
+     "limit_price 0.00001 is below the tick 0.0001"),
     ({"order_type": "limit"}, "a limit order needs a positive limit_price"),
     ({"order_type": "stop_limit", "stop_price": Decimal("1")}, "needs a positive limit_price"),
     ({"quantity": Decimal("0")}, "quantity must be positive"),

@@ -52,6 +52,11 @@ def summary(http: responses.RequestsMock, base: str = PRACTICE) -> None:
     http.get(f"{base}/summary", json=load("account_summary"))
 
 
+def instruments(http: responses.RequestsMock) -> None:
+    """The instruments endpoint: a limit or stop price goes out on the instrument's tick."""
+    http.get(f"{PRACTICE}/instruments", json=load("account_instruments"))
+
+
 def not_found(http: responses.RequestsMock, spec: str) -> None:
     http.get(f"{PRACTICE}/orders/{spec}", json=load("order_not_found"), status=404)
 
@@ -180,12 +185,48 @@ def test_order_types_map_onto_oanda_bodies(http: responses.RequestsMock, broker:
                                            expected: dict[str, str]) -> None:
     not_found(http, "@cid-limit-1")
     summary(http)
+    instruments(http)
     http.post(f"{PRACTICE}/orders", json=load("order_create_limit_pending"), status=201)
     order = broker.place_order(request_)
     (body,) = posted(http)
     assert body["order"] == {**expected, "instrument": "EUR_USD",
                              "clientExtensions": {"id": "cid-limit-1"}}
     assert (order.status, order.filled_quantity, order.fills) == ("submitted", Decimal(0), ())
+
+
+@pytest.mark.parametrize(("side", "kind", "price", "sent"), [
+    ("buy", "limit", "1.0845049", "1.0845"),    # a buy limit never pays more
+    ("sell", "limit", "1.0845001", "1.08451"),   # a sell limit never takes less
+    ("sell", "stop", "1.0700049", "1.07"),    # a stop goes to the nearest tick
+    ("buy", "stop", "1.0700050", "1.07001"),
+    ("buy", "limit", "1.08450", "1.0845"),       # on the tick: as written
+])
+def test_a_price_finer_than_the_instrument_goes_out_on_its_tick(
+        http: responses.RequestsMock, broker: OandaBroker, side: str, kind: str, price: str,
+        sent: str) -> None:
+    # OANDA refuses a price with more decimals than the instrument's displayPrecision
+    # (PRICE_PRECISION_EXCEEDED): EUR_USD's is 5
+    not_found(http, "@cid-limit-1")
+    summary(http)
+    instruments(http)
+    http.post(f"{PRACTICE}/orders", json=load("order_create_limit_pending"), status=201)
+    prices = {"limit_price" if kind == "limit" else "stop_price": Decimal(price)}
+    broker.place_order(OrderRequest("cid-limit-1", "EUR/USD", side, Decimal("2500"),  # type: ignore[arg-type]
+                                    kind, **prices))  # type: ignore[arg-type]
+    (body,) = posted(http)
+    assert body["order"]["price"] == sent
+
+
+def test_a_price_below_the_instruments_tick_is_refused_before_it_is_sent(
+        http: responses.RequestsMock, broker: OandaBroker) -> None:
+    not_found(http, "@cid-limit-1")
+    summary(http)
+    instruments(http)
+    with pytest.raises(Reject, match=r"price 0\.000001 is below the tick 0\.00001") as info:
+        broker.place_order(OrderRequest("cid-limit-1", "EUR/USD", "buy", Decimal("2500"),
+                                        "limit", limit_price=Decimal("0.000001")))
+    assert info.value.code == "PRICE_PRECISION_EXCEEDED"
+    assert posted(http) == []
 
 
 def test_a_stop_limit_order_is_refused_before_any_request(
@@ -276,6 +317,7 @@ def test_a_duplicate_client_id_rejection_looks_the_order_up(
     not_found(http, "@cid-limit-1")
     http.get(f"{PRACTICE}/orders/@cid-limit-1", json=load("order_details_pending"))
     summary(http)
+    instruments(http)
     http.post(f"{PRACTICE}/orders", json=load("order_reject_duplicate_client_id"), status=400)
     order = broker.place_order(OrderRequest("cid-limit-1", "EUR/USD", "buy", Decimal("2500"),
                                             "limit", limit_price=Decimal("1.0845")))
@@ -314,6 +356,7 @@ def test_a_duplicate_client_id_rejection_naming_another_order_is_refused(
     not_found(http, "@cid-limit-1")
     http.get(f"{PRACTICE}/orders/@cid-limit-1", json=load("order_details_pending"))
     summary(http)
+    instruments(http)
     http.post(f"{PRACTICE}/orders", json=load("order_reject_duplicate_client_id"), status=400)
     with pytest.raises(Reject, match="already names buy 2500 EUR/USD order 6390") as info:
         broker.place_order(OrderRequest("cid-limit-1", "EUR/USD", "buy", Decimal("5000"),

@@ -55,6 +55,7 @@ from workers.brokers.base import (
     InstrumentRules,
     OrderRequest,
     Side,
+    price_on_tick,
 )
 from workers.brokers.errors import (
     BackOff,
@@ -315,7 +316,15 @@ def order_body(order: OrderRequest) -> dict[str, str]:
             "type": order.order_type, "time_in_force": TIME_IN_FORCE[order.time_in_force.upper()],
             "client_order_id": order.client_order_id}
     for name in _PRICES_NEEDED[order.order_type]:
-        body[name] = _dec_str(getattr(order, name))
+        price = getattr(order, name)
+        kind = "limit" if name == "limit_price" else "stop"
+        on_tick = price_on_tick(price, price_tick(price), order.side, kind)
+        if on_tick <= 0:
+            raise Reject(f"{_describe(order)}: {name} {price} is below the tick "
+                         f"{price_tick(price)}", venue=VENUE, code="INVALID_ORDER")
+        if on_tick != price and on_tick >= 1:  # (a sell just under $1 rounded up: 1.00)
+            on_tick = on_tick.quantize(PENNY)
+        body[name] = _dec_str(on_tick)
     return body
 
 

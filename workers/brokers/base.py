@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
-from decimal import Decimal
+from decimal import ROUND_CEILING, ROUND_FLOOR, ROUND_HALF_UP, Decimal
 from typing import Any, Literal, Protocol, runtime_checkable
 
 Side = Literal["buy", "sell"]
@@ -155,3 +155,19 @@ def round_to_step(quantity: Decimal, step: Decimal) -> Decimal:
     if step <= 0:
         return quantity
     return (quantity // step) * step
+
+
+def price_on_tick(price: Decimal, tick: Decimal, side: str, kind: str) -> Decimal:
+    """`price` on a multiple of the venue's `tick`, which refuses any other (Alpaca: "sub-penny
+    increment does not fulfill minimum pricing criteria", OANDA: PRICE_PRECISION_EXCEEDED).
+    A limit price is never made worse for the trader: a buy's rounded down, a sell's up. A
+    stop price goes to the nearest tick: a trigger has no side that is always better (a sell
+    stop moved up fires early, moved down lets the loss run). The ccxt adapter applies the
+    same rules with the exchange's precision."""
+    if tick <= 0 or price % tick == 0:
+        return price  # (as the trader wrote it: 180.5 stays 180.5)
+    if kind == "limit":
+        rounding = ROUND_FLOOR if side == "buy" else ROUND_CEILING
+    else:
+        rounding = ROUND_HALF_UP
+    return ((price / tick).to_integral_value(rounding=rounding) * tick).quantize(tick)

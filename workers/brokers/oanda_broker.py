@@ -53,6 +53,7 @@ from workers.brokers.base import (
     InstrumentRules,
     OrderRequest,
     Side,
+    price_on_tick,
 )
 from workers.brokers.errors import (
     BackOff,
@@ -238,9 +239,10 @@ def response_shape(what: str) -> Iterator[None]:
 
 # ---------------------------------------------------------------- pure conversions
 
-def order_body(order: OrderRequest) -> dict[str, Any]:
-    """The OrderCreate body for `order`: signed units, Decimal prices as text, MMATS's
-    client id as the client extension id."""
+def order_body(order: OrderRequest, tick: Decimal | None = None) -> dict[str, Any]:
+    """The OrderCreate body for `order`: signed units, Decimal prices as text (on the
+    instrument's `tick` when given: base.price_on_tick), MMATS's client id as the client
+    extension id."""
     kind = _BODY_TYPES.get(order.order_type)
     if kind is None:
         # OANDA has no stop-limit: a STOP with priceBound is cancelled, not rested, when the
@@ -260,6 +262,11 @@ def order_body(order: OrderRequest) -> dict[str, Any]:
     if kind != "MARKET":
         if price is None or price <= 0:
             refuse(order, "PRICE_MISSING", f"{order.order_type} order without a price")
+        if tick is not None:
+            on_tick = price_on_tick(price, tick, order.side, order.order_type)
+            if on_tick <= 0:
+                refuse(order, "PRICE_PRECISION_EXCEEDED", f"price {price} is below the tick {tick}")
+            price = on_tick
         body["price"] = decimal_text(price)
     return {"order": body}
 
@@ -545,7 +552,10 @@ class OandaBroker:
     def place_order(self, order: OrderRequest) -> BrokerOrder:
         """Send `order` once: an order already known under its client id is returned
         instead of being placed again."""
-        body = order_body(order)
+        body = order_body(order)  # (refuses what OANDA would, before any request)
+        if order.order_type != "market":
+            # OANDA refuses a price finer than the instrument's: PRICE_PRECISION_EXCEEDED
+            body = order_body(order, self.instrument_rules(order.symbol).price_tick)
         existing = self._find_by_client_id(order.client_order_id)
         if existing is not None:
             return self._existing(order, existing)
