@@ -61,23 +61,36 @@ def data_news(file: str, tz: str, venue: str | None) -> None:
         click.echo(import_news(conn, file, tz=tz, venue=venue).summary())
 
 
-def coverage(conn: psycopg.Connection, indent: str = "") -> str:
-    """What is stored, one line per instrument and timeframe (times in UTC)."""
+def _is_replay_copy(venue: str) -> bool:
+    """A paper session's copy of the bars it replays (venue replay<N>)."""
+    return venue.startswith("replay") and venue[len("replay"):].isdigit()
+
+
+def coverage(conn: psycopg.Connection, indent: str = "", replays: bool = False) -> str:
+    """What is stored, one line per instrument and timeframe (times in UTC). The copies a
+    paper session replays (venue replay<N>) are counted, not listed, unless `replays`."""
     rows = conn.execute(query("bar_coverage")).fetchall()
+    copies = 0 if replays else sum(1 for r in rows if _is_replay_copy(r[1]))
+    note = (f"{indent}({copies:,} series of paper sessions' replay copies (venue replay<N>)"
+            " not shown: `mmats data list --replays` lists them)") if copies else ""
+    rows = [r for r in rows if replays or not _is_replay_copy(r[1])]
     if not rows:
-        return indent + "no bars stored (import some with `mmats data import`)"
+        return indent + "no bars stored (import some with `mmats data import`)" + (
+            "\n" + note if note else "")
     out = [(s, v, m, tf, f"{a.astimezone(UTC):%Y-%m-%d %H:%M}",
             f"{b.astimezone(UTC):%Y-%m-%d %H:%M}", f"{n:,}")
            for s, v, m, tf, a, b, n in rows]
     return table(("symbol", "venue", "market", "timeframe", "first (UTC)", "last (UTC)",
-                  "rows"), out, right=(6,), indent=indent)
+                  "rows"), out, right=(6,), indent=indent) + ("\n" + note if note else "")
 
 
 @data_group.command("list")
-def data_list() -> None:
+@click.option("--replays", is_flag=True,
+              help="the copies paper sessions replayed too (venues replay1, replay2, ...)")
+def data_list(replays: bool) -> None:
     """What is stored: one line per instrument and timeframe."""
     with connect(database_url()) as conn:
-        click.echo(coverage(conn))
+        click.echo(coverage(conn, replays=replays))
 
 
 @data_group.command("gaps")

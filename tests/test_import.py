@@ -411,6 +411,22 @@ def test_cli_import_list_and_errors(db_url, tmp_path):
     assert "0 missing" in r.stdout
     assert r.stdout.rstrip().endswith("total: 0 missing bars in 1 series")
 
+    # the copies paper replay sessions make (venue replay<N>) are counted, not listed
+    for venue in ("replay7", "replay12"):
+        r = run_cli(db_url, "data", "import", str(good), "--symbol", "AAPL", "--market", "stock",
+                    "--timeframe", "1d", "--venue", venue)
+        assert r.returncode == 0, r.stderr
+    r = run_cli(db_url, "data", "list")
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    assert [line.split()[:2] for line in lines[2:-1]] == [["AAPL", "us"]]
+    assert lines[-1] == ("(2 series of paper sessions' replay copies (venue replay<N>) not "
+                         "shown: `mmats data list --replays` lists them)")
+    r = run_cli(db_url, "data", "list", "--replays")
+    assert r.returncode == 0, r.stderr
+    assert sorted(line.split()[1] for line in r.stdout.splitlines()[2:]) == [
+        "replay12", "replay7", "us"]
+
 
 # ------------------------------------------------------------------------- properties
 price = st.decimals(min_value=Decimal("0.00000001"), max_value=Decimal("99999999"),
