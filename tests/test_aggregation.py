@@ -196,6 +196,32 @@ def test_consensus_one_of_three_is_not_enough_two_is(conn: psycopg.Connection) -
     assert orders(conn) == 1
 
 
+def test_only_the_strategies_the_account_trades_vote(conn: psycopg.Connection) -> None:
+    # 0004_13: the signal of a strategy not assigned to the account (recorded, rejected
+    # STRATEGY_NOT_ASSIGNED) was a vote: 2 of 3 agreed, under the share of 0.7
+    setup(conn, "consensus")
+    conn.execute("UPDATE trading.accounts SET consensus_share = 0.7")
+    assign(conn, "a")
+    assign(conn, "b")
+    stray = submit(conn, "stray", "sell", 0)
+    assert (stray["status"], stray["reason_code"]) == ("rejected", "STRATEGY_NOT_ASSIGNED")
+    assert submit(conn, "a", "buy", 1)["reason_code"] == "CONSENSUS_NOT_REACHED"
+    r = submit(conn, "b", "buy", 2)
+    assert r["status"] == "approved", r
+
+
+def test_an_unassigned_strategy_does_not_outrank(conn: psycopg.Connection) -> None:
+    # 0004_13: a strategy of priority 100 elsewhere, not assigned here, outranked "lo"
+    setup(conn, "priority")
+    conn.execute("SELECT trading.create_account(name => 'other', environment => 'backtest',"
+                 " mode => 'operator', cash => 10000)")
+    conn.execute("SELECT trading.assign_strategy('other', 'big', priority => 100)")
+    assign(conn, "lo", priority=1)
+    assert submit(conn, "big", "sell", 0)["reason_code"] == "STRATEGY_NOT_ASSIGNED"
+    r = submit(conn, "lo", "buy", 1)
+    assert r["status"] == "approved", r
+
+
 def test_consensus_votes_outside_the_window_do_not_count(conn: psycopg.Connection) -> None:
     setup(conn, "consensus")
     for s in ("a", "b", "c"):

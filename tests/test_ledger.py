@@ -223,6 +223,38 @@ def test_same_broker_fill_id_with_other_values_refused(conn, btc, change):
     refused(conn, spec, "already recorded|refusing different values")
 
 
+# ----------------------------------------------------------------------- naming the order
+def test_an_order_id_names_that_order_not_a_client_id_written_like_it(conn, btc):
+    account(conn, "acc1")
+    account(conn, "acc2")
+    mine = order(conn, "acc1", "BTCUSD", "buy", "10")
+    theirs = order(conn, "acc2", "BTCUSD", "buy", "10")
+    # an order of another account whose client order id reads like my order's id (made
+    # before place_manual_order refused such ids: the table allows them; the transition
+    # trigger, which keeps a client id fixed, is set aside to make one)
+    conn.execute("SET session_replication_role = replica")
+    conn.execute("UPDATE trading.orders SET client_order_id = %s WHERE order_id = %s",
+                 (str(mine), theirs))
+    conn.execute("SET session_replication_role = DEFAULT")
+    assert fill(conn, mine, "by-id", "4", "100")["order_id"] == mine
+    assert order_row(conn, mine)["filled_quantity"] == D(4)
+    assert order_row(conn, theirs)["filled_quantity"] == D(0)
+
+
+def test_a_fill_naming_two_orders_is_refused(conn, btc):
+    account(conn, "acc1")
+    a = order(conn, "acc1", "BTCUSD", "buy", "10")
+    b = order(conn, "acc1", "BTCUSD", "buy", "10")
+    coid_b = order_row(conn, b)["client_order_id"]
+    base = {"broker_fill_id": "two", "quantity": "1", "price": "100"}
+    refused(conn, {**base, "order_id": a, "client_order_id": coid_b},
+            rf"fill.order_id {a} and fill.client_order_id '{coid_b}' name different orders")
+    refused(conn, {**base, "order_id": "mm1-1"}, "fill.order_id must be a whole number")
+    # both naming the same order is fine
+    same = fill(conn, a, "two", "1", "100", client_order_id=order_row(conn, a)["client_order_id"])
+    assert same["status"] == "applied" and same["order_id"] == a
+
+
 # ----------------------------------------------------------------------------- refusals
 def test_refusals_change_nothing(conn, btc):
     a = account(conn, "acc1")

@@ -499,7 +499,7 @@ class StrategyWorker(Worker):
             last = row[0] if row else None
             a.last = last
             if last is not None:
-                c.execute("SELECT runtime.advance_cursor(%s, NULL, %s)", (cursor, last))
+                c.execute("SELECT runtime.advance_strategy_cursor(%s, NULL, %s)", (cursor, last))
         # the news told so far: from the last worker's resume point of news; a new entry
         # from its resume point of bars on (the news of the bars it has seen are old news)
         nrow = c.execute("SELECT seq, at FROM runtime.cursors WHERE name = %s",
@@ -887,7 +887,7 @@ class StrategyWorker(Worker):
                 names.append(a.news_cursor)
                 seqs.append(a.news_seq)
                 ats.append(a.news_at)
-        self._c.execute("SELECT runtime.advance_cursor(n, s, t) FROM unnest(%s::text[], "
+        self._c.execute("SELECT runtime.advance_strategy_cursor(n, s, t) FROM unnest(%s::text[], "
                         "%s::bigint[], %s::timestamptz[]) AS x(n, s, t)", (names, seqs, ats))
 
     def _submit_all(self, a: Assignment, signals: list[TradeSignal], members: dict[str, Any],

@@ -104,11 +104,15 @@ class Worker:
         if not force and now - self._last_beat < self.heartbeat_seconds:
             return
         self._last_beat = now
+        args: tuple[Any, ...] = (state, os.getpid(), socket.gethostname()[:255],
+                                 Jsonb(log.redact_fields({**self.detail, **extra})))
+        if ROLES.get(self.kind) == "mmats_strategy":  # (it may not stand in for others)
+            sql, args = "SELECT runtime.strategy_heartbeat(%s, %s, %s, %s, %s)", (self.name, *args)
+        else:
+            sql = "SELECT runtime.heartbeat(%s, %s, %s, %s, %s, %s)"
+            args = (self.name, self.kind, *args)
         try:
-            self._hb().execute(
-                "SELECT runtime.heartbeat(%s, %s, %s, %s, %s, %s)",
-                (self.name, self.kind, state, os.getpid(), socket.gethostname()[:255],
-                 Jsonb(log.redact_fields({**self.detail, **extra}))))
+            self._hb().execute(sql, args)
         except psycopg.Error as exc:  # a heartbeat never stops the work
             log.event(self.log, "heartbeat failed", 30, error=str(exc).splitlines()[0])
             self._hb_conn = None

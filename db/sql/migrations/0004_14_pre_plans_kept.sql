@@ -47,8 +47,10 @@ $$;
 -- A limit for one account and another environment never applied (an account keeps its
 -- environment): risk.set_limit('MAX_DRAWDOWN', 0.1, account => 'paper1',
 -- environment => 'live') was stored and said "set" while paper1's drawdown went unchecked.
--- It is refused now, naming the account's environment.
-CREATE FUNCTION risk._limit_environment() RETURNS trigger
+-- It is refused now, naming the account's environment. A MAX_DRAWDOWN or DAILY_LOSS of 0
+-- (or less) is refused too: reached at once (a drawdown of 0 is "at the limit"), it
+-- tripped the breaker on the first bar, even in profit, and refused every entry.
+CREATE FUNCTION risk._limit_sane() RETURNS trigger
 LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
     acc trading.accounts;
@@ -61,9 +63,638 @@ BEGIN
                 USING ERRCODE = 'invalid_parameter_value';
         END IF;
     END IF;
+    IF NEW.limit_type IN ('MAX_DRAWDOWN', 'DAILY_LOSS') AND NEW.value <= 0 THEN
+        RAISE EXCEPTION 'a % limit of % is reached at once: it would trip the breaker on the first bar, even in profit (give a value above 0, or disable the limit)',
+            NEW.limit_type, NEW.value USING ERRCODE = 'invalid_parameter_value';
+    END IF;
     RETURN NEW;
 END
 $$;
-REVOKE ALL ON FUNCTION risk._limit_environment() FROM PUBLIC;
-CREATE TRIGGER limits_environment BEFORE INSERT OR UPDATE OF account_id, environment ON risk.limits
-    FOR EACH ROW EXECUTE FUNCTION risk._limit_environment();
+REVOKE ALL ON FUNCTION risk._limit_sane() FROM PUBLIC;
+CREATE TRIGGER limits_sane BEFORE INSERT OR UPDATE OF account_id, environment, limit_type, value
+    ON risk.limits FOR EACH ROW EXECUTE FUNCTION risk._limit_sane();
+
+-- A fill names its order by order_id or client_order_id. The booking looks a reference up
+-- as a client order id first, so {"order_id": 3} found another order whose client order
+-- id was "3" (a manual order may choose its id), and a fill naming order 3 and client id
+-- "x" of another order was booked to the latter. An order_id is an order id now: the fill
+-- goes on by that order's client id (unique), and one naming two orders is refused.
+CREATE OR REPLACE FUNCTION trading.apply_fill(fill jsonb) RETURNS jsonb
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    res jsonb;
+    acc trading.accounts;
+    iid bigint;
+    ref text;
+    coid text;
+    named text;
+BEGIN
+    IF jsonb_typeof(fill) = 'object' THEN
+        PERFORM trading._known_fields(fill, '{order_id,client_order_id,broker_fill_id,quantity,
+            price,commission,commission_currency,liquidity,ts}', 'fill');
+        ref := trading._text(fill, 'order_id', 'fill', 20);
+        IF ref IS NOT NULL THEN
+            IF ref !~ '^[0-9]{1,18}$' THEN
+                RAISE EXCEPTION 'fill.order_id must be a whole number (the order''s id), got %',
+                    quote_literal(ref) USING ERRCODE = 'invalid_parameter_value';
+            END IF;
+            SELECT o.client_order_id INTO named FROM trading.orders o WHERE o.order_id = ref::bigint;
+            IF NOT FOUND THEN
+                RAISE EXCEPTION 'unknown order %', quote_literal(ref) USING ERRCODE = 'foreign_key_violation';
+            END IF;
+            coid := trading._text(fill, 'client_order_id', 'fill', 64);
+            IF coid IS NOT NULL AND coid <> named THEN
+                RAISE EXCEPTION 'fill.order_id % and fill.client_order_id % name different orders (order % is %)',
+                    ref, quote_literal(coid), ref, quote_literal(named)
+                    USING ERRCODE = 'invalid_parameter_value';
+            END IF;
+            fill := (fill - 'order_id') || jsonb_build_object('client_order_id', named);
+        END IF;
+    END IF;
+    res := trading._book_fill(fill);
+    IF res ->> 'status' = 'applied' THEN
+        SELECT o.instrument_id INTO iid
+        FROM trading.orders o JOIN risk.breaker_state b USING (account_id)
+        WHERE o.order_id = (res ->> 'order_id')::bigint AND b.mode = 'HARD';
+        IF FOUND THEN
+            SELECT a.* INTO acc FROM trading.accounts a JOIN trading.orders o USING (account_id)
+            WHERE o.order_id = (res ->> 'order_id')::bigint;
+            res := res || jsonb_build_object('breaker_orders',
+                to_jsonb(trading._close_positions(acc, iid, 'breaker')));
+        END IF;
+    END IF;
+    RETURN res;
+END
+$$;
+
+-- place_manual_order (0004_13) with two more refusals: a client order id of digits only
+-- (an order id is written so: trading._locked_order, which the cancels use, looks a
+-- reference up as a client id first, so "cancel 12" could find that order instead of
+-- order 12), and protection on the wrong side of the entry (a buy's stop at or above its
+-- price, a sell's below), refused as a signal's is (INVALID_PROTECTION): the stop fired
+-- on the next bar, closing what was just opened.
+CREATE OR REPLACE FUNCTION trading.place_manual_order(spec jsonb) RETURNS jsonb
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    held numeric;
+    exits numeric;
+    market_px numeric;
+    ro boolean;
+    coid text;
+    expire timestamptz;
+    acc trading.accounts;
+    inst market.instruments;
+    side trading.order_side;
+    otype trading.order_type;
+    tif trading.time_in_force;
+    qty numeric; lp numeric; sp numeric; price numeric;
+    sl numeric; tp numeric; entry numeric;
+    cur numeric;
+    d numeric;
+    opening numeric;
+    denial record;
+    oid bigint;
+BEGIN
+    IF spec IS NULL OR jsonb_typeof(spec) <> 'object' THEN
+        RAISE EXCEPTION 'an order must be a JSON object' USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    PERFORM trading._known_fields(spec, '{account,symbol,venue,side,type,time_in_force,quantity,
+        limit_price,stop_price,expire_at,reduce_only,stop_loss,take_profit,client_order_id}', 'order');
+    IF spec ? 'reduce_only' AND jsonb_typeof(spec -> 'reduce_only') NOT IN ('boolean', 'null') THEN
+        RAISE EXCEPTION 'order.reduce_only must be true or false, got %', left((spec -> 'reduce_only')::text, 40)
+            USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    ro := COALESCE((spec ->> 'reduce_only')::boolean, false);
+    coid := trading._text(spec, 'client_order_id', 'order', 64);
+    IF coid ~ '^mm[0-9]+-[0-9]+(-[0-9a-f]{8})?$' THEN
+        RAISE EXCEPTION 'order.client_order_id % has the form of the ids MMATS gives its own orders (mm<account>-<n>-<tag>): choose another',
+            to_json(coid)::text USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    IF coid IS NOT NULL AND coid !~ '^[[:print:]]{1,64}$' THEN
+        RAISE EXCEPTION 'order.client_order_id must be 1 to 64 printable characters'
+            USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    IF coid ~ '^[0-9]+$' THEN
+        RAISE EXCEPTION 'order.client_order_id % is all digits, as order ids are: choose one with a letter',
+            to_json(coid)::text USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    acc := trading._account(trading._text(spec, 'account', 'order', 64), true);
+    inst := market._instrument(trading._text(spec, 'symbol', 'order', 40), trading._text(spec, 'venue', 'order', 32));
+    PERFORM trading._refuse_running_backtest(acc, 'a manual order');
+    IF acc.mode <> 'operator' THEN
+        RAISE EXCEPTION 'account % is in advisory mode: it places no orders', acc.name
+            USING ERRCODE = 'insufficient_privilege';
+    END IF;
+    BEGIN
+        side := lower(trading._text(spec, 'side', 'order', 4))::trading.order_side;
+        otype := lower(COALESCE(trading._text(spec, 'type', 'order', 12), 'market'))::trading.order_type;
+        tif := upper(COALESCE(trading._text(spec, 'time_in_force', 'order', 3), 'GTC'))::trading.time_in_force;
+    EXCEPTION WHEN invalid_text_representation THEN
+        RAISE EXCEPTION 'order.side must be buy or sell, order.type market, limit, stop or stop_limit, order.time_in_force GTC, IOC, FOK or GTD'
+            USING ERRCODE = 'invalid_parameter_value';
+    END;
+    IF side IS NULL THEN
+        RAISE EXCEPTION 'order.side is required (buy or sell)' USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    qty := trading._num(spec, 'quantity', 'order', 0, NULL, false);
+    IF qty IS NULL THEN
+        RAISE EXCEPTION 'order.quantity is required' USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    IF trading._round_down(qty, inst.quantity_step) <> qty OR qty < inst.min_quantity THEN
+        RAISE EXCEPTION 'order.quantity % must be a multiple of % and at least % for %',
+            qty, inst.quantity_step, inst.min_quantity, inst.symbol USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    lp := trading._num(spec, 'limit_price', 'order', 0, NULL, false);
+    sp := trading._num(spec, 'stop_price', 'order', 0, NULL, false);
+    IF otype IN ('limit', 'stop_limit') AND lp IS NULL THEN
+        RAISE EXCEPTION 'order.limit_price is required for a % order', otype USING ERRCODE = 'invalid_parameter_value';
+    ELSIF otype IN ('stop', 'stop_limit') AND sp IS NULL THEN
+        RAISE EXCEPTION 'order.stop_price is required for a % order', otype USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    expire := trading._ts(spec, 'expire_at', 'order');
+    IF tif = 'GTD' AND expire IS NULL THEN
+        RAISE EXCEPTION 'order.expire_at is required for a GTD order' USING ERRCODE = 'invalid_parameter_value';
+    ELSIF tif = 'GTD' AND expire <= now() AND acc.environment = 'live' THEN
+        -- (live only: a paper session replaying stored bars lives at their time)
+        RAISE EXCEPTION 'order.expire_at % is not in the future (now %)', expire, now()
+            USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    -- the risk checks price the order at the worst it may fill at: a buy limit at its
+    -- limit, anything else at its limit or stop or the market, whichever is higher (a buy
+    -- stop far below the market fills at the market at once: priced at its stop it passed
+    -- every value limit)
+    market_px := market.latest_close(inst.instrument_id);
+    price := CASE WHEN side = 'buy' AND lp IS NOT NULL THEN lp
+                  ELSE GREATEST(COALESCE(lp, sp), market_px) END;
+    IF price IS NULL THEN
+        RAISE EXCEPTION 'no price for % (no bars and no limit price)', inst.symbol USING ERRCODE = 'no_data_found';
+    END IF;
+    SELECT COALESCE(sum(trading._signed_qty(p)), 0) INTO held FROM trading.positions p
+    WHERE p.account_id = acc.account_id AND p.instrument_id = inst.instrument_id;
+    -- what will be held once the exits already on their way have filled (a stop that fired,
+    -- a strategy's close, an earlier manual exit): this order reduces only what they leave
+    SELECT -sign(held) * COALESCE(sum(o.quantity - o.filled_quantity), 0)
+    INTO exits FROM trading.orders o
+    WHERE o.account_id = acc.account_id AND o.instrument_id = inst.instrument_id AND o.reduce_only
+      AND o.side = CASE WHEN held > 0 THEN 'sell' ELSE 'buy' END::trading.order_side
+      AND o.status IN ('created', 'in_flight', 'submitted', 'partially_filled');
+    cur := CASE WHEN sign(held + exits) = sign(held) THEN held + exits ELSE 0 END;
+    d := CASE WHEN side = 'buy' THEN qty ELSE -qty END;
+    opening := CASE WHEN cur = 0 OR sign(cur) = sign(d) THEN qty ELSE GREATEST(qty - abs(cur), 0) END;
+    IF ro AND opening > 0 THEN
+        RAISE EXCEPTION 'a reduce_only order of % would open % (position %, exits already on their way for %)',
+            qty, opening, held, -exits USING ERRCODE = 'check_violation';
+    END IF;
+    sl := trading._num(spec, 'stop_loss', 'order', 0, NULL, false);
+    tp := trading._num(spec, 'take_profit', 'order', 0, NULL, false);
+    entry := COALESCE(lp, sp, market_px);
+    -- protection on the wrong side of the entry would fire on the next bar (as a signal's)
+    IF opening > 0 AND ((side = 'buy' AND (sl >= entry OR tp <= entry))
+                        OR (side = 'sell' AND (sl <= entry OR tp >= entry))) THEN
+        SELECT 'INVALID_PROTECTION' AS code,
+               format('INVALID_PROTECTION: side=%s, price=%s, stop_loss=%s, take_profit=%s',
+                      CASE WHEN side = 'buy' THEN 'long' ELSE 'short' END, entry,
+                      COALESCE(sl::text, '-'), COALESCE(tp::text, '-')) AS reason INTO denial;
+    -- a long-only account sells only what the exits on their way leave (the gate counts
+    -- what is held, so a second exit passed it as a short)
+    ELSIF side = 'sell' AND NOT acc.allow_short AND opening > 0 AND exits <> 0 THEN
+        denial := NULL;
+        SELECT 'SHORT_NOT_ALLOWED' AS code,
+               format('SHORT_NOT_ALLOWED: position=%s, exits on their way=%s, sell=%s, account=%s',
+                      held, -exits, qty, acc.name) AS reason INTO denial;
+    ELSE
+        SELECT * INTO denial FROM risk.check_order(acc, NULL, inst, side, qty, opening, price,
+        sl, now());
+    END IF;
+    IF denial.code IS NOT NULL THEN
+        PERFORM audit.record('order.refused', 'trading.accounts', acc.account_id::text,
+                             jsonb_build_object('reason_code', denial.code, 'reason', denial.reason, 'spec', spec));
+        RETURN jsonb_build_object('status', 'rejected', 'reason_code', denial.code, 'reason', denial.reason,
+                                  'order_id', NULL);
+    END IF;
+    oid := trading._emit_order(acc, inst, NULL, NULL, side, qty, 'manual', price,
+        reduce_only => opening = 0,
+        -- hedge accounts: an entry opens the leg of its side, a reduction closes the other
+        leg => CASE WHEN acc.position_mode = 'oneway' THEN 'net'
+                    WHEN (side = 'buy') <> (opening = 0) THEN 'long'
+                    ELSE 'short' END::trading.position_leg,
+        order_type => otype, limit_price => lp, stop_price => sp, tif => tif,
+        expire_at => expire,
+        stop_loss => sl, take_profit => tp,
+        client_order_id => coid);
+    RETURN jsonb_build_object('status', 'approved', 'order_id', oid, 'reason_code', NULL, 'reason', NULL);
+END
+$$;
+
+-- The strategy role moves only its own resume points. With runtime.advance_cursor it
+-- could move any (forward only, but as far as it liked): the paper broker's
+-- (paper:<instrument>:<timeframe>), so bars went unsettled, the reconciler's or the
+-- notifier's, so fills went unreconciled and events untold; and its heartbeat could stand
+-- in for another worker's, so a dead router showed as running. It has its own two
+-- functions now, for the cursors a strategy worker keeps (strategy:, events: and news:
+-- <account>:<strategy>:<timeframe>) and the heartbeat of a 'strategies' worker.
+CREATE FUNCTION runtime.advance_strategy_cursor(name text, seq bigint DEFAULT NULL,
+                                                at timestamptz DEFAULT NULL)
+RETURNS void
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+    IF name IS NULL OR name !~ '^(strategy|events|news):' THEN
+        RAISE EXCEPTION 'a strategy worker moves only its own resume points (strategy:, events: or news:...), not %',
+            quote_literal(left(name, 200)) USING ERRCODE = 'insufficient_privilege';
+    END IF;
+    PERFORM runtime.advance_cursor(name, seq, at);
+END
+$$;
+
+CREATE FUNCTION runtime.strategy_heartbeat(name text, state text DEFAULT 'running',
+                                           pid integer DEFAULT NULL, host text DEFAULT NULL,
+                                           detail jsonb DEFAULT '{}')
+RETURNS void
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    other text;
+BEGIN
+    SELECT w.kind INTO other FROM runtime.workers w WHERE w.name = strategy_heartbeat.name;
+    IF other IS DISTINCT FROM 'strategies' AND other IS NOT NULL THEN
+        RAISE EXCEPTION 'worker % is a % worker: a strategy worker beats only its own heart',
+            quote_literal(strategy_heartbeat.name), other USING ERRCODE = 'insufficient_privilege';
+    END IF;
+    PERFORM runtime.heartbeat(name, 'strategies', state, pid, host, detail);
+END
+$$;
+REVOKE ALL ON FUNCTION runtime.advance_strategy_cursor(text, bigint, timestamptz),
+    runtime.strategy_heartbeat(text, text, integer, text, jsonb) FROM PUBLIC;
+REVOKE EXECUTE ON FUNCTION runtime.advance_cursor(text, bigint, timestamptz),
+    runtime.heartbeat(text, text, text, integer, text, jsonb) FROM mmats_strategy;
+GRANT EXECUTE ON FUNCTION runtime.advance_strategy_cursor(text, bigint, timestamptz),
+    runtime.strategy_heartbeat(text, text, integer, text, jsonb) TO mmats_strategy;
+
+-- submit_signal (0004_12) decides a live or paper signal at the present: one stamped
+-- before its instrument's latest bar was sized and checked at the close of its own time
+-- (a signal back-dated 29 days passed the gate at the price of 29 days ago, and the
+-- trading hours of that time), while its order met today's market. It is judged at the
+-- latest bar's time now, on that bar's close; the signal row keeps that time too. A
+-- backtest's signals are stamped by the engine, at the bar it is on.
+CREATE OR REPLACE FUNCTION trading.submit_signal(signal jsonb) RETURNS jsonb
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    acc trading.accounts;
+    s trading.strategies;
+    inst market.instruments;
+    action_text text;
+    act trading.signal_action;
+    size numeric;
+    sl numeric; tp numeric; trail numeric; be numeric; conf numeric;
+    at timestamptz;
+    reasoning text;
+    meta jsonb;
+    sig_id bigint;
+    written boolean := false;    -- the signal row exists (inserted as pending)
+    f_status trading.signal_status;
+    f_code text;
+    f_reason text;
+    extra jsonb := '{}';
+    agg record;
+    pos_strategy bigint;
+    cur numeric;
+    sig_leg trading.position_leg;
+    hedge_ids bigint[];
+    held numeric;
+    pending_entry numeric;
+    pending_exit numeric;
+    price numeric;
+    market_px numeric;
+    fx numeric;
+    sized record;
+    sized_equity numeric;  -- the equity the sizing read, for the gate
+    target numeric;
+    delta numeric;
+    opening numeric;
+    side trading.order_side;
+    denial record;
+    oid bigint;
+    cash_room numeric;
+BEGIN
+    IF signal IS NULL OR jsonb_typeof(signal) <> 'object' THEN
+        RAISE EXCEPTION 'a signal must be a JSON object' USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    PERFORM trading._known_fields(signal, '{account,strategy,version,symbol,venue,action,size,
+        stop_loss,take_profit,trailing_stop,confidence,reasoning,metadata,ts,price}', 'signal');
+    acc := trading._account(trading._text(signal, 'account', 'signal', 64), true);
+    s := trading._strategy(trading._text(signal, 'strategy', 'signal', 64),
+                           trading._text(signal, 'version', 'signal', 32));
+    inst := market._instrument(trading._text(signal, 'symbol', 'signal', 40),
+                               trading._text(signal, 'venue', 'signal', 32));
+    action_text := lower(trading._text(signal, 'action', 'signal', 10));
+    IF action_text NOT IN ('buy', 'sell', 'close', 'hold') THEN
+        RAISE EXCEPTION 'signal.action must be buy, sell, close or hold, got %', signal -> 'action'
+            USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    act := action_text::trading.signal_action;
+    IF act IS NULL THEN
+        RAISE EXCEPTION 'signal.action is required (buy, sell, close or hold)'
+            USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    size := COALESCE(trading._num(signal, 'size', 'signal', 0, 1), 1);
+    sl := trading._num(signal, 'stop_loss', 'signal', 0, NULL, false);
+    tp := trading._num(signal, 'take_profit', 'signal', 0, NULL, false);
+    trail := trading._num(signal, 'trailing_stop', 'signal', 0, NULL, false);
+    be := trading._num(signal -> 'metadata', 'breakeven', 'signal.metadata', 0, NULL, false);
+    conf := trading._num(signal, 'confidence', 'signal', 0, 1);
+    at := COALESCE(trading._ts(signal, 'ts', 'signal'), now());
+    IF signal ? 'metadata' AND jsonb_typeof(signal -> 'metadata') <> 'object' THEN
+        RAISE EXCEPTION 'signal.metadata must be a JSON object' USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    IF length((signal -> 'metadata')::text) > 16384 THEN
+        RAISE EXCEPTION 'signal.metadata must be at most 16384 characters of JSON, got %',
+            length((signal -> 'metadata')::text) USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    -- (a bad price is refused whatever the decision, as the other fields are)
+    PERFORM trading._num(signal, 'price', 'signal', 0, NULL, false);
+    -- a live or paper decision is made now: a time in the future is a clock or a typo
+    IF acc.environment IN ('live', 'paper') AND at > now() + interval '5 minutes' THEN
+        RAISE EXCEPTION 'signal.ts % is in the future (now %): a % account decides at the present',
+            at, now(), acc.environment USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    -- and at the instrument's latest bar: a signal stamped before it (back-dated, or a
+    -- worker catching up) is judged at that bar's time and price, the market its order meets
+    IF acc.environment IN ('live', 'paper') THEN
+        at := GREATEST(at, (SELECT b.ts FROM market.bars b WHERE b.instrument_id = inst.instrument_id
+                            ORDER BY b.ts DESC LIMIT 1));
+    END IF;
+
+    IF acc.aggregation = 'independent' THEN
+        -- in the order the INSERT evaluates them: its id, then the reasoning
+        sig_id := nextval('trading.signals_signal_id_seq');
+        reasoning := trading._text(signal, 'reasoning', 'signal', 4000);
+        meta := COALESCE(signal -> 'metadata', '{}');
+    ELSE
+        INSERT INTO trading.signals AS g (account_id, strategy_id, instrument_id, ts, action, size,
+            stop_loss, take_profit, trailing_stop, confidence, reasoning, metadata)
+        VALUES (acc.account_id, s.strategy_id, inst.instrument_id, at, act, size, sl, tp, trail, conf,
+                trading._text(signal, 'reasoning', 'signal', 4000), COALESCE(signal -> 'metadata', '{}'))
+        RETURNING g.signal_id INTO sig_id;
+        written := true;
+    END IF;
+
+    <<decide>>
+    BEGIN
+        IF acc.mode = 'advisory' THEN
+            f_status := 'advisory'; f_reason := 'advisory account: recorded, no order';
+            EXIT decide;
+        END IF;
+        IF act = 'hold' THEN
+            f_status := 'ignored'; f_code := 'HOLD'; f_reason := 'hold: nothing to do';
+            EXIT decide;
+        END IF;
+        IF NOT s.enabled THEN
+            f_status := 'ignored'; f_code := 'STRATEGY_DISABLED';
+            f_reason := format('STRATEGY_DISABLED: strategy=%s', s.name);
+            EXIT decide;
+        END IF;
+        -- only a strategy given a share of the account trades it (a misspelt name was
+        -- sized with all the capital)
+        IF NOT EXISTS (SELECT 1 FROM trading.account_strategies x
+                       WHERE x.account_id = acc.account_id AND x.strategy_id = s.strategy_id) THEN
+            f_status := 'rejected'; f_code := 'STRATEGY_NOT_ASSIGNED';
+            f_reason := format('STRATEGY_NOT_ASSIGNED: strategy=%s %s, account=%s (assign it with trading.assign_strategy or [[strategies]] in mmats.toml)',
+                               s.name, s.version, acc.name);
+            EXIT decide;
+        END IF;
+
+        IF acc.aggregation <> 'independent' THEN  -- (independent: always decided)
+            agg := trading._aggregate(acc, s, inst, act, at);
+            IF NOT agg.decided THEN
+                f_status := 'ignored'; f_code := agg.code; f_reason := agg.reason;
+                EXIT decide;
+            END IF;
+        END IF;
+
+        -- the position this signal acts on: the strategy's own (independent) or the account's net
+        pos_strategy := CASE WHEN acc.aggregation = 'independent' THEN s.strategy_id END;
+        -- hedge mode: buy works the long leg, sell the short leg (on a long-only account, where
+        -- there is no short leg, a sell closes the long one, as in one-way mode), close both
+        sig_leg := CASE WHEN acc.position_mode = 'oneway' THEN 'net'
+                    WHEN act = 'buy' THEN 'long'
+                    WHEN act = 'sell' AND NOT acc.allow_short THEN 'long'
+                    WHEN act = 'sell' THEN 'short' END;
+        IF sig_leg IS NULL THEN
+            IF NOT written THEN
+                INSERT INTO trading.signals AS g (signal_id, account_id, strategy_id, instrument_id,
+                    ts, action, size, stop_loss, take_profit, trailing_stop, confidence, reasoning,
+                    metadata)
+                OVERRIDING SYSTEM VALUE
+                VALUES (sig_id, acc.account_id, s.strategy_id, inst.instrument_id, at, act, size, sl,
+                        tp, trail, conf, reasoning, meta);
+            END IF;
+            SELECT array_agg(x.order_id ORDER BY x.order_id) INTO hedge_ids FROM (
+                SELECT trading._emit_order(acc, inst, s.strategy_id, sig_id,
+                           CASE WHEN p.leg = 'long' THEN 'sell' ELSE 'buy' END::trading.order_side,
+                           r.remaining, 'signal', market.latest_close(inst.instrument_id, at),
+                           reduce_only => true, leg => p.leg) AS order_id
+                FROM trading.positions p,
+                     -- what is held less the closing orders already on their way to that
+                     -- row (a manual exit's part that reaches it included)
+                     LATERAL (SELECT p.quantity - trading._row_exits(acc, p.instrument_id, p.strategy_id,
+                                         p.leg, trading._signed_qty(p), p.position_id) AS remaining) r
+                WHERE p.account_id = acc.account_id AND p.instrument_id = inst.instrument_id
+                  AND p.strategy_id IS NOT DISTINCT FROM pos_strategy AND r.remaining > 0
+                  AND risk.breaker_mode(acc.account_id) <> 'FREEZE') x;
+            IF hedge_ids IS NULL THEN
+                RETURN trading._finish_signal(sig_id,
+                    CASE WHEN risk.breaker_mode(acc.account_id) = 'FREEZE' THEN 'rejected' ELSE 'ignored' END::trading.signal_status,
+                    CASE WHEN risk.breaker_mode(acc.account_id) = 'FREEZE' THEN 'BREAKER_FREEZE' ELSE 'NO_POSITION' END,
+                    'nothing closed', NULL);
+            END IF;
+            RETURN trading._finish_signal(sig_id, 'approved', NULL, NULL, hedge_ids[1],
+                                          jsonb_build_object('order_ids', to_jsonb(hedge_ids)));
+        END IF;
+        -- what is held, and the open orders that count toward the position the signal moves
+        -- from (entries not yet filled would otherwise be sent twice)
+        SELECT COALESCE((SELECT sum(trading._signed_qty(p)) FROM trading.positions p
+                         WHERE p.account_id = acc.account_id AND p.instrument_id = inst.instrument_id
+                           AND p.strategy_id IS NOT DISTINCT FROM pos_strategy AND p.leg = sig_leg), 0),
+               x.entries, x.exits
+        INTO held, pending_entry, pending_exit
+        FROM (SELECT COALESCE(sum(q) FILTER (WHERE NOT o.reduce_only), 0) AS entries,
+                     COALESCE(sum(q) FILTER (WHERE o.reduce_only), 0) AS exits
+              FROM trading.orders o,
+                   LATERAL (SELECT CASE WHEN o.side = 'buy' THEN 1 ELSE -1 END * (o.quantity - o.filled_quantity) AS q) q
+              WHERE o.account_id = acc.account_id AND o.instrument_id = inst.instrument_id
+                AND (pos_strategy IS NULL OR o.strategy_id = pos_strategy) AND o.position_leg = sig_leg
+                AND o.status IN ('created', 'in_flight', 'submitted', 'partially_filled')) x;
+        IF pos_strategy IS NOT NULL AND held <> 0 THEN
+            -- a strategy's own row on an independent account: its exits, and the part of the
+            -- account's manual exits that reaches this row once the account's own row is
+            -- flat, as trading.apply_fill books them (a manual sell of the whole position
+            -- left the strategy's close counting nothing, and two exits went out)
+            pending_exit := -sign(held) * trading._row_exits(acc, inst.instrument_id, pos_strategy,
+                sig_leg, held, (SELECT p.position_id FROM trading.positions p
+                                WHERE p.account_id = acc.account_id AND p.instrument_id = inst.instrument_id
+                                  AND p.strategy_id = pos_strategy AND p.leg = sig_leg));
+        END IF;
+        cur := held + pending_entry + pending_exit;
+
+        -- the market prices the order: a strategy's price is taken only when it is above the
+        -- latest close (a smaller order); below it, it would size an order the cash cannot
+        -- pay for and pass every value limit with it. Without any bar the signal's price is
+        -- all there is.
+        price := trading._num(signal, 'price', 'signal', 0, NULL, false);
+        market_px := COALESCE(market.latest_close(inst.instrument_id, at), price);
+        IF market_px IS NULL THEN
+            f_status := 'rejected'; f_code := 'NO_PRICE';
+            f_reason := format('NO_PRICE: no bar for %s at or before %s to size the order', inst.symbol, at);
+            EXIT decide;
+        END IF;
+        price := GREATEST(market_px, price);
+        fx := CASE WHEN inst.quote_currency = acc.base_currency THEN 1
+                   ELSE trading.fx_rate(inst.quote_currency, acc.base_currency, at) END;
+        IF fx IS NULL THEN
+            f_status := 'rejected'; f_code := 'NO_CONVERSION_RATE';
+            f_reason := format('NO_CONVERSION_RATE: from=%s, to=%s', inst.quote_currency, acc.base_currency);
+            EXIT decide;
+        END IF;
+
+        -- target position after the signal
+        IF act = 'close' THEN
+            target := 0;
+        ELSE
+            IF act = 'sell' AND NOT acc.allow_short THEN
+                target := 0;  -- a long-only account sells what it holds (no sizing needed)
+            ELSE
+                sized := trading._size(acc, s, inst, size, price, fx, sl, at);
+                target := trading._round_down(sized.qty, inst.quantity_step);
+                sized_equity := sized.equity;
+                IF sized.clamp_to_cash AND act = 'buy' THEN
+                    -- never size past the cash there is (after buying back a short first)
+                    cash_room := acc.cash - trading._reserved_cash(acc)
+                                 - GREATEST(-cur, 0) * price * fx * (1 + acc.taker_fee);
+                    -- (what is held or already ordered is paid for: the cap is on what this order adds)
+                    target := LEAST(target, GREATEST(cur, 0)
+                                            + trading._round_down(cash_room / (price * fx * (1 + acc.taker_fee)),
+                                                                  inst.quantity_step));
+                END IF;
+                IF act = 'sell' THEN
+                    target := -target;
+                END IF;
+            END IF;
+        END IF;
+
+        IF target = 0 THEN
+            -- closing: what is held, less the exits already on their way
+            cur := held + pending_exit;
+        END IF;
+        IF act = 'close' AND cur = 0 THEN
+            f_status := 'ignored'; f_code := 'NO_POSITION';
+            f_reason := format('NO_POSITION: nothing to close (held %s, closing orders open for %s)', held, -pending_exit);
+            EXIT decide;
+        END IF;
+        IF act = 'sell' AND NOT acc.allow_short AND cur <= 0 THEN
+            f_status := 'rejected'; f_code := 'SHORT_NOT_ALLOWED';
+            f_reason := format('SHORT_NOT_ALLOWED: position=%s, account=%s', held, acc.name);
+            EXIT decide;
+        END IF;
+        IF act <> 'close' AND target <> 0 AND abs(target) < inst.min_quantity THEN
+            f_status := 'rejected'; f_code := 'QUANTITY_BELOW_MINIMUM';
+            f_reason := format('QUANTITY_BELOW_MINIMUM: quantity=%s, minimum=%s, step=%s',
+                               abs(target), inst.min_quantity, inst.quantity_step);
+            EXIT decide;
+        END IF;
+        IF act = 'buy' AND target <= 0 THEN
+            f_status := 'rejected'; f_code := 'QUANTITY_BELOW_MINIMUM';
+            f_reason := format('QUANTITY_BELOW_MINIMUM: quantity=0, step=%s (not enough capital at price %s)',
+                               inst.quantity_step, price);
+            EXIT decide;
+        END IF;
+        IF act = 'sell' AND target = 0 AND cur = 0 THEN
+            -- allow_short: the short sized to nothing, and no long to close
+            f_status := 'rejected'; f_code := 'QUANTITY_BELOW_MINIMUM';
+            f_reason := format('QUANTITY_BELOW_MINIMUM: quantity=0, step=%s (not enough capital at price %s)',
+                               inst.quantity_step, price);
+            EXIT decide;
+        END IF;
+        -- a target in the same direction and no larger than the current position: nothing to do
+        IF (act = 'buy' AND cur >= target) OR (act = 'sell' AND target < 0 AND cur <= target) THEN
+            f_status := 'ignored'; f_code := 'ALREADY_AT_TARGET';
+            f_reason := format('ALREADY_AT_TARGET: position=%s, target=%s', cur, target);
+            EXIT decide;
+        END IF;
+
+        delta := target - cur;
+        side := CASE WHEN delta > 0 THEN 'buy' ELSE 'sell' END::trading.order_side;
+        -- the part that opens or increases exposure (the rest closes)
+        opening := CASE WHEN sign(target) = 0 THEN 0
+                        WHEN sign(cur) = sign(target) THEN GREATEST(abs(target) - abs(cur), 0)
+                        ELSE abs(target) END;
+        -- an order that adds exposure must itself reach the minimum (a top-up of a position
+        -- by less than min_quantity would be refused by the venue); closing orders may be smaller
+        IF opening > 0 AND abs(delta) < inst.min_quantity THEN
+            f_status := 'rejected'; f_code := 'QUANTITY_BELOW_MINIMUM';
+            f_reason := format('QUANTITY_BELOW_MINIMUM: quantity=%s, minimum=%s, step=%s (position %s, target %s)',
+                               abs(delta), inst.min_quantity, inst.quantity_step, cur, target);
+            EXIT decide;
+        END IF;
+
+        -- protection on the wrong side of the price would fire on the next bar
+        IF opening > 0 AND ((target > 0 AND (sl >= market_px OR tp <= market_px))
+                            OR (target < 0 AND (sl <= market_px OR tp >= market_px))) THEN
+            f_status := 'rejected'; f_code := 'INVALID_PROTECTION';
+            f_reason := format('INVALID_PROTECTION: side=%s, price=%s, stop_loss=%s, take_profit=%s',
+                               CASE WHEN target > 0 THEN 'long' ELSE 'short' END, market_px,
+                               COALESCE(sl::text, '-'), COALESCE(tp::text, '-'));
+            EXIT decide;
+        END IF;
+
+        denial := risk._check_order(acc, s, inst, side, abs(delta), opening, price, sl, at,
+                                    sized_equity);
+        IF denial.code IS NOT NULL THEN
+            f_status := 'rejected'; f_code := denial.code; f_reason := denial.reason;
+            EXIT decide;
+        END IF;
+        f_status := 'approved';
+    END;
+
+    IF NOT written THEN
+        INSERT INTO trading.signals AS g (signal_id, account_id, strategy_id, instrument_id, ts,
+            action, size, stop_loss, take_profit, trailing_stop, confidence, reasoning, metadata,
+            status, reason_code, reason)
+        OVERRIDING SYSTEM VALUE
+        VALUES (sig_id, acc.account_id, s.strategy_id, inst.instrument_id, at, act, size, sl, tp,
+                trail, conf, reasoning, meta, f_status, f_code, f_reason);
+    END IF;
+    IF f_status = 'approved' THEN
+        oid := trading._emit_order(acc, inst, s.strategy_id, sig_id, side, abs(delta), 'signal', price,
+                                   reduce_only => opening = 0, leg => sig_leg, stop_loss => sl, take_profit => tp,
+                                   trailing_stop => trail, breakeven => be);
+        extra := jsonb_build_object('side', side, 'quantity', abs(delta), 'reference_price', price);
+    END IF;
+    IF written THEN
+        RETURN trading._finish_signal(sig_id, f_status, f_code, f_reason, oid, extra);
+    END IF;
+    -- what _finish_signal records and answers
+    PERFORM audit.record('signal.' || f_status::text, 'trading.signals', sig_id::text,
+        jsonb_build_object('reason_code', f_code, 'reason', f_reason, 'order_id', oid) || extra);
+    RETURN jsonb_build_object('signal_id', sig_id, 'status', f_status, 'reason_code', f_code,
+                              'reason', f_reason, 'order_id', oid) || extra;
+END
+$$;
+
+-- The votes of CONSENSUS, WEIGHTED and PRIORITY accounts are those of the strategies the
+-- account trades: a signal of a strategy not assigned to it (recorded, rejected
+-- STRATEGY_NOT_ASSIGNED) was counted, so a misspelt or foreign strategy could outvote or
+-- outrank the assigned ones, and block every entry of a consensus account.
+CREATE OR REPLACE FUNCTION trading._votes(account bigint, instrument bigint, since timestamptz,
+                                          until timestamptz)
+RETURNS TABLE (strategy_id bigint, name text, action trading.signal_action, confidence numeric,
+               weight numeric, priority integer)
+LANGUAGE sql STABLE
+BEGIN ATOMIC
+    SELECT DISTINCT ON (g.strategy_id) g.strategy_id, st.name, g.action,
+           COALESCE(g.confidence, 1), st.weight, st.priority
+    FROM trading.signals g JOIN trading.strategies st ON st.strategy_id = g.strategy_id
+    JOIN trading.account_strategies x ON x.account_id = g.account_id
+                                     AND x.strategy_id = g.strategy_id
+    WHERE g.account_id = _votes.account AND g.instrument_id = _votes.instrument
+      AND g.ts BETWEEN since AND until AND st.enabled AND x.enabled AND g.action <> 'hold'
+    ORDER BY g.strategy_id, g.ts DESC, g.signal_id DESC;
+END;
