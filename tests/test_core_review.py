@@ -38,8 +38,9 @@ def test_a_back_dated_paper_signal_is_judged_at_the_latest_bar(conn, btc):
                         (r["order_id"],)).fetchone()
     assert D(200) * qty <= D(50000)  # half the capital at the price of the latest bar
     assert qty > D(240)               # (sized from it, less the commission reserved)
+    # the row keeps the time the signal states
     assert one(conn, "SELECT ts FROM trading.signals WHERE signal_id = %s",
-               r["signal_id"]) == later
+               r["signal_id"]) == T0 + timedelta(minutes=1)
 
 
 def test_a_backtest_signal_keeps_its_own_time(conn, btc):

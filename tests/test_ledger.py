@@ -155,13 +155,23 @@ def test_fill_by_client_order_id(conn, btc):
     assert cash(conn, a) == D("99900")
 
 
+def legacy_client_id(conn: psycopg.Connection, order_id: int, client_order_id: str) -> None:
+    """Give an order a client id of digits only, as one stored before place_manual_order
+    refused them (the table allows them; the transition trigger, which keeps a client id
+    fixed, is set aside for it)."""
+    conn.execute("SET session_replication_role = replica")
+    conn.execute("UPDATE trading.orders SET client_order_id = %s WHERE order_id = %s",
+                 (client_order_id, order_id))
+    conn.execute("SET session_replication_role = DEFAULT")
+
+
 def test_a_reference_names_a_client_order_id_before_an_order_id(conn, btc):
-    """A fill's reference is looked up as a client order id first, then as an order id:
-    a numeric client order id that is also another order's id names its own order."""
+    """A fill's client_order_id names the order of that client id, even one written like
+    another order's id."""
     account(conn, "acc1")
     first = order(conn, "acc1", "BTCUSD", "buy", "1")
-    second = order(conn, "acc1", "BTCUSD", "buy", "2", client_order_id=str(first))
-    assert second != first
+    second = order(conn, "acc1", "BTCUSD", "buy", "2")
+    legacy_client_id(conn, second, str(first))
     r = conn.execute("SELECT trading.apply_fill(%s)", (Jsonb(
         {"client_order_id": str(first), "broker_fill_id": "c", "quantity": 2,
          "price": 50}),)).fetchone()[0]
@@ -229,13 +239,8 @@ def test_an_order_id_names_that_order_not_a_client_id_written_like_it(conn, btc)
     account(conn, "acc2")
     mine = order(conn, "acc1", "BTCUSD", "buy", "10")
     theirs = order(conn, "acc2", "BTCUSD", "buy", "10")
-    # an order of another account whose client order id reads like my order's id (made
-    # before place_manual_order refused such ids: the table allows them; the transition
-    # trigger, which keeps a client id fixed, is set aside to make one)
-    conn.execute("SET session_replication_role = replica")
-    conn.execute("UPDATE trading.orders SET client_order_id = %s WHERE order_id = %s",
-                 (str(mine), theirs))
-    conn.execute("SET session_replication_role = DEFAULT")
+    # an order of another account whose client order id reads like my order's id
+    legacy_client_id(conn, theirs, str(mine))
     assert fill(conn, mine, "by-id", "4", "100")["order_id"] == mine
     assert order_row(conn, mine)["filled_quantity"] == D(4)
     assert order_row(conn, theirs)["filled_quantity"] == D(0)

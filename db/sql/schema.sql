@@ -12028,7 +12028,7 @@ GRANT EXECUTE ON FUNCTION runtime.advance_strategy_cursor(text, bigint, timestam
 -- before its instrument's latest bar was sized and checked at the close of its own time
 -- (a signal back-dated 29 days passed the gate at the price of 29 days ago, and the
 -- trading hours of that time), while its order met today's market. It is judged at the
--- latest bar's time now, on that bar's close; the signal row keeps that time too. A
+-- latest bar's time now, on that bar's close; the signal row keeps the time it states. A
 -- backtest's signals are stamped by the engine, at the bar it is on.
 CREATE OR REPLACE FUNCTION trading.submit_signal(signal jsonb) RETURNS jsonb
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
@@ -12040,7 +12040,8 @@ DECLARE
     act trading.signal_action;
     size numeric;
     sl numeric; tp numeric; trail numeric; be numeric; conf numeric;
-    at timestamptz;
+    at timestamptz;       -- the time the signal is decided at
+    sig_ts timestamptz;   -- the time it states (its row keeps it)
     reasoning text;
     meta jsonb;
     sig_id bigint;
@@ -12097,6 +12098,7 @@ BEGIN
     be := trading._num(signal -> 'metadata', 'breakeven', 'signal.metadata', 0, NULL, false);
     conf := trading._num(signal, 'confidence', 'signal', 0, 1);
     at := COALESCE(trading._ts(signal, 'ts', 'signal'), now());
+    sig_ts := at;
     IF signal ? 'metadata' AND jsonb_typeof(signal -> 'metadata') <> 'object' THEN
         RAISE EXCEPTION 'signal.metadata must be a JSON object' USING ERRCODE = 'invalid_parameter_value';
     END IF;
@@ -12111,8 +12113,9 @@ BEGIN
         RAISE EXCEPTION 'signal.ts % is in the future (now %): a % account decides at the present',
             at, now(), acc.environment USING ERRCODE = 'invalid_parameter_value';
     END IF;
-    -- and at the instrument's latest bar: a signal stamped before it (back-dated, or a
-    -- worker catching up) is judged at that bar's time and price, the market its order meets
+    -- and no earlier than the instrument's latest bar: a signal stamped before it
+    -- (back-dated, or a worker catching up) is judged at that bar's time and price, the
+    -- market its order meets
     IF acc.environment IN ('live', 'paper') THEN
         at := GREATEST(at, (SELECT b.ts FROM market.bars b WHERE b.instrument_id = inst.instrument_id
                             ORDER BY b.ts DESC LIMIT 1));
@@ -12126,7 +12129,7 @@ BEGIN
     ELSE
         INSERT INTO trading.signals AS g (account_id, strategy_id, instrument_id, ts, action, size,
             stop_loss, take_profit, trailing_stop, confidence, reasoning, metadata)
-        VALUES (acc.account_id, s.strategy_id, inst.instrument_id, at, act, size, sl, tp, trail, conf,
+        VALUES (acc.account_id, s.strategy_id, inst.instrument_id, sig_ts, act, size, sl, tp, trail, conf,
                 trading._text(signal, 'reasoning', 'signal', 4000), COALESCE(signal -> 'metadata', '{}'))
         RETURNING g.signal_id INTO sig_id;
         written := true;
@@ -12179,7 +12182,7 @@ BEGIN
                     ts, action, size, stop_loss, take_profit, trailing_stop, confidence, reasoning,
                     metadata)
                 OVERRIDING SYSTEM VALUE
-                VALUES (sig_id, acc.account_id, s.strategy_id, inst.instrument_id, at, act, size, sl,
+                VALUES (sig_id, acc.account_id, s.strategy_id, inst.instrument_id, sig_ts, act, size, sl,
                         tp, trail, conf, reasoning, meta);
             END IF;
             SELECT array_agg(x.order_id ORDER BY x.order_id) INTO hedge_ids FROM (
@@ -12354,7 +12357,7 @@ BEGIN
             action, size, stop_loss, take_profit, trailing_stop, confidence, reasoning, metadata,
             status, reason_code, reason)
         OVERRIDING SYSTEM VALUE
-        VALUES (sig_id, acc.account_id, s.strategy_id, inst.instrument_id, at, act, size, sl, tp,
+        VALUES (sig_id, acc.account_id, s.strategy_id, inst.instrument_id, sig_ts, act, size, sl, tp,
                 trail, conf, reasoning, meta, f_status, f_code, f_reason);
     END IF;
     IF f_status = 'approved' THEN
