@@ -347,6 +347,8 @@ DECLARE
     sl numeric; tp numeric; trail numeric; be numeric; conf numeric;
     at timestamptz;       -- the time the signal is decided at
     sig_ts timestamptz;   -- the time it states (its row keeps it)
+    last_ts timestamptz;  -- a live or paper account's latest bar of the instrument
+    last_px numeric;
     reasoning text;
     meta jsonb;
     sig_id bigint;
@@ -422,8 +424,9 @@ BEGIN
     -- (back-dated, or a worker catching up) is judged at that bar's time and price, the
     -- market its order meets
     IF acc.environment IN ('live', 'paper') THEN
-        at := GREATEST(at, (SELECT b.ts FROM market.bars b WHERE b.instrument_id = inst.instrument_id
-                            ORDER BY b.ts DESC LIMIT 1));
+        SELECT b.ts, b.close INTO last_ts, last_px FROM market.bars b
+        WHERE b.instrument_id = inst.instrument_id ORDER BY b.ts DESC LIMIT 1;
+        at := GREATEST(at, last_ts);  -- (so last_px is latest_close(instrument, at))
     END IF;
 
     IF acc.aggregation = 'independent' THEN
@@ -543,7 +546,8 @@ BEGIN
         -- pay for and pass every value limit with it. Without any bar the signal's price is
         -- all there is.
         price := trading._num(signal, 'price', 'signal', 0, NULL, false);
-        market_px := COALESCE(market.latest_close(inst.instrument_id, at), price);
+        market_px := COALESCE(CASE WHEN acc.environment IN ('live', 'paper') THEN last_px
+                                   ELSE market.latest_close(inst.instrument_id, at) END, price);
         IF market_px IS NULL THEN
             f_status := 'rejected'; f_code := 'NO_PRICE';
             f_reason := format('NO_PRICE: no bar for %s at or before %s to size the order', inst.symbol, at);
