@@ -189,20 +189,6 @@ def test_market_order_posts_alpacas_json_with_string_quantity(
       "time_in_force": "fok", "side": "sell"}),
     ({"quantity": Decimal("0.123456789"), "time_in_force": "day"},
      {"qty": "0.123456789", "type": "market"}),
-])
-def test_order_types_and_time_in_force_reach_alpaca(
-        http: responses.RequestsMock, broker: AlpacaBroker, changes: dict[str, Any],
-        expected: dict[str, str]) -> None:
-    http.post(f"{PAPER}/orders", json=order_json())
-    broker.place_order(market(**changes))
-    body = sent_json(http.calls[0])
-    assert {k: body[k] for k in expected} == expected
-    assert body["client_order_id"] == "mmats-42"
-    unused = {"limit_price", "stop_price"} - set(expected)
-    assert not unused & set(body), "a price the order type does not use was sent"
-
-
-@pytest.mark.parametrize(("changes", "expected"), [
     # Alpaca refuses a sub-penny price from $1 ("sub-penny increment does not fulfill
     # minimum pricing criteria"): a limit is never made worse, a stop goes to the nearest
     ({"order_type": "limit", "limit_price": Decimal("187.455")}, {"limit_price": "187.45"}),
@@ -218,13 +204,16 @@ def test_order_types_and_time_in_force_reach_alpaca(
     ({"order_type": "limit", "limit_price": Decimal("0.99995"), "side": "sell"},
      {"limit_price": "1.00"}),
 ])
-def test_an_off_tick_price_goes_out_on_the_tick(
+def test_order_types_and_time_in_force_reach_alpaca(
         http: responses.RequestsMock, broker: AlpacaBroker, changes: dict[str, Any],
         expected: dict[str, str]) -> None:
     http.post(f"{PAPER}/orders", json=order_json())
     broker.place_order(market(**changes))
     body = sent_json(http.calls[0])
     assert {k: body[k] for k in expected} == expected
+    assert body["client_order_id"] == "mmats-42"
+    unused = {"limit_price", "stop_price"} - set(expected)
+    assert not unused & set(body), "a price the order type does not use was sent"
 
 
 @pytest.mark.parametrize(("changes", "problem"), [
