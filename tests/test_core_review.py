@@ -166,3 +166,138 @@ def test_the_strategy_role_keeps_its_own_cursors_and_heartbeat(as_strategy):
     assert one(as_strategy, "SELECT count(*) FROM runtime.cursors WHERE seq = 7") == 3
     assert as_strategy.execute("SELECT name, kind FROM runtime.workers ORDER BY name"
                                ).fetchall() == [("router", "router"), ("strategies", "strategies")]
+
+
+# ---------------------------------------------------------------- found by a second review
+def assign(conn: psycopg.Connection, method: str, params: dict[str, Any],
+           account_name: str = "p") -> None:
+    conn.execute("SELECT trading.assign_strategy(%s, 'st', 1, %s, %s)",
+                 (account_name, method, Jsonb(params)))
+
+
+def order_qty(conn: psycopg.Connection, order_id: int) -> D:
+    return one(conn, "SELECT quantity FROM trading.orders WHERE order_id = %s", order_id)
+
+
+def filled(conn: psycopg.Connection, order_id: int, qty: str, ref: str) -> dict[str, Any]:
+    return one(conn, "SELECT trading.apply_fill(%s)", Jsonb(
+        {"order_id": order_id, "broker_fill_id": ref, "quantity": qty, "price": "100",
+         "ts": (T0 + timedelta(minutes=1)).isoformat()}))
+
+
+def test_a_short_s_risk_is_measured_from_the_market_not_a_price_nearer_its_stop(conn, btc):
+    # 0004_13: the price of 109.9 (taken: above the market) put the stop 0.1 away, and a
+    # risk of 1,000 (1 % of 100,000) sized 10,000 units: 100,000 lost at the stop
+    account(conn, short=True)
+    assign(conn, "risk_per_trade", {"risk": 0.01})
+    r = signal(conn, "sell", stop_loss=110, price=109.9)
+    assert r["status"] == "approved", r
+    assert order_qty(conn, r["order_id"]) == D(100)   # 1,000 / (110 - 100)
+
+
+def test_a_signal_of_an_unassigned_version_leaves_the_assigned_one_trading(conn, btc):
+    # 0004_13: version 2 (refused) became the newest row, and every versionless signal
+    # after it was refused STRATEGY_NOT_ASSIGNED, closes included
+    account(conn)
+    assign(conn, "fixed_quantity", {"quantity": 1})
+    assert signal(conn, "buy", version="2")["reason_code"] == "STRATEGY_NOT_ASSIGNED"
+    r = signal(conn, "buy")
+    assert r["status"] == "approved", r
+
+
+def test_volatility_is_measured_against_the_market_s_close(conn, btc):
+    # 0004_13: divided by the price given, 600, the ATR ratio of 0.10 read 0.017
+    account(conn)
+    assign(conn, "fixed_quantity", {"quantity": 10})
+    conn.cursor().executemany(
+        "INSERT INTO market.bars (instrument_id, timeframe, ts, open, high, low, close, volume)"
+        " VALUES (%s, '1m', %s, 100, 105, 95, 100, 1000)",
+        [(btc, T0 + timedelta(minutes=i)) for i in range(1, 21)])
+    conn.execute("SELECT risk.set_limit('MAX_VOLATILITY', 0.02, account => 'p')")
+    for r in (signal(conn, "buy"), signal(conn, "buy", price=600),
+              manual(conn, "buy", "1", type="limit", limit_price="600")):
+        assert (r["status"], r["reason_code"]) == ("rejected", "MAX_VOLATILITY"), r
+        assert "atr_ratio=0.1" in r["reason"]
+
+
+@pytest.mark.parametrize(("minutes", "allowed"), [
+    (12 * 60 + 14, True),    # 22:14
+    (20 * 60, True),         # 05:59:59.999999 the next day
+    (20 * 60 + 1, False),    # 06:01
+    (1, False),              # 10:01
+])
+def test_a_trading_window_past_midnight_wraps(conn, btc, minutes, allowed):
+    # 0004_13: 22:00-06:00 refused every order (no time is after 22:00 and before 06:00)
+    account(conn, "b", "backtest")
+    conn.execute("SELECT trading.assign_strategy('b', 'st')")
+    conn.execute("SELECT risk.set_limit('TRADING_HOURS', 1, account => 'b',"
+                 " params => '{\"start\": \"22:00\", \"end\": \"06:00\", \"tz\": \"UTC\"}')")
+    at = T0 + timedelta(minutes=minutes) - (timedelta(microseconds=1) if minutes == 20 * 60
+                                            else timedelta(0))
+    r = one(conn, "SELECT trading.submit_signal(%s)", Jsonb(
+        {"account": "b", "strategy": "st", "symbol": "BTCUSD", "action": "buy", "size": 0.1,
+         "ts": at.isoformat()}))
+    assert (r["status"] == "approved") is allowed, r
+    if not allowed:
+        assert r["reason_code"] == "TRADING_HOURS"
+
+
+def test_a_hedge_manual_order_is_checked_as_the_whole_entry_it_makes(conn, btc):
+    # 0004_13: with a short leg of 10, a buy of 19 was checked as 9 (the net change) and
+    # went out whole on the long leg: MAX_ORDER_VALUE 1,000 passed 1,900
+    one(conn, "SELECT trading.create_account(name => 'p', environment => 'paper',"
+              " mode => 'operator', cash => 100000, currency => 'USD', allow_short => true,"
+              " position_mode => 'hedge')")
+    filled(conn, manual(conn, "sell", "10")["order_id"], "10", "s1")
+    conn.execute("SELECT risk.set_limit('MAX_ORDER_VALUE', 1000, account => 'p')")
+    r = manual(conn, "buy", "19")
+    assert (r["status"], r["reason_code"]) == ("rejected", "MAX_ORDER_VALUE"), r
+    # a buy that only closes the short leg is not an entry
+    assert manual(conn, "buy", "10")["status"] == "approved"
+
+
+def test_a_sell_sized_to_nothing_does_not_buy_back_a_short(conn, btc):
+    # 0004_13: approved as a reduce-only buy of 10
+    account(conn, short=True)
+    assign(conn, "fixed_quantity", {"quantity": 10})
+    filled(conn, signal(conn, "sell")["order_id"], "10", "s1")
+    r = signal(conn, "sell", size=0)
+    assert (r["status"], r["reason_code"]) == ("rejected", "QUANTITY_BELOW_MINIMUM"), r
+    assert one(conn, "SELECT count(*) FROM trading.orders") == 1
+
+
+def test_a_fill_under_a_hard_breaker_on_an_advisory_account_sends_no_orders(conn, btc):
+    # 0004_13: the fill answered "breaker_orders": [2], a sell for an advisory account
+    account(conn)
+    oid = manual(conn, "buy", "10")["order_id"]
+    conn.execute("SELECT trading.mark_in_flight(%s)", (str(oid),))
+    conn.execute("SELECT trading.acknowledge_order(%s, 'BRK-1')", (str(oid),))
+    conn.execute("SELECT trading.set_advisory('p', 'test')")
+    conn.execute("SELECT risk.trip_breaker('p', 'HARD', 'test')")
+    r = filled(conn, oid, "10", "f1")
+    assert r["status"] == "applied" and "breaker_orders" not in r, r
+    assert one(conn, "SELECT count(*) FROM trading.orders") == 1
+
+
+def test_a_client_id_no_order_has_is_unknown(conn, btc):
+    # 0004_13: {"client_order_id": "1"} was booked to order 1 (client id mm...)
+    account(conn)
+    manual(conn, "buy", "10")
+    with pytest.raises(psycopg.errors.ForeignKeyViolation, match="unknown order '1'"):
+        conn.execute("SELECT trading.apply_fill(%s)", (Jsonb(
+            {"client_order_id": "1", "broker_fill_id": "z", "quantity": "1",
+             "price": "100"}),))
+    assert one(conn, "SELECT count(*) FROM trading.fills") == 0
+
+
+def test_protection_is_judged_where_the_order_fills(conn, btc):
+    # 0004_13: a buy limit of 110 (it fills at the market, 100) took a stop of 105, and a
+    # breakeven level of 50 under a long's entry was taken (the stop jumped to the entry)
+    account(conn)
+    conn.execute("SELECT trading.assign_strategy('p', 'st')")
+    r = manual(conn, "buy", "1", type="limit", limit_price="110", stop_loss="105")
+    assert r["reason_code"] == "INVALID_PROTECTION" and "price=100" in r["reason"], r
+    r = signal(conn, "buy", metadata={"breakeven": 50})
+    assert (r["reason_code"], r["reason"]) == ("INVALID_PROTECTION", (
+        "INVALID_PROTECTION: side=long, price=100, stop_loss=-, take_profit=-, breakeven=50"))
+    assert signal(conn, "buy", metadata={"breakeven": 105})["status"] == "approved"

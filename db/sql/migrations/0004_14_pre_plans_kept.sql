@@ -75,10 +75,14 @@ CREATE TRIGGER limits_sane BEFORE INSERT OR UPDATE OF account_id, environment, l
     ON risk.limits FOR EACH ROW EXECUTE FUNCTION risk._limit_sane();
 
 -- A fill names its order by order_id or client_order_id. The booking looks a reference up
--- as a client order id first, so {"order_id": 3} found another order whose client order
--- id was "3" (a manual order may choose its id), and a fill naming order 3 and client id
--- "x" of another order was booked to the latter. An order_id is an order id now: the fill
--- goes on by that order's client id (unique), and one naming two orders is refused.
+-- as a client order id first, then as an order id, so {"order_id": 3} found another order
+-- whose client order id was "3" (a manual order could choose its id),
+-- {"client_order_id": "3"} with no such client id was booked to order 3, and a fill naming
+-- order 3 and client id "x" of another order was booked to the latter. An order_id is an
+-- order id now (the fill goes on by that order's client id, which is unique), a client id
+-- no order has is unknown, and a fill naming two orders is refused. On an advisory
+-- account a fill under a HARD breaker sends no closing orders (risk._trip closes only
+-- operator accounts: an advisory one sends no orders).
 CREATE OR REPLACE FUNCTION trading.apply_fill(fill jsonb) RETURNS jsonb
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
@@ -109,6 +113,13 @@ BEGIN
                     USING ERRCODE = 'invalid_parameter_value';
             END IF;
             fill := (fill - 'order_id') || jsonb_build_object('client_order_id', named);
+        ELSE
+            -- a client id no order has is unknown (the lookup would take it for an order id)
+            coid := trading._text(fill, 'client_order_id', 'fill', 64);
+            IF coid IS NOT NULL
+               AND NOT EXISTS (SELECT 1 FROM trading.orders o WHERE o.client_order_id = coid) THEN
+                RAISE EXCEPTION 'unknown order %', quote_literal(coid) USING ERRCODE = 'foreign_key_violation';
+            END IF;
         END IF;
     END IF;
     res := trading._book_fill(fill);
@@ -119,8 +130,10 @@ BEGIN
         IF FOUND THEN
             SELECT a.* INTO acc FROM trading.accounts a JOIN trading.orders o USING (account_id)
             WHERE o.order_id = (res ->> 'order_id')::bigint;
-            res := res || jsonb_build_object('breaker_orders',
-                to_jsonb(trading._close_positions(acc, iid, 'breaker')));
+            IF acc.mode = 'operator' THEN  -- (an advisory account sends no orders, as risk._trip)
+                res := res || jsonb_build_object('breaker_orders',
+                    to_jsonb(trading._close_positions(acc, iid, 'breaker')));
+            END IF;
         END IF;
     END IF;
     RETURN res;
@@ -241,13 +254,21 @@ BEGIN
     cur := CASE WHEN sign(held + exits) = sign(held) THEN held + exits ELSE 0 END;
     d := CASE WHEN side = 'buy' THEN qty ELSE -qty END;
     opening := CASE WHEN cur = 0 OR sign(cur) = sign(d) THEN qty ELSE GREATEST(qty - abs(cur), 0) END;
+    IF acc.position_mode = 'hedge' AND opening > 0 THEN
+        opening := qty;  -- (it goes out whole, as an entry on the leg of its side)
+    END IF;
     IF ro AND opening > 0 THEN
         RAISE EXCEPTION 'a reduce_only order of % would open % (position %, exits already on their way for %)',
             qty, opening, held, -exits USING ERRCODE = 'check_violation';
     END IF;
     sl := trading._num(spec, 'stop_loss', 'order', 0, NULL, false);
     tp := trading._num(spec, 'take_profit', 'order', 0, NULL, false);
-    entry := COALESCE(lp, sp, market_px);
+    -- where it fills: a marketable limit at the market, a stop beyond the market at its stop
+    entry := CASE WHEN otype = 'limit' AND side = 'buy' THEN LEAST(lp, COALESCE(market_px, lp))
+                  WHEN otype = 'limit' THEN GREATEST(lp, COALESCE(market_px, lp))
+                  WHEN otype = 'stop' AND side = 'buy' THEN GREATEST(sp, COALESCE(market_px, sp))
+                  WHEN otype = 'stop' THEN LEAST(sp, COALESCE(market_px, sp))
+                  ELSE COALESCE(lp, market_px) END;
     -- protection on the wrong side of the entry would fire on the next bar (as a signal's)
     IF opening > 0 AND ((side = 'buy' AND (sl >= entry OR tp <= entry))
                         OR (side = 'sell' AND (sl <= entry OR tp >= entry))) THEN
@@ -613,8 +634,9 @@ BEGIN
                                inst.quantity_step, price);
             EXIT decide;
         END IF;
-        IF act = 'sell' AND target = 0 AND cur = 0 THEN
-            -- allow_short: the short sized to nothing, and no long to close
+        IF act = 'sell' AND target = 0 AND cur <= 0 THEN
+            -- allow_short: the short sized to nothing, and no long to close (a short held
+            -- is not bought back by a sell)
             f_status := 'rejected'; f_code := 'QUANTITY_BELOW_MINIMUM';
             f_reason := format('QUANTITY_BELOW_MINIMUM: quantity=0, step=%s (not enough capital at price %s)',
                                inst.quantity_step, price);
@@ -643,12 +665,15 @@ BEGIN
         END IF;
 
         -- protection on the wrong side of the price would fire on the next bar
-        IF opening > 0 AND ((target > 0 AND (sl >= market_px OR tp <= market_px))
-                            OR (target < 0 AND (sl <= market_px OR tp >= market_px))) THEN
+        -- (and a breakeven level behind the price, which would move the stop to the entry
+        -- on the first bar)
+        IF opening > 0 AND ((target > 0 AND (sl >= market_px OR tp <= market_px OR be <= market_px))
+                            OR (target < 0 AND (sl <= market_px OR tp >= market_px OR be >= market_px))) THEN
             f_status := 'rejected'; f_code := 'INVALID_PROTECTION';
-            f_reason := format('INVALID_PROTECTION: side=%s, price=%s, stop_loss=%s, take_profit=%s',
+            f_reason := format('INVALID_PROTECTION: side=%s, price=%s, stop_loss=%s, take_profit=%s%s',
                                CASE WHEN target > 0 THEN 'long' ELSE 'short' END, market_px,
-                               COALESCE(sl::text, '-'), COALESCE(tp::text, '-'));
+                               COALESCE(sl::text, '-'), COALESCE(tp::text, '-'),
+                               CASE WHEN be IS NOT NULL THEN ', breakeven=' || be END);
             EXIT decide;
         END IF;
 
@@ -705,3 +730,498 @@ BEGIN ATOMIC
       AND g.ts BETWEEN since AND until AND st.enabled AND x.enabled AND g.action <> 'hold'
     ORDER BY g.strategy_id, g.ts DESC, g.signal_id DESC;
 END;
+
+-- risk._check_order (0004_12) with two fixes. MAX_VOLATILITY measured the ATR against
+-- the price it was given, a signal's own or a manual order's limit: a buy limit at 600
+-- with the market at 100 made an ATR ratio of 0.10 read 0.017 and pass a limit of 0.02 (the
+-- order fills at the market at once). It is measured against the market's close now.
+-- TRADING_HOURS with a window past midnight (start 22:00, end 06:00) refused every order
+-- (no time is both after 22:00 and before 06:00): such a window wraps now.
+CREATE OR REPLACE FUNCTION risk._check_order(acc trading.accounts, strat trading.strategies,
+                                  inst market.instruments, side trading.order_side,
+                                  qty numeric, opening numeric, price numeric,
+                                  stop_loss numeric, at timestamptz,
+                                  known_equity numeric DEFAULT NULL,
+                                  OUT code text, OUT reason text)
+LANGUAGE plpgsql AS $$
+DECLARE
+    breaker risk.breaker_mode;
+    breaker_reason text;
+    eq_equity numeric;
+    have_eq boolean := false;
+    fx numeric;
+    px numeric;
+    dir numeric := CASE WHEN side = 'buy' THEN 1 ELSE -1 END;
+    held numeric;
+    inst_qty numeric;
+    after_qty numeric;
+    gross_after numeric;  -- this instrument's exposure after the order, each leg counted
+    leg_after numeric;    -- the position the order sizes after it (a hedge account: its leg)
+    l risk.limits;
+    measure numeric;
+    n integer;
+    local_ts timestamp;
+    tz text;
+    corr_value numeric;
+    available numeric;
+    expo_all numeric;       -- gross exposure of the other instruments: all, this market,
+    expo_market numeric;    -- this strategy (positions and entries not yet filled),
+    expo_strategy numeric;  -- read once for every MAX_EXPOSURE / MAX_LEVERAGE limit
+    corr_symbol text;
+    required numeric;
+BEGIN
+    -- risk.breaker_mode(), with the reason a FREEZE names
+    SELECT b.mode, b.reason INTO breaker, breaker_reason
+    FROM risk.breaker_state b WHERE b.account_id = acc.account_id;
+    breaker := COALESCE(breaker, 'OK');
+    IF breaker = 'FREEZE' THEN
+        code := 'BREAKER_FREEZE';
+        reason := format('BREAKER_FREEZE: account=%s, reason=%s', acc.name, breaker_reason);
+        RETURN;
+    END IF;
+    IF opening <= 0 THEN
+        RETURN;  -- closing and reducing orders pass every other check
+    END IF;
+    IF breaker IN ('SOFT', 'HARD') THEN
+        code := 'BREAKER_' || breaker;
+        reason := format('BREAKER_%s: account=%s, entries stopped until risk.reset_breaker()',
+                         breaker, acc.name);
+        RETURN;
+    END IF;
+
+    fx := CASE WHEN inst.quote_currency = acc.base_currency THEN 1
+               ELSE trading._fx_or_fail(inst.quote_currency, acc.base_currency, at) END;
+    px := price * fx;
+    -- the position on the instrument, with the entry orders not yet filled: an approved
+    -- entry counts at once, so that orders decided one after the other (or by sessions
+    -- waiting on the account lock) cannot together pass a limit each passes alone
+    SELECT x.held, x.held + x.entries INTO held, inst_qty
+    FROM (SELECT COALESCE((SELECT sum(trading._signed_qty(p)) FROM trading.positions p
+                           WHERE p.account_id = acc.account_id
+                             AND p.instrument_id = inst.instrument_id), 0) AS held,
+                 COALESCE((SELECT sum(CASE WHEN o.side = 'buy' THEN 1 ELSE -1 END
+                                      * (o.quantity - o.filled_quantity))
+                           FROM trading.orders o
+                           WHERE o.account_id = acc.account_id AND o.instrument_id = inst.instrument_id
+                             AND NOT o.reduce_only
+                             AND o.status IN ('created', 'in_flight', 'submitted', 'partially_filled')), 0)
+                     AS entries) x;
+    after_qty := inst_qty + dir * qty;
+    -- a hedge account's long and short legs are both exposure (a long and an equal short
+    -- net to 0, yet each is at risk and each takes margin): there the order adds to its
+    -- own leg (a buy to the long, a sell to the short), which is the position it sizes,
+    -- and the instrument's exposure is every leg and entry, gross
+    IF acc.position_mode = 'hedge' THEN
+        SELECT COALESCE(sum(x.q) FILTER (WHERE x.leg = own_leg), 0) + qty,
+               COALESCE(sum(x.q), 0) + qty
+        INTO leg_after, gross_after
+        FROM (SELECT p.leg, abs(p.quantity) AS q FROM trading.positions p
+              WHERE p.account_id = acc.account_id AND p.instrument_id = inst.instrument_id
+              UNION ALL
+              SELECT o.position_leg, o.quantity - o.filled_quantity FROM trading.orders o
+              WHERE o.account_id = acc.account_id AND o.instrument_id = inst.instrument_id
+                AND NOT o.reduce_only
+                AND o.status IN ('created', 'in_flight', 'submitted', 'partially_filled')) x,
+             LATERAL (SELECT CASE WHEN side = 'buy' THEN 'long' ELSE 'short' END::trading.position_leg
+                      AS own_leg) l;
+        -- (no row at all: the sums are NULL)
+        leg_after := COALESCE(leg_after, qty);
+        gross_after := COALESCE(gross_after, qty);
+    ELSE
+        leg_after := abs(after_qty);
+        gross_after := abs(after_qty);
+    END IF;
+
+    FOR l IN SELECT * FROM risk.effective_limits(acc.account_id) el
+             WHERE el.scope = 'global'
+                OR (el.scope = 'market' AND el.scope_key = inst.market::text)
+                OR (el.scope = 'strategy' AND el.scope_key = strat.name)
+                OR (el.scope = 'symbol' AND el.scope_key = inst.symbol)
+             ORDER BY array_position(ARRAY['global', 'market', 'strategy', 'symbol']::risk.limit_scope[], el.scope),
+                      CASE WHEN el.limit_type IN ('REQUIRE_STOP_LOSS', 'MAX_ORDER_VALUE') THEN 1 ELSE 0 END,
+                      el.limit_type
+    LOOP
+        -- the equity is read by limits only (and cannot fail): read it when one applies
+        IF NOT have_eq THEN
+            IF known_equity IS NOT NULL THEN
+                eq_equity := known_equity;  -- (the caller's sizing read it in this transaction)
+            ELSE
+                SELECT e.equity INTO eq_equity FROM trading.account_equity(acc.account_id) e;
+            END IF;
+            have_eq := true;
+        END IF;
+        measure := NULL;
+        CASE l.limit_type
+        WHEN 'MAX_DRAWDOWN' THEN
+            IF acc.peak_equity > 0 THEN
+                measure := GREATEST(0, (acc.peak_equity - eq_equity) / acc.peak_equity);
+                IF measure >= l.value THEN
+                    code := l.limit_type;
+                    reason := format('MAX_DRAWDOWN: limit=%s, drawdown=%s, peak=%s, equity=%s',
+                                     l.value, round(measure, 4), acc.peak_equity, round(eq_equity, 2));
+                END IF;
+            END IF;
+        WHEN 'DAILY_LOSS' THEN
+            IF acc.day_start_equity IS NOT NULL AND acc.trading_day = (at AT TIME ZONE 'UTC')::date THEN
+                measure := acc.day_start_equity - eq_equity;
+                IF l.params ->> 'unit' = 'fraction' THEN  -- of the day's start, flow-scaled
+                    measure := CASE WHEN COALESCE(acc.day_start_scaled, acc.day_start_equity) > 0
+                        THEN (COALESCE(acc.day_start_scaled, acc.day_start_equity) - eq_equity)
+                             / COALESCE(acc.day_start_scaled, acc.day_start_equity) END;
+                END IF;
+                IF measure >= l.value THEN
+                    code := l.limit_type;
+                    reason := format('DAILY_LOSS: limit=%s, loss=%s%s', l.value, round(measure, 4),
+                                     CASE WHEN l.params ->> 'unit' = 'fraction' THEN ', unit=fraction' ELSE '' END);
+                END IF;
+            END IF;
+        WHEN 'MAX_POSITION_SIZE' THEN
+            IF eq_equity > 0 THEN
+                measure := leg_after * px / eq_equity;
+                IF measure > l.value THEN
+                    code := l.limit_type;
+                    reason := format('MAX_POSITION_SIZE: limit=%s, requested=%s, scope=%s',
+                                     l.value, round(measure, 4), l.scope || COALESCE(':' || l.scope_key, ''));
+                END IF;
+            ELSE
+                code := l.limit_type;
+                reason := format('MAX_POSITION_SIZE: limit=%s, equity=%s', l.value, round(eq_equity, 2));
+            END IF;
+        WHEN 'MAX_EXPOSURE', 'MAX_LEVERAGE' THEN
+            -- gross exposure of the scope after this order, as a share of equity (each
+            -- position row on its own, so a hedge account's legs never net): the other
+            -- instruments' positions and entry orders not yet filled, summed once per scope
+            -- for every such limit (this instrument counts as gross_after; a symbol scope
+            -- holds this instrument only)
+            IF expo_all IS NULL THEN
+                SELECT COALESCE(sum(x.v), 0),
+                       COALESCE(sum(x.v) FILTER (WHERE x.market = inst.market), 0),
+                       COALESCE(sum(x.v) FILTER (WHERE x.strategy_id = strat.strategy_id), 0)
+                INTO expo_all, expo_market, expo_strategy
+                FROM (SELECT abs(trading._signed_qty(p) * COALESCE(p.last_price, p.average_price)
+                                 * CASE WHEN i.quote_currency = acc.base_currency THEN 1
+                                        ELSE COALESCE(trading.fx_rate(i.quote_currency, acc.base_currency, NULL), 0) END) AS v,
+                             i.market, COALESCE(p.strategy_id, p.entry_strategy_id) AS strategy_id
+                      FROM trading.positions p JOIN market.instruments i USING (instrument_id)
+                      WHERE p.account_id = acc.account_id AND p.quantity <> 0
+                        AND p.instrument_id <> inst.instrument_id
+                      UNION ALL
+                      SELECT (o.quantity - o.filled_quantity)
+                             * COALESCE(o.limit_price, o.reference_price, market.latest_close(o.instrument_id))
+                             * CASE WHEN i.quote_currency = acc.base_currency THEN 1
+                                    ELSE COALESCE(trading.fx_rate(i.quote_currency, acc.base_currency, NULL), 0) END,
+                             i.market, o.strategy_id
+                      FROM trading.orders o JOIN market.instruments i USING (instrument_id)
+                      WHERE o.account_id = acc.account_id AND o.instrument_id <> inst.instrument_id
+                        AND NOT o.reduce_only
+                        AND o.status IN ('created', 'in_flight', 'submitted', 'partially_filled')) x;
+            END IF;
+            -- (the limits read are those of this market, strategy and symbol only)
+            measure := CASE WHEN l.limit_type = 'MAX_LEVERAGE' OR l.scope = 'global' THEN expo_all
+                            WHEN l.scope = 'market' THEN expo_market
+                            WHEN l.scope = 'strategy' THEN expo_strategy
+                            ELSE 0 END;
+            measure := (measure + gross_after * px) / NULLIF(eq_equity, 0);
+            IF measure IS NULL OR measure > l.value THEN
+                code := l.limit_type;
+                reason := format('%s: limit=%s, requested=%s, scope=%s', l.limit_type, l.value,
+                                 COALESCE(round(measure, 4)::text, 'equity<=0'),
+                                 l.scope || COALESCE(':' || l.scope_key, ''));
+            END IF;
+        WHEN 'MAX_OPEN_POSITIONS' THEN
+            -- open positions and entry orders not yet filled (each one a position to be)
+            IF l.scope = 'symbol' THEN
+                -- position rows (strategy, leg) on the symbol, this order's own included
+                SELECT count(*) INTO n FROM (
+                    SELECT p.strategy_id, p.leg FROM trading.positions p
+                    WHERE p.account_id = acc.account_id AND p.instrument_id = inst.instrument_id
+                      AND p.quantity <> 0
+                    UNION
+                    SELECT CASE WHEN acc.aggregation = 'independent' THEN o.strategy_id END, o.position_leg
+                    FROM trading.orders o
+                    WHERE o.account_id = acc.account_id AND o.instrument_id = inst.instrument_id
+                      AND NOT o.reduce_only
+                      AND o.status IN ('created', 'in_flight', 'submitted', 'partially_filled')
+                    UNION
+                    SELECT CASE WHEN acc.aggregation = 'independent' THEN strat.strategy_id END,
+                           CASE WHEN acc.position_mode = 'oneway' THEN 'net'
+                                WHEN side = 'buy' THEN 'long' ELSE 'short' END::trading.position_leg) k;
+            ELSE
+                SELECT count(DISTINCT x.instrument_id) INTO n FROM (
+                    SELECT p.instrument_id, COALESCE(p.strategy_id, p.entry_strategy_id) AS strategy_id
+                    FROM trading.positions p
+                    WHERE p.account_id = acc.account_id AND p.quantity <> 0
+                    UNION ALL
+                    SELECT o.instrument_id, o.strategy_id FROM trading.orders o
+                    WHERE o.account_id = acc.account_id AND NOT o.reduce_only
+                      AND o.status IN ('created', 'in_flight', 'submitted', 'partially_filled')) x
+                JOIN market.instruments i USING (instrument_id)
+                WHERE x.instrument_id <> inst.instrument_id
+                  AND (l.scope = 'global' OR (l.scope = 'market' AND i.market::text = l.scope_key)
+                       OR (l.scope = 'strategy' AND x.strategy_id = strat.strategy_id));
+                n := n + CASE WHEN after_qty <> 0 THEN 1 ELSE 0 END;
+            END IF;
+            IF n > l.value THEN
+                code := l.limit_type;
+                reason := format('MAX_OPEN_POSITIONS: limit=%s, requested=%s, scope=%s', l.value, n,
+                                 l.scope || COALESCE(':' || l.scope_key, ''));
+            END IF;
+        WHEN 'MAX_CORRELATION' THEN
+            -- open positions and entry orders not yet filled in the order's direction, each
+            -- instrument once, in one statement: the cached correlation where the cache holds
+            -- the latest bars of both (risk.return_correlation's hit), else computed (and
+            -- cached) by it; the first instrument above the limit is named
+            WITH o AS (
+                SELECT DISTINCT x.instrument_id
+                FROM (SELECT p.instrument_id, trading._signed_qty(p) AS q FROM trading.positions p
+                      WHERE p.account_id = acc.account_id AND p.quantity <> 0
+                      UNION ALL
+                      SELECT o.instrument_id, CASE WHEN o.side = 'buy' THEN 1 ELSE -1 END
+                                              * (o.quantity - o.filled_quantity)
+                      FROM trading.orders o
+                      WHERE o.account_id = acc.account_id AND NOT o.reduce_only
+                        AND o.status IN ('created', 'in_flight', 'submitted', 'partially_filled')) x
+                WHERE x.instrument_id <> inst.instrument_id AND sign(x.q) = dir),
+            p AS (SELECT COALESCE(l.params ->> 'timeframe', '1d')::market.timeframe AS tf,
+                         COALESCE((l.params ->> 'lookback')::integer, 30) AS lookback),
+            own AS MATERIALIZED (
+                SELECT (SELECT b.ts FROM market.bars b
+                        WHERE b.instrument_id = inst.instrument_id AND b.timeframe = p.tf
+                          AND b.ts <= COALESCE(at, 'infinity')
+                        ORDER BY b.ts DESC LIMIT 1) AS ts
+                FROM p),
+            t AS MATERIALIZED (
+                SELECT o.instrument_id,
+                       (SELECT b.ts FROM market.bars b
+                        WHERE b.instrument_id = o.instrument_id AND b.timeframe = p.tf
+                          AND b.ts <= COALESCE(at, 'infinity')
+                        ORDER BY b.ts DESC LIMIT 1) AS ts,
+                       own.ts AS own_ts
+                FROM o, p, own)
+            SELECT i.symbol, c.v INTO corr_symbol, corr_value
+            FROM t CROSS JOIN p
+            JOIN market.instruments i USING (instrument_id)
+            LEFT JOIN risk.correlation_cache k
+                   ON k.a = LEAST(inst.instrument_id, t.instrument_id)
+                  AND k.b = GREATEST(inst.instrument_id, t.instrument_id)
+                  AND k.timeframe = p.tf AND k.lookback = p.lookback
+            CROSS JOIN LATERAL (
+                SELECT CASE WHEN k.a IS NOT NULL
+                             AND k.a_ts IS NOT DISTINCT FROM CASE WHEN inst.instrument_id < t.instrument_id
+                                                                  THEN t.own_ts ELSE t.ts END
+                             AND k.b_ts IS NOT DISTINCT FROM CASE WHEN inst.instrument_id < t.instrument_id
+                                                                  THEN t.ts ELSE t.own_ts END
+                            THEN k.value
+                            ELSE risk.return_correlation(inst.instrument_id, t.instrument_id, p.tf,
+                                                         p.lookback, at) END AS v) c
+            WHERE c.v > l.value
+            ORDER BY t.instrument_id LIMIT 1;
+            IF corr_symbol IS NOT NULL THEN
+                code := l.limit_type;
+                reason := format('MAX_CORRELATION: limit=%s, correlation=%s, with=%s', l.value,
+                                 round(corr_value, 4), corr_symbol);
+            END IF;
+        WHEN 'TRADING_HOURS' THEN
+            tz := COALESCE(l.params ->> 'tz', 'UTC');
+            local_ts := at AT TIME ZONE tz;
+            -- (a window whose start is after its end runs past midnight: 22:00-06:00; the
+            -- days are those of the local time)
+            IF NOT (l.params -> 'days' IS NULL
+                    OR (l.params -> 'days') @> to_jsonb(extract(isodow FROM local_ts)::integer))
+               OR NOT (CASE  -- (in parentheses: PL/pgSQL ends the IF at a bare THEN)
+                   WHEN NOT l.params ? 'end' THEN
+                       local_ts::time >= COALESCE((l.params ->> 'start')::time, '00:00')
+                   WHEN COALESCE((l.params ->> 'start')::time, '00:00') <= (l.params ->> 'end')::time THEN
+                       local_ts::time >= COALESCE((l.params ->> 'start')::time, '00:00')
+                       AND local_ts::time < (l.params ->> 'end')::time
+                   ELSE local_ts::time >= (l.params ->> 'start')::time
+                        OR local_ts::time < (l.params ->> 'end')::time END) THEN
+                code := l.limit_type;
+                reason := format('TRADING_HOURS: at=%s %s, allowed=days %s %s-%s', to_char(local_ts, 'Dy HH24:MI'), tz,
+                                 COALESCE(l.params ->> 'days', 'all'), COALESCE(l.params ->> 'start', '00:00'),
+                                 COALESCE(l.params ->> 'end', '24:00'));
+            END IF;
+        WHEN 'MIN_VOLUME' THEN
+            SELECT b.volume INTO measure FROM market.bars b
+            WHERE b.instrument_id = inst.instrument_id
+              AND b.timeframe = COALESCE(l.params ->> 'timeframe', market.finest_timeframe(inst.instrument_id)::text)::market.timeframe
+              AND b.ts <= at ORDER BY b.ts DESC LIMIT 1;
+            IF COALESCE(measure, 0) < l.value THEN
+                code := l.limit_type;
+                reason := format('MIN_VOLUME: limit=%s, volume=%s', l.value, COALESCE(measure::text, 'none'));
+            END IF;
+        WHEN 'MAX_VOLATILITY' THEN
+            measure := market.atr(inst.instrument_id,
+                COALESCE(l.params ->> 'timeframe', market.finest_timeframe(inst.instrument_id)::text)::market.timeframe,
+                COALESCE((l.params ->> 'period')::integer, 14), at)
+                / COALESCE(market.latest_close(inst.instrument_id, at), price);  -- (the market's)
+            -- no measure (fewer bars than the period, or none of that timeframe) refuses, as
+            -- MIN_VOLUME does without a volume: a limit that cannot be checked never passes
+            IF measure IS NULL OR measure > l.value THEN
+                code := l.limit_type;
+                reason := CASE WHEN measure IS NULL
+                    THEN format('MAX_VOLATILITY: limit=%s, atr_ratio=none (fewer than %s bars of %s)',
+                                l.value, COALESCE((l.params ->> 'period')::integer, 14) + 1,
+                                COALESCE(l.params ->> 'timeframe', market.finest_timeframe(inst.instrument_id)::text, '-'))
+                    ELSE format('MAX_VOLATILITY: limit=%s, atr_ratio=%s', l.value, round(measure, 6)) END;
+            END IF;
+        WHEN 'REQUIRE_STOP_LOSS' THEN
+            IF l.value > 0 AND stop_loss IS NULL THEN
+                code := l.limit_type;
+                reason := 'REQUIRE_STOP_LOSS: an entry must carry stop_loss';
+            END IF;
+        WHEN 'MAX_ORDER_VALUE' THEN
+            measure := opening * px;
+            IF measure > l.value THEN
+                code := l.limit_type;
+                reason := format('MAX_ORDER_VALUE: limit=%s, requested=%s', l.value, round(measure, 2));
+            END IF;
+        ELSE
+            NULL;
+        END CASE;
+        IF code IS NOT NULL THEN
+            RETURN;
+        END IF;
+    END LOOP;
+
+    -- Trade level: the position and the cash must exist.
+    -- a sell may not go below what is held: buys not yet filled may never fill
+    IF held + dir * qty < 0 AND NOT acc.allow_short AND (held >= 0 OR dir < 0) THEN
+        code := 'SHORT_NOT_ALLOWED';
+        reason := format('SHORT_NOT_ALLOWED: position=%s, sell=%s, account=%s', held, qty, acc.name);
+        RETURN;
+    END IF;
+    IF side = 'buy' THEN
+        available := acc.cash - trading._reserved_cash(acc);
+        required := qty * px * (1 + acc.taker_fee);
+        IF required > available THEN
+            code := 'INSUFFICIENT_CASH';
+            reason := format('INSUFFICIENT_CASH: available=%s, required=%s', round(available, 2), round(required, 2));
+            RETURN;
+        END IF;
+    END IF;
+END
+$$;
+
+REVOKE ALL ON FUNCTION risk._check_order(trading.accounts, trading.strategies, market.instruments,
+    trading.order_side, numeric, numeric, numeric, numeric, timestamptz, numeric) FROM PUBLIC;
+
+-- trading._size (0004_12) sizes risk_per_trade from the stop's distance to the market or
+-- to the signal's price, whichever is greater. With the signal's price alone, a short
+-- whose price was above the market was sized on a distance nearly nil: a stop at 110, a
+-- price of 109.9 with the market at 100, sized 10,000 units for a risk of 1,000.
+CREATE OR REPLACE FUNCTION trading._size(acc trading.accounts, s trading.strategies, inst market.instruments,
+                              size numeric, price numeric, fx numeric, stop_loss numeric,
+                              at timestamptz, OUT qty numeric, OUT clamp_to_cash boolean,
+                              OUT equity numeric)
+LANGUAGE plpgsql STABLE AS $$
+DECLARE
+    a trading.account_strategies;
+    allocation numeric;
+    method trading.sizing_method;
+    params jsonb;
+    capital numeric;
+    eq numeric;
+    risk_amount numeric;
+    atr numeric;
+    stats record;
+    f numeric;
+    unit_cost numeric := price * fx * (1 + acc.taker_fee);
+BEGIN
+    SELECT * INTO a FROM trading.account_strategies x
+    WHERE x.account_id = acc.account_id AND x.strategy_id = s.strategy_id;
+    allocation := COALESCE(a.allocation, 1);
+    method := COALESCE(a.sizing_method, 'percent_equity');
+    params := COALESCE(a.sizing_params, '{}');
+    SELECT e.equity INTO eq FROM trading.account_equity(acc.account_id) e;
+    equity := eq;  -- (for the gate's checks: read once per signal)
+    capital := GREATEST(eq, 0) * allocation;
+    clamp_to_cash := method IN ('percent_equity', 'fixed_fractional', 'kelly');
+    CASE method
+    WHEN 'percent_equity' THEN
+        qty := capital * size / unit_cost;
+    WHEN 'fixed_fractional' THEN
+        qty := acc.starting_cash * allocation * size / unit_cost;
+    WHEN 'fixed_quantity' THEN
+        qty := trading._num(params, 'quantity', 'sizing_params', 0, NULL, false) * size;
+        IF qty IS NULL THEN
+            RAISE EXCEPTION 'fixed_quantity sizing needs sizing_params.quantity'
+                USING ERRCODE = 'invalid_parameter_value';
+        END IF;
+    WHEN 'fixed_notional' THEN
+        qty := trading._num(params, 'amount', 'sizing_params', 0, NULL, false) * size / unit_cost;
+        IF qty IS NULL THEN
+            RAISE EXCEPTION 'fixed_notional sizing needs sizing_params.amount'
+                USING ERRCODE = 'invalid_parameter_value';
+        END IF;
+    WHEN 'risk_per_trade' THEN
+        IF stop_loss IS NULL OR stop_loss = price THEN
+            RAISE EXCEPTION 'risk_per_trade sizing needs a stop_loss away from the price'
+                USING ERRCODE = 'invalid_parameter_value';
+        END IF;
+        risk_amount := capital * COALESCE(trading._num(params, 'risk', 'sizing_params', 0, 1), 0.01) * size;
+        -- the stop's distance from the market or from the signal's price, whichever is
+        -- greater (the smaller order): a short's price above the market is nearer its stop
+        qty := risk_amount / (GREATEST(abs(price - stop_loss),
+                                       abs(COALESCE(market.latest_close(inst.instrument_id, at), price)
+                                           - stop_loss)) * fx);
+    WHEN 'volatility' THEN
+        atr := market.atr(inst.instrument_id,
+            COALESCE(params ->> 'timeframe', market.finest_timeframe(inst.instrument_id)::text)::market.timeframe,
+            COALESCE(trading._num(params, 'period', 'sizing_params', 1)::integer, 14), at);
+        IF atr IS NULL OR atr = 0 THEN
+            RAISE EXCEPTION 'volatility sizing needs % bars of history for %',
+                COALESCE(trading._num(params, 'period', 'sizing_params', 1)::integer, 14) + 1, inst.symbol
+                USING ERRCODE = 'no_data_found';
+        END IF;
+        risk_amount := capital * COALESCE(trading._num(params, 'risk', 'sizing_params', 0, 1), 0.01) * size;
+        qty := risk_amount / (COALESCE(trading._num(params, 'multiple', 'sizing_params', 0, NULL, false), 2) * atr * fx);
+    WHEN 'kelly' THEN
+        SELECT count(*) AS n, count(*) FILTER (WHERE t.pnl > 0) AS wins,
+               avg(t.pnl) FILTER (WHERE t.pnl > 0) AS avg_win,
+               avg(-t.pnl) FILTER (WHERE t.pnl <= 0) AS avg_loss
+        INTO stats FROM trading.trades t
+        WHERE t.account_id = acc.account_id AND t.strategy_id = s.strategy_id;
+        IF stats.n < COALESCE(trading._num(params, 'min_trades', 'sizing_params', 0)::integer, 20) THEN
+            f := COALESCE(trading._num(params, 'fallback', 'sizing_params', 0, 1), 0.02);
+        ELSE
+            -- no win: W = 0, f <= 0; no loss (or losses of 0): R infinite, f = W
+            f := CASE WHEN stats.wins = 0 THEN 0
+                      WHEN COALESCE(stats.avg_loss, 0) = 0 THEN stats.wins::numeric / stats.n
+                      ELSE stats.wins::numeric / stats.n
+                           - (1 - stats.wins::numeric / stats.n) / (stats.avg_win / stats.avg_loss) END;
+            f := f * COALESCE(trading._num(params, 'fraction', 'sizing_params', 0, 1), 0.5);
+            f := LEAST(GREATEST(f, 0), COALESCE(trading._num(params, 'cap', 'sizing_params', 0, 1), 0.25));
+        END IF;
+        qty := capital * f * size / unit_cost;
+    END CASE;
+END
+$$;
+
+-- A strategy named without a version is the newest version assigned to an account, then
+-- the newest: a signal naming a new version (refused STRATEGY_NOT_ASSIGNED, its row made
+-- so that the signal is attributed) made that version the newest, and every later
+-- versionless signal of the assigned one was refused too, its closes included.
+CREATE OR REPLACE FUNCTION trading._strategy(name text, version text DEFAULT NULL)
+RETURNS trading.strategies
+LANGUAGE plpgsql AS $$
+DECLARE
+    s trading.strategies;
+BEGIN
+    IF name IS NULL THEN
+        RAISE EXCEPTION 'a strategy name is required' USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    SELECT * INTO s FROM trading.strategies t
+    WHERE t.name = _strategy.name AND (_strategy.version IS NULL OR t.version = _strategy.version)
+    ORDER BY EXISTS (SELECT 1 FROM trading.account_strategies x WHERE x.strategy_id = t.strategy_id) DESC,
+             t.created_at DESC
+    LIMIT 1;
+    IF NOT FOUND THEN
+        INSERT INTO trading.strategies (name, version) VALUES (_strategy.name, COALESCE(_strategy.version, '1'))
+        ON CONFLICT ON CONSTRAINT strategies_name_version_unique DO NOTHING;
+        SELECT * INTO s FROM trading.strategies t
+        WHERE t.name = _strategy.name AND t.version = COALESCE(_strategy.version, '1');
+    END IF;
+    RETURN s;
+END
+$$;
