@@ -205,6 +205,21 @@ def test_a_signal_of_an_unassigned_version_leaves_the_assigned_one_trading(conn,
     assert r["status"] == "approved", r
 
 
+def test_a_new_version_registered_then_assigned_is_the_one_assigned(conn, btc):
+    # what `mmats run` does when a strategy's code says version 2: register it, assign it
+    account(conn)
+    for version in ("1", "2"):
+        conn.execute("SELECT trading._strategy('st', %s)", (version,))
+        conn.execute("SELECT trading.assign_strategy('p', 'st')")
+    assert conn.execute("SELECT t.version FROM trading.account_strategies x JOIN"
+                        " trading.strategies t USING (strategy_id) ORDER BY t.version"
+                        ).fetchall() == [("1",), ("2",)]
+    # and a versionless signal is for the newest the account trades
+    r = signal(conn, "buy")
+    assert one(conn, "SELECT t.version FROM trading.signals g JOIN trading.strategies t"
+                     " USING (strategy_id) WHERE g.signal_id = %s", r["signal_id"]) == "2"
+
+
 def test_volatility_is_measured_against_the_market_s_close(conn, btc):
     # 0004_13: divided by the price given, 600, the ATR ratio of 0.10 read 0.017
     account(conn)
@@ -301,3 +316,11 @@ def test_protection_is_judged_where_the_order_fills(conn, btc):
     assert (r["reason_code"], r["reason"]) == ("INVALID_PROTECTION", (
         "INVALID_PROTECTION: side=long, price=100, stop_loss=-, take_profit=-, breakeven=50"))
     assert signal(conn, "buy", metadata={"breakeven": 105})["status"] == "approved"
+
+
+def test_a_breaker_trip_without_a_mode_names_the_modes(conn, btc):
+    account(conn)
+    with pytest.raises(psycopg.errors.InvalidParameterValue,
+                       match="breaker mode must be SOFT, HARD or FREEZE, got nothing"):
+        conn.execute("SELECT risk.trip_breaker('p', NULL, 'x')")
+    assert one(conn, "SELECT count(*) FROM risk.breaker_state WHERE mode <> 'OK'") == 0

@@ -405,8 +405,20 @@ BEGIN
     PERFORM trading._known_fields(signal, '{account,strategy,version,symbol,venue,action,size,
         stop_loss,take_profit,trailing_stop,confidence,reasoning,metadata,ts,price}', 'signal');
     acc := trading._account(trading._text(signal, 'account', 'signal', 64), true);
-    s := trading._strategy(trading._text(signal, 'strategy', 'signal', 64),
-                           trading._text(signal, 'version', 'signal', 32));
+    IF trading._text(signal, 'version', 'signal', 32) IS NULL THEN
+        -- no version: the one this account trades (a signal naming a new version made
+        -- that the newest, and every versionless signal after it was refused
+        -- STRATEGY_NOT_ASSIGNED, closes included)
+        SELECT t.* INTO s FROM trading.strategies t
+        JOIN trading.account_strategies x ON x.strategy_id = t.strategy_id
+                                         AND x.account_id = acc.account_id
+        WHERE t.name = trading._text(signal, 'strategy', 'signal', 64)
+        ORDER BY t.created_at DESC LIMIT 1;
+    END IF;
+    IF s.strategy_id IS NULL THEN
+        s := trading._strategy(trading._text(signal, 'strategy', 'signal', 64),
+                               trading._text(signal, 'version', 'signal', 32));
+    END IF;
     inst := market._instrument(trading._text(signal, 'symbol', 'signal', 40),
                                trading._text(signal, 'venue', 'signal', 32));
     action_text := lower(trading._text(signal, 'action', 'signal', 10));
@@ -1198,30 +1210,25 @@ BEGIN
 END
 $$;
 
--- A strategy named without a version is the newest version assigned to an account, then
--- the newest: a signal naming a new version (refused STRATEGY_NOT_ASSIGNED, its row made
--- so that the signal is attributed) made that version the newest, and every later
--- versionless signal of the assigned one was refused too, its closes included.
-CREATE OR REPLACE FUNCTION trading._strategy(name text, version text DEFAULT NULL)
-RETURNS trading.strategies
-LANGUAGE plpgsql AS $$
+-- risk.trip_breaker with no mode said "null value in column "mode" of relation
+-- "breaker_state" violates not-null constraint"; it names the modes now.
+CREATE OR REPLACE FUNCTION risk.trip_breaker(account text, mode text, reason text) RETURNS jsonb
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
-    s trading.strategies;
+    acc trading.accounts := trading._account(account, true);
+    m risk.breaker_mode;
 BEGIN
-    IF name IS NULL THEN
-        RAISE EXCEPTION 'a strategy name is required' USING ERRCODE = 'invalid_parameter_value';
+    IF mode IS NULL OR upper(mode) NOT IN ('SOFT', 'HARD', 'FREEZE') THEN
+        RAISE EXCEPTION 'breaker mode must be SOFT, HARD or FREEZE, got %', COALESCE(quote_literal(mode), 'nothing')
+            USING ERRCODE = 'invalid_parameter_value';
     END IF;
-    SELECT * INTO s FROM trading.strategies t
-    WHERE t.name = _strategy.name AND (_strategy.version IS NULL OR t.version = _strategy.version)
-    ORDER BY EXISTS (SELECT 1 FROM trading.account_strategies x WHERE x.strategy_id = t.strategy_id) DESC,
-             t.created_at DESC
-    LIMIT 1;
-    IF NOT FOUND THEN
-        INSERT INTO trading.strategies (name, version) VALUES (_strategy.name, COALESCE(_strategy.version, '1'))
-        ON CONFLICT ON CONSTRAINT strategies_name_version_unique DO NOTHING;
-        SELECT * INTO s FROM trading.strategies t
-        WHERE t.name = _strategy.name AND t.version = COALESCE(_strategy.version, '1');
+    IF reason IS NULL OR btrim(reason) = '' THEN
+        RAISE EXCEPTION 'tripping the breaker needs a reason' USING ERRCODE = 'invalid_parameter_value';
     END IF;
-    RETURN s;
+    PERFORM trading._refuse_running_backtest(acc, format('a %s breaker trip', upper(mode)));
+    m := risk._trip(acc, upper(mode)::risk.breaker_mode, reason, 'BREAKER_MANUAL');
+    RETURN jsonb_build_object('account', acc.name, 'mode', m,
+        'open_orders', (SELECT count(*) FROM trading.orders o WHERE o.account_id = acc.account_id
+                        AND o.status IN ('created', 'in_flight', 'submitted', 'partially_filled')));
 END
 $$;
