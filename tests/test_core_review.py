@@ -324,3 +324,36 @@ def test_a_breaker_trip_without_a_mode_names_the_modes(conn, btc):
                        match="breaker mode must be SOFT, HARD or FREEZE, got nothing"):
         conn.execute("SELECT risk.trip_breaker('p', NULL, 'x')")
     assert one(conn, "SELECT count(*) FROM risk.breaker_state WHERE mode <> 'OK'") == 0
+
+
+@pytest.mark.parametrize(("method", "params", "says"), [
+    # 0004_13: stored; sized at the default risk of 1 %
+    ("risk_per_trade", {"risk_pct": 0.05},
+     r"sizing_params of risk_per_trade sizing: unknown field\(s\) \"risk_pct\" \(known: risk\)"),
+    # 0004_13: stored; the first signal raised, rolled back with it
+    ("fixed_quantity", {"qty": 5}, r"unknown field\(s\) \"qty\" \(known: quantity\)"),
+    ("fixed_quantity", {}, "fixed_quantity sizing needs sizing_params.quantity"),
+    ("volatility", {"period": 1e12}, "sizing_params.period must be a whole number of bars"),
+    ("volatility", {"period": 2.5}, "sizing_params.period must be a whole number of bars"),
+    ("volatility", {"timeframe": "2m"}, "sizing_params.timeframe must be one of 1m, 5m"),
+    ("kelly", {"cap": 2}, "sizing_params.cap"),
+    ("percent_equity", {"x": 1}, r"unknown field\(s\) \"x\" \(known: \)"),
+    ("martingale", {}, "sizing method must be one of fixed_fractional, percent_equity"),
+])
+def test_sizing_parameters_are_checked_when_assigned(conn, btc, method, params, says):
+    account(conn)
+    with pytest.raises(psycopg.errors.InvalidParameterValue, match=says):
+        assign(conn, method, params)
+    assert one(conn, "SELECT count(*) FROM trading.account_strategies") == 0
+
+
+@pytest.mark.parametrize(("method", "params"), [
+    ("volatility", {"risk": 0.01, "period": 14, "timeframe": "1m", "multiple": 2}),
+    ("kelly", {"min_trades": 20, "fallback": 0.02, "fraction": 0.5, "cap": 0.25}),
+    ("fixed_notional", {"amount": "1000"}),
+    ("percent_equity", {}),
+])
+def test_sizing_parameters_that_make_sense_are_assigned(conn, btc, method, params):
+    account(conn)
+    assign(conn, method, params)
+    assert one(conn, "SELECT sizing_params FROM trading.account_strategies") == params

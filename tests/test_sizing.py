@@ -191,9 +191,9 @@ def test_fixed_quantity_is_not_capped_by_cash_the_gate_refuses_it(
 
 def test_fixed_quantity_needs_a_positive_quantity(conn: psycopg.Connection, btc: int) -> None:
     make_account(conn)
-    assign(conn, "fixed_quantity", {"quantity": 0})
+    # (refused when assigned: a signal would have raised, rolled back with it)
     with pytest.raises(psycopg.Error, match=r"sizing_params\.quantity must be > 0"):
-        submit(conn, action="buy")
+        assign(conn, "fixed_quantity", {"quantity": 0})
 
 
 def test_fixed_notional_with_fee(conn: psycopg.Connection, btc: int) -> None:
@@ -293,9 +293,8 @@ def test_volatility(conn: psycopg.Connection) -> None:
     assign(conn, "volatility", {"period": 3, "multiple": 1, "risk": 0.02})
     # 200 / (1 * 16/3) = 37.5
     assert ordered(conn, submit(conn, action="buy")) == Decimal("37.5")
-    assign(conn, "volatility", {"period": 3, "multiple": 0})  # would divide by zero
     with pytest.raises(psycopg.Error, match=r"sizing_params\.multiple must be > 0"):
-        submit(conn, action="buy")
+        assign(conn, "volatility", {"period": 3, "multiple": 0})  # would divide by zero
 
 
 def test_volatility_without_enough_bars(conn: psycopg.Connection) -> None:
@@ -417,9 +416,9 @@ def test_bad_sizing_params_give_a_clear_error(
         conn: psycopg.Connection, btc: int, method: str, params: dict[str, Any],
         message: str) -> None:
     make_account(conn)
-    assign(conn, method, params)
-    with pytest.raises(psycopg.Error) as e:
-        submit(conn, action="buy", stop_loss=95)
+    with pytest.raises(psycopg.Error) as e:  # (when assigned, not at the first signal)
+        assign(conn, method, params)
     assert message in str(e.value), str(e.value)
+    assert scalar(conn, "SELECT count(*) FROM trading.account_strategies") == 0
     assert scalar(conn, "SELECT count(*) FROM trading.signals") == 0
     assert scalar(conn, "SELECT count(*) FROM trading.orders") == 0

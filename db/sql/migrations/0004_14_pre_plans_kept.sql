@@ -1232,3 +1232,96 @@ BEGIN
                         AND o.status IN ('created', 'in_flight', 'submitted', 'partially_filled')));
 END
 $$;
+
+-- assign_strategy checks the sizing parameters, as every function checks its fields: a
+-- misspelt one ({"risk_pct": 0.05}) sized at the default risk of 1 %, a missing quantity
+-- or a period of 1e12 raised at the first signal, rolling the signal back with it.
+CREATE FUNCTION trading._check_sizing(method text, params jsonb) RETURNS void
+LANGUAGE plpgsql AS $$
+DECLARE
+    m trading.sizing_method;
+    n numeric;
+BEGIN
+    BEGIN
+        m := method::trading.sizing_method;
+    EXCEPTION WHEN invalid_text_representation THEN
+        RAISE EXCEPTION 'sizing method must be one of %, got %',
+            array_to_string(enum_range(NULL::trading.sizing_method)::text[], ', '),
+            quote_literal(method) USING ERRCODE = 'invalid_parameter_value';
+    END;
+    IF params IS NULL OR jsonb_typeof(params) = 'null' THEN
+        RETURN;
+    ELSIF jsonb_typeof(params) <> 'object' THEN
+        RAISE EXCEPTION 'sizing_params must be a JSON object, got %', left(params::text, 40)
+            USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    PERFORM trading._known_fields(params, CASE m
+        WHEN 'fixed_quantity' THEN '{quantity}'
+        WHEN 'fixed_notional' THEN '{amount}'
+        WHEN 'risk_per_trade' THEN '{risk}'
+        WHEN 'volatility' THEN '{risk,period,timeframe,multiple}'
+        WHEN 'kelly' THEN '{min_trades,fallback,fraction,cap}'
+        ELSE '{}' END::text[], format('sizing_params of %s sizing', m));
+    IF m = 'fixed_quantity' AND trading._num(params, 'quantity', 'sizing_params', 0, NULL, false) IS NULL THEN
+        RAISE EXCEPTION 'fixed_quantity sizing needs sizing_params.quantity' USING ERRCODE = 'invalid_parameter_value';
+    ELSIF m = 'fixed_notional' AND trading._num(params, 'amount', 'sizing_params', 0, NULL, false) IS NULL THEN
+        RAISE EXCEPTION 'fixed_notional sizing needs sizing_params.amount' USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    -- the ranges _size reads them with
+    PERFORM trading._num(params, 'risk', 'sizing_params', 0, 1),
+            trading._num(params, 'multiple', 'sizing_params', 0, NULL, false),
+            trading._num(params, 'fallback', 'sizing_params', 0, 1),
+            trading._num(params, 'fraction', 'sizing_params', 0, 1),
+            trading._num(params, 'cap', 'sizing_params', 0, 1);
+    n := trading._num(params, 'period', 'sizing_params', 1);
+    IF n <> trunc(n) OR n > 100000 THEN
+        RAISE EXCEPTION 'sizing_params.period must be a whole number of bars from 1 to 100000, got %', n
+            USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    n := trading._num(params, 'min_trades', 'sizing_params', 0);
+    IF n <> trunc(n) OR n > 100000 THEN
+        RAISE EXCEPTION 'sizing_params.min_trades must be a whole number from 0 to 100000, got %', n
+            USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    IF params ? 'timeframe' THEN
+        BEGIN
+            PERFORM (params ->> 'timeframe')::market.timeframe;
+        EXCEPTION WHEN invalid_text_representation THEN
+            RAISE EXCEPTION 'sizing_params.timeframe must be one of %, got %',
+                array_to_string(enum_range(NULL::market.timeframe)::text[], ', '),
+                left((params -> 'timeframe')::text, 40) USING ERRCODE = 'invalid_parameter_value';
+        END;
+    END IF;
+END
+$$;
+REVOKE ALL ON FUNCTION trading._check_sizing(text, jsonb) FROM PUBLIC;
+
+CREATE OR REPLACE FUNCTION trading.assign_strategy(account text, strategy text, allocation numeric DEFAULT 1,
+                                        sizing_method text DEFAULT 'percent_equity',
+                                        sizing_params jsonb DEFAULT '{}',
+                                        priority integer DEFAULT NULL, weight numeric DEFAULT NULL)
+RETURNS void
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    acc trading.accounts := trading._account(account, true);
+    s trading.strategies := trading._strategy(strategy);
+BEGIN
+    PERFORM trading._check_sizing(sizing_method, sizing_params);
+    INSERT INTO trading.account_strategies AS x (account_id, strategy_id, allocation, sizing_method,
+                                                 sizing_params)
+    VALUES (acc.account_id, s.strategy_id, allocation, sizing_method::trading.sizing_method,
+            COALESCE(sizing_params, '{}'))
+    ON CONFLICT (account_id, strategy_id) DO UPDATE
+        SET allocation = EXCLUDED.allocation, sizing_method = EXCLUDED.sizing_method,
+            sizing_params = EXCLUDED.sizing_params, enabled = true;
+    IF priority IS NOT NULL OR weight IS NOT NULL THEN
+        UPDATE trading.strategies t SET priority = COALESCE(assign_strategy.priority, t.priority),
+                                        weight = COALESCE(assign_strategy.weight, t.weight)
+        WHERE t.strategy_id = s.strategy_id;
+    END IF;
+    PERFORM audit.record('strategy.assigned', 'trading.account_strategies',
+        acc.account_id || ':' || s.strategy_id,
+        jsonb_build_object('account', acc.name, 'strategy', s.name, 'allocation', allocation,
+                           'sizing_method', sizing_method, 'sizing_params', sizing_params));
+END
+$$;
