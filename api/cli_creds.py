@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import getpass
-import json
 import os
 import sys
 import warnings
@@ -23,6 +22,7 @@ import psycopg
 from api.table import table
 from db.connect import connect, database_url
 from db.errors import MmatsError
+from db.structured import loads_json
 from workers import credentials as creds
 from workers.runtime import log
 
@@ -51,10 +51,9 @@ def _read_secret(fields: Sequence[str], from_env: Sequence[str], stdin_json: boo
             raise MmatsError("--stdin-json reads every given field from stdin: do not combine "
                              "it with --field or --from-env")
         try:
-            value = json.loads(sys.stdin.read())
-        except json.JSONDecodeError as exc:
-            raise MmatsError(f"--stdin-json: stdin is not valid JSON (line {exc.lineno}, "
-                             f"column {exc.colno})") from None
+            value = loads_json(sys.stdin.read())
+        except ValueError as exc:  # (never the value: the message says only where)
+            raise MmatsError(f"--stdin-json: stdin: {exc}") from None
         if not isinstance(value, dict) or not all(isinstance(v, str) for v in value.values()):
             raise MmatsError('--stdin-json needs a JSON object of text values, e.g. '
                              '{"api_key": "...", "secret": "..."}')

@@ -17,6 +17,7 @@ from api.table import printable, table
 from db.connect import connect, database_url
 from db.errors import MmatsError, describe
 from db.numbers import parse_number
+from db.structured import check_depth
 
 ENVIRONMENTS = ["backtest", "paper", "live"]
 
@@ -277,8 +278,13 @@ def _params(pairs: tuple[str, ...]) -> dict[str, object]:
             raise MmatsError(f"--param takes key=value, got {pair!r}")
         try:
             parsed = json.loads(value)
+            check_depth(parsed)
         except json.JSONDecodeError:
-            parsed = value
+            parsed = value  # (text)
+        except (RecursionError, ValueError) as exc:  # nested too deeply, a 5,000-digit integer
+            message = "nested too deeply" if isinstance(exc, RecursionError) else \
+                str(exc).splitlines()[0]
+            raise MmatsError(f"--param {printable(key)}: {message}") from None
         if not _finite(parsed):  # NaN, Infinity, 1e400: no JSON the database reads
             raise MmatsError(f"--param {printable(key)}: {shortened(value)} is not a finite "
                              "number")

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import json
-import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -12,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from db.numbers import MAX_NUMBER, parse_number
+from db.structured import json_values, loads_json, loads_toml
 from workers.backtest.simulator import Costs, SimulatorError, Slippage
 
 TIMEFRAMES = ("1m", "5m", "15m", "1h", "4h", "1d", "1w")
@@ -216,12 +215,17 @@ def load_limits(path: str | Path) -> tuple[LimitSpec, ...]:
                             ) from None
     try:
         if p.suffix.lower() == ".json":
-            items = json.loads(text)
+            items = loads_json(text)
         else:
-            items = tomllib.loads(text).get("limit", [])
-    except (ValueError, tomllib.TOMLDecodeError) as exc:
-        raise BacktestError(f"--limits {p}: not valid {p.suffix.lstrip('.') or 'TOML'}: "
-                            f"{str(exc).splitlines()[0]}") from None
+            document = loads_toml(text)
+            json_values(document, "limits")
+            unknown = set(document) - {"limit"}
+            if unknown:  # ([[limits]] for [[limit]]: a run without its limits)
+                raise ValueError(f"unknown table(s) {', '.join(sorted(unknown))}: the limits are "
+                                 "[[limit]] tables")
+            items = document.get("limit", [])
+    except ValueError as exc:
+        raise BacktestError(f"--limits {p}: {exc}") from None
     if not isinstance(items, list):
         raise BacktestError(f"--limits {p}: expected a list of limits ([[limit]] tables in TOML)")
     return tuple(_limit(item, p, n) for n, item in enumerate(items, 1))

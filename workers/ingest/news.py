@@ -21,7 +21,6 @@ from __future__ import annotations
 import csv
 import gzip
 import io
-import json
 import re
 from dataclasses import dataclass
 from datetime import datetime
@@ -34,6 +33,8 @@ import psycopg
 from psycopg.types.json import Jsonb
 
 from db.errors import MmatsError
+from db.numbers import parse_number
+from db.structured import json_values, loads_json
 from workers.ingest.instruments import shown
 from workers.ingest.parse import _zone, parse_times
 
@@ -161,6 +162,9 @@ def _check(row: _Row, mapping: dict[str, str], when: Any, when_reason: str | Non
         raise ValueError(f"score {shown(text)} is not a number") from None
     if not score.is_finite() or not Decimal(-1) <= score <= Decimal(1):
         raise ValueError(f"score {shown(text)} is not a number from -1 to 1")
+    # (at most 18 decimal places, as written in ASCII: 1E-999999999 overflowed the
+    # database's numeric, and the error named neither the file nor the line)
+    score = parse_number(text, "score")
     source = cell("source")
     if not source or len(source) > MAX_SOURCE or _CONTROL.search(source):
         raise ValueError(f"source {shown(source)} must be 1-{MAX_SOURCE} characters without "
@@ -191,9 +195,10 @@ def _check(row: _Row, mapping: dict[str, str], when: Any, when_reason: str | Non
     extra: Any = {}
     if extra_text:
         try:
-            extra = json.loads(extra_text)
-        except ValueError:
-            raise ValueError(f"extra {shown(extra_text)} is not JSON") from None
+            extra = loads_json(extra_text)
+            json_values(extra, "extra")
+        except ValueError as exc:
+            raise ValueError(f"extra {shown(extra_text)}: {exc}") from None
         if not isinstance(extra, dict):
             raise ValueError(f"extra {shown(extra_text)} is not a JSON object")
     return when.to_pydatetime(), instrument, score, source, headline, Jsonb(extra)

@@ -10,7 +10,6 @@ one of 1m, 5m, ...`). Secrets never belong here: a broker's keys are stored with
 from __future__ import annotations
 
 import os
-import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from decimal import Decimal, InvalidOperation
@@ -18,6 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from db.errors import MmatsError
+from db.structured import json_values, loads_toml
 
 if TYPE_CHECKING:
     from workers.runtime.replay import ReplaySession
@@ -410,13 +410,15 @@ def load(path: str | Path) -> RuntimeConfig:
     if not p.is_file():
         raise RuntimeConfigError(f"{p}: no such configuration file")
     try:
-        with p.open("rb") as fh:
-            raw = tomllib.load(fh)
-    except tomllib.TOMLDecodeError as exc:
-        raise RuntimeConfigError(f"{p}: invalid TOML: {exc}") from None
-    except UnicodeDecodeError as exc:
-        raise RuntimeConfigError(f"{p}: not UTF-8 text (byte {exc.start}): a TOML file is "
-                                 "UTF-8") from None
+        raw = loads_toml(p.read_bytes().decode("utf-8"))
+        # (TOML dates and times are no JSON: strategy and sizing parameters are stored as it)
+        json_values(raw, "config")
+    except ValueError as exc:
+        if isinstance(exc, UnicodeDecodeError):
+            raise RuntimeConfigError(f"{p}: not UTF-8 text (byte {exc.start}): a TOML file is "
+                                     "UTF-8") from None
+        raise RuntimeConfigError(f"{p}: {str(exc).replace('not valid TOML', 'invalid TOML')}"
+                                 ) from None
     except OSError as exc:
         raise RuntimeConfigError(f"{p}: cannot be read: {exc.strerror or exc}") from None
     try:

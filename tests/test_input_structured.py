@@ -1,0 +1,119 @@
+"""JSON and TOML a user writes (a --param, a secret on stdin, a limits file, the runtime
+configuration, a news file's extra column): each mistake is one line naming it, never a
+traceback. Each case raised a Python exception before (its comment says which)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from db.numbers import parse_number
+from db.structured import json_values, loads_json, loads_toml
+from workers.backtest.config import BacktestError, load_limits
+from workers.runtime import config as rc
+
+REPO = Path(__file__).resolve().parent.parent
+DEEP_JSON = "[" * 3000 + "]" * 3000          # RecursionError
+DEEP_TOML = "x = " + "[" * 3000 + "]" * 3000  # RecursionError
+HUGE_INT = "9" * 5000                        # ValueError: Exceeds the limit (4300 digits)
+
+
+@pytest.mark.parametrize(("text", "says"), [
+    (DEEP_JSON, "nested too deeply (at most 64 levels)"),
+    ("[" * 70 + "]" * 70, "nested too deeply"),
+    (HUGE_INT, "Exceeds the limit (4300 digits)"),
+    ('{"a": NaN}', "NaN is not a number JSON allows"),
+    ('{"a": Infinity}', "Infinity is not a number JSON allows"),
+    ('{"a": 1', "not valid JSON (Expecting ',' delimiter, line 1, column 8)"),
+])
+def test_bad_json_is_one_value_error(text, says):
+    with pytest.raises(ValueError) as err:
+        loads_json(text)
+    assert says in str(err.value) and "\n" not in str(err.value)
+
+
+def test_toml_dates_times_and_nul_are_named():
+    doc = loads_toml('[a]\nstart = 09:30:00\nday = 1979-05-27\n')
+    with pytest.raises(ValueError, match=r'a.start is a TOML time, which is not stored: '
+                                         r'write it as text \("09:30:00"\)'):
+        json_values(doc, "a")
+    with pytest.raises(ValueError, match=r"x\.p contains a NUL character"):
+        json_values({"p": "a\x00b"}, "x")
+    with pytest.raises(ValueError, match="nested too deeply"):
+        loads_toml(DEEP_TOML)
+    json_values(loads_toml('a = "09:30"\nb = [1, 2.5, true]\n'), "fine")
+
+
+@pytest.mark.parametrize("text", ["1_000", "١٠", "1 000", "0x10"])
+def test_numbers_are_written_in_ascii_digits(text):
+    # 0004_13 and before: Decimal read "1_000" as 1000 and Arabic-Indic digits as 10
+    with pytest.raises(ValueError, match="amount must be a number"):
+        parse_number(text, "amount")
+
+
+# ---------------------------------------------------------------- files
+@pytest.mark.parametrize(("name", "text", "says"), [
+    ("deep.json", DEEP_JSON, "nested too deeply"),                 # RecursionError
+    ("deep.toml", DEEP_TOML, "nested too deeply"),                 # RecursionError
+    ("big.json", f'[{{"type": "MAX_POSITION_SIZE", "value": {HUGE_INT}}}]', "4300 digits"),
+    ("hours.toml", '[[limit]]\ntype = "TRADING_HOURS"\nvalue = 1\n'  # TypeError (json.dumps)
+                   'params = {start = 09:30:00, end = "16:00"}\n',
+     "limits.limit[1].params.start is a TOML time"),
+    ("typo.toml", '[[limits]]\ntype = "MAX_POSITION_SIZE"\nvalue = 0.5\n',  # silently none
+     "unknown table(s) limits: the limits are [[limit]] tables"),
+])
+def test_a_bad_limits_file_is_one_line(tmp_path, name, text, says):
+    path = tmp_path / name
+    path.write_text(text)
+    with pytest.raises(BacktestError) as err:
+        load_limits(path)
+    message = str(err.value)
+    assert message.startswith(f"--limits {path}: ") and says in message, message
+    assert "\n" not in message
+
+
+@pytest.mark.parametrize(("text", "says"), [
+    (DEEP_TOML, "nested too deeply"),                                     # RecursionError
+    ('[[strategies]]\nname = "x"\n[strategies.sizing_params]\nx = 1979-05-27\n',  # TypeError
+     "config.strategies[1].sizing_params.x is a TOML date"),
+    ('[runtime]\nlog_file = "a\\u0000b"\n',                                 # ValueError (NUL)
+     "config.runtime.log_file contains a NUL character"),
+    ("[runtime\n", "invalid TOML: "),
+])
+def test_a_bad_runtime_config_is_one_line(tmp_path, text, says):
+    path = tmp_path / "mmats.toml"
+    path.write_text(text)
+    with pytest.raises(rc.RuntimeConfigError) as err:
+        rc.load(path)
+    message = str(err.value)
+    assert message.startswith(f"{path}: ") and says in message, message
+    assert "\n" not in message
+
+
+# ---------------------------------------------------------------- the command line
+def mmats(db_url: str, *args: str, stdin: str | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", "from api.cli import main; main()", *args],
+                          env={**os.environ, "MMATS_DATABASE_URL": db_url,
+                               "MMATS_MASTER_KEY": "ab" * 32},
+                          input=stdin, capture_output=True, text=True, timeout=120, cwd=REPO)
+
+
+@pytest.mark.parametrize(("args", "stdin", "says"), [
+    (("risk", "set", "MAX_POSITION_SIZE", "0.5", "--param", f"x={DEEP_JSON}"), None,
+     "error: --param x: nested too deeply"),
+    (("risk", "set", "MAX_POSITION_SIZE", "0.5", "--param", f"x={HUGE_INT}"), None,
+     "error: --param x: Exceeds the limit (4300 digits)"),
+    (("creds", "set", "acc1", "main", "--venue", "binance", "--endpoint", "paper",
+      "--stdin-json"), '{"a": ' + DEEP_JSON + "}", "error: --stdin-json: stdin: nested too"),
+])
+def test_the_cli_refuses_deep_or_huge_json_in_one_line(db_url, args, stdin, says):
+    if args[0] == "creds":
+        made = mmats(db_url, "account", "create", "acc1", "--environment", "paper")
+        assert made.returncode == 0, made.stderr
+    r = mmats(db_url, *args, stdin=stdin)
+    assert r.returncode == 1 and r.stderr.startswith(says), r.stderr[-2000:]
+    assert r.stderr.count("\n") == 1 and "Traceback" not in r.stderr
