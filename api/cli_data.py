@@ -98,7 +98,8 @@ def data_list(replays: bool) -> None:
 @click.option("--timeframe", default=None,
               type=click.Choice(["1m", "5m", "15m", "1h", "4h", "1d", "1w"]))
 @click.option("--venue", default=None)
-@click.option("--limit", default=50, show_default=True, help="ranges listed per series")
+@click.option("--limit", default=50, show_default=True, type=click.IntRange(min=0),
+              help="ranges listed per series")
 def data_gaps(symbol: str | None, timeframe: str | None, venue: str | None,
               limit: int) -> None:
     """Missing bars between the first and last stored bar, per the market's calendar."""

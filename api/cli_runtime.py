@@ -63,10 +63,14 @@ def run_command(config_file: str | None) -> None:
             raise runtime_config.RuntimeConfigError(f"{path}: {exc}") from None
         for line in lines:
             click.echo(line)
+    with connect(url, autocommit=True) as conn:  # (the mode it has, not the one configured)
+        modes: dict[str, str] = dict(conn.execute("SELECT name, mode::text FROM trading.accounts "
+                                  "WHERE name = ANY(%s)", ([a.name for a in cfg.accounts],)
+                                  ).fetchall())
     for acc in cfg.accounts:
-        click.echo(f"account {acc.name}: {acc.environment.upper()} environment, {acc.mode} mode, "
-                   f"broker {acc.broker}" + (f" ({acc.endpoint} endpoint)"
-                                             if acc.broker != "paper" else ""))
+        click.echo(f"account {acc.name}: {acc.environment.upper()} environment, "
+                   f"{modes.get(acc.name, acc.mode)} mode, broker {acc.broker}"
+                   + (f" ({acc.endpoint} endpoint)" if acc.broker != "paper" else ""))
     log_dir = settings.home / "logs"
     click.echo(f"workers: {', '.join(kinds)} (JSON logs in {log_dir}/<worker>.log; stop with "
                "Ctrl-C or SIGTERM)")
@@ -83,8 +87,17 @@ def run_command(config_file: str | None) -> None:
         sup.stop()
 
 
+def _seconds(_ctx: click.Context, param: click.Parameter, value: float | None) -> float | None:
+    """A number of seconds above 0 (NaN compared false with every age: --check nan
+    passed every stale worker)."""
+    if value is not None and not 0 < value <= 1e9:
+        raise click.BadParameter(f"must be a number of seconds above 0, got {value}",
+                                 param=param)
+    return value
+
+
 @click.command("workers")
-@click.option("--check", "stale_after", type=float, default=None,
+@click.option("--check", "stale_after", type=float, default=None, callback=_seconds,
               help="exit 1 if a running worker's heartbeat is older than this many seconds")
 def workers_command(stale_after: float | None) -> None:
     """The workers' heartbeats (runtime.workers) and their latest errors."""
@@ -196,8 +209,8 @@ def _speed(text: str) -> float | None:
         value = float(text)
     except ValueError:
         raise MmatsError(f"--speed must be a number > 0 or max, got {text!r}") from None
-    if not value > 0:
-        raise MmatsError(f"--speed must be a number > 0 or max, got {text!r}")
+    if not 0.001 <= value <= 1e9:  # (1e-300 made the step's wait overflow time_t)
+        raise MmatsError(f"--speed must be a number from 0.001 to 1e9 or max, got {text!r}")
     return value
 
 

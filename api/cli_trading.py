@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import sys
 import uuid
 from datetime import UTC, datetime, timedelta
@@ -114,6 +115,12 @@ def account_create(name: str, environment: str, mode: str, cash: str, currency: 
         raise MmatsError("a live account starts in advisory mode: create it without --mode"
                          f" operator, then switch it with `mmats account operator {shown}`"
                          " (it needs credentials marked live)")
+    if re.fullmatch(r"(bt|paper-replay)-[0-9]+", name):
+        # (backtest run N makes bt-N, replay session N paper-replay-N: run N failed on a
+        # duplicate name nobody had typed)
+        raise MmatsError(f"account name {name!r} has the form of the accounts MMATS makes for "
+                         "backtest runs (bt-N) and replay sessions (paper-replay-N): choose "
+                         "another")
     starting = _decimal(cash, "--cash")
     account_id = _call(
         "SELECT trading.create_account(%s, %s, %s, %s, %s, %s, %s, %s, %s)",

@@ -57,22 +57,23 @@ def check_depth(value: Any, depth: int = 0) -> None:
             check_depth(item, depth + 1)
 
 
-def json_values(value: Any, where: str) -> None:
+def json_values(value: Any, where: str, *, nul: bool = True) -> None:
     """ValueError when `value` (read from TOML) holds what JSON cannot: a date or a time
     (TOML's unquoted 09:30:00 or 1979-05-27), or a float that is not finite; or a NUL
-    character, which neither a path nor the database takes."""
+    character, which neither a path nor the database takes (unless not `nul`: a strategy's
+    parameters may hold any text)."""
     if isinstance(value, dict):
         for key, item in value.items():
-            if "\x00" in key:
+            if nul and "\x00" in key:
                 raise ValueError(f"{where}: a key contains a NUL character")
-            json_values(item, f"{where}.{key}")
+            json_values(item, f"{where}.{key}", nul=nul)
     elif isinstance(value, list):
         for n, item in enumerate(value, 1):
-            json_values(item, f"{where}[{n}]")
+            json_values(item, f"{where}[{n}]", nul=nul)
     elif isinstance(value, dt.date | dt.time):  # (datetime is a date)
         raise ValueError(f"{where} is a TOML {type(value).__name__}, which is not stored: "
                          f'write it as text ("{value}")')
-    elif isinstance(value, str) and "\x00" in value:  # (no path, and no database text, has one)
+    elif nul and isinstance(value, str) and "\x00" in value:  # (no path or database text has one)
         raise ValueError(f"{where} contains a NUL character")
     elif isinstance(value, float) and not math.isfinite(value):
         raise ValueError(f"{where} must be a finite number, got {value}")

@@ -411,11 +411,24 @@ def test_cli_import_list_and_errors(db_url, tmp_path):
     assert "0 missing" in r.stdout
     assert r.stdout.rstrip().endswith("total: 0 missing bars in 1 series")
 
-    # the copies paper replay sessions make (venue replay<N>) are counted, not listed
-    for venue in ("replay7", "replay12"):
-        r = run_cli(db_url, "data", "import", str(good), "--symbol", "AAPL", "--market", "stock",
-                    "--timeframe", "1d", "--venue", venue)
-        assert r.returncode == 0, r.stderr
+    # a venue of the form replay<N> is a paper session's: not imported into
+    r = run_cli(db_url, "data", "import", str(good), "--symbol", "AAPL", "--market", "stock",
+                "--timeframe", "1d", "--venue", "replay7")
+    assert r.returncode == 1 and r.stderr.startswith(
+        "error: venue 'replay7' is the form of a paper replay session's copies"), r.stderr
+    # the copies paper replay sessions make are counted, not listed
+    with psycopg.connect(db_url, autocommit=True) as conn:
+        for venue in ("replay7", "replay12"):
+            conn.execute("INSERT INTO market.instruments (symbol, venue, market, base_currency,"
+                         " quote_currency, price_tick, quantity_step, min_quantity, calendar_id)"
+                         " SELECT symbol, %s, market, base_currency, quote_currency, price_tick,"
+                         " quantity_step, min_quantity, calendar_id FROM market.instruments"
+                         " WHERE venue = 'us'", (venue,))
+            conn.execute("INSERT INTO market.bars SELECT i.instrument_id, b.timeframe, b.ts,"
+                         " b.open, b.high, b.low, b.close, b.volume FROM market.bars b"
+                         " JOIN market.instruments s USING (instrument_id),"
+                         " market.instruments i WHERE s.venue = 'us' AND i.venue = %s",
+                         (venue,))
     r = run_cli(db_url, "data", "list")
     assert r.returncode == 0, r.stderr
     lines = r.stdout.splitlines()

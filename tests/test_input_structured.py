@@ -81,7 +81,9 @@ def test_a_bad_limits_file_is_one_line(tmp_path, name, text, says):
     ('[[strategies]]\nname = "x"\n[strategies.sizing_params]\nx = 1979-05-27\n',  # TypeError
      "config.strategies[1].sizing_params.x is a TOML date"),
     ('[runtime]\nlog_file = "a\\u0000b"\n',                                 # ValueError (NUL)
-     "config.runtime.log_file contains a NUL character"),
+     "[runtime]: log_file contains a NUL character"),
+    ('[runtime]\nstrategy_dirs = ["a\\u0000b"]\n',
+     "[runtime] strategy_dirs must be a list of folder paths (without NUL characters)"),
     ("[runtime\n", "invalid TOML: "),
 ])
 def test_a_bad_runtime_config_is_one_line(tmp_path, text, says):
@@ -117,3 +119,36 @@ def test_the_cli_refuses_deep_or_huge_json_in_one_line(db_url, args, stdin, says
     r = mmats(db_url, *args, stdin=stdin)
     assert r.returncode == 1 and r.stderr.startswith(says), r.stderr[-2000:]
     assert r.stderr.count("\n") == 1 and "Traceback" not in r.stderr
+
+
+@pytest.mark.parametrize(("args", "says"), [
+    # run 1 of the next backtest failed on the duplicate name bt-1, which nobody had typed
+    (("account", "create", "bt-1", "--environment", "backtest"),
+     "error: account name 'bt-1' has the form of the accounts MMATS makes"),
+    (("account", "create", "paper-replay-7", "--environment", "paper"),
+     "error: account name 'paper-replay-7' has the form"),
+    # OverflowError: date value out of range
+    (("backtest", "--strategy", "sma_crossover", "--symbol", "BTC/USDT", "--timeframe", "1m",
+      "--from", "0001-01-01T00:00:00+01:00", "--to", "2024-01-02"),
+     "error: --from '0001-01-01T00:00:00+01:00' is out of range in UTC"),
+    # NaN compared false with every age: every stale worker passed
+    (("workers", "--check", "nan"), "error: Invalid value for '--check': must be a number of"),
+    # lists all ranges but the last, then "... 22 more"
+    (("data", "gaps", "--limit", "-1"), "error: Invalid value for '--limit'"),
+    # 1e-300 overflowed the step's wait in the replay worker, after the session was made
+    (("paper", "--feed", "replay", "--strategy", "sma_crossover", "--symbol", "BTC/USDT",
+      "--from", "2024-01-02", "--to", "2024-01-02T00:10", "--speed", "1e-300"),
+     "error: --speed must be a number from 0.001 to 1e9 or max"),
+])
+def test_the_cli_refuses_in_one_line(db_url, args, says):
+    r = mmats(db_url, *args)
+    assert r.returncode in (1, 2) and r.stderr.startswith(says), r.stderr[-2000:]
+    assert r.stderr.count("\n") == 1 and "Traceback" not in r.stderr
+    assert mmats(db_url, "account", "list", "--all").stdout.count("\n") <= 1  # none made
+
+
+def test_a_replay_session_is_numbered_after_the_accounts_named_like_one(conn):
+    from workers.runtime.replay import next_session
+    assert next_session(conn) == 1
+    conn.execute("SELECT trading.create_account('paper-replay-41', 'paper', 'advisory', 1)")
+    assert next_session(conn) == 42

@@ -170,7 +170,7 @@ def test_sigkilled_workers_lose_nothing_and_repeat_nothing(env):
 
 @pytest.mark.parametrize(("args", "message"), [
     (["--strategy", "nope"], "no strategy named 'nope'"),
-    (["--strategy", "sma_crossover", "--speed", "-1"], "--speed must be a number > 0 or max"),
+    (["--strategy", "sma_crossover", "--speed", "-1"], "--speed must be a number from 0.001"),
     (["--strategy", "sma_crossover", "--params", "fast=abc"], "parameter fast must be int"),
     (["--strategy", "sma_crossover", "--cash", "NaN"], "--cash must be a finite number"),
     (["--strategy", "sma_crossover", "--symbol", "NOPE'; DROP TABLE x;--"],

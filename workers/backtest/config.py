@@ -137,7 +137,10 @@ def parse_time(text: str, what: str) -> datetime:
     except ValueError:
         raise BacktestError(
             f"{what} {text!r} is not a date or time (use YYYY-MM-DD or ISO-8601)") from None
-    return ts.replace(tzinfo=UTC) if ts.tzinfo is None else ts.astimezone(UTC)
+    try:
+        return ts.replace(tzinfo=UTC) if ts.tzinfo is None else ts.astimezone(UTC)
+    except OverflowError:  # (0001-01-01T00:00+01:00 is before the year 1 in UTC)
+        raise BacktestError(f"{what} {text!r} is out of range in UTC") from None
 
 
 def _shortened(text: str, limit: int = 40) -> str:

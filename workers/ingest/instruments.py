@@ -115,10 +115,18 @@ def currencies(symbol: str, market: str) -> tuple[str, str]:
     return base, quote
 
 
+REPLAY_VENUE = re.compile(r"replay[0-9]+")
+
+
 def spec_for(symbol: str, market: str, venue: str | None = None) -> InstrumentSpec:
     market = check_market(market)
     sym = normalise_symbol(symbol)
     ven = normalise_venue(venue) if venue is not None else DEFAULT_VENUE[market]
+    if REPLAY_VENUE.fullmatch(ven):
+        # (its bars were hidden as a session's copies, skipped as a backtest's source, and
+        # the next replay session numbered after it)
+        raise InstrumentError(f"venue {ven!r} is the form of a paper replay session's copies "
+                         "(replay<N>): choose another")
     tick, step, minimum = DEFAULT_SIZES[market]
     if market == "forex" and sym.replace("/", "").replace("_", "").endswith("JPY"):
         tick = JPY_TICK

@@ -144,6 +144,8 @@ def _str(table: Mapping[str, Any], key: str, where: str, default: str | None = N
     value = table.get(key, default)
     if not isinstance(value, str) or not value:
         raise RuntimeConfigError(f"{where}: {key} must be a non-empty string, got {value!r}")
+    if "\x00" in value:  # (names, symbols and paths: neither the database nor a path takes it)
+        raise RuntimeConfigError(f"{where}: {key} contains a NUL character")
     if choices is not None and value not in choices:
         raise RuntimeConfigError(f"{where}: {key} {value!r} is not one of {', '.join(choices)}")
     return value
@@ -169,8 +171,9 @@ def _strings(table: Mapping[str, Any], key: str, where: str) -> tuple[str, ...]:
     if isinstance(value, str):
         value = [value]
     if not isinstance(value, list) or not value or not all(
-            isinstance(v, str) and v for v in value):
-        raise RuntimeConfigError(f"{where}: {key} must be a non-empty list of strings")
+            isinstance(v, str) and v and "\x00" not in v for v in value):
+        raise RuntimeConfigError(f"{where}: {key} must be a non-empty list of strings "
+                                 "(without NUL characters)")
     return tuple(value)
 
 
@@ -364,8 +367,10 @@ def parse(raw: Mapping[str, Any], source: Path | None = None) -> RuntimeConfig:
                     "strategy_timeout_seconds", "log_file"},
           "[runtime]")
     dirs = section.get("strategy_dirs", [])
-    if not isinstance(dirs, list) or not all(isinstance(d, str) for d in dirs):
-        raise RuntimeConfigError("[runtime] strategy_dirs must be a list of folder paths")
+    if not isinstance(dirs, list) or not all(isinstance(d, str) and "\x00" not in d
+                                             for d in dirs):
+        raise RuntimeConfigError("[runtime] strategy_dirs must be a list of folder paths "
+                                 "(without NUL characters)")
     base = source.parent if source is not None else Path.cwd()
     log_file = None
     if "log_file" in section:
@@ -412,7 +417,7 @@ def load(path: str | Path) -> RuntimeConfig:
     try:
         raw = loads_toml(p.read_bytes().decode("utf-8"))
         # (TOML dates and times are no JSON: strategy and sizing parameters are stored as it)
-        json_values(raw, "config")
+        json_values(raw, "config", nul=False)
     except ValueError as exc:
         if isinstance(exc, UnicodeDecodeError):
             raise RuntimeConfigError(f"{p}: not UTF-8 text (byte {exc.start}): a TOML file is "

@@ -118,9 +118,14 @@ def load_session(path: Path) -> ReplaySession | None:
 
 
 def next_session(conn: psycopg.Connection) -> int:
+    # (after the sessions' venues and accounts both: an account named paper-replay-N made
+    # by hand was taken for session N's)
     row = conn.execute(
-        "SELECT COALESCE(max(substring(venue FROM '^replay(\\d+)$')::int), 0) + 1 "
-        "FROM market.instruments WHERE venue ~ '^replay\\d+$'").fetchone()
+        "SELECT GREATEST((SELECT max(substring(venue FROM '^replay(\\d+)$')::int)"
+        "                 FROM market.instruments WHERE venue ~ '^replay\\d+$'),"
+        "                (SELECT max(substring(name FROM '^paper-replay-(\\d{1,9})$')::int)"
+        "                 FROM trading.accounts WHERE name ~ '^paper-replay-\\d{1,9}$'), 0) + 1"
+        ).fetchone()
     assert row is not None
     return int(row[0])
 

@@ -89,12 +89,16 @@ def check_config(conn: psycopg.Connection, config: RuntimeConfig, *, symbols: bo
                 raise RuntimeConfigError(f"{where}: {problem}")
         classes.append(cls)
     for acc in config.accounts:
-        row = conn.execute("SELECT environment::text FROM trading.accounts WHERE name = %s",
-                           (acc.name,)).fetchone()
+        row = conn.execute("SELECT environment::text, base_currency FROM trading.accounts "
+                           "WHERE name = %s", (acc.name,)).fetchone()
         if row is not None and row[0] != acc.environment:
             raise RuntimeConfigError(
                 f"[[accounts]] {acc.name}: the account exists as a {row[0]} account, the "
                 f"configuration says {acc.environment}")
+        if row is not None and row[1] != acc.currency:  # (it never changes)
+            raise RuntimeConfigError(
+                f"[[accounts]] {acc.name}: the account exists in {row[1]}, the configuration "
+                f"says {acc.currency}")
     if notifications and config.notifications:
         from workers.notify.notifier import NotifyConfigError, parse_config
 
@@ -115,9 +119,13 @@ def apply_config(conn: psycopg.Connection, config: RuntimeConfig, *, symbols: bo
     done: list[str] = []
     with conn.transaction():
         for acc in config.accounts:
-            row = conn.execute("SELECT 1 FROM trading.accounts WHERE name = %s",
+            row = conn.execute("SELECT mode::text FROM trading.accounts WHERE name = %s",
                                (acc.name,)).fetchone()
             if row is not None:
+                if row[0] != acc.mode:  # (switched with mmats account operator|advisory)
+                    done.append(f"account {acc.name} exists in {row[0]} mode: the "
+                                f"configuration's {acc.mode} is not applied (`mmats account "
+                                f"{acc.mode} {acc.name}` switches it)")
                 continue
             fee = acc.costs.commission if acc.broker == "paper" else 0
             maker = acc.costs.maker_fee if acc.costs.maker_fee is not None else fee
