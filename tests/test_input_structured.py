@@ -65,6 +65,11 @@ def test_numbers_are_written_in_ascii_digits(text):
      "limits.limit[1].params.start is a TOML time"),
     ("typo.toml", '[[limits]]\ntype = "MAX_POSITION_SIZE"\nvalue = 0.5\n',  # silently none
      "unknown table(s) limits: the limits are [[limit]] tables"),
+    ("twice.toml", '[[limit]]\ntype = "MAX_POSITION_SIZE"\nvalue = 0.5\n'  # 0.2 kept
+                   '[[limit]]\ntype = "MAX_POSITION_SIZE"\nvalue = 0.2\n',
+     "limit 2: the same limit as limit 1 (MAX_POSITION_SIZE, global): give it once"),
+    ("key.toml", '[[limit]]\ntype = "MAX_EXPOSURE"\nvalue = 0.5\nscope = "symbol"\n'
+                 'key = ["a"]\n', "limit 1: key must be text"),         # the symbol ['A']
 ])
 def test_a_bad_limits_file_is_one_line(tmp_path, name, text, says):
     path = tmp_path / name
@@ -85,6 +90,18 @@ def test_a_bad_limits_file_is_one_line(tmp_path, name, text, says):
     ('[runtime]\nstrategy_dirs = ["a\\u0000b"]\n',
      "[runtime] strategy_dirs must be a list of folder paths (without NUL characters)"),
     ("[runtime\n", "invalid TOML: "),
+    # stored: 1E+30 USDT (`account create --cash 1e30` is refused)
+    ('[[accounts]]\nname = "a"\ncash = 1e30\n', "cash '1e+30' is out of range"),
+    ('[[accounts]]\nname = "a"\ncash = "1e-30"\n', "cash '1e-30' has more than 18 decimal"),
+    # the database's check message, naming neither the file nor the entry
+    ('[[accounts]]\nname = "bad name!"\n', "[[accounts]] #1: name 'bad name!' must be 1-64"),
+    ('[[accounts]]\nname = "a"\ncurrency = "us dollar"\n', "currency 'us dollar' must be"),
+    # passed: the ingest worker died on it in a loop
+    ('[[feeds]]\nmarket = "crypto"\nvenue = "ccxt:nope"\nsymbols = ["BTC/USDT"]\n'
+     'timeframes = ["1m"]\n',
+     "venue: 'nope' is not an exchange ccxt knows"),
+    ('[[accounts]]\nname = "a"\nbroker = "ccxt"\nexchange = "nope"\nendpoint = "testnet"\n'
+     'credential = "k"\n', "exchange: 'nope' is not an exchange ccxt knows"),
 ])
 def test_a_bad_runtime_config_is_one_line(tmp_path, text, says):
     path = tmp_path / "mmats.toml"

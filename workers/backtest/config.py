@@ -231,7 +231,17 @@ def load_limits(path: str | Path) -> tuple[LimitSpec, ...]:
         raise BacktestError(f"--limits {p}: {exc}") from None
     if not isinstance(items, list):
         raise BacktestError(f"--limits {p}: expected a list of limits ([[limit]] tables in TOML)")
-    return tuple(_limit(item, p, n) for n, item in enumerate(items, 1))
+    limits = tuple(_limit(item, p, n) for n, item in enumerate(items, 1))
+    seen: dict[tuple[str, str, str | None], str] = {}
+    for spec in limits:  # (the last of two silently won: 0.5, then 0.2, kept 0.2)
+        ident = (spec.limit_type, spec.scope.lower(),
+                 None if spec.key is None else spec.key.upper())
+        if ident in seen:
+            raise BacktestError(f"{spec.where}: the same limit as {seen[ident].rsplit(': ', 1)[1]}"
+                                f" ({spec.limit_type}, {spec.scope}"
+                                + (f" {spec.key}" if spec.key else "") + "): give it once")
+        seen[ident] = spec.where
+    return limits
 
 
 def _limit(item: object, path: Path, n: int) -> LimitSpec:
@@ -247,6 +257,10 @@ def _limit(item: object, path: Path, n: int) -> LimitSpec:
     if not isinstance(params, dict):
         raise BacktestError(f"{where}: params must be a table")
     key = item.get("key")
+    if key is not None and not isinstance(key, str | int):  # (["a"] became the symbol ['A'])
+        raise BacktestError(f"{where}: key must be text (a market, strategy or symbol)")
+    if not isinstance(item.get("scope", "global"), str):
+        raise BacktestError(f"{where}: scope must be text (global, market, strategy or symbol)")
     return LimitSpec(
         limit_type=item["type"].upper(),
         value=parse_decimal(str(item["value"]), f"{where} value"),

@@ -10,13 +10,15 @@ one of 1m, 5m, ...`). Secrets never belong here: a broker's keys are stored with
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from decimal import Decimal, InvalidOperation
+from decimal import Decimal
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from db.errors import MmatsError
+from db.numbers import parse_number
 from db.structured import json_values, loads_toml
 
 if TYPE_CHECKING:
@@ -126,12 +128,9 @@ def _dec(value: object, where: str, lo: Decimal | None = None,
          hi: Decimal | None = None) -> Decimal:
     if isinstance(value, bool) or not isinstance(value, int | float | str):
         raise RuntimeConfigError(f"{where} must be a number, got {value!r}")
-    try:
-        number = Decimal(str(value))
-    except InvalidOperation:
-        raise RuntimeConfigError(f"{where} must be a number, got {value!r}") from None
-    if not number.is_finite():
-        raise RuntimeConfigError(f"{where} must be a finite number, got {value!r}")
+    # (the trading core's bounds: under 10^18, at most 18 decimal places; cash = 1e30 was
+    # stored, `mmats account create --cash 1e30` refused)
+    number = parse_number(str(value), where, RuntimeConfigError)
     if lo is not None and number < lo:
         raise RuntimeConfigError(f"{where} must be >= {lo}, got {value!r}")
     if hi is not None and number > hi:
@@ -209,9 +208,31 @@ def _costs(table: Mapping[str, Any], where: str) -> PaperCosts:
         latency_ms=latency)
 
 
+def _ccxt_exchange(exchange: str, where: str) -> None:
+    """A ccxt exchange id (an unknown one passed, and its worker died on it in a loop)."""
+    import ccxt  # (only for a configuration that names one: the worker imports it anyway)
+
+    if exchange not in ccxt.exchanges:
+        raise RuntimeConfigError(f"{where}: {exchange!r} is not an exchange ccxt knows "
+                                 "(e.g. binance, bybit, okx, coinbase, kraken)")
+
+
+ACCOUNT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+
+
+def _currency(text: str, where: str) -> str:
+    if not re.fullmatch(r"[A-Z0-9]{2,12}", text.upper()):
+        raise RuntimeConfigError(f"{where}: currency {text!r} must be 2-12 letters or digits "
+                                 "(e.g. USD, USDT)")
+    return text.upper()
+
+
 def _account(table: Mapping[str, Any], n: int) -> AccountConfig:
     where = f"[[accounts]] #{n}"
     name = _str(table, "name", where)
+    if not ACCOUNT_NAME.fullmatch(name):  # (as the database checks it, before anything runs)
+        raise RuntimeConfigError(f"{where}: name {name!r} must be 1-64 letters, digits and "
+                                 "_ . -, starting with a letter or digit")
     where = f"[[accounts]] #{n} ({name})"
     _only(table, {"name", "environment", "mode", "cash", "currency", "broker", "exchange",
                   "endpoint", "credential", "allow_short", "freeze_on_mismatch", "paper"}, where)
@@ -232,6 +253,8 @@ def _account(table: Mapping[str, Any], n: int) -> AccountConfig:
     exchange = _opt_str(table, "exchange", where)
     if broker == "ccxt" and exchange is None:
         raise RuntimeConfigError(f"{where}: broker 'ccxt' needs exchange = '<ccxt id>'")
+    if broker == "ccxt" and exchange is not None:
+        _ccxt_exchange(exchange, f"{where}: exchange")
     credential = _opt_str(table, "credential", where)
     if broker != "paper" and credential is None:
         raise RuntimeConfigError(f"{where}: broker {broker!r} needs credential = '<label>' "
@@ -243,7 +266,7 @@ def _account(table: Mapping[str, Any], n: int) -> AccountConfig:
         name=name, environment=environment,
         mode=_str(table, "mode", where, "advisory", ("advisory", "operator")),
         cash=_dec(table.get("cash", 10000), f"{where}: cash", Decimal(0)),
-        currency=_str(table, "currency", where, "USD").upper(),
+        currency=_currency(_str(table, "currency", where, "USD"), where),
         broker=broker, exchange=exchange, endpoint=endpoint, credential=credential,
         allow_short=_bool(table, "allow_short", where),
         freeze_on_mismatch=_bool(table, "freeze_on_mismatch", where),
@@ -292,6 +315,8 @@ def _feed(table: Mapping[str, Any], n: int) -> FeedConfig:
     if not ((kind == "ccxt" and colon and exchange) or venue in ("alpaca", "oanda")):
         raise RuntimeConfigError(f"{where}: venue {venue!r} is not ccxt:<exchange id>, alpaca "
                                  "or oanda")
+    if kind == "ccxt":
+        _ccxt_exchange(exchange, f"{where}: venue")
     credential = _opt_str(table, "credential", where)
     cred_account = _opt_str(table, "credential_account", where)
     # a feed reading with stored keys reads from their endpoint unless told otherwise
