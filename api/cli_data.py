@@ -7,7 +7,7 @@ from datetime import UTC
 import click
 import psycopg
 
-from api.table import table
+from api.table import printable, table
 from db.connect import connect, database_url
 from db.queries import query
 
@@ -38,11 +38,11 @@ def data_import(file: str, symbol: str, market: str, timeframe: str, venue: str 
     with connect(database_url(), autocommit=True) as conn:
         rep = import_file(conn, file, symbol=symbol, market=market, timeframe=timeframe,
                           venue=venue, tz=tz, skip_bad=skip_bad)
-    click.echo(rep.summary())
+    click.echo(printable(rep.summary()))  # (a file name may hold escape sequences)
     if rep.bad_rows:
         click.echo(f"bad rows (quarantined, import {rep.import_id}):")
         for b in rep.bad_rows[:MAX_BAD_SHOWN]:
-            click.echo(f"  {rep.row_label} {b.row_number}: {b.reason}")
+            click.echo(f"  {rep.row_label} {b.row_number}: {printable(b.reason)}")
         if len(rep.bad_rows) > MAX_BAD_SHOWN:
             click.echo(f"  ... {len(rep.bad_rows) - MAX_BAD_SHOWN} more")
 
@@ -58,7 +58,7 @@ def data_news(file: str, tz: str, venue: str | None) -> None:
     from workers.ingest.news import import_news
 
     with connect(database_url(), autocommit=True) as conn:
-        click.echo(import_news(conn, file, tz=tz, venue=venue).summary())
+        click.echo(printable(import_news(conn, file, tz=tz, venue=venue).summary()))
 
 
 def _is_replay_copy(venue: str) -> bool:

@@ -156,6 +156,17 @@ def test_a_number_of_millions_of_digits_is_a_bad_row(conn, tmp_path):
     assert "line 3 (header = line 1): low '0.0000" in refused(conn, write(tmp_path, tiny))
 
 
+@pytest.mark.parametrize(("low", "says"), [
+    ("1e-1000", "has an exponent below -99"),   # 0004_13: stored, 1,000 decimal places
+    ("5E-100", "has an exponent below -99"),
+    ("1E+100", "is out of range (10^18 or more)"),
+])
+def test_a_number_with_a_long_exponent_is_a_bad_row(conn, tmp_path, low, says):
+    text = GOOD + f"2024-02-01T00:01:00Z,100,101,{low},100,1\n"
+    assert (f"line 3 (header = line 1): low '{low}' {says}"
+            in refused(conn, write(tmp_path, text)))
+
+
 def test_a_value_the_database_refuses_names_its_line(conn, tmp_path, monkeypatch):
     # (the length bound keeps such values out; without it COPY refused them, naming
     # neither the file nor the line)

@@ -45,7 +45,8 @@ _UNIX_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 # bar times from this one on are refused (a typo such as 20224-01-01, or a unit mix-up)
 LATEST_BAR_TIME = datetime(2200, 1, 1, tzinfo=UTC)
 _LATEST_US = (LATEST_BAR_TIME - _UNIX_EPOCH) // timedelta(microseconds=1)
-_NUMBER = r"[+-]?(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d{1,4})?"
+# (an exponent of at most 2 digits: 1e-1000 was stored as a numeric of 1,000 places)
+_NUMBER = r"[+-]?(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d{1,2})?"
 # a number's text is at most this long: 40 significant digits with sign, point, exponent
 # and a few leading zeros (PostgreSQL's numeric would refuse 16,384 decimal places, and
 # Decimal arithmetic on millions of digits overflows)
@@ -479,6 +480,11 @@ def _check_values(vals: dict[str, pa.Array], reasons: np.ndarray) -> None:
                     reasons[i] = f"{name} is empty"
                 elif text.lower() in _NOT_FINITE:
                     reasons[i] = f"{name} is {text} (not a finite number)"
+                elif re.fullmatch(r"[+-]?(?:\d+\.?\d*|\.\d+)[eE]-\d+", text):
+                    reasons[i] = f"{name} {shown(text)} has an exponent below -99"
+                elif re.fullmatch(r"[+-]?(?:\d+\.?\d*|\.\d+)[eE]\+?\d+", text) \
+                        and _dec(text) != 0:
+                    reasons[i] = f"{name} {shown(text)} is out of range (10^18 or more)"
                 else:
                     reasons[i] = f"{name} {shown(text)} is not a number"
         usable = pc.if_else(pa.array(ok), arr, pa.scalar(None, pa.string()))
