@@ -190,10 +190,17 @@ def backtest_options(f: Any) -> Any:
     return f
 
 
+def _label(value: str | None) -> str | None:
+    if value is not None and not 1 <= len(value) <= 200:  # (the runs_label_length check)
+        raise click.BadParameter(f"must be 1 to 200 characters, got {len(value):,}")
+    return value
+
+
 @click.command("backtest")
 @backtest_options
 @click.option("--params", default=None, help="strategy parameters: name=value,...")
-@click.option("--label", default=None, help="a label stored with the run")
+@click.option("--label", default=None, callback=lambda _ctx, _param, value: _label(value),
+              help="a label stored with the run (1-200 characters)")
 @click.option("--json", "json_file", default=None, help="write run_id, metrics, trades… here")
 @click.option("--html", "html_file", default=None, help="write the HTML report here")
 @click.option("--quiet", is_flag=True, help="no progress lines")

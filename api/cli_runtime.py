@@ -191,7 +191,9 @@ def paper_command(feed: str, strategy: str, symbols: tuple[str, ...], timeframe:
     except BacktestError as exc:
         raise MmatsError(str(exc)) from None
     result = run_replay_session(
-        strategy=strategy, symbols=[symbol_ref(s) for s in symbols], timeframe=timeframe,
+        # (a symbol given twice was a duplicate-key error of the replay's instruments)
+        strategy=strategy, symbols=list(dict.fromkeys(symbol_ref(s) for s in symbols)),
+        timeframe=timeframe,
         start=start_ts, end=end_ts, speed=speed, slippage=slippage, allow_short=allow_short,
         echo=None if quiet else click.echo,
         strategy_dirs=tuple(Path(d) for d in strategy_dirs), **values)  # type: ignore[arg-type]

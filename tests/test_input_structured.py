@@ -152,6 +152,10 @@ def test_the_cli_refuses_deep_or_huge_json_in_one_line(db_url, args, stdin, says
     (("workers", "--check", "nan"), "error: Invalid value for '--check': must be a number of"),
     # lists all ranges but the last, then "... 22 more"
     (("data", "gaps", "--limit", "-1"), "error: Invalid value for '--limit'"),
+    # the runs_label_length check's message, with no option named
+    (("backtest", "--strategy", "sma_crossover", "--symbol", "BTC/USDT", "--timeframe", "1m",
+      "--from", "2024-01-01", "--to", "2024-01-02", "--label", "x" * 300),
+     "error: Invalid value for '--label': must be 1 to 200 characters, got 300"),
     # 1e-300 overflowed the step's wait in the replay worker, after the session was made
     (("paper", "--feed", "replay", "--strategy", "sma_crossover", "--symbol", "BTC/USDT",
       "--from", "2024-01-02", "--to", "2024-01-02T00:10", "--speed", "1e-300"),
