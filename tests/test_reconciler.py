@@ -975,6 +975,33 @@ def test_a_binance_account_is_reconciled_market_by_market(
     assert worker.state == "running"
 
 
+def test_a_fill_of_another_market_with_the_same_order_number_is_not_adopted(
+        desk: Desk, http: responses.RequestsMock, binance: tuple[int, RoutedAccount]) -> None:
+    """Binance numbers orders per market: a manual ETH/USDT fill of order 28457 is not
+    MMATS's BTC/USDT order 28457. Before, it was adopted into it: the BTC order filled at
+    3,500 and the ledger held BTC bought at the price of ETH."""
+    account_id, acc = binance
+    client = desk.order("bin-1", symbol="BTC/USDT", quantity="0.001", price="66800",
+                        broker_order_id="28457")
+    binance_answers(http, account=binance_account(BTC="0", ETH="0.01000000",
+                                                  USDT="9965.00000000"),
+                    trades={"ETHUSDT": [binance_trade(9001, symbol="ETHUSDT", orderId=28457,
+                                                      price="3500.00000000",
+                                                      qty="0.01000000",
+                                                      quoteQty="35.00000000")]})
+    http.get(f"{BINANCE}/order", json=binance_order(status="NEW"))
+    worker = reconciler(desk, acc)
+    try:
+        [run] = worker.reconcile_all()
+    finally:
+        worker.close()
+    assert run.adopted == 0
+    assert desk.order_row(client)[:2] == ("submitted", Decimal(0))
+    assert desk.position(account_id, "BTC/USDT") == Decimal(0)
+    assert ("UNKNOWN_BROKER_FILL", "ETHUSDT:9001") in [(m.kind, m.subject)
+                                                        for m in run.mismatches]
+
+
 def test_a_market_seen_again_is_asked_from_its_own_cursor(
         desk: Desk, http: responses.RequestsMock, binance: tuple[int, RoutedAccount]) -> None:
     """A market already read is asked from its cursor minus the overlap; one seen for

@@ -677,6 +677,37 @@ def aapl(conn: psycopg.Connection) -> int:
     return instrument(conn, "AAPL", "stock", "187")
 
 
+def test_an_order_placed_while_the_ledger_cancelled_it_is_cancelled_at_the_venue(
+        conn: psycopg.Connection, http: responses.RequestsMock, aapl: int,
+        make_router: Callable[..., Router]) -> None:
+    """Router A's POST is on its way when the trader cancels and router B, whose lookup by
+    client id finds nothing yet, cancels the order in the ledger. A's POST then succeeds.
+    Before: acknowledge_order's answer ({"status": "cancelled"}) was not read, the order
+    stayed live at Alpaca, unwatched, and no DELETE was ever sent."""
+    acc = paper_account(conn, "alp")
+    oid, coid = manual(conn, "alp", "AAPL", "10")
+    http.get(BY_CLIENT_ID, status=404, json=NOT_FOUND)
+    events: list[str] = []
+    a = make_router(alpaca_routed(acc, "alp"))
+    a.on_event = lambda what, _fields: events.append(what)
+    b = make_router(alpaca_routed(acc, "alp"))
+
+    def post(_request: Any) -> tuple[int, dict[str, str], str]:
+        r = conn.execute("SELECT trading.request_cancel(%s)", (coid,)).fetchone()[0]
+        assert r["status"] == "cancel_requested", r
+        b.drain()
+        assert order_row(conn, oid)["state"] == "cancelled"
+        return (200, {}, json.dumps(alpaca_order(coid, status="accepted")))
+    http.add_callback(responses.POST, f"{ALPACA}/orders", callback=post)
+    http.delete(f"{ALPACA}/orders/{OID}", status=204)
+    http.get(f"{ALPACA}/orders/{OID}", json=alpaca_order(coid, status="canceled"))
+    a.drain()
+    assert len(calls(http, "POST")) == 1 and len(calls(http, "DELETE")) == 1
+    assert "order.cancelled_at_venue" in events and "order.acknowledged" not in events
+    assert order_row(conn, oid)["state"] == "cancelled"
+    assert queued(conn) == []
+
+
 def test_alpaca_order_is_placed_then_filled_on_a_later_status_poll(
         conn: psycopg.Connection, http: responses.RequestsMock, aapl: int,
         make_router: Callable[..., Router]) -> None:

@@ -686,12 +686,14 @@ class Reconciler(Worker):
         known = {r[0] for r in self._c.execute(
             _KNOWN_FILLS, (account_id, [f.fill_id for f in fills])).fetchall()}
         by_client = {o.client_order_id: o for o in orders}
-        by_broker = {o.broker_order_id: o for o in orders if o.broker_order_id}
+        # by the venue's order id within one market: Binance numbers orders per market, so
+        # a manual ETH/USDT fill of order 28457 is not MMATS's BTC/USDT order 28457
+        by_broker = {(o.broker_order_id, o.symbol): o for o in orders if o.broker_order_id}
         for fill in fills:
             if fill.fill_id in known:
                 continue
             order = (by_client.get(fill.client_order_id) if fill.client_order_id else None) \
-                or by_broker.get(fill.broker_order_id)
+                or by_broker.get((fill.broker_order_id, fill.symbol))
             if order is None:
                 found.append(Mismatch(
                     "UNKNOWN_BROKER_FILL", fill.fill_id,

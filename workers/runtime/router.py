@@ -582,7 +582,13 @@ class Router(Worker):
     def _settle(self, routed: RoutedAccount, order: Order, answer: BrokerOrder,
                 msg_id: int) -> None:
         if order.status == "in_flight":
-            self._call("acknowledge_order", order.client_order_id, answer.broker_order_id)
+            ack = self._call("acknowledge_order", order.client_order_id, answer.broker_order_id)
+            if isinstance(ack, dict) and ack.get("status") == "cancelled":
+                # the ledger cancelled it while this placed it (a cancel whose venue lookup
+                # came before the venue knew the order, the reconciler's in-flight timeout):
+                # the venue's order is cancelled too, never left live and unwatched
+                self._cancel_placed(routed, order, answer, msg_id)
+                return
             order.status = "submitted"
             self._emit("order.acknowledged", order, broker_order_id=answer.broker_order_id)
         fills = list(answer.fills)
@@ -610,6 +616,33 @@ class Router(Worker):
             # still working, or the venue has not listed every execution it reported:
             # look again later (a cancelled order's late fills are still applied)
             self._delay(msg_id, self.config.status_poll_seconds)
+
+    def _cancel_placed(self, routed: RoutedAccount, order: Order, answer: BrokerOrder,
+                       msg_id: int) -> None:
+        """An order placed after the ledger cancelled it: cancelled at the venue, and
+        reported (a fill that beat the cancel is the venue's, refused by the ledger: the
+        reconciler flags it)."""
+        outcome = answer
+        if answer.status not in _TERMINAL:
+            try:
+                outcome = self._cancel_at_venue(routed, order, answer.broker_order_id)
+            except errors.BrokerError as exc:
+                self.report("CANCELLED_ORDER_LIVE",
+                            f"order {order.client_order_id} ({order.symbol}) was placed as "
+                            f"{answer.broker_order_id} after the ledger cancelled it, and the "
+                            f"venue's cancel failed: {exc} (cancel it at the venue)",
+                            account=order.account)
+                self._archive(msg_id)
+                return
+        self._emit("order.cancelled_at_venue", order, broker_order_id=answer.broker_order_id,
+                   venue_status=outcome.status)
+        if outcome.filled_quantity > 0:
+            self.report("CANCELLED_ORDER_FILLED",
+                        f"order {order.client_order_id} ({order.symbol}) was placed as "
+                        f"{answer.broker_order_id} after the ledger cancelled it and filled "
+                        f"{outcome.filled_quantity} at the venue before its cancel",
+                        account=order.account)
+        self._archive(msg_id)
 
     def _reject(self, order: Order, exc: errors.BrokerError) -> None:
         self.counts["rejected"] += 1
