@@ -1650,3 +1650,42 @@ def test_an_order_in_flight_is_placed_again_while_the_gate_is_open(
     o = order_row(conn, oid)
     assert o["state"] == "filled"
     assert len(fills(conn, acc)) == 1 and queued(conn) == []
+
+
+def test_an_order_the_venue_finished_short_of_its_quantity_has_the_rest_cancelled(
+        conn: psycopg.Connection, http: responses.RequestsMock,
+        make_router: Callable[..., Router]) -> None:
+    """The venue's lot step (Binance LOT_SIZE 0.00001) is coarser than the ledger's (a
+    filter changed since the instrument was stored): a buy of 0.0012399 goes out as
+    0.00123 and is reported FILLED. Before, the order stayed partially_filled for ever,
+    its message archived, the 0.0000099 left counted as an open entry by the gate."""
+    import test_broker_ccxt as tc
+
+    from workers.brokers.ccxt_broker import CcxtBroker
+
+    iid = instrument(conn, "BTC/USDT", "crypto", "66780")
+    conn.execute("UPDATE market.instruments SET quantity_step = 0.0000001,"
+                 " min_quantity = 0.0000001 WHERE instrument_id = %s", (iid,))
+    acc = int(one(conn, "SELECT trading.create_account('bin', 'paper', 'operator', 10000,"
+                        " 'USDT')"))
+    oid, coid = manual(conn, "bin", "BTC/USDT", "0.0012399")
+    now_ms = int(time.time() * 1000)
+    http.get(f"{tc.BINANCE_TEST}/exchangeInfo", json=tc.fixture("binance_exchange_info.json"))
+    http.post(f"{tc.BINANCE_TEST}/order", json={
+        "symbol": "BTCUSDT", "orderId": 28457, "orderListId": -1, "clientOrderId": coid,
+        "transactTime": now_ms, "price": "0", "origQty": "0.00123000",
+        "executedQty": "0.00123000", "cummulativeQuoteQty": "82.1394", "status": "FILLED",
+        "timeInForce": "GTC", "type": "MARKET", "side": "BUY", "workingTime": now_ms,
+        "fills": [{"price": "66780", "qty": "0.00123", "commission": "0.08",
+                   "commissionAsset": "USDT", "tradeId": 3001}]})
+    broker = CcxtBroker("binance", dict(tc.CREDS), "testnet")
+    broker.exchange.enableRateLimit = False
+    cfg = AccountConfig(name="bin", environment="paper", mode="operator", broker="ccxt",
+                        exchange="binance", endpoint="testnet", credential="main")
+    make_router(RoutedAccount(acc, cfg, broker, "testnet")).drain()
+    assert tc.sent(tc.calls_to(http, "/api/v3/order")[0])["quantity"] == "0.00123"
+    row = order_row(conn, oid)
+    assert (row["state"], row["filled_quantity"]) == ("cancelled", Decimal("0.00123"))
+    assert row["reason"] == ("the venue filled 0.00123 of 0.0012399 and finished the order "
+                             "(its quantity step)")
+    assert queued(conn) == []

@@ -608,6 +608,13 @@ class Router(Worker):
                 else "cancelled by the broker"))
         elif answer.status == "expired" and not missing:
             self._call("expire_order", order.client_order_id)
+        elif answer.status == "filled" and not missing and recorded is not None \
+                and recorded.filled_quantity < recorded.quantity:
+            # the venue filled less than the ledger's order (its lot step rounded the
+            # quantity down): the rest is cancelled, not left open for ever as an entry
+            self._call("cancel_order", order.client_order_id,
+                       f"the venue filled {recorded.filled_quantity} of {recorded.quantity} and "
+                       "finished the order (its quantity step)")
         elif answer.status == "rejected":
             self._reject(order, errors.Reject(answer.reason or "rejected by the broker"))
         if answer.status in _TERMINAL and not missing:
